@@ -1,0 +1,423 @@
+"""The training configuration: what the CLI flags, the API's JSON and `spec.json` carry.
+
+Typed dataclasses, one per concern, each field documented by the docstring
+under it (read at run time by `describe_fields`, so the page, the CLI help and
+the docs all show the same words). `TrainingConfig.from_dict` validates and
+gathers every problem into one `ValidationError`, each naming the field path
+(`optim.learning_rate`) and, where there is one, its CLI flag (`--lr`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+from ftstudio.errors import Problem, ValidationError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "builtin:tiny"
+    """Base model: a Hugging Face hub id (org/name), a local directory, or `builtin:tiny`."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code. Only for models you trust."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: `auto` picks bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """QLoRA: load the base model in 4-bit or 8-bit (needs a CUDA GPU and bitsandbytes)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:sample"
+    """Training data: `builtin:sample`, an uploaded dataset name, or a .json/.jsonl/.csv/.parquet file or dataset dir."""
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+    """Row shape; `auto` detects it from the columns."""
+    validation: str = "0.1"
+    """Validation split: a fraction of the data (e.g. 0.1), a file path, or 0 for none."""
+    max_length: int = 512
+    """Longest sequence in tokens; longer samples are truncated."""
+    packing: bool = False
+    """Pack several samples into one sequence (no cross-sample attention where the model supports it)."""
+    group_by_length: bool = True
+    """Batch samples of similar length together to waste less compute on padding."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    """LoRA rank r: the size of the low-rank update. 8-64 is usual."""
+    alpha: int = 32
+    """LoRA alpha: the update is scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: `all-linear`, or module names such as q_proj, v_proj."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
+
+
+@dataclass
+class OptimConfig:
+    epochs: float = 3.0
+    """Passes over the training data."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run all epochs)."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    batch_size: int = 4
+    """Samples per device per step."""
+    grad_accum: int = 4
+    """Gradient accumulation steps; effective batch = batch_size x grad_accum x processes."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent warming the learning rate up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    seed: int = 42
+    """Random seed for initialisation, data order and dropout."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    """Save a resumable checkpoint every N steps."""
+    keep: int = 2
+    """Checkpoints kept on disk (at least 2)."""
+    resume_from: str = ""
+    """Resume from a checkpoint path, `auto` for the newest complete one, or empty for a fresh start."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    """Write a progress event every N steps."""
+    eval_every_steps: int = 0
+    """Evaluate every N steps (0: once per epoch)."""
+    report_to: list[str] = field(default_factory=list)
+    """Also report to: tensorboard, wandb, mlflow."""
+
+
+@dataclass
+class TrainingConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preset: str = ""
+    """Preset the config started from (its values are recorded in the fields above)."""
+
+    def __post_init__(self) -> None:
+        problems = _check(self)
+        if problems:
+            raise ValidationError(problems)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Build from nested JSON (`{"optim": {"learning_rate": 1e-4}}`), on top of the preset if one is named."""
+        if not isinstance(data, dict):
+            raise ValidationError("config: expected a JSON object")
+        problems: list[Problem] = []
+        base: dict[str, Any] = {}
+        preset = data.get("preset") or ""
+        if preset:
+            if preset not in PRESETS:
+                problems.append(
+                    Problem("preset (--preset)", f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+                )
+            else:
+                base = _merge({}, PRESETS[preset])
+        merged = _merge(base, data)
+        kwargs: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for key, value in merged.items():
+            f = _FIELDS.get(key)
+            if f is None:
+                problems.append(Problem(key, f"unknown setting; known sections: {', '.join(_FIELDS)}"))
+                continue
+            hint = hints[key]
+            if dataclasses.is_dataclass(hint):
+                kwargs[key] = _build_section(key, hint, value, problems)
+            else:
+                kwargs[key] = _coerce(key, hint, value, problems)
+        try:
+            cfg = cls(**kwargs)
+        except ValidationError as e:
+            raise ValidationError(problems + e.problems) from None
+        if problems:
+            raise ValidationError(problems)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+
+# Flags of the fields people set most often; every field is also settable as --set section.field=value.
+CLI_FLAGS: dict[str, str] = {
+    "model.name": "--model",
+    "data.path": "--dataset",
+    "optim.epochs": "--epochs",
+    "optim.learning_rate": "--lr",
+    "optim.max_steps": "--max-steps",
+    "optim.batch_size": "--batch-size",
+    "lora.rank": "--lora-rank",
+    "checkpoint.every_steps": "--checkpoint-every",
+    "preset": "--preset",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-demo": {
+        "model": {"name": "builtin:tiny", "dtype": "float32"},
+        "data": {"max_length": 256},
+        "lora": {"rank": 8, "alpha": 16},
+        "optim": {"epochs": 2.0, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1},
+        "checkpoint": {"every_steps": 20},
+    },
+    "single-gpu-24gb": {
+        "model": {"dtype": "auto", "gradient_checkpointing": True},
+        "data": {"max_length": 2048, "group_by_length": True},
+        "lora": {"rank": 16, "alpha": 32},
+        "optim": {"batch_size": 4, "grad_accum": 4, "learning_rate": 2e-4},
+    },
+    "low-memory": {
+        "model": {"quantization": "4bit", "gradient_checkpointing": True},
+        "data": {"max_length": 1024},
+        "lora": {"rank": 8, "alpha": 16},
+        "optim": {"batch_size": 1, "grad_accum": 16},
+    },
+}
+
+
+def label(path: str) -> str:
+    """`optim.learning_rate (--lr)`: how errors name a field."""
+    flag = CLI_FLAGS.get(path)
+    return f"{path} ({flag})" if flag else path
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build_section(name: str, cls: Any, value: Any, problems: list[Problem]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(Problem(name, "expected an object of settings"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, v in value.items():
+        path = f"{name}.{key}"
+        if key not in known:
+            problems.append(Problem(path, f"unknown setting; {name} has: {', '.join(sorted(known))}"))
+            continue
+        kwargs[key] = _coerce(path, hints[key], v, problems)
+    return cls(**kwargs)
+
+
+def _coerce(path: str, hint: Any, value: Any, problems: list[Problem]) -> Any:
+    """Accept JSON values and CLI strings; a wrong type is a problem, not a crash."""
+    origin = get_origin(hint)
+    try:
+        if origin is Literal:
+            choices = get_args(hint)
+            if value not in choices:
+                raise ValueError(f"must be one of {', '.join(map(str, choices))}")
+            return value
+        if origin in (list, typing.List):  # noqa: UP006
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("must be a list of names")
+            return value
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError("must be true or false")
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int | str | float):
+                raise ValueError("must be a whole number")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("must be a whole number")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError("must be a number")
+            return float(value)
+        if hint is str:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return str(value)
+            if not isinstance(value, str):
+                raise ValueError("must be text")
+            return value
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith(("invalid literal", "could not convert")):
+            msg = "must be a number"
+        problems.append(Problem(label(path), f"{msg} (got {value!r:.60})"))
+        return _default_for(path)
+    raise TypeError(f"unsupported config type {hint!r} at {path}")  # a bug in this module
+
+
+def _default_for(path: str) -> Any:
+    section, _, name = path.partition(".")
+    cls = typing.get_type_hints(TrainingConfig)[section]
+    if not name:
+        return cls() if dataclasses.is_dataclass(cls) else _FIELDS[section].default
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _check(cfg: TrainingConfig) -> list[Problem]:
+    """Cross-field and range checks, gathered so the user fixes everything in one go."""
+    p: list[Problem] = []
+
+    def bad(path: str, msg: str) -> None:
+        p.append(Problem(label(path), msg))
+
+    if not cfg.model.name.strip():
+        bad("model.name", "is empty; give a hub id (org/name), a local directory or builtin:tiny")
+    if not cfg.data.path.strip():
+        bad("data.path", "is empty; give builtin:sample, an uploaded dataset or a file path")
+    if cfg.data.max_length < 8:
+        bad("data.max_length", f"must be at least 8 tokens (got {cfg.data.max_length})")
+    if cfg.lora.rank < 1:
+        bad("lora.rank", f"must be at least 1 (got {cfg.lora.rank})")
+    if cfg.lora.alpha < 1:
+        bad("lora.alpha", f"must be at least 1 (got {cfg.lora.alpha})")
+    if not 0 <= cfg.lora.dropout < 1:
+        bad("lora.dropout", f"must be in [0, 1) (got {cfg.lora.dropout})")
+    if not cfg.lora.target_modules:
+        bad("lora.target_modules", "needs at least one module, or all-linear")
+    o = cfg.optim
+    if not o.learning_rate > 0:
+        bad("optim.learning_rate", f"must be positive (got {o.learning_rate}); 1e-4 to 3e-4 is usual for LoRA")
+    elif o.learning_rate >= 1:
+        bad("optim.learning_rate", f"{o.learning_rate} is far too large; 1e-4 to 3e-4 is usual for LoRA")
+    if o.epochs <= 0 and o.max_steps <= 0:
+        bad("optim.epochs", f"must be positive, or set max_steps (got {o.epochs})")
+    if o.max_steps == 0 or o.max_steps < -1:
+        bad("optim.max_steps", f"must be a positive number of steps, or -1 for all epochs (got {o.max_steps})")
+    if o.batch_size < 1:
+        bad("optim.batch_size", f"must be at least 1 (got {o.batch_size})")
+    if o.grad_accum < 1:
+        bad("optim.grad_accum", f"must be at least 1 (got {o.grad_accum})")
+    if not 0 <= o.warmup_ratio < 1:
+        bad("optim.warmup_ratio", f"must be in [0, 1) (got {o.warmup_ratio})")
+    if o.weight_decay < 0:
+        bad("optim.weight_decay", f"must not be negative (got {o.weight_decay})")
+    if o.max_grad_norm < 0:
+        bad("optim.max_grad_norm", f"must not be negative (got {o.max_grad_norm})")
+    if cfg.checkpoint.every_steps < 1:
+        bad("checkpoint.every_steps", f"must be at least 1 (got {cfg.checkpoint.every_steps})")
+    if cfg.checkpoint.keep < 2:
+        bad(
+            "checkpoint.keep",
+            f"must be at least 2 so a half-written checkpoint never leaves none (got {cfg.checkpoint.keep})",
+        )
+    if cfg.logging.every_steps < 1:
+        bad("logging.every_steps", f"must be at least 1 (got {cfg.logging.every_steps})")
+    if cfg.logging.eval_every_steps < 0:
+        bad("logging.eval_every_steps", f"must not be negative (got {cfg.logging.eval_every_steps})")
+    unknown_reports = set(cfg.logging.report_to) - {"tensorboard", "wandb", "mlflow"}
+    if unknown_reports:
+        bad(
+            "logging.report_to",
+            f"unknown reporter(s) {', '.join(sorted(unknown_reports))}; use tensorboard, wandb or mlflow",
+        )
+    return p
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    path: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] = ()
+    flag: str = ""
+
+
+def _docstrings(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in itertools.pairwise(body):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def describe_fields() -> list[FieldInfo]:
+    """Every leaf setting with its type, default and help, for the page, the CLI and the docs."""
+    out: list[FieldInfo] = []
+    default = TrainingConfig()
+    for section in dataclasses.fields(TrainingConfig):
+        hint = typing.get_type_hints(TrainingConfig)[section.name]
+        if dataclasses.is_dataclass(hint):
+            docs = _docstrings(hint)  # type: ignore[arg-type]
+            hints = typing.get_type_hints(hint)
+            for f in dataclasses.fields(hint):
+                path = f"{section.name}.{f.name}"
+                out.append(
+                    _info(
+                        path,
+                        hints[f.name],
+                        getattr(getattr(default, section.name), f.name),
+                        docs.get(f.name, ""),
+                    )
+                )
+        else:
+            out.append(
+                _info(
+                    section.name,
+                    hint,
+                    getattr(default, section.name),
+                    _docstrings(TrainingConfig).get(section.name, ""),
+                )
+            )
+    return out
+
+
+def _info(path: str, hint: Any, default: Any, help: str) -> FieldInfo:
+    if get_origin(hint) is Literal:
+        return FieldInfo(path, "choice", default, help, get_args(hint), CLI_FLAGS.get(path, ""))
+    if get_origin(hint) in (list, typing.List):  # noqa: UP006
+        return FieldInfo(path, "list", default, help, (), CLI_FLAGS.get(path, ""))
+    name = hint.__name__ if isinstance(hint, type) else str(hint)
+    return FieldInfo(path, name, default, help, (), CLI_FLAGS.get(path, ""))
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set `section.field` in a nested config dict (used for CLI flags and --set)."""
+    section, _, name = path.partition(".")
+    if name:
+        data.setdefault(section, {})[name] = value
+    else:
+        data[section] = value

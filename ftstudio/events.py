@@ -1,0 +1,98 @@
+"""The progress channel between trainer and studio: `events.jsonl`.
+
+One JSON object a line, `\\n`-terminated, appended and flushed by the trainer.
+The studio reads it by byte offset and consumes complete lines only, so a line
+being written while it reads is picked up on the next read, never half-parsed.
+The studio never parses free-form log text for status.
+
+Kinds (every event has `kind` and `ts`, unix seconds):
+
+    status       phase ("loading_model", "loading_data", "saving", ...), message
+    train_begin  total_steps, total_epochs, trainable_params, resumed_from_step
+    progress     step, total_steps, epoch, total_epochs, loss, lr, grad_norm,
+                 tokens_per_s, eta_s
+    eval         step, epoch, eval_loss
+    checkpoint   step, path
+    train_end    summary fields (steps, final_loss, best_loss, tokens, tokens_per_s, wall_s)
+    error        message (one line, for a person), error_type
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+KINDS = ("status", "train_begin", "progress", "eval", "checkpoint", "train_end", "error")
+
+
+class EventWriter:
+    """Appends events for one task; safe to reopen after a resume (it appends)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: IO[str] = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        record = {"kind": kind, "ts": round(time.time(), 3), **fields}
+        self._f.write(json.dumps(record, separators=(",", ":"), allow_nan=False, default=_jsonable) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> EventWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _jsonable(value: Any) -> Any:
+    # numpy / torch scalars
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+@dataclass
+class Chunk:
+    events: list[dict[str, Any]]
+    offset: int  # byte offset just past the last complete line consumed
+    bad_lines: int  # complete lines that were not JSON objects (counted, skipped)
+
+
+def read_from(path: Path, offset: int, max_bytes: int = 4 << 20) -> Chunk:
+    """Complete events after byte `offset`. A trailing partial line is left for next time."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= offset:
+                return Chunk([], offset, 0)
+            f.seek(offset)
+            data = f.read(max_bytes)
+    except FileNotFoundError:
+        return Chunk([], offset, 0)
+    end = data.rfind(b"\n")
+    if end < 0:
+        return Chunk([], offset, 0)
+    events: list[dict[str, Any]] = []
+    bad = 0
+    for line in data[: end + 1].splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("kind"), str):
+            events.append(obj)
+        else:
+            bad += 1
+    return Chunk(events, offset + end + 1, bad)

@@ -1,0 +1,372 @@
+"""The store: SQLite in WAL mode, the studio's source of truth.
+
+Every status change is one transaction written as compare-and-set
+(`UPDATE tasks SET status=? WHERE id=? AND status=?`): zero rows updated means
+another writer got there first, and the caller is told (`LostRace`) instead of
+overwriting. The transition and its side records (the `transitions` history
+row, progress fields, process identity) commit together or not at all.
+
+Connections are per thread (sqlite3 objects must not cross threads); the CLI,
+the API and the supervisor may all write at once, which WAL + a busy timeout
+handle.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftstudio.errors import IllegalTransition, NotFound
+from ftstudio.task import TaskStatus, check_transition
+
+# Numbered migrations; the schema version is the number applied last. Append only.
+MIGRATIONS: list[str] = [
+    # 1: tasks, their event history, their transition history
+    """
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        model TEXT NOT NULL,
+        dataset TEXT NOT NULL,
+        config TEXT NOT NULL,
+        task_dir TEXT NOT NULL,
+        executor TEXT NOT NULL DEFAULT 'local',
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        updated_at REAL NOT NULL,
+        step INTEGER NOT NULL DEFAULT 0,
+        total_steps INTEGER,
+        epoch REAL,
+        total_epochs REAL,
+        loss REAL,
+        eval_loss REAL,
+        lr REAL,
+        tokens_per_s REAL,
+        eta_s REAL,
+        phase TEXT,
+        error TEXT,
+        attempt INTEGER NOT NULL DEFAULT 1,
+        pid INTEGER,
+        pid_start_time REAL,
+        boot_id TEXT,
+        pgid INTEGER,
+        heartbeat_at REAL,
+        events_offset INTEGER NOT NULL DEFAULT 0,
+        events_seq INTEGER NOT NULL DEFAULT 0,
+        reattached_at REAL,
+        cancel_requested_at REAL
+    );
+    CREATE INDEX tasks_by_created ON tasks (created_at DESC, id DESC);
+    CREATE INDEX tasks_by_status ON tasks (status);
+    CREATE TABLE events (
+        task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        step INTEGER,
+        ts REAL NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE transitions (
+        id INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        ts REAL NOT NULL,
+        src TEXT,
+        dst TEXT NOT NULL,
+        reason TEXT
+    );
+    CREATE INDEX transitions_by_task ON transitions (task_id, id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Fields of the latest progress that an event may carry into the task row.
+PROGRESS_FIELDS = ("step", "total_steps", "epoch", "total_epochs", "loss", "eval_loss", "lr", "tokens_per_s", "eta_s")
+
+
+class LostRace(IllegalTransition):
+    """The task was not in the expected state any more: someone else changed it first."""
+
+
+@dataclass
+class Task:
+    """One row of `tasks`, as the service hands it out."""
+
+    row: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.row[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def status_enum(self) -> TaskStatus:
+        return TaskStatus(self.row["status"])
+
+    @property
+    def config_dict(self) -> dict[str, Any]:
+        return json.loads(self.row["config"])
+
+    @property
+    def percent(self) -> float | None:
+        total = self.row.get("total_steps")
+        if self.row["status"] == TaskStatus.COMPLETED:
+            return 100.0
+        if not total:
+            return None
+        return round(100.0 * min(self.row["step"] or 0, total) / total, 1)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._migrate()
+
+    # -- connections ---------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE so two writers queue instead of deadlocking."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _migrate(self) -> None:
+        with self.tx() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}, newer than this ftstudio knows ({SCHEMA_VERSION}); "
+                    "upgrade ftstudio"
+                )
+            for number in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[number].split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {number + 1}")
+
+    def schema_version(self) -> int:
+        return self._conn().execute("PRAGMA user_version").fetchone()[0]
+
+    # -- tasks ---------------------------------------------------------------
+
+    def create_task(self, *, name: str, model: str, dataset: str, config: dict[str, Any], tasks_root: Path) -> Task:
+        now = time.time()
+        for _ in range(10):
+            task_id = new_task_id(now)
+            try:
+                with self.tx() as c:
+                    c.execute(
+                        "INSERT INTO tasks (id, name, status, model, dataset, config, task_dir, created_at, updated_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            task_id,
+                            name,
+                            TaskStatus.QUEUED,
+                            model,
+                            dataset,
+                            json.dumps(config),
+                            str(tasks_root / task_id),
+                            now,
+                            now,
+                        ),
+                    )
+                    c.execute(
+                        "INSERT INTO transitions (task_id, ts, src, dst, reason) VALUES (?, ?, NULL, ?, ?)",
+                        (task_id, now, TaskStatus.QUEUED, "submitted"),
+                    )
+                return self.get(task_id)
+            except sqlite3.IntegrityError:
+                continue  # id collision: draw again
+        raise RuntimeError("could not draw a free task id in 10 tries")
+
+    def get(self, task_id: str) -> Task:
+        row = self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no task {task_id!r} (see `ftstudio tasks`)")
+        return Task(dict(row))
+
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> tuple[list[Task], int]:
+        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+        conn = self._conn()
+        total = conn.execute(f"SELECT count(*) FROM tasks {where}", args).fetchone()[0]
+        rows = conn.execute(
+            f"SELECT * FROM tasks {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?", [*args, limit, offset]
+        ).fetchall()
+        return [Task(dict(r)) for r in rows], total
+
+    def with_status(self, *statuses: TaskStatus) -> list[Task]:
+        marks = ",".join("?" * len(statuses))
+        rows = self._conn().execute(f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY created_at", statuses)
+        return [Task(dict(r)) for r in rows]
+
+    def transition(self, task_id: str, src: TaskStatus, dst: TaskStatus, *, reason: str = "", **fields: Any) -> Task:
+        """Move src -> dst (compare-and-set), writing `fields` and the history row in the same transaction."""
+        check_transition(src, dst)
+        now = time.time()
+        fields.setdefault("updated_at", now)
+        if dst == TaskStatus.PREPARING:
+            fields.setdefault("started_at", now)
+        if dst.is_final:
+            fields.setdefault("finished_at", now)
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.tx() as c:
+            cur = c.execute(
+                f"UPDATE tasks SET status = ?, {cols} WHERE id = ? AND status = ?",
+                [dst, *fields.values(), task_id, src],
+            )
+            if cur.rowcount == 0:
+                row = c.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+                if row is None:
+                    raise NotFound(f"no task {task_id!r}")
+                raise LostRace(f"task {task_id} is {row[0]} now, not {src}; nothing changed")
+            c.execute(
+                "INSERT INTO transitions (task_id, ts, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
+                (task_id, now, src, dst, reason),
+            )
+        return self.get(task_id)
+
+    def update(self, task_id: str, expect: TaskStatus | None = None, **fields: Any) -> bool:
+        """Write non-status fields; with `expect`, only while the task is still in that state."""
+        if "status" in fields:
+            raise ValueError("status changes go through transition()")
+        fields.setdefault("updated_at", time.time())
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        sql = f"UPDATE tasks SET {cols} WHERE id = ?"
+        args = [*fields.values(), task_id]
+        if expect is not None:
+            sql += " AND status = ?"
+            args.append(expect)
+        with self.tx() as c:
+            return c.execute(sql, args).rowcount == 1
+
+    def delete(self, task_id: str, *, only_if: frozenset[TaskStatus] | set[TaskStatus]) -> bool:
+        marks = ",".join("?" * len(only_if))
+        with self.tx() as c:
+            return (
+                c.execute(f"DELETE FROM tasks WHERE id = ? AND status IN ({marks})", [task_id, *only_if]).rowcount == 1
+            )
+
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        rows = self._conn().execute(
+            "SELECT ts, src, dst, reason FROM transitions WHERE task_id = ? ORDER BY id", (task_id,)
+        )
+        return [dict(r) for r in rows]
+
+    # -- events --------------------------------------------------------------
+
+    def ingest(
+        self, task_id: str, events: list[dict[str, Any]], new_offset: int, expect_offset: int
+    ) -> list[dict[str, Any]]:
+        """Store a batch read from events.jsonl and advance the read offset, atomically.
+
+        The offset is compare-and-set too: if another reader (a second studio
+        process, the CLI) already ingested these bytes, nothing is stored twice.
+        Returns the events with their `seq` as stored (empty if the race was lost).
+        """
+        now = time.time()
+        with self.tx() as c:
+            row = c.execute("SELECT events_offset, events_seq FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None or row["events_offset"] != expect_offset:
+                return []
+            seq = row["events_seq"]
+            stored: list[dict[str, Any]] = []
+            latest: dict[str, Any] = {}
+            for ev in events:
+                seq += 1
+                ev = {**ev, "seq": seq}
+                stored.append(ev)
+                step = ev.get("step")
+                c.execute(
+                    "INSERT INTO events (task_id, seq, kind, step, ts, data) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        task_id,
+                        seq,
+                        ev["kind"],
+                        step if isinstance(step, int) else None,
+                        _num(ev.get("ts"), now),
+                        json.dumps(ev),
+                    ),
+                )
+                latest.update(_progress_of(ev))
+            latest.update(events_offset=new_offset, events_seq=seq, updated_at=now)
+            cols = ", ".join(f"{k} = ?" for k in latest)
+            c.execute(f"UPDATE tasks SET {cols} WHERE id = ?", [*latest.values(), task_id])
+        return stored
+
+    def events(
+        self, task_id: str, *, after_seq: int = 0, kinds: tuple[str, ...] = (), limit: int = 100_000
+    ) -> list[dict[str, Any]]:
+        sql, args = "SELECT data FROM events WHERE task_id = ? AND seq > ?", [task_id, after_seq]
+        if kinds:
+            sql += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args += kinds
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [json.loads(r[0]) for r in self._conn().execute(sql, args)]
+
+
+def _num(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def _progress_of(ev: dict[str, Any]) -> dict[str, Any]:
+    """Which task-row fields an event updates."""
+    kind = ev.get("kind")
+    out: dict[str, Any] = {}
+    if kind in ("progress", "eval", "train_begin", "train_end"):
+        for k in PROGRESS_FIELDS:
+            v = ev.get(k)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[k] = v
+    if kind == "status" and isinstance(ev.get("phase"), str):
+        out["phase"] = ev["phase"][:64]
+    elif kind == "train_begin":
+        out["phase"] = "training"
+    elif kind == "train_end":
+        out["phase"] = "done"
+        out["eta_s"] = 0
+    return out
+
+
+def new_task_id(now: float | None = None) -> str:
+    """Sortable by time, unguessable in the tail, and safe in any path: `20261122-0915-a1b2c3`."""
+    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime(now if now is not None else time.time()))
+    return f"{stamp}-{secrets.token_hex(3)}"
