@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ftstudio.errors import IllegalTransition, NotFound
+from ftstudio.home import TaskDir
 from ftstudio.task import TaskStatus, check_transition
 
 # Numbered migrations; the schema version is the number applied last. Append only.
@@ -109,6 +110,10 @@ class Task:
             return self.row[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    @property
+    def dir(self) -> TaskDir:
+        return TaskDir(Path(self.row["task_dir"]))
 
     @property
     def status_enum(self) -> TaskStatus:

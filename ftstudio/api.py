@@ -1,0 +1,293 @@
+"""The HTTP API and the page. Routes are thin: each calls one service method and
+maps `ftstudio.errors` to status codes here, at the edge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+from fastapi import FastAPI, File, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+
+from ftstudio import __version__
+from ftstudio.broker import Broker
+from ftstudio.config import PRESETS, describe_fields
+from ftstudio.errors import FtstudioError, NotFound, ValidationError
+from ftstudio.service import Service, require_task_dir
+
+STATIC = Path(__file__).with_name("static")
+PING_S = 15.0
+# Files of a finished task that may be downloaded one by one (nothing else in the task dir is served).
+DOWNLOADABLE = {
+    "training_config.json": "adapter",
+    "summary.json": "adapter",
+    "adapter_config.json": "adapter",
+    "spec.json": ".",
+    "training.log": ".",
+}
+
+
+class TaskCreate(BaseModel):
+    name: str | None = Field(default=None, description="A name to recognise the task by")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="TrainingConfig as nested JSON; see /api/config/fields"
+    )
+
+
+def create_app(service: Service, broker: Broker | None = None, *, started_at: float | None = None) -> FastAPI:
+    broker = broker or Broker()
+    started_at = started_at or time.time()
+    app = FastAPI(title="ftstudio", version=__version__, description="Fine-tunes that survive restarts.")
+
+    @app.exception_handler(FtstudioError)
+    async def _ftstudio_error(_req: Request, exc: FtstudioError) -> JSONResponse:
+        body: dict[str, Any] = {"detail": str(exc)}
+        if isinstance(exc, ValidationError):
+            body["problems"] = [{"field": p.field, "message": p.message} for p in exc.problems]
+        return JSONResponse(body, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{p['field']}: {p['message']}" if p["field"] else p["message"] for p in problems)
+        return JSONResponse({"detail": detail or "malformed request", "problems": problems}, status_code=422)
+
+    # -- studio --------------------------------------------------------------
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {**service.health(), "pid": psutil.Process().pid, "started_at": started_at}
+
+    @app.get("/api/system")
+    def system() -> dict[str, Any]:
+        mem = psutil.virtual_memory()
+        return {
+            "version": __version__,
+            "home": str(service.home.root),
+            "cpu_count": psutil.cpu_count(),
+            "cpu_percent": psutil.cpu_percent(interval=None, percpu=True),
+            "memory": {"total": mem.total, "used": mem.total - mem.available},
+            "gpus": _gpus(),
+        }
+
+    @app.get("/api/config/fields")
+    def config_fields() -> list[dict[str, Any]]:
+        return [
+            {
+                "path": f.path,
+                "type": f.type,
+                "default": f.default,
+                "help": f.help,
+                "choices": list(f.choices),
+                "flag": f.flag,
+            }
+            for f in describe_fields()
+        ]
+
+    @app.get("/api/config/presets")
+    def config_presets() -> dict[str, Any]:
+        return PRESETS
+
+    # -- tasks ---------------------------------------------------------------
+
+    @app.post("/api/tasks", status_code=201)
+    def create_task(body: TaskCreate) -> dict[str, Any]:
+        return service.task_json(service.submit(body.config, body.name))
+
+    @app.get("/api/tasks")
+    def list_tasks(limit: int = 50, offset: int = 0, status: str | None = None) -> dict[str, Any]:
+        tasks, total = service.list(limit=limit, offset=offset, status=status)
+        return {"tasks": [service.task_json(t) for t in tasks], "total": total, "limit": limit, "offset": offset}
+
+    @app.get("/api/tasks/{task_id}")
+    def get_task(task_id: str) -> dict[str, Any]:
+        return service.task_json(service.get(task_id))
+
+    @app.delete("/api/tasks/{task_id}", status_code=204)
+    def delete_task(task_id: str) -> Response:
+        service.delete(task_id)
+        return Response(status_code=204)
+
+    @app.post("/api/tasks/{task_id}/cancel")
+    def cancel_task(task_id: str) -> dict[str, Any]:
+        return service.task_json(service.cancel(task_id))
+
+    @app.get("/api/tasks/{task_id}/logs")
+    def task_logs(task_id: str, offset: int = 0, limit: int = 64 << 10) -> dict[str, Any]:
+        return service.logs(task_id, offset, limit)
+
+    @app.get("/api/tasks/{task_id}/metrics")
+    def task_metrics(task_id: str, after: int = 0) -> dict[str, Any]:
+        return {"events": service.metrics(task_id, after)}
+
+    @app.get("/api/tasks/{task_id}/stream")
+    async def task_stream(task_id: str, request: Request, after: int = 0) -> StreamingResponse:
+        await run_in_threadpool(service.get, task_id)  # 404 before the stream starts
+        header = request.headers.get("last-event-id", "")
+        last = int(header) if header.isdigit() else max(0, after)
+        return StreamingResponse(
+            _stream(service, broker, task_id, last, request, started_at),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get("/api/tasks/{task_id}/artifacts")
+    def task_artifacts(task_id: str) -> dict[str, Any]:
+        tdir = require_task_dir(service, task_id)
+        files = []
+        if tdir.adapter.is_dir():
+            files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(tdir.adapter.iterdir()) if p.is_file()]
+        return {"files": files}
+
+    @app.get("/api/tasks/{task_id}/adapter.tar.gz")
+    def task_adapter(task_id: str) -> FileResponse:
+        tdir = require_task_dir(service, task_id)
+        if not (tdir.adapter / "adapter_config.json").is_file():
+            raise NotFound(f"task {task_id} has no adapter yet; it is written when training completes")
+        fd, tmp = tempfile.mkstemp(suffix=".tar.gz")
+        with open(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+            tar.add(tdir.adapter, arcname=f"{task_id}-adapter")
+        return FileResponse(
+            tmp,
+            media_type="application/gzip",
+            filename=f"{task_id}-adapter.tar.gz",
+            background=BackgroundTask(Path(tmp).unlink, missing_ok=True),
+        )
+
+    @app.get("/api/tasks/{task_id}/files/{name}")
+    def task_file(task_id: str, name: str) -> FileResponse:
+        tdir = require_task_dir(service, task_id)
+        where = DOWNLOADABLE.get(name)
+        path = (tdir.path / where / name) if where else None
+        if path is None or not path.is_file():
+            raise NotFound(f"task {task_id} has no file {name!r}; available: {', '.join(DOWNLOADABLE)}")
+        return FileResponse(path, filename=name)
+
+    # -- datasets and models -------------------------------------------------
+
+    @app.post("/api/datasets", status_code=201)
+    def upload_dataset(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
+        return service.upload_dataset(file.filename or "", file.file)
+
+    @app.get("/api/datasets")
+    def list_datasets() -> dict[str, Any]:
+        return {"datasets": service.datasets()}
+
+    @app.get("/api/models")
+    def list_models() -> dict[str, Any]:
+        return {"models": service.models()}
+
+    # -- the page ------------------------------------------------------------
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        page = STATIC / "index.html"
+        if page.is_file():
+            return FileResponse(page, media_type="text/html")
+        return HTMLResponse(_plain_page(service))
+
+    return app
+
+
+async def _stream(
+    service: Service, broker: Broker, task_id: str, last: int, request: Request, started_at: float
+) -> AsyncIterator[str]:
+    """Server-sent events: the task on connect and on change, every stored event after `last`
+    with its seq as the event id, until the task is final and everything is sent."""
+    wake = broker.subscribe(task_id)
+    studio = {"started_at": started_at, "pid": psutil.Process().pid, "version": __version__}
+    try:
+        yield f"retry: 1000\nevent: studio\ndata: {json.dumps(studio)}\n\n"
+        sent_task: dict[str, Any] | None = None
+        last_ping = time.monotonic()
+        while True:
+            wake.clear()
+            batch = await run_in_threadpool(service.store.events, task_id, after_seq=last, limit=1000)
+            for ev in batch:
+                last = ev["seq"]
+                yield f"id: {last}\nevent: {ev['kind']}\ndata: {json.dumps(ev)}\n\n"
+            task = await run_in_threadpool(service.store.get, task_id)
+            view = service.task_json(task)
+            if sent_task is None or _changed(sent_task, view):
+                sent_task = view
+                yield f"event: task\ndata: {json.dumps(view)}\n\n"
+            if task.status_enum.is_final and len(batch) < 1000:
+                return
+            if await request.is_disconnected():
+                return
+            if len(batch) == 1000:
+                continue
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+            except TimeoutError:
+                if time.monotonic() - last_ping > PING_S:
+                    last_ping = time.monotonic()
+                    yield ": ping\n\n"
+    finally:
+        broker.unsubscribe(task_id, wake)
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    keys = ("status", "step", "phase", "error", "reattached", "loss", "eval_loss", "pid", "total_steps")
+    return any(old.get(k) != new.get(k) for k in keys)
+
+
+def _gpus() -> list[dict[str, Any]]:
+    """GPUs with memory in use, from nvidia-smi if there is one (importing torch here would slow start-up)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index,name,memory.total,memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4 and parts[0].isdigit():
+            gpus.append(
+                {
+                    "index": int(parts[0]),
+                    "name": parts[1],
+                    "memory_total": int(parts[2]) << 20,
+                    "memory_used": int(parts[3]) << 20,
+                }
+            )
+    return gpus
+
+
+def _plain_page(service: Service) -> str:
+    from html import escape
+
+    tasks, total = service.store.list(limit=100)
+    rows = "".join(
+        f"<tr><td>{escape(t.id)}</td><td>{escape(t.name)}</td><td>{escape(t.status)}</td><td>{t.step}/{t.total_steps or '?'}</td></tr>"
+        for t in tasks
+    )
+    return f"<!doctype html><title>ftstudio</title><h1>ftstudio</h1><p>{total} tasks</p><table>{rows}</table>"

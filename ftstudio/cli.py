@@ -1,0 +1,331 @@
+"""`ftstudio`: the command line. Thin: every command calls the same service
+functions as the HTTP routes, so read commands work while the studio is down."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ftstudio import __version__
+from ftstudio import studio as studio_mod
+from ftstudio.config import CLI_FLAGS, set_path
+from ftstudio.errors import FtstudioError, ValidationError
+from ftstudio.home import Home
+from ftstudio.store import Task
+
+# Flags of `submit` that map onto config fields: (flag, field path, type, help).
+SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--model", "model.name", str, "base model: hub id, local directory or builtin:tiny"),
+    ("--dataset", "data.path", str, "dataset: builtin:sample, an uploaded name or a file path"),
+    ("--epochs", "optim.epochs", float, "passes over the data"),
+    ("--lr", "optim.learning_rate", float, "peak learning rate"),
+    ("--max-steps", "optim.max_steps", int, "stop after this many steps"),
+    ("--batch-size", "optim.batch_size", int, "samples per step per device"),
+    ("--lora-rank", "lora.rank", int, "LoRA rank"),
+    ("--checkpoint-every", "checkpoint.every_steps", int, "checkpoint every N steps"),
+    ("--preset", "preset", str, "start from a preset: cpu-demo, single-gpu-24gb, low-memory"),
+]
+assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)
+
+
+def _service() -> Any:
+    from ftstudio.service import Service
+
+    return Service(Home.default())
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _progress(task: dict[str, Any]) -> str:
+    step = f"{task['step']}/{task['total_steps']}" if task.get("total_steps") else str(task.get("step") or 0)
+    loss = f"{task['loss']:.4f}" if isinstance(task.get("loss"), float) else "-"
+    return f"step {step}  loss {loss}  eta {_fmt_duration(task.get('eta_s'))}"
+
+
+# -- commands ----------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    config: dict[str, Any] = {}
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            raise ValidationError(f"--config: cannot read {args.config}: {e}") from None
+    for flag, path, _typ, _help in SUBMIT_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            set_path(config, path, value)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"--set: expected section.field=value, got {item!r}")
+        set_path(config, key.strip(), _parse_value(value))
+    service = _service()
+    task = service.submit(config, args.name)
+    if args.json:
+        _print_json(service.task_json(task))
+    else:
+        print(task.id)
+    if args.wait:
+        return _wait(service, task.id, quiet=args.json)
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    """`--set lora.target_modules=q_proj,v_proj` or `--set optim.seed=7`: JSON if it parses, else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _wait(service: Any, task_id: str, *, quiet: bool = False) -> int:
+    """Follow a task to its end, with a progress bar on a terminal."""
+    tty = sys.stderr.isatty() and not quiet
+    while True:
+        task = service.task_json(service.get(task_id))
+        if tty:
+            pct = task.get("percent") or 0
+            bar = "#" * int(pct / 100 * 30)
+            sys.stderr.write(f"\r{task['status']:<11} [{bar:<30}] {pct:5.1f}%  {_progress(task)}   ")
+            sys.stderr.flush()
+        if task["status"] in ("completed", "failed", "cancelled"):
+            if tty:
+                sys.stderr.write("\n")
+            if task["status"] == "failed" and not quiet:
+                print(f"task {task_id} failed: {task['error']}", file=sys.stderr)
+            return 0 if task["status"] == "completed" else 1
+        time.sleep(0.5)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    service = _service()
+    tasks, total = service.list(limit=args.limit, offset=args.offset, status=args.status)
+    if args.json:
+        _print_json({"tasks": [service.task_json(t) for t in tasks], "total": total})
+        return 0
+    if not tasks:
+        print("no tasks yet; start one with `ftstudio submit --preset cpu-demo`")
+        return 0
+    print(f"{'ID':<22} {'STATUS':<11} {'PROGRESS':<32} NAME")
+    for t in tasks:
+        view = service.task_json(t)
+        print(f"{t.id:<22} {t.status:<11} {_progress(view):<32} {t.name}")
+    if total > len(tasks) + args.offset:
+        print(f"... {total - len(tasks) - args.offset} more (--offset {args.offset + len(tasks)})")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    service = _service()
+    view = service.task_json(service.get(args.task))
+    if args.json:
+        _print_json(view)
+        return 0
+    for key in ("id", "name", "status", "model", "dataset", "attempt", "pid", "task_dir"):
+        print(f"{key:<10} {view.get(key)}")
+    print(f"{'progress':<10} {_progress(view)}  epoch {view.get('epoch') or 0}/{view.get('total_epochs') or '?'}")
+    if view.get("reattached"):
+        print(f"{'note':<10} the studio restarted and reattached to this training")
+    if view.get("error"):
+        print(f"{'error':<10} {view['error']}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    service = _service()
+    offset = 0
+    while True:
+        chunk = service.logs(args.task, offset)
+        sys.stdout.write(chunk["text"])
+        sys.stdout.flush()
+        offset = chunk["next_offset"]
+        if chunk["next_offset"] < chunk["size"]:
+            continue
+        if not args.follow or service.get(args.task).status_enum.is_final:
+            return 0
+        time.sleep(0.5)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    service = _service()
+    task = service.cancel(args.task)
+    print(f"task {task.id} {task.status}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _service().delete(args.task)
+    print(f"task {args.task} deleted")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ftstudio import train
+
+    return train.main([args.spec, *(["--output", args.output] if args.output else [])])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    home = Home.default()
+    info = studio_mod.start(home, args.host, args.port)
+    service = _service()
+    task = service.submit({"preset": "cpu-demo"}, "demo: builtin:tiny on builtin:sample")
+    print(f"studio:  {info.url}")
+    print(f"task:    {task.id}  (ftstudio show {task.id}; ftstudio logs -f {task.id})")
+    if args.wait or (sys.stderr.isatty() and not args.no_wait):
+        print("training... (Ctrl-C stops watching; the training keeps running)", file=sys.stderr)
+        try:
+            return _wait(service, task.id)
+        except KeyboardInterrupt:
+            print(f"\nstill training; watch it at {info.url}", file=sys.stderr)
+    return 0
+
+
+def cmd_studio(args: argparse.Namespace) -> int:
+    home = Home.default()
+    if args.action == "serve":
+        return studio_mod.serve(home, args.host, args.port)
+    if args.action in ("stop", "restart"):
+        stopped = studio_mod.stop(home)
+        if args.action == "stop":
+            print(f"studio stopped (pid {stopped.pid}); training keeps running" if stopped else "studio is not running")
+            return 0
+    if args.action in ("start", "restart"):
+        already = studio_mod.running_server(home)
+        info = studio_mod.start(home, args.host, args.port)
+        print(f"studio {'already running' if already else 'running'} at {info.url} (pid {info.pid})")
+        return 0
+    st = studio_mod.status(home)
+    if args.json:
+        _print_json(st)
+    elif st["running"]:
+        print(f"studio running at {st['url']} (pid {st['pid']}, up {_fmt_duration(st['uptime_s'])}), home {st['home']}")
+    else:
+        print(f"studio is not running (home {st['home']}); start it with `ftstudio studio start`")
+    return 0 if st["running"] or args.action != "status" else 3
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ftstudio import adapters
+
+    tdir = _task_dir(args.task)
+    out = Path(args.out) if args.out else tdir.path / "merged"
+    adapters.merge(tdir.adapter, out)
+    print(out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ftstudio import adapters
+
+    print(adapters.generate(_task_dir(args.task).adapter, args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _task_dir(task_id: str) -> Any:
+    from ftstudio.service import require_task_dir
+
+    service = _service()
+    task: Task = service.get(task_id)
+    if task.status != "completed":
+        raise ValidationError(f"task {task_id} is {task.status}; merge and generate need a completed task")
+    return require_task_dir(service, task_id)
+
+
+# -- parser --------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftstudio", description="Fine-tunes that survive restarts.")
+    p.add_argument("--version", action="version", version=f"ftstudio {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    def server_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--host", default=studio_mod.DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
+        sp.add_argument("--port", type=int, default=studio_mod.DEFAULT_PORT, help="port (default 8765)")
+
+    sp = add("studio", cmd_studio, "start, stop, restart or check the studio server (training is never touched)")
+    sp.add_argument("action", choices=["start", "stop", "restart", "status", "serve"])
+    server_flags(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output (status)")
+
+    sp = add("submit", cmd_submit, "submit a fine-tune; prints the task id")
+    for flag, _path, typ, help_ in SUBMIT_FLAGS:
+        sp.add_argument(flag, type=typ, help=help_)
+    sp.add_argument("--name", help="a name to recognise the task by")
+    sp.add_argument("--config", help="a JSON file with the training config (flags override it)")
+    sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field, e.g. --set lora.alpha=32")
+    sp.add_argument("--wait", action="store_true", help="follow the task to its end (progress bar on a terminal)")
+    sp.add_argument("--json", action="store_true", help="print the task as JSON")
+
+    sp = add("tasks", cmd_tasks, "list tasks, newest first")
+    sp.add_argument("--status", help="only tasks in this status")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--offset", type=int, default=0)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, func, help_ in (
+        ("show", cmd_show, "show one task"),
+        ("cancel", cmd_cancel, "cancel a task: stops its training process and everything it started"),
+        ("delete", cmd_delete, "delete a finished task and its files"),
+    ):
+        sp = add(name, func, help_)
+        sp.add_argument("task", help="task id")
+        if name == "show":
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = add("logs", cmd_logs, "print a task's training.log")
+    sp.add_argument("task", help="task id")
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
+
+    sp = add("train", cmd_train, "run a spec in the foreground (debugging; no studio involved)")
+    sp.add_argument("spec", help="spec.json of a task, or a TrainingConfig JSON file")
+    sp.add_argument("--output", help="output directory when SPEC is a bare config")
+
+    sp = add("demo", cmd_demo, "start the studio and a demo fine-tune of builtin:tiny on builtin:sample")
+    server_flags(sp)
+    sp.add_argument("--wait", action="store_true", help="follow the demo to its end even without a terminal")
+    sp.add_argument("--no-wait", action="store_true", help="return at once")
+
+    sp = add("merge", cmd_merge, "write base model + adapter merged into one model (safetensors)")
+    sp.add_argument("task", help="a completed task")
+    sp.add_argument("--out", help="output directory (default: TASK_DIR/merged)")
+
+    sp = add("generate", cmd_generate, "generate text with base model + a task's adapter")
+    sp.add_argument("task", help="a completed task")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FtstudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,115 @@
+"""Where a task's runner runs. `LocalExecutor` starts it on this machine; cluster
+schedulers (Slurm, Ray Jobs) implement the same small protocol later.
+
+The executor only starts and signals runners and says what it sees; deciding
+what a sighting means for the task's state is the supervisor's job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import psutil
+
+from ftstudio.errors import LaunchError
+from ftstudio.home import TaskDir, read_json
+from ftstudio.procs import Identity, Liveness, boot_id, check, kill_tagged
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the store records about a started runner."""
+
+    pid: int
+    start_time: float
+    boot_id: str
+    pgid: int
+
+
+class Executor(Protocol):
+    name: str
+
+    def submit(self, task: TaskDir, *, attempt: int) -> Launch: ...
+
+    def poll(self, task: TaskDir, launch: Launch | None) -> Liveness: ...
+
+    def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool: ...
+
+    def kill_all(self, task_id: str) -> int: ...
+
+
+class LocalExecutor:
+    """Runs `python -m ftstudio.runner DIR` as a detached process on this machine."""
+
+    name = "local"
+
+    def __init__(self, trainer_module: str | None = None) -> None:
+        # FTSTUDIO_TRAINER_MODULE is set by whoever starts the studio (the tests, to substitute
+        # a scripted trainer); the runner accepts only a dotted module name.
+        self.trainer_module = trainer_module or os.environ.get("FTSTUDIO_TRAINER_MODULE") or "ftstudio.train"
+        # Runners this process started: poll() reaps them so no zombies pile up while we live.
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, task: TaskDir, *, attempt: int) -> Launch:
+        argv = [sys.executable, "-m", "ftstudio.runner", str(task.path), "--attempt", str(attempt)]
+        if self.trainer_module != "ftstudio.train":
+            argv += ["--module", self.trainer_module]
+        try:
+            with open(task.log, "ab") as log:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=task.path,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # no SIGHUP/SIGINT from the studio's terminal or group
+                    close_fds=True,
+                )
+        except OSError as e:
+            raise LaunchError(f"could not start the training process: {e}") from e
+        with self._lock:
+            self._children[proc.pid] = proc
+        try:
+            start = psutil.Process(proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            # It died at once; the exit record (or its absence) will tell the supervisor why.
+            start = time.time()
+        return Launch(pid=proc.pid, start_time=start, boot_id=boot_id(), pgid=proc.pid)
+
+    def reap(self) -> None:
+        with self._lock:
+            for pid, proc in list(self._children.items()):
+                if proc.poll() is not None:
+                    del self._children[pid]
+
+    def poll(self, task: TaskDir, launch: Launch | None) -> Liveness:
+        self.reap()
+        if launch is None:
+            recorded = read_json(task.launch)
+            if not recorded:
+                return Liveness.UNKNOWN
+            launch = Launch(recorded["pid"], recorded["start_time"], recorded["boot_id"], recorded["pgid"])
+        return check(Identity(launch.pid, launch.start_time, launch.boot_id), marker=task.path.name)
+
+    def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool:
+        """Signal the runner (it forwards to the trainer), but only if it is still ours."""
+        if launch is None or self.poll(task, launch) != Liveness.ALIVE:
+            return False
+        try:
+            os.kill(launch.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def kill_all(self, task_id: str) -> int:
+        n = kill_tagged(task_id, signal.SIGKILL)
+        self.reap()
+        return n

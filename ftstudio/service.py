@@ -1,0 +1,310 @@
+"""The service: the one API that the CLI and the HTTP routes both call.
+
+Nothing above this module touches SQLite or processes. Every method either
+returns a result or raises an `ftstudio.errors` exception whose message a
+person can act on; the edges map those to HTTP codes and exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from ftstudio import __version__, procs
+from ftstudio.config import TrainingConfig
+from ftstudio.errors import Conflict, LaunchError, NotFound, ValidationError
+from ftstudio.executor import Executor, LocalExecutor
+from ftstudio.home import Home, TaskDir, write_json_atomic
+from ftstudio.store import LostRace, Store, Task
+from ftstudio.supervisor import Supervisor
+from ftstudio.task import TaskStatus
+
+log = logging.getLogger("ftstudio")
+
+S = TaskStatus
+CANCEL_GRACE_S = 10.0
+MAX_UPLOAD_BYTES = 512 << 20
+DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+# `python train.py` in a task dir reproduces the task by hand. Nothing from the
+# user is in it: the entry point reads spec.json beside it.
+TRAIN_PY = """\
+import pathlib, sys, ftstudio.train
+sys.exit(ftstudio.train.main([str(pathlib.Path(__file__).with_name("spec.json"))]))
+"""
+
+# Which actions each state allows; the page shows a button only for these.
+ACTIONS: dict[TaskStatus, tuple[str, ...]] = {
+    S.QUEUED: ("cancel", "delete"),
+    S.PREPARING: ("cancel",),
+    S.TRAINING: ("cancel",),
+    S.PAUSED: ("cancel", "delete"),
+    S.INTERRUPTED: ("cancel", "delete"),
+    S.COMPLETED: ("delete",),
+    S.FAILED: ("delete",),
+    S.CANCELLED: ("delete",),
+}
+
+
+def setup_logging(home: Home, *, to_stderr: bool = False) -> None:
+    """studio.log: one line a person understands for every launch, recovery and exit."""
+    logger = logging.getLogger("ftstudio")
+    if any(getattr(h, "_ftstudio", False) for h in logger.handlers):
+        return
+    handler: logging.Handler = logging.FileHandler(home.log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler._ftstudio = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    if to_stderr:
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        console._ftstudio = True  # type: ignore[attr-defined]
+        logger.addHandler(console)
+    logger.setLevel(logging.INFO)
+
+
+class Service:
+    def __init__(self, home: Home | None = None, *, executor: Executor | None = None, in_server: bool = False) -> None:
+        self.home = (home or Home.default()).ensure()
+        setup_logging(self.home)
+        self.store = Store(self.home.db)
+        self.executor: Executor = executor or LocalExecutor()
+        self.in_server = in_server
+        self.supervisor = Supervisor(self.store, self.home, self.executor, launch_queued=self.launch_queued)
+
+    # -- submit and launch ---------------------------------------------------
+
+    def submit(self, config: dict[str, Any], name: str | None = None) -> Task:
+        cfg = TrainingConfig.from_dict(config)
+        from ftstudio import preflight  # the trainer's cheap checks: files exist, data parses
+
+        preflight.check(cfg, self.home.root)
+        name = " ".join((name or "").split())[:200] or f"{cfg.model.name} on {Path(cfg.data.path).name}"
+        task = self.store.create_task(
+            name=name, model=cfg.model.name, dataset=cfg.data.path, config=cfg.to_dict(), tasks_root=self.home.tasks
+        )
+        tdir = task.dir
+        tdir.path.mkdir(parents=True)
+        tdir.checkpoints.mkdir()
+        write_json_atomic(
+            tdir.spec,
+            {"format": 1, "task_id": task.id, "name": name, "config": cfg.to_dict(), "home": str(self.home.root)},
+        )
+        tdir.train_py.write_text(TRAIN_PY)
+        log.info("task %s submitted: %s", task.id, name)
+        self.launch(task.id)
+        return self.store.get(task.id)
+
+    def launch(self, task_id: str) -> None:
+        """Start a queued task's runner. Claims the task first (compare-and-set), so two launchers never both start it."""
+        task = self.store.get(task_id)
+        try:
+            task = self.store.transition(
+                task.id, S.QUEUED, S.PREPARING, reason="launching", error=None, phase="starting"
+            )
+        except LostRace:
+            return
+        tdir = task.dir
+        # A new attempt starts without the last one's records.
+        for stale in (tdir.exit, tdir.launch, tdir.heartbeat):
+            stale.unlink(missing_ok=True)
+        try:
+            launch = self.executor.submit(tdir, attempt=task.attempt)
+        except LaunchError as e:
+            self.store.transition(task.id, S.PREPARING, S.FAILED, reason=str(e), error=str(e))
+            raise
+        self.store.update(
+            task.id,
+            pid=launch.pid,
+            pid_start_time=launch.start_time,
+            boot_id=launch.boot_id,
+            pgid=launch.pgid,
+            executor=self.executor.name,
+        )
+        log.info("task %s launched (runner pid %s, attempt %s)", task.id, launch.pid, task.attempt)
+
+    def launch_queued(self) -> None:
+        for task in self.store.with_status(S.QUEUED):
+            try:
+                self.launch(task.id)
+            except LaunchError:
+                log.exception("could not launch task %s", task.id)
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        self.home.task(task_id)  # rejects ids that could never be ours (path characters) with a clear error
+        task = self.store.get(task_id)
+        if not self.in_server and task.status_enum.has_process:
+            # No studio may be watching: bring the record up to date ourselves (compare-and-set makes this safe).
+            self.supervisor.sync(task)
+            task = self.store.get(task_id)
+        return task
+
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> tuple[list[Task], int]:
+        if status is not None and status not in {s.value for s in S}:
+            raise ValidationError(f"status: unknown status {status!r}; use one of {', '.join(s.value for s in S)}")
+        if not 1 <= limit <= 1000:
+            raise ValidationError("limit: must be between 1 and 1000")
+        if offset < 0:
+            raise ValidationError("offset: must not be negative")
+        if not self.in_server:
+            for task in self.store.with_status(S.PREPARING, S.TRAINING):
+                self.supervisor.sync(task)
+        return self.store.list(limit=limit, offset=offset, status=status)
+
+    def logs(self, task_id: str, offset: int = 0, limit: int = 64 << 10) -> dict[str, Any]:
+        """Bytes of training.log from `offset` (negative: the last -offset bytes)."""
+        task = self.get(task_id)
+        path = task.dir.log
+        limit = max(1, min(limit, 1 << 20))
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, 2)
+                start = max(0, size + offset) if offset < 0 else min(offset, size)
+                f.seek(start)
+                data = f.read(limit)
+        except FileNotFoundError:
+            size, start, data = 0, 0, b""
+        return {
+            "offset": start,
+            "next_offset": start + len(data),
+            "size": size,
+            "text": data.decode("utf-8", "replace"),
+        }
+
+    def metrics(self, task_id: str, after: int = 0) -> list[dict[str, Any]]:
+        task = self.get(task_id)
+        return self.store.events(task.id, after_seq=after)
+
+    # -- control -------------------------------------------------------------
+
+    def cancel(self, task_id: str, *, grace: float = CANCEL_GRACE_S) -> Task:
+        """Stop a task: SIGTERM to its runner, SIGKILL to everything tagged with it after `grace` seconds."""
+        task = self.get(task_id)
+        status = task.status_enum
+        if status.is_final:
+            raise Conflict(f"task {task.id} is already {status}; there is nothing to cancel")
+        if not status.has_process:
+            return self.store.transition(task.id, status, S.CANCELLED, reason="cancelled on request")
+        self.store.update(task.id, cancel_requested_at=time.time())
+        tdir = task.dir
+        from ftstudio.supervisor import launch_of
+
+        self.executor.signal(tdir, launch_of(task), signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not tdir.exit.exists() and procs.tagged(task.id):
+            time.sleep(0.1)
+        if procs.tagged(task.id):
+            n = self.executor.kill_all(task.id)
+            log.warning("task %s did not stop within %.0fs of SIGTERM; killed %d process(es)", task.id, grace, n)
+            procs.wait_gone(task.id, 5.0)
+        self.supervisor.sync(self.store.get(task.id))
+        task = self.store.get(task.id)
+        if task.status_enum.has_process:
+            # Dead but not yet decided (the exit record is the runner's last act): decide now.
+            self.supervisor.sync(task)
+            task = self.store.get(task.id)
+        log.info("task %s cancelled on request", task.id)
+        return task
+
+    def delete(self, task_id: str) -> None:
+        task = self.get(task_id)
+        if task.status_enum.has_process or procs.tagged(task.id):
+            raise Conflict(f"task {task.id} is {task.status}; cancel it before deleting it")
+        if not self.store.delete(task.id, only_if={s for s in S if not s.has_process}):
+            raise Conflict(f"task {task.id} changed state while deleting; try again")
+        shutil.rmtree(task.task_dir, ignore_errors=True)
+        log.info("task %s deleted", task.id)
+
+    # -- datasets and models -------------------------------------------------
+
+    def upload_dataset(self, filename: str, stream: IO[bytes]) -> dict[str, Any]:
+        base = SAFE_NAME_RE.sub("-", Path(filename or "").name).strip(".-")
+        if not base.lower().endswith(DATASET_SUFFIXES):
+            raise ValidationError(f"file: {filename!r} is not a dataset file; upload .json, .jsonl, .csv or .parquet")
+        target = self.home.datasets / base
+        stem, suffix = target.stem, target.suffix
+        n = 2
+        while target.exists():
+            target = self.home.datasets / f"{stem}-{n}{suffix}"
+            n += 1
+        # Checked under its final name (so errors name the file the user sent) in a side
+        # directory, then moved in: a bad upload never appears among the datasets.
+        incoming = self.home.datasets / ".incoming"
+        incoming.mkdir(exist_ok=True)
+        tmp = incoming / target.name
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := stream.read(1 << 20):
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise ValidationError(
+                            f"file: larger than {MAX_UPLOAD_BYTES >> 20} MB; put big datasets on disk and give their path"
+                        )
+                    out.write(chunk)
+            from ftstudio.data import inspect_dataset
+
+            info = inspect_dataset(tmp)
+            tmp.rename(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("dataset %s uploaded (%d rows, %s)", target.name, info.rows, info.format)
+        return {
+            "name": target.name,
+            "path": str(target),
+            "format": info.format,
+            "rows": info.rows,
+            "preview": info.preview,
+        }
+
+    def datasets(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"name": "builtin:sample", "builtin": True}]
+        for path in sorted(self.home.datasets.iterdir()):
+            if path.is_file() and not path.name.startswith(".") and path.suffix in DATASET_SUFFIXES:
+                out.append({"name": path.name, "builtin": False, "size": path.stat().st_size})
+        return out
+
+    def models(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"name": "builtin:tiny", "builtin": True}]
+        rows = self.store._conn().execute(
+            "SELECT model, max(created_at) AS last FROM tasks GROUP BY model ORDER BY last DESC LIMIT 20"
+        )
+        out += [{"name": r["model"], "builtin": False} for r in rows if not r["model"].startswith("builtin:")]
+        return out
+
+    # -- presentation --------------------------------------------------------
+
+    def task_json(self, task: Task) -> dict[str, Any]:
+        row = dict(task.row)
+        status = task.status_enum
+        now = time.time()
+        started, finished = row.get("started_at"), row.get("finished_at")
+        row.update(
+            config=task.config_dict,
+            percent=task.percent,
+            elapsed_s=round((finished or now) - started, 1) if started else None,
+            reattached=bool(row.get("reattached_at")) and status.has_process,
+            actions=list(ACTIONS[status]),
+        )
+        for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at"):
+            row.pop(internal, None)
+        return row
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "home": str(self.home.root)}
+
+
+def require_task_dir(service: Service, task_id: str) -> TaskDir:
+    task = service.get(task_id)
+    tdir = task.dir
+    if not tdir.path.is_dir():
+        raise NotFound(f"the files of task {task_id} are gone from {tdir.path}")
+    return tdir

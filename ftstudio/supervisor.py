@@ -1,0 +1,222 @@
+"""The supervisor: turns what the task directories say into task states.
+
+At start-up `reconcile_all` looks at every task that may have a process
+*before* the API answers; then `run` watches: it tails each `events.jsonl` by
+byte offset into the store and turns exit records and dead processes into
+transitions. The verdicts (DESIGN.md, "Reconcile verdicts"):
+
+| what it finds                               | verdict                                       |
+| ------------------------------------------- | --------------------------------------------- |
+| exit.json of this attempt                   | completed / failed / cancelled, as it says    |
+| process alive (pid + start time + boot id)  | keep; at start-up log "reattached ..."        |
+| machine restarted since launch              | failed: the machine restarted                 |
+| process dead or pid reused, no exit.json    | cancelled if asked to, else failed            |
+| cannot tell                                 | leave as is, look again: never dead on doubt  |
+
+Every transition is compare-and-set, so the CLI (which runs the same `sync`
+for fresh reads while the studio is down) and the server never fight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ftstudio import events
+from ftstudio.executor import Executor, Launch
+from ftstudio.home import Home, read_json
+from ftstudio.procs import Liveness
+from ftstudio.store import LostRace, Store, Task
+from ftstudio.task import TaskStatus
+
+log = logging.getLogger("ftstudio")
+
+UNEXPECTED = "Training process terminated unexpectedly"
+TICK_S = 0.1  # event tailing
+CHECK_S = 0.5  # exit records and process identity
+SCAN_S = 1.0  # which tasks to watch
+LAUNCH_GRACE_S = 30.0  # a claimed task with no process after this long was never started
+
+
+@dataclass
+class Verdict:
+    task_id: str
+    status: TaskStatus
+    note: str
+
+
+def launch_of(task: Task) -> Launch | None:
+    if task.pid is None or task.pid_start_time is None:
+        return None
+    return Launch(task.pid, task.pid_start_time, task.boot_id or "", task.pgid or task.pid)
+
+
+def progress_text(task: Task) -> str:
+    if task.total_steps:
+        return f"step {task.step}/{task.total_steps}"
+    return f"step {task.step}" if task.step else "still preparing"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        store: Store,
+        home: Home,
+        executor: Executor,
+        *,
+        notify: Callable[[set[str]], None] | None = None,
+        launch_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.home = home
+        self.executor = executor
+        self.notify = notify or (lambda ids: None)
+        self.launch_queued = launch_queued
+        self._doubts: set[str] = set()
+
+    # -- one task ------------------------------------------------------------
+
+    def ingest(self, tasks: Iterable[Task]) -> set[str]:
+        """Read new events of these tasks into the store; move preparing -> training on the first step."""
+        changed: set[str] = set()
+        for task in tasks:
+            chunk = events.read_from(task.dir.events, task.events_offset)
+            if chunk.offset == task.events_offset:
+                continue
+            stored = self.store.ingest(task.id, chunk.events, chunk.offset, task.events_offset)
+            if not stored and chunk.events:
+                # Someone else (the CLI, another reader) took these bytes first: catch up from the store.
+                task.row.update(self.store.get(task.id).row)
+                continue
+            # Keep the caller's copy current so the watch loop needs no read per tick.
+            task.row["events_offset"] = chunk.offset
+            task.row["events_seq"] += len(stored)
+            if not stored:
+                continue
+            changed.add(task.id)
+            if task.status == TaskStatus.PREPARING and any(e["kind"] in ("train_begin", "progress") for e in stored):
+                try:
+                    self.store.transition(task.id, TaskStatus.PREPARING, TaskStatus.TRAINING, reason="first step")
+                    task.row["status"] = TaskStatus.TRAINING
+                except LostRace:
+                    task.row.update(self.store.get(task.id).row)
+        return changed
+
+    def sync(self, task: Task, *, startup: bool = False) -> Verdict | None:
+        """Bring one task's record up to date with its directory and process. Returns a verdict if the state moved."""
+        status = task.status_enum
+        if not status.has_process:
+            return None
+        tdir = task.dir
+        self.ingest([task])
+        task = self.store.get(task.id)
+        launch = launch_of(task)
+        # Liveness before the exit record: a runner that writes exit.json and exits between
+        # the two looks would otherwise be called dead.
+        liveness = self.executor.poll(tdir, launch) if (launch or tdir.launch.exists()) else None
+        record = read_json(tdir.exit)
+        if record is not None and record.get("attempt", task.attempt) == task.attempt:
+            return self._finish(task, record)
+        if liveness is None:
+            if task.started_at and time.time() - task.started_at > LAUNCH_GRACE_S:
+                return self._end(
+                    task, TaskStatus.FAILED, "the studio stopped before the training process started; resubmit the task"
+                )
+            return None
+        if liveness == Liveness.ALIVE:
+            self._doubts.discard(task.id)
+            if startup:
+                self.store.update(task.id, expect=status, reattached_at=time.time())
+                log.info("reattached to task %s, pid %s, %s", task.id, task.pid, progress_text(task))
+            return None
+        if liveness == Liveness.UNKNOWN:
+            if task.id not in self._doubts:
+                log.warning(
+                    "cannot tell whether task %s (pid %s) is alive; leaving it as %s and looking again",
+                    task.id,
+                    task.pid,
+                    status,
+                )
+                self._doubts.add(task.id)
+            return None
+        # Dead, reused or rebooted, and no exit record: read the last events it managed to write.
+        self.ingest([self.store.get(task.id)])
+        task = self.store.get(task.id)
+        self.executor.kill_all(task.id)  # orphans of a killed runner must not keep writing
+        if task.cancel_requested_at:
+            return self._end(task, TaskStatus.CANCELLED, "cancelled on request")
+        if liveness == Liveness.REBOOTED:
+            reason = f"{UNEXPECTED}: the machine restarted at {progress_text(task)}"
+        elif liveness == Liveness.REUSED:
+            reason = f"{UNEXPECTED} (its process id now belongs to another program) at {progress_text(task)}"
+        else:
+            reason = f"{UNEXPECTED} at {progress_text(task)}"
+        return self._end(task, TaskStatus.FAILED, reason)
+
+    def _finish(self, task: Task, record: dict[str, object]) -> Verdict | None:
+        # Drain: the exit record is written after the trainer's last event.
+        self.ingest([task])
+        task = self.store.get(task.id)
+        outcome = record.get("outcome")
+        reason = str(record.get("reason") or "")
+        if outcome == "completed":
+            return self._end(task, TaskStatus.COMPLETED, reason)
+        if outcome == "cancelled" or task.cancel_requested_at:
+            return self._end(task, TaskStatus.CANCELLED, reason or "cancelled on request")
+        return self._end(task, TaskStatus.FAILED, reason or "training failed; see training.log")
+
+    def _end(self, task: Task, dst: TaskStatus, reason: str) -> Verdict | None:
+        fields: dict[str, object] = {}
+        if dst == TaskStatus.FAILED:
+            fields["error"] = reason
+        if dst == TaskStatus.COMPLETED:
+            fields["eta_s"] = 0
+        try:
+            self.store.transition(task.id, task.status_enum, dst, reason=reason, **fields)
+        except LostRace:
+            return None
+        log.info("task %s %s: %s", task.id, dst, reason)
+        self._doubts.discard(task.id)
+        return Verdict(task.id, dst, reason)
+
+    # -- all tasks -----------------------------------------------------------
+
+    def watched(self) -> list[Task]:
+        return self.store.with_status(TaskStatus.PREPARING, TaskStatus.TRAINING)
+
+    def reconcile_all(self) -> list[Verdict]:
+        """Start-up: decide every task that may have a process, before the API answers."""
+        verdicts = []
+        for task in self.watched():
+            v = self.sync(task, startup=True)
+            if v:
+                verdicts.append(v)
+        return verdicts
+
+    def run(self, stop: threading.Event) -> None:
+        """The watch loop; returns when `stop` is set."""
+        watched: list[Task] = []
+        last_scan = last_check = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            try:
+                if now - last_scan >= SCAN_S:
+                    if self.launch_queued:
+                        self.launch_queued()
+                    last_scan = now
+                    watched = self.watched()
+                changed = self.ingest(watched)
+                if now - last_check >= CHECK_S:
+                    last_check = now
+                    for task in watched:
+                        if self.sync(task):
+                            changed.add(task.id)
+                    watched = self.watched()
+                if changed:
+                    self.notify(changed)
+            except Exception:  # the loop must outlive any one bad task or a locked database
+                log.exception("supervisor tick failed; trying again")
+            stop.wait(TICK_S)

@@ -1,0 +1,54 @@
+"""A scripted stand-in for `ftstudio.train`, for the tests of the process and
+state logic around the trainer (the real trainer has its own tests, and the
+end-to-end tests use it). Its behaviour is read from the task name in
+spec.json, e.g. "scripted steps=30 delay=0.1 exit=1 hang=1":
+
+    steps  progress events to write (default 10)
+    delay  seconds between them (default 0.05)
+    exit   exit code at the end (default 0); non-zero writes an error event first
+    hang   1: ignore SIGTERM (to test the SIGKILL escalation)
+    child  1: start a grandchild that sleeps (to test that cancel kills descendants)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ftstudio.events import EventWriter
+
+
+def main() -> int:
+    spec_path = Path(sys.argv[1])
+    spec = json.loads(spec_path.read_text())
+    opts = dict(part.split("=", 1) for part in spec["name"].split() if "=" in part)
+    steps = int(opts.get("steps", 10))
+    delay = float(opts.get("delay", 0.05))
+    code = int(opts.get("exit", 0))
+    if opts.get("hang") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if opts.get("child") == "1":
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    task_dir = spec_path.parent
+    with EventWriter(task_dir / "events.jsonl") as ev:
+        ev.emit("status", phase="loading_model", message="scripted")
+        ev.emit("train_begin", total_steps=steps, total_epochs=1)
+        for step in range(1, steps + 1):
+            time.sleep(delay)
+            ev.emit("progress", step=step, total_steps=steps, epoch=step / steps, total_epochs=1, loss=2.0 / step, lr=1e-3)
+            print(f"step {step}/{steps}", flush=True)
+        if code:
+            ev.emit("error", message=f"scripted failure with exit code {code}", error_type="Scripted")
+            return code
+        (task_dir / "adapter").mkdir(exist_ok=True)
+        (task_dir / "adapter" / "adapter_config.json").write_text("{}")
+        ev.emit("train_end", step=steps, total_steps=steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
