@@ -115,7 +115,7 @@ export class LossChart {
     for (const t of niceTicks(lo, hi)) {
       if (t < lo || t > hi) continue;
       grid.append(s("line", { x1: M.left, x2: W - M.right, y1: y(t), y2: y(t) }));
-      axes.append(s("text", { x: M.left - 6, y: y(t) + 4, "text-anchor": "end" }, fmtLoss(t)));
+      axes.append(s("text", { x: M.left - 6, y: y(t) + 4, "text-anchor": "end" }, String(Number(t.toPrecision(6)))));
     }
     for (const t of niceTicks(0, maxStep, 6)) {
       if (!Number.isInteger(t)) continue;

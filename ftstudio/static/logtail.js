@@ -59,9 +59,11 @@ export class LogTail {
     let caughtUp = false;
     try {
       if (this.offset === null) {
-        const head = await api(taskUrl(this.taskId, "/logs?offset=0&limit=1"));
-        this.offset = Math.max(0, (head.size || 0) - START_BYTES);
-        if (this.offset > 0) this.append(`… (${Math.round(this.offset / 1024)} KB earlier in training.log)\n`);
+        // A negative offset asks for the last bytes of the log: a fresh view starts near the end.
+        const r = await api(taskUrl(this.taskId, `/logs?offset=-${START_BYTES}`));
+        if (r.offset > 0) this.append(`… (${Math.round(r.offset / 1024)} KB earlier in training.log)\n`);
+        if (r.text) this.append(r.text);
+        this.offset = r.next_offset;
       }
       for (let i = 0; i < 20 && !this.paused; i++) {
         const r = await api(taskUrl(this.taskId, `/logs?offset=${this.offset}`));

@@ -3,7 +3,7 @@
 // comes back with problems naming the config path, shown next to each field.
 
 import { api, ApiError } from "./api.js";
-import { h, fmtInt, fmtBytes } from "./dom.js";
+import { h, fmtInt, fmtBytes, isNum } from "./dom.js";
 
 export const MAX_UPLOAD_BYTES = 512 * 1024 * 1024;
 const UPLOAD_TYPES = [".json", ".jsonl", ".csv", ".parquet"];
@@ -172,7 +172,8 @@ export function mountNew(root) {
   function fillDatasets(list) {
     datasets.clear();
     for (const d of list) datasets.set(d.name, d);
-    const describe = (d) => [d.builtin ? "built-in" : "uploaded", d.format, isFinite(d.rows) ? `${fmtInt(d.rows)} rows` : ""].filter(Boolean).join(", ");
+    const describe = (d) =>
+      [d.builtin ? "built-in" : "uploaded", d.format, isNum(d.rows) ? `${fmtInt(d.rows)} rows` : "", isNum(d.size) ? fmtBytes(d.size) : ""].filter(Boolean).join(", ");
     dataList.replaceChildren(...list.map((d) => h("option", { value: d.name }, describe(d))));
     dataPicks.replaceChildren(
       ...list.slice(0, 12).map((d) =>
@@ -188,7 +189,15 @@ export function mountNew(root) {
     if (preview.dataset.name === d.name) return;
     preview.dataset.name = "";
     preview.replaceChildren(
-      h("p", {}, h("strong", {}, d.name), ` — format ${d.format || "auto"}`, isFinite(d.rows) ? `, ${fmtInt(d.rows)} rows` : "", d.builtin ? " (built-in)" : ""),
+      h(
+        "p",
+        {},
+        h("strong", {}, d.name),
+        d.builtin ? " (built-in)" : " (uploaded)",
+        d.format ? `, format ${d.format}` : "",
+        isNum(d.rows) ? `, ${fmtInt(d.rows)} rows` : "",
+        isNum(d.size) ? `, ${fmtBytes(d.size)}` : "",
+      ),
     );
   }
 

@@ -33,7 +33,9 @@ export function mountSystem(root) {
   function render(sys) {
     const rows = [];
     rows.push(h("dl", { class: "kv" }, h("dt", {}, "Studio"), h("dd", { id: "studio-version" }, sys.version ? `ftstudio ${sys.version}` : "–"), h("dt", {}, "Data home"), h("dd", { id: "studio-home" }, h("code", {}, sys.home || "–"))));
-    const cpus = Array.isArray(sys.cpus) ? sys.cpus : null;
+    // Either cpus: [{index, percent}] or cpu_count with cpu_percent (a number, or one per CPU).
+    let cpus = Array.isArray(sys.cpus) ? sys.cpus : null;
+    if (!cpus && Array.isArray(sys.cpu_percent)) cpus = sys.cpu_percent.map((percent, index) => ({ index, percent }));
     const cpuCount = cpus ? cpus.length : sys.cpu_count;
     const cpuPct = cpus && cpus.length ? cpus.reduce((a, c) => a + (c.percent || 0), 0) / cpus.length : sys.cpu_percent;
     if (isNum(cpuCount) || isNum(cpuPct)) {
