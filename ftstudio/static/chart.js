@@ -33,6 +33,7 @@ export class LossChart {
     this.evalLoss = new Map();
     this.lr = new Map();
     this.totalSteps = null;
+    this.progressEvents = 0; // progress events received, duplicates included: tests compare it with the store
     this.pending = false;
     this.svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": "Loss curve" });
     this.caption = h("p", { class: "chart-caption muted", "aria-live": "off" }, "Waiting for the first training step…");
@@ -51,6 +52,7 @@ export class LossChart {
     if (isNum(ev.total_steps)) this.totalSteps = ev.total_steps;
     if (!isNum(ev.step)) return;
     if (ev.kind === "progress") {
+      this.progressEvents += 1;
       if (isNum(ev.loss)) this.loss.set(ev.step, ev.loss);
       if (isNum(ev.lr)) this.lr.set(ev.step, ev.lr);
     } else if (ev.kind === "eval" && isNum(ev.eval_loss)) {
@@ -88,6 +90,7 @@ export class LossChart {
     const svg = this.svg;
     svg.replaceChildren();
     svg.dataset.points = String(loss.length);
+    svg.dataset.progressEvents = String(this.progressEvents);
     svg.dataset.evalPoints = String(evals.length);
     svg.dataset.lastStep = String(loss.length ? loss[loss.length - 1][0] : 0);
 
