@@ -16,7 +16,7 @@ from conftest import ARTIFACTS, LiveStudio, task_processes, wait_for
 pytestmark = pytest.mark.browser
 
 # Long enough on two CPU cores to restart the studio in the middle, short enough to keep the suite quick.
-MAX_STEPS = 60
+MAX_STEPS = 30
 
 
 def points(page: Any) -> int:
@@ -37,7 +37,7 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     page.locator("#advanced > summary").click()
     page.locator("#cfg-optim-max_steps").fill(str(MAX_STEPS))
     page.locator("#cfg-checkpoint-every_steps").fill("10")
-    page.locator("#cfg-logging-eval_every_steps").fill("20")
+    page.locator("#cfg-logging-eval_every_steps").fill("15")
     page.get_by_role("button", name="Start fine-tune").click()
 
     page.wait_for_url(re.compile(r"#/tasks/[\w-]+$"))
