@@ -63,6 +63,12 @@ export class LossChart {
     this.schedule();
   }
 
+  /** A task that ended: an empty chart says so instead of waiting. */
+  setEnded(status) {
+    this.ended = status;
+    this.schedule();
+  }
+
   setTotal(total) {
     if (isNum(total) && total !== this.totalSteps) {
       this.totalSteps = total;
@@ -150,7 +156,9 @@ export class LossChart {
       ? `Training loss ${fmtLoss(last[1])} at step ${fmtInt(last[0])}${this.totalSteps ? ` of ${fmtInt(this.totalSteps)}` : ""}` +
         (lastEval ? `; eval loss ${fmtLoss(lastEval[1])} at step ${fmtInt(lastEval[0])}` : "") +
         ` (${fmtInt(loss.length)} points).`
-      : "Waiting for the first training step…";
+      : this.ended
+        ? `No training step was recorded before the task ${this.ended === "cancelled" ? "was cancelled" : this.ended}.`
+        : "Waiting for the first training step…";
     this.caption.textContent = summary;
     svg.setAttribute("aria-label", `Loss curve. ${summary}`);
   }

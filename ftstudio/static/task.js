@@ -202,6 +202,7 @@ export function mountTask(root, taskId) {
     renderActions(t.actions || []);
     if (!configPre.textContent) configPre.textContent = JSON.stringify(typeof t.config === "string" ? safeJson(t.config) : t.config, null, 2);
     if (FINAL.has(t.status)) {
+      chart.setEnded(t.status);
       log.finish();
       setText(connection, "");
       clearTimeout(fallbackTimer);
