@@ -134,16 +134,22 @@ export function mountTask(root, taskId) {
     );
   }
 
+  let wasLive = false;
   function connectionState(state) {
     clearTimeout(fallbackTimer);
-    if (state === "live") setText(connection, "● live");
-    else if (state === "closed") setText(connection, "");
-    else {
+    connection.dataset.state = state;
+    if (state === "live") {
+      wasLive = true;
+      setText(connection, "● live");
+    } else if (state === "closed") {
+      setText(connection, "");
+    } else if (state === "connecting" && !wasLive) {
+      setText(connection, "Connecting…");
+    } else {
       setText(connection, "Reconnecting to the studio…");
       // While the stream is down, ask for the task directly so a stale "training" never lingers.
       fallbackTimer = setTimeout(poll, 3000);
     }
-    connection.dataset.state = state;
   }
 
   async function poll() {
