@@ -82,10 +82,10 @@ def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
     # A template that ends an assistant turn with plain text (no special end-of-turn token)
     # would teach the model never to stop: close the final reply with eos.
     last = max((i for i, lab in enumerate(labels) if lab != IGNORE), default=-1)
-    if eos is not None and last >= 0 and example.messages[-1]["role"] == "assistant":
-        if ids[last] not in set(tokenizer.all_special_ids):
-            ids.insert(last + 1, eos)
-            labels.insert(last + 1, eos)
+    closes = last >= 0 and ids[last] in set(tokenizer.all_special_ids)
+    if eos is not None and last >= 0 and not closes and example.messages[-1]["role"] == "assistant":
+        ids.insert(last + 1, eos)
+        labels.insert(last + 1, eos)
     ids, labels = ids[:max_length], labels[:max_length]
     if all(lab == IGNORE for lab in labels):
         raise ValueError(f"the prompt alone fills data.max_length ({max_length} tokens); raise it or shorten the row")

@@ -156,15 +156,14 @@ def split_validation(
     if fraction is None:
         path = resolve_dataset(value, home)
         try:
-            info, val = load_examples(path, config.data.format)
+            _, val = load_examples(path, config.data.format)
         except ValidationError as e:
             raise ValidationError([Problem("data.validation", p.message) for p in e.problems]) from None
         return examples, val, {"validation": str(path), "validation_rows": len(val)}
-    n_val = round(len(examples) * fraction) if fraction > 0 else 0
-    if fraction > 0 and len(examples) >= 4:
-        n_val = max(1, min(n_val, len(examples) - 1))
-    else:
-        n_val = 0
+    # At least one validation row when asked for, never all of them; none from a tiny dataset.
+    n_val = (
+        max(1, min(round(len(examples) * fraction), len(examples) - 1)) if fraction > 0 and len(examples) >= 4 else 0
+    )
     order = list(range(len(examples)))
     random.Random(config.optim.seed).shuffle(order)
     val_idx = set(order[:n_val])
