@@ -87,6 +87,10 @@ class OptimConfig:
     """Gradient clipping norm (0 disables)."""
     seed: int = 42
     """Random seed for initialisation, data order and dropout."""
+    divergence_factor: float = 4.0
+    """Stop with an error when the smoothed loss stays above this multiple of its best value (0 disables)."""
+    divergence_patience: int = 20
+    """Steps the smoothed loss may stay above divergence_factor x best before training stops."""
 
 
 @dataclass
@@ -105,6 +109,8 @@ class LoggingConfig:
     """Write a progress event every N steps."""
     eval_every_steps: int = 0
     """Evaluate every N steps (0: once per epoch)."""
+    eval_on_start: bool = True
+    """Evaluate once before the first step, so the eval loss before training is on record."""
     report_to: list[str] = field(default_factory=list)
     """Also report to: tensorboard, wandb, mlflow."""
 
@@ -298,6 +304,9 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
         bad("model.name", "is empty; give a hub id (org/name), a local directory or builtin:tiny")
     if not cfg.data.path.strip():
         bad("data.path", "is empty; give builtin:sample, an uploaded dataset or a file path")
+    fraction = validation_fraction(cfg.data.validation)
+    if fraction is not None and not 0 <= fraction < 1:
+        bad("data.validation", f"a fraction must be in [0, 1), e.g. 0.1 (got {cfg.data.validation})")
     if cfg.data.max_length < 8:
         bad("data.max_length", f"must be at least 8 tokens (got {cfg.data.max_length})")
     if cfg.lora.rank < 1:
@@ -327,6 +336,10 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
         bad("optim.weight_decay", f"must not be negative (got {o.weight_decay})")
     if o.max_grad_norm < 0:
         bad("optim.max_grad_norm", f"must not be negative (got {o.max_grad_norm})")
+    if o.divergence_factor != 0 and o.divergence_factor <= 1:
+        bad("optim.divergence_factor", f"must be above 1, or 0 to disable (got {o.divergence_factor})")
+    if o.divergence_patience < 1:
+        bad("optim.divergence_patience", f"must be at least 1 step (got {o.divergence_patience})")
     if cfg.checkpoint.every_steps < 1:
         bad("checkpoint.every_steps", f"must be at least 1 (got {cfg.checkpoint.every_steps})")
     if cfg.checkpoint.keep < 2:
@@ -345,6 +358,14 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
             f"unknown reporter(s) {', '.join(sorted(unknown_reports))}; use tensorboard, wandb or mlflow",
         )
     return p
+
+
+def validation_fraction(value: str) -> float | None:
+    """`data.validation` as a fraction, or None when it names a file."""
+    try:
+        return float(value.strip() or "0")
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

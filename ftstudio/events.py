@@ -20,6 +20,7 @@ Kinds (every event has `kind` and `ts`, unix seconds):
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ class EventWriter:
     def emit(self, kind: str, **fields: Any) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
-        record = {"kind": kind, "ts": round(time.time(), 3), **fields}
+        # NaN/inf are not JSON: a diverged loss is written as null (the trainer's guard reports it).
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
+        record = {"kind": kind, "ts": round(time.time(), 3), **clean}
         self._f.write(json.dumps(record, separators=(",", ":"), allow_nan=False, default=_jsonable) + "\n")
         self._f.flush()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ import psutil
 
 from ftstudio.errors import LaunchError
 from ftstudio.home import TaskDir, read_json
-from ftstudio.procs import Identity, Liveness, boot_id, check, kill_tagged
+from ftstudio.procs import TASK_ENV, Identity, Liveness, boot_id, check, kill_tagged
 
 
 @dataclass(frozen=True)
@@ -54,41 +53,53 @@ class LocalExecutor:
         # FTSTUDIO_TRAINER_MODULE is set by whoever starts the studio (the tests, to substitute
         # a scripted trainer); the runner accepts only a dotted module name.
         self.trainer_module = trainer_module or os.environ.get("FTSTUDIO_TRAINER_MODULE") or "ftstudio.train"
-        # Runners this process started: poll() reaps them so no zombies pile up while we live.
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        # Runners this process started: reap() collects their exit status so no zombies pile up
+        # while we live. (Plain pids, not Popen objects: those complain when dropped while running,
+        # and outliving us is the point.)
+        self._children: set[int] = set()
         self._lock = threading.Lock()
 
     def submit(self, task: TaskDir, *, attempt: int) -> Launch:
         argv = [sys.executable, "-m", "ftstudio.runner", str(task.path), "--attempt", str(attempt)]
         if self.trainer_module != "ftstudio.train":
             argv += ["--module", self.trainer_module]
+        env = {**os.environ, TASK_ENV: task.path.name}  # the runner is tagged too
         try:
-            with open(task.log, "ab") as log:
-                proc = subprocess.Popen(
+            log_fd = os.open(task.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                pid = os.posix_spawn(
+                    sys.executable,
                     argv,
-                    cwd=task.path,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # no SIGHUP/SIGINT from the studio's terminal or group
-                    close_fds=True,
+                    env,
+                    file_actions=[
+                        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                        (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                        (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                    ],
+                    setsid=True,  # its own session: no SIGHUP/SIGINT from the studio's terminal or group
                 )
+            finally:
+                os.close(log_fd)
         except OSError as e:
             raise LaunchError(f"could not start the training process: {e}") from e
         with self._lock:
-            self._children[proc.pid] = proc
+            self._children.add(pid)
         try:
-            start = psutil.Process(proc.pid).create_time()
+            start = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess:
             # It died at once; the exit record (or its absence) will tell the supervisor why.
             start = time.time()
-        return Launch(pid=proc.pid, start_time=start, boot_id=boot_id(), pgid=proc.pid)
+        return Launch(pid=pid, start_time=start, boot_id=boot_id(), pgid=pid)
 
     def reap(self) -> None:
         with self._lock:
-            for pid, proc in list(self._children.items()):
-                if proc.poll() is not None:
-                    del self._children[pid]
+            for pid in list(self._children):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    self._children.discard(pid)
 
     def poll(self, task: TaskDir, launch: Launch | None) -> Liveness:
         self.reap()
@@ -97,7 +108,9 @@ class LocalExecutor:
             if not recorded:
                 return Liveness.UNKNOWN
             launch = Launch(recorded["pid"], recorded["start_time"], recorded["boot_id"], recorded["pgid"])
-        return check(Identity(launch.pid, launch.start_time, launch.boot_id), marker=task.path.name)
+        # No command-line check here: between fork and exec a fresh runner still shows its
+        # launcher's command line. pid + start time + boot id is the identity.
+        return check(Identity(launch.pid, launch.start_time, launch.boot_id))
 
     def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool:
         """Signal the runner (it forwards to the trainer), but only if it is still ours."""

@@ -93,6 +93,7 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
     setup_logging(home, to_stderr=sys.stderr.isatty())
     lock_fd = _take_lock(home)
     sock = _bind(host, port)
+    port = sock.getsockname()[1]  # --port 0 asks for any free port
     started_at = time.time()
     broker = Broker()
     service = Service(home, in_server=True)

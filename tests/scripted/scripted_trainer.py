@@ -39,7 +39,9 @@ def main() -> int:
         ev.emit("train_begin", total_steps=steps, total_epochs=1)
         for step in range(1, steps + 1):
             time.sleep(delay)
-            ev.emit("progress", step=step, total_steps=steps, epoch=step / steps, total_epochs=1, loss=2.0 / step, lr=1e-3)
+            ev.emit(
+                "progress", step=step, total_steps=steps, epoch=step / steps, total_epochs=1, loss=2.0 / step, lr=1e-3
+            )
             print(f"step {step}/{steps}", flush=True)
         if code:
             ev.emit("error", message=f"scripted failure with exit code {code}", error_type="Scripted")

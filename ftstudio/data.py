@@ -1,0 +1,318 @@
+"""Training data: read a file, detect its shape, turn every row into a conversation.
+
+Files: `.jsonl`, `.json` (a list of objects, or an object holding one list),
+`.csv`, `.parquet`, or a directory (a dataset saved by `datasets.save_to_disk`,
+or a folder of such files). Shapes, detected from the columns:
+
+    alpaca     instruction, input (optional), output, system (optional)
+    sharegpt   conversations: [{from: human|gpt|system, value}]
+    messages   messages: [{role: system|user|assistant, content}]   (OpenAI style)
+    text       text                                                (plain language modelling)
+
+Every row becomes an `Example`: a list of chat messages (or one text) plus where
+it came from (`data.jsonl line 7`). Rows of the wrong shape are skipped and
+reported with their line; text that is not valid JSON, a shape that cannot be
+detected, or no usable row at all is a `ValidationError` — raised here, before
+any model is loaded. Nothing here needs a tokenizer, so `inspect_dataset` is
+cheap enough for the studio to call while a person waits.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftstudio.errors import Problem, ValidationError
+
+FORMATS = ("alpaca", "sharegpt", "messages", "text")
+FIELD = "data.path (--dataset)"
+# Bad rows are listed up to this many; the count covers all of them.
+MAX_LISTED_PROBLEMS = 20
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant"}
+_SHAREGPT_ROLES |= {"model": "assistant", "system": "system"}
+_MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    where: str
+    """Where the row came from, for messages: `data.jsonl line 7`."""
+    messages: list[dict[str, str]] = field(default_factory=list)
+    """The conversation (role, content); empty for the text shape."""
+    text: str = ""
+    """The text, for the text shape."""
+
+
+@dataclass
+class DatasetInfo:
+    path: str
+    """The file or directory inspected."""
+    format: str
+    """Detected (or requested) shape: alpaca, sharegpt, messages or text."""
+    rows: int
+    """Rows read, usable or not."""
+    usable_rows: int
+    """Rows that will be trained on."""
+    preview: list[dict[str, Any]]
+    """The first few rows as they are in the file."""
+    problems: list[Problem]
+    """Rows that will be skipped, each naming its line or row (the first few)."""
+    skipped_rows: int = 0
+    """Every row that will be skipped, listed or not."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "rows": self.rows,
+            "usable_rows": self.usable_rows,
+            "skipped_rows": self.skipped_rows,
+            "preview": self.preview,
+            "problems": [{"field": p.field, "message": p.message} for p in self.problems],
+        }
+
+
+def inspect_dataset(path: Path, preview_rows: int = 5, format: str = "auto") -> DatasetInfo:
+    """Read and check a dataset without a tokenizer; raises ValidationError if nothing can be trained on."""
+    info, _ = _load(Path(path), format, preview_rows)
+    return info
+
+
+def load_examples(path: Path, format: str = "auto") -> tuple[DatasetInfo, list[Example]]:
+    """Every usable row as an Example, with the inspection report."""
+    return _load(Path(path), format, 0)
+
+
+def _load(path: Path, format: str, preview_rows: int) -> tuple[DatasetInfo, list[Example]]:
+    rows = list(read_rows(path))
+    name = path.name
+    if not rows:
+        raise ValidationError(Problem(FIELD, f"{name} has no rows; add training examples to it"))
+    shape = format if format != "auto" else detect_format(rows[0][1], f"{name} {rows[0][0]}")
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    skipped = 0
+    for where, row in rows:
+        try:
+            examples.append(to_example(row, shape, f"{name} {where}"))
+        except ValueError as e:
+            skipped += 1
+            if len(problems) < MAX_LISTED_PROBLEMS:
+                problems.append(Problem(FIELD, f"{name} {where}: {e}"))
+    info = DatasetInfo(
+        path=str(path),
+        format=shape,
+        rows=len(rows),
+        usable_rows=len(examples),
+        preview=[_jsonable(r) for _, r in rows[:preview_rows]],
+        problems=problems,
+        skipped_rows=skipped,
+    )
+    if not examples:
+        first = f" (first: {problems[0].message})" if problems else ""
+        raise ValidationError(
+            Problem(FIELD, f"{name}: none of its {len(rows)} rows is a usable {shape} example{first}; fix the rows")
+        )
+    return info, examples
+
+
+def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for every row: `line N` for JSON lines, `row N` for tables (1-based)."""
+    if not path.exists():
+        raise ValidationError(Problem(FIELD, f"{path} does not exist; check the path"))
+    if path.is_dir():
+        yield from _read_dir(path)
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif suffix == ".json":
+        yield from _read_json(path)
+    elif suffix == ".csv":
+        yield from _read_csv(path)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path)
+    else:
+        raise ValidationError(
+            Problem(
+                FIELD, f"{path.name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv or .parquet"
+            )
+        )
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValidationError(
+                    Problem(FIELD, f"{path.name} line {n}: not valid JSON ({e.msg} at column {e.colno}); fix that line")
+                ) from None
+            except UnicodeDecodeError:
+                raise ValidationError(
+                    Problem(FIELD, f"{path.name} line {n}: not UTF-8 text; save the file as UTF-8")
+                ) from None
+            if not isinstance(row, dict):
+                raise ValidationError(
+                    Problem(FIELD, f"{path.name} line {n}: expected a JSON object, got {type(row).__name__}")
+                )
+            yield f"line {n}", row
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        # Many ".json" datasets are really JSON lines.
+        if text.lstrip().startswith("{") and e.msg == "Extra data":
+            yield from _read_jsonl(path)
+            return
+        raise ValidationError(
+            Problem(FIELD, f"{path.name} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file")
+        ) from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise ValidationError(
+                Problem(FIELD, f"{path.name}: expected a list of rows, or an object holding one list of rows")
+            )
+        data = lists[0]
+    if not isinstance(data, list):
+        raise ValidationError(Problem(FIELD, f"{path.name}: expected a list of rows"))
+    for n, row in enumerate(data, 1):
+        if not isinstance(row, dict):
+            raise ValidationError(Problem(FIELD, f"{path.name} row {n}: expected an object, got {type(row).__name__}"))
+        yield f"row {n}", row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            # line_num counts the header as line 1, as a spreadsheet does
+            yield f"line {reader.line_num}", {k: v for k, v in row.items() if k}
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise ValidationError(Problem(FIELD, f"{path.name}: not a readable parquet file ({e}); re-export it")) from None
+    for n, row in enumerate(table.to_pylist(), 1):
+        yield f"row {n}", row
+
+
+def _read_dir(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            split = "train" if "train" in ds else next(iter(ds))
+            ds = ds[split]
+        for n, row in enumerate(ds, 1):
+            yield f"row {n}", dict(row)
+        return
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet")
+    )
+    if not files:
+        raise ValidationError(
+            Problem(FIELD, f"{path.name}: a directory with no .jsonl/.json/.csv/.parquet files and no saved dataset")
+        )
+    for file in files:
+        rel = file.relative_to(path)
+        for where, row in read_rows(file):
+            yield f"{rel} {where}", row
+
+
+def detect_format(row: dict[str, Any], where: str) -> str:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    cols = ", ".join(sorted(map(str, row))) or "none"
+    raise ValidationError(
+        Problem(
+            FIELD,
+            f"{where}: cannot tell the data shape from columns ({cols}); use alpaca (instruction/output), "
+            "sharegpt (conversations), messages, or text",
+        )
+    )
+
+
+def to_example(row: dict[str, Any], shape: str, where: str) -> Example:
+    """One row as an Example; ValueError says what is wrong with it."""
+    if shape == "alpaca":
+        instruction, inp, output = _text(row, "instruction"), _text(row, "input", True), _text(row, "output")
+        messages = []
+        system = _text(row, "system", True)
+        if system:
+            messages.append({"role": "system", "content": system})
+        prompt = f"{instruction}\n\n{inp}" if inp else instruction
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        return Example(where, messages)
+    if shape == "text":
+        return Example(where, text=_text(row, "text"))
+    key, role_key, content_key = (
+        ("conversations", "from", "value") if shape == "sharegpt" else ("messages", "role", "content")
+    )
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"`{key}` must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i} of `{key}` is not an object")
+        raw_role = turn.get(role_key)
+        role = _SHAREGPT_ROLES.get(str(raw_role).lower()) if shape == "sharegpt" else raw_role
+        if role not in _MESSAGE_ROLES:
+            raise ValueError(f"turn {i} has {role_key}={raw_role!r}; use system, user or assistant")
+        content = _content(turn.get(content_key))
+        if content is None:
+            raise ValueError(f"turn {i} has no text in `{content_key}`")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise ValueError("no assistant turn with text: nothing to learn from")
+    return Example(where, messages)
+
+
+def _text(row: dict[str, Any], key: str, optional: bool = False) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # NaN: an empty CSV/parquet cell
+        value = ""
+    if not isinstance(value, str):
+        raise ValueError(f"`{key}` must be text, got {type(value).__name__}")
+    if not optional and not value.strip():
+        raise ValueError(f"`{key}` is empty")
+    return value
+
+
+def _content(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    # OpenAI content parts: [{"type": "text", "text": "..."}]
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        texts = [p.get("text") for p in value if p.get("type") == "text"]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "".join(texts)  # type: ignore[arg-type]
+    return None
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(row, default=str))

@@ -1,0 +1,130 @@
+"""The base model and its LoRA adapters.
+
+Any causal LM transformers can load, by hub id or local directory. Weights are
+loaded in the dtype the hardware does best (bf16 where the GPU supports it, fp16
+on other GPUs, fp32 on CPU), optionally quantized to 4 or 8 bits through
+bitsandbytes (QLoRA; needs a CUDA GPU). `trust_remote_code` is passed only when
+the user asked for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftstudio.config import LoraConfig, ModelConfig
+from ftstudio.errors import Problem, ValidationError
+
+
+@dataclass
+class AdapterReport:
+    target_modules: list[str]
+    """Module names (last part, e.g. q_proj) that got LoRA adapters."""
+    adapted_layers: int
+    """How many linear layers got an adapter."""
+    trainable_params: int
+    """Parameters that train (adapters plus modules_to_save)."""
+    total_params: int
+    """All parameters of the model, frozen ones included."""
+
+
+def pick_dtype(requested: str) -> torch.dtype:
+    """The weights dtype: what was asked, or the hardware's best for `auto`."""
+    if requested != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_problem(quantization: str) -> str | None:
+    """Why quantized loading cannot work here, or None when it can."""
+    if quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        return f"{quantization} quantization needs a CUDA GPU and none is visible; set model.quantization=none"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"{quantization} quantization needs the bitsandbytes package; pip install bitsandbytes, or set model.quantization=none"
+    return None
+
+
+def load_tokenizer(ref: str | Path, cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ref), trust_remote_code=cfg.trust_remote_code)
+
+
+def load_model(ref: str | Path, cfg: ModelConfig) -> Any:
+    """The base model, ready for adapters (frozen, cache off, checkpointing as configured)."""
+    from transformers import AutoModelForCausalLM
+
+    problem = quantization_problem(cfg.quantization)
+    if problem:
+        raise ValidationError(Problem("model.quantization", problem))
+    dtype = pick_dtype(cfg.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        if cfg.quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(str(ref), **kwargs)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def attach_lora(model: Any, cfg: LoraConfig) -> tuple[Any, AdapterReport]:
+    """Wrap the model with LoRA adapters and say exactly what got them."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    targets: str | list[str] = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    peft_config = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        peft_model = get_peft_model(model, peft_config)
+    except ValueError as e:
+        # peft names the modules it could not find; pass that on with the fix.
+        raise ValidationError(
+            Problem("lora.target_modules", f"{str(e).splitlines()[0]}; use all-linear or names from the model")
+        ) from None
+    layers = [name for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)]
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    report = AdapterReport(
+        target_modules=sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        adapted_layers=len(layers),
+        trainable_params=int(trainable),
+        total_params=int(total),
+    )
+    return peft_model, report

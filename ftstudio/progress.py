@@ -1,0 +1,191 @@
+"""What the trainer tells the studio and the person watching: events, log lines, guards.
+
+`StudioCallback` is a transformers `TrainerCallback`. The Trainer logs every step
+(`logging_steps=1`, NaN filter off) so the guards see every loss; the callback
+writes a `progress` event every `logging.every_steps`, an `eval` event for each
+evaluation, and marks each checkpoint complete (then prunes old ones) before
+writing its `checkpoint` event. Only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ftstudio import checkpoints
+from ftstudio.errors import FtstudioError
+from ftstudio.events import EventWriter
+
+
+class TrainingFailed(FtstudioError):
+    """Training ran but had to stop: a loss that is not a number, or divergence. Exit code 1."""
+
+
+class LossGuard:
+    """Stops a run whose loss is NaN/inf, or whose smoothed loss stays far above its best."""
+
+    def __init__(self, factor: float, patience: int) -> None:
+        self.factor = factor
+        self.patience = patience
+        self.smoothed: float | None = None
+        self.best: float | None = None
+        self.bad_steps = 0
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> None:
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+            raise TrainingFailed(
+                f"training stopped at step {step}: {what} is not a number; lower optim.learning_rate (--lr), "
+                "keep optim.max_grad_norm at 1.0, or use bfloat16; the last good checkpoint is kept"
+            )
+        if self.factor <= 0:
+            return
+        # An exponential moving average: single noisy batches must not stop a run.
+        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        self.best = self.smoothed if self.best is None else min(self.best, self.smoothed)
+        if self.smoothed > self.factor * self.best:
+            self.bad_steps += 1
+            if self.bad_steps >= self.patience:
+                raise TrainingFailed(
+                    f"training diverged at step {step}: smoothed loss {self.smoothed:.3f} stayed above "
+                    f"{self.factor:g}x its best ({self.best:.3f}) for {self.patience} steps; lower optim.learning_rate "
+                    "(--lr) or raise optim.warmup_ratio; the last good checkpoint is kept"
+                )
+        else:
+            self.bad_steps = 0
+
+
+@dataclass
+class RunStats:
+    """Figures gathered while training, for the summary."""
+
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    first_step: int = 0
+    first_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    tokens: int = 0
+    step: int = 0
+    epoch: float = 0.0
+
+    def tokens_per_s(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return (self.tokens - self.first_tokens) / elapsed if elapsed > 0 else 0.0
+
+
+class StudioCallback(TrainerCallback):
+    def __init__(
+        self,
+        events: EventWriter | None,
+        every_steps: int,
+        guard: LossGuard,
+        keep: int,
+        steps_per_epoch: int,
+        begin_fields: dict[str, Any],
+        out: TextIO = sys.stdout,
+    ) -> None:
+        self.events = events
+        self.every = every_steps
+        self.guard = guard
+        self.keep = keep
+        self.steps_per_epoch = steps_per_epoch
+        self.begin_fields = begin_fields
+        self.out = out
+        self.stats = RunStats()
+        self.total_steps = 0
+        self.total_epochs = 0.0
+        self._window: list[float] = []
+        self._last_emit = (time.monotonic(), 0)
+
+    def say(self, line: str) -> None:
+        if self.events is not None:
+            print(line, file=self.out, flush=True)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(kind, **fields)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.total_steps = state.max_steps
+        self.total_epochs = round(state.max_steps / self.steps_per_epoch, 4)
+        s = self.stats
+        s.first_step = s.step = state.global_step
+        s.first_tokens = s.tokens = state.num_input_tokens_seen
+        s.started = time.monotonic()
+        self._last_emit = (s.started, s.tokens)
+        self.emit(
+            "train_begin",
+            total_steps=self.total_steps,
+            total_epochs=self.total_epochs,
+            resumed_from_step=state.global_step,
+            **self.begin_fields,
+        )
+        resumed = f", resuming at step {state.global_step}" if state.global_step else ""
+        self.say(
+            f"training {self.total_steps} steps over {self.total_epochs:g} epochs, "
+            f"{self.begin_fields.get('trainable_params', 0):,} trainable parameters{resumed}"
+        )
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict[str, float], **kw: Any
+    ) -> None:
+        step = state.global_step
+        epoch = round(state.epoch or 0.0, 4)
+        if "eval_loss" in logs:
+            loss = float(logs["eval_loss"])
+            self.stats.eval_losses.append((step, loss))
+            self.emit("eval", step=step, epoch=epoch, eval_loss=loss)
+            self.say(f"eval  step {step}/{self.total_steps}  epoch {epoch:.2f}  eval_loss {loss:.4f}")
+            return
+        if "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        grad_norm = logs.get("grad_norm")
+        self.guard.check(step, loss, None if grad_norm is None else float(grad_norm))
+        s = self.stats
+        s.losses.append(loss)
+        s.step, s.epoch, s.tokens = step, epoch, state.num_input_tokens_seen
+        self._window.append(loss)
+        if step % self.every and step != self.total_steps:
+            return
+        now = time.monotonic()
+        last_t, last_tokens = self._last_emit
+        tokens_per_s = (s.tokens - last_tokens) / (now - last_t) if now > last_t else 0.0
+        self._last_emit = (now, s.tokens)
+        done = step - s.first_step
+        eta = (now - s.started) / done * (self.total_steps - step) if done > 0 else None
+        mean_loss = sum(self._window) / len(self._window)
+        self._window = []
+        lr = float(logs.get("learning_rate", 0.0))
+        self.emit(
+            "progress",
+            step=step,
+            total_steps=self.total_steps,
+            epoch=epoch,
+            total_epochs=self.total_epochs,
+            loss=round(mean_loss, 6),
+            lr=lr,
+            grad_norm=None if grad_norm is None else round(float(grad_norm), 6),
+            tokens_per_s=round(tokens_per_s, 1),
+            eta_s=None if eta is None else round(eta, 1),
+        )
+        eta_text = f"{eta:.0f}s" if eta is not None else "?"
+        self.say(
+            f"step {step}/{self.total_steps}  epoch {epoch:.2f}/{self.total_epochs:g}  loss {mean_loss:.4f}  "
+            f"lr {lr:.2e}  tok/s {tokens_per_s:,.0f}  eta {eta_text}"
+        )
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoints.mark_complete(path)
+        checkpoints.prune(Path(args.output_dir), self.keep)
+        self.emit("checkpoint", step=state.global_step, path=str(path))
+        self.say(f"checkpoint saved: {path}")

@@ -1,0 +1,230 @@
+"""The training recipe: setup -> train -> save -> cleanup, for one TrainingConfig.
+
+Order matters for the person waiting: the data is read and checked first, then
+the tokenizer, and every example tokenized, so a bad row or an impossible
+max_length fails in seconds, before the (possibly large) model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ftstudio import batches
+from ftstudio.adapters import save_adapter
+from ftstudio.builtin import resolve_dataset, resolve_model
+from ftstudio.config import TrainingConfig
+from ftstudio.data import FIELD, load_examples
+from ftstudio.errors import Problem, ValidationError
+from ftstudio.events import EventWriter
+from ftstudio.models import attach_lora, load_model, load_tokenizer, pick_dtype
+from ftstudio.progress import LossGuard, StudioCallback
+from ftstudio.train import resolve_resume, split_validation, tidy_checkpoints
+
+
+class StudioTrainer(Trainer):
+    """The HF Trainer with ftstudio's row order and an exact count of real (non-pad) tokens."""
+
+    def __init__(self, *args: Any, train_sampler: batches.EpochSampler, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._studio_sampler = train_sampler
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> batches.EpochSampler:
+        return self._studio_sampler
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        real = inputs.pop("num_real_tokens", None)
+        if real is not None and model.training:
+            if self.args.world_size > 1:
+                real = self.accelerator.gather(real.reshape(1)).sum()
+            self.state.num_input_tokens_seen += int(real)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+def run(config: TrainingConfig, out_dir: Path, home: Path, events: EventWriter | None) -> Path:
+    """Train one adapter into out_dir; returns the adapter directory."""
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # bars are noise in training.log; progress goes to events
+    started = time.monotonic()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+    def status(phase: str, message: str) -> None:
+        if events is not None:
+            events.emit("status", phase=phase, message=message)
+            print(message, flush=True)
+
+    # --- setup: data first, then tokenizer, then model ---
+    status("loading_data", f"reading {config.data.path}")
+    data_path = resolve_dataset(config.data.path, home)
+    info, examples = load_examples(data_path, config.data.format)
+    for problem in info.problems:
+        print(f"skipping {problem.message}", flush=True)
+    train_ex, val_ex, split_info = split_validation(config, examples, home)
+
+    status("loading_model", f"loading {config.model.name}")
+    model_ref = resolve_model(config.model.name, home)
+    tokenizer = load_tokenizer(model_ref, config.model)
+    batches.prepare_tokenizer(tokenizer)
+    train_items = _tokenize_all(train_ex, tokenizer, config.data.max_length)
+    val_items = _tokenize_all(val_ex, tokenizer, config.data.max_length, required=False)
+    if config.data.packing:
+        train_rows = batches.pack(train_items, config.data.max_length)
+    else:
+        train_rows = [batches.Row(t.input_ids, t.labels) for t in train_items]
+    # Evaluation is never packed, so eval loss means the same with packing on or off.
+    val_rows = sorted((batches.Row(t.input_ids, t.labels) for t in val_items), key=len)
+
+    ckpt_dir = out_dir / "checkpoints"
+    resume = resolve_resume(config.checkpoint.resume_from, ckpt_dir)
+    tidy_checkpoints(ckpt_dir, resume)
+
+    set_seed(config.optim.seed)
+    model = load_model(model_ref, config.model)
+    model, report = attach_lora(model, config.lora)
+
+    dtype = pick_dtype(config.model.dtype)
+    o = config.optim
+    per_epoch = batches.steps_per_epoch(len(train_rows), o.batch_size, o.grad_accum, world)
+    has_eval = bool(val_rows)
+    eval_strategy = "no" if not has_eval else ("steps" if config.logging.eval_every_steps else "epoch")
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        num_train_epochs=o.epochs if o.epochs > 0 else 1.0,
+        max_steps=o.max_steps,
+        learning_rate=o.learning_rate,
+        lr_scheduler_type=o.scheduler,
+        warmup_steps=o.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm if o.max_grad_norm > 0 else 0.0,
+        seed=o.seed,
+        data_seed=o.seed,
+        bf16=torch.cuda.is_available() and dtype == torch.bfloat16,
+        fp16=torch.cuda.is_available() and dtype == torch.float16,
+        logging_strategy="steps",
+        logging_steps=1,  # every step, so the loss guard sees every loss
+        logging_nan_inf_filter=False,  # the filter would hide a NaN loss from the guard
+        eval_strategy=eval_strategy,
+        eval_steps=config.logging.eval_every_steps or None,
+        eval_on_start=has_eval and config.logging.eval_on_start and resume is None,
+        save_strategy="steps",
+        save_steps=config.checkpoint.every_steps,
+        save_total_limit=None,  # ftstudio prunes, only after the newer checkpoint is marked complete
+        report_to=list(config.logging.report_to) or "none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=("gloo" if not torch.cuda.is_available() else "nccl") if world > 1 else None,
+    )
+    sampler = batches.EpochSampler([len(r) for r in train_rows], o.batch_size, o.seed, config.data.group_by_length)
+    callback = StudioCallback(
+        events=events,
+        every_steps=config.logging.every_steps,
+        guard=LossGuard(o.divergence_factor, o.divergence_patience),
+        keep=config.checkpoint.keep,
+        steps_per_epoch=per_epoch,
+        begin_fields={
+            "trainable_params": report.trainable_params,
+            "total_params": report.total_params,
+            "target_modules": report.target_modules,
+            "adapted_layers": report.adapted_layers,
+            "train_rows": len(train_rows),
+            "train_examples": len(train_items),
+            **split_info,
+            "packing": config.data.packing,
+        },
+    )
+    trainer = StudioTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=val_rows or None,
+        data_collator=batches.Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[callback],
+        train_sampler=sampler,
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; StudioCallback writes readable lines
+    trainer.remove_callback(ProgressCallback)
+    if resume is not None:
+        status("resuming", f"resuming from {resume}")
+
+    # --- train ---
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    state = trainer.state
+    if has_eval and (not callback.stats.eval_losses or callback.stats.eval_losses[-1][0] != state.global_step):
+        trainer.evaluate()
+
+    # --- save ---
+    status("saving", "saving the adapter")
+    stats = callback.stats
+    wall = time.monotonic() - started
+    evals = stats.eval_losses
+    summary = {
+        "task_dir": str(out_dir),
+        "base_model": {"name": config.model.name, "path": str(model_ref)},
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "final_loss": stats.losses[-1] if stats.losses else None,
+        "best_loss": min(stats.losses) if stats.losses else None,
+        "first_eval_loss": evals[0][1] if evals else None,
+        "final_eval_loss": evals[-1][1] if evals else None,
+        "best_eval_loss": min(e for _, e in evals) if evals else None,
+        "tokens": state.num_input_tokens_seen,
+        "tokens_per_s": round(stats.tokens_per_s(), 1),
+        "wall_s": round(wall, 2),
+        "resumed_from_step": stats.first_step,
+        "trainable_params": report.trainable_params,
+        "total_params": report.total_params,
+        "target_modules": report.target_modules,
+        "adapted_layers": report.adapted_layers,
+        "train_examples": len(train_items),
+        "skipped_rows": info.skipped_rows,
+        **split_info,
+    }
+    adapter = out_dir / "adapter"
+    if trainer.is_world_process_zero():
+        adapter = save_adapter(trainer.model, tokenizer, config.to_dict(), summary, out_dir)
+        if events is not None:
+            events.emit("train_end", adapter=str(adapter), **summary)
+        print(
+            f"done: {summary['steps']} steps in {wall:.1f}s, final loss {summary['final_loss']}, "
+            f"eval loss {summary['first_eval_loss']} -> {summary['final_eval_loss']}; adapter in {adapter}",
+            flush=True,
+        )
+    # --- cleanup ---
+    del trainer, model
+    return adapter
+
+
+def _tokenize_all(examples: list[Any], tokenizer: Any, max_length: int, required: bool = True) -> list[Any]:
+    items = []
+    dropped: list[str] = []
+    for ex in examples:
+        try:
+            items.append(batches.tokenize(ex, tokenizer, max_length))
+        except ValueError as e:
+            dropped.append(f"{ex.where}: {e}")
+    for line in dropped[:20]:
+        print(f"skipping {line}", flush=True)
+    if required and not items:
+        first = dropped[0] if dropped else "no examples"
+        raise ValidationError(Problem(FIELD, f"no example fits for training ({first})"))
+    if required and len(items) < max(1, math.ceil(len(examples) * 0.5)):
+        print(f"warning: {len(dropped)} of {len(examples)} examples skipped; raise data.max_length", flush=True)
+    return items

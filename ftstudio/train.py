@@ -1,0 +1,176 @@
+"""The trainer: `python -m ftstudio.train SPEC` fine-tunes one task into SPEC's directory.
+
+A plain recipe, setup -> train -> save -> cleanup, that imports nothing from the
+studio's server or store: SPEC (`spec.json`) and the task directory are all it
+knows. Progress goes to `events.jsonl` (see `ftstudio.events`), lines for people
+to stdout (the runner appends them to `training.log`).
+
+Exit codes: 0 only when the final adapter is on disk; 2 for bad config or data
+(found before the model is loaded); 1 for anything else. Each failure writes one
+`error` event whose message names the fix. There is no SIGTERM handler on purpose:
+cancelling kills the process at once, and resume starts from the last complete
+checkpoint. Under torchrun (WORLD_SIZE > 1) every rank trains, rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ftstudio.config import TrainingConfig, validation_fraction
+from ftstudio.errors import FtstudioError, Problem, UserError, ValidationError
+from ftstudio.events import EventWriter
+from ftstudio.home import home_dir
+
+OOM_FIX = (
+    "out of GPU memory: lower optim.batch_size (--batch-size) or data.max_length, "
+    "turn on model.gradient_checkpointing, or use model.quantization=4bit"
+)
+
+
+@dataclass
+class Job:
+    """What SPEC says to do."""
+
+    config: TrainingConfig
+    out_dir: Path
+    home: Path
+    task_id: str = ""
+    name: str = ""
+
+
+def read_spec(spec_path: Path, output: Path | None) -> Job:
+    """A task's spec.json, or a bare TrainingConfig JSON with --output."""
+    try:
+        data = json.loads(Path(spec_path).read_text())
+    except FileNotFoundError:
+        raise ValidationError(f"{spec_path} does not exist; pass the path of a task's spec.json") from None
+    except ValueError as e:
+        raise ValidationError(f"{spec_path} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ValidationError(f"{spec_path}: expected a JSON object")
+    if "config" in data:
+        config = TrainingConfig.from_dict(data["config"])
+        home = Path(data["home"]) if data.get("home") else home_dir()
+        out = output or Path(spec_path).resolve().parent
+        return Job(config, out, home, str(data.get("task_id", "")), str(data.get("name", "")))
+    if output is None:
+        raise ValidationError(f"{spec_path} is a bare config; add --output DIR to say where the adapter goes")
+    return Job(TrainingConfig.from_dict(data), output, home_dir())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ftstudio.train", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", type=Path, help="a task's spec.json, or a TrainingConfig JSON with --output")
+    parser.add_argument("--output", type=Path, default=None, help="output directory for a bare config")
+    args = parser.parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    out_dir = (args.output or args.spec.resolve().parent).resolve()
+    events: EventWriter | None = None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        events = EventWriter(out_dir / "events.jsonl") if rank0 else None
+        job = read_spec(args.spec, args.output.resolve() if args.output else None)
+        from ftstudio.recipe import run
+
+        run(job.config, job.out_dir, job.home, events)
+        return 0
+    except UserError as e:
+        return _fail(events, str(e), type(e).__name__, e.exit_code, getattr(e, "problems", None))
+    except FtstudioError as e:
+        return _fail(events, str(e), type(e).__name__, 1)
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+            return _fail(events, OOM_FIX, "OutOfMemoryError", 1)
+        traceback.print_exc(file=sys.stdout)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return _fail(
+            events, f"training failed: {type(e).__name__}: {first}; see training.log for details", type(e).__name__, 1
+        )
+    finally:
+        if events is not None:
+            events.close()
+
+
+def _fail(
+    events: EventWriter | None, message: str, error_type: str, code: int, problems: list[Problem] | None = None
+) -> int:
+    if events is not None:
+        extra = {"problems": [asdict(p) for p in problems]} if problems else {}
+        events.emit("error", message=message, error_type=error_type, **extra)
+    print(f"error: {message}", file=sys.stdout, flush=True)
+    return code
+
+
+def resolve_resume(value: str, checkpoints_dir: Path) -> Path | None:
+    """The checkpoint to resume from: none, the newest complete one (`auto`), or the one named."""
+    from ftstudio import checkpoints
+
+    if not value:
+        return None
+    if value == "auto":
+        return checkpoints.find_resume_checkpoint(checkpoints_dir)
+    path = Path(value).expanduser()
+    if not path.is_absolute() and (checkpoints_dir / path).exists():
+        path = checkpoints_dir / path
+    if not checkpoints.is_complete(path):
+        raise ValidationError(
+            Problem(
+                "checkpoint.resume_from",
+                f"{value} is not a complete checkpoint (missing, partial or damaged); use auto for the newest complete one",
+            )
+        )
+    return path.resolve()
+
+
+def tidy_checkpoints(checkpoints_dir: Path, resume: Path | None) -> None:
+    """Partial checkpoints go; a fresh start also clears an earlier attempt's checkpoints."""
+    from ftstudio import checkpoints
+
+    checkpoints.remove_incomplete(checkpoints_dir)
+    limit = (checkpoints.step_of(resume) or 0) if resume else -1
+    for path in checkpoints.list_checkpoints(checkpoints_dir):
+        if (checkpoints.step_of(path) or 0) > limit:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def split_validation(
+    config: TrainingConfig, examples: list[Any], home: Path
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """(train, validation) examples: a seeded fraction of the data, or a separate file."""
+    import random
+
+    from ftstudio.builtin import resolve_dataset
+    from ftstudio.data import load_examples
+
+    value = config.data.validation.strip()
+    fraction = validation_fraction(value)
+    if fraction is None:
+        path = resolve_dataset(value, home)
+        try:
+            _, val = load_examples(path, config.data.format)
+        except ValidationError as e:
+            raise ValidationError([Problem("data.validation", p.message) for p in e.problems]) from None
+        return examples, val, {"validation": str(path), "validation_rows": len(val)}
+    # At least one validation row when asked for, never all of them; none from a tiny dataset.
+    n_val = (
+        max(1, min(round(len(examples) * fraction), len(examples) - 1)) if fraction > 0 and len(examples) >= 4 else 0
+    )
+    order = list(range(len(examples)))
+    random.Random(config.optim.seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [e for i, e in enumerate(examples) if i not in val_idx]
+    val = [examples[i] for i in sorted(val_idx)]
+    return train, val, {"validation": f"{fraction:g} of the data", "validation_rows": len(val)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""The HTTP API against a real studio server process (scripted trainer)."""
+
+import json
+
+import httpx
+import pytest
+from conftest import wait_for
+
+from ftstudio.procs import tagged
+
+
+@pytest.fixture
+def studio(studio_factory):
+    return studio_factory(scripted=True).start()
+
+
+def create(studio, name, **config):
+    r = studio.http.post("/api/tasks", json={"name": name, "config": {"preset": "cpu-demo", **config}})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def sse_events(studio, task_id, *, last_event_id=None, after=None, limit=None, timeout=60):
+    """Read the stream; return (event name, id, data) tuples until it closes or `limit` events with ids."""
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    params = {"after": after} if after is not None else {}
+    out = []
+    with httpx.stream(
+        "GET", f"{studio.url}/api/tasks/{task_id}/stream", headers=headers, params=params, timeout=timeout
+    ) as r:
+        assert r.status_code == 200
+        event, eid, data = "message", None, ""
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("id: "):
+                eid = int(line[4:])
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif line == "" and data:
+                out.append((event, eid, json.loads(data)))
+                event, eid, data = "message", None, ""
+                if limit and sum(1 for e in out if e[1] is not None) >= limit:
+                    break
+    return out
+
+
+def test_health_openapi_and_the_page(studio):
+    h = studio.http.get("/api/health").json()
+    assert h["status"] == "ok" and h["home"] == str(studio.home)
+    paths = studio.http.get("/openapi.json").json()["paths"]
+    for route in ("/api/tasks", "/api/tasks/{task_id}", "/api/tasks/{task_id}/cancel", "/api/tasks/{task_id}/logs",
+                  "/api/tasks/{task_id}/metrics", "/api/tasks/{task_id}/stream", "/api/datasets", "/api/health"):  # fmt: skip
+        assert route in paths
+    assert studio.http.get("/").status_code == 200
+
+
+def test_a_task_runs_and_every_view_agrees(studio):
+    task = create(studio, "scripted steps=12 delay=0.02")
+    for key in ("id", "status", "pid", "step", "total_steps", "epoch", "loss", "error", "reattached", "actions"):
+        assert key in task
+    done = studio.wait_status(task["id"], "completed")
+    assert done["step"] == 12 and done["percent"] == 100.0 and done["actions"] == ["delete"]
+    metrics = studio.http.get(f"/api/tasks/{task['id']}/metrics").json()["events"]
+    assert [e["step"] for e in metrics if e["kind"] == "progress"] == list(range(1, 13))
+    logs = studio.http.get(f"/api/tasks/{task['id']}/logs").json()
+    assert "step 12/12" in logs["text"] and logs["next_offset"] == logs["size"]
+    tail = studio.http.get(f"/api/tasks/{task['id']}/logs", params={"offset": logs["size"]}).json()
+    assert tail["text"] == ""
+    listing = studio.http.get("/api/tasks", params={"limit": 1}).json()
+    assert listing["total"] == 1 and listing["tasks"][0]["id"] == task["id"]
+
+
+def test_the_stream_resumes_from_the_last_event_id_without_loss_or_duplicates(studio):
+    task = create(studio, "scripted steps=40 delay=0.05")
+    first = sse_events(studio, task["id"], limit=10)
+    assert first[0][0] == "studio" and first[1][0] == "task"
+    ids = [e[1] for e in first if e[1] is not None]
+    assert ids == list(range(1, 11))
+    rest = sse_events(studio, task["id"], last_event_id=ids[-1])  # as EventSource does on reconnect
+    rest_ids = [e[1] for e in rest if e[1] is not None]
+    assert rest_ids[0] == 11 and rest_ids == list(range(11, rest_ids[-1] + 1))
+    assert rest[-1][0] == "task" and rest[-1][2]["status"] == "completed"  # the stream ends with the final state
+    assert sse_events(studio, task["id"], after=rest_ids[-1])[-1][2]["status"] == "completed"
+
+
+def test_cancel_over_http_leaves_no_process(studio):
+    task = create(studio, "scripted steps=1000 delay=0.05 child=1")
+    wait_for(lambda: len(tagged(task["id"])) >= 3, what="processes")
+    r = studio.http.post(f"/api/tasks/{task['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert tagged(task["id"]) == []
+    assert studio.http.post(f"/api/tasks/{task['id']}/cancel").status_code == 409
+
+
+def test_delete_refused_while_running(studio):
+    task = create(studio, "scripted steps=1000 delay=0.05")
+    r = studio.http.delete(f"/api/tasks/{task['id']}")
+    assert r.status_code == 409 and "cancel it before deleting" in r.json()["detail"]
+    studio.http.post(f"/api/tasks/{task['id']}/cancel")
+    assert studio.http.delete(f"/api/tasks/{task['id']}").status_code == 204
+    assert studio.http.get(f"/api/tasks/{task['id']}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/api/tasks/20990101-0000-ffffff", 404),
+        ("/api/tasks/..%2F..%2Fetc", 404),
+        ("/api/tasks/..", 404),
+        ("/api/tasks/x/logs", 404),
+        ("/api/tasks?limit=0", 422),
+        ("/api/tasks?status=bogus", 422),
+    ],
+)
+def test_bad_reads_get_clear_errors(studio, path, status):
+    r = studio.http.get(path)
+    assert r.status_code == status
+    if r.headers.get("content-type", "").startswith("application/json"):
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and "\n" not in detail
+
+
+def test_a_second_server_on_the_same_home_refuses(studio, studio_factory):
+    other = studio_factory(scripted=True)
+    with pytest.raises(AssertionError, match="studio exited with 3"):
+        other.start()
+    out = (studio.home.parent / "studio-stdout.log").read_text()
+    assert "error: another studio is already running on" in out and f"pid {studio.proc.pid}" in out
+    assert studio.http.get("/api/health").status_code == 200  # the first one is untouched

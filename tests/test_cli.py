@@ -1,0 +1,77 @@
+"""The `ftstudio` command as a user runs it (subprocesses, scripted trainer)."""
+
+import json
+
+import pytest
+from conftest import cli_json, run_cli, wait_for
+
+
+def test_submit_show_tasks_logs_with_the_studio_down(home):
+    r = run_cli(home, "submit", "--preset", "cpu-demo", "--name", "scripted steps=8 delay=0.02", scripted=True)
+    assert r.returncode == 0, r.stderr
+    task_id = r.stdout.strip()
+    # No studio is running: read commands bring the record up to date themselves.
+    shown = wait_for(lambda: (t := cli_json(home, "show", task_id))["status"] == "completed" and t, what="completed")
+    assert shown["step"] == 8 and shown["total_steps"] == 8
+    listing = cli_json(home, "tasks")
+    assert [t["id"] for t in listing["tasks"]] == [task_id]
+    logs = run_cli(home, "logs", task_id)
+    assert "step 8/8" in logs.stdout and "training completed" in logs.stdout
+    human = run_cli(home, "tasks")
+    assert task_id in human.stdout and "completed" in human.stdout
+
+
+def test_logs_follow_ends_with_the_task(home):
+    task_id = run_cli(home, "submit", "--name", "scripted steps=20 delay=0.05", scripted=True).stdout.strip()
+    r = run_cli(home, "logs", "-f", task_id, timeout=60)
+    assert r.returncode == 0 and "training completed" in r.stdout
+
+
+def test_submit_wait_returns_the_outcome(home):
+    r = run_cli(home, "submit", "--name", "scripted steps=3 delay=0.01 exit=1", "--wait", scripted=True)
+    assert r.returncode == 1
+    assert "failed: scripted failure with exit code 1" in r.stderr
+
+
+def test_set_and_flags_reach_the_recorded_config(home):
+    r = run_cli(
+        home, "submit", "--preset", "cpu-demo", "--lr", "5e-4", "--lora-rank", "4", "--set", "lora.alpha=8",
+        "--set", "lora.target_modules=q_proj,v_proj", "--name", "scripted steps=1", "--json", scripted=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)["config"]
+    assert cfg["optim"]["learning_rate"] == 5e-4 and cfg["lora"]["rank"] == 4 and cfg["lora"]["alpha"] == 8
+    assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"] and cfg["preset"] == "cpu-demo"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["show", "20990101-0000-ffffff"], "no task '20990101-0000-ffffff'"),
+        (["show", "../../etc/passwd"], "no task '../../etc/passwd'"),
+        (["cancel", "nope"], "no task 'nope'"),
+        (["submit", "--lr", "-0.1"], "optim.learning_rate (--lr): must be positive"),
+        (["submit", "--lora-rank", "0", "--epochs", "-1"], "lora.rank (--lora-rank): must be at least 1"),
+        (["submit", "--set", "optim.nonsense=1"], "optim.nonsense: unknown setting"),
+        (["submit", "--set", "noequals"], "--set: expected section.field=value"),
+        (["submit", "--config", "/nonexistent.json"], "--config: cannot read"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_changes_nothing(home, args, message):
+    r = run_cli(home, *args, scripted=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and message in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert cli_json(home, "tasks")["total"] == 0
+
+
+def test_studio_lifecycle_commands(home):
+    assert run_cli(home, "studio", "status").returncode == 3
+    r = run_cli(home, "studio", "start", "--port", "0")
+    assert r.returncode == 0 and "studio running at http://127.0.0.1:" in r.stdout, r.stdout + r.stderr
+    st = cli_json(home, "studio", "status")
+    assert st["running"] and st["url"].startswith("http://127.0.0.1:")
+    again = run_cli(home, "studio", "start")
+    assert "already running" in again.stdout
+    assert "studio stopped" in run_cli(home, "studio", "stop").stdout
+    assert run_cli(home, "studio", "stop").stdout.strip() == "studio is not running"

@@ -1,0 +1,109 @@
+"""The runner as a real process: lock, launch record, heartbeat, exit record, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import ROOT, SCRIPTED, wait_for
+
+from ftstudio.home import TaskDir, read_json
+from ftstudio.procs import tagged
+
+
+def make_task(tmp_path, name):
+    tdir = TaskDir(tmp_path / "20261122-0000-abcdef")
+    tdir.path.mkdir()
+    tdir.spec.write_text(json.dumps({"format": 1, "task_id": tdir.path.name, "name": name, "config": {}}))
+    return tdir
+
+
+def start_runner(tdir):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTED)])}
+    with open(tdir.log, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ftstudio.runner", str(tdir.path), "--module", "scripted_trainer"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def test_runner_records_launch_heartbeat_and_exit(tmp_path):
+    tdir = make_task(tmp_path, "scripted steps=5 delay=0.01")
+    runner = start_runner(tdir)
+    assert runner.wait(timeout=60) == 0
+    launch = read_json(tdir.launch)
+    assert launch["pid"] == runner.pid and launch["pgid"] == runner.pid and launch["boot_id"]
+    assert launch["trainer_pid"] != runner.pid
+    assert tdir.heartbeat.exists()
+    record = read_json(tdir.exit)
+    assert record["outcome"] == "completed" and record["exit_code"] == 0 and record["attempt"] == 1
+    assert "training completed" in tdir.log.read_text()
+
+
+def test_a_failing_trainer_gives_its_own_reason(tmp_path):
+    tdir = make_task(tmp_path, "scripted steps=2 delay=0.01 exit=1")
+    assert start_runner(tdir).wait(timeout=60) == 0
+    record = read_json(tdir.exit)
+    assert record["outcome"] == "failed"
+    assert record["reason"] == "scripted failure with exit code 1"
+    assert record["exit_code"] == 1
+
+
+def test_a_second_runner_for_the_same_task_refuses(tmp_path):
+    tdir = make_task(tmp_path, "scripted steps=100 delay=0.05")
+    first = start_runner(tdir)
+    try:
+        wait_for(tdir.launch.exists, what="the first runner's launch record")
+        second = start_runner(tdir)
+        assert second.wait(timeout=60) == 75
+        assert "refuses to start" in tdir.log.read_text()
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_sigterm_is_forwarded_and_recorded_as_cancelled(tmp_path):
+    tdir = make_task(tmp_path, "scripted steps=1000 delay=0.05 child=1")
+    runner = start_runner(tdir)
+    wait_for(lambda: len(tagged(tdir.path.name)) >= 2, what="trainer running")
+    trainer_pid = read_json(tdir.launch)["trainer_pid"]
+    assert psutil.Process(trainer_pid).environ()["FTSTUDIO_TASK_ID"] == tdir.path.name
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 0
+    record = read_json(tdir.exit)
+    assert record["outcome"] == "cancelled" and record["signal"] == "SIGTERM"
+    for p in tagged(tdir.path.name):  # the scripted grandchild ignores nothing but was not signalled
+        p.kill()
+
+
+def test_killing_the_runner_takes_the_trainer_down(tmp_path):
+    tdir = make_task(tmp_path, "scripted steps=1000 delay=0.05")
+    runner = start_runner(tdir)
+    wait_for(lambda: (read_json(tdir.launch) or {}).get("trainer_pid"), what="launch record")
+    trainer_pid = read_json(tdir.launch)["trainer_pid"]
+    runner.kill()
+    runner.wait()
+    wait_for(
+        lambda: not psutil.pid_exists(trainer_pid) or psutil.Process(trainer_pid).status() == "zombie",
+        what="trainer death",
+    )
+    assert not tdir.exit.exists()  # no exit record: the supervisor must call this one dead
+
+
+@pytest.mark.parametrize("bad", ["os;rm", "../x", "a b"])
+def test_runner_accepts_only_module_names(tmp_path, bad):
+    tdir = make_task(tmp_path, "scripted")
+    r = subprocess.run(
+        [sys.executable, "-m", "ftstudio.runner", str(tdir.path), "--module", bad], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "dotted module name" in r.stderr
+    time.sleep(0)

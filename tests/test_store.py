@@ -1,0 +1,110 @@
+import threading
+
+import pytest
+
+from ftstudio.errors import IllegalTransition, NotFound
+from ftstudio.home import TASK_ID_RE
+from ftstudio.store import SCHEMA_VERSION, LostRace, Store, new_task_id
+from ftstudio.task import TaskStatus as S
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "studio.db")
+
+
+def make(store, tmp_path, name="t"):
+    return store.create_task(
+        name=name, model="builtin:tiny", dataset="builtin:sample", config={"a": 1}, tasks_root=tmp_path
+    )
+
+
+def test_schema_is_versioned_and_wal(store, tmp_path):
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._conn().execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    Store(tmp_path / "studio.db")  # reopening migrates nothing and loses nothing
+    assert store.schema_version() == SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    s = Store(tmp_path / "x.db")
+    s._conn().execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="upgrade ftstudio"):
+        Store(tmp_path / "x.db")
+
+
+def test_task_ids_are_unique_and_path_safe():
+    ids = {new_task_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(TASK_ID_RE.fullmatch(i) and "/" not in i and "." not in i for i in ids)
+
+
+def test_transition_is_compare_and_set_with_history(store, tmp_path):
+    t = make(store, tmp_path)
+    t = store.transition(t.id, S.QUEUED, S.PREPARING, reason="launching", pid=42)
+    assert (t.status, t.pid, t.started_at is not None) == ("preparing", 42, True)
+    with pytest.raises(LostRace, match="is preparing now, not queued"):
+        store.transition(t.id, S.QUEUED, S.PREPARING)
+    with pytest.raises(IllegalTransition):
+        store.transition(t.id, S.PREPARING, S.QUEUED)
+    store.transition(t.id, S.PREPARING, S.FAILED, reason="boom", error="boom")
+    assert [h["dst"] for h in store.history(t.id)] == ["queued", "preparing", "failed"]
+    assert store.get(t.id).finished_at is not None
+
+
+def test_concurrent_transitions_have_exactly_one_winner(store, tmp_path):
+    t = make(store, tmp_path)
+    results = []
+
+    def claim():
+        try:
+            store.transition(t.id, S.QUEUED, S.PREPARING)
+            results.append("won")
+        except LostRace:
+            results.append("lost")
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(results) == ["lost"] * 7 + ["won"]
+
+
+def test_ingest_is_compare_and_set_on_the_offset(store, tmp_path):
+    t = make(store, tmp_path)
+    evs = [
+        {"kind": "progress", "step": 1, "loss": 2.0, "ts": 1.0},
+        {"kind": "progress", "step": 2, "loss": 1.5, "ts": 2.0},
+    ]
+    stored = store.ingest(t.id, evs, new_offset=100, expect_offset=0)
+    assert [e["seq"] for e in stored] == [1, 2]
+    assert store.ingest(t.id, evs, new_offset=100, expect_offset=0) == []  # a second reader of the same bytes
+    row = store.get(t.id)
+    assert (row.step, row.loss, row.events_offset, row.events_seq) == (2, 1.5, 100, 2)
+    assert [e["step"] for e in store.events(t.id)] == [1, 2]
+    assert store.events(t.id, after_seq=1)[0]["seq"] == 2
+
+
+def test_list_is_paged_newest_first_and_filters(store, tmp_path):
+    ids = [make(store, tmp_path, f"t{i}").id for i in range(5)]
+    store.transition(ids[0], S.QUEUED, S.CANCELLED)
+    page, total = store.list(limit=2, offset=0)
+    assert total == 5 and [t.name for t in page] == ["t4", "t3"]
+    page, _ = store.list(limit=2, offset=4)
+    assert [t.name for t in page] == ["t0"]
+    page, total = store.list(status="cancelled")
+    assert total == 1 and page[0].id == ids[0]
+
+
+def test_delete_cascades_and_respects_state(store, tmp_path):
+    t = make(store, tmp_path)
+    store.ingest(t.id, [{"kind": "progress", "step": 1}], 10, 0)
+    store.transition(t.id, S.QUEUED, S.PREPARING)
+    assert not store.delete(t.id, only_if={S.COMPLETED, S.FAILED})
+    store.transition(t.id, S.PREPARING, S.FAILED, error="x")
+    assert store.delete(t.id, only_if={S.COMPLETED, S.FAILED})
+    with pytest.raises(NotFound):
+        store.get(t.id)
+    assert store._conn().execute("SELECT count(*) FROM events").fetchone()[0] == 0

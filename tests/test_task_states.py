@@ -1,0 +1,40 @@
+import pytest
+
+from ftstudio.errors import IllegalTransition
+from ftstudio.task import FINAL, TRANSITIONS, TaskStatus, check_transition
+
+
+def test_every_state_has_a_row_and_final_states_only_leave_by_retry():
+    assert set(TRANSITIONS) == set(TaskStatus)
+    assert TRANSITIONS[TaskStatus.COMPLETED] == frozenset()
+    assert TRANSITIONS[TaskStatus.CANCELLED] == frozenset()
+    assert TRANSITIONS[TaskStatus.FAILED] == {TaskStatus.QUEUED}
+
+
+def test_every_state_is_reachable_from_queued():
+    seen, todo = {TaskStatus.QUEUED}, [TaskStatus.QUEUED]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert seen == set(TaskStatus)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        (TaskStatus.COMPLETED, TaskStatus.TRAINING),
+        (TaskStatus.QUEUED, TaskStatus.TRAINING),
+        (TaskStatus.CANCELLED, TaskStatus.QUEUED),
+        (TaskStatus.TRAINING, TaskStatus.PREPARING),
+    ],
+)
+def test_illegal_moves_raise(src, dst):
+    with pytest.raises(IllegalTransition, match=f"from {src} to {dst}"):
+        check_transition(src, dst)
+
+
+def test_only_running_states_have_a_process():
+    assert {s for s in TaskStatus if s.has_process} == {TaskStatus.PREPARING, TaskStatus.TRAINING}
+    assert all(s.is_final for s in FINAL)
