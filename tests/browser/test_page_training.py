@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ARTIFACTS, LiveStudio, task_processes, wait_for
+
+from .livestudio import ARTIFACTS, LiveStudio, task_processes, wait_for
 
 pytestmark = pytest.mark.browser
 
