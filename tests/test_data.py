@@ -58,7 +58,7 @@ def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
 
 def test_empty_and_useless_datasets_are_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValidationError, match="empty.jsonl has no rows"):
+    with pytest.raises(ValidationError, match=r"empty\.jsonl has no rows"):
         inspect_dataset(tmp_path / "empty.jsonl")
     path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": ""}] * 3)
     with pytest.raises(ValidationError, match=r"none of its 3 rows .*line 1: `output` is empty"):
