@@ -1,0 +1,42 @@
+// ftstudio's page: a hash router over three views (list, new, task) and the system panel.
+
+import { mountList } from "./list.js";
+import { mountNew } from "./new.js";
+import { mountTask } from "./task.js";
+import { mountSystem } from "./system.js";
+
+const main = document.getElementById("main");
+let view = null;
+
+function route() {
+  const hash = location.hash || "#/tasks";
+  const [path, query] = hash.slice(1).split("?");
+  const params = new URLSearchParams(query || "");
+  view?.destroy?.();
+  main.replaceChildren();
+  window.scrollTo(0, 0);
+  let m;
+  let nav = "tasks";
+  if ((m = path.match(/^\/tasks\/([^/]+)$/))) {
+    view = mountTask(main, decodeURIComponent(m[1]));
+  } else if (path === "/new") {
+    nav = "new";
+    view = mountNew(main);
+  } else {
+    view = mountList(main, params);
+    document.title = "Fine-tunes · ftstudio";
+  }
+  if (nav === "new") document.title = "New fine-tune · ftstudio";
+  for (const a of document.querySelectorAll("[data-nav]")) {
+    if (a.dataset.nav === nav) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  // Move focus to the new view's heading so keyboard and screen-reader users land on it.
+  if (routed) main.querySelector("h1")?.focus({ preventScroll: true });
+  routed = true;
+}
+let routed = false;
+
+window.addEventListener("hashchange", route);
+mountSystem(document.getElementById("system"));
+route();

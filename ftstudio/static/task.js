@@ -1,0 +1,311 @@
+// One task: progress, a live loss curve from the stored history, a log tail,
+// the config, the error, the artifacts, and the actions the API allows now.
+// The event stream keeps it live through studio restarts (see stream.js).
+
+import { api, ApiError, taskUrl } from "./api.js";
+import { h, setText, isNum, fmtInt, fmtOf, fmtEpoch, fmtLoss, fmtLr, fmtDuration, fmtTime, fmtBytes, progressBar } from "./dom.js";
+import { STATUSES, RUNNING, FINAL, statusBadge, setBadge } from "./status.js";
+import { LossChart } from "./chart.js";
+import { LogTail } from "./logtail.js";
+import { TaskStream } from "./stream.js";
+import { confirmDialog } from "./dialog.js";
+
+const ACTIONS = {
+  cancel: { label: "Cancel", cls: "danger", hint: "Stop training now; the task ends as cancelled." },
+  pause: { label: "Pause", cls: "secondary", hint: "Stop after saving a checkpoint; resume later." },
+  resume: { label: "Resume", cls: "", hint: "Continue from the newest complete checkpoint." },
+  retry: { label: "Retry", cls: "", hint: "Run the task again." },
+  delete: { label: "Delete", cls: "danger", hint: "Remove the task and its files." },
+};
+const ACTION_ORDER = ["resume", "retry", "pause", "cancel", "delete"];
+
+export function mountTask(root, taskId) {
+  let task = null;
+  let destroyed = false;
+  let stream = null;
+  let fallbackTimer = null;
+  let restartSeen = false;
+  let artifactsFor = null;
+
+  const title = h("h1", { id: "task-title", tabindex: "-1" }, taskId);
+  const badge = statusBadge("queued");
+  const connection = h("span", { id: "connection", class: "connection muted", "aria-live": "polite" });
+  const banner = h("div", { id: "restart-banner", class: "banner", role: "status", hidden: true });
+  const failure = h("div", { id: "task-error", class: "failure", role: "alert", hidden: true });
+  const actionMsg = h("p", { class: "error-text", role: "alert", hidden: true });
+  const actions = h("div", { class: "task-actions", id: "task-actions", role: "group", "aria-label": "Actions" });
+  const bar = progressBar("Training progress");
+  bar.id = "task-progress";
+  const stat = {};
+  const statItem = (key, label) => h("div", { class: "stat" }, h("dt", {}, label), (stat[key] = h("dd", { id: `stat-${key}` }, "–")));
+  const stats = h(
+    "dl",
+    { class: "stats" },
+    statItem("percent", "Progress"),
+    statItem("step", "Step"),
+    statItem("epoch", "Epoch"),
+    statItem("eta", "ETA"),
+    statItem("tps", "Tokens/s"),
+    statItem("loss", "Loss"),
+    statItem("eval", "Eval loss"),
+    statItem("lr", "Learning rate"),
+    statItem("elapsed", "Elapsed"),
+    statItem("phase", "Phase"),
+  );
+  const meta = h("p", { class: "muted meta" });
+  const chart = new LossChart();
+  const log = new LogTail(taskId);
+  const configPre = h("pre", { class: "config", id: "task-config", tabindex: "0" });
+  const artifacts = h("div", { id: "artifacts" }, h("p", { class: "muted" }, "The adapter appears here when training completes."));
+
+  root.append(
+    h(
+      "article",
+      { class: "task-view", "aria-labelledby": "task-title" },
+      h("p", { class: "crumbs" }, h("a", { href: "#/tasks" }, "← All fine-tunes")),
+      h("div", { class: "title-row" }, title, badge, connection),
+      meta,
+      banner,
+      failure,
+      h("div", { class: "progress-row" }, bar),
+      stats,
+      actions,
+      actionMsg,
+      h("section", { "aria-labelledby": "curve-title" }, h("h2", { id: "curve-title" }, "Loss curve"), chart.el),
+      h("section", { "aria-labelledby": "log-title" }, h("h2", { id: "log-title" }, "Log"), log.el),
+      h("section", { "aria-labelledby": "art-title" }, h("h2", { id: "art-title" }, "Artifacts"), artifacts),
+      h("section", { "aria-labelledby": "cfg-title" }, h("details", {}, h("summary", {}, h("h2", { id: "cfg-title" }, "Configuration")), configPre)),
+    ),
+  );
+
+  async function init() {
+    try {
+      const t = await api(taskUrl(taskId));
+      if (destroyed) return;
+      apply(t);
+    } catch (err) {
+      if (destroyed) return;
+      return gone(err);
+    }
+    // The stored history first (complete after a reload or a restart), then live events after it.
+    let after = 0;
+    try {
+      for (let i = 0; i < 1000; i++) {
+        const r = await api(taskUrl(taskId, `/metrics?after=${after}`));
+        const events = (r && r.events) || [];
+        for (const ev of events) {
+          chart.add(ev);
+          if (isNum(ev.seq)) after = Math.max(after, ev.seq);
+        }
+        if (!events.length || destroyed) break;
+      }
+    } catch {
+      // the stream replays whatever the history call missed
+    }
+    if (destroyed) return;
+    log.start();
+    if (FINAL.has(task.status)) {
+      log.finish();
+      return;
+    }
+    openStream(after);
+  }
+
+  const handlers = {
+    onStudio: (_info, restarted) => {
+      if (restarted) restartSeen = true;
+    },
+    onTask: (t) => apply(t),
+    onEvent: (ev) => chart.add(ev),
+    onState: (state) => connectionState(state),
+  };
+
+  function openStream(after) {
+    stream = new TaskStream(taskId, after, handlers);
+    stream.start();
+  }
+
+  function gone(err) {
+    stream?.stop();
+    log.stop();
+    const msg = err instanceof ApiError && err.status === 404 ? "This fine-tune does not exist (it may have been deleted)." : err.message;
+    root.replaceChildren(
+      h("article", {}, h("p", { class: "crumbs" }, h("a", { href: "#/tasks" }, "← All fine-tunes")), h("h1", { tabindex: "-1" }, "Fine-tune not found"), h("p", { role: "alert" }, msg)),
+    );
+  }
+
+  let wasLive = false;
+  function connectionState(state) {
+    clearTimeout(fallbackTimer);
+    connection.dataset.state = state;
+    if (state === "live") {
+      wasLive = true;
+      setText(connection, "● live");
+    } else if (state === "closed") {
+      setText(connection, "");
+    } else if (state === "connecting" && !wasLive) {
+      setText(connection, "Connecting…");
+    } else {
+      setText(connection, "Reconnecting to the studio…");
+      // While the stream is down, ask for the task directly so a stale "training" never lingers.
+      fallbackTimer = setTimeout(poll, 3000);
+    }
+  }
+
+  async function poll() {
+    if (destroyed || !stream || stream.stopped) return;
+    try {
+      apply(await api(taskUrl(taskId)));
+      if (FINAL.has(task.status)) stream.stop();
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) return gone(err);
+    }
+    if (connection.dataset.state !== "live" && !stream.stopped) fallbackTimer = setTimeout(poll, 3000);
+  }
+
+  function apply(t) {
+    if (destroyed || !t) return;
+    task = t;
+    const running = RUNNING.has(t.status);
+    setText(title, t.name || t.id);
+    document.title = `${t.name || t.id} · ${STATUSES[t.status]?.label || t.status} · ftstudio`;
+    setBadge(badge, t.status);
+    setText(meta, `${t.model} on ${t.dataset} · created ${fmtTime(t.created_at)}${t.attempt > 1 ? ` · attempt ${t.attempt}` : ""} · ${t.id}`);
+    bar.update(t.percent, running);
+    setText(stat.percent, isNum(t.percent) ? `${t.percent.toFixed(t.percent % 1 ? 1 : 0)}%` : "–");
+    setText(stat.step, fmtOf(t.step, t.total_steps));
+    setText(stat.epoch, isNum(t.epoch) || isNum(t.total_epochs) ? fmtOf(t.epoch, t.total_epochs, fmtEpoch) : "–");
+    setText(stat.eta, running ? fmtDuration(t.eta_s) : "–");
+    setText(stat.tps, isNum(t.tokens_per_s) ? fmtInt(t.tokens_per_s) : "–");
+    setText(stat.loss, fmtLoss(t.loss));
+    setText(stat.eval, fmtLoss(t.eval_loss));
+    setText(stat.lr, fmtLr(t.lr));
+    setText(stat.elapsed, fmtDuration(t.elapsed_s));
+    setText(stat.phase, running ? t.phase || STATUSES[t.status]?.hint || "–" : t.status === "completed" ? "done" : STATUSES[t.status]?.label.toLowerCase() || "–");
+    stat.phase.title = stat.phase.textContent;
+    chart.setTotal(t.total_steps);
+
+    // The truth about restarts: only while the training is still running.
+    if (running && (restartSeen || t.reattached)) {
+      const at = isNum(t.reattached_at) ? ` at ${fmtTime(t.reattached_at)}` : "";
+      setText(banner, `The studio restarted${at}; your training kept running and is at step ${fmtOf(t.step, t.total_steps)}.`);
+      banner.hidden = false;
+    } else if (restartSeen && !FINAL.has(t.status) && t.status !== "queued") {
+      setText(banner, `The studio restarted; this fine-tune is now ${STATUSES[t.status]?.label.toLowerCase() || t.status} (${STATUSES[t.status]?.hint || ""}).`);
+      banner.hidden = false;
+    } else {
+      banner.hidden = true;
+    }
+
+    if (t.status === "failed" || (t.status === "interrupted" && t.error)) {
+      const lead = t.status === "failed" ? "Training failed: " : "Training was interrupted: ";
+      failure.replaceChildren(h("strong", {}, lead), t.error || "the training process ended without saying why.");
+      failure.hidden = false;
+    } else {
+      failure.hidden = true;
+    }
+
+    renderActions(t.actions || []);
+    if (!configPre.textContent) configPre.textContent = JSON.stringify(typeof t.config === "string" ? safeJson(t.config) : t.config, null, 2);
+    if (FINAL.has(t.status)) {
+      chart.setEnded(t.status);
+      log.finish();
+      setText(connection, "");
+      clearTimeout(fallbackTimer);
+      if (artifactsFor !== t.status) {
+        artifactsFor = t.status;
+        loadArtifacts();
+      }
+    }
+  }
+
+  function renderActions(allowed) {
+    const want = ACTION_ORDER.filter((a) => allowed.includes(a));
+    const have = [...actions.children].map((b) => b.dataset.action);
+    if (want.join() === have.join()) return;
+    actions.replaceChildren(
+      ...want.map((a) =>
+        h("button", { type: "button", class: ACTIONS[a].cls, dataset: { action: a }, title: ACTIONS[a].hint, onclick: () => act(a) }, ACTIONS[a].label),
+      ),
+    );
+  }
+
+  async function act(action) {
+    actionMsg.hidden = true;
+    const label = task.name || task.id;
+    if (action === "delete") {
+      const ok = await confirmDialog(`Delete “${label}”?`, "The task, its log, its checkpoints and its adapter are removed from the studio. This cannot be undone.", "Delete");
+      if (!ok) return;
+    }
+    const buttons = [...actions.querySelectorAll("button")];
+    buttons.forEach((b) => (b.disabled = true));
+    try {
+      if (action === "delete") {
+        await api(taskUrl(taskId), { method: "DELETE" });
+        stream?.stop();
+        location.hash = "#/tasks";
+        return;
+      }
+      const t = await api(taskUrl(taskId, `/${action}`), { method: "POST" });
+      apply(t);
+      if ((action === "resume" || action === "retry") && (!stream || stream.stopped)) {
+        openStream(stream ? stream.lastSeq : 0);
+        log.restart();
+      }
+    } catch (err) {
+      actionMsg.textContent = `${ACTIONS[action].label} failed: ${err.message}`;
+      actionMsg.hidden = false;
+    } finally {
+      buttons.forEach((b) => (b.disabled = false));
+    }
+  }
+
+  async function loadArtifacts() {
+    if (task.status !== "completed") {
+      artifacts.replaceChildren(h("p", { class: "muted" }, "No adapter: this fine-tune did not complete."));
+      return;
+    }
+    try {
+      const r = await api(taskUrl(taskId, "/artifacts"));
+      if (destroyed) return;
+      const files = (r && r.files) || [];
+      const total = files.reduce((a, f) => a + (f.size || 0), 0);
+      const fileLink = (name) => h("a", { href: taskUrl(taskId, `/files/${encodeURIComponent(name)}`), download: name }, name);
+      artifacts.replaceChildren(
+        h(
+          "p",
+          {},
+          h("a", { class: "button", id: "download-adapter", href: taskUrl(taskId, "/adapter.tar.gz"), download: `${taskId}-adapter.tar.gz` }, "Download adapter (.tar.gz)"),
+          ` ${files.length} files, ${fmtBytes(total)}`,
+        ),
+        h(
+          "ul",
+          { class: "files" },
+          files.map((f) =>
+            h("li", {}, ["training_config.json", "summary.json"].includes(f.name) ? fileLink(f.name) : h("code", {}, f.name), h("span", { class: "muted" }, ` ${fmtBytes(f.size)}`)),
+          ),
+        ),
+      );
+    } catch (err) {
+      artifacts.replaceChildren(h("p", { class: "error-text" }, `Could not list the artifacts: ${err.message}`));
+    }
+  }
+
+  init();
+  return {
+    destroy() {
+      destroyed = true;
+      clearTimeout(fallbackTimer);
+      stream?.stop();
+      log.stop();
+    },
+  };
+}
+
+function safeJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}

@@ -1,0 +1,86 @@
+"""The page's controls: a malformed upload, validation next to the field,
+cancel (the process is gone), and delete with a confirmation."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from conftest import LiveStudio, task_processes, wait_for
+
+pytestmark = pytest.mark.browser
+
+
+def test_malformed_dataset_shows_the_line_and_creates_nothing(studio: LiveStudio, page: Any) -> None:
+    page.goto(studio.url + "/#/new")
+    bad = b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{"instruction": "e", "output": \n'
+    page.locator("#dataset-file").set_input_files(
+        files=[{"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": bad}]
+    )
+    error = page.locator("#upload-error")
+    error.wait_for(state="visible")
+    assert re.search(r"bad\.jsonl.*line 3", error.inner_text()), error.inner_text()
+    assert page.locator("#dataset-name").input_value() == "builtin:sample"
+    assert studio.api("GET", "/api/tasks")["total"] == 0
+    assert [d["name"] for d in studio.api("GET", "/api/datasets")["datasets"]] == ["builtin:sample"]
+
+    # A good file uploads and shows its detected format and first rows.
+    good = b'{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Say bye", "output": "bye"}\n'
+    page.locator("#dataset-file").set_input_files(
+        files=[{"name": "good.jsonl", "mimeType": "application/jsonl", "buffer": good}]
+    )
+    page.locator("#detected-format").wait_for()
+    assert error.is_hidden()
+    assert page.locator("#dataset-name").input_value() == "good.jsonl"
+    assert page.locator(".preview-table tbody tr").count() == 2
+    assert "Say hi" in page.locator(".preview-table").inner_text()
+    assert studio.api("GET", "/api/tasks")["total"] == 0
+
+
+def test_validation_errors_appear_next_to_their_fields(studio: LiveStudio, page: Any) -> None:
+    page.goto(studio.url + "/#/new")
+    page.locator("#advanced > summary").click()
+    page.locator("#cfg-optim-learning_rate").fill("-1")
+    page.locator("#cfg-lora-rank").fill("many")
+    page.get_by_role("button", name="Start fine-tune").click()
+    lr_error = page.locator("#cfg-optim-learning_rate-error")
+    lr_error.wait_for(state="visible")
+    assert "must be positive" in lr_error.inner_text()
+    assert page.locator("#cfg-optim-learning_rate").get_attribute("aria-invalid") == "true"
+    assert "number" in page.locator("#cfg-lora-rank-error").inner_text()
+    assert page.locator(".error-summary li").count() == 2
+    assert "#/new" in page.url
+    assert studio.api("GET", "/api/tasks")["total"] == 0
+
+
+def test_cancel_from_the_page_ends_the_process_then_delete_asks_first(studio: LiveStudio, page: Any) -> None:
+    task = studio.api(
+        "POST",
+        "/api/tasks",
+        {
+            "name": "to cancel",
+            "config": {"preset": "cpu-demo", "optim": {"max_steps": 5000}, "checkpoint": {"every_steps": 1000}},
+        },
+    )
+    page.goto(f"{studio.url}/#/tasks/{task['id']}")
+    page.locator('.badge[data-status="training"]').wait_for(timeout=90_000)
+    wait_for(lambda: task_processes(studio.home, task["id"]), what="the training process")
+    assert page.locator("#task-actions button").all_inner_texts() == ["Cancel"]
+
+    page.get_by_role("button", name="Cancel").click()
+    page.locator('.badge[data-status="cancelled"]').wait_for(timeout=30_000)
+    assert studio.task(task["id"])["status"] == "cancelled"
+    assert not task_processes(studio.home, task["id"]), "cancel must leave no training process"
+    assert page.locator("#task-actions button").all_inner_texts() == ["Delete"]
+
+    # Delete asks first; keeping it keeps it.
+    page.get_by_role("button", name="Delete").click()
+    page.get_by_role("dialog").wait_for()
+    page.get_by_role("button", name="Keep it").click()
+    assert studio.task(task["id"])["status"] == "cancelled"
+    page.get_by_role("button", name="Delete").click()
+    page.locator("#confirm-yes").click()
+    page.wait_for_url(re.compile(r"#/tasks$"))
+    page.locator(".empty").wait_for()
+    assert studio.api("GET", "/api/tasks")["total"] == 0

@@ -1,0 +1,93 @@
+"""The page end to end: create a fine-tune of builtin:tiny on builtin:sample,
+watch it advance, restart the studio under it, and download the adapter."""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ARTIFACTS, LiveStudio, task_processes, wait_for
+
+pytestmark = pytest.mark.browser
+
+# Long enough on two CPU cores to restart the studio in the middle, short enough to keep the suite quick.
+MAX_STEPS = 30
+
+
+def points(page: Any) -> int:
+    return int(page.get_attribute("svg.chart", "data-points") or 0)
+
+
+def progress(page: Any) -> float:
+    return float(page.get_attribute("#task-progress", "aria-valuenow") or 0)
+
+
+def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: LiveStudio, page: Any) -> None:
+    started = time.monotonic()
+    page.goto(studio.url + "/#/new")
+    page.get_by_label("Name").fill("browser e2e")
+    page.get_by_role("button", name="builtin:tiny").click()
+    page.locator("#dataset-name").fill("builtin:sample")
+    assert page.locator("#preset").input_value() == "cpu-demo"
+    page.locator("#advanced > summary").click()
+    page.locator("#cfg-optim-max_steps").fill(str(MAX_STEPS))
+    page.locator("#cfg-checkpoint-every_steps").fill("10")
+    page.locator("#cfg-logging-eval_every_steps").fill("15")
+    page.get_by_role("button", name="Start fine-tune").click()
+
+    page.wait_for_url(re.compile(r"#/tasks/[\w-]+$"))
+    task_id = page.url.rsplit("/", 1)[1]
+    config = studio.task(task_id)["config"]
+    assert config["optim"]["max_steps"] == MAX_STEPS
+    assert config["model"]["name"] == "builtin:tiny"
+
+    # The progress bar and the loss curve advance.
+    page.wait_for_function("Number(document.querySelector('svg.chart').dataset.points) >= 3", timeout=90_000)
+    p1, bar1 = points(page), progress(page)
+    assert bar1 > 0
+    wait_for(lambda: points(page) > p1 and progress(page) > bar1, timeout=30, what="the curve to advance")
+    assert page.locator(".badge").first.get_attribute("data-status") == "training"
+
+    # Restart the studio under the running training.
+    before = points(page)
+    studio.kill()
+    assert task_processes(studio.home, task_id), "training must outlive the studio"
+    studio.start()
+
+    banner = page.locator("#restart-banner")
+    banner.wait_for(state="visible", timeout=30_000)
+    text = banner.inner_text()
+    assert "The studio restarted" in text and "your training kept running" in text
+    assert re.search(r"step \d+/" + str(MAX_STEPS), text), text
+    assert studio.task(task_id)["reattached"] is True
+    wait_for(lambda: points(page) > before + 2, timeout=60, what="the curve to keep advancing after the restart")
+
+    # It completes; nothing stale is left on the page.
+    page.locator('.badge[data-status="completed"]').wait_for(timeout=120_000)
+    assert banner.is_hidden()
+    page.wait_for_function(f"document.querySelector('svg.chart').dataset.lastStep == '{MAX_STEPS}'", timeout=10_000)
+    stored = [e for e in studio.api("GET", f"/api/tasks/{task_id}/metrics")["events"] if e["kind"] == "progress"]
+    # Every stored progress event reached the page once: none lost, none twice, across the restart.
+    assert int(page.get_attribute("svg.chart", "data-progress-events") or 0) == len(stored)
+    assert points(page) == len({e["step"] for e in stored}) == MAX_STEPS
+    assert page.locator("#task-actions button").all_inner_texts() == ["Delete"]
+    assert page.locator("#connection").inner_text() == ""
+
+    # The adapter downloads as a tar.gz with the adapter inside.
+    with page.expect_download() as dl:
+        page.locator("#download-adapter").click()
+    data = Path(dl.value.path()).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        names = [Path(n).name for n in tar.getnames()]
+    assert "adapter_config.json" in names and "adapter_model.safetensors" in names
+    page.get_by_role("link", name="summary.json").wait_for()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "task-view-completed.png"), full_page=True)
+    assert not task_processes(studio.home, task_id)
+    assert time.monotonic() - started < 240
