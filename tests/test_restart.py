@@ -8,7 +8,7 @@ import signal
 import httpx
 import psutil
 import pytest
-from conftest import cli_json, run_cli, wait_for
+from support import cli_json, run_cli, wait_for
 
 from ftstudio.home import Home, read_json
 from ftstudio.procs import tagged
