@@ -135,7 +135,9 @@ def test_runners_inherit_no_descriptor_of_the_studio(studio):
     the lock taken after the studio dies, and the next studio could not start."""
     task = create(studio, "scripted steps=1000 delay=0.05")
     wait_for(lambda: len(tagged(task["id"])) >= 2, what="processes")
-    studio_files = {str(studio.home / n) for n in ("studio.db", "studio.db-wal", "studio.db-shm", "studio.lock", "studio.log")}
+    studio_files = {
+        str(studio.home / n) for n in ("studio.db", "studio.db-wal", "studio.db-shm", "studio.lock", "studio.log")
+    }
     for proc in tagged(task["id"]):
         assert proc.net_connections(kind="all") == []
         assert not studio_files & {f.path for f in proc.open_files()}
