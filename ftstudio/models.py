@@ -9,7 +9,6 @@ the user asked for it.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from ftstudio.config import LoraConfig, ModelConfig
 from ftstudio.errors import Problem, ValidationError
+from ftstudio.preflight import quantization_problem
 
 
 @dataclass
@@ -39,17 +39,6 @@ def pick_dtype(requested: str) -> torch.dtype:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def quantization_problem(quantization: str) -> str | None:
-    """Why quantized loading cannot work here, or None when it can."""
-    if quantization == "none":
-        return None
-    if not torch.cuda.is_available():
-        return f"{quantization} quantization needs a CUDA GPU and none is visible; set model.quantization=none"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return f"{quantization} quantization needs the bitsandbytes package; pip install bitsandbytes, or set model.quantization=none"
-    return None
 
 
 def load_tokenizer(ref: str | Path, cfg: ModelConfig) -> Any:

@@ -11,6 +11,7 @@ import logging
 import re
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -237,8 +238,7 @@ class Service:
             n += 1
         # Checked under its final name (so errors name the file the user sent) in a side
         # directory, then moved in: a bad upload never appears among the datasets.
-        incoming = self.home.datasets / ".incoming"
-        incoming.mkdir(exist_ok=True)
+        incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.home.datasets))
         tmp = incoming / target.name
         size = 0
         try:
@@ -255,7 +255,7 @@ class Service:
             info = inspect_dataset(tmp)
             tmp.rename(target)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(incoming, ignore_errors=True)
         log.info("dataset %s uploaded (%d rows, %s)", target.name, info.rows, info.format)
         return {
             "name": target.name,

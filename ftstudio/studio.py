@@ -141,7 +141,6 @@ def _bind(host: str, port: int) -> socket.socket:
             ) from None
         raise FtstudioError(f"cannot listen on {host}:{port}: {e.strerror}; check --host") from None
     sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 

@@ -1,84 +1,15 @@
 """Fixtures shared by the core tests: a temporary data home, real studio servers
-as subprocesses, the CLI as a subprocess, and a sweep that leaves no training
-process of a test alive (terminate -> wait -> kill, always)."""
+as subprocesses, and a sweep that leaves no training process of a test alive
+(terminate -> wait -> kill, always). Helpers live in support.py."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
-import psutil
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTED = ROOT / "tests" / "scripted"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def home_env(home: Path, *, scripted: bool = False, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FTSTUDIO_")}
-    env["FTSTUDIO_HOME"] = str(home)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SCRIPTED)])
-    env["HF_HUB_OFFLINE"] = "1"
-    if scripted:
-        env["FTSTUDIO_TRAINER_MODULE"] = "scripted_trainer"
-    env.update(extra)
-    return env
-
-
-def processes_of(home: Path) -> list[psutil.Process]:
-    """Every live process started for this home: studio servers and anything tagged with one of its tasks."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            env = proc.environ()
-            if (env.get("FTSTUDIO_HOME") == str(home) and proc.pid != os.getpid()) or (
-                env.get("FTSTUDIO_TASK_ID") and (home / "tasks" / env["FTSTUDIO_TASK_ID"]).exists()
-            ):
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def sweep(home: Path) -> None:
-    procs = processes_of(home)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+from support import ROOT, SCRIPTED, Studio, home_env, sweep
 
 
 @pytest.fixture
@@ -101,72 +32,6 @@ def scripted(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-class Studio:
-    """A real studio server (`python -m ftstudio studio serve`) in a subprocess."""
-
-    def __init__(self, home: Path, env: dict[str, str], port: int | None = None) -> None:
-        self.home = home
-        self.env = env
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx.Client(base_url=self.url, timeout=30)
-
-    def start(self, **extra_env: str) -> Studio:
-        out = open(self.home.parent / "studio-stdout.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ftstudio", "studio", "serve", "--port", str(self.port)],
-            env={**self.env, **extra_env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        out.close()
-        wait_for(self._ready, timeout=60, what="the studio to answer")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"studio exited with {self.proc.returncode}: {self.log_tail()}")
-        try:
-            return self.http.get("/api/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.http.close()
-
-    def log_tail(self) -> str:
-        path = self.home / "studio.log"
-        return path.read_text()[-3000:] if path.exists() else ""
-
-    def task(self, task_id: str) -> dict[str, Any]:
-        r = self.http.get(f"/api/tasks/{task_id}")
-        r.raise_for_status()
-        return r.json()
-
-    def wait_status(self, task_id: str, *statuses: str, timeout: float = 120) -> dict[str, Any]:
-        return wait_for(
-            lambda: (t := self.task(task_id))["status"] in statuses and t,
-            timeout=timeout,
-            interval=0.2,
-            what=f"task {task_id} to reach {statuses}",
-        )
-
-
 @pytest.fixture
 def studio_factory(home: Path) -> Iterator[Callable[..., Studio]]:
     made: list[Studio] = []
@@ -179,22 +44,3 @@ def studio_factory(home: Path) -> Iterator[Callable[..., Studio]]:
     yield make
     for s in made:
         s.stop()
-
-
-def run_cli(
-    home: Path, *args: str, scripted: bool = False, timeout: float = 180, **extra: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ftstudio", *args],
-        env=home_env(home, scripted=scripted, **extra),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def cli_json(home: Path, *args: str, **kw: Any) -> Any:
-    r = run_cli(home, *args, "--json", **kw)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)

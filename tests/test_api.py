@@ -4,7 +4,7 @@ import json
 
 import httpx
 import pytest
-from conftest import wait_for
+from support import wait_for
 
 from ftstudio.procs import tagged
 
@@ -128,3 +128,17 @@ def test_a_second_server_on_the_same_home_refuses(studio, studio_factory):
     out = (studio.home.parent / "studio-stdout.log").read_text()
     assert "error: another studio is already running on" in out and f"pid {studio.proc.pid}" in out
     assert studio.http.get("/api/health").status_code == 200  # the first one is untouched
+
+
+def test_runners_inherit_no_descriptor_of_the_studio(studio):
+    """A runner holding the studio's listening socket or lock would keep the port busy and
+    the lock taken after the studio dies, and the next studio could not start."""
+    task = create(studio, "scripted steps=1000 delay=0.05")
+    wait_for(lambda: len(tagged(task["id"])) >= 2, what="processes")
+    studio_files = {
+        str(studio.home / n) for n in ("studio.db", "studio.db-wal", "studio.db-shm", "studio.lock", "studio.log")
+    }
+    for proc in tagged(task["id"]):
+        assert proc.net_connections(kind="all") == []
+        assert not studio_files & {f.path for f in proc.open_files()}
+    studio.http.post(f"/api/tasks/{task['id']}/cancel")

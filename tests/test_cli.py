@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import cli_json, run_cli, wait_for
+from support import cli_json, run_cli, wait_for
 
 
 def test_submit_show_tasks_logs_with_the_studio_down(home):

@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from conftest import ROOT, SCRIPTED, wait_for
+from support import ROOT, SCRIPTED, wait_for
 
 from ftstudio.home import TaskDir, read_json
 from ftstudio.procs import tagged

@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from conftest import wait_for
+from support import wait_for
 
 from ftstudio.errors import Conflict
 from ftstudio.home import Home

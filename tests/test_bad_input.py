@@ -1,0 +1,130 @@
+"""Bad input gets a one-line 4xx naming the problem and the fix, and changes nothing:
+no task is created, no file is written, the other tasks are untouched, and nothing
+from the request is ever executed."""
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ftstudio.api import create_app
+from ftstudio.home import Home
+from ftstudio.service import Service
+
+INJECTION = 'x"); import os; os.system("touch pwned") #{__import__("os")}'
+
+
+@pytest.fixture
+def client(scripted, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    service = Service(Home(scripted), in_server=True)
+    with TestClient(create_app(service)) as c:
+        # One finished task that every bad request must leave alone.
+        r = c.post("/api/tasks", json={"name": "scripted steps=2 delay=0.01", "config": {"preset": "cpu-demo"}})
+        assert r.status_code == 201
+        c.existing = r.json()["id"]
+        c.service = service
+        yield c
+
+
+def snapshot(client):
+    rows = client.service.store._conn().execute("SELECT id, status, name, config FROM tasks ORDER BY id").fetchall()
+    files = sorted(str(p.relative_to(client.service.home.root)) for p in client.service.home.datasets.rglob("*"))
+    return [tuple(r) for r in rows], files
+
+
+def one_line(r, status, *needles):
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail
+    for needle in needles:
+        assert needle in detail, detail
+    return r.json()
+
+
+@pytest.mark.parametrize(
+    ("config", "needles"),
+    [
+        ({"model": {"name": "builtin:nope"}}, ["model.name (--model)", "unknown built-in model"]),
+        ({"model": {"name": "/no/such/model"}}, ["model.name (--model)", "/no/such/model"]),
+        ({"model": {"name": "acme/not-a-real-model"}}, ["not in the local Hugging Face cache"]),
+        ({"model": {"name": INJECTION}}, ["model.name (--model)", "is not a hub id"]),
+        ({"data": {"path": "/no/such/data.jsonl"}}, ["data.path (--dataset)"]),
+        ({"optim": {"learning_rate": -0.001}}, ["optim.learning_rate (--lr): must be positive"]),
+        ({"optim": {"learning_rate": "fast"}}, ["optim.learning_rate (--lr): must be a number"]),
+        ({"lora": {"rank": 0}, "optim": {"batch_size": -2}}, ["lora.rank", "optim.batch_size"]),
+        ({"bogus": {"x": 1}}, ["bogus: unknown setting"]),
+        ({"preset": "huge"}, ["unknown preset 'huge'"]),
+    ],
+)
+def test_bad_configs_are_refused_before_anything_is_created(client, config, needles):
+    before = snapshot(client)
+    body = one_line(client.post("/api/tasks", json={"config": {"preset": "cpu-demo", **config}}), 422, *needles)
+    assert body["problems"] and all(p["message"] for p in body["problems"])
+    assert snapshot(client) == before
+    assert not any(Path(d, "pwned").exists() for d in (os.getcwd(), client.service.home.root, "/tmp"))
+
+
+def test_a_malformed_jsonl_line_is_named_on_submit(client, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    good = json.dumps({"instruction": "say hi", "output": "hi"})
+    bad.write_text(f"{good}\n{good}\n{{not json\n{good}\n")
+    before = snapshot(client)
+    one_line(client.post("/api/tasks", json={"config": {"data": {"path": str(bad)}}}), 422, "broken.jsonl line 3")
+    assert snapshot(client) == before
+
+
+def test_a_malformed_upload_names_the_line_and_is_not_kept(client):
+    good = json.dumps({"instruction": "say hi", "output": "hi"}).encode()
+    data = good + b"\n" + good + b"\n" + b'{"instruction": "x", "output": \n'
+    before = snapshot(client)
+    r = client.post("/api/datasets", files={"file": ("bad.jsonl", io.BytesIO(data), "application/jsonl")})
+    one_line(r, 422, "bad.jsonl line 3")
+    assert snapshot(client) == before
+    names = [d["name"] for d in client.get("/api/datasets").json()["datasets"]]
+    assert "bad.jsonl" not in names
+
+
+def test_a_good_upload_is_listed_and_trains_by_name(client):
+    rows = b"\n".join(
+        json.dumps({"instruction": f"count to {i}", "output": " ".join(map(str, range(i)))}).encode()
+        for i in range(1, 30)
+    )
+    r = client.post("/api/datasets", files={"file": ("../../evil name.jsonl", io.BytesIO(rows), "application/jsonl")})
+    assert r.status_code == 201, r.text
+    up = r.json()
+    assert up["name"] == "evil-name.jsonl" and up["rows"] == 29 and up["format"] == "alpaca"
+    assert Path(up["path"]).parent == client.service.home.datasets
+    r = client.post("/api/tasks", json={"name": "scripted steps=1", "config": {"data": {"path": up["name"]}}})
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("name", ["data.exe", "data.py", "noext"])
+def test_uploads_other_than_datasets_are_refused(client, name):
+    r = client.post("/api/datasets", files={"file": (name, io.BytesIO(b"{}"), "application/octet-stream")})
+    one_line(r, 422, "upload .json, .jsonl, .csv or .parquet")
+
+
+def test_requests_that_are_not_json_get_one_line(client):
+    before = snapshot(client)
+    r = client.post("/api/tasks", content=b"{not json", headers={"content-type": "application/json"})
+    one_line(r, 422)
+    r = client.post("/api/tasks", json={"config": "not an object"})
+    one_line(r, 422)
+    assert snapshot(client) == before
+
+
+@pytest.mark.parametrize("task_id", ["20990101-0000-ffffff", "..", "...", "a" * 100, "UPPER-case-id"])
+def test_unknown_task_ids_are_404_everywhere(client, task_id):
+    for method, path in [
+        ("GET", f"/api/tasks/{task_id}"),
+        ("POST", f"/api/tasks/{task_id}/cancel"),
+        ("DELETE", f"/api/tasks/{task_id}"),
+        ("GET", f"/api/tasks/{task_id}/logs"),
+        ("GET", f"/api/tasks/{task_id}/metrics"),
+    ]:
+        r = client.request(method, path)
+        assert r.status_code == 404, (method, path, r.text)

@@ -1,0 +1,147 @@
+"""The heart of the product, end to end with the real trainer: a studio that is
+killed, restarted (several times) or finds the machine rebooted, while a real
+fine-tune of builtin:tiny runs in its own processes."""
+
+import json
+import signal
+
+import httpx
+import psutil
+import pytest
+from support import cli_json, run_cli, wait_for
+
+from ftstudio.home import Home, read_json
+from ftstudio.procs import tagged
+from ftstudio.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+def submit(studio, steps, **extra):
+    config = {"preset": "cpu-demo", "optim": {"max_steps": steps}, "checkpoint": {"every_steps": 50}, **extra}
+    r = studio.http.post("/api/tasks", json={"name": "restart test", "config": config})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def progress_on_stream(url, task_id, after, count):
+    """Steps of the next `count` progress events the stream delivers after seq `after`."""
+    steps = []
+    with httpx.stream("GET", f"{url}/api/tasks/{task_id}/stream", params={"after": after}, timeout=60) as r:
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "progress":
+                steps.append(json.loads(line[6:])["step"])
+                if len(steps) >= count:
+                    break
+    return steps
+
+
+def assert_complete_history(home, task_id, steps):
+    store = Store(home / "studio.db")
+    evs = store.events(task_id)
+    assert [e["seq"] for e in evs] == list(range(1, len(evs) + 1))  # nothing lost, nothing twice
+    progress = [e["step"] for e in evs if e["kind"] == "progress"]
+    assert progress == list(range(1, steps + 1))
+    assert all(isinstance(e["loss"], float) for e in evs if e["kind"] == "progress")
+
+
+def test_training_survives_sigkill_and_restarts_of_the_studio(home, studio_factory):
+    first = studio_factory().start()
+    task = submit(first, 360)
+    tid = task["id"]
+    running = wait_for(lambda: (t := first.task(tid))["step"] >= 15 and t, timeout=90, what="training to start")
+    runner_pid = running["pid"]
+    trainer_pid = read_json(home / "tasks" / tid / "launch.json")["trainer_pid"]
+
+    # 1. SIGKILL the studio: the training (same pids) keeps going while it is down.
+    first.kill(signal.SIGKILL)
+    events_file = home / "tasks" / tid / "events.jsonl"
+    size = events_file.stat().st_size
+    wait_for(lambda: events_file.stat().st_size > size, timeout=30, what="events while the studio is down")
+    assert alive(runner_pid) and alive(trainer_pid)
+
+    second = studio_factory(port=first.port).start()
+    seen = second.task(tid)
+    assert seen["status"] == "training" and seen["pid"] == runner_pid and seen["reattached"] is True
+    assert seen["step"] >= running["step"]
+    steps = progress_on_stream(second.url, tid, seen["events_seq"], 5)
+    assert steps == sorted(steps) and steps[0] > running["step"]
+    shown = cli_json(home, "show", tid)
+    assert shown["status"] == "training" and shown["pid"] == runner_pid
+
+    # 2. `ftstudio studio restart`, twice, during the same run.
+    for _ in range(2):
+        before = cli_json(home, "show", tid)["step"]
+        r = run_cli(home, "studio", "restart", "--port", str(first.port))
+        assert r.returncode == 0 and "studio running at" in r.stdout, r.stdout + r.stderr
+        after = wait_for(lambda b=before: (t := second.task(tid))["step"] > b and t, timeout=60, what="step rising")
+        assert after["pid"] == runner_pid and after["reattached"] is True and after["status"] == "training"
+
+    done = second.wait_status(tid, "completed", "failed", timeout=180)
+    assert done["status"] == "completed", done["error"]
+    assert done["step"] == 360 and done["pid"] == runner_pid
+    adapter = home / "tasks" / tid / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    assert_complete_history(home, tid, 360)
+    log = (home / "studio.log").read_text()
+    assert log.count(f"reattached to task {tid}, pid {runner_pid}, step ") == 3
+    assert tagged(tid) == []
+    run_cli(home, "studio", "stop")
+
+
+def test_killed_while_the_studio_is_down_is_failed_with_the_reason(home, studio_factory):
+    studio = studio_factory().start()
+    tid = submit(studio, 2000)["id"]
+    wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=90, what="training")
+    studio.kill(signal.SIGKILL)
+    for p in tagged(tid):
+        p.kill()
+    again = studio_factory(port=studio.port).start()
+    got = again.task(tid)
+    assert got["status"] == "failed"
+    assert got["error"].startswith("Training process terminated unexpectedly at step ")
+    assert f"task {tid} failed: Training process terminated unexpectedly" in again.log_tail()
+
+
+def test_finished_while_the_studio_is_down_is_completed(home, studio_factory):
+    studio = studio_factory().start()
+    tid = submit(studio, 20)["id"]
+    studio.kill(signal.SIGKILL)
+    wait_for(lambda: (home / "tasks" / tid / "exit.json").exists(), timeout=120, what="training to finish")
+    again = studio_factory(port=studio.port).start()
+    got = again.task(tid)
+    assert got["status"] == "completed" and got["step"] == 20 and got["error"] is None
+
+
+def test_after_a_simulated_reboot_the_task_is_not_adopted(home, studio_factory):
+    studio = studio_factory().start()
+    tid = submit(studio, 2000)["id"]
+    wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=90, what="training")
+    # A reboot: every process gone at once, and the machine comes back with a new boot id.
+    studio.kill(signal.SIGKILL)
+    for p in tagged(tid):
+        p.kill()
+    again = studio_factory(port=studio.port, FTSTUDIO_BOOT_ID="boot-after-the-crash").start()
+    got = again.task(tid)
+    assert got["status"] == "failed" and "the machine restarted" in got["error"]
+
+
+def test_a_cli_submitted_fine_tune_runs_to_completed(home):
+    r = run_cli(home, "submit", "--preset", "cpu-demo", "--max-steps", "25", "--wait", timeout=300)
+    assert r.returncode == 0, r.stderr
+    tid = r.stdout.strip().splitlines()[0]
+    shown = cli_json(home, "show", tid)
+    assert shown["status"] == "completed" and shown["step"] == 25
+    assert (home / "tasks" / tid / "adapter" / "adapter_model.safetensors").is_file()
+    assert_complete_history(home, tid, 25)
+    assert Home(home).task(tid).exit.exists()

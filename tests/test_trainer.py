@@ -1,0 +1,152 @@
+"""The trainer end to end on builtin:tiny: real training, real events, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from trainer_fixtures import (
+    ALPACA,
+    FAST,
+    MESSAGES,
+    SHAREGPT,
+    TEXT,
+    merged,
+    read_events,
+    shared_home,
+    train,
+    write_jsonl,
+)
+
+from ftstudio.builtin import tiny_model_dir
+
+
+def kinds(events: list[dict]) -> list[str]:
+    return [e["kind"] for e in events]
+
+
+@pytest.mark.parametrize(
+    ("rows", "shape"), [(ALPACA, "alpaca"), (SHAREGPT, "sharegpt"), (MESSAGES, "messages"), (TEXT, "text")]
+)
+def test_each_data_shape_trains(tmp_path: Path, rows, shape) -> None:
+    data = write_jsonl(tmp_path / f"{shape}.jsonl", rows)
+    code, events = train(tmp_path / "task", merged(FAST, {"data": {"path": str(data)}}), shared_home())
+    assert code == 0, events[-1]
+    progress = [e for e in events if e["kind"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 2, 3, 4]
+    assert all(math.isfinite(e["loss"]) and e["tokens_per_s"] > 0 for e in progress)
+    assert (tmp_path / "task" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_event_sequence_and_summary(tmp_path: Path) -> None:
+    config = merged(FAST, {"optim": {"max_steps": 6}, "checkpoint": {"every_steps": 3}, "logging": {"every_steps": 2}})
+    config["data"]["validation"] = "0.2"
+    code, events = train(tmp_path / "task", config, shared_home())
+    assert code == 0
+    seq = kinds(events)
+    assert seq[:2] == ["status", "status"] and [e["phase"] for e in events[:2]] == ["loading_data", "loading_model"]
+    assert seq.index("train_begin") < seq.index("progress") and seq[-1] == "train_end"
+    begin = next(e for e in events if e["kind"] == "train_begin")
+    assert begin["total_steps"] == 6 and begin["resumed_from_step"] == 0 and begin["trainable_params"] > 0
+    assert begin["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert [e["step"] for e in events if e["kind"] == "progress"] == [2, 4, 6]
+    assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [3, 6]
+    assert any(e["kind"] == "eval" and e["step"] == 6 for e in events)
+    p = next(e for e in events if e["kind"] == "progress")
+    assert {"step", "total_steps", "epoch", "total_epochs", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(
+        p
+    )
+    adapter = tmp_path / "task" / "adapter"
+    summary = json.loads((adapter / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["final_eval_loss"] is not None
+    assert json.loads((adapter / "training_config.json").read_text())["optim"]["max_steps"] == 6
+    assert (adapter / "tokenizer.json").exists() and (adapter / "adapter_config.json").exists()
+
+
+def test_packing_trains(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    code, events = train(tmp_path / "task", merged(FAST, {"data": {"path": str(data), "packing": True}}), shared_home())
+    assert code == 0
+    begin = next(e for e in events if e["kind"] == "train_begin")
+    assert begin["packing"] and begin["train_rows"] < begin["train_examples"]
+
+
+@pytest.mark.slow
+def test_sample_eval_loss_falls(tmp_path: Path) -> None:
+    """The demo settings on builtin:sample: eval loss after training clearly below before."""
+    code, events = train(tmp_path / "task", {"preset": "cpu-demo", "optim": {"epochs": 1.0}}, shared_home())
+    assert code == 0
+    evals = [e["eval_loss"] for e in events if e["kind"] == "eval"]
+    assert evals[0] - evals[-1] > 1.5, evals
+    losses = [e["loss"] for e in events if e["kind"] == "progress"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+
+
+def test_bad_data_fails_before_the_model_loads(tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    code, events = train(tmp_path / "task", merged(FAST, {"data": {"path": str(data)}}), shared_home())
+    assert code == 2
+    assert kinds(events) == ["status", "error"]
+    assert "data.jsonl line 3: not valid JSON" in events[-1]["message"]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"model": {"name": "builtin:nope"}}, "unknown built-in model"),
+        ({"optim": {"learning_rate": -1}}, "optim.learning_rate (--lr): must be positive"),
+        ({"data": {"path": "no-such-dataset"}}, "no dataset 'no-such-dataset'"),
+        ({"checkpoint": {"resume_from": "/no/such/checkpoint-3"}}, "not a complete checkpoint"),
+    ],
+)
+def test_bad_config_is_exit_2_with_one_error_event(tmp_path: Path, config: dict, message: str) -> None:
+    code, events = train(tmp_path / "task", merged(FAST, config), shared_home())
+    assert code == 2
+    errors = [e for e in events if e["kind"] == "error"]
+    assert len(errors) == 1 and message in errors[0]["message"]
+    assert "train_begin" not in kinds(events)
+
+
+def test_empty_dataset_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text("")
+    code, events = train(tmp_path / "task", merged(FAST, {"data": {"path": str(tmp_path / "d.jsonl")}}), shared_home())
+    assert code == 2 and "has no rows" in events[-1]["message"]
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
+    """A model whose weights hold NaN: the guard stops at the first step and keeps no bad checkpoint."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for f in tiny_model_dir(shared_home()).iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    config = merged(
+        FAST, {"model": {"name": str(broken)}, "data": {"path": str(data)}, "checkpoint": {"every_steps": 1}}
+    )
+    code, events = train(tmp_path / "task", config, shared_home())
+    assert code == 1
+    assert events[-1]["kind"] == "error" and "not a number" in events[-1]["message"]
+    assert "lower optim.learning_rate" in events[-1]["message"]
+    assert not (tmp_path / "task" / "adapter").exists()
+    assert not list((tmp_path / "task" / "checkpoints").glob("checkpoint-*"))
+
+
+def test_bare_config_needs_output(tmp_path: Path) -> None:
+    from ftstudio.train import main
+
+    spec = tmp_path / "config.json"
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    spec.write_text(json.dumps(merged(FAST, {"data": {"path": str(data)}, "optim": {"max_steps": 1}})))
+    assert main([str(spec)]) == 2
+    out = tmp_path / "out"
+    assert main([str(spec), "--output", str(out)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert read_events(out)[-1]["kind"] == "train_end"
