@@ -214,7 +214,7 @@ export function mountNew(root) {
     try {
       const r = await api("/api/datasets", { method: "POST", form: body });
       if (destroyed) return;
-      uploadStatus.textContent = `Uploaded ${r.name}: format ${r.format}, ${fmtInt(r.rows)} rows.`;
+      uploadStatus.textContent = `Uploaded ${r.name}.`;
       dataInput.value = r.name;
       renderPreview(r);
       api("/api/datasets").then((d) => !destroyed && fillDatasets(d.datasets || []), () => {});
@@ -237,7 +237,9 @@ export function mountNew(root) {
     const cols = [];
     for (const row of rows) if (row && typeof row === "object") for (const k of Object.keys(row)) if (!cols.includes(k)) cols.push(k);
     const cellText = (v) => {
-      const t = typeof v === "string" ? v : JSON.stringify(v);
+      // A chat (messages / sharegpt) reads better as "role: text" turns than as JSON.
+      const turns = Array.isArray(v) && v.every((m) => m && typeof m === "object" && ("content" in m || "value" in m));
+      const t = typeof v === "string" ? v : turns ? v.map((m) => `${m.role ?? m.from ?? "?"}: ${m.content ?? m.value}`).join(" ⏎ ") : JSON.stringify(v);
       return t && t.length > 240 ? `${t.slice(0, 240)}…` : t ?? "";
     };
     preview.replaceChildren(

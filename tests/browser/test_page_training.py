@@ -73,7 +73,7 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     wait_for(lambda: points(page) > before + 2, timeout=60, what="the curve to keep advancing after the restart")
 
     # It completes; nothing stale is left on the page.
-    page.locator('.badge[data-status="completed"]').wait_for(timeout=120_000)
+    page.locator('.badge[data-status="completed"]').wait_for(timeout=180_000)
     assert banner.is_hidden()
     page.wait_for_function(f"document.querySelector('svg.chart').dataset.lastStep == '{MAX_STEPS}'", timeout=10_000)
     stored = [e for e in studio.api("GET", f"/api/tasks/{task_id}/metrics")["events"] if e["kind"] == "progress"]
@@ -82,6 +82,13 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     assert points(page) == len({e["step"] for e in stored}) == MAX_STEPS
     assert page.locator("#task-actions button").all_inner_texts() == ["Delete"]
     assert page.locator("#connection").inner_text() == ""
+
+    # The page let go of the ended task: no stream reconnecting forever, no polling.
+    page.wait_for_timeout(1500)
+    late: list[str] = []
+    page.on("request", lambda r: late.append(r.url) if f"/api/tasks/{task_id}" in r.url else None)
+    page.wait_for_timeout(3000)
+    assert not late, late
 
     # The adapter downloads as a tar.gz with the adapter inside.
     with page.expect_download() as dl:
