@@ -343,7 +343,7 @@ export function mountNew(root) {
     const t = entry.field.type;
     if (t === "bool") return text === "true";
     if ((t === "int" || t === "float") && text.trim() !== "" && Number.isFinite(Number(text))) return Number(text);
-    return t === "list" ? text : text;
+    return text;
   }
 
   function payload() {

@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 import pytest
-from conftest import LiveStudio, task_processes, wait_for
+
+from .livestudio import LiveStudio, task_processes, wait_for
 
 pytestmark = pytest.mark.browser
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveStudio, free_port
 
 from ftstudio.store import Store
 from ftstudio.task import TaskStatus
+
+from .livestudio import LiveStudio, free_port
 
 pytestmark = pytest.mark.browser
 

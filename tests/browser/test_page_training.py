@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ARTIFACTS, LiveStudio, task_processes, wait_for
+
+from .livestudio import ARTIFACTS, LiveStudio, task_processes, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -37,6 +38,9 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     page.locator("#advanced > summary").click()
     page.locator("#cfg-optim-max_steps").fill(str(MAX_STEPS))
     page.locator("#cfg-checkpoint-every_steps").fill("10")
+    # Smaller batches of shorter rows: quick steps on a shared two-core CI machine.
+    page.locator("#cfg-optim-batch_size").fill("4")
+    page.locator("#cfg-data-max_length").fill("128")
     page.locator("#cfg-logging-eval_every_steps").fill("15")
     page.get_by_role("button", name="Start fine-tune").click()
 
@@ -45,6 +49,7 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     config = studio.task(task_id)["config"]
     assert config["optim"]["max_steps"] == MAX_STEPS
     assert config["model"]["name"] == "builtin:tiny"
+    assert config["optim"]["batch_size"] == 4 and config["data"]["max_length"] == 128
 
     # The progress bar and the loss curve advance.
     page.wait_for_function("Number(document.querySelector('svg.chart').dataset.points) >= 3", timeout=90_000)
