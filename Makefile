@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8765
+LINT_PATHS := $(wildcard ftstudio tests bench)
 
 .PHONY: demo test lint setup browser clean bench
 
@@ -29,8 +30,8 @@ demo: setup
 	$(BIN)/ftstudio demo --port $(PORT)
 
 lint: setup
-	$(BIN)/ruff check ftstudio tests bench
-	$(BIN)/ruff format --check ftstudio tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 test: setup browser lint
 	$(BIN)/python -m pytest

@@ -227,7 +227,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     tdir = _task_dir(args.task)
     out = Path(args.out) if args.out else tdir.path / "merged"
-    adapters.merge(tdir.adapter, out)
+    adapters.merge(tdir.adapter, out, home=Home.default().root)
     print(out)
     return 0
 
@@ -235,7 +235,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ftstudio import adapters
 
-    print(adapters.generate(_task_dir(args.task).adapter, args.prompt, max_new_tokens=args.max_new_tokens))
+    adapter = _task_dir(args.task).adapter
+    print(adapters.generate(adapter, args.prompt, max_new_tokens=args.max_new_tokens, home=Home.default().root))
     return 0
 
 

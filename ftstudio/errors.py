@@ -7,6 +7,7 @@
     │   └── Conflict              the action is not allowed in the task's current state (HTTP 409)
     ├── IllegalTransition         a state change the transition table forbids (a bug or a lost race)
     ├── StudioAlreadyRunning      a second studio server on the same home
+    ├── StorageError              the data home cannot be written (full disk, permissions)
     └── LaunchError               the training process could not be started
 
 Exceptions are mapped to HTTP status codes and exit codes only at the edges
@@ -70,6 +71,10 @@ class IllegalTransition(FtstudioError):
 class StudioAlreadyRunning(FtstudioError):
     http_status = 409
     exit_code = 3
+
+
+class StorageError(FtstudioError):
+    http_status = 507
 
 
 class LaunchError(FtstudioError):

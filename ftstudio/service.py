@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from ftstudio import __version__, procs
 from ftstudio.config import TrainingConfig
-from ftstudio.errors import Conflict, LaunchError, NotFound, ValidationError
+from ftstudio.errors import Conflict, LaunchError, NotFound, StorageError, ValidationError
 from ftstudio.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, write_json_atomic
 from ftstudio.store import LostRace, Store, Task
@@ -91,13 +91,21 @@ class Service:
             name=name, model=cfg.model.name, dataset=cfg.data.path, config=cfg.to_dict(), tasks_root=self.home.tasks
         )
         tdir = task.dir
-        tdir.path.mkdir(parents=True)
-        tdir.checkpoints.mkdir()
-        write_json_atomic(
-            tdir.spec,
-            {"format": 1, "task_id": task.id, "name": name, "config": cfg.to_dict(), "home": str(self.home.root)},
-        )
-        tdir.train_py.write_text(TRAIN_PY)
+        try:
+            tdir.path.mkdir(parents=True)
+            tdir.checkpoints.mkdir()
+            write_json_atomic(
+                tdir.spec,
+                {"format": 1, "task_id": task.id, "name": name, "config": cfg.to_dict(), "home": str(self.home.root)},
+            )
+            tdir.train_py.write_text(TRAIN_PY)
+        except OSError as e:
+            # Leave nothing half-made behind: no record, no directory.
+            self.store.delete(task.id, only_if={S.QUEUED})
+            shutil.rmtree(tdir.path, ignore_errors=True)
+            raise StorageError(
+                f"cannot write the task directory under {self.home.tasks}: {e.strerror}; free some space or fix its permissions"
+            ) from None
         log.info("task %s submitted: %s", task.id, name)
         self.launch(task.id)
         return self.store.get(task.id)
@@ -292,11 +300,20 @@ class Service:
             percent=task.percent,
             elapsed_s=round((finished or now) - started, 1) if started else None,
             reattached=bool(row.get("reattached_at")) and status.has_process,
+            heartbeat_age_s=self._heartbeat_age(task) if status.has_process else None,
             actions=list(ACTIONS[status]),
         )
         for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at"):
             row.pop(internal, None)
         return row
+
+    @staticmethod
+    def _heartbeat_age(task: Task) -> float | None:
+        """Seconds since the runner last beat (it beats every 2 s); None before its first beat."""
+        try:
+            return round(max(0.0, time.time() - task.dir.heartbeat.stat().st_mtime), 1)
+        except OSError:
+            return None
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "home": str(self.home.root)}

@@ -61,7 +61,6 @@ MIGRATIONS: list[str] = [
         pid_start_time REAL,
         boot_id TEXT,
         pgid INTEGER,
-        heartbeat_at REAL,
         events_offset INTEGER NOT NULL DEFAULT 0,
         events_seq INTEGER NOT NULL DEFAULT 0,
         reattached_at REAL,

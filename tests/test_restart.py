@@ -4,6 +4,7 @@ fine-tune of builtin:tiny runs in its own processes."""
 
 import json
 import signal
+from pathlib import Path
 
 import httpx
 import psutil
@@ -145,3 +146,8 @@ def test_a_cli_submitted_fine_tune_runs_to_completed(home):
     assert (home / "tasks" / tid / "adapter" / "adapter_model.safetensors").is_file()
     assert_complete_history(home, tid, 25)
     assert Home(home).task(tid).exit.exists()
+    reply = run_cli(home, "generate", tid, "--prompt", "Reverse the word: stone", "--max-new-tokens", "8")
+    assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr
+    merged = run_cli(home, "merge", tid)
+    assert merged.returncode == 0, merged.stderr
+    assert (Path(merged.stdout.strip()) / "config.json").is_file()

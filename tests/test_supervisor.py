@@ -164,3 +164,28 @@ def test_train_py_reproduces_the_task_without_user_strings(service):
     assert "scripted" not in text and "import os #" not in text
     wait_for(lambda: service.get(task.id).status == "completed", what="completion")
     os.environ.get("PATH")
+
+
+def test_a_full_disk_at_submit_is_one_clear_error_and_leaves_nothing(service, monkeypatch):
+    import errno
+
+    from ftstudio import service as service_mod
+    from ftstudio.errors import StorageError
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(service_mod, "write_json_atomic", full)
+    with pytest.raises(StorageError, match="No space left on device; free some space"):
+        submit(service, "scripted steps=1")
+    assert service.store.list()[1] == 0
+    assert list(service.home.tasks.iterdir()) == []
+
+
+def test_a_running_task_shows_its_heartbeat(service):
+    task = submit(service, "scripted steps=1000 delay=0.05")
+    wait_for(lambda: task.dir.heartbeat.exists(), what="first heartbeat")
+    view = service.task_json(service.get(task.id))
+    assert 0 <= view["heartbeat_age_s"] < 5
+    service.cancel(task.id)
+    assert service.task_json(service.get(task.id))["heartbeat_age_s"] is None
