@@ -70,6 +70,12 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     assert "The studio restarted" in text and "your training kept running" in text
     assert re.search(r"step \d+/" + str(MAX_STEPS), text), text
     assert studio.task(task_id)["reattached"] is True
+    # Someone who comes back later (a fresh load) is told the same.
+    fresh = page.context.new_page()
+    fresh.goto(page.url)
+    fresh.locator("#restart-banner").wait_for(state="visible")
+    assert "your training kept running" in fresh.locator("#restart-banner").inner_text()
+    fresh.close()
     wait_for(lambda: points(page) > before + 2, timeout=60, what="the curve to keep advancing after the restart")
 
     # It completes; nothing stale is left on the page.
