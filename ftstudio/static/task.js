@@ -33,6 +33,7 @@ export function mountTask(root, taskId) {
   const banner = h("div", { id: "restart-banner", class: "banner", role: "status", hidden: true });
   const failure = h("div", { id: "task-error", class: "failure", role: "alert", hidden: true });
   const actionMsg = h("p", { class: "error-text", role: "alert", hidden: true });
+  const actionNote = h("span", { class: "muted", "aria-live": "polite" });
   const actions = h("div", { class: "task-actions", id: "task-actions", role: "group", "aria-label": "Actions" });
   const bar = progressBar("Training progress");
   bar.id = "task-progress";
@@ -69,7 +70,7 @@ export function mountTask(root, taskId) {
       failure,
       h("div", { class: "progress-row" }, bar),
       stats,
-      actions,
+      h("div", { class: "actions-row" }, actions, actionNote),
       actionMsg,
       h("section", { "aria-labelledby": "curve-title" }, h("h2", { id: "curve-title" }, "Loss curve"), chart.el),
       h("section", { "aria-labelledby": "log-title" }, h("h2", { id: "log-title" }, "Log"), log.el),
@@ -165,6 +166,8 @@ export function mountTask(root, taskId) {
 
   function apply(t) {
     if (destroyed || !t) return;
+    // A reply that left the studio before the one already shown (a slow poll racing the stream) is stale.
+    if (task && isNum(t.updated_at) && isNum(task.updated_at) && t.updated_at < task.updated_at) return;
     task = t;
     const running = RUNNING.has(t.status);
     setText(title, t.name || t.id);
@@ -239,6 +242,8 @@ export function mountTask(root, taskId) {
     }
     const buttons = [...actions.querySelectorAll("button")];
     buttons.forEach((b) => (b.disabled = true));
+    const pending = { cancel: "Cancelling: stopping the training process…", delete: "Deleting…" }[action];
+    if (pending) setText(actionNote, pending);
     try {
       if (action === "delete") {
         await api(taskUrl(taskId), { method: "DELETE" });
@@ -256,6 +261,7 @@ export function mountTask(root, taskId) {
       actionMsg.textContent = `${ACTIONS[action].label} failed: ${err.message}`;
       actionMsg.hidden = false;
     } finally {
+      setText(actionNote, "");
       buttons.forEach((b) => (b.disabled = false));
     }
   }
