@@ -51,7 +51,8 @@ export function fmtLoss(x) {
 }
 
 export function fmtLr(x) {
-  return isNum(x) ? x.toExponential(2) : "–";
+  if (!isNum(x)) return "–";
+  return x === 0 ? "0" : x.toExponential(2);
 }
 
 export function fmtDuration(s) {
