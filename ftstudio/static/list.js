@@ -142,6 +142,7 @@ function makeRow(t) {
   const cell = (key, ...kids) => (c[key] = h("td", { class: `c-${key}` }, ...kids));
   c.link = h("a", { href: `#/tasks/${encodeURIComponent(t.id)}` });
   c.badge = statusBadge(t.status);
+  c.reattached = h("span", { class: "muted small", title: "The studio restarted during this training; the training kept running and the studio reattached to it." });
   c.bar = progressBar(`Progress of ${t.name || t.id}`);
   c.pct = h("span", { class: "pct" });
   const tr = h(
@@ -149,7 +150,7 @@ function makeRow(t) {
     { dataset: { id: t.id } },
     cell("name", c.link),
     cell("model"),
-    cell("status", c.badge),
+    cell("status", c.badge, c.reattached),
     cell("progress", c.bar, c.pct),
     cell("step"),
     cell("epoch"),
@@ -167,6 +168,7 @@ function updateRow({ tr, c }, t) {
   setText(c.model, t.model);
   c.model.title = t.model || "";
   setBadge(c.badge, t.status);
+  setText(c.reattached, t.reattached && RUNNING.has(t.status) ? " reattached" : "");
   const running = RUNNING.has(t.status);
   c.bar.update(t.percent, running);
   setText(c.pct, isNum(t.percent) ? `${Math.floor(t.percent)}%` : "");
