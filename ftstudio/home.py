@@ -73,7 +73,7 @@ class Home:
 
     def task(self, task_id: str) -> TaskDir:
         if not TASK_ID_RE.fullmatch(task_id):
-            raise NotFound(f"no task {task_id!r}: task ids look like 20261122-0915-a1b2c3 (see `ftstudio tasks`)")
+            raise NotFound(f"no task {task_id!r}: task ids look like 20261122-0915-a1b2c3d4 (see `ftstudio tasks`)")
         return TaskDir(self.tasks / task_id)
 
 

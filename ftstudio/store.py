@@ -371,6 +371,7 @@ def _progress_of(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def new_task_id(now: float | None = None) -> str:
-    """Sortable by time, unguessable in the tail, and safe in any path: `20261122-0915-a1b2c3`."""
+    """Sortable by time, unguessable in the tail, and safe in any path: `20261122-0915-a1b2c3d4`.
+    A collision (1 in 4 billion within the same minute) is caught by the primary key and drawn again."""
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime(now if now is not None else time.time()))
-    return f"{stamp}-{secrets.token_hex(3)}"
+    return f"{stamp}-{secrets.token_hex(4)}"

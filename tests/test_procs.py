@@ -11,6 +11,10 @@ from ftstudio.procs import Identity, Liveness, boot_id, check
 def test_a_live_process_is_alive_and_its_marker_is_checked():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker-abc"])
     try:
+        # Until exec, the child still shows our command line.
+        deadline = time.monotonic() + 10
+        while "marker-abc" not in psutil.Process(proc.pid).cmdline() and time.monotonic() < deadline:
+            time.sleep(0.01)
         ident = Identity.of(proc.pid)
         assert check(ident) == Liveness.ALIVE
         assert check(ident, marker="marker-abc") == Liveness.ALIVE
