@@ -18,7 +18,8 @@ export class LogTail {
     this.pre = h("pre", { class: "log", tabindex: "0", "aria-label": "Training log" });
     this.note = h("span", { class: "muted log-note", "aria-live": "polite" });
     this.button = h("button", { type: "button", class: "secondary", "aria-pressed": "false", onclick: () => this.toggle() }, "Pause log");
-    this.el = h("div", { class: "log-box" }, h("div", { class: "log-tools" }, this.button, this.note), this.pre);
+    const full = h("a", { href: taskUrl(taskId, "/files/training.log"), download: "training.log" }, "Download the whole log");
+    this.el = h("div", { class: "log-box" }, h("div", { class: "log-tools" }, this.button, full, this.note), this.pre);
   }
 
   start() {
