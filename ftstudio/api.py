@@ -190,11 +190,23 @@ def create_app(service: Service, broker: Broker | None = None, *, started_at: fl
     def list_datasets() -> dict[str, Any]:
         return {"datasets": service.datasets()}
 
+    @app.get("/api/datasets/{name}")
+    def show_dataset(name: str) -> dict[str, Any]:
+        return service.dataset(name)
+
     @app.get("/api/models")
     def list_models() -> dict[str, Any]:
         return {"models": service.models()}
 
     # -- the page ------------------------------------------------------------
+
+    @app.middleware("http")
+    async def _no_stale_page(request: Request, call_next: Any) -> Response:
+        # After an upgrade the browser must not keep old JavaScript talking to a new API.
+        response: Response = await call_next(request)
+        if request.url.path == "/" or request.url.path.startswith("/static/"):
+            response.headers["Cache-Control"] = "no-cache"
+        return response
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -225,8 +225,13 @@ class Service:
 
     def delete(self, task_id: str) -> None:
         task = self.get(task_id)
-        if task.status_enum.has_process or procs.tagged(task.id):
+        if task.status_enum.has_process:
             raise Conflict(f"task {task.id} is {task.status}; cancel it before deleting it")
+        # A runner writes its exit record as its last act; give it a moment to be gone.
+        if procs.tagged(task.id) and not procs.wait_gone(task.id, 5.0):
+            raise Conflict(
+                f"task {task.id} is {task.status} but its processes are still exiting; try again in a moment"
+            )
         if not self.store.delete(task.id, only_if={s for s in S if not s.has_process}):
             raise Conflict(f"task {task.id} changed state while deleting; try again")
         shutil.rmtree(task.task_dir, ignore_errors=True)
@@ -268,6 +273,23 @@ class Service:
         return {
             "name": target.name,
             "path": str(target),
+            "format": info.format,
+            "rows": info.rows,
+            "preview": info.preview,
+        }
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        """Format, row count and the first rows of a bundled or uploaded dataset."""
+        from ftstudio.builtin import BUILTIN_DATASETS, resolve_dataset
+        from ftstudio.data import inspect_dataset
+
+        known = {d["name"] for d in self.datasets()}
+        if name not in known:
+            raise NotFound(f"no dataset {name!r}; upload it first (known: {', '.join(sorted(known))})")
+        info = inspect_dataset(resolve_dataset(name, self.home.root))
+        return {
+            "name": name,
+            "builtin": name in BUILTIN_DATASETS,
             "format": info.format,
             "rows": info.rows,
             "preview": info.preview,

@@ -128,3 +128,16 @@ def test_unknown_task_ids_are_404_everywhere(client, task_id):
     ]:
         r = client.request(method, path)
         assert r.status_code == 404, (method, path, r.text)
+
+
+def test_a_dataset_can_be_previewed_by_name(client):
+    sample = client.get("/api/datasets/builtin:sample").json()
+    assert sample["format"] == "alpaca" and sample["rows"] > 100 and len(sample["preview"]) == 5
+    r = client.get("/api/datasets/..%2F..%2Fetc%2Fpasswd")
+    assert r.status_code == 404
+    one_line(client.get("/api/datasets/nope.jsonl"), 404, "no dataset 'nope.jsonl'")
+
+
+def test_the_page_is_never_served_stale(client):
+    assert client.get("/").headers["cache-control"] == "no-cache"
+    assert client.get("/static/app.js").headers["cache-control"] == "no-cache"
