@@ -199,6 +199,12 @@ export function mountNew(root) {
         isNum(d.size) ? `, ${fmtBytes(d.size)}` : "",
       ),
     );
+    // Then the same preview an upload shows: detected format, row count, first rows.
+    const name = d.name;
+    api(`/api/datasets/${encodeURIComponent(name)}`).then(
+      (info) => !destroyed && dataInput.value.trim() === name && renderPreview(info),
+      () => {},
+    );
   }
 
   async function upload() {

@@ -38,6 +38,12 @@ def test_malformed_dataset_shows_the_line_and_creates_nothing(studio: LiveStudio
     assert "Say hi" in page.locator(".preview-table").inner_text()
     assert studio.api("GET", "/api/tasks")["total"] == 0
 
+    # Picking a dataset that is already there shows the same preview.
+    page.get_by_role("button", name="builtin:sample", exact=True).click()
+    page.locator(".preview-table", has_text="capital of Spain").wait_for()
+    assert page.locator("#detected-format").inner_text() == "alpaca"
+    assert page.locator(".preview-table tbody tr").count() == 5
+
 
 def test_validation_errors_appear_next_to_their_fields(studio: LiveStudio, page: Any) -> None:
     page.goto(studio.url + "/#/new")
