@@ -49,8 +49,14 @@ class StudioTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
-def run(config: TrainingConfig, out_dir: Path, home: Path, events: EventWriter | None) -> Path:
-    """Train one adapter into out_dir; returns the adapter directory."""
+def run(
+    config: TrainingConfig,
+    out_dir: Path,
+    home: Path,
+    events: EventWriter | None,
+    callbacks: list[Any] | None = None,
+) -> Path:
+    """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks."""
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -154,7 +160,7 @@ def run(config: TrainingConfig, out_dir: Path, home: Path, events: EventWriter |
         eval_dataset=val_rows or None,
         data_collator=batches.Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=[callback, *(callbacks or [])],
         train_sampler=sampler,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
