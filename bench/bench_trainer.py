@@ -97,7 +97,7 @@ def make_dataset(path: Path, rows: int, seed: int = 0) -> None:
     with open(path, "w") as f:
         for _ in range(rows):
             prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
-            n = int(math.exp(rng.uniform(math.log(7), math.log(270))))  # ~1.5 tokens a word
+            n = int(math.exp(rng.uniform(math.log(5), math.log(200))))  # about 2 tokens a word
             answer = " ".join(rng.choice(WORDS) for _ in range(n))
             f.write(json.dumps({"instruction": prompt, "input": "", "output": answer}) + "\n")
 
