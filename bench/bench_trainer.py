@@ -260,7 +260,8 @@ def main() -> None:
     results: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "steps": args.steps,
+        "rows": args.rows,
+        "epochs": args.epochs,
         **HP,
     }
     with tempfile.TemporaryDirectory() as tmp:
