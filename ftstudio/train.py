@@ -73,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="output directory for a bare config")
     args = parser.parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.output is None and not args.spec.is_file():
+        # No task directory to report into: say it on the console only.
+        return _fail(None, f"{args.spec} does not exist; pass the path of a task's spec.json", "ValidationError", 2)
     out_dir = (args.output or args.spec.resolve().parent).resolve()
     events: EventWriter | None = None
     try:

@@ -150,3 +150,38 @@ def test_bare_config_needs_output(tmp_path: Path) -> None:
     assert main([str(spec), "--output", str(out)]) == 0
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert read_events(out)[-1]["kind"] == "train_end"
+
+
+def test_divergence_guard() -> None:
+    from ftstudio.progress import LossGuard, TrainingFailed
+
+    guard = LossGuard(factor=2.0, patience=3)
+    for step in range(1, 30):
+        guard.check(step, 1.0, 0.5)
+    guard.check(30, 1.5, 0.5)  # a noisy step is fine
+    with pytest.raises(TrainingFailed, match="diverged at step") as e:
+        for step in range(31, 80):
+            guard.check(step, 50.0, 0.5)
+    assert "lower optim.learning_rate" in str(e.value)
+    with pytest.raises(TrainingFailed, match="gradient norm inf is not a number"):
+        LossGuard(0, 1).check(1, 1.0, float("inf"))
+
+
+def test_gradient_checkpointing_and_chosen_modules(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    config = merged(
+        FAST,
+        {
+            "data": {"path": str(data)},
+            "model": {"gradient_checkpointing": True},
+            "lora": {"target_modules": ["q_proj", "v_proj"]},
+            "optim": {"max_steps": 2},
+        },
+    )
+    code, events = train(tmp_path / "task", config, shared_home())
+    assert code == 0, events[-1]
+    begin = next(e for e in events if e["kind"] == "train_begin")
+    assert begin["target_modules"] == ["q_proj", "v_proj"] and begin["adapted_layers"] == 8
+    bad = merged(config, {"lora": {"target_modules": ["no_such_proj"]}})
+    code, events = train(tmp_path / "bad", bad, shared_home())
+    assert code == 2 and events[-1]["message"].startswith("lora.target_modules")
