@@ -92,7 +92,8 @@ def run(
 
     ckpt_dir = out_dir / "checkpoints"
     resume = resolve_resume(config.checkpoint.resume_from, ckpt_dir)
-    tidy_checkpoints(ckpt_dir, resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tidy_checkpoints(ckpt_dir, resume)
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
