@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ftstudio import batches
+from ftstudio import batches, preflight
 from ftstudio.adapters import save_adapter
 from ftstudio.builtin import resolve_dataset, resolve_model
 from ftstudio.config import TrainingConfig
@@ -69,8 +69,10 @@ def run(
             events.emit("status", phase=phase, message=message)
             print(message, flush=True)
 
-    # --- setup: data first, then tokenizer, then model ---
+    # --- setup: the submit-time checks again (the spec may have been written by hand),
+    # then data, then tokenizer, then model ---
     status("loading_data", f"reading {config.data.path}")
+    preflight.check(config, home)
     data_path = resolve_dataset(config.data.path, home)
     info, examples = load_examples(data_path, config.data.format)
     for problem in info.problems:

@@ -101,9 +101,14 @@ def test_bad_data_fails_before_the_model_loads(tmp_path: Path) -> None:
         ({"optim": {"learning_rate": -1}}, "optim.learning_rate (--lr): must be positive"),
         ({"data": {"path": "no-such-dataset"}}, "no dataset 'no-such-dataset'"),
         ({"checkpoint": {"resume_from": "/no/such/checkpoint-3"}}, "not a complete checkpoint"),
+        ({"model": {"name": "someorg/model-not-in-cache"}}, "not in the local Hugging Face cache"),
+        ({"model": {"quantization": "4bit"}}, "4bit quantization needs"),
     ],
 )
-def test_bad_config_is_exit_2_with_one_error_event(tmp_path: Path, config: dict, message: str) -> None:
+def test_bad_config_is_exit_2_with_one_error_event(
+    tmp_path: Path, config: dict, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, events = train(tmp_path / "task", merged(FAST, config), shared_home())
     assert code == 2
     errors = [e for e in events if e["kind"] == "error"]
