@@ -19,6 +19,7 @@ from trainer_fixtures import (
     shared_home,
     train,
     write_jsonl,
+    write_spec,
 )
 
 from ftstudio.builtin import tiny_model_dir
@@ -191,3 +192,29 @@ def test_gradient_checkpointing_and_chosen_modules(tmp_path: Path) -> None:
     bad = merged(config, {"lora": {"target_modules": ["no_such_proj"]}})
     code, events = train(tmp_path / "bad", bad, shared_home())
     assert code == 2 and events[-1]["message"].startswith("lora.target_modules")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_only_rank_0_reports(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    task = tmp_path / "task"
+    spec = write_spec(
+        task, merged(FAST, {"data": {"path": str(data)}, "checkpoint": {"every_steps": 2}}), shared_home()
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*cmd, "-m", "ftstudio.train", str(spec)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    events = read_events(task)
+    assert kinds(events).count("train_begin") == 1 and kinds(events).count("train_end") == 1
+    assert [e["step"] for e in events if e["kind"] == "progress"] == [1, 2, 3, 4]
+    assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [2, 4]
+    assert done.stdout.count("training 4 steps") == 1  # one set of log lines, from rank 0
+    assert (task / "adapter" / "adapter_model.safetensors").exists()
