@@ -251,8 +251,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--dropout", type=float, default=HP["dropout"], help="LoRA dropout for every run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    HP["dropout"] = args.dropout
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
