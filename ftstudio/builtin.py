@@ -28,7 +28,7 @@ BUILTIN_DATASETS = ("builtin:sample",)
 DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 # Bump when the recipe below changes: an older build on disk is then replaced.
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_SEED = 0
 _MARKER = "ftstudio-builtin.json"
 # Small enough that the demo trains in about a minute on two CPU cores.

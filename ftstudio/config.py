@@ -191,7 +191,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"name": "builtin:tiny", "dtype": "float32"},
         "data": {"max_length": 256},
         "lora": {"rank": 8, "alpha": 16},
-        "optim": {"epochs": 2.0, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1},
+        "optim": {"epochs": 4.0, "learning_rate": 3e-3, "batch_size": 8, "grad_accum": 1},
         "checkpoint": {"every_steps": 20},
     },
     "single-gpu-24gb": {

@@ -9,6 +9,7 @@ the user asked for it.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ def pick_dtype(requested: str) -> torch.dtype:
     return torch.float32
 
 
+def attention_implementation(dtype: torch.dtype) -> str | None:
+    """flash-attention 2 where it can run (CUDA, half precision, package installed): packed rows then
+    use its variable-length kernel. Otherwise None, transformers' default (sdpa)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 def load_tokenizer(ref: str | Path, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
@@ -56,6 +66,9 @@ def load_model(ref: str | Path, cfg: ModelConfig) -> Any:
         raise ValidationError(Problem("model.quantization", problem))
     dtype = pick_dtype(cfg.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    attention = attention_implementation(dtype)
+    if attention:
+        kwargs["attn_implementation"] = attention
     if cfg.quantization != "none":
         from transformers import BitsAndBytesConfig
 

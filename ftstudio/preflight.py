@@ -122,6 +122,8 @@ def _resume(value: str) -> list[Problem]:
     if value in ("", "auto"):
         return []
     path = Path(value).expanduser()
+    if not path.is_absolute():
+        return []  # relative to the task's checkpoints/ directory, which the trainer resolves
     if not path.exists():
         return [Problem("checkpoint.resume_from", f"{value} does not exist; give a checkpoint-N directory or auto")]
     if not is_complete(path):

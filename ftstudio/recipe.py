@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ftstudio import batches
+from ftstudio import batches, preflight
 from ftstudio.adapters import save_adapter
 from ftstudio.builtin import resolve_dataset, resolve_model
 from ftstudio.config import TrainingConfig
@@ -49,8 +49,14 @@ class StudioTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
-def run(config: TrainingConfig, out_dir: Path, home: Path, events: EventWriter | None) -> Path:
-    """Train one adapter into out_dir; returns the adapter directory."""
+def run(
+    config: TrainingConfig,
+    out_dir: Path,
+    home: Path,
+    events: EventWriter | None,
+    callbacks: list[Any] | None = None,
+) -> Path:
+    """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks."""
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -63,8 +69,10 @@ def run(config: TrainingConfig, out_dir: Path, home: Path, events: EventWriter |
             events.emit("status", phase=phase, message=message)
             print(message, flush=True)
 
-    # --- setup: data first, then tokenizer, then model ---
+    # --- setup: the submit-time checks again (the spec may have been written by hand),
+    # then data, then tokenizer, then model ---
     status("loading_data", f"reading {config.data.path}")
+    preflight.check(config, home)
     data_path = resolve_dataset(config.data.path, home)
     info, examples = load_examples(data_path, config.data.format)
     for problem in info.problems:
@@ -86,7 +94,8 @@ def run(config: TrainingConfig, out_dir: Path, home: Path, events: EventWriter |
 
     ckpt_dir = out_dir / "checkpoints"
     resume = resolve_resume(config.checkpoint.resume_from, ckpt_dir)
-    tidy_checkpoints(ckpt_dir, resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tidy_checkpoints(ckpt_dir, resume)
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
@@ -154,7 +163,7 @@ def run(config: TrainingConfig, out_dir: Path, home: Path, events: EventWriter |
         eval_dataset=val_rows or None,
         data_collator=batches.Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=[callback, *(callbacks or [])],
         train_sampler=sampler,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -71,14 +71,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftstudio.train", description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path, help="a task's spec.json, or a TrainingConfig JSON with --output")
     parser.add_argument("--output", type=Path, default=None, help="output directory for a bare config")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="override checkpoint.resume_from: auto = the newest complete checkpoint (a fresh start if none)",
+    )
     args = parser.parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.output is None and not args.spec.is_file():
+        # No task directory to report into: say it on the console only.
+        return _fail(None, f"{args.spec} does not exist; pass the path of a task's spec.json", "ValidationError", 2)
     out_dir = (args.output or args.spec.resolve().parent).resolve()
     events: EventWriter | None = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         events = EventWriter(out_dir / "events.jsonl") if rank0 else None
         job = read_spec(args.spec, args.output.resolve() if args.output else None)
+        if args.resume is not None:
+            job.config.checkpoint.resume_from = args.resume
         from ftstudio.recipe import run
 
         run(job.config, job.out_dir, job.home, events)

@@ -155,3 +155,23 @@ def test_row_order_depends_on_seed_and_epoch_only() -> None:
         max(lengths[i] for i in order[k : k + 4]) - min(lengths[i] for i in order[k : k + 4]) for k in range(0, 200, 4)
     ]
     assert sum(spread) / len(spread) < 10
+
+
+def test_packed_examples_do_not_attend_to_each_other(tokenizer) -> None:
+    """The logits of an example are the same alone and packed after another one (model loaded as for training)."""
+    import torch
+
+    from ftstudio.config import ModelConfig
+    from ftstudio.models import load_model
+
+    model = load_model(tiny_model_dir(shared_home()), ModelConfig())  # KV cache off, as in training
+    model.eval()
+    a = batches.tokenize(Example("a", text="What is 2 plus 2? It is 4."), tokenizer, 64)
+    b = batches.tokenize(Example("b", text="The capital of France is Paris."), tokenizer, 64)
+    rows = batches.pack([a, b], 64)
+    assert len(rows) == 1 and rows[0].input_ids == a.input_ids + b.input_ids
+    batch = batches.Collator(tokenizer.pad_token_id)(rows)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
+    assert torch.allclose(packed[len(a.input_ids) :], alone, atol=1e-4)

@@ -126,21 +126,14 @@ def test_trainer_state_must_match_the_step(tmp_path: Path) -> None:
 
 
 def test_resume_auto_skips_a_partial_checkpoint(tmp_path: Path) -> None:
+    from ftstudio.train import main
+
     ckpts = _checkpointed_run(tmp_path)
     (ckpts / "checkpoint-6" / MARKER).unlink()
     (tmp_path / "task" / "adapter").rename(tmp_path / "old-adapter")
-    data = tmp_path / "d.jsonl"
-    config = merged(
-        FAST,
-        {
-            "data": {"path": str(data)},
-            "optim": {"max_steps": 6},
-            "checkpoint": {"every_steps": 2, "keep": 3, "resume_from": "auto"},
-        },
-    )
-    code, events = train(tmp_path / "task", config, shared_home())
-    assert code == 0
-    begin = [e for e in events if e["kind"] == "train_begin"][-1]
+    # the spec still says a fresh start; --resume auto overrides it, as the supervisor will
+    assert main([str(tmp_path / "task" / "spec.json"), "--resume", "auto"]) == 0
+    begin = [e for e in read_events(tmp_path / "task") if e["kind"] == "train_begin"][-1]
     assert begin["resumed_from_step"] == 4
     assert is_complete(ckpts / "checkpoint-6")  # rewritten by the resumed run, and complete this time
 

@@ -19,6 +19,7 @@ from trainer_fixtures import (
     shared_home,
     train,
     write_jsonl,
+    write_spec,
 )
 
 from ftstudio.builtin import tiny_model_dir
@@ -100,10 +101,16 @@ def test_bad_data_fails_before_the_model_loads(tmp_path: Path) -> None:
         ({"model": {"name": "builtin:nope"}}, "unknown built-in model"),
         ({"optim": {"learning_rate": -1}}, "optim.learning_rate (--lr): must be positive"),
         ({"data": {"path": "no-such-dataset"}}, "no dataset 'no-such-dataset'"),
-        ({"checkpoint": {"resume_from": "/no/such/checkpoint-3"}}, "not a complete checkpoint"),
+        ({"checkpoint": {"resume_from": "/no/such/checkpoint-3"}}, "does not exist"),
+        ({"checkpoint": {"resume_from": "checkpoint-3"}}, "not a complete checkpoint"),
+        ({"model": {"name": "someorg/model-not-in-cache"}}, "not in the local Hugging Face cache"),
+        ({"model": {"quantization": "4bit"}}, "4bit quantization needs"),
     ],
 )
-def test_bad_config_is_exit_2_with_one_error_event(tmp_path: Path, config: dict, message: str) -> None:
+def test_bad_config_is_exit_2_with_one_error_event(
+    tmp_path: Path, config: dict, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, events = train(tmp_path / "task", merged(FAST, config), shared_home())
     assert code == 2
     errors = [e for e in events if e["kind"] == "error"]
@@ -150,3 +157,64 @@ def test_bare_config_needs_output(tmp_path: Path) -> None:
     assert main([str(spec), "--output", str(out)]) == 0
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert read_events(out)[-1]["kind"] == "train_end"
+
+
+def test_divergence_guard() -> None:
+    from ftstudio.progress import LossGuard, TrainingFailed
+
+    guard = LossGuard(factor=2.0, patience=3)
+    for step in range(1, 30):
+        guard.check(step, 1.0, 0.5)
+    guard.check(30, 1.5, 0.5)  # a noisy step is fine
+    with pytest.raises(TrainingFailed, match="diverged at step") as e:
+        for step in range(31, 80):
+            guard.check(step, 50.0, 0.5)
+    assert "lower optim.learning_rate" in str(e.value)
+    with pytest.raises(TrainingFailed, match="gradient norm inf is not a number"):
+        LossGuard(0, 1).check(1, 1.0, float("inf"))
+
+
+def test_gradient_checkpointing_and_chosen_modules(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    config = merged(
+        FAST,
+        {
+            "data": {"path": str(data)},
+            "model": {"gradient_checkpointing": True},
+            "lora": {"target_modules": ["q_proj", "v_proj"]},
+            "optim": {"max_steps": 2},
+        },
+    )
+    code, events = train(tmp_path / "task", config, shared_home())
+    assert code == 0, events[-1]
+    begin = next(e for e in events if e["kind"] == "train_begin")
+    assert begin["target_modules"] == ["q_proj", "v_proj"] and begin["adapted_layers"] == 8
+    bad = merged(config, {"lora": {"target_modules": ["no_such_proj"]}})
+    code, events = train(tmp_path / "bad", bad, shared_home())
+    assert code == 2 and events[-1]["message"].startswith("lora.target_modules")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_only_rank_0_reports(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    task = tmp_path / "task"
+    spec = write_spec(
+        task, merged(FAST, {"data": {"path": str(data)}, "checkpoint": {"every_steps": 2}}), shared_home()
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*cmd, "-m", "ftstudio.train", str(spec)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    events = read_events(task)
+    assert kinds(events).count("train_begin") == 1 and kinds(events).count("train_end") == 1
+    assert [e["step"] for e in events if e["kind"] == "progress"] == [1, 2, 3, 4]
+    assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [2, 4]
+    assert done.stdout.count("training 4 steps") == 1  # one set of log lines, from rank 0
+    assert (task / "adapter" / "adapter_model.safetensors").exists()
