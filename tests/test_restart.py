@@ -56,6 +56,7 @@ def assert_complete_history(home, task_id, steps):
     assert all(isinstance(e["loss"], float) for e in evs if e["kind"] == "progress")
 
 
+@pytest.mark.timeout(900)  # ~40 s on an idle 2-core machine; torch slows many-fold when the cores are shared
 def test_training_survives_sigkill_and_restarts_of_the_studio(home, studio_factory):
     first = studio_factory().start()
     task = submit(first, 360)
@@ -88,7 +89,7 @@ def test_training_survives_sigkill_and_restarts_of_the_studio(home, studio_facto
         after = wait_for(lambda b=before: (t := second.task(tid))["step"] > b and t, timeout=60, what="step rising")
         assert after["pid"] == runner_pid and after["reattached"] is True and after["status"] == "training"
 
-    done = second.wait_status(tid, "completed", "failed", timeout=180)
+    done = second.wait_status(tid, "completed", "failed", timeout=700)
     assert done["status"] == "completed", done["error"]
     assert done["step"] == 360 and done["pid"] == runner_pid
     adapter = home / "tasks" / tid / "adapter"
