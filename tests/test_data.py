@@ -175,3 +175,19 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer) -> None:
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
         alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
     assert torch.allclose(packed[len(a.input_ids) :], alone, atol=1e-4)
+
+
+def test_a_template_that_refuses_a_row_skips_it(tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir(shared_home()))
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + tok.chat_template
+    )
+    ex = Example(
+        "x",
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
+    )
+    with pytest.raises(ValueError, match="System role not supported"):
+        batches.tokenize(ex, tok, 64)
