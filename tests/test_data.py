@@ -191,3 +191,26 @@ def test_a_template_that_refuses_a_row_skips_it(tokenizer) -> None:
     )
     with pytest.raises(ValueError, match="System role not supported"):
         batches.tokenize(ex, tok, 64)
+
+
+def test_template_with_a_default_system_prompt(tokenizer) -> None:
+    """Qwen2.5-style: a system turn is added when the conversation has none; it is never trained on."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir(shared_home()))
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+        + tok.chat_template
+    )
+    ex = Example(
+        "x",
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "see you"},
+        ],
+    )
+    item = batches.tokenize(ex, tok, 128)
+    assert tok.decode(item.input_ids).startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi")
+    assert _trained_text(tok, item) == "hello<|im_end|>see you<|im_end|>"
