@@ -58,7 +58,10 @@ class Tokenized:
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # a template's own raise_exception (e.g. "roles must alternate") is a bad row
+        raise ValueError(f"the model's chat template refuses this conversation ({e})") from None
 
 
 def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:

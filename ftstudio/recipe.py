@@ -183,20 +183,23 @@ def run(
     status("saving", "saving the adapter")
     stats = callback.stats
     wall = time.monotonic() - started
-    evals = stats.eval_losses
+    # From the Trainer's history, which a resumed run restores from its checkpoint: the
+    # summary covers the whole run, not only this attempt.
+    losses = [float(h["loss"]) for h in state.log_history if "loss" in h]
+    evals = [(int(h["step"]), float(h["eval_loss"])) for h in state.log_history if "eval_loss" in h]
     summary = {
         "task_dir": str(out_dir),
         "base_model": {"name": config.model.name, "path": str(model_ref)},
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
-        "final_loss": stats.losses[-1] if stats.losses else None,
-        "best_loss": min(stats.losses) if stats.losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "best_loss": min(losses) if losses else None,
         "first_eval_loss": evals[0][1] if evals else None,
         "final_eval_loss": evals[-1][1] if evals else None,
         "best_eval_loss": min(e for _, e in evals) if evals else None,
         "tokens": state.num_input_tokens_seen,
         "tokens_per_s": round(stats.tokens_per_s(), 1),
-        "wall_s": round(wall, 2),
+        "wall_s": round(wall, 2),  # this attempt
         "resumed_from_step": stats.first_step,
         "trainable_params": report.trainable_params,
         "total_params": report.total_params,

@@ -175,3 +175,42 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer) -> None:
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
         alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
     assert torch.allclose(packed[len(a.input_ids) :], alone, atol=1e-4)
+
+
+def test_a_template_that_refuses_a_row_skips_it(tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir(shared_home()))
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + tok.chat_template
+    )
+    ex = Example(
+        "x",
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
+    )
+    with pytest.raises(ValueError, match="System role not supported"):
+        batches.tokenize(ex, tok, 64)
+
+
+def test_template_with_a_default_system_prompt(tokenizer) -> None:
+    """Qwen2.5-style: a system turn is added when the conversation has none; it is never trained on."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir(shared_home()))
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+        + tok.chat_template
+    )
+    ex = Example(
+        "x",
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "see you"},
+        ],
+    )
+    item = batches.tokenize(ex, tok, 128)
+    assert tok.decode(item.input_ids).startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi")
+    assert _trained_text(tok, item) == "hello<|im_end|>see you<|im_end|>"

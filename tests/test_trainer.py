@@ -218,3 +218,14 @@ def test_torchrun_two_processes_only_rank_0_reports(tmp_path: Path) -> None:
     assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [2, 4]
     assert done.stdout.count("training 4 steps") == 1  # one set of log lines, from rank 0
     assert (task / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_validation_from_a_file(tmp_path: Path) -> None:
+    train_file = write_jsonl(tmp_path / "train.jsonl", ALPACA)
+    val_file = write_jsonl(tmp_path / "val.jsonl", MESSAGES[:5])
+    config = merged(FAST, {"data": {"path": str(train_file), "validation": str(val_file)}, "optim": {"max_steps": 2}})
+    code, events = train(tmp_path / "task", config, shared_home())
+    assert code == 0
+    begin = next(e for e in events if e["kind"] == "train_begin")
+    assert (begin["train_examples"], begin["validation_rows"]) == (16, 5)
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [2]

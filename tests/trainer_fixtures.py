@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ftstudio.builtin import ensure_tiny
 from ftstudio.train import main
 
@@ -27,12 +25,6 @@ def shared_home() -> Path:
         atexit.register(shutil.rmtree, _HOME, True)
         ensure_tiny(_HOME)
     return _HOME
-
-
-@pytest.fixture
-def tiny_home() -> Path:
-    """A data home with builtin:tiny already built (shared by every test in the process)."""
-    return shared_home()
 
 
 # Fast settings for a real run on builtin:tiny: a handful of steps, no eval unless asked.
