@@ -33,11 +33,12 @@ MAX_UPLOAD_BYTES = 512 << 20
 DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
-# `python train.py` in a task dir reproduces the task by hand. Nothing from the
-# user is in it: the entry point reads spec.json beside it.
+# `python train.py` in a task dir reproduces the task by hand (`python train.py --resume auto`
+# continues it from its newest complete checkpoint). Nothing from the user is in it: the entry
+# point reads spec.json beside it.
 TRAIN_PY = """\
 import pathlib, sys, ftstudio.train
-sys.exit(ftstudio.train.main([str(pathlib.Path(__file__).with_name("spec.json"))]))
+sys.exit(ftstudio.train.main([str(pathlib.Path(__file__).with_name("spec.json")), *sys.argv[1:]]))
 """
 
 # Which actions each state allows; the page shows a button only for these.

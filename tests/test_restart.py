@@ -4,12 +4,14 @@ fine-tune of builtin:tiny runs in its own processes."""
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from support import cli_json, run_cli, wait_for
+from support import cli_json, home_env, run_cli, wait_for
 
 from ftstudio.home import Home, read_json
 from ftstudio.procs import tagged
@@ -146,7 +148,18 @@ def test_a_cli_submitted_fine_tune_runs_to_completed(home):
     assert shown["status"] == "completed" and shown["step"] == 25
     assert (home / "tasks" / tid / "adapter" / "adapter_model.safetensors").is_file()
     assert_complete_history(home, tid, 25)
-    assert Home(home).task(tid).exit.exists()
+    tdir = Home(home).task(tid)
+    assert tdir.exit.exists()
+    # train.py reproduces the task by hand; with --resume auto it continues from the last checkpoint.
+    by_hand = subprocess.run(
+        [sys.executable, "train.py", "--resume", "auto"],
+        cwd=tdir.path,
+        env=home_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert by_hand.returncode == 0, by_hand.stdout[-2000:]
     reply = run_cli(home, "generate", tid, "--prompt", "Reverse the word: stone", "--max-new-tokens", "8")
     assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr
     merged = run_cli(home, "merge", tid)
