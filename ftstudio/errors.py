@@ -8,6 +8,7 @@
     ├── IllegalTransition         a state change the transition table forbids (a bug or a lost race)
     ├── StudioAlreadyRunning      a second studio server on the same home
     ├── StorageError              the data home cannot be written (full disk, permissions)
+    ├── TrainingFailed            training ran but had to stop (NaN loss, divergence)
     └── LaunchError               the training process could not be started
 
 Exceptions are mapped to HTTP status codes and exit codes only at the edges
@@ -75,6 +76,10 @@ class StudioAlreadyRunning(FtstudioError):
 
 class StorageError(FtstudioError):
     http_status = 507
+
+
+class TrainingFailed(FtstudioError):
+    """Training ran but had to stop: a loss that is not a number, or divergence. Exit code 1."""
 
 
 class LaunchError(FtstudioError):

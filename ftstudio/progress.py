@@ -19,12 +19,8 @@ from typing import Any, TextIO
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ftstudio import checkpoints
-from ftstudio.errors import FtstudioError
+from ftstudio.errors import TrainingFailed
 from ftstudio.events import EventWriter
-
-
-class TrainingFailed(FtstudioError):
-    """Training ran but had to stop: a loss that is not a number, or divergence. Exit code 1."""
 
 
 class LossGuard:

@@ -160,7 +160,8 @@ def test_bare_config_needs_output(tmp_path: Path) -> None:
 
 
 def test_divergence_guard() -> None:
-    from ftstudio.progress import LossGuard, TrainingFailed
+    from ftstudio.errors import TrainingFailed
+    from ftstudio.progress import LossGuard
 
     guard = LossGuard(factor=2.0, patience=3)
     for step in range(1, 30):
