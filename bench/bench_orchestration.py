@@ -1,0 +1,207 @@
+"""Orchestration overhead (issue 2): wall time of a fixed fine-tune of builtin:tiny
+submitted through the studio (POST /api/tasks -> status `completed`), divided by
+the same config run directly with `python -m ftstudio train`. Goal: <= 1.05.
+
+Both sides run the real trainer on the same home, so both use the same built
+tiny model (built once before the first pair, so neither pays for it). The
+studio is started once and left running (a studio is long-lived; its own
+start-up is the start-up benchmark's business). Runs alternate in pairs, the
+order flipping every pair (direct-studio, studio-direct, ...) so a drift in the
+machine's load hits both sides alike; the figure is the median of the per-pair
+ratios. The trainer's own `wall_s` (from its train_end event) is reported too:
+wall time minus that is the fixed cost around training on each side, which is
+what the studio can actually add.
+
+    PYTHONPATH=$PWD python bench/bench_orchestration.py [--pairs 3] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import (
+    PY,
+    Figure,
+    Studio,
+    add_common_args,
+    bench_env,
+    load_average,
+    median,
+    report,
+    sweep,
+)
+
+GOAL = 1.05
+
+
+@dataclass
+class Run:
+    side: str
+    wall_s: float  # what the user waits: start -> done
+    trainer_s: float  # the trainer's own wall_s (setup + train + save), from train_end
+    # Studio only: where the time outside the trainer process went (seconds).
+    submit_s: float = 0.0  # POST /api/tasks round trip (validation, preflight, task dir, spawning the runner)
+    launch_s: float = 0.0  # POST answered -> runner up and the trainer spawned (launch.json started_at)
+    process_s: float = 0.0  # trainer spawned -> runner's exit record (exit.json finished_at)
+    notice_s: float = 0.0  # exit record -> the client sees `completed` (supervisor check + client poll)
+
+    @property
+    def added_s(self) -> float:
+        """Studio time that is not the trainer process itself: what orchestration adds."""
+        return self.submit_s + self.launch_s + self.notice_s
+
+
+def config_for(steps: int) -> dict[str, Any]:
+    return {
+        "preset": "cpu-demo",
+        "model": {"name": "builtin:tiny"},
+        "data": {"path": "builtin:sample"},
+        "optim": {"max_steps": steps},
+    }
+
+
+def trainer_seconds(events_path: Path) -> float:
+    for line in reversed(events_path.read_text().splitlines()):
+        ev = json.loads(line)
+        if ev.get("kind") == "train_end":
+            return float(ev["wall_s"])
+    raise RuntimeError(f"{events_path} has no train_end event")
+
+
+def run_direct(home: Path, env: dict[str, str], cfg_path: Path, n: int) -> Run:
+    out = home / "direct" / f"run-{n}"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [PY, "-m", "ftstudio", "train", str(cfg_path), "--output", str(out)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=900,
+    )
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"direct training failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
+    return Run("direct", wall, trainer_seconds(out / "events.jsonl"))
+
+
+def run_studio(studio: Studio, config: dict[str, Any], n: int, poll_s: float) -> Run:
+    # Wall-clock time (not monotonic) so it compares with the runner's launch/exit records.
+    t0 = time.time()
+    r = studio.http.post("/api/tasks", json={"name": f"orchestration {n}", "config": config})
+    r.raise_for_status()
+    t_submitted = time.time()
+    task_id = r.json()["id"]
+    while True:
+        status = studio.task(task_id)["status"]
+        if status == "completed":
+            break
+        if status in ("failed", "cancelled", "interrupted"):
+            raise RuntimeError(f"studio task {task_id} ended {status}; see {studio.home / 'tasks' / task_id}")
+        time.sleep(poll_s)
+    t_done = time.time()
+    tdir = studio.home / "tasks" / task_id
+    spawned = json.loads((tdir / "launch.json").read_text())["started_at"]
+    exited = json.loads((tdir / "exit.json").read_text())["finished_at"]
+    return Run(
+        "studio",
+        t_done - t0,
+        trainer_seconds(tdir / "events.jsonl"),
+        submit_s=t_submitted - t0,
+        launch_s=spawned - t_submitted,
+        process_s=exited - spawned,
+        notice_s=t_done - exited,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3, help="direct/studio pairs (default 3)")
+    parser.add_argument("--steps", type=int, default=8, help="optim.max_steps of the fine-tune (default 8)")
+    parser.add_argument("--poll", type=float, default=0.1, help="seconds between status polls of the studio task")
+    add_common_args(parser)
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="ftstudio-bench-orch-"))
+    env = bench_env(home)
+    config = config_for(args.steps)
+    cfg_path = home / "config.json"
+    cfg_path.write_text(json.dumps(config))
+    studio = Studio(home, env)
+    pairs: list[tuple[Run, Run]] = []
+    try:
+        print(f"home {home}; load average {load_average()}")
+        # The tiny model is built once here, so neither side pays for it.
+        subprocess.run(
+            [PY, "-c", "import sys, pathlib; from ftstudio.builtin import ensure_tiny; ensure_tiny(pathlib.Path(sys.argv[1]))", str(home)],
+            env=env,
+            check=True,
+        )  # fmt: skip
+        studio.start()
+        for i in range(args.pairs):
+            # Flip the order every pair: a load drift then favours neither side.
+            if i % 2 == 0:
+                d = run_direct(home, env, cfg_path, i)
+                s = run_studio(studio, config, i, args.poll)
+            else:
+                s = run_studio(studio, config, i, args.poll)
+                d = run_direct(home, env, cfg_path, i)
+            pairs.append((d, s))
+            print(
+                f"pair {i}: direct {d.wall_s:6.2f}s (trainer {d.trainer_s:6.2f}s)  "
+                f"studio {s.wall_s:6.2f}s (trainer {s.trainer_s:6.2f}s; submit {s.submit_s:.2f}s, "
+                f"launch {s.launch_s:.2f}s, trainer process {s.process_s:.2f}s, notice {s.notice_s:.2f}s)  "
+                f"ratio {s.wall_s / d.wall_s:.3f}  load {load_average()}",
+                flush=True,
+            )
+    finally:
+        studio.close()
+        sweep(home)
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+
+    ratios = [s.wall_s / d.wall_s for d, s in pairs]
+    ratio = median(ratios)
+    # The same question with the trainer's run-to-run noise taken out: the seconds the studio adds
+    # around the trainer process, over the direct run's wall time (the trainer process's own lifetime
+    # is what a direct run is). On a shared machine this is the figure that can resolve 5 %.
+    added = median(s.added_s for _, s in pairs)
+    direct_wall = median(d.wall_s for d, _ in pairs)
+    added_ratio = 1.0 + added / direct_wall
+    direct_fixed = median(d.wall_s - d.trainer_s for d, _ in pairs)
+    studio_fixed = median(s.wall_s - s.trainer_s for _, s in pairs)
+    print(f"per-pair ratios: {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(
+        f"median wall: direct {median(d.wall_s for d, _ in pairs):.2f}s, studio {median(s.wall_s for _, s in pairs):.2f}s"
+    )
+    print(f"median fixed cost outside the trainer's own wall_s: direct {direct_fixed:.2f}s, studio {studio_fixed:.2f}s")
+    figures = [
+        Figure(
+            "Orchestration overhead (studio ÷ direct wall time)",
+            f"{ratio:.3f} (median of {len(pairs)} pairs: {', '.join(f'{r:.3f}' for r in ratios)}; "
+            f"{args.steps}-step builtin:tiny fine-tune, direct ≈ {median(d.wall_s for d, _ in pairs):.1f}s)",
+            f"≤ {GOAL}",
+            ratio <= GOAL,
+        ),
+        Figure(
+            "Orchestration overhead, trainer noise removed: 1 + (studio time outside the trainer process) ÷ direct wall",
+            f"{added_ratio:.3f} (+{added:.2f}s median: submit {median(s.submit_s for _, s in pairs):.2f}s, "
+            f"launch {median(s.launch_s for _, s in pairs):.2f}s, exit noticed {median(s.notice_s for _, s in pairs):.2f}s)",
+            f"≤ {GOAL}",
+            added_ratio <= GOAL,
+        ),
+    ]
+    report(figures, args.json_out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
