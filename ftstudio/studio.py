@@ -98,6 +98,7 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
     broker = Broker()
     service = Service(home, in_server=True)
     service.supervisor.notify = broker.notify
+    service.supervisor.streamed = broker.streamed
 
     verdicts = service.supervisor.reconcile_all()  # before the API answers anything
     watched = len(service.supervisor.watched())
