@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +107,28 @@ class StreamClient(threading.Thread):
                 self.error = f"{type(e).__name__}: {e}"
 
 
+def profile(pid: int, out: Path, seconds: int = 20) -> None:
+    """Where the server's CPU goes: py-spy samples (outside the measured window: sampling costs CPU too)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    subprocess.run(
+        [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-f", "raw", "-o", str(out), "--nonblocking"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    own: Counter[str] = Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        # Count each function once per sample (inclusive time), however deep it recurses.
+        for frame in set(stack.split(";")):
+            own[frame] += n
+    print(f"py-spy: {total} samples in {seconds}s; inclusive share of the busiest frames:")
+    for frame, n in own.most_common(40):
+        print(f"  {100.0 * n / total:5.1f} %  {frame}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20)
@@ -112,6 +137,13 @@ def main() -> int:
     parser.add_argument("--latency-window", type=float, default=30.0, help="seconds of stream latency sampling")
     parser.add_argument("--clients", type=int, default=4, help="tasks whose stream is read during the latency window")
     parser.add_argument("--idle", type=float, default=10.0, help="idle baseline before submitting, seconds")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="after the CPU window, sample the server with py-spy for 20 s into this file (collapsed stacks); "
+        "needs `pip install py-spy`",
+    )
     add_common_args(parser)
     args = parser.parse_args()
 
@@ -161,6 +193,9 @@ def main() -> int:
             f"events reaching the store {ingested:.0f}/s (emitted {args.tasks * args.rate:.0f}/s)",
             flush=True,
         )
+
+        if args.profile:
+            profile(server.pid, args.profile)
 
         stop = threading.Event()
         clients = []
