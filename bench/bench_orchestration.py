@@ -5,14 +5,21 @@ the same config run directly with `python -m ftstudio train`. Goal: <= 1.05.
 Both sides run the real trainer on the same home, so both use the same built
 tiny model (built once before the first pair, so neither pays for it). The
 studio is started once and left running (a studio is long-lived; its own
-start-up is the start-up benchmark's business). Runs alternate in pairs, the
-order flipping every pair (direct-studio, studio-direct, ...) so a drift in the
-machine's load hits both sides alike; the figure is the median of the per-pair
-ratios. The trainer's own `wall_s` (from its train_end event) is reported too:
-wall time minus that is the fixed cost around training on each side, which is
-what the studio can actually add.
+start-up is the start-up benchmark's business). Two figures:
 
-    PYTHONPATH=$PWD python bench/bench_orchestration.py [--pairs 3] [--steps 8]
+- A/B: runs alternate in pairs, the order flipping every pair (direct-studio,
+  studio-direct, ...) so a drift in the machine's load hits both sides alike;
+  median of the per-pair ratios. The same pairs' ratio of the trainer's own
+  `wall_s` (from its train_end event, the same work on both sides) is the noise:
+  when it is beyond +-2.5 % the A/B ratio cannot resolve a 5 % goal and is
+  reported without a verdict. On this shared 2-core machine it always is.
+- Inside: per studio run, wall time over the wall time of the trainer process
+  inside it (launch.json `started_at` -> exit.json `finished_at`, written by the
+  runner), which is what a direct run is. Both come from the same run, so the
+  trainer's noise cancels; the time the studio adds is split into submit,
+  launch and noticing the exit.
+
+    PYTHONPATH=$PWD python bench/bench_orchestration.py [--pairs 3] [--steps 20]
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ def run_direct(home: Path, env: dict[str, str], cfg_path: Path, n: int) -> Run:
     proc = subprocess.run(
         [PY, "-m", "ftstudio", "train", str(cfg_path), "--output", str(out)],
         env=env,
+        cwd=home,  # `-m` puts the cwd first on sys.path: it must not shadow --product
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -125,13 +133,13 @@ def run_studio(studio: Studio, config: dict[str, Any], n: int, poll_s: float) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3, help="direct/studio pairs (default 3)")
-    parser.add_argument("--steps", type=int, default=8, help="optim.max_steps of the fine-tune (default 8)")
+    parser.add_argument("--steps", type=int, default=20, help="optim.max_steps of the fine-tune (default 20)")
     parser.add_argument("--poll", type=float, default=0.1, help="seconds between status polls of the studio task")
     add_common_args(parser)
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="ftstudio-bench-orch-"))
-    env = bench_env(home)
+    env = bench_env(home, product=args.product)
     config = config_for(args.steps)
     cfg_path = home / "config.json"
     cfg_path.write_text(json.dumps(config))
@@ -143,6 +151,7 @@ def main() -> int:
         subprocess.run(
             [PY, "-c", "import sys, pathlib; from ftstudio.builtin import ensure_tiny; ensure_tiny(pathlib.Path(sys.argv[1]))", str(home)],
             env=env,
+            cwd=home,
             check=True,
         )  # fmt: skip
         studio.start()
@@ -171,38 +180,43 @@ def main() -> int:
 
     ratios = [s.wall_s / d.wall_s for d, s in pairs]
     ratio = median(ratios)
-    # The same question with the trainer's run-to-run noise taken out: the seconds the studio adds
-    # around the trainer process, over the direct run's wall time (the trainer process's own lifetime
-    # is what a direct run is). On a shared machine this is the figure that can resolve 5 %.
+    # The same work inside the trainer on both sides: this ratio is the run-to-run noise (an A/A
+    # check), since nothing the studio does runs inside the trainer's train loop.
+    inner = [s.trainer_s / d.trainer_s for d, s in pairs]
+    noise = max(abs(r - 1.0) for r in inner)
+    # The A/B ratio can only say "within 5 %" when the noise is well under 5 %.
+    resolvable = noise <= (GOAL - 1.0) / 2
+    # The question with that noise taken out: studio wall time over the wall time of the trainer
+    # process inside it (a direct run is that process alone), per studio run. What it cannot see is
+    # the studio slowing the trainer down, which the A/B ratio covers on a quiet machine.
+    inside = [s.wall_s / s.process_s for _, s in pairs]
+    inside_ratio = median(inside)
     added = median(s.added_s for _, s in pairs)
     direct_wall = median(d.wall_s for d, _ in pairs)
-    added_ratio = 1.0 + added / direct_wall
-    direct_fixed = median(d.wall_s - d.trainer_s for d, _ in pairs)
-    studio_fixed = median(s.wall_s - s.trainer_s for _, s in pairs)
-    # The same work inside the trainer on both sides: this ratio is the run-to-run noise (an A/A check),
-    # since nothing the studio does runs inside the trainer's train loop.
-    inner = [s.trainer_s / d.trainer_s for d, s in pairs]
     print(f"per-pair ratios: {', '.join(f'{r:.3f}' for r in ratios)}")
     print(f"per-pair ratios of the trainer's own wall_s (noise): {', '.join(f'{r:.3f}' for r in inner)}")
-    print(
-        f"median wall: direct {median(d.wall_s for d, _ in pairs):.2f}s, studio {median(s.wall_s for _, s in pairs):.2f}s"
-    )
-    print(f"median fixed cost outside the trainer's own wall_s: direct {direct_fixed:.2f}s, studio {studio_fixed:.2f}s")
+    print(f"studio wall / its trainer process's wall: {', '.join(f'{r:.3f}' for r in inside)}")
+    print(f"median wall: direct {direct_wall:.2f}s, studio {median(s.wall_s for _, s in pairs):.2f}s")
     figures = [
         Figure(
-            "Orchestration overhead (studio ÷ direct wall time)",
-            f"{ratio:.3f} (median of {len(pairs)} pairs: {', '.join(f'{r:.3f}' for r in ratios)}; "
-            f"{args.steps}-step builtin:tiny fine-tune, direct ≈ {direct_wall:.1f}s; the same pairs' ratio of "
-            f"the trainer's own wall_s, i.e. the noise: {', '.join(f'{r:.3f}' for r in inner)})",
+            "Orchestration overhead: studio wall ÷ wall of the trainer process inside it (submit → completed)",
+            f"{inside_ratio:.3f} (median of {len(inside)} studio runs: {', '.join(f'{r:.3f}' for r in inside)}; "
+            f"the studio adds {added:.2f}s: submit {median(s.submit_s for _, s in pairs):.2f}s, "
+            f"runner start → trainer spawned {median(s.launch_s for _, s in pairs):.2f}s, "
+            f"exit record → `completed` seen {median(s.notice_s for _, s in pairs):.2f}s; "
+            f"{args.steps}-step builtin:tiny fine-tune)",
             f"≤ {GOAL}",
-            ratio <= GOAL,
+            inside_ratio <= GOAL,
         ),
         Figure(
-            "Orchestration overhead, trainer noise removed: 1 + (studio time outside the trainer process) ÷ direct wall",
-            f"{added_ratio:.3f} (+{added:.2f}s median: submit {median(s.submit_s for _, s in pairs):.2f}s, "
-            f"launch {median(s.launch_s for _, s in pairs):.2f}s, exit noticed {median(s.notice_s for _, s in pairs):.2f}s)",
+            "Orchestration overhead, A/B: studio ÷ `ftstudio train` wall, alternating pairs",
+            f"{ratio:.3f} (median of {len(pairs)} pairs: {', '.join(f'{r:.3f}' for r in ratios)}; direct ≈ "
+            f"{direct_wall:.1f}s; noise, the same pairs' ratio of the trainer's own wall_s: "
+            f"{', '.join(f'{r:.3f}' for r in inner)}"
+            + ("" if resolvable else f" — ±{100 * noise:.0f} % noise, too much to resolve 5 %")
+            + ")",
             f"≤ {GOAL}",
-            added_ratio <= GOAL,
+            (ratio <= GOAL) if resolvable else None,
         ),
     ]
     report(figures, args.json_out)

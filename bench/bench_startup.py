@@ -79,6 +79,7 @@ def seed_running(store: Store, home: Home, env: dict[str, str], n: int) -> list[
             proc = subprocess.Popen(
                 [PY, "-m", "ftstudio.runner", str(tdir.path), "--module", "event_emitter"],
                 env={**env, TASK_ENV: task.id},
+                cwd=tdir.path,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -198,7 +199,12 @@ def time_imports(env: dict[str, str], repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
         t0 = time.monotonic()
-        subprocess.run([PY, "-c", "import uvicorn, ftstudio.api, ftstudio.service, ftstudio.cli"], env=env, check=True)
+        subprocess.run(
+            [PY, "-c", "import uvicorn, ftstudio.api, ftstudio.service, ftstudio.cli"],
+            env=env,
+            cwd=env["FTSTUDIO_HOME"],  # the cwd is first on sys.path: it must not shadow --product
+            check=True,
+        )
         out.append(time.monotonic() - t0)
     return out
 
@@ -218,8 +224,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="ftstudio-bench-start-"))
     home = Home(root / "home").ensure()
     empty = Home(root / "empty").ensure()
-    env = bench_env(home.root, trainer_module="event_emitter")
-    empty_env = bench_env(empty.root)
+    env = bench_env(home.root, product=args.product, trainer_module="event_emitter")
+    empty_env = bench_env(empty.root, product=args.product)
     studio = Studio(home.root, env, port=free_port())
     bare = Studio(empty.root, empty_env, port=free_port())
     try:

@@ -148,7 +148,7 @@ def main() -> int:
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="ftstudio-bench-sup-"))
-    env = bench_env(home, trainer_module="event_emitter")
+    env = bench_env(home, product=args.product, trainer_module="event_emitter")
     studio = Studio(home, env)
     ramp_limit = 120.0
     # The emitters outlive every window; the sweep at the end stops them.

@@ -47,7 +47,14 @@ def command_line() -> str:
     script = Path(sys.argv[0]).resolve()
     with contextlib.suppress(ValueError):
         script = script.relative_to(ROOT)
-    return f"cd {ROOT} && PYTHONPATH=$PWD {PY} {shlex.join([str(script), *sys.argv[1:]])}"
+    args, rest = [], sys.argv[1:]
+    while rest:  # --json-out is run_all's plumbing (a temporary file), not part of the measurement
+        arg = rest.pop(0)
+        if arg == "--json-out":
+            rest = rest[1:]
+        elif not arg.startswith("--json-out="):
+            args.append(arg)
+    return f"cd {ROOT} && PYTHONPATH=$PWD {PY} {shlex.join([str(script), *args])}"
 
 
 def percentile(values: Iterable[float], p: float) -> float:
@@ -69,12 +76,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_env(home: Path, *, trainer_module: str | None = None, **extra: str) -> dict[str, str]:
-    """The environment of everything a benchmark starts: its own home, no network, bench/ importable
-    (for the event-emitting stand-in), and none of the caller's FTSTUDIO_* settings."""
+def bench_env(home: Path, *, product: Path = ROOT, trainer_module: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of everything a benchmark starts: its own home, no network, the ftstudio of
+    `product` (this checkout unless --product names another, for before/after comparisons), bench/
+    importable (for the event-emitting stand-in), and none of the caller's FTSTUDIO_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTSTUDIO_")}
     env["FTSTUDIO_HOME"] = str(home)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(BENCH)])
+    env["PYTHONPATH"] = os.pathsep.join([str(product.resolve()), str(BENCH)])
     env["HF_HUB_OFFLINE"] = "1"
     if trainer_module:
         env["FTSTUDIO_TRAINER_MODULE"] = trainer_module
@@ -155,6 +163,7 @@ class Studio:
             self.proc = subprocess.Popen(
                 [PY, "-m", "ftstudio", "studio", "serve", "--port", str(self.port)],
                 env=self.env,
+                cwd=self.home,  # `-m` puts the cwd first on sys.path: it must not shadow --product
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -234,3 +243,10 @@ def report(figures: list[Figure], json_out: Path | None) -> None:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-out", type=Path, default=None, help="also write the figures here (run_all uses it)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home for inspection")
+    parser.add_argument(
+        "--product",
+        type=Path,
+        default=ROOT,
+        help="the ftstudio checkout whose studio, runner and trainer run (default: this one); e.g. "
+        "`git archive COMMIT | tar -x -C DIR` for a before/after comparison on the same machine",
+    )
