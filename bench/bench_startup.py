@@ -241,19 +241,20 @@ def main() -> int:
         for p in home.tasks.iterdir():
             wait_for(lambda p=p: (p / "events.jsonl").exists(), timeout=60, interval=0.1, what=f"{p.name} to emit")
 
-        starts, bare_starts = [], []
+        starts, bare_starts, imports = [], [], []
         for i in range(args.repeats):
-            # Alternate the baseline (empty home) with the real one, so load drift hits both.
+            # Interleave the baselines (imports alone, empty home) with the real one, so load drift hits all.
+            imports += time_imports(env, 1)
             bare_starts.append(time_start(bare, 0))
             bare.stop()
             starts.append(time_start(studio, args.running))
             if i < args.repeats - 1:
                 studio.stop()
             print(
-                f"start {i}: 10k store {starts[-1]:.3f}s, empty store {bare_starts[-1]:.3f}s, load {load_average()}",
+                f"start {i}: 10k store {starts[-1]:.3f}s, empty store {bare_starts[-1]:.3f}s, "
+                f"imports alone {imports[-1]:.3f}s, load {load_average()}",
                 flush=True,
             )
-        imports = time_imports(env, args.repeats)
 
         # The studio from the last repeat is still up: the list latency at this size.
         time_requests(studio.http, "/api/tasks?limit=50", 10)  # warm-up: first-request costs are not the p95
