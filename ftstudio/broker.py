@@ -30,6 +30,11 @@ class Broker:
                 if not subs:
                     del self._subs[task_id]
 
+    def streamed(self) -> set[str]:
+        """Tasks with at least one stream open (the supervisor tails these every tick). Callable from any thread."""
+        with self._lock:
+            return set(self._subs)
+
     def notify(self, task_ids: set[str]) -> None:
         """Callable from any thread."""
         loop = self._loop

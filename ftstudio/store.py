@@ -305,34 +305,59 @@ class Store:
         process, the CLI) already ingested these bytes, nothing is stored twice.
         Returns the events with their `seq` as stored (empty if the race was lost).
         """
+        return self.ingest_many([(task_id, events, new_offset, expect_offset)])[task_id]
+
+    def ingest_many(self, batches: list[tuple[str, list[dict[str, Any]], int, int]]) -> dict[str, list[dict[str, Any]]]:
+        """`ingest` for several tasks `(task_id, events, new_offset, expect_offset)` in one transaction.
+
+        The watch loop ingests every busy task each tick; one commit per task was most of the
+        studio's CPU while supervising 20 busy tasks (bench/bench_supervisor.py). Each task's
+        offset is still compare-and-set on its own: a lost race stores nothing for that task only.
+        """
         now = time.time()
+        out: dict[str, list[dict[str, Any]]] = {}
         with self.tx() as c:
-            row = c.execute("SELECT events_offset, events_seq FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            if row is None or row["events_offset"] != expect_offset:
-                return []
-            seq = row["events_seq"]
-            stored: list[dict[str, Any]] = []
-            latest: dict[str, Any] = {}
-            for ev in events:
-                seq += 1
-                ev = {**ev, "seq": seq}
-                stored.append(ev)
-                step = ev.get("step")
-                c.execute(
-                    "INSERT INTO events (task_id, seq, kind, step, ts, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        task_id,
-                        seq,
-                        ev["kind"],
-                        step if isinstance(step, int) else None,
-                        _num(ev.get("ts"), now),
-                        json.dumps(ev),
-                    ),
+            for task_id, events, new_offset, expect_offset in batches:
+                out[task_id] = self._ingest(c, task_id, events, new_offset, expect_offset, now)
+        return out
+
+    def _ingest(
+        self,
+        c: sqlite3.Connection,
+        task_id: str,
+        events: list[dict[str, Any]],
+        new_offset: int,
+        expect_offset: int,
+        now: float,
+    ) -> list[dict[str, Any]]:
+        row = c.execute("SELECT events_offset, events_seq FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None or row["events_offset"] != expect_offset:
+            return []
+        seq = row["events_seq"]
+        stored: list[dict[str, Any]] = []
+        latest: dict[str, Any] = {}
+        for ev in events:
+            seq += 1
+            ev = {**ev, "seq": seq}
+            stored.append(ev)
+            latest.update(_progress_of(ev))
+        c.executemany(
+            "INSERT INTO events (task_id, seq, kind, step, ts, data) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    task_id,
+                    ev["seq"],
+                    ev["kind"],
+                    ev.get("step") if isinstance(ev.get("step"), int) else None,
+                    _num(ev.get("ts"), now),
+                    json.dumps(ev),
                 )
-                latest.update(_progress_of(ev))
-            latest.update(events_offset=new_offset, events_seq=seq, updated_at=now)
-            cols = ", ".join(f"{k} = ?" for k in latest)
-            c.execute(f"UPDATE tasks SET {cols} WHERE id = ?", [*latest.values(), task_id])
+                for ev in stored
+            ],
+        )
+        latest.update(events_offset=new_offset, events_seq=seq, updated_at=now)
+        cols = ", ".join(f"{k} = ?" for k in latest)
+        c.execute(f"UPDATE tasks SET {cols} WHERE id = ?", [*latest.values(), task_id])
         return stored
 
     def events(

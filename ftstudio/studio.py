@@ -98,6 +98,7 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
     broker = Broker()
     service = Service(home, in_server=True)
     service.supervisor.notify = broker.notify
+    service.supervisor.streamed = broker.streamed
 
     verdicts = service.supervisor.reconcile_all()  # before the API answers anything
     watched = len(service.supervisor.watched())
@@ -129,7 +130,9 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
+    # without it every keep-alive request waited ~40 ms (Nagle vs delayed ACK; bench/bench_startup.py).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -142,3 +142,18 @@ def test_runners_inherit_no_descriptor_of_the_studio(studio):
         assert proc.net_connections(kind="all") == []
         assert not studio_files & {f.path for f in proc.open_files()}
     studio.http.post(f"/api/tasks/{task['id']}/cancel")
+
+
+def test_the_listening_socket_says_tcp_so_responses_are_not_held_back():
+    # asyncio sets TCP_NODELAY on accepted connections only when the listening socket's protocol
+    # is IPPROTO_TCP; with protocol 0 every request on a kept-alive connection waited ~40 ms for
+    # a delayed ACK (bench/bench_startup.py measured /api/health at 44 ms).
+    import socket
+
+    from ftstudio.studio import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

@@ -95,6 +95,21 @@ def test_ingest_is_compare_and_set_on_the_offset(store, tmp_path):
     assert store.events(t.id, after_seq=1)[0]["seq"] == 2
 
 
+def test_ingest_many_is_one_transaction_with_a_compare_and_set_per_task(store, tmp_path):
+    a, b = make(store, tmp_path, "a"), make(store, tmp_path, "b")
+    store.ingest(b.id, [{"kind": "progress", "step": 1}], new_offset=10, expect_offset=0)  # another reader was first
+    out = store.ingest_many(
+        [
+            (a.id, [{"kind": "progress", "step": 1, "loss": 2.0}, {"kind": "progress", "step": 2}], 50, 0),
+            (b.id, [{"kind": "progress", "step": 1}], 10, 0),
+        ]
+    )
+    assert [e["seq"] for e in out[a.id]] == [1, 2]
+    assert out[b.id] == []  # b's lost race stores nothing for b and costs a nothing
+    assert (store.get(a.id).step, store.get(a.id).events_offset) == (2, 50)
+    assert (store.get(b.id).events_seq, store.get(b.id).events_offset) == (1, 10)
+
+
 def test_list_is_paged_newest_first_and_filters(store, tmp_path):
     ids = [make(store, tmp_path, f"t{i}").id for i in range(5)]
     store.transition(ids[0], S.QUEUED, S.CANCELLED)
