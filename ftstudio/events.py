@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -68,6 +68,7 @@ class Chunk:
     events: list[dict[str, Any]]
     offset: int  # byte offset just past the last complete line consumed
     bad_lines: int  # complete lines that were not JSON objects (counted, skipped)
+    lines: list[str] = field(default_factory=list)  # each event's line as written, for storing without re-encoding
 
 
 def read_from(path: Path, offset: int, max_bytes: int = 4 << 20) -> Chunk:
@@ -87,17 +88,19 @@ def read_from(path: Path, offset: int, max_bytes: int = 4 << 20) -> Chunk:
     if end < 0:
         return Chunk([], offset, 0)
     events: list[dict[str, Any]] = []
+    lines: list[str] = []
     bad = 0
-    for line in data[: end + 1].splitlines():
-        if not line.strip():
+    for raw in data[: end + 1].decode("utf-8", "replace").splitlines():
+        if not raw.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(raw)
         except ValueError:
             bad += 1
             continue
         if isinstance(obj, dict) and isinstance(obj.get("kind"), str):
             events.append(obj)
+            lines.append(raw)
         else:
             bad += 1
-    return Chunk(events, offset + end + 1, bad)
+    return Chunk(events, offset + end + 1, bad, lines)

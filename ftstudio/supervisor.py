@@ -30,7 +30,7 @@ from ftstudio import events
 from ftstudio.executor import Executor, Launch
 from ftstudio.home import Home, read_json
 from ftstudio.procs import Liveness
-from ftstudio.store import LostRace, Store, Task
+from ftstudio.store import Batch, LostRace, Store, Task
 from ftstudio.task import TaskStatus
 
 log = logging.getLogger("ftstudio")
@@ -106,7 +106,9 @@ class Supervisor:
             return changed
         # One transaction for every task with news, not one each: per-task commits were most of
         # the studio's CPU while supervising 20 busy tasks (bench/bench_supervisor.py).
-        results = self.store.ingest_many([(t.id, ch.events, ch.offset, t.events_offset) for t, ch in pending])
+        results = self.store.ingest_many(
+            [Batch(t.id, ch.events, ch.offset, t.events_offset, ch.lines) for t, ch in pending]
+        )
         for task, chunk in pending:
             stored = results[task.id]
             if not stored and chunk.events:
@@ -224,6 +226,7 @@ class Supervisor:
         last_scan = last_check = last_liveness = 0.0
         while not stop.is_set():
             now = time.monotonic()
+            streamed: set[str] = set()
             try:
                 if now - last_scan >= SCAN_S:
                     if self.launch_queued:
@@ -239,10 +242,13 @@ class Supervisor:
                     full = now - last_liveness >= LIVENESS_S
                     if full:
                         last_liveness = now
+                    moved = False
                     for task in watched:
                         if (full or task.dir.exit.exists()) and self.sync(task):
                             changed.add(task.id)
-                    watched = self.watched()
+                            moved = True
+                    if moved:
+                        watched = self.watched()
                 else:
                     streamed = self.streamed()
                     changed = self.ingest([t for t in watched if t.id in streamed]) if streamed else set()
@@ -250,4 +256,5 @@ class Supervisor:
                     self.notify(changed)
             except Exception:  # the loop must outlive any one bad task or a locked database
                 log.exception("supervisor tick failed; trying again")
-            stop.wait(TICK_S)
+            # Nobody watching live: nothing needs the store sooner than the next check.
+            stop.wait(TICK_S if streamed or self.streamed() else max(TICK_S, last_check + CHECK_S - time.monotonic()))

@@ -1,10 +1,11 @@
+import json
 import threading
 
 import pytest
 
 from ftstudio.errors import IllegalTransition, NotFound
 from ftstudio.home import TASK_ID_RE
-from ftstudio.store import SCHEMA_VERSION, LostRace, Store, new_task_id
+from ftstudio.store import SCHEMA_VERSION, Batch, LostRace, Store, new_task_id
 from ftstudio.task import TaskStatus as S
 
 
@@ -100,14 +101,22 @@ def test_ingest_many_is_one_transaction_with_a_compare_and_set_per_task(store, t
     store.ingest(b.id, [{"kind": "progress", "step": 1}], new_offset=10, expect_offset=0)  # another reader was first
     out = store.ingest_many(
         [
-            (a.id, [{"kind": "progress", "step": 1, "loss": 2.0}, {"kind": "progress", "step": 2}], 50, 0),
-            (b.id, [{"kind": "progress", "step": 1}], 10, 0),
+            Batch(a.id, [{"kind": "progress", "step": 1, "loss": 2.0}, {"kind": "progress", "step": 2}], 50, 0),
+            Batch(b.id, [{"kind": "progress", "step": 1}], 10, 0),
         ]
     )
     assert [e["seq"] for e in out[a.id]] == [1, 2]
     assert out[b.id] == []  # b's lost race stores nothing for b and costs a nothing
     assert (store.get(a.id).step, store.get(a.id).events_offset) == (2, 50)
     assert (store.get(b.id).events_seq, store.get(b.id).events_offset) == (1, 10)
+
+
+def test_lines_are_stored_as_written(store, tmp_path):
+    t = make(store, tmp_path)
+    line = '{"kind":"progress","step":1,"loss":1.25,"extra":{"nested":[1,2]}}'
+    store.ingest_many([Batch(t.id, [json.loads(line)], len(line) + 1, 0, [line])])
+    assert store._conn().execute("SELECT data FROM events").fetchone()[0] == line
+    assert store.events(t.id) == [{"kind": "progress", "step": 1, "loss": 1.25, "extra": {"nested": [1, 2]}, "seq": 1}]
 
 
 def test_list_is_paged_newest_first_and_filters(store, tmp_path):
