@@ -9,6 +9,7 @@ a zombie never counts as alive.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import signal
 import time
@@ -24,9 +25,12 @@ TASK_ENV = "FTSTUDIO_TASK_ID"
 def boot_id() -> str:
     """This boot of the machine. FTSTUDIO_BOOT_ID overrides it: the reboot tests use it to
     simulate a machine that came back up, which no test could do for real."""
-    override = os.environ.get("FTSTUDIO_BOOT_ID")
-    if override:
-        return override
+    return os.environ.get("FTSTUDIO_BOOT_ID") or _kernel_boot_id()
+
+
+@functools.cache
+def _kernel_boot_id() -> str:
+    # Read once: it cannot change while this process lives, and the supervisor asks often.
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:

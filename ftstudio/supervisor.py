@@ -208,6 +208,11 @@ class Supervisor:
 
     # -- all tasks -----------------------------------------------------------
 
+    def _alive(self, task: Task) -> bool:
+        """The watch loop's cheap look: only a task that is not plainly alive gets a full `sync`."""
+        launch = launch_of(task)
+        return launch is not None and self.executor.poll(task.dir, launch) == Liveness.ALIVE
+
     def watched(self) -> list[Task]:
         return self.store.with_status(TaskStatus.PREPARING, TaskStatus.TRAINING)
 
@@ -244,7 +249,8 @@ class Supervisor:
                         last_liveness = now
                     moved = False
                     for task in watched:
-                        if (full or task.dir.exit.exists()) and self.sync(task):
+                        needs_sync = task.dir.exit.exists() or (full and not self._alive(task))
+                        if needs_sync and self.sync(task):
                             changed.add(task.id)
                             moved = True
                     if moved:
