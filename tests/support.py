@@ -62,8 +62,8 @@ def processes_of(home: Path) -> list[psutil.Process]:
     return found
 
 
-def sweep(home: Path) -> None:
-    procs = processes_of(home)
+def end_processes(procs: list[psutil.Process]) -> None:
+    """terminate -> wait -> kill, always."""
     for p in procs:
         try:
             p.terminate()
@@ -76,6 +76,10 @@ def sweep(home: Path) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def sweep(home: Path) -> None:
+    end_processes(processes_of(home))
 
 
 class Studio:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import end_processes, free_port
 
-from .livestudio import CHROMIUM, CHROMIUM_ARGS, LiveStudio, end_processes, free_port, task_processes
+from .livestudio import CHROMIUM, CHROMIUM_ARGS, LiveStudio, task_processes
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ import re
 from typing import Any
 
 import pytest
+from support import wait_for
 
-from .livestudio import LiveStudio, task_processes, wait_for
+from .livestudio import LiveStudio, task_processes
 
 pytestmark = pytest.mark.browser
 
@@ -31,7 +32,7 @@ def test_malformed_dataset_shows_the_line_and_creates_nothing(studio: LiveStudio
     page.locator("#dataset-file").set_input_files(
         files=[{"name": "good.jsonl", "mimeType": "application/jsonl", "buffer": good}]
     )
-    page.locator("#detected-format").wait_for()
+    page.locator(".preview-table", has_text="Say hi").wait_for()
     assert error.is_hidden()
     assert page.locator("#dataset-name").input_value() == "good.jsonl"
     assert page.locator(".preview-table tbody tr").count() == 2

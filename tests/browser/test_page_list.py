@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_port
 
 from ftstudio.store import Store
 from ftstudio.task import TaskStatus
 
-from .livestudio import LiveStudio, free_port
+from .livestudio import LiveStudio
 
 pytestmark = pytest.mark.browser
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import wait_for
 
-from .livestudio import ARTIFACTS, LiveStudio, task_processes, wait_for
+from .livestudio import ARTIFACTS, LiveStudio, task_processes
 
 pytestmark = pytest.mark.browser
 
