@@ -10,6 +10,7 @@ the user asked for it.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,13 @@ def attach_lora(model: Any, cfg: LoraConfig) -> tuple[Any, AdapterReport]:
         bias="none",
     )
     try:
-        peft_model = get_peft_model(model, peft_config)
+        with warnings.catch_warnings():
+            # peft asks transformers for a property transformers now calls deprecated: noise in
+            # training.log that the person reading it can do nothing about.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            peft_model = get_peft_model(model, peft_config)
     except ValueError as e:
         # peft names the modules it could not find; pass that on with the fix.
         raise ValidationError(

@@ -150,6 +150,7 @@ def test_a_cli_submitted_fine_tune_runs_to_completed(home):
     assert_complete_history(home, tid, 25)
     tdir = Home(home).task(tid)
     assert tdir.exit.exists()
+    assert "Warning" not in tdir.log.read_text()  # people read this log; library noise does not belong there
     # train.py reproduces the task by hand; with --resume auto it continues from the last checkpoint.
     by_hand = subprocess.run(
         [sys.executable, "train.py", "--resume", "auto"],
