@@ -18,7 +18,7 @@ import psutil
 from fastapi import FastAPI, File, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
@@ -208,15 +208,11 @@ def create_app(service: Service, broker: Broker | None = None, *, started_at: fl
             response.headers["Cache-Control"] = "no-cache"
         return response
 
-    if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
-    def index() -> Response:
-        page = STATIC / "index.html"
-        if page.is_file():
-            return FileResponse(page, media_type="text/html")
-        return HTMLResponse(_plain_page(service))
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
 
@@ -292,14 +288,3 @@ def _gpus() -> list[dict[str, Any]]:
                 }
             )
     return gpus
-
-
-def _plain_page(service: Service) -> str:
-    from html import escape
-
-    tasks, total = service.store.list(limit=100)
-    rows = "".join(
-        f"<tr><td>{escape(t.id)}</td><td>{escape(t.name)}</td><td>{escape(t.status)}</td><td>{t.step}/{t.total_steps or '?'}</td></tr>"
-        for t in tasks
-    )
-    return f"<!doctype html><title>ftstudio</title><h1>ftstudio</h1><p>{total} tasks</p><table>{rows}</table>"

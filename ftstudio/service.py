@@ -22,7 +22,7 @@ from ftstudio.errors import Conflict, LaunchError, NotFound, StorageError, Valid
 from ftstudio.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, write_json_atomic
 from ftstudio.store import LostRace, Store, Task
-from ftstudio.supervisor import Supervisor
+from ftstudio.supervisor import Supervisor, launch_of
 from ftstudio.task import TaskStatus
 
 log = logging.getLogger("ftstudio")
@@ -205,8 +205,6 @@ class Service:
             return self.store.transition(task.id, status, S.CANCELLED, reason="cancelled on request")
         self.store.update(task.id, cancel_requested_at=time.time())
         tdir = task.dir
-        from ftstudio.supervisor import launch_of
-
         self.executor.signal(tdir, launch_of(task), signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and not tdir.exit.exists() and procs.tagged(task.id):
@@ -215,12 +213,9 @@ class Service:
             n = self.executor.kill_all(task.id)
             log.warning("task %s did not stop within %.0fs of SIGTERM; killed %d process(es)", task.id, grace, n)
             procs.wait_gone(task.id, 5.0)
+        # Gone now: the exit record, or its absence with cancel requested, decides `cancelled`.
         self.supervisor.sync(self.store.get(task.id))
         task = self.store.get(task.id)
-        if task.status_enum.has_process:
-            # Dead but not yet decided (the exit record is the runner's last act): decide now.
-            self.supervisor.sync(task)
-            task = self.store.get(task.id)
         log.info("task %s cancelled on request", task.id)
         return task
 

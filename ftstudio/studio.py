@@ -201,8 +201,6 @@ def stop(home: Home, *, timeout: float = 15.0) -> ServerInfo | None:
         os.kill(info.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if running_server(home) is None and not psutil.pid_exists(info.pid):
-            return info
         if check(Identity(info.pid, info.start_time, info.boot_id)) != Liveness.ALIVE:
             return info
         time.sleep(0.1)

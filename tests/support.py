@@ -131,8 +131,9 @@ class Studio:
         self.http.close()
 
     def log_tail(self) -> str:
-        path = self.home / "studio.log"
-        return path.read_text()[-3000:] if path.exists() else ""
+        """The studio's own log and what the process printed (a start-up error lands in the latter)."""
+        paths = (self.home / "studio.log", self.home.parent / "studio-stdout.log")
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in paths if p.exists())
 
     def task(self, task_id: str) -> dict[str, Any]:
         r = self.http.get(f"/api/tasks/{task_id}")

@@ -103,14 +103,19 @@ def test_training_survives_sigkill_and_restarts_of_the_studio(home, studio_facto
     run_cli(home, "studio", "stop")
 
 
-def test_killed_while_the_studio_is_down_is_failed_with_the_reason(home, studio_factory):
+def crash_while_training(studio_factory, **restart_env):
+    """Train, then SIGKILL the studio and every process of the task at once; start a new studio."""
     studio = studio_factory().start()
     tid = submit(studio, 2000)["id"]
     wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=90, what="training")
     studio.kill(signal.SIGKILL)
     for p in tagged(tid):
         p.kill()
-    again = studio_factory(port=studio.port).start()
+    return tid, studio_factory(port=studio.port, **restart_env).start()
+
+
+def test_killed_while_the_studio_is_down_is_failed_with_the_reason(home, studio_factory):
+    tid, again = crash_while_training(studio_factory)
     got = again.task(tid)
     assert got["status"] == "failed"
     assert got["error"].startswith("Training process terminated unexpectedly at step ")
@@ -128,14 +133,8 @@ def test_finished_while_the_studio_is_down_is_completed(home, studio_factory):
 
 
 def test_after_a_simulated_reboot_the_task_is_not_adopted(home, studio_factory):
-    studio = studio_factory().start()
-    tid = submit(studio, 2000)["id"]
-    wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=90, what="training")
     # A reboot: every process gone at once, and the machine comes back with a new boot id.
-    studio.kill(signal.SIGKILL)
-    for p in tagged(tid):
-        p.kill()
-    again = studio_factory(port=studio.port, FTSTUDIO_BOOT_ID="boot-after-the-crash").start()
+    tid, again = crash_while_training(studio_factory, FTSTUDIO_BOOT_ID="boot-after-the-crash")
     got = again.task(tid)
     assert got["status"] == "failed" and "the machine restarted" in got["error"]
 
