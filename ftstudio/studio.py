@@ -87,6 +87,7 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
 
     from ftstudio.api import create_app
     from ftstudio.broker import Broker
+    from ftstudio.server import QuietServer
     from ftstudio.service import Service, setup_logging
 
     home.ensure()
@@ -115,7 +116,7 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
     watcher.start()
     app = create_app(service, broker, started_at=started_at)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    server = QuietServer(config)
     try:
         server.run(sockets=[sock])
     finally:

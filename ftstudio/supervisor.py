@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ftstudio import events
 from ftstudio.executor import Executor, Launch
@@ -36,8 +37,11 @@ from ftstudio.task import TaskStatus
 log = logging.getLogger("ftstudio")
 
 UNEXPECTED = "Training process terminated unexpectedly"
-TICK_S = 0.1  # event tailing
+TICK_S = 0.1  # event tailing of tasks someone is streaming: their latency is what a person sees
 CHECK_S = 0.5  # exit records
+# Event tailing of every other task (the store behind `GET /api/tasks`): per-pass work (a read and a
+# row update per task) was half of the studio's CPU at twice a second (bench/bench_supervisor.py).
+INGEST_S = 1.0
 # Process identity (psutil reads of /proc, boot id): a dead runner without an exit record is rare
 # and a heartbeat is 2 s anyway, while checking 20 live ones every CHECK_S was a third of the
 # studio's CPU (bench/bench_supervisor.py). Exit records, the common way a task ends, stay at CHECK_S.
@@ -84,6 +88,15 @@ class Supervisor:
         self.streamed = streamed or set
         self.launch_queued = launch_queued
         self._doubts: set[str] = set()
+        self._files: dict[str, tuple[str, str]] = {}  # task dir -> (events.jsonl, exit.json), built once
+
+    def files(self, task: Task) -> tuple[str, str]:
+        """A task's events and exit record paths as strings: building Paths every pass showed in profiles."""
+        files = self._files.get(task.task_dir)
+        if files is None:
+            tdir = task.dir
+            files = self._files[task.task_dir] = (str(tdir.events), str(tdir.exit))
+        return files
 
     # -- one task ------------------------------------------------------------
 
@@ -92,14 +105,14 @@ class Supervisor:
         changed: set[str] = set()
         pending = []
         for task in tasks:
-            path = task.dir.events
+            path = self.files(task)[0]
             try:
                 # A stat, not an open + read, for a file with nothing new (most ticks of a real trainer).
                 if os.stat(path).st_size <= task.events_offset:
                     continue
             except OSError:
                 continue  # not written yet (or unreadable: read_from would see nothing either)
-            chunk = events.read_from(path, task.events_offset)
+            chunk = events.read_from(Path(path), task.events_offset)
             if chunk.offset != task.events_offset:
                 pending.append((task, chunk))
         if not pending:
@@ -228,7 +241,7 @@ class Supervisor:
     def run(self, stop: threading.Event) -> None:
         """The watch loop; returns when `stop` is set."""
         watched: list[Task] = []
-        last_scan = last_check = last_liveness = 0.0
+        last_scan = last_check = last_ingest = last_liveness = 0.0
         while not stop.is_set():
             now = time.monotonic()
             streamed: set[str] = set()
@@ -238,18 +251,24 @@ class Supervisor:
                         self.launch_queued()
                     last_scan = now
                     watched = self.watched()
-                # Every task's events reach the store every CHECK_S; a streamed task's every tick, since
+                    self._files = {t.task_dir: self.files(t) for t in watched}  # forget ended tasks
+                # Every task's events reach the store every INGEST_S; a streamed task's every tick, since
                 # its latency is what a person sees. Tailing all 20 busy tasks every tick, one small
                 # batch each, was most of the studio's CPU (bench/bench_supervisor.py).
                 if now - last_check >= CHECK_S:
                     last_check = now
-                    changed = self.ingest(watched)
+                    if now - last_ingest >= INGEST_S:
+                        last_ingest = now
+                        changed = self.ingest(watched)
+                    else:
+                        streamed = self.streamed()
+                        changed = self.ingest([t for t in watched if t.id in streamed]) if streamed else set()
                     full = now - last_liveness >= LIVENESS_S
                     if full:
                         last_liveness = now
                     moved = False
                     for task in watched:
-                        needs_sync = task.dir.exit.exists() or (full and not self._alive(task))
+                        needs_sync = os.path.exists(self.files(task)[1]) or (full and not self._alive(task))
                         if needs_sync and self.sync(task):
                             changed.add(task.id)
                             moved = True

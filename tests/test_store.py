@@ -111,6 +111,24 @@ def test_ingest_many_is_one_transaction_with_a_compare_and_set_per_task(store, t
     assert (store.get(b.id).events_seq, store.get(b.id).events_offset) == (1, 10)
 
 
+def test_a_batch_leaves_the_row_as_its_events_would_one_by_one(store, tmp_path):
+    t = make(store, tmp_path)
+    evs = [
+        {"kind": "train_begin", "total_steps": 10, "total_epochs": 1},
+        {"kind": "progress", "step": 1, "loss": 2.0, "lr": 1e-4, "eta_s": 9.0},
+        {"kind": "eval", "step": 1, "eval_loss": 2.5},
+        {"kind": "progress", "step": 2, "loss": 1.5, "lr": 9e-5, "eta_s": 8.0, "tokens_per_s": True},
+        {"kind": "status", "phase": "saving"},
+        {"kind": "checkpoint", "step": 2, "loss": 99.0},  # not a progress kind: moves nothing
+    ]
+    store.ingest(t.id, evs, new_offset=100, expect_offset=0)
+    row = store.get(t.id)
+    assert (row.step, row.loss, row.lr, row.eta_s, row.eval_loss) == (2, 1.5, 9e-5, 8.0, 2.5)
+    assert (row.total_steps, row.phase, row.tokens_per_s) == (10, "saving", None)  # a bool is not a number
+    store.ingest(t.id, [{"kind": "train_end", "step": 10}], new_offset=120, expect_offset=100)
+    assert (store.get(t.id).phase, store.get(t.id).eta_s, store.get(t.id).step) == ("done", 0, 10)
+
+
 def test_lines_are_stored_as_written(store, tmp_path):
     t = make(store, tmp_path)
     line = '{"kind":"progress","step":1,"loss":1.25,"extra":{"nested":[1,2]}}'
