@@ -11,9 +11,11 @@ hyperparameters (LoRA r=16 on all linear layers, batch 8, max_length 512, fp32).
 - ftstudio with length grouping off / on (the default) / packing on.
 
 Throughput is real (non-pad) tokens per second from the first step's start to the
-last step's end. MFU: achieved FLOPs (4 x non-embedding params per token for LoRA,
-the frozen weights get no weight gradient, plus 12 x layers x d x causal context per
-token for attention) over this machine's fp32 matmul peak, measured in the same run.
+last step's end; "steady" figures leave out the first step (one-off work: allocations,
+and with `--compile` the compile itself). MFU: achieved FLOPs per real token (4 x frozen
+non-embedding params, the frozen weights get no weight gradient; 6 x LoRA params; 4 x
+vocab x d for the tied output layer; 12 x layers x d x causal context for attention)
+over this machine's fp32 matmul peak, measured just before and just after each run.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import command_line, load_average  # noqa: E402
+
 from ftstudio.builtin import build_tokenizer  # noqa: E402
 
 SHAPE = {
@@ -44,7 +48,7 @@ SHAPE = {
     "num_key_value_heads": 4,
 }
 SIZES = (1024, 2048, 4096)  # square fp32 matmuls for the peak
-HP = {"rank": 16, "alpha": 32, "dropout": 0.05, "batch_size": 8, "max_length": 512, "lr": 2e-4, "seed": 7}
+HP = {"rank": 16, "alpha": 32, "dropout": 0.0, "batch_size": 8, "max_length": 512, "lr": 2e-4, "seed": 7}
 WORDS = [
     "the",
     "a",
@@ -103,7 +107,7 @@ def make_dataset(path: Path, rows: int, seed: int = 0) -> None:
             f.write(json.dumps({"instruction": prompt, "input": "", "output": answer}) + "\n")
 
 
-def build_model(out: Path) -> int:
+def build_model(out: Path) -> dict[str, int]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = build_tokenizer()
@@ -119,7 +123,15 @@ def build_model(out: Path) -> int:
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(out)
     tok.save_pretrained(out)  # type: ignore[attr-defined]
-    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    from peft import LoraConfig, get_peft_model
+
+    counts = {
+        "non_embedding": sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n),
+        "vocab": len(tok),  # type: ignore[arg-type]
+    }
+    lora = get_peft_model(model, LoraConfig(r=HP["rank"], target_modules="all-linear", task_type="CAUSAL_LM"))
+    counts["lora"] = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    return counts
 
 
 def matmul_peak(seconds: float = 6.0) -> tuple[float, float]:
@@ -139,14 +151,22 @@ def matmul_peak(seconds: float = 6.0) -> tuple[float, float]:
 
 
 class Clock:
-    """Wall and CPU time from the first step's start to the last step's end."""
+    """Wall and CPU time from the first step's start to the last step's end, and at each step's end."""
 
     def __init__(self) -> None:
         self.t0 = self.t1 = self.c0 = self.c1 = 0.0
         self.batches: list[list[int]] = []  # real lengths of each batch collated, in order
+        self.steps: list[tuple[float, float, int]] = []  # (wall, cpu, real tokens so far) at each step's end
 
     def count(self, lengths: list[int]) -> None:
         self.batches.append(lengths)
+
+    def steady(self, tokens_by_step: list[int]) -> dict[str, float]:
+        """From the end of step 1 to the end of the last step: the first step carries one-off work
+        (allocations; with torch.compile, the compile itself), which MFU figures leave out."""
+        (w1, c1, _), (wn, cn, _) = self.steps[0], self.steps[-1]
+        tokens = tokens_by_step[-1] - tokens_by_step[0]
+        return {"steady_tokens": tokens, "steady_seconds": wn - w1, "steady_cpu_seconds": cn - c1}
 
 
 def timer(clock: Clock) -> Any:
@@ -160,6 +180,7 @@ def timer(clock: Clock) -> Any:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             clock.t1, clock.c1 = time.perf_counter(), time.process_time()
+            clock.steps.append((clock.t1, clock.c1, state.num_input_tokens_seen))
 
     return Timer()
 
@@ -218,14 +239,16 @@ def run_baseline(model_dir: Path, data: Path, epochs: float, clock: Clock) -> No
         Trainer(model=model, args=args, train_dataset=features, data_collator=collate, callbacks=[timer(clock)]).train()
 
 
-def run_ftstudio(model_dir: Path, data: Path, epochs: float, home: Path, **data_opts: Any) -> dict[str, Any]:
+def run_ftstudio(
+    model_dir: Path, data: Path, epochs: float, home: Path, compile: bool = False, **data_opts: Any
+) -> dict[str, Any]:
     from ftstudio.config import TrainingConfig
     from ftstudio.events import EventWriter
     from ftstudio.recipe import run
 
     config = TrainingConfig.from_dict(
         {
-            "model": {"name": str(model_dir), "dtype": "float32"},
+            "model": {"name": str(model_dir), "dtype": "float32", "compile": compile},
             "data": {"path": str(data), "validation": "0", "max_length": HP["max_length"], **data_opts},
             "lora": {"rank": HP["rank"], "alpha": HP["alpha"], "dropout": HP["dropout"]},
             "optim": {
@@ -244,7 +267,13 @@ def run_ftstudio(model_dir: Path, data: Path, epochs: float, home: Path, **data_
         with EventWriter(Path(out) / "events.jsonl") as events:
             run(config, Path(out), home, events, callbacks=[timer(clock)])
         summary = json.loads((Path(out) / "adapter" / "summary.json").read_text())
-    return {"tokens": summary["tokens"], "seconds": clock.t1 - clock.t0, "cpu_seconds": clock.c1 - clock.c0}
+    return {
+        "tokens": summary["tokens"],
+        "seconds": clock.t1 - clock.t0,
+        "cpu_seconds": clock.c1 - clock.c0,
+        "steps": len(clock.steps),
+        **clock.steady([t for _, _, t in clock.steps]),
+    }
 
 
 def main() -> None:
@@ -253,6 +282,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=96)
     parser.add_argument("--dropout", type=float, default=HP["dropout"], help="LoRA dropout for every run")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--compile", action="store_true", help="add a run with packing and torch.compile (a compile of ~1 min)"
+    )
     args = parser.parse_args()
     HP["dropout"] = args.dropout
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -270,41 +302,66 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         model_dir = tmpdir / "model"
-        non_embed = build_model(model_dir)
+        counts = build_model(model_dir)
+        non_embed, lora_params, vocab = counts["non_embedding"], counts["lora"], counts["vocab"]
         data = tmpdir / "data.jsonl"
         make_dataset(data, args.rows)
         results["non_embedding_params"] = non_embed
-        peak_wall, peak_cpu = matmul_peak()
-        results["peak_gflops"] = round(peak_wall, 1)
-        results["peak_gflops_per_cpu_s"] = round(peak_cpu, 1)
-        print(f"fp32 matmul peak {peak_wall:.1f} GFLOP/s; {non_embed / 1e6:.1f}M non-embedding params", flush=True)
+        results["lora_params"] = lora_params
+        # The peak is measured before and after every run, and each run is set against the mean of
+        # the two beside it: on a shared machine the peak moved by up to 30 % between measurements
+        # minutes apart, more than the differences being measured.
+        peaks = [matmul_peak()]
+        print(f"fp32 matmul peak {peaks[0][0]:.1f} GFLOP/s; {non_embed / 1e6:.1f}M non-embedding params", flush=True)
 
         clock = Clock()
         run_baseline(model_dir, data, args.epochs, clock)
         lengths = [n for b in clock.batches for n in b]
-        base = {"tokens": sum(lengths), "seconds": clock.t1 - clock.t0, "cpu_seconds": clock.c1 - clock.c0}
+        per_step = [sum(b) for b in clock.batches[: len(clock.steps)]]
+        so_far = [sum(per_step[: i + 1]) for i in range(len(per_step))]
+        base = {
+            "tokens": sum(lengths),
+            "seconds": clock.t1 - clock.t0,
+            "cpu_seconds": clock.c1 - clock.c0,
+            "steps": len(clock.steps),
+            **clock.steady(so_far),
+        }
+        peaks.append(matmul_peak())
         print("baseline", base, flush=True)
         runs = {"baseline (Trainer + peft, dynamic padding)": base}
-        for name, opts in [
+        variants: list[tuple[str, dict[str, Any]]] = [
             ("ftstudio, grouping off, packing off", {"group_by_length": False}),
             ("ftstudio, length grouping (default)", {"group_by_length": True}),
             ("ftstudio, packing", {"packing": True}),
-        ]:
+        ]
+        if args.compile:
+            variants.append(("ftstudio, packing + torch.compile", {"packing": True, "compile": True}))
+        for name, opts in variants:
             runs[name] = run_ftstudio(model_dir, data, args.epochs, tmpdir / "home", **opts)
-            print(name, runs[name], flush=True)
+            peaks.append(matmul_peak())
+            print(name, runs[name], f"peak after {peaks[-1][0]:.1f} GFLOP/s", flush=True)
 
     d, layers = SHAPE["hidden_size"], SHAPE["num_hidden_layers"]
     # average causal context per real token, from the data (identical for every run)
     avg_ctx = sum(n * (n + 1) / 2 for n in lengths) / max(1, sum(lengths))
-    flops_per_token = 4 * non_embed + 12 * layers * d * avg_ctx
+    # Per real token: the frozen weights get a forward and an input gradient (2 + 2 FLOPs a weight),
+    # the LoRA weights a weight gradient too (2 + 2 + 2); the tied output layer (vocab x d) is a
+    # frozen matmul like the others; attention (QK^T and AV, forward and two input gradients) has
+    # no weights: 12 x layers x d x the mean causal context.
+    flops_per_token = 4 * non_embed + 6 * lora_params + 4 * vocab * d + 12 * layers * d * avg_ctx
     base_tps = base["tokens"] / base["seconds"]
     base_cps = base["tokens"] / base["cpu_seconds"]
+    results["peaks_gflops"] = [round(w, 1) for w, _ in peaks]
+    results["peaks_gflops_per_cpu_s"] = [round(c, 1) for _, c in peaks]
     table = []
-    for name, r in runs.items():
+    for i, (name, r) in enumerate(runs.items()):
+        peak_wall = (peaks[i][0] + peaks[i + 1][0]) / 2
+        peak_cpu = (peaks[i][1] + peaks[i + 1][1]) / 2
         tps, cps = r["tokens"] / r["seconds"], r["tokens"] / r["cpu_seconds"]
         table.append(
             {
                 "run": name,
+                "peak_gflops": round(peak_wall, 1),
                 "tokens": r["tokens"],
                 "tokens_per_s": round(tps, 1),
                 "vs_baseline": round(tps / base_tps, 2),
@@ -312,12 +369,28 @@ def main() -> None:
                 "vs_baseline_cpu": round(cps / base_cps, 2),
                 "mfu": round(flops_per_token * tps / (peak_wall * 1e9), 3),
                 "mfu_cpu_time": round(flops_per_token * cps / (peak_cpu * 1e9), 3),
+                "steps": r["steps"],
+                "steady_tokens_per_s": round(r["steady_tokens"] / r["steady_seconds"], 1),
+                "steady_mfu": round(flops_per_token * r["steady_tokens"] / r["steady_seconds"] / (peak_wall * 1e9), 3),
+                "steady_mfu_cpu_time": round(
+                    flops_per_token * r["steady_tokens"] / r["steady_cpu_seconds"] / (peak_cpu * 1e9), 3
+                ),
             }
         )
     results["avg_context"] = round(avg_ctx, 1)
     results["gflop_per_token"] = round(flops_per_token / 1e9, 4)
     results["runs"] = table
+    results["command"] = command_line()
+    results["load_average"] = load_average()
     print(json.dumps(results, indent=2))
+    for row in table:
+        print(
+            f"{row['run']}: {row['tokens_per_s']} real tokens/s ({row['vs_baseline']}x baseline), "
+            f"steady {row['steady_tokens_per_s']} tokens/s, MFU {100 * row['mfu']:.1f}% "
+            f"(steady {100 * row['steady_mfu']:.1f}%, by CPU time {100 * row['steady_mfu_cpu_time']:.1f}%; "
+            f"peak {row['peak_gflops']} GFLOP/s)"
+        )
+    print(f"command: {results['command']}\nload average: {results['load_average']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

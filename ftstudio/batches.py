@@ -165,18 +165,28 @@ def pack(items: list[Tokenized], max_length: int) -> list[Row]:
 
 
 class Collator:
-    """Pads a batch to its own longest row; counts the real (non-pad) tokens it carries."""
+    """Pads a batch to its own longest row; counts the real (non-pad) tokens it carries.
 
-    def __init__(self, pad_id: int) -> None:
+    `shape` (rows, width) pads every packed batch to exactly that shape instead, for
+    torch.compile: one shape is one compile, where every new shape costs another
+    (about a minute on a CPU). The extra rows are padding only: their own segment
+    (packed rows carry no attention mask), -100 labels, not counted as real tokens.
+    """
+
+    def __init__(self, pad_id: int, shape: tuple[int, int] | None = None) -> None:
         self.pad_id = pad_id
+        self.shape = shape
 
     def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         packed = rows[0].position_ids is not None
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        width = max(len(r) for r in rows)
+        height = len(rows)
+        if packed and self.shape:
+            height, width = max(height, self.shape[0]), max(width, self.shape[1])
+        ids = torch.full((height, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((height, width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((height, width), dtype=torch.long)
+        pos = torch.arange(width).repeat(height, 1)  # padding rows: one segment each, from position 0
         for i, r in enumerate(rows):
             n = len(r)
             ids[i, :n] = torch.tensor(r.input_ids)

@@ -2,7 +2,9 @@
 
 Files: `.jsonl`, `.json` (a list of objects, or an object holding one list),
 `.csv`, `.parquet`, or a directory (a dataset saved by `datasets.save_to_disk`,
-or a folder of such files). Shapes, detected from the columns:
+or a folder of such files). A saved `DatasetDict` trains on its `train` split
+(or its only one); another of its splits can be the validation set by name.
+Shapes, detected from the columns:
 
     alpaca     instruction, input (optional), output, system (optional)
     sharegpt   conversations: [{from: human|gpt|system, value}]
@@ -77,20 +79,29 @@ class DatasetInfo:
         }
 
 
-def inspect_dataset(path: Path, preview_rows: int = 5, format: str = "auto") -> DatasetInfo:
+def inspect_dataset(path: Path, preview_rows: int = 5, format: str = "auto", split: str | None = None) -> DatasetInfo:
     """Read and check a dataset without a tokenizer; raises ValidationError if nothing can be trained on."""
-    info, _ = _load(Path(path), format, preview_rows)
+    info, _ = _load(Path(path), format, preview_rows, split)
     return info
 
 
-def load_examples(path: Path, format: str = "auto") -> tuple[DatasetInfo, list[Example]]:
-    """Every usable row as an Example, with the inspection report."""
-    return _load(Path(path), format, 0)
+def load_examples(path: Path, format: str = "auto", split: str | None = None) -> tuple[DatasetInfo, list[Example]]:
+    """Every usable row as an Example, with the inspection report. `split`: of a saved DatasetDict."""
+    return _load(Path(path), format, 0, split)
 
 
-def _load(path: Path, format: str, preview_rows: int) -> tuple[DatasetInfo, list[Example]]:
-    rows = list(read_rows(path))
-    name = path.name
+def splits(path: Path) -> list[str]:
+    """The split names of a dataset saved by `DatasetDict.save_to_disk`, else []. Reads one small JSON file."""
+    try:
+        names = json.loads((Path(path) / "dataset_dict.json").read_text()).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def _load(path: Path, format: str, preview_rows: int, split: str | None = None) -> tuple[DatasetInfo, list[Example]]:
+    rows = list(read_rows(path, split))
+    name = f"{path.name} ({split} split)" if split else path.name
     if not rows:
         raise ValidationError(Problem(FIELD, f"{name} has no rows; add training examples to it"))
     shape = format if format != "auto" else detect_format(rows[0][1], f"{name} {rows[0][0]}")
@@ -121,12 +132,12 @@ def _load(path: Path, format: str, preview_rows: int) -> tuple[DatasetInfo, list
     return info, examples
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) for every row: `line N` for JSON lines, `row N` for tables (1-based)."""
     if not path.exists():
         raise ValidationError(Problem(FIELD, f"{path} does not exist; check the path"))
     if path.is_dir():
-        yield from _read_dir(path)
+        yield from _read_dir(path, split)
         return
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -213,14 +224,17 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"row {n}", row
 
 
-def _read_dir(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_dir(path: Path, split: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         import datasets
 
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            split = "train" if "train" in ds else next(iter(ds))
-            ds = ds[split]
+            if split is not None and split not in ds:
+                raise ValidationError(
+                    Problem(FIELD, f"{path.name} has no split {split!r}; its splits are {', '.join(ds)}")
+                )
+            ds = ds[split or ("train" if "train" in ds else next(iter(ds)))]
         for n, row in enumerate(ds, 1):
             yield f"row {n}", dict(row)
         return

@@ -7,11 +7,13 @@ what a sighting means for the task's state is the supervisor's job.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +36,8 @@ class Launch:
 
 class Executor(Protocol):
     name: str
+    on_exit: Callable[[], None] | None
+    """Called (from any thread) when a runner this executor started has ended, if it can tell."""
 
     def submit(self, task: TaskDir, *, attempt: int) -> Launch: ...
 
@@ -53,11 +57,12 @@ class LocalExecutor:
         # FTSTUDIO_TRAINER_MODULE is set by whoever starts the studio (the tests, to substitute
         # a scripted trainer); the runner accepts only a dotted module name.
         self.trainer_module = trainer_module or os.environ.get("FTSTUDIO_TRAINER_MODULE") or "ftstudio.train"
-        # Runners this process started: reap() collects their exit status so no zombies pile up
-        # while we live. (Plain pids, not Popen objects: those complain when dropped while running,
-        # and outliving us is the point.)
+        self.on_exit: Callable[[], None] | None = None
+        # Runners this process started. Each has a thread blocked in waitpid: it collects the exit
+        # status at once, so no zombie lingers while we live, and tells `on_exit`, so the supervisor
+        # reads the exit record now instead of at its next look. (Plain pids, not Popen objects:
+        # those complain when dropped while running, and outliving us is the point.)
         self._children: set[int] = set()
-        self._last_reap = 0.0
         self._lock = threading.Lock()
 
     def submit(self, task: TaskDir, *, attempt: int) -> Launch:
@@ -85,6 +90,7 @@ class LocalExecutor:
             raise LaunchError(f"could not start the training process: {e}") from e
         with self._lock:
             self._children.add(pid)
+        threading.Thread(target=self._wait, args=(pid,), name=f"runner-{pid}", daemon=True).start()
         try:
             start = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess:
@@ -92,22 +98,15 @@ class LocalExecutor:
             start = time.time()
         return Launch(pid=pid, start_time=start, boot_id=boot_id(), pgid=pid)
 
-    def reap(self) -> None:
-        now = time.monotonic()
-        if now - self._last_reap < 1.0:  # poll() asks per task; once a second is plenty
-            return
-        self._last_reap = now
+    def _wait(self, pid: int) -> None:
+        with contextlib.suppress(ChildProcessError):  # already collected: the same news
+            os.waitpid(pid, 0)
         with self._lock:
-            for pid in list(self._children):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    self._children.discard(pid)
+            self._children.discard(pid)
+        if self.on_exit:
+            self.on_exit()
 
     def poll(self, task: TaskDir, launch: Launch | None) -> Liveness:
-        self.reap()
         if launch is None:
             recorded = read_json(task.launch)
             if not recorded:
@@ -128,6 +127,4 @@ class LocalExecutor:
             return False
 
     def kill_all(self, task_id: str) -> int:
-        n = kill_tagged(task_id, signal.SIGKILL)
-        self.reap()
-        return n
+        return kill_tagged(task_id, signal.SIGKILL)

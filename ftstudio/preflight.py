@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 from pathlib import Path
 
 from ftstudio.builtin import BUILTIN_MODELS, looks_like_hub_id, resolve_dataset
 from ftstudio.config import TrainingConfig, label, validation_fraction
-from ftstudio.data import inspect_dataset
+from ftstudio.data import inspect_dataset, splits
 from ftstudio.errors import Problem, ValidationError
 
 MODEL = label("model.name")
@@ -26,9 +27,19 @@ def check(config: TrainingConfig, home: Path) -> None:
     problems: list[Problem] = []
     problems += model_problems(config.model.name)
     problems += _quantization(config.model.quantization)
+    if config.model.compile and not compiler():
+        problems.append(
+            Problem(
+                "model.compile",
+                "torch.compile needs a C++ compiler and none was found (g++, c++ or $CXX); "
+                "install one (apt-get install g++) or set model.compile=false",
+            )
+        )
     problems += _dataset(config.data.path, config.data.format, home, label("data.path"))
-    if validation_fraction(config.data.validation) is None:
-        problems += _dataset(config.data.validation.strip(), config.data.format, home, "data.validation")
+    problems += _reporting(config.logging.report_to)
+    validation = config.data.validation.strip()
+    if validation_fraction(validation) is None:
+        problems += _validation(config, validation, home)
     problems += _resume(config.checkpoint.resume_from)
     if problems:
         raise ValidationError(problems)
@@ -86,6 +97,15 @@ def _offline() -> bool:
     return False
 
 
+def compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would build its kernels with, if there is one."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
 def quantization_problem(quantization: str) -> str | None:
     """Why quantized loading cannot work here, or None when it can."""
     if quantization == "none":
@@ -102,9 +122,44 @@ def quantization_problem(quantization: str) -> str | None:
     return None
 
 
+# What each `logging.report_to` integration needs installed (any one of the modules), and the pip package.
+REPORTERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb")}
+REPORTERS["mlflow"] = (("mlflow",), "mlflow")
+
+
+def _reporting(report_to: list[str]) -> list[Problem]:
+    problems = []
+    for name in report_to:
+        modules, package = REPORTERS.get(name, ((), ""))
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            problems.append(
+                Problem(
+                    "logging.report_to",
+                    f"reporting to {name} needs the {package} package, which is not installed here; "
+                    f"pip install {package}, or leave {name} out of logging.report_to",
+                )
+            )
+    return problems
+
+
 def _quantization(quantization: str) -> list[Problem]:
     problem = quantization_problem(quantization)
     return [Problem("model.quantization", problem)] if problem else []
+
+
+def _validation(config: TrainingConfig, value: str, home: Path) -> list[Problem]:
+    """A split of the training dataset (a saved DatasetDict) by name, or a dataset of its own."""
+    try:
+        data_path = resolve_dataset(config.data.path, home)
+    except ValidationError:
+        data_path = None  # reported under data.path
+    if data_path is not None and value in splits(data_path):
+        try:
+            inspect_dataset(data_path, preview_rows=0, format=config.data.format, split=value)
+        except ValidationError as e:
+            return [Problem("data.validation", p.message) for p in e.problems]
+        return []
+    return _dataset(value, config.data.format, home, "data.validation")
 
 
 def _dataset(ref: str, format: str, home: Path, field: str) -> list[Problem]:

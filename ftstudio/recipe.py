@@ -18,6 +18,7 @@ from transformers import Trainer, TrainingArguments
 
 from ftstudio import batches, preflight
 from ftstudio.adapters import save_adapter
+from ftstudio.allocator import keep_freed_memory
 from ftstudio.builtin import resolve_dataset, resolve_model
 from ftstudio.config import TrainingConfig
 from ftstudio.data import FIELD, load_examples
@@ -57,6 +58,7 @@ def run(
     callbacks: list[Any] | None = None,
 ) -> Path:
     """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks."""
+    keep_freed_memory()
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -106,6 +108,10 @@ def run(
     per_epoch = batches.steps_per_epoch(len(train_rows), o.batch_size, o.grad_accum, world)
     has_eval = bool(val_rows)
     eval_strategy = "no" if not has_eval else ("steps" if config.logging.eval_every_steps else "epoch")
+    if "tensorboard" in config.logging.report_to:
+        # Beside the task's other files, where a person finds them (`tensorboard --logdir <task>/tensorboard`),
+        # not under checkpoints/; a directory the person chose themselves wins.
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=o.batch_size,
@@ -136,6 +142,7 @@ def run(
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        torch_compile=config.model.compile,
         ddp_backend=("gloo" if not torch.cuda.is_available() else "nccl") if world > 1 else None,
     )
     sampler = batches.EpochSampler([len(r) for r in train_rows], o.batch_size, o.seed, config.data.group_by_length)
@@ -161,7 +168,10 @@ def run(
         args=args,
         train_dataset=train_rows,
         eval_dataset=val_rows or None,
-        data_collator=batches.Collator(tokenizer.pad_token_id),
+        data_collator=batches.Collator(
+            tokenizer.pad_token_id,
+            shape=(o.batch_size, config.data.max_length) if config.model.compile and config.data.packing else None,
+        ),
         processing_class=tokenizer,
         callbacks=[callback, *(callbacks or [])],
         train_sampler=sampler,

@@ -100,6 +100,7 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
     service = Service(home, in_server=True)
     service.supervisor.notify = broker.notify
     service.supervisor.streamed = broker.streamed
+    service.executor.on_exit = service.supervisor.poke  # a runner we started ended: read its exit record now
 
     verdicts = service.supervisor.reconcile_all()  # before the API answers anything
     watched = len(service.supervisor.watched())
@@ -121,6 +122,7 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
         server.run(sockets=[sock])
     finally:
         stop.set()
+        service.supervisor.poke()
         watcher.join(timeout=5)
         if (read_json(home.server_info) or {}).get("pid") == me.pid:
             home.server_info.unlink(missing_ok=True)

@@ -160,17 +160,21 @@ def split_validation(
     import random
 
     from ftstudio.builtin import resolve_dataset
-    from ftstudio.data import load_examples
+    from ftstudio.data import load_examples, splits
 
     value = config.data.validation.strip()
     fraction = validation_fraction(value)
     if fraction is None:
-        path = resolve_dataset(value, home)
+        data_path = resolve_dataset(config.data.path, home)
+        # A split of the training dataset itself (a saved DatasetDict), by name; else a file.
+        split = value if value in splits(data_path) else None
+        path = data_path if split else resolve_dataset(value, home)
         try:
-            _, val = load_examples(path, config.data.format)
+            _, val = load_examples(path, config.data.format, split)
         except ValidationError as e:
             raise ValidationError([Problem("data.validation", p.message) for p in e.problems]) from None
-        return examples, val, {"validation": str(path), "validation_rows": len(val)}
+        where = f"the {split} split of {path}" if split else str(path)
+        return examples, val, {"validation": where, "validation_rows": len(val)}
     # At least one validation row when asked for, never all of them; none from a tiny dataset.
     n_val = (
         max(1, min(round(len(examples) * fraction), len(examples) - 1)) if fraction > 0 and len(examples) >= 4 else 0

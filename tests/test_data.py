@@ -47,6 +47,35 @@ def test_file_formats(tmp_path: Path) -> None:
         assert info.usable_rows == 16, name
 
 
+def test_a_saved_dataset_dict_trains_on_train_and_validates_on_a_split_by_name(tmp_path: Path) -> None:
+    import datasets
+
+    from ftstudio.config import TrainingConfig
+    from ftstudio.preflight import check
+    from ftstudio.train import split_validation
+
+    path = tmp_path / "hfdict"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ALPACA[:12]), "validation": datasets.Dataset.from_list(ALPACA[12:])}
+    ).save_to_disk(str(path))
+    info, examples = load_examples(path)
+    assert (info.usable_rows, examples[0].where) == (12, "hfdict row 1")
+    config = TrainingConfig.from_dict({"data": {"path": str(path), "validation": "validation"}})
+    check(config, tmp_path)  # the split name is not mistaken for a missing file
+    train, val, meta = split_validation(config, examples, tmp_path)
+    assert (len(train), len(val)) == (12, 4)
+    assert val[0].messages[-1]["content"] == ALPACA[12]["output"]
+    assert meta["validation"] == f"the validation split of {path}"
+    with pytest.raises(ValidationError) as e:
+        load_examples(path, split="test")
+    assert "hfdict has no split 'test'; its splits are train, validation" in str(e.value)
+    # A name that is neither a split nor a file is one clear problem, under data.validation.
+    bad = TrainingConfig.from_dict({"data": {"path": str(path), "validation": "test"}})
+    with pytest.raises(ValidationError) as e:
+        check(bad, tmp_path)
+    assert [p.field for p in e.value.problems] == ["data.validation"]
+
+
 def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "data.jsonl", ALPACA[:6])
     path.write_text(path.read_text() + '{"instruction": "x" "output": "y"}\n')
@@ -175,6 +204,34 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer) -> None:
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
         alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
     assert torch.allclose(packed[len(a.input_ids) :], alone, atol=1e-4)
+
+
+def test_a_fixed_shape_for_compile_adds_only_padding(tokenizer) -> None:
+    """torch.compile pads packed batches to one shape; the real rows train exactly as without it."""
+    import torch
+
+    from ftstudio.config import ModelConfig
+    from ftstudio.models import load_model
+
+    a = batches.tokenize(Example("a", text="What is 2 plus 2? It is 4."), tokenizer, 64)
+    b = batches.tokenize(Example("b", text="The capital of France is Paris."), tokenizer, 64)
+    rows = batches.pack([a, b], 64)
+    plain = batches.Collator(tokenizer.pad_token_id)(rows)
+    fixed = batches.Collator(tokenizer.pad_token_id, shape=(3, 64))(rows)
+    n = plain["input_ids"].shape[1]
+    assert fixed["input_ids"].shape == (3, 64) and n < 64
+    assert int(fixed["num_real_tokens"]) == int(plain["num_real_tokens"]) == len(a.input_ids) + len(b.input_ids)
+    assert (fixed["labels"][:, n:] == batches.IGNORE).all() and (fixed["labels"][1:] == batches.IGNORE).all()
+    assert fixed["position_ids"][2].tolist() == list(range(64))
+    model = load_model(tiny_model_dir(shared_home()), ModelConfig())
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=plain["input_ids"], position_ids=plain["position_ids"]).logits[0]
+        got = model(input_ids=fixed["input_ids"], position_ids=fixed["position_ids"]).logits[0, :n]
+    assert torch.allclose(got, want, atol=1e-4)
+    # Unpacked batches keep their own shape: compile copes with those by compiling for dynamic shapes.
+    unpacked = batches.Collator(tokenizer.pad_token_id, shape=(3, 64))([batches.Row(a.input_ids, a.labels)])
+    assert unpacked["input_ids"].shape == (1, len(a.input_ids))
 
 
 def test_a_template_that_refuses_a_row_skips_it(tokenizer) -> None:

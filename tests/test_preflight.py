@@ -68,3 +68,20 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         TrainingConfig.from_dict({"optim": {"learning_rate": -1, "batch_size": 0}, "lora": {"rank": 0}})
     fields = {p.field for p in e.value.problems}
     assert fields == {"optim.learning_rate (--lr)", "optim.batch_size (--batch-size)", "lora.rank (--lora-rank)"}
+
+
+def test_compile_without_a_compiler_and_reporters_that_are_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++ to be found
+    monkeypatch.delenv("CXX", raising=False)
+    config = {"model": {"compile": True}, "logging": {"report_to": ["wandb", "mlflow"]}}
+    with pytest.raises(ValidationError) as e:
+        check(TrainingConfig.from_dict(config), tmp_path)
+    messages = [(p.field, p.message) for p in e.value.problems]
+    assert [f for f, _ in messages] == ["model.compile", "logging.report_to", "logging.report_to"]
+    assert "needs a C++ compiler" in messages[0][1] and "model.compile=false" in messages[0][1]
+    assert "pip install wandb" in messages[1][1] and "pip install mlflow" in messages[2][1]
+    monkeypatch.undo()
+    # Installed for the tests (requirements-test.txt): tensorboard reporting passes.
+    check(TrainingConfig.from_dict({"model": {"compile": True}, "logging": {"report_to": ["tensorboard"]}}), tmp_path)

@@ -90,12 +90,33 @@ def test_a_reused_pid_is_not_adopted(service):
 def test_a_zombie_runner_without_exit_record_is_dead(service):
     task = submit(service, "scripted steps=1000 delay=0.05")
     wait_for(lambda: len(tagged(task.id)) >= 2, what="training")
+    for p in tagged(task.id):
+        p.kill()
+    # The executor reaps its runners at once, so make a zombie of our own: a child nobody waits for.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        zombie = psutil.Process(child.pid)
+        wait_for(lambda: zombie.status() == psutil.STATUS_ZOMBIE, what="zombie")
+        service.store.update(task.id, pid=child.pid, pid_start_time=zombie.create_time(), pgid=child.pid)
+        Supervisor(service.store, service.home, service.executor).reconcile_all()
+        got = service.store.get(task.id)
+        assert got.status == "failed" and got.error.startswith(UNEXPECTED)
+        assert "another program" not in got.error  # dead, not reused: same pid, same start time
+    finally:
+        child.wait()
+
+
+def test_a_runner_we_started_is_reaped_at_once_and_its_end_is_told(service):
+    told = []
+    service.executor.on_exit = lambda: told.append(time.monotonic())
+    task = submit(service, "scripted steps=1000 delay=0.05")
+    wait_for(lambda: len(tagged(task.id)) >= 2, what="training")
     runner = psutil.Process(task.pid)
     runner.kill()
-    # We are the runner's parent and have not reaped it: it is a zombie now.
-    wait_for(lambda: runner.status() == psutil.STATUS_ZOMBIE, what="zombie")
-    Supervisor(service.store, service.home, service.executor).reconcile_all()
-    assert service.store.get(task.id).status == "failed"
+    wait_for(lambda: told, what="the executor to tell of the end")
+    assert not psutil.pid_exists(task.pid) or runner.status() != psutil.STATUS_ZOMBIE  # collected, no zombie
+    for p in tagged(task.id):
+        p.kill()
 
 
 def test_after_a_reboot_the_task_is_not_adopted(service, monkeypatch):

@@ -230,3 +230,28 @@ def test_validation_from_a_file(tmp_path: Path) -> None:
     begin = next(e for e in events if e["kind"] == "train_begin")
     assert (begin["train_examples"], begin["validation_rows"]) == (16, 5)
     assert [e["step"] for e in events if e["kind"] == "eval"] == [2]
+
+
+def test_tensorboard_reporting_writes_the_loss_beside_the_task(tmp_path: Path, monkeypatch) -> None:
+    # Unset for this test and unset again after it (the trainer sets it in its own process; this runs in ours).
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "unset-below")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
+    config = merged(FAST, {"optim": {"max_steps": 2}, "logging": {"report_to": ["tensorboard"]}})
+    code, _ = train(tmp_path / "task", config, shared_home())
+    assert code == 0
+    files = list((tmp_path / "task" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    assert b"train/loss" in files[0].read_bytes()  # the scalar's tag, in the TFRecord summary
+
+
+@pytest.mark.slow
+def test_compile_with_packing_trains_and_the_adapter_loads(tmp_path: Path) -> None:
+    """torch.compile for real (inductor builds C++ kernels): one shape, finite losses, a usable adapter."""
+    from ftstudio.adapters import generate
+
+    config = merged(FAST, {"model": {"compile": True}, "data": {"packing": True}, "optim": {"max_steps": 3}})
+    code, events = train(tmp_path / "task", config, shared_home())
+    assert code == 0, [e for e in events if e["kind"] == "error"]
+    losses = [e["loss"] for e in events if e["kind"] == "progress"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert isinstance(generate(tmp_path / "task", "What is 1 plus 2?", max_new_tokens=4), str)
