@@ -57,13 +57,11 @@ class LocalExecutor:
         # FTSTUDIO_TRAINER_MODULE is set by whoever starts the studio (the tests, to substitute
         # a scripted trainer); the runner accepts only a dotted module name.
         self.trainer_module = trainer_module or os.environ.get("FTSTUDIO_TRAINER_MODULE") or "ftstudio.train"
-        self.on_exit: Callable[[], None] | None = None
-        # Runners this process started. Each has a thread blocked in waitpid: it collects the exit
+        # Each runner this process starts has a thread blocked in waitpid: it collects the exit
         # status at once, so no zombie lingers while we live, and tells `on_exit`, so the supervisor
         # reads the exit record now instead of at its next look. (Plain pids, not Popen objects:
         # those complain when dropped while running, and outliving us is the point.)
-        self._children: set[int] = set()
-        self._lock = threading.Lock()
+        self.on_exit: Callable[[], None] | None = None
 
     def submit(self, task: TaskDir, *, attempt: int) -> Launch:
         argv = [sys.executable, "-m", "ftstudio.runner", str(task.path), "--attempt", str(attempt)]
@@ -88,21 +86,18 @@ class LocalExecutor:
                 os.close(log_fd)
         except OSError as e:
             raise LaunchError(f"could not start the training process: {e}") from e
-        with self._lock:
-            self._children.add(pid)
-        threading.Thread(target=self._wait, args=(pid,), name=f"runner-{pid}", daemon=True).start()
         try:
+            # Before the waiter can collect it: until then its pid cannot be anyone else's.
             start = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess:
             # It died at once; the exit record (or its absence) will tell the supervisor why.
             start = time.time()
+        threading.Thread(target=self._wait, args=(pid,), name=f"runner-{pid}", daemon=True).start()
         return Launch(pid=pid, start_time=start, boot_id=boot_id(), pgid=pid)
 
     def _wait(self, pid: int) -> None:
         with contextlib.suppress(ChildProcessError):  # already collected: the same news
             os.waitpid(pid, 0)
-        with self._lock:
-            self._children.discard(pid)
         if self.on_exit:
             self.on_exit()
 
