@@ -123,8 +123,11 @@ def quantization_problem(quantization: str) -> str | None:
 
 
 # What each `logging.report_to` integration needs installed (any one of the modules), and the pip package.
-REPORTERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb")}
-REPORTERS["mlflow"] = (("mlflow",), "mlflow")
+REPORTERS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+}
 
 
 def _reporting(report_to: list[str]) -> list[Problem]:

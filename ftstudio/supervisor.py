@@ -48,7 +48,7 @@ EXIT_S = 0.5
 INGEST_S = 1.0
 # Process identity (psutil reads of /proc, boot id): a dead runner without an exit record is rare
 # and a heartbeat is 2 s anyway, while checking 20 live ones every 0.5 s was a third of the
-# studio's CPU (bench/bench_supervisor.py). Exit records, the common way a task ends, are a stat every tick.
+# studio's CPU (bench/bench_supervisor.py). Exit records, the common way a task ends: see EXIT_S.
 LIVENESS_S = 2.0
 SCAN_S = 1.0  # which tasks to watch
 LAUNCH_GRACE_S = 30.0  # a claimed task with no process after this long was never started

@@ -186,17 +186,28 @@ def test_row_order_depends_on_seed_and_epoch_only() -> None:
     assert sum(spread) / len(spread) < 10
 
 
-def test_packed_examples_do_not_attend_to_each_other(tokenizer) -> None:
-    """The logits of an example are the same alone and packed after another one (model loaded as for training)."""
-    import torch
-
+@pytest.fixture(scope="module")
+def model():
+    """builtin:tiny loaded as for training (KV cache off), in eval mode."""
     from ftstudio.config import ModelConfig
     from ftstudio.models import load_model
 
-    model = load_model(tiny_model_dir(shared_home()), ModelConfig())  # KV cache off, as in training
-    model.eval()
+    m = load_model(tiny_model_dir(shared_home()), ModelConfig())
+    m.eval()
+    return m
+
+
+def two_examples(tokenizer) -> tuple[batches.Tokenized, batches.Tokenized]:
     a = batches.tokenize(Example("a", text="What is 2 plus 2? It is 4."), tokenizer, 64)
     b = batches.tokenize(Example("b", text="The capital of France is Paris."), tokenizer, 64)
+    return a, b
+
+
+def test_packed_examples_do_not_attend_to_each_other(tokenizer, model) -> None:
+    """The logits of an example are the same alone and packed after another one (model loaded as for training)."""
+    import torch
+
+    a, b = two_examples(tokenizer)
     rows = batches.pack([a, b], 64)
     assert len(rows) == 1 and rows[0].input_ids == a.input_ids + b.input_ids
     batch = batches.Collator(tokenizer.pad_token_id)(rows)
@@ -206,15 +217,11 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer) -> None:
     assert torch.allclose(packed[len(a.input_ids) :], alone, atol=1e-4)
 
 
-def test_a_fixed_shape_for_compile_adds_only_padding(tokenizer) -> None:
+def test_a_fixed_shape_for_compile_adds_only_padding(tokenizer, model) -> None:
     """torch.compile pads packed batches to one shape; the real rows train exactly as without it."""
     import torch
 
-    from ftstudio.config import ModelConfig
-    from ftstudio.models import load_model
-
-    a = batches.tokenize(Example("a", text="What is 2 plus 2? It is 4."), tokenizer, 64)
-    b = batches.tokenize(Example("b", text="The capital of France is Paris."), tokenizer, 64)
+    a, b = two_examples(tokenizer)
     rows = batches.pack([a, b], 64)
     plain = batches.Collator(tokenizer.pad_token_id)(rows)
     fixed = batches.Collator(tokenizer.pad_token_id, shape=(3, 64))(rows)
@@ -223,8 +230,6 @@ def test_a_fixed_shape_for_compile_adds_only_padding(tokenizer) -> None:
     assert int(fixed["num_real_tokens"]) == int(plain["num_real_tokens"]) == len(a.input_ids) + len(b.input_ids)
     assert (fixed["labels"][:, n:] == batches.IGNORE).all() and (fixed["labels"][1:] == batches.IGNORE).all()
     assert fixed["position_ids"][2].tolist() == list(range(64))
-    model = load_model(tiny_model_dir(shared_home()), ModelConfig())
-    model.eval()
     with torch.no_grad():
         want = model(input_ids=plain["input_ids"], position_ids=plain["position_ids"]).logits[0]
         got = model(input_ids=fixed["input_ids"], position_ids=fixed["position_ids"]).logits[0, :n]
