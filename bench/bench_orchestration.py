@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import tempfile
 import time
@@ -43,7 +42,7 @@ from common import (
     load_average,
     median,
     report,
-    sweep,
+    tear_down,
 )
 
 GOAL = 1.05
@@ -173,10 +172,7 @@ def main() -> int:
                 flush=True,
             )
     finally:
-        studio.close()
-        sweep(home)
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
+        tear_down(studio, home, args.keep)
 
     ratios = [s.wall_s / d.wall_s for d, s in pairs]
     ratio = median(ratios)

@@ -42,7 +42,7 @@ from common import (
     median,
     percentile,
     report,
-    sweep,
+    tear_down,
     wait_for,
 )
 
@@ -222,10 +222,7 @@ def main() -> int:
             flush=True,
         )
     finally:
-        studio.close()
-        sweep(home)
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
+        tear_down(studio, home, args.keep)
 
     figures = [
         Figure(

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -144,6 +145,14 @@ def sweep(home: Path) -> int:
             p.kill()
     psutil.wait_procs(alive, timeout=10)
     return len(procs)
+
+
+def tear_down(studio: Studio, home: Path, keep: bool) -> None:
+    """After a benchmark: stop its studio and every process of its home; remove the home unless kept."""
+    studio.close()
+    sweep(home)
+    if not keep:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 class Studio:

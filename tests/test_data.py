@@ -239,13 +239,18 @@ def test_a_fixed_shape_for_compile_adds_only_padding(tokenizer, model) -> None:
     assert unpacked["input_ids"].shape == (1, len(a.input_ids))
 
 
-def test_a_template_that_refuses_a_row_skips_it(tokenizer) -> None:
+def tokenizer_with_template_prefix(prefix: str):
+    """builtin:tiny's tokenizer with `prefix` put before its chat template."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir(shared_home()))
-    tok.chat_template = (
+    tok.chat_template = prefix + tok.chat_template
+    return tok
+
+
+def test_a_template_that_refuses_a_row_skips_it(tokenizer) -> None:
+    tok = tokenizer_with_template_prefix(
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-        + tok.chat_template
     )
     ex = Example(
         "x",
@@ -257,12 +262,8 @@ def test_a_template_that_refuses_a_row_skips_it(tokenizer) -> None:
 
 def test_template_with_a_default_system_prompt(tokenizer) -> None:
     """Qwen2.5-style: a system turn is added when the conversation has none; it is never trained on."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir(shared_home()))
-    tok.chat_template = (
+    tok = tokenizer_with_template_prefix(
         "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
-        + tok.chat_template
     )
     ex = Example(
         "x",
