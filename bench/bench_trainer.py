@@ -1,8 +1,8 @@
 """Trainer throughput: ftstudio vs a hand-written transformers Trainer + peft script, and MFU.
 
-    PYTHONPATH=. python bench/bench_trainer.py [--rows 96] [--epochs 1] [--out FILE.json]
+    PYTHONPATH=. python bench/bench_trainer.py [--rows 96] [--epochs 1] [--shape narrow|wide] [--compile] [--out FILE.json]
 
-One run, same ~20M-parameter Qwen2-architecture model (random weights, built here),
+One run, same ~20M-parameter Qwen2-architecture model (random weights, built here; `--shape`),
 same data (instruction rows whose responses run from ~10 to ~400 tokens), same
 hyperparameters (LoRA r=16 on all linear layers, batch 8, max_length 512, fp32).
 
@@ -40,13 +40,26 @@ from common import command_line, load_average  # noqa: E402
 
 from ftstudio.builtin import build_tokenizer  # noqa: E402
 
-SHAPE = {
-    "hidden_size": 512,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
+# Two ~20M-parameter Qwen2 shapes (18.9M non-embedding parameters each). "narrow" was the
+# first chosen; "wide" has Qwen2-0.5B's ratio of width to depth more nearly (real models are
+# wide: hidden 896 over 24 layers there), so matmuls are a larger share of each step.
+SHAPES = {
+    "narrow": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
+    "wide": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+    },
 }
+SHAPE = dict(SHAPES["narrow"])
 SIZES = (1024, 2048, 4096)  # square fp32 matmuls for the peak
 HP = {"rank": 16, "alpha": 32, "dropout": 0.0, "batch_size": 8, "max_length": 512, "lr": 2e-4, "seed": 7}
 WORDS = [
@@ -281,12 +294,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--rows", type=int, default=96)
     parser.add_argument("--dropout", type=float, default=HP["dropout"], help="LoRA dropout for every run")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="narrow", help="the model's shape (see SHAPES)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--compile", action="store_true", help="add a run with packing and torch.compile (a compile of ~1 min)"
     )
     args = parser.parse_args()
     HP["dropout"] = args.dropout
+    SHAPE.clear()
+    SHAPE.update(SHAPES[args.shape])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
@@ -296,6 +312,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "rows": args.rows,
+        "shape": args.shape,
         "epochs": args.epochs,
         **HP,
     }

@@ -99,8 +99,12 @@ def load_model(ref: str | Path, cfg: ModelConfig) -> Any:
     return model
 
 
-def attach_lora(model: Any, cfg: LoraConfig) -> tuple[Any, AdapterReport]:
-    """Wrap the model with LoRA adapters and say exactly what got them."""
+def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True) -> tuple[Any, AdapterReport]:
+    """Wrap the model with LoRA adapters and say exactly what got them.
+
+    `fused`: plain linear layers get `FusedLoraLinear` (lora_linear.py), the same adapter
+    computed with fewer passes over the activations. Not for quantized models: bitsandbytes'
+    layers are `nn.Linear` subclasses too, and must get peft's own bnb LoRA layers."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
@@ -115,6 +119,10 @@ def attach_lora(model: Any, cfg: LoraConfig) -> tuple[Any, AdapterReport]:
         task_type="CAUSAL_LM",
         bias="none",
     )
+    if fused:
+        from ftstudio.lora_linear import FusedLoraLinear
+
+        peft_config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
     try:
         with warnings.catch_warnings():
             # peft asks transformers for a property transformers now calls deprecated: noise in

@@ -101,7 +101,7 @@ def run(
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
-    model, report = attach_lora(model, config.lora)
+    model, report = attach_lora(model, config.lora, fused=config.model.quantization == "none")
 
     dtype = pick_dtype(config.model.dtype)
     o = config.optim
