@@ -34,7 +34,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     compile: bool = False
-    """torch.compile the model: faster steps after a one-off compile (a minute or more). Best with packing (one shape)."""
+    """torch.compile the model: faster steps after a one-off compile (a minute or so); pays off on long runs."""
 
 
 @dataclass

@@ -30,11 +30,26 @@ from ftstudio.train import resolve_resume, split_validation, tidy_checkpoints
 
 
 class StudioTrainer(Trainer):
-    """The HF Trainer with ftstudio's row order and an exact count of real (non-pad) tokens."""
+    """The HF Trainer with ftstudio's row order and an exact count of real (non-pad) tokens.
 
-    def __init__(self, *args: Any, train_sampler: batches.EpochSampler, **kwargs: Any) -> None:
+    `dynamic_shapes`: with `model.compile`, compile for dynamic shapes from the first step.
+    Length-grouped batches change shape every step; by default torch.compile specialises on
+    the first shape, recompiles when the second arrives, and only then goes dynamic.
+    """
+
+    def __init__(
+        self, *args: Any, train_sampler: batches.EpochSampler, dynamic_shapes: bool = False, **kwargs: Any
+    ) -> None:
+        self._studio_dynamic_shapes = dynamic_shapes  # read by _build_accelerator_args, from Trainer.__init__
         super().__init__(*args, **kwargs)
         self._studio_sampler = train_sampler
+
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        args = super()._build_accelerator_args(**kwargs)
+        plugin = args.get("dynamo_plugin")
+        if plugin is not None and self._studio_dynamic_shapes:
+            plugin.dynamic = True
+        return args
 
     def _get_train_sampler(self, train_dataset: Any = None) -> batches.EpochSampler:
         return self._studio_sampler
@@ -175,6 +190,7 @@ def run(
         processing_class=tokenizer,
         callbacks=[callback, *(callbacks or [])],
         train_sampler=sampler,
+        dynamic_shapes=config.model.compile and not config.data.packing,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

@@ -255,3 +255,25 @@ def test_compile_with_packing_trains_and_the_adapter_loads(tmp_path: Path) -> No
     losses = [e["loss"] for e in events if e["kind"] == "progress"]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert isinstance(generate(tmp_path / "task", "What is 1 plus 2?", max_new_tokens=4), str)
+
+
+@pytest.mark.slow
+def test_compile_with_length_grouping_compiles_once_for_every_length(tmp_path: Path, monkeypatch) -> None:
+    """Without packing, batches change shape every step: one compile for dynamic shapes serves them
+    all (a recompile would raise here), and the run trains as usual."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()  # nothing compiled earlier in this process counts
+    data = write_jsonl(
+        tmp_path / "lengths.jsonl",
+        [{"instruction": "Say it " + "again " * n, "input": "", "output": "ok " * (3 * n + 1)} for n in range(16)],
+    )
+    config = merged(FAST, {"model": {"compile": True}, "data": {"path": str(data)}, "optim": {"max_steps": 4}})
+    try:
+        code, events = train(tmp_path / "task", config, shared_home())
+    finally:
+        torch._dynamo.reset()
+    assert code == 0, [e for e in events if e["kind"] == "error"]
+    losses = [e["loss"] for e in events if e["kind"] == "progress"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
