@@ -15,7 +15,8 @@ plain peft (the adapter loads with peft alone).
 
 Only the common case takes this path: one active adapter, not merged, no DoRA or
 other variant, a plain frozen `nn.Linear` base, input and all weights in one dtype,
-no autocast (in practice: fp32 training, which is the CPU's). Anything else goes through peft's own forward, unchanged.
+no autocast (in practice: fp32 training, which is the CPU's). Anything else goes
+through peft's own forward, unchanged.
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ class FusedLoraLinear(PeftLoraLinear):
         base = self.base_layer
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return None  # the fused backward has no gradient for the base layer
-        weights = (base.weight, self.lora_A[name].weight, self.lora_B[name].weight)
-        if any(w.dtype != x.dtype or w.device != x.device for w in weights):
-            return None
-        if base.bias is not None and base.bias.dtype != x.dtype:
+        params = [base.weight, self.lora_A[name].weight, self.lora_B[name].weight]
+        if base.bias is not None:
+            params.append(base.bias)
+        if any(p.dtype != x.dtype or p.device != x.device for p in params):
             return None
         return name

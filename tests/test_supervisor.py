@@ -34,6 +34,15 @@ def runner_and_trainer(task):
     return [p for p in tagged(task.id)]
 
 
+def killed_while_training(service):
+    """A long task, once its runner and trainer both run, with both SIGKILLed (nobody told the studio)."""
+    task = submit(service, "scripted steps=1000 delay=0.05")
+    wait_for(lambda: len(tagged(task.id)) >= 2, what="training")
+    for p in tagged(task.id):
+        p.kill()
+    return task
+
+
 def test_a_task_runs_to_completed_with_events_in_order(service):
     task = submit(service, "scripted steps=15 delay=0.01")
     assert task.status == "preparing" and task.pid
@@ -70,10 +79,7 @@ def test_finished_while_the_studio_is_down_means_completed(service):
 
 
 def test_a_reused_pid_is_not_adopted(service):
-    task = submit(service, "scripted steps=1000 delay=0.05")
-    wait_for(lambda: len(tagged(task.id)) >= 2, what="training")
-    for p in tagged(task.id):
-        p.kill()
+    task = killed_while_training(service)
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         # The record now names a live, unrelated process: a bare `kill -0` would adopt it.
@@ -88,10 +94,7 @@ def test_a_reused_pid_is_not_adopted(service):
 
 
 def test_a_zombie_runner_without_exit_record_is_dead(service):
-    task = submit(service, "scripted steps=1000 delay=0.05")
-    wait_for(lambda: len(tagged(task.id)) >= 2, what="training")
-    for p in tagged(task.id):
-        p.kill()
+    task = killed_while_training(service)
     # The executor reaps its runners at once, so make a zombie of our own: a child nobody waits for.
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
@@ -120,10 +123,7 @@ def test_a_runner_we_started_is_reaped_at_once_and_its_end_is_told(service):
 
 
 def test_after_a_reboot_the_task_is_not_adopted(service, monkeypatch):
-    task = submit(service, "scripted steps=1000 delay=0.05")
-    wait_for(lambda: len(tagged(task.id)) >= 2, what="training")
-    for p in tagged(task.id):  # a reboot kills everything...
-        p.kill()
+    task = killed_while_training(service)  # a reboot kills everything...
     monkeypatch.setenv("FTSTUDIO_BOOT_ID", "the-next-boot")  # ...and comes back as another boot
     Supervisor(service.store, service.home, service.executor).reconcile_all()
     got = service.store.get(task.id)
