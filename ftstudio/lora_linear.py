@@ -4,8 +4,8 @@ peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate opera
 the scaling is a pass over the whole [tokens x out] output, the sum another, and in
 the backward autograd scales the gradient again and adds the two gradients of x (one
 through the frozen weight, one through the adapter) in yet another pass. On a CPU,
-where those passes cost as much as a good share of the matmuls, that is a tenth of
-a training step (bench/bench_trainer.py).
+where those passes cost as much as a good share of the matmuls, doing without them
+made a training step 9-14 % faster on fixed batches (docs/benchmarks.md).
 
 Here the adapter rides on the matmuls instead: `out = x Wᵀ + b`, then
 `out += scaling · (x Aᵀ) Bᵀ` in place (`addmm_` with alpha = scaling), and the
