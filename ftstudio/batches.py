@@ -167,15 +167,20 @@ def pack(items: list[Tokenized], max_length: int) -> list[Row]:
 class Collator:
     """Pads a batch to its own longest row; counts the real (non-pad) tokens it carries.
 
+    Padding goes on the right. `padding_mask=False` leaves the attention mask out of
+    unpacked batches, for models where right padding cannot reach a real token
+    (`models.padding_mask_matters`): the labels alone keep pads out of the loss.
+
     `shape` (rows, width) pads every packed batch to exactly that shape instead, for
     torch.compile: one shape is one compile, where every new shape costs another
     (about a minute on a CPU). The extra rows are padding only: their own segment
     (packed rows carry no attention mask), -100 labels, not counted as real tokens.
     """
 
-    def __init__(self, pad_id: int, shape: tuple[int, int] | None = None) -> None:
+    def __init__(self, pad_id: int, shape: tuple[int, int] | None = None, padding_mask: bool = True) -> None:
         self.pad_id = pad_id
         self.shape = shape
+        self.padding_mask = padding_mask
 
     def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
         packed = rows[0].position_ids is not None
@@ -199,7 +204,7 @@ class Collator:
         batch = {"input_ids": ids, "labels": labels, "num_real_tokens": mask.sum()}
         if packed:
             batch["position_ids"] = pos
-        else:
+        elif self.padding_mask:
             batch["attention_mask"] = mask
         return batch
 

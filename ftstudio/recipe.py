@@ -24,7 +24,7 @@ from ftstudio.config import TrainingConfig
 from ftstudio.data import FIELD, load_examples
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.events import EventWriter
-from ftstudio.models import attach_lora, load_model, load_tokenizer, pick_dtype
+from ftstudio.models import attach_lora, load_model, load_tokenizer, padding_mask_matters, pick_dtype
 from ftstudio.progress import LossGuard, StudioCallback
 from ftstudio.train import resolve_resume, split_validation, tidy_checkpoints
 
@@ -186,6 +186,7 @@ def run(
         data_collator=batches.Collator(
             tokenizer.pad_token_id,
             shape=(o.batch_size, config.data.max_length) if config.model.compile and config.data.packing else None,
+            padding_mask=padding_mask_matters(model.config),
         ),
         processing_class=tokenizer,
         callbacks=[callback, *(callbacks or [])],
