@@ -3,8 +3,10 @@ other) and print one results table in the format of docs/benchmarks.md.
 
     PYTHONPATH=$PWD python bench/run_all.py [--only startup,supervisor,...]
 
-Core benchmarks (issue 2): orchestration, supervisor, startup. `bench_trainer.py` runs
-too when it is present (the trainer benchmarks live on their own branch).
+Core benchmarks (issue 2): orchestration, supervisor, startup. Then the trainer's
+(issue 3), which print their own results: `bench_trainer.py` (whole runs against a
+hand-written Trainer + peft script, and MFU) and `bench_step.py` (step-loop A/B of the
+trainer's own choices).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from common import BENCH, PY, ROOT, TABLE_HEAD, Figure, command_line, load_average
 
 CORE = ["startup", "supervisor", "orchestration"]
-OPTIONAL = ["trainer"]
+OPTIONAL = ["trainer", "step"]
 
 
 def main() -> int:
@@ -44,7 +46,7 @@ def main() -> int:
             script = BENCH / f"bench_{name}.py"
             print(f"\n=== {name} ===", flush=True)
             # Each benchmark gets its own process: figures from one never include another's leftovers.
-            # The trainer benchmark has its own output format: it runs as is and prints its own results.
+            # The trainer benchmarks have their own output format: they run as is and print their own results.
             extra = ["--json-out", str(out)] if name in CORE else []
             rc = subprocess.run([PY, str(script), *extra], cwd=ROOT, env=env).returncode
             if rc != 0:

@@ -60,7 +60,7 @@ def padding_mask_matters(config: Any) -> bool:
     labelled -100) and every gradient are the same with or without the mask (tested over
     the common families in tests/test_models.py). Without one, attention runs its plain
     causal kernel instead of materialising a padding mask and repeating the key/value heads
-    for grouped-query attention: 3-6% of a CPU step on the benchmark model.
+    for grouped-query attention: about 2% of a CPU step on the benchmark model (bench_step.py).
 
     The mask stays where pads would count: a mixture-of-experts router loss
     (`output_router_logits`) balances over every token the mask lets through; multimodal

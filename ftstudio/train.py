@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -34,6 +35,26 @@ OOM_FIX = (
     "out of GPU memory: lower optim.batch_size (--batch-size) or data.max_length, "
     "turn on model.gradient_checkpointing, or use model.quantization=4bit"
 )
+CPU_OOM_FIX = (
+    "out of memory{size}: lower optim.batch_size (--batch-size) or data.max_length, "
+    "or turn on model.gradient_checkpointing"
+)
+
+
+def out_of_memory_message(e: BaseException) -> str | None:
+    """The one line for a failed allocation, naming the settings that shrink a step; None for other errors.
+
+    On a GPU torch raises OutOfMemoryError. On the CPU a refused allocation is a plain
+    RuntimeError from the default allocator (a request the system cannot back); memory that
+    runs out gradually ends in the kernel's SIGKILL instead, which the runner reports."""
+    if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        return OOM_FIX
+    text = str(e)
+    if isinstance(e, RuntimeError) and "DefaultCPUAllocator" in text and "allocate memory" in text:
+        asked = re.search(r"allocate (\d+) bytes", text)
+        size = f" (one allocation of {int(asked.group(1)) / 2**30:,.1f} GiB was refused)" if asked else ""
+        return CPU_OOM_FIX.format(size=size)
+    return None
 
 
 @dataclass
@@ -99,9 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FtstudioError as e:
         return _fail(events, str(e), type(e).__name__, 1)
     except Exception as e:
-        if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
-            return _fail(events, OOM_FIX, "OutOfMemoryError", 1)
-        traceback.print_exc(file=sys.stdout)
+        traceback.print_exc(file=sys.stdout)  # into training.log, for whoever digs deeper
+        oom = out_of_memory_message(e)
+        if oom:
+            return _fail(events, oom, "OutOfMemoryError", 1)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         return _fail(
             events, f"training failed: {type(e).__name__}: {first}; see training.log for details", type(e).__name__, 1

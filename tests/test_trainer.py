@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -144,6 +145,43 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     assert "lower optim.learning_rate" in events[-1]["message"]
     assert not (tmp_path / "task" / "adapter").exists()
     assert not list((tmp_path / "task" / "checkpoints").glob("checkpoint-*"))
+
+
+def _allocate_too_much(*args: object, **kwargs: object) -> None:
+    import torch
+
+    torch.empty(2**45)  # 128 TiB of float32: a real refusal from the CPU allocator
+
+
+def _cuda_out_of_memory(*args: object, **kwargs: object) -> None:
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (_allocate_too_much, "out of memory (one allocation of 131,072.0 GiB was refused): lower optim.batch_size"),
+        (_cuda_out_of_memory, "out of GPU memory: lower optim.batch_size"),
+    ],
+)
+def test_out_of_memory_names_the_settings_to_lower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Any, message: str
+) -> None:
+    """A step that cannot get its memory: exit 1, one error event that says what to change, no adapter.
+    The CPU case is the allocator's own refusal; a CUDA one needs a GPU, so its exception is raised here."""
+    from ftstudio.recipe import StudioTrainer
+
+    monkeypatch.setattr(StudioTrainer, "training_step", failure)
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    code, events = train(tmp_path / "task", merged(FAST, {"data": {"path": str(data)}}), shared_home())
+    assert code == 1
+    errors = [e for e in events if e["kind"] == "error"]
+    assert len(errors) == 1 and errors[0]["error_type"] == "OutOfMemoryError"
+    assert message in errors[0]["message"]
+    assert "data.max_length" in errors[0]["message"] and "model.gradient_checkpointing" in errors[0]["message"]
+    assert "train_begin" in kinds(events) and not (tmp_path / "task" / "adapter").exists()
 
 
 def test_bare_config_needs_output(tmp_path: Path) -> None:
