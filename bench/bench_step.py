@@ -69,7 +69,7 @@ def build(model_dir: Path, fused: bool) -> Any:
 
     torch.manual_seed(bt.HP["seed"])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    assert not padding_mask_matters(model.config), "the benchmark model should be one that trains without the mask"
+    assert not padding_mask_matters(model), "the benchmark model should be one that trains without the mask"
     model, _ = attach_lora(model, LoraConfig(rank=bt.HP["rank"], alpha=bt.HP["alpha"], dropout=0.0), fused=fused)
     return model.train()
 

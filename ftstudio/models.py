@@ -52,24 +52,34 @@ def attention_implementation(dtype: torch.dtype) -> str | None:
     return None
 
 
-def padding_mask_matters(config: Any) -> bool:
+def padding_mask_matters(model: Any) -> bool:
     """Whether right-padded batches must carry their attention mask for this model.
 
     In a causal decoder a real token attends only to earlier positions, and the collator
     pads on the right, so no real token ever sees a pad: its outputs, the loss (pads are
     labelled -100) and every gradient are the same with or without the mask (tested over
-    the common families in tests/test_models.py). Without one, attention runs its plain
-    causal kernel instead of materialising a padding mask and repeating the key/value heads
-    for grouped-query attention: about 2% of a CPU step on the benchmark model (bench_step.py).
+    the common families in tests/test_models.py). Without one, sdpa runs its plain causal
+    kernel instead of materialising a padding mask and repeating the key/value heads for
+    grouped-query attention: about 2% of a step on a CPU (bench_step.py).
 
-    The mask stays where pads would count: a mixture-of-experts router loss
-    (`output_router_logits`) balances over every token the mask lets through; multimodal
-    configs, whose text may mix with bidirectional image attention; and remote code, whose
-    forward ftstudio cannot know."""
-    if getattr(config, "output_router_logits", False) or getattr(config, "auto_map", None):
+    The mask stays where pads could count, or where leaving it out was never measured:
+    - a mixture-of-experts router loss (`output_router_logits`) balances over every token
+      the mask lets through;
+    - attention that is not causal (`is_causal` false on a module, e.g. Gemma with
+      `use_bidirectional_attention`), encoder-decoders, and composite (multimodal) configs;
+    - flash-attention, which uses the mask to skip the pads altogether;
+    - remote code (`model.trust_remote_code`), whose forward ftstudio cannot vouch for."""
+    config = model.config
+    if getattr(config, "output_router_logits", False) or getattr(config, "is_encoder_decoder", False):
         return True
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return text is not config or hasattr(config, "vision_config")
+    if getattr(config, "use_bidirectional_attention", False) or getattr(config, "sub_configs", None):
+        return True
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return True
+    for module in model.modules():
+        if type(module).__module__.startswith("transformers_modules") or getattr(module, "is_causal", True) is False:
+            return True
+    return False
 
 
 def load_tokenizer(ref: str | Path, cfg: ModelConfig) -> Any:

@@ -186,7 +186,7 @@ def run(
         data_collator=batches.Collator(
             tokenizer.pad_token_id,
             shape=(o.batch_size, config.data.max_length) if config.model.compile and config.data.packing else None,
-            padding_mask=padding_mask_matters(model.config),
+            padding_mask=padding_mask_matters(model),
         ),
         processing_class=tokenizer,
         callbacks=[callback, *(callbacks or [])],

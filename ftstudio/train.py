@@ -45,16 +45,22 @@ def out_of_memory_message(e: BaseException) -> str | None:
     """The one line for a failed allocation, naming the settings that shrink a step; None for other errors.
 
     On a GPU torch raises OutOfMemoryError. On the CPU a refused allocation is a plain
-    RuntimeError from the default allocator (a request the system cannot back); memory that
-    runs out gradually ends in the kernel's SIGKILL instead, which the runner reports."""
+    RuntimeError from torch's default allocator (a request the system cannot back), or
+    Python's MemoryError; memory that runs out gradually ends in the kernel's SIGKILL
+    instead, which the runner reports."""
     if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
         return OOM_FIX
     text = str(e)
-    if isinstance(e, RuntimeError) and "DefaultCPUAllocator" in text and "allocate memory" in text:
-        asked = re.search(r"allocate (\d+) bytes", text)
-        size = f" (one allocation of {int(asked.group(1)) / 2**30:,.1f} GiB was refused)" if asked else ""
-        return CPU_OOM_FIX.format(size=size)
-    return None
+    refused = isinstance(e, RuntimeError) and "DefaultCPUAllocator" in text
+    if not (isinstance(e, MemoryError) or (refused and ("allocate memory" in text or "not enough memory" in text))):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", text)
+    size = ""
+    if asked:
+        n = int(asked.group(1))
+        amount = f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+        size = f" (one allocation of {amount} was refused)"
+    return CPU_OOM_FIX.format(size=size)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -46,16 +47,16 @@ def _loss_logits_grads(model: Any, ids: torch.Tensor, mask: torch.Tensor | None,
     return out.loss.detach(), out.logits.detach(), grads
 
 
-def _model(family: str, **over: Any) -> Any:
+def _model(family: str, attention: str = "default", **over: Any) -> Any:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**TINY, **over}))
+    config = AutoConfig.for_model(family, **{**TINY, **over})
+    # "default": transformers' own choice, sdpa for most families (gemma2: eager)
+    kwargs = {} if attention == "default" else {"attn_implementation": attention}
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
     return model.eval()  # no dropout: the two forwards must see the same arithmetic
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_dropping_the_mask_changes_nothing_for_real_tokens(family: str) -> None:
-    model = _model(family)
-    assert not padding_mask_matters(model.config)
+def _mask_changes_nothing(model: Any) -> None:
     ids, mask, labels = _right_padded()
     loss, logits, grads = _loss_logits_grads(model, ids, mask, labels)
     loss_nm, logits_nm, grads_nm = _loss_logits_grads(model, ids, None, labels)
@@ -67,22 +68,59 @@ def test_dropping_the_mask_changes_nothing_for_real_tokens(family: str) -> None:
         torch.testing.assert_close(grads_nm[name], grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("attention", ["default", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropping_the_mask_changes_nothing_for_real_tokens(family: str, attention: str) -> None:
+    model = _model(family, attention)
+    assert not padding_mask_matters(model)
+    _mask_changes_nothing(model)
+
+
+@pytest.mark.parametrize(
+    ("family", "window"),
+    [("mistral", {"sliding_window": 8}), ("gemma2", {"sliding_window": 8}), ("qwen2", {"use_sliding_window": True})],
+)
+def test_sliding_window_attention_shorter_than_the_rows(family: str, window: dict[str, Any]) -> None:
+    model = _model(family, **{"sliding_window": 8, "max_window_layers": 0, **window})
+    assert not padding_mask_matters(model)
+    _mask_changes_nothing(model)
+
+
 def test_router_loss_keeps_the_mask_because_it_counts_pads() -> None:
     model = _model("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
-    assert padding_mask_matters(model.config)
+    assert padding_mask_matters(model)
     ids, mask, labels = _right_padded()
     loss, _, _ = _loss_logits_grads(model, ids, mask, labels)
     loss_nm, _, _ = _loss_logits_grads(model, ids, None, labels)
     assert abs(float(loss_nm - loss)) > 1e-4  # the reason for the exception: pads would join the balance
 
 
-def test_remote_code_and_multimodal_keep_the_mask() -> None:
-    remote = AutoConfig.for_model("llama", **TINY)
-    remote.auto_map = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
-    assert padding_mask_matters(remote)
-    assert padding_mask_matters(AutoConfig.for_model("gemma3"))
-    assert padding_mask_matters(AutoConfig.for_model("llava"))
-    assert not padding_mask_matters(AutoConfig.from_pretrained(tiny_model_dir(shared_home())))
+def test_bidirectional_attention_keeps_the_mask() -> None:
+    gemma = _model("gemma3_text", use_bidirectional_attention=True)
+    assert padding_mask_matters(gemma)
+    ids, mask, labels = _right_padded()
+    loss, _, _ = _loss_logits_grads(gemma, ids, mask, labels)
+    loss_nm, _, _ = _loss_logits_grads(gemma, ids, None, labels)
+    assert abs(float(loss_nm - loss)) > 1e-5  # real tokens would see the pads after them
+    assert padding_mask_matters(_model("bert"))  # a BERT LM head without is_decoder attends both ways
+
+
+def test_unmeasured_kernels_remote_code_and_multimodal_keep_the_mask() -> None:
+    from transformers import Qwen2ForCausalLM
+
+    flash = _model("qwen2")
+    flash.config._attn_implementation = "flash_attention_2"  # needs CUDA to run; the decision is the config's
+    assert padding_mask_matters(flash)
+
+    class RemoteForCausalLM(Qwen2ForCausalLM):
+        pass
+
+    RemoteForCausalLM.__module__ = "transformers_modules.someorg.modeling_remote"  # where remote code loads from
+    assert padding_mask_matters(RemoteForCausalLM(AutoConfig.for_model("qwen2", **TINY)))
+    multimodal = SimpleNamespace(config=AutoConfig.for_model("gemma3"), modules=lambda: iter(()))
+    assert padding_mask_matters(multimodal)
+    tiny = AutoModelForCausalLM.from_pretrained(tiny_model_dir(shared_home()))
+    assert not padding_mask_matters(tiny)
 
 
 def test_collator_without_padding_mask_still_masks_the_labels() -> None:

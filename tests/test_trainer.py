@@ -150,7 +150,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
 def _allocate_too_much(*args: object, **kwargs: object) -> None:
     import torch
 
-    torch.empty(2**45)  # 128 TiB of float32: a real refusal from the CPU allocator
+    torch.empty(2**60)  # 4 EiB of float32, more than any address space: a real refusal from the CPU allocator
 
 
 def _cuda_out_of_memory(*args: object, **kwargs: object) -> None:
@@ -162,7 +162,10 @@ def _cuda_out_of_memory(*args: object, **kwargs: object) -> None:
 @pytest.mark.parametrize(
     ("failure", "message"),
     [
-        (_allocate_too_much, "out of memory (one allocation of 131,072.0 GiB was refused): lower optim.batch_size"),
+        (
+            _allocate_too_much,
+            "out of memory (one allocation of 4,294,967,296.0 GiB was refused): lower optim.batch_size",
+        ),
         (_cuda_out_of_memory, "out of GPU memory: lower optim.batch_size"),
     ],
 )
@@ -182,6 +185,38 @@ def test_out_of_memory_names_the_settings_to_lower(
     assert message in errors[0]["message"]
     assert "data.max_length" in errors[0]["message"] and "model.gradient_checkpointing" in errors[0]["message"]
     assert "train_begin" in kinds(events) and not (tmp_path / "task" / "adapter").exists()
+
+
+def test_out_of_memory_message_recognises_allocation_failures_only() -> None:
+    from ftstudio.train import out_of_memory_message
+
+    small = RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 3145728 bytes.")
+    assert "(one allocation of 3.0 MiB was refused)" in (out_of_memory_message(small) or "")
+    assert "lower optim.batch_size" in (out_of_memory_message(MemoryError()) or "")
+    assert out_of_memory_message(RuntimeError("shape mismatch: allocate 12 bytes")) is None
+    assert out_of_memory_message(ValueError("DefaultCPUAllocator: can't allocate memory")) is None
+
+
+def test_unpacked_batches_reach_the_model_without_a_padding_mask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """builtin:tiny is a causal decoder: right padding cannot reach a real token, so training leaves the mask out."""
+    from ftstudio.recipe import StudioTrainer
+
+    seen: list[set[str]] = []
+    original = StudioTrainer.compute_loss
+
+    def spy(self: Any, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        seen.append(set(inputs))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(StudioTrainer, "compute_loss", spy)
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    code, _ = train(
+        tmp_path / "task", merged(FAST, {"data": {"path": str(data)}, "optim": {"max_steps": 2}}), shared_home()
+    )
+    assert code == 0 and len(seen) == 2
+    assert all("attention_mask" not in keys and {"input_ids", "labels"} <= keys for keys in seen)
 
 
 def test_bare_config_needs_output(tmp_path: Path) -> None:
