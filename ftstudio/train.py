@@ -51,8 +51,8 @@ def out_of_memory_message(e: BaseException) -> str | None:
     if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
         return OOM_FIX
     text = str(e)
-    refused = isinstance(e, RuntimeError) and "DefaultCPUAllocator" in text
-    if not (isinstance(e, MemoryError) or (refused and ("allocate memory" in text or "not enough memory" in text))):
+    refused = "DefaultCPUAllocator" in text and ("allocate memory" in text or "not enough memory" in text)
+    if not (isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and refused)):
         return None
     asked = re.search(r"allocate (\d+) bytes", text)
     size = ""
