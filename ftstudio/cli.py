@@ -15,6 +15,7 @@ from ftstudio import studio as studio_mod
 from ftstudio.config import CLI_FLAGS, set_path
 from ftstudio.errors import FtstudioError, ValidationError
 from ftstudio.home import Home
+from ftstudio.policy import DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from ftstudio.store import Task
 
 # Flags of `submit` that map onto config fields: (flag, field path, type, help).
@@ -77,7 +78,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise ValidationError(f"--set: expected section.field=value, got {item!r}")
         set_path(config, key.strip(), _parse_value(value))
     service = _service()
-    task = service.submit(config, args.name)
+    task = service.submit(config, args.name, trusted=True)
     if args.json:
         _print_json(service.task_json(task))
     else:
@@ -184,9 +185,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     home = Home.default()
-    info = studio_mod.start(home, args.host, args.port)
+    info = studio_mod.start(home, _server_options(args))
     service = _service()
-    task = service.submit({"preset": "cpu-demo"}, "demo: builtin:tiny on builtin:sample")
+    task = service.submit({"preset": "cpu-demo"}, "demo: builtin:tiny on builtin:sample", trusted=True)
     print(f"studio:  {info.url}")
     print(f"task:    {task.id}  (ftstudio show {task.id}; ftstudio logs -f {task.id})")
     if args.wait or (sys.stderr.isatty() and not args.no_wait):
@@ -201,7 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_studio(args: argparse.Namespace) -> int:
     home = Home.default()
     if args.action == "serve":
-        return studio_mod.serve(home, args.host, args.port)
+        return studio_mod.serve(home, _server_options(args))
     if args.action in ("stop", "restart"):
         stopped = studio_mod.stop(home)
         if args.action == "stop":
@@ -209,7 +210,7 @@ def cmd_studio(args: argparse.Namespace) -> int:
             return 0
     if args.action in ("start", "restart"):
         already = studio_mod.running_server(home)
-        info = studio_mod.start(home, args.host, args.port)
+        info = studio_mod.start(home, _server_options(args))
         print(f"studio {'already running' if already else 'running'} at {info.url} (pid {info.pid})")
         return 0
     st = studio_mod.status(home)
@@ -220,6 +221,21 @@ def cmd_studio(args: argparse.Namespace) -> int:
     else:
         print(f"studio is not running (home {st['home']}); start it with `ftstudio studio start`")
     return 0 if st["running"] or args.action != "status" else 3
+
+
+def _server_options(args: argparse.Namespace) -> studio_mod.ServerOptions:
+    """The studio's flags as one value; `start` hands them on to the background `serve` unchanged."""
+    return studio_mod.ServerOptions.checked(
+        host=args.host,
+        port=args.port,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        allow_remote_code=args.allow_remote_code,
+        allow_paths=args.allow_path,
+        allow_hosts=args.allow_host,
+        max_upload_mb=args.max_upload_mb,
+        max_row_kb=args.max_row_kb,
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -266,6 +282,39 @@ def build_parser() -> argparse.ArgumentParser:
     def server_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--host", default=studio_mod.DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
         sp.add_argument("--port", type=int, default=studio_mod.DEFAULT_PORT, help="port (default 8765)")
+        sp.add_argument(
+            "--allow-remote-code",
+            action="store_true",
+            help="let requests over HTTP set model.trust_remote_code (runs a model repository's code as you)",
+        )
+        sp.add_argument(
+            "--allow-path",
+            action="append",
+            default=[],
+            metavar="DIR",
+            help="also accept datasets and models under DIR (beside the data home and your home); repeatable",
+        )
+        sp.add_argument(
+            "--allow-host",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="also answer requests for this host name (beside loopback names); repeatable",
+        )
+        sp.add_argument(
+            "--max-upload-mb",
+            type=int,
+            default=DEFAULT_MAX_UPLOAD_BYTES >> 20,
+            help=f"largest dataset upload in MB (default {DEFAULT_MAX_UPLOAD_BYTES >> 20})",
+        )
+        sp.add_argument(
+            "--max-row-kb",
+            type=int,
+            default=DEFAULT_MAX_ROW_BYTES >> 10,
+            help=f"largest single row of an uploaded dataset in KB (default {DEFAULT_MAX_ROW_BYTES >> 10})",
+        )
+        sp.add_argument("--certfile", help="serve HTTPS with this certificate (PEM); needs --keyfile")
+        sp.add_argument("--keyfile", help="the private key of --certfile (PEM)")
 
     sp = add("studio", cmd_studio, "start, stop, restart or check the studio server (training is never touched)")
     sp.add_argument("action", choices=["start", "stop", "restart", "status", "serve"])

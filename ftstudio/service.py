@@ -18,9 +18,10 @@ from typing import IO, Any
 
 from ftstudio import __version__, procs
 from ftstudio.config import TrainingConfig
-from ftstudio.errors import Conflict, LaunchError, NotFound, StorageError, ValidationError
+from ftstudio.errors import Conflict, LaunchError, NotFound, Problem, StorageError, ValidationError
 from ftstudio.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, write_json_atomic
+from ftstudio.policy import Policy
 from ftstudio.store import LostRace, Store, Task
 from ftstudio.supervisor import Supervisor, launch_of
 from ftstudio.task import TaskStatus
@@ -72,8 +73,16 @@ def setup_logging(home: Home, *, to_stderr: bool = False) -> None:
 
 
 class Service:
-    def __init__(self, home: Home | None = None, *, executor: Executor | None = None, in_server: bool = False) -> None:
+    def __init__(
+        self,
+        home: Home | None = None,
+        *,
+        executor: Executor | None = None,
+        in_server: bool = False,
+        policy: Policy | None = None,
+    ) -> None:
         self.home = (home or Home.default()).ensure()
+        self.policy = policy or Policy()
         setup_logging(self.home)
         self.store = Store(self.home.db)
         self.executor: Executor = executor or LocalExecutor()
@@ -82,8 +91,19 @@ class Service:
 
     # -- submit and launch ---------------------------------------------------
 
-    def submit(self, config: dict[str, Any], name: str | None = None) -> Task:
+    def submit(self, config: dict[str, Any], name: str | None = None, *, trusted: bool = False) -> Task:
+        """Check, record and launch a task. `trusted`: the person at the terminal asked (the CLI), not a
+        request over HTTP, whose reach is limited by the studio's `policy`."""
         cfg = TrainingConfig.from_dict(config)
+        if cfg.model.trust_remote_code and not trusted and not self.policy.allow_remote_code:
+            raise ValidationError(
+                Problem(
+                    "model.trust_remote_code",
+                    "running a model repository's code is off for requests to this studio; "
+                    "its owner can allow it with `ftstudio studio start --allow-remote-code`, "
+                    "or submit from the terminal with `ftstudio submit --set model.trust_remote_code=true`",
+                )
+            )
         from ftstudio import preflight  # the trainer's cheap checks: files exist, data parses
 
         preflight.check(cfg, self.home.root)

@@ -23,19 +23,106 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-from ftstudio.errors import FtstudioError, StudioAlreadyRunning
+from ftstudio.errors import FtstudioError, StudioAlreadyRunning, ValidationError
 from ftstudio.home import Home, read_json, write_json_atomic
+from ftstudio.policy import Policy
 from ftstudio.procs import Identity, Liveness, check
 
 log = logging.getLogger("ftstudio")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+MAX_UPLOAD_MB = 1 << 20  # 1 TB: past this a dataset belongs on disk, given by path
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the studio server listens and what it allows: the flags of `studio start|serve`."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    certfile: str | None = None
+    keyfile: str | None = None
+    policy: Policy = field(default_factory=Policy)
+
+    @classmethod
+    def checked(
+        cls,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        allow_remote_code: bool = False,
+        allow_paths: list[str] | tuple[str, ...] = (),
+        allow_hosts: list[str] | tuple[str, ...] = (),
+        max_upload_mb: int = Policy.max_upload_bytes >> 20,
+        max_row_kb: int = Policy.max_row_bytes >> 10,
+    ) -> ServerOptions:
+        """Build from the command line, every problem named with its flag."""
+        problems: list[str] = []
+        if not 0 <= port <= 65535:
+            problems.append(f"--port: must be between 0 and 65535 (got {port})")
+        if not 1 <= max_upload_mb <= MAX_UPLOAD_MB:
+            problems.append(f"--max-upload-mb: must be between 1 and {MAX_UPLOAD_MB} (got {max_upload_mb})")
+        if not 1 <= max_row_kb <= 1 << 20:
+            problems.append(f"--max-row-kb: must be between 1 and {1 << 20} (got {max_row_kb})")
+        roots = []
+        for raw in allow_paths:
+            path = Path(raw).expanduser()
+            if not path.is_dir():
+                problems.append(f"--allow-path: {raw} is not a directory")
+            else:
+                roots.append(path.resolve())
+        hosts = []
+        for name in allow_hosts:
+            name = name.strip().lower().rstrip(".")
+            if not name or not all(part and part.replace("-", "").isalnum() for part in name.split(".")):
+                problems.append(f"--allow-host: {name!r} is not a host name (letters, digits, dots and dashes)")
+            else:
+                hosts.append(name)
+        if bool(certfile) != bool(keyfile):
+            problems.append("--certfile and --keyfile: give both, or neither")
+        for flag, path_ in (("--certfile", certfile), ("--keyfile", keyfile)):
+            if path_ and not Path(path_).is_file():
+                problems.append(f"{flag}: {path_} is not a file")
+        if problems:
+            raise ValidationError("; ".join(problems))
+        policy = Policy(
+            allow_remote_code=allow_remote_code,
+            allow_paths=tuple(roots),
+            allow_hosts=tuple(hosts),
+            max_upload_bytes=max_upload_mb << 20,
+            max_row_bytes=max_row_kb << 10,
+        )
+        return cls(
+            host=host,
+            port=port,
+            certfile=str(Path(certfile).resolve()) if certfile else None,
+            keyfile=str(Path(keyfile).resolve()) if keyfile else None,
+            policy=policy,
+        )
+
+    def argv(self) -> list[str]:
+        """The same options as flags of `ftstudio studio serve` (how `start` hands them on)."""
+        out = ["--host", self.host, "--port", str(self.port)]
+        p = self.policy
+        if p.allow_remote_code:
+            out.append("--allow-remote-code")
+        for root in p.allow_paths:
+            out += ["--allow-path", str(root)]
+        for name in p.allow_hosts:
+            out += ["--allow-host", name]
+        out += ["--max-upload-mb", str(p.max_upload_bytes >> 20), "--max-row-kb", str(p.max_row_bytes >> 10)]
+        if self.certfile and self.keyfile:
+            out += ["--certfile", self.certfile, "--keyfile", self.keyfile]
+        return out
 
 
 @dataclass
@@ -81,8 +168,10 @@ def _take_lock(home: Home) -> int:
     return fd
 
 
-def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
+def serve(home: Home, options: ServerOptions | None = None) -> int:
     """Run the studio server in the foreground until SIGTERM/SIGINT."""
+    options = options or ServerOptions()
+    host, port = options.host, options.port
     import uvicorn
 
     from ftstudio.api import create_app
@@ -97,7 +186,7 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
     port = sock.getsockname()[1]  # --port 0 asks for any free port
     started_at = time.time()
     broker = Broker()
-    service = Service(home, in_server=True)
+    service = Service(home, in_server=True, policy=options.policy)
     service.supervisor.notify = broker.notify
     service.supervisor.streamed = broker.streamed
     service.executor.on_exit = service.supervisor.poke  # a runner we started ended: read its exit record now
@@ -116,7 +205,15 @@ def serve(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int
     watcher = threading.Thread(target=service.supervisor.run, args=(stop,), name="supervisor", daemon=True)
     watcher.start()
     app = create_app(service, broker, started_at=started_at)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        ssl_certfile=options.certfile,
+        ssl_keyfile=options.keyfile,
+    )
     server = QuietServer(config)
     try:
         server.run(sockets=[sock])
@@ -150,15 +247,16 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start(home: Home, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, timeout: float = 60.0) -> ServerInfo:
+def start(home: Home, options: ServerOptions | None = None, *, timeout: float = 60.0) -> ServerInfo:
     """Start `serve` in the background and wait until it answers."""
+    options = options or ServerOptions()
     home.ensure()
     existing = running_server(home)
     if existing:
         return existing
     with open(home.log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ftstudio", "studio", "serve", "--host", host, "--port", str(port)],
+            [sys.executable, "-m", "ftstudio", "studio", "serve", *options.argv()],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

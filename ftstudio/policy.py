@@ -1,0 +1,28 @@
+"""What the studio's owner allowed when starting it (`ftstudio studio start --allow-...`).
+
+A request over HTTP can never widen any of this; only the person who starts the
+studio can. The CLI's own commands run as that person at the terminal and are
+trusted (`Service.submit(..., trusted=True)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MAX_UPLOAD_BYTES = 512 << 20
+DEFAULT_MAX_ROW_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Policy:
+    allow_remote_code: bool = False
+    """Requests over HTTP may set model.trust_remote_code (--allow-remote-code)."""
+    allow_paths: tuple[Path, ...] = ()
+    """Extra roots that data.path and model.name may lie under, beside the data home and the user's home (--allow-path)."""
+    allow_hosts: tuple[str, ...] = ()
+    """Host names the studio answers to beside loopback ones (--allow-host)."""
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    """Largest dataset upload (--max-upload-mb)."""
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+    """Largest single row of an uploaded dataset (--max-row-kb)."""
