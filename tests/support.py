@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTED = ROOT / "tests" / "scripted"
 
 
+def api_client(service: Any, **kw: Any) -> Any:
+    """An in-process client of the HTTP API over `service` (FastAPI's TestClient), as the page would call it."""
+    from fastapi.testclient import TestClient
+
+    from ftstudio.api import create_app
+
+    return TestClient(create_app(service, **kw), base_url="http://127.0.0.1:8765")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from support import api_client
 
-from ftstudio.api import create_app
 from ftstudio.home import Home
 from ftstudio.service import Service
 
@@ -21,7 +20,7 @@ INJECTION = 'x"); import os; os.system("touch pwned") #{__import__("os")}'
 def client(scripted, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     service = Service(Home(scripted), in_server=True)
-    with TestClient(create_app(service)) as c:
+    with api_client(service) as c:
         # One finished task that every bad request must leave alone.
         r = c.post("/api/tasks", json={"name": "scripted steps=2 delay=0.01", "config": {"preset": "cpu-demo"}})
         assert r.status_code == 201
