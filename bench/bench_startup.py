@@ -143,7 +143,7 @@ def time_start(studio: Studio, expect_reattached: int) -> float:
     log = studio.home / "studio.log"
     log_from = log.stat().st_size if log.exists() else 0
     # A short-lived client with a short timeout: connection refused comes back at once while the port is closed.
-    with httpx.Client(base_url=studio.url, timeout=5.0) as http:
+    with httpx.Client(base_url=studio.url, timeout=5.0, headers=studio.auth) as http:
         t0 = time.monotonic()
         proc = studio.spawn()
         while True:

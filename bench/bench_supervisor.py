@@ -79,16 +79,17 @@ def total_steps(studio: Studio) -> int:
 class StreamClient(threading.Thread):
     """Reads one task's SSE stream and records delivered - written for each progress event."""
 
-    def __init__(self, url: str, task_id: str, after: int, stop: threading.Event) -> None:
+    def __init__(self, url: str, task_id: str, after: int, stop: threading.Event, headers: dict[str, str]) -> None:
         super().__init__(daemon=True, name=f"stream-{task_id}")
         self.url, self.task_id, self.after, self.stop = url, task_id, after, stop
+        self.headers = headers
         self.latencies_ms: list[float] = []
         self.error: str | None = None
 
     def run(self) -> None:
         try:
             with (
-                httpx.Client(base_url=self.url, timeout=httpx.Timeout(10.0, read=30.0)) as http,
+                httpx.Client(base_url=self.url, timeout=httpx.Timeout(10.0, read=30.0), headers=self.headers) as http,
                 http.stream("GET", f"/api/tasks/{self.task_id}/stream", params={"after": self.after}) as r,
             ):
                 kind = ""
@@ -201,7 +202,7 @@ def main() -> int:
         clients = []
         for task_id in ids[: args.clients]:
             after = studio.task(task_id)["events_seq"]
-            clients.append(StreamClient(studio.url, task_id, after, stop))
+            clients.append(StreamClient(studio.url, task_id, after, stop, studio.auth))
         cpu_lat0 = cpu_seconds(server)
         for c in clients:
             c.start()

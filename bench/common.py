@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -155,6 +156,17 @@ def tear_down(studio: Studio, home: Path, keep: bool) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def bench_token(home: Path) -> str:
+    """The home's API token, made here if the studio has not made it yet (older products ignore it)."""
+    path = home / "token"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
 class Studio:
     """A real studio server (`python -m ftstudio studio serve`) in a subprocess."""
 
@@ -164,7 +176,8 @@ class Studio:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.auth = {"Authorization": f"Bearer {bench_token(home)}"}
+        self.http = httpx.Client(base_url=self.url, timeout=60, headers=self.auth)
 
     def spawn(self) -> subprocess.Popen[bytes]:
         out = open(self.home / "studio-stdout.log", "ab")  # noqa: SIM115  (the child keeps its own copy)

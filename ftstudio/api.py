@@ -24,9 +24,11 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from ftstudio import __version__
+from ftstudio.auth import Guard, load_or_create_token, token_path
 from ftstudio.broker import Broker
 from ftstudio.config import PRESETS, describe_fields
 from ftstudio.errors import FtstudioError, NotFound, ValidationError
+from ftstudio.gate import Gate
 from ftstudio.service import Service, require_task_dir
 
 STATIC = Path(__file__).with_name("static")
@@ -48,9 +50,17 @@ class TaskCreate(BaseModel):
     )
 
 
-def create_app(service: Service, broker: Broker | None = None, *, started_at: float | None = None) -> FastAPI:
+def create_app(
+    service: Service,
+    broker: Broker | None = None,
+    *,
+    started_at: float | None = None,
+    guard: Guard | None = None,
+) -> FastAPI:
+    """The app behind its gate. Without a `guard` it takes the home's token and the default port (tests)."""
     broker = broker or Broker()
     started_at = started_at or time.time()
+    guard = guard or Guard(token=load_or_create_token(service.home), port=8765)
     app = FastAPI(title="ftstudio", version=__version__, description="Fine-tunes that survive restarts.")
 
     @app.exception_handler(FtstudioError)
@@ -72,8 +82,11 @@ def create_app(service: Service, broker: Broker | None = None, *, started_at: fl
     # -- studio --------------------------------------------------------------
 
     @app.get("/api/health")
-    def health() -> dict[str, Any]:
-        return {**service.health(), "pid": psutil.Process().pid, "started_at": started_at}
+    def health(request: Request) -> dict[str, Any]:
+        public = {"status": "ok", "version": __version__}
+        if getattr(request.state, "credential", None) is None:
+            return public  # the one open route: says it is up, and nothing about the machine
+        return {**service.health(), **public, "pid": psutil.Process().pid, "started_at": started_at}
 
     @app.get("/api/system")
     def system() -> dict[str, Any]:
@@ -214,6 +227,8 @@ def create_app(service: Service, broker: Broker | None = None, *, started_at: fl
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    # Outermost: nothing reaches a route, the page or the docs without passing the gate.
+    app.add_middleware(Gate, guard=guard, token_file=str(token_path(service.home)))
     return app
 
 

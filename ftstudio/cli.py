@@ -12,8 +12,9 @@ from typing import Any
 
 from ftstudio import __version__
 from ftstudio import studio as studio_mod
+from ftstudio.auth import binds_beyond_loopback, load_or_create_token
 from ftstudio.config import CLI_FLAGS, set_path
-from ftstudio.errors import FtstudioError, ValidationError
+from ftstudio.errors import FtstudioError, NotRunning, ValidationError
 from ftstudio.home import Home
 from ftstudio.policy import DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from ftstudio.store import Task
@@ -188,7 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     info = studio_mod.start(home, _server_options(args))
     service = _service()
     task = service.submit({"preset": "cpu-demo"}, "demo: builtin:tiny on builtin:sample", trusted=True)
-    print(f"studio:  {info.url}")
+    print(f"studio:  {info.login_url(load_or_create_token(home))}")
     print(f"task:    {task.id}  (ftstudio show {task.id}; ftstudio logs -f {task.id})")
     if args.wait or (sys.stderr.isatty() and not args.no_wait):
         print("training... (Ctrl-C stops watching; the training keeps running)", file=sys.stderr)
@@ -211,7 +212,19 @@ def cmd_studio(args: argparse.Namespace) -> int:
     if args.action in ("start", "restart"):
         already = studio_mod.running_server(home)
         info = studio_mod.start(home, _server_options(args))
-        print(f"studio {'already running' if already else 'running'} at {info.url} (pid {info.pid})")
+        token = load_or_create_token(home)
+        print(f"studio {'already running' if already else 'running'} at {info.login_url(token)} (pid {info.pid})")
+        if binds_beyond_loopback(info.host):
+            print(f"warning: {studio_mod.exposure_warning(info.host, info.port, info.scheme)}", file=sys.stderr)
+        return 0
+    if args.action == "token":
+        print(load_or_create_token(home))
+        return 0
+    if args.action == "url":
+        info = studio_mod.running_server(home)
+        if info is None:
+            raise NotRunning("the studio is not running; start it with `ftstudio studio start` (it prints the URL)")
+        print(info.login_url(load_or_create_token(home)))
         return 0
     st = studio_mod.status(home)
     if args.json:
@@ -317,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--keyfile", help="the private key of --certfile (PEM)")
 
     sp = add("studio", cmd_studio, "start, stop, restart or check the studio server (training is never touched)")
-    sp.add_argument("action", choices=["start", "stop", "restart", "status", "serve"])
+    sp.add_argument(
+        "action",
+        choices=["start", "stop", "restart", "status", "serve", "token", "url"],
+        help="token: print the token that every API request needs; url: print the login URL of the running studio",
+    )
     server_flags(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output (status)")
 

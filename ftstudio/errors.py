@@ -7,6 +7,7 @@
     │   └── Conflict              the action is not allowed in the task's current state (HTTP 409)
     ├── IllegalTransition         a state change the transition table forbids (a bug or a lost race)
     ├── StudioAlreadyRunning      a second studio server on the same home
+    ├── NotRunning                the command needs the studio server and none runs (exit 3)
     ├── StorageError              the data home cannot be written (full disk, permissions)
     ├── TrainingFailed            training ran but had to stop (NaN loss, divergence)
     └── LaunchError               the training process could not be started
@@ -71,6 +72,10 @@ class IllegalTransition(FtstudioError):
 
 class StudioAlreadyRunning(FtstudioError):
     http_status = 409
+    exit_code = 3
+
+
+class NotRunning(FtstudioError):
     exit_code = 3
 
 

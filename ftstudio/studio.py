@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from ftstudio.auth import Guard, binds_beyond_loopback, load_or_create_token
 from ftstudio.errors import FtstudioError, StudioAlreadyRunning, ValidationError
 from ftstudio.home import Home, read_json, write_json_atomic
 from ftstudio.policy import Policy
@@ -133,11 +135,26 @@ class ServerInfo:
     host: str
     port: int
     started_at: float
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}/"
+        """Where a person on this machine opens the studio."""
+        return f"{self.scheme}://{reachable_host(self.host)}:{self.port}/"
+
+    def login_url(self, token: str) -> str:
+        """The URL that logs a browser in (the page then drops the token from the address bar)."""
+        return f"{self.url}?token={token}"
+
+
+def reachable_host(bind_host: str) -> str:
+    """A host for a URL people can open: the wildcard addresses are not, and IPv6 needs brackets."""
+    host = bind_host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def running_server(home: Home) -> ServerInfo | None:
@@ -146,8 +163,9 @@ def running_server(home: Home) -> ServerInfo | None:
     if not data:
         return None
     try:
-        info = ServerInfo(**{k: data[k] for k in ServerInfo.__dataclass_fields__})
-    except (KeyError, TypeError):
+        known = ServerInfo.__dataclass_fields__
+        info = ServerInfo(**{k: v for k, v in data.items() if k in known})
+    except TypeError:
         return None
     if check(Identity(info.pid, info.start_time, info.boot_id), marker="studio") != Liveness.ALIVE:
         return None
@@ -182,8 +200,14 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
     home.ensure()
     setup_logging(home, to_stderr=sys.stderr.isatty())
     lock_fd = _take_lock(home)
+    token = load_or_create_token(home)
     sock = _bind(host, port)
     port = sock.getsockname()[1]  # --port 0 asks for any free port
+    scheme = "https" if options.certfile else "http"
+    remote = binds_beyond_loopback(host)
+    guard = Guard(token=token, port=port, allow_hosts=options.policy.allow_hosts, remote=remote, scheme=scheme)
+    if remote:
+        log.warning("%s", exposure_warning(host, port, scheme))
     started_at = time.time()
     broker = Broker()
     service = Service(home, in_server=True, policy=options.policy)
@@ -198,13 +222,13 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
         os.getpid(), host, port, watched, len(verdicts),
     )  # fmt: skip
     me = psutil.Process()
-    info = ServerInfo(me.pid, me.create_time(), Identity.of(me.pid).boot_id, host, port, started_at)
+    info = ServerInfo(me.pid, me.create_time(), Identity.of(me.pid).boot_id, host, port, started_at, scheme)
     write_json_atomic(home.server_info, info.__dict__)
 
     stop = threading.Event()
     watcher = threading.Thread(target=service.supervisor.run, args=(stop,), name="supervisor", daemon=True)
     watcher.start()
-    app = create_app(service, broker, started_at=started_at)
+    app = create_app(service, broker, started_at=started_at, guard=guard)
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -229,6 +253,7 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
     # without it every keep-alive request waited ~40 ms (Nagle vs delayed ACK; bench/bench_startup.py).
@@ -274,9 +299,29 @@ def start(home: Home, options: ServerOptions | None = None, *, timeout: float = 
     raise FtstudioError(f"the studio did not answer within {timeout:.0f}s; see {home.log}")
 
 
+def exposure_warning(host: str, port: int, scheme: str) -> str:
+    """What binding beyond loopback means, said once at start (studio.log and the terminal)."""
+    text = (
+        f"the studio listens on {host}:{port}, so other machines can reach it: every request needs the token, "
+        "but never share the login URL"
+    )
+    if scheme == "http":
+        text += (
+            "; traffic is unencrypted (the token included): put TLS in front of it (a reverse proxy such as "
+            "nginx or caddy) or start it with --certfile and --keyfile"
+        )
+    return text
+
+
 def _answers(info: ServerInfo) -> bool:
+    context = None
+    if info.scheme == "https":
+        # Our own server, asked on this machine: its certificate is often self-signed or names another host.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"{info.url}api/health", timeout=2) as r:
+        with urllib.request.urlopen(f"{info.url}api/health", timeout=2, context=context) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -318,6 +363,7 @@ def status(home: Home) -> dict[str, Any]:
         "running": True,
         "pid": info.pid,
         "url": info.url,
+        "exposed": binds_beyond_loopback(info.host),
         "uptime_s": round(time.time() - info.started_at, 1),
         "home": str(home.root),
     }

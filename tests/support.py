@@ -25,8 +25,10 @@ def api_client(service: Any, **kw: Any) -> Any:
     from fastapi.testclient import TestClient
 
     from ftstudio.api import create_app
+    from ftstudio.auth import load_or_create_token
 
-    return TestClient(create_app(service, **kw), base_url="http://127.0.0.1:8765")
+    headers = {"Authorization": f"Bearer {load_or_create_token(service.home)}"}
+    return TestClient(create_app(service, **kw), base_url="http://127.0.0.1:8765", headers=headers)
 
 
 def free_port() -> int:
@@ -113,7 +115,15 @@ class Studio:
         )
         out.close()
         wait_for(self._ready, timeout=60, what="the studio to answer")
+        # As the CLI does: the token is read from the home, where the studio made it on first start.
+        self.token = (self.home / "token").read_text().strip()
+        self.http.headers["Authorization"] = f"Bearer {self.token}"
         return self
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers for a request made outside `self.http` (a stream)."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def _ready(self) -> bool:
         assert self.proc is not None

@@ -23,6 +23,7 @@ def create(studio, name, **config):
 def sse_events(studio, task_id, *, last_event_id=None, after=None, limit=None, timeout=60):
     """Read the stream; return (event name, id, data) tuples until it closes or `limit` events with ids."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    headers.update(studio.auth)
     params = {"after": after} if after is not None else {}
     out = []
     with httpx.stream(

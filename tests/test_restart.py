@@ -34,10 +34,11 @@ def alive(pid):
         return False
 
 
-def progress_on_stream(url, task_id, after, count):
+def progress_on_stream(studio, task_id, after, count):
     """Steps of the next `count` progress events the stream delivers after seq `after`."""
     steps = []
-    with httpx.stream("GET", f"{url}/api/tasks/{task_id}/stream", params={"after": after}, timeout=60) as r:
+    url = f"{studio.url}/api/tasks/{task_id}/stream"
+    with httpx.stream("GET", url, params={"after": after}, headers=studio.auth, timeout=60) as r:
         event = None
         for line in r.iter_lines():
             if line.startswith("event: "):
@@ -78,7 +79,7 @@ def test_training_survives_sigkill_and_restarts_of_the_studio(home, studio_facto
     seen = second.task(tid)
     assert seen["status"] == "training" and seen["pid"] == runner_pid and seen["reattached"] is True
     assert seen["step"] >= running["step"]
-    steps = progress_on_stream(second.url, tid, seen["events_seq"], 5)
+    steps = progress_on_stream(second, tid, seen["events_seq"], 5)
     assert steps == sorted(steps) and steps[0] > running["step"]
     shown = cli_json(home, "show", tid)
     assert shown["status"] == "training" and shown["pid"] == runner_pid

@@ -25,6 +25,10 @@ export async function api(path, { method = "GET", json, form, signal } = {}) {
     throw new ApiError(0, "The studio is not reachable. Is it running? (ftstudio studio start)");
   }
   if (res.status === 204) return null;
+  if (res.status === 401) {
+    // The login cookie is missing or belongs to an old token: say how to get in, in the page's words.
+    throw new ApiError(401, "This browser is not logged in to the studio: open the link that `ftstudio studio url` prints on the machine that runs it.");
+  }
   const text = await res.text();
   let data = null;
   try {

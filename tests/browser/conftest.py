@@ -46,8 +46,12 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
-    """A fresh browser context; JavaScript errors on the page fail the test."""
-    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+    """A fresh browser context; JavaScript errors on the page fail the test.
+
+    Playwright's string predicates (`wait_for_function`) are evaluated in the page, which the page's
+    Content-Security-Policy forbids: these contexts bypass it, and test_page_security.py checks the
+    page itself under the real policy."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000}, bypass_csp=True)
     context.set_default_timeout(20_000)
     pg = context.new_page()
     errors: list[str] = []

@@ -43,6 +43,10 @@ class LiveStudio(Studio):
     def __init__(self, home: Path, port: int) -> None:
         super().__init__(home, home_env(home), port)
 
+    def page_url(self, fragment: str = "") -> str:
+        """The login URL, as `ftstudio studio url` prints it, landing on `fragment` (the redirect keeps it)."""
+        return f"{self.url}/?token={self.token}{fragment}"
+
     def api(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
         r = self.http.request(method, path, json=body, timeout=timeout)
         r.raise_for_status()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.browser
 
 
 def test_malformed_dataset_shows_the_line_and_creates_nothing(studio: LiveStudio, page: Any) -> None:
-    page.goto(studio.url + "/#/new")
+    page.goto(studio.page_url("#/new"))
     bad = b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{"instruction": "e", "output": \n'
     page.locator("#dataset-file").set_input_files(
         files=[{"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": bad}]
@@ -47,7 +47,7 @@ def test_malformed_dataset_shows_the_line_and_creates_nothing(studio: LiveStudio
 
 
 def test_validation_errors_appear_next_to_their_fields(studio: LiveStudio, page: Any) -> None:
-    page.goto(studio.url + "/#/new")
+    page.goto(studio.page_url("#/new"))
     page.locator("#advanced > summary").click()
     page.locator("#cfg-optim-learning_rate").fill("-1")
     page.locator("#cfg-lora-rank").fill("many")
@@ -71,7 +71,7 @@ def test_cancel_from_the_page_ends_the_process_then_delete_asks_first(studio: Li
             "config": {"preset": "cpu-demo", "optim": {"max_steps": 5000}, "checkpoint": {"every_steps": 1000}},
         },
     )
-    page.goto(f"{studio.url}/#/tasks/{task['id']}")
+    page.goto(studio.page_url(f"#/tasks/{task['id']}"))
     page.locator('.badge[data-status="training"]').wait_for(timeout=90_000)
     wait_for(lambda: task_processes(studio.home, task["id"]), what="the training process")
     assert page.locator("#task-actions button").all_inner_texts() == ["Cancel"]

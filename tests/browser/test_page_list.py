@@ -38,7 +38,7 @@ def test_a_thousand_tasks_page_quickly(tmp_path: Path, page: Any) -> None:
         studio.start()
         assert studio.api("GET", "/api/tasks?limit=1")["total"] == 1000
         t0 = time.monotonic()
-        page.goto(studio.url + "/#/tasks")
+        page.goto(studio.page_url("#/tasks"))
         page.locator("#task-table tbody tr").nth(49).wait_for()
         first_paint = time.monotonic() - t0
         assert page.locator("#task-table tbody tr").count() == 50

@@ -31,7 +31,7 @@ def progress(page: Any) -> float:
 
 def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: LiveStudio, page: Any) -> None:
     started = time.monotonic()
-    page.goto(studio.url + "/#/new")
+    page.goto(studio.page_url("#/new"))
     page.get_by_label("Name").fill("browser e2e")
     page.get_by_role("button", name="builtin:tiny").click()
     page.locator("#dataset-name").fill("builtin:sample")

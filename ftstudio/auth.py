@@ -1,0 +1,187 @@
+"""Who may talk to the studio: the token, and the Host and Origin checks.
+
+The studio can start processes and read files as the person who started it, so
+everything under `/api` (but `GET /api/health`) needs the token kept in
+`$FTSTUDIO_HOME/token` (mode 0600), sent as `Authorization: Bearer TOKEN` or as
+the HttpOnly, SameSite=Strict cookie that the login URL (`/?token=...`) sets.
+
+Two more checks stop what a token alone does not:
+
+- **Host** must be a loopback name or address, a name the owner allowed
+  (`--allow-host`), or, when the owner bound beyond loopback, an IP address. A web
+  page that rebinds its own DNS name to 127.0.0.1 still sends its own name as
+  Host, so it is refused even if it somehow had the cookie.
+- **Origin** on a state change (POST/PUT/PATCH/DELETE) authenticated by the
+  cookie must be the studio's own (or `Sec-Fetch-Site: same-origin`): the cookie
+  is sent by the browser whoever made the page, the Bearer header is not. A
+  foreign Origin is refused whatever the credential; no CORS header is ever sent,
+  so no other origin can read an answer or send the Authorization header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ftstudio.home import Home
+
+COOKIE_PREFIX = "ftstudio-token-"
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def token_path(home: Home) -> Path:
+    return home.root / "token"
+
+
+def load_or_create_token(home: Home) -> str:
+    """The home's token, created on first use (0600, never logged). Safe when two processes race to create it."""
+    path = token_path(home)
+    home.root.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return read_token(home)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return read_token(home)
+
+
+def read_token(home: Home) -> str:
+    path = token_path(home)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        # Another user must not read it: tighten a copy that was made too open (e.g. restored from a backup).
+        if os.fstat(f.fileno()).st_mode & 0o077:
+            with contextlib.suppress(OSError):
+                os.fchmod(f.fileno(), 0o600)
+        token = f.read().strip()
+    if len(token) < 16:
+        raise ValueError(f"{path} holds no usable token; delete it and start the studio again to make a new one")
+    return token
+
+
+def cookie_name(port: int) -> str:
+    """One cookie per port: browsers share cookies across ports, and two studios (two homes) may run side by side."""
+    return f"{COOKIE_PREFIX}{port}"
+
+
+def same_token(given: str | None, token: str) -> bool:
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())  # type: ignore[union-attr]
+
+
+def bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+def host_name(host_header: str) -> str | None:
+    """The name or address of a Host header, without its port; None when it is not a valid Host."""
+    host = host_header.strip()
+    if not host or any(c.isspace() or c in "/\\@?#" for c in host):
+        return None
+    if host.startswith("["):  # [::1]:8765
+        end = host.find("]")
+        if end < 0 or (host[end + 1 :] and not _port(host[end + 1 :])):
+            return None
+        return host[1:end].lower()
+    name, sep, port = host.rpartition(":")
+    if not sep:
+        return host.lower().rstrip(".")
+    if not _port(":" + port):
+        return None
+    return name.lower().rstrip(".")
+
+
+def _port(text: str) -> bool:
+    return text.startswith(":") and text[1:].isascii() and text[1:].isdigit() and len(text) <= 6
+
+
+def is_loopback(name: str) -> bool:
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def binds_beyond_loopback(bind_host: str) -> bool:
+    """`--host 0.0.0.0`, `::`, a LAN address or a name: the studio is reachable from other machines."""
+    name = bind_host.strip("[]").lower()
+    return not is_loopback(name)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The checks of one studio: its token and which Host names it answers to."""
+
+    token: str
+    port: int
+    allow_hosts: tuple[str, ...] = ()
+    remote: bool = False  # bound beyond loopback: IP-literal hosts are the owner's own addresses
+    scheme: str = "http"
+
+    @property
+    def cookie(self) -> str:
+        return cookie_name(self.port)
+
+    def host_ok(self, host_header: str | None) -> bool:
+        name = host_name(host_header or "")
+        if name is None:
+            return False
+        if is_loopback(name) or name in self.allow_hosts:
+            return True
+        # A rebinding page sends its own DNS name; a bare address was typed by someone who knows the machine.
+        return self.remote and is_ip(name)
+
+    def origin_ok(self, origin: str | None, host_header: str | None) -> bool:
+        """Origin names this studio: same scheme and the same host:port as the request itself."""
+        if origin is None:
+            return True
+        if origin == "null":
+            return False
+        try:
+            parts = urlsplit(origin)
+            port = parts.port
+        except ValueError:
+            return False
+        if parts.scheme != self.scheme or not parts.hostname or parts.path or parts.query:
+            return False
+        want = host_name(host_header or "")
+        default = 443 if self.scheme == "https" else 80
+        req_port = _header_port(host_header or "") or default
+        return parts.hostname.lower().rstrip(".") == want and (port or default) == req_port
+
+    def credential(self, authorization: str | None, cookie: str | None) -> str | None:
+        """Which credential proved the token: "bearer", "cookie", or None."""
+        if same_token(bearer(authorization), self.token):
+            return "bearer"
+        if same_token(cookie, self.token):
+            return "cookie"
+        return None
+
+
+def _header_port(host_header: str) -> int | None:
+    host = host_header.strip()
+    tail = host[host.find("]") + 1 :] if host.startswith("[") else host
+    _, sep, port = tail.rpartition(":")
+    return int(port) if sep and port.isascii() and port.isdigit() else None

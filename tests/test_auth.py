@@ -1,0 +1,301 @@
+"""Who may talk to the studio: the token, the Host and Origin checks, the login URL,
+the security headers, and trust_remote_code as the owner's decision.
+
+The in-process tests (FastAPI's TestClient over the real app and service) cover
+every rule; the subprocess tests check the same against a real server and the
+real CLI, as a person at the machine uses them."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+
+import httpx
+import pytest
+from support import api_client, run_cli, wait_for
+
+from ftstudio.auth import Guard, host_name, load_or_create_token
+from ftstudio.home import Home
+from ftstudio.policy import Policy
+from ftstudio.service import Service
+
+ORIGIN = "http://127.0.0.1:8765"
+
+
+@pytest.fixture
+def service(scripted):
+    return Service(Home(scripted), in_server=True)
+
+
+@pytest.fixture
+def client(service):
+    with api_client(service) as c:
+        r = c.post("/api/tasks", json={"name": "scripted steps=2 delay=0.01", "config": {"preset": "cpu-demo"}})
+        assert r.status_code == 201, r.text
+        c.task_id = r.json()["id"]
+        c.token = load_or_create_token(service.home)
+        c.service = service
+        yield c
+
+
+def every_route(client):
+    """(method, path) of every API route in the app's own OpenAPI document, path parameters filled in."""
+    spec = client.get("/openapi.json").json()
+    for path, item in spec["paths"].items():
+        concrete = path.replace("{task_id}", client.task_id).replace("{name}", "builtin:sample")
+        for method in item:
+            yield method.upper(), concrete
+
+
+def snapshot(client):
+    rows = client.service.store._conn().execute("SELECT id, status, name, cancel_requested_at FROM tasks").fetchall()
+    return sorted(tuple(r) for r in rows), sorted(p.name for p in client.service.home.datasets.iterdir())
+
+
+# -- the token ------------------------------------------------------------------------------
+
+
+def test_without_the_token_every_api_route_but_health_is_401(client):
+    routes = list(every_route(client))
+    assert len(routes) >= 15
+    before = snapshot(client)
+    for method, path in [*routes, ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/redoc")]:
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong-token-000000"}):
+            r = client.request(method, path, headers={**headers, "Origin": ORIGIN})
+            if path == "/api/health":
+                assert r.status_code == 200
+                assert r.json() == {"status": "ok", "version": r.json()["version"]}  # nothing about the machine
+                continue
+            assert r.status_code == 401, (method, path, r.status_code)
+            detail = r.json()["detail"]
+            assert "ftstudio studio url" in detail and str(client.service.home.root / "token") in detail
+            assert "\n" not in detail
+    assert snapshot(client) == before
+
+
+def test_with_the_token_health_tells_more(client):
+    h = client.get("/api/health").json()
+    assert h["status"] == "ok" and h["home"] == str(client.service.home.root) and h["pid"]
+
+
+def test_the_token_file_is_private_stable_and_never_logged(service):
+    token = load_or_create_token(service.home)
+    path = service.home.root / "token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(token) >= 32 and load_or_create_token(service.home) == token
+    path.chmod(0o644)  # e.g. restored from a backup
+    assert load_or_create_token(service.home) == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not service.home.log.exists() or token not in service.home.log.read_text()
+
+
+# -- the Host and Origin checks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:8765", "127.0.0.1.nip.io:8765", "localhost.evil.example", "", "a b", "[::1"]
+)
+def test_a_foreign_host_is_403_even_with_the_token(client, host):
+    before = snapshot(client)
+    for method, path in (("GET", "/api/tasks"), ("POST", f"/api/tasks/{client.task_id}/cancel"), ("GET", "/")):
+        r = client.request(method, path, headers={"Host": host, "Origin": f"http://{host}"})
+        assert r.status_code == 403, (host, method, path)
+        assert "host name" in r.json()["detail"]
+    assert snapshot(client) == before
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8765", "localhost:8765", "[::1]:8765", "127.1.2.3:8765", "LOCALHOST."])
+def test_loopback_hosts_are_answered(client, host):
+    assert client.get("/api/tasks", headers={"Host": host}).status_code == 200
+
+
+def test_allowed_and_remote_hosts():
+    guard = Guard(token="t" * 32, port=8765, allow_hosts=("studio.lan",))
+    assert guard.host_ok("studio.lan:8765") and not guard.host_ok("other.lan:8765")
+    assert not guard.host_ok("192.168.1.5:8765")  # bound to loopback: nobody else should be asking
+    remote = Guard(token="t" * 32, port=8765, remote=True)
+    assert remote.host_ok("192.168.1.5:8765") and remote.host_ok("[fe80::1]:8765")
+    assert not remote.host_ok("rebind.attacker.example:8765")  # a DNS name is how rebinding works
+    assert host_name("[::1]:8765") == "::1" and host_name("x:99999999") is None
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["http://evil.example", "null", "http://127.0.0.1:9999", "https://127.0.0.1:8765", "http://localhost:8765"],
+)
+def test_a_foreign_origin_changes_nothing(client, origin):
+    before = snapshot(client)
+    r = client.post(f"/api/tasks/{client.task_id}/cancel", headers={"Origin": origin})
+    assert r.status_code == 403 and "other web pages" in r.json()["detail"]
+    r = client.post("/api/tasks", json={"config": {"preset": "cpu-demo"}}, headers={"Origin": origin})
+    assert r.status_code == 403
+    r = client.post("/api/datasets", files={"file": ("x.jsonl", b'{"text": "a"}\n')}, headers={"Origin": origin})
+    assert r.status_code == 403
+    assert snapshot(client) == before
+
+
+def test_the_cookie_changes_nothing_without_the_studios_own_origin(client):
+    cookie = {"Cookie": f"ftstudio-token-8765={client.token}", "Authorization": ""}
+    assert client.get("/api/tasks", headers=cookie).status_code == 200  # reads are fine
+    before = snapshot(client)
+    r = client.post(f"/api/tasks/{client.task_id}/cancel", headers=cookie)
+    assert r.status_code == 403 and "studio's own page" in r.json()["detail"]
+    assert snapshot(client) == before
+    r = client.post("/api/tasks", json={"config": {"preset": "cpu-demo"}}, headers={**cookie, "Origin": ORIGIN})
+    assert r.status_code == 201
+    r = client.post(
+        "/api/tasks", json={"config": {"preset": "cpu-demo"}}, headers={**cookie, "Sec-Fetch-Site": "same-origin"}
+    )
+    assert r.status_code == 201
+    # The cookie of another port (another studio, another home) is not this studio's.
+    other = {"Cookie": f"ftstudio-token-8766={client.token}", "Authorization": ""}
+    assert client.get("/api/tasks", headers=other).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_state_changes_take_json_only(client, ctype):
+    before = snapshot(client)
+    body = json.dumps({"config": {"preset": "cpu-demo"}})
+    r = client.post("/api/tasks", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+    r = client.post(f"/api/tasks/{client.task_id}/cancel", content=b"a=1", headers={"Content-Type": ctype})
+    assert r.status_code == 415
+    assert snapshot(client) == before
+    r = client.post("/api/datasets", content=b"{}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+
+
+def test_a_json_body_is_bounded(client):
+    huge = json.dumps({"name": "x" * (2 << 20), "config": {}})
+    r = client.post("/api/tasks", content=huge, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+    def chunks():
+        yield b'{"name": "'
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+        yield b'", "config": {}}'
+
+    r = client.post("/api/tasks", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+# -- the login URL and the headers --------------------------------------------------------------
+
+
+def test_the_login_url_sets_a_strict_cookie_and_drops_the_token(client):
+    r = client.get(f"/?token={client.token}", headers={"Authorization": ""}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"]
+    assert cookie.startswith(f"ftstudio-token-8765={client.token};")
+    for part in ("HttpOnly", "SameSite=Strict", "Path=/"):
+        assert part in cookie
+    r = client.get("/?token=wrong", headers={"Authorization": ""}, follow_redirects=False)
+    assert r.status_code == 401 and "ftstudio studio url" in r.json()["detail"]
+    assert "set-cookie" not in r.headers
+
+
+def test_security_headers_and_no_cors(client):
+    for path in ("/", "/static/app.js", "/api/tasks", "/api/health"):
+        r = client.get(path, headers={"Origin": ORIGIN})
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
+        assert r.headers["x-frame-options"] == "DENY"
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert not any(h.startswith("access-control-") for h in r.headers)
+    r = client.options(
+        "/api/tasks",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert r.status_code == 403 and not any(h.startswith("access-control-") for h in r.headers)
+
+
+# -- remote code is the owner's decision ----------------------------------------------------------
+
+
+def remote_code_model(tmp_path):
+    """A local "model" whose config asks transformers to import its own code, which would leave a mark."""
+    model = tmp_path / "crafted-model"
+    model.mkdir()
+    mark = tmp_path / "pwned"
+    (model / "config.json").write_text(
+        json.dumps(
+            {"model_type": "crafted", "auto_map": {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.M"}}
+        )
+    )
+    (model / "evil.py").write_text(f"open({str(mark)!r}, 'w').write('ran')\n")
+    return model, mark
+
+
+def test_trust_remote_code_over_http_is_refused_unless_the_owner_allowed_it(client, tmp_path):
+    model, mark = remote_code_model(tmp_path)
+    before = snapshot(client)
+    config = {"preset": "cpu-demo", "model": {"name": str(model), "trust_remote_code": True}}
+    r = client.post("/api/tasks", json={"config": config})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "model.trust_remote_code" in detail and "--allow-remote-code" in detail and "\n" not in detail
+    assert snapshot(client) == before and not mark.exists()
+
+
+def test_allow_remote_code_lets_a_request_set_it(scripted, tmp_path):
+    service = Service(Home(scripted), in_server=True, policy=Policy(allow_remote_code=True))
+    with api_client(service) as c:
+        r = c.post("/api/tasks", json={"name": "scripted steps=1", "config": {"model": {"trust_remote_code": True}}})
+        assert r.status_code == 201, r.text
+        assert r.json()["config"]["model"]["trust_remote_code"] is True
+
+
+def test_the_cli_may_set_trust_remote_code(scripted):
+    r = run_cli(
+        scripted, "submit", "--name", "scripted steps=1", "--set", "model.trust_remote_code=true", scripted=True
+    )
+    assert r.returncode == 0, r.stderr
+
+
+# -- a real server, as a person at the machine uses it ------------------------------------------------
+
+
+def test_studio_start_prints_a_login_url_that_opens_the_page(home):
+    r = run_cli(home, "studio", "start", "--port", "0")
+    try:
+        assert r.returncode == 0, r.stderr
+        url = re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", r.stdout).group(1)
+        token = (home / "token").read_text().strip()
+        assert url.endswith(f"?token={token}")
+        assert run_cli(home, "studio", "url").stdout.strip() == url
+        assert run_cli(home, "studio", "token").stdout.strip() == token
+        base = url.split("?")[0]
+        with httpx.Client(base_url=base) as browser:
+            assert browser.get("/api/tasks").status_code == 401
+            assert browser.get(url, follow_redirects=False).status_code == 303
+            assert browser.get("/api/tasks").status_code == 200  # the cookie now
+            assert browser.get(base, headers={"Host": "evil.example"}).status_code == 403
+        assert token not in (home / "studio.log").read_text()
+    finally:
+        run_cli(home, "studio", "stop")
+
+
+def test_studio_url_without_a_studio_says_how_to_start_one(home):
+    r = run_cli(home, "studio", "url")
+    assert r.returncode == 3 and "ftstudio studio start" in r.stderr
+
+
+@pytest.mark.parametrize(("bind", "shown"), [("0.0.0.0", "127.0.0.1"), ("::", "[::1]")])
+def test_binding_beyond_loopback_warns_and_prints_a_reachable_url(home, bind, shown):
+    r = run_cli(home, "studio", "start", "--host", bind, "--port", "0")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert re.search(rf"running at http://{re.escape(shown)}:\d+/\?token=", r.stdout), r.stdout
+        assert "warning:" in r.stderr and "unencrypted" in r.stderr and "--certfile" in r.stderr
+        wait_for(lambda: "unencrypted" in (home / "studio.log").read_text(), what="the warning in studio.log")
+        url = re.search(r"(http://\S+)/\?token=", r.stdout).group(1)
+        token = (home / "token").read_text().strip()
+        assert httpx.get(f"{url}/api/tasks", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert httpx.get(f"{url}/api/tasks").status_code == 401
+    finally:
+        run_cli(home, "studio", "stop")
