@@ -103,7 +103,7 @@ def path_problem(value: str, field: str, *, home: Path, policy: Policy, trusted:
     except (OSError, RuntimeError) as e:  # a loop of links, a name the system refuses
         return Problem(field, f"{_short(value)} cannot be used as a path ({_reason(e)}); check the path")
     if _never_read(path):
-        return Problem(field, f"{_short(value)} is a system folder ({path}); give the folder of a dataset or model")
+        return _system(value, field, path)
     if trusted:
         return None
     allowed = roots(home, policy)
@@ -124,6 +124,19 @@ def path_problem(value: str, field: str, *, home: Path, policy: Policy, trusted:
         except (OSError, RuntimeError) as e:
             return Problem(field, f"{_short(value)} cannot be read ({_reason(e)}); check its permissions")
     return None
+
+
+def _system(value: str, field: str, path: Path) -> Problem:
+    if path == Path("/"):
+        what = "the root of the file system"
+    else:
+        top = next(p for p in NEVER_READ if path == p or path.is_relative_to(p))
+        what = f"in the system folder {top}"
+    via = f" (it leads to {path})" if Path(value).expanduser() != path else ""
+    return Problem(
+        field,
+        f"{_short(value)}{via} is {what}, which ftstudio never reads; give the file or folder of a dataset or model",
+    )
 
 
 def _outside(value: str, field: str, allowed: list[Path], home: Path, via: Path | None = None) -> Problem:
