@@ -108,7 +108,9 @@ def path_problem(value: str, field: str, *, home: Path, policy: Policy, trusted:
         return None
     allowed = roots(home, policy)
     if not _under(path, allowed):
-        return _outside(value, field, allowed, home)
+        # Where a link leads is not named: the message must not map the machine for the caller.
+        via = _plain(value) if _plain(value) != path else None
+        return _outside(value, field, allowed, home, via=via)
     if path.is_dir():
         try:
             for link in _links(path):
@@ -132,7 +134,7 @@ def _system(value: str, field: str, path: Path) -> Problem:
     else:
         top = next(p for p in NEVER_READ if path == p or path.is_relative_to(p))
         what = f"in the system folder {top}"
-    via = f" (it leads to {path})" if Path(value).expanduser() != path else ""
+    via = f" (it leads to {path})" if _plain(value) != path else ""
     return Problem(
         field,
         f"{_short(value)}{via} is {what}, which ftstudio never reads; give the file or folder of a dataset or model",
@@ -141,7 +143,13 @@ def _system(value: str, field: str, path: Path) -> Problem:
 
 def _outside(value: str, field: str, allowed: list[Path], home: Path, via: Path | None = None) -> Problem:
     named = ", ".join(_root_name(r, home) for r in allowed) or "none"
-    link = f" (through the link {via})" if via else ""
+    link = (
+        ""
+        if via is None
+        else " (through a link)"
+        if via == Path(value).expanduser().absolute()
+        else f" (through the link {via})"
+    )
     return Problem(
         field,
         f"{_short(value)}{link} is outside the folders this studio may read ({named}); "
@@ -175,6 +183,11 @@ def _links(top: Path) -> Iterator[Path]:
                     yield Path(entry.path)
                 elif entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
+
+
+def _plain(value: str) -> Path:
+    """The path as written, made absolute and with `..` folded, but no link followed."""
+    return Path(os.path.abspath(Path(value).expanduser()))
 
 
 def _under(path: Path, allowed: list[Path]) -> bool:

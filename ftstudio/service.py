@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ftstudio import __version__, paths, procs
+from ftstudio import __version__, paths, procs, taskfiles
 from ftstudio.config import TrainingConfig
 from ftstudio.errors import Conflict, LaunchError, NotFound, Problem, StorageError, ValidationError
 from ftstudio.executor import Executor, LocalExecutor
@@ -202,14 +202,16 @@ class Service:
         task = self.get(task_id)
         path = task.dir.log
         limit = max(1, min(limit, 1 << 20))
-        try:
-            with open(path, "rb") as f:
+        # Opened without following a link: a training.log planted as a link to another file is not served.
+        opened = taskfiles.open_inside(path.parent, Path(path.name))
+        if opened is None:
+            size, start, data = 0, 0, b""
+        else:
+            with opened[0] as f:
                 size = f.seek(0, 2)
                 start = max(0, size + offset) if offset < 0 else min(offset, size)
                 f.seek(start)
                 data = f.read(limit)
-        except FileNotFoundError:
-            size, start, data = 0, 0, b""
         return {
             "offset": start,
             "next_offset": start + len(data),
@@ -280,7 +282,10 @@ class Service:
         from ftstudio.data import inspect_dataset
 
         assert incoming.path is not None
-        info = inspect_dataset(incoming.path, max_row_bytes=self.policy.max_row_bytes)
+        try:
+            info = inspect_dataset(incoming.path, max_row_bytes=self.policy.max_row_bytes)
+        except ValidationError as e:  # the upload is the `file` field, not a data.path
+            raise ValidationError([Problem("file", p.message) for p in e.problems]) from None
         with writing(self.home.root):
             target = self._free_name(incoming.path.name)
             os.rename(incoming.path, target)

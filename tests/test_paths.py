@@ -52,7 +52,7 @@ def tasks(client):
     ("sections", "needles"),
     [
         ({"data": {"path": "/etc/passwd"}}, ["data.path (--dataset): /etc/passwd is outside", "--allow-path DIR"]),
-        ({"data": {"path": "/etc/../etc/passwd"}}, ["is outside the folders this studio may read"]),
+        ({"data": {"path": "/etc/../etc/passwd"}}, ["/etc/../etc/passwd is outside the folders this studio may"]),
         (
             {"data": {"path": "/"}},
             ["data.path (--dataset): / is the root of the file system, which ftstudio never reads"],
@@ -83,7 +83,8 @@ def test_a_link_inside_a_root_that_leads_out_is_refused(client):
     root = client.service.home.root
     (root / "mine").mkdir()
     (root / "mine" / "data.jsonl").symlink_to("/etc/passwd")
-    refused(submit(client, data={"path": str(root / "mine" / "data.jsonl")}), "is outside")
+    detail = refused(submit(client, data={"path": str(root / "mine" / "data.jsonl")}), "(through a link) is outside")
+    assert "/etc" not in detail  # where the link leads is not told
     # A folder given as a dataset or model is refused when a link inside it leads out.
     folder = root / "folder"
     folder.mkdir()
@@ -141,6 +142,7 @@ def test_task_files_and_the_adapter_never_follow_links(client):
     log.unlink(missing_ok=True)
     log.symlink_to("/etc/passwd")
     assert client.get(f"/api/tasks/{task_id}/files/training.log").status_code == 404
+    assert client.get(f"/api/tasks/{task_id}/logs").json()["text"] == ""
     spec = client.get(f"/api/tasks/{task_id}/files/spec.json")
     assert spec.status_code == 200 and spec.json()["task_id"] == task_id
 

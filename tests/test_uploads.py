@@ -98,7 +98,7 @@ def test_a_body_that_declares_too_much_is_refused_before_it_is_read(studio_facto
 def test_a_row_over_the_row_limit_names_its_line(client):
     long_row = json.dumps({"instruction": "x" * (ROW_LIMIT + 10), "output": "y"}).encode() + b"\n"
     r = upload(client, "rows.jsonl", ROW * 3 + long_row + ROW)
-    one_line(r, 422, "rows.jsonl line 4", "longer than 2 KB", "--max-row-kb")
+    one_line(r, 422, "file: rows.jsonl line 4", "longer than 2 KB", "--max-row-kb")
     assert leftovers(client) == []
 
 
