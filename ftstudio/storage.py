@@ -54,13 +54,13 @@ def writing(home: Path) -> Iterator[None]:
 
 def _full(home: Path) -> StorageError:
     return StorageError(
-        f"the data home {home} is full: nothing was saved for this request (tasks already training "
-        "keep running); free some space there and try again"
+        f"the data home {home} is full: nothing was saved for this request, and tasks already training "
+        "were not stopped (they need free space too, for their checkpoints); free some space there and try again"
     )
 
 
 def _read_only(home: Path) -> StorageError:
     return StorageError(
-        f"the data home {home} is read-only for the studio: nothing was saved for this request (tasks "
-        "already training keep running); fix its permissions or mount it writable and try again"
+        f"the data home {home} is read-only for the studio: nothing was saved for this request, and tasks "
+        "already training were not stopped; fix its permissions (or mount it writable) and try again"
     )
