@@ -6,30 +6,30 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import subprocess
-import tarfile
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psutil
-from fastapi import FastAPI, File, Request, Response, UploadFile
+from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.background import BackgroundTask
 
-from ftstudio import __version__
+from ftstudio import __version__, taskfiles
 from ftstudio.auth import Guard, load_or_create_token, token_path
 from ftstudio.broker import Broker
 from ftstudio.config import PRESETS, describe_fields
 from ftstudio.errors import FtstudioError, NotFound, ValidationError
 from ftstudio.gate import Gate
 from ftstudio.service import Service, require_task_dir
+from ftstudio.storage import storage_error
+from ftstudio.uploads import MULTIPART_OVERHEAD, MultipartFile, too_large
 
 STATIC = Path(__file__).with_name("static")
 PING_S = 15.0
@@ -40,6 +40,35 @@ DOWNLOADABLE = {
     "adapter_config.json": "adapter",
     "spec.json": ".",
     "training.log": ".",
+}
+
+UPLOAD_WRITE_BYTES = 1 << 20
+# The upload route parses its body itself (to bound it as it streams), so FastAPI cannot infer
+# its schema; this keeps /openapi.json describing it as a form with one file field.
+UPLOAD_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The dataset: .jsonl, .json, .csv or .parquet",
+                        }
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "413": {"description": "Larger than the studio's upload limit (`studio start --max-upload-mb`)"},
+        "422": {"description": "Not a dataset file, or a row that cannot be trained on (named by line)"},
+        "507": {"description": "The data home is full or read-only"},
+    },
 }
 
 
@@ -69,6 +98,14 @@ def create_app(
         if isinstance(exc, ValidationError):
             body["problems"] = [{"field": p.field, "message": p.message} for p in exc.problems]
         return JSONResponse(body, status_code=exc.http_status)
+
+    @app.exception_handler(sqlite3.Error)
+    async def _store_error(_req: Request, exc: sqlite3.Error) -> JSONResponse:
+        # A full or read-only disk under the store is the owner's to fix (507), not a bug (500).
+        mapped = storage_error(exc, service.home.root)
+        if mapped is None:
+            raise exc
+        return JSONResponse({"detail": str(mapped)}, status_code=mapped.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -164,40 +201,40 @@ def create_app(
     @app.get("/api/tasks/{task_id}/artifacts")
     def task_artifacts(task_id: str) -> dict[str, Any]:
         tdir = require_task_dir(service, task_id)
-        files = []
-        if tdir.adapter.is_dir():
-            files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(tdir.adapter.iterdir()) if p.is_file()]
-        return {"files": files}
+        return {"files": [{"name": p.name, "size": size} for p, size in taskfiles.adapter_files(tdir)]}
 
     @app.get("/api/tasks/{task_id}/adapter.tar.gz")
-    def task_adapter(task_id: str) -> FileResponse:
+    def task_adapter(task_id: str) -> StreamingResponse:
         tdir = require_task_dir(service, task_id)
-        if not (tdir.adapter / "adapter_config.json").is_file():
+        files = taskfiles.adapter_files(tdir)
+        if not any(p.name == "adapter_config.json" for p, _ in files):
             raise NotFound(f"task {task_id} has no adapter yet; it is written when training completes")
-        fd, tmp = tempfile.mkstemp(suffix=".tar.gz")
-        with open(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
-            tar.add(tdir.adapter, arcname=f"{task_id}-adapter")
-        return FileResponse(
-            tmp,
+        return StreamingResponse(
+            taskfiles.adapter_tarball(files, f"{task_id}-adapter"),
             media_type="application/gzip",
-            filename=f"{task_id}-adapter.tar.gz",
-            background=BackgroundTask(Path(tmp).unlink, missing_ok=True),
+            headers={"Content-Disposition": f'attachment; filename="{task_id}-adapter.tar.gz"'},
         )
 
     @app.get("/api/tasks/{task_id}/files/{name}")
-    def task_file(task_id: str, name: str) -> FileResponse:
+    def task_file(task_id: str, name: str) -> StreamingResponse:
         tdir = require_task_dir(service, task_id)
         where = DOWNLOADABLE.get(name)
-        path = (tdir.path / where / name) if where else None
-        if path is None or not path.is_file():
+        opened = taskfiles.open_inside(tdir.path, Path(where) / name) if where else None
+        if opened is None:
             raise NotFound(f"task {task_id} has no file {name!r}; available: {', '.join(DOWNLOADABLE)}")
-        return FileResponse(path, filename=name)
+        f, size = opened
+        return StreamingResponse(
+            taskfiles.chunks(f),
+            media_type="text/plain; charset=utf-8" if name.endswith(".log") else "application/json",
+            headers={"Content-Disposition": f'attachment; filename="{name}"', "Content-Length": str(size)},
+        )
 
     # -- datasets and models -------------------------------------------------
 
-    @app.post("/api/datasets", status_code=201)
-    def upload_dataset(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
-        return service.upload_dataset(file.filename or "", file.file)
+    @app.post("/api/datasets", status_code=201, openapi_extra=UPLOAD_SCHEMA)
+    async def upload_dataset(request: Request) -> dict[str, Any]:
+        """Upload a dataset file (.jsonl, .json, .csv, .parquet) as the multipart field `file`."""
+        return await _receive_upload(service, request)
 
     @app.get("/api/datasets")
     def list_datasets() -> dict[str, Any]:
@@ -230,6 +267,31 @@ def create_app(
     # Outermost: nothing reaches a route, the page or the docs without passing the gate.
     app.add_middleware(Gate, guard=guard, token_file=str(token_path(service.home)))
     return app
+
+
+async def _receive_upload(service: Service, request: Request) -> dict[str, Any]:
+    """Parse the multipart body as it arrives, the file part going straight to disk, bounded all the way."""
+    limit = service.policy.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+        raise too_large(limit)  # before a byte of the body is read
+    incoming = await run_in_threadpool(service.receive_dataset)
+    try:
+        form = MultipartFile(request.headers.get("content-type", ""), incoming)
+        received, pending = 0, bytearray()
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit + MULTIPART_OVERHEAD:
+                raise too_large(limit)
+            pending += chunk
+            if len(pending) >= UPLOAD_WRITE_BYTES:  # one trip to a worker thread per MB, not per packet
+                await run_in_threadpool(form.feed, bytes(pending))
+                pending.clear()
+        await run_in_threadpool(form.feed, bytes(pending))
+        form.finish()
+        return await run_in_threadpool(service.add_dataset, incoming)
+    finally:
+        await run_in_threadpool(incoming.discard)
 
 
 async def _stream(

@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ftstudio.home import Home
+from ftstudio.storage import writing
 
 COOKIE_PREFIX = "ftstudio-token-"
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
@@ -43,15 +44,16 @@ def token_path(home: Home) -> Path:
 def load_or_create_token(home: Home) -> str:
     """The home's token, created on first use (0600, never logged). Safe when two processes race to create it."""
     path = token_path(home)
-    home.root.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        return read_token(home)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    with writing(home.root):
+        home.root.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            return read_token(home)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     return read_token(home)
 
 

@@ -184,6 +184,18 @@ def looks_like_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.fullmatch(ref)) and ".." not in ref
 
 
+def uploaded_dataset(ref: str, home: Path) -> Path | None:
+    """The uploaded dataset `ref` names (`data.jsonl`, or `data` for it), if there is one."""
+    if not _DATASET_NAME.fullmatch(ref):
+        return None
+    uploads = Path(home) / "datasets"
+    for candidate in [uploads / ref, *(uploads / f"{ref}{suffix}" for suffix in DATASET_SUFFIXES)]:
+        # Never a link: an upload is a plain file, and a link planted there must not lead out.
+        if candidate.is_file() and not candidate.is_symlink():
+            return candidate
+    return None
+
+
 def resolve_dataset(ref: str, home: Path) -> Path:
     """The file or directory to load: `builtin:sample`, an uploaded dataset's name, or a local path."""
     ref = ref.strip()
@@ -194,13 +206,15 @@ def resolve_dataset(ref: str, home: Path) -> Path:
                 Problem(field, f"unknown built-in dataset {ref!r}; built-in: {', '.join(BUILTIN_DATASETS)}")
             )
         return SAMPLE_PATH
-    if _DATASET_NAME.fullmatch(ref):
-        uploads = Path(home) / "datasets"
-        for candidate in [uploads / ref, *(uploads / f"{ref}{suffix}" for suffix in DATASET_SUFFIXES)]:
-            if candidate.exists():
-                return candidate
+    uploaded = uploaded_dataset(ref, home)
+    if uploaded is not None:
+        return uploaded
     path = Path(ref).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name the system refuses (too long, a NUL)
+        exists = False
+    if exists:
         return path.resolve()
     raise ValidationError(
         Problem(field, f"no dataset {ref!r}: not a built-in, an uploaded dataset or an existing file; check the path")

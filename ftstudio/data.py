@@ -21,17 +21,16 @@ cheap enough for the studio to call while a person waits.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftstudio.datafiles import FIELD, preview, read_csv, read_json, read_jsonl, read_parquet
 from ftstudio.errors import Problem, ValidationError
 
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
-FIELD = "data.path (--dataset)"
 # Bad rows are listed up to this many; the count covers all of them.
 MAX_LISTED_PROBLEMS = 20
 
@@ -79,15 +78,25 @@ class DatasetInfo:
         }
 
 
-def inspect_dataset(path: Path, preview_rows: int = 5, format: str = "auto", split: str | None = None) -> DatasetInfo:
-    """Read and check a dataset without a tokenizer; raises ValidationError if nothing can be trained on."""
-    info, _ = _load(Path(path), format, preview_rows, split)
+def inspect_dataset(
+    path: Path,
+    preview_rows: int = 5,
+    format: str = "auto",
+    split: str | None = None,
+    *,
+    max_row_bytes: int | None = None,
+) -> DatasetInfo:
+    """Read and check a dataset without a tokenizer; raises ValidationError if nothing can be trained on.
+
+    Rows are read one at a time and only counted, so the studio can check a file of any size.
+    `max_row_bytes`: refuse a row larger than this (the studio's limit; None reads any row)."""
+    info, _ = _load(Path(path), format, preview_rows, split, keep=False, max_row_bytes=max_row_bytes)
     return info
 
 
 def load_examples(path: Path, format: str = "auto", split: str | None = None) -> tuple[DatasetInfo, list[Example]]:
     """Every usable row as an Example, with the inspection report. `split`: of a saved DatasetDict."""
-    return _load(Path(path), format, 0, split)
+    return _load(Path(path), format, 0, split, keep=True, max_row_bytes=None)
 
 
 def splits(path: Path) -> list[str]:
@@ -99,55 +108,68 @@ def splits(path: Path) -> list[str]:
     return [str(n) for n in names] if isinstance(names, list) else []
 
 
-def _load(path: Path, format: str, preview_rows: int, split: str | None = None) -> tuple[DatasetInfo, list[Example]]:
-    rows = list(read_rows(path, split))
+def _load(
+    path: Path, format: str, preview_rows: int, split: str | None, *, keep: bool, max_row_bytes: int | None
+) -> tuple[DatasetInfo, list[Example]]:
     name = f"{path.name} ({split} split)" if split else path.name
-    if not rows:
-        raise ValidationError(Problem(FIELD, f"{name} has no rows; add training examples to it"))
-    shape = format if format != "auto" else detect_format(rows[0][1], f"{name} {rows[0][0]}")
+    shape = None if format == "auto" else format
+    first_rows: list[dict[str, Any]] = []
     examples: list[Example] = []
     problems: list[Problem] = []
-    skipped = 0
-    for where, row in rows:
+    rows = usable = skipped = 0
+    for where, row in read_rows(path, split, max_row_bytes=max_row_bytes):
+        rows += 1
+        if shape is None:
+            shape = detect_format(row, f"{name} {where}")
+        if len(first_rows) < preview_rows:
+            first_rows.append(row)
         try:
-            examples.append(to_example(row, shape, f"{name} {where}"))
+            example = to_example(row, shape, f"{name} {where}")
         except ValueError as e:
             skipped += 1
             if len(problems) < MAX_LISTED_PROBLEMS:
                 problems.append(Problem(FIELD, f"{name} {where}: {e}"))
+            continue
+        usable += 1
+        if keep:
+            examples.append(example)
+    if not rows or shape is None:
+        raise ValidationError(Problem(FIELD, f"{name} has no rows; add training examples to it"))
     info = DatasetInfo(
         path=str(path),
         format=shape,
-        rows=len(rows),
-        usable_rows=len(examples),
-        preview=[_jsonable(r) for _, r in rows[:preview_rows]],
+        rows=rows,
+        usable_rows=usable,
+        preview=preview(first_rows),
         problems=problems,
         skipped_rows=skipped,
     )
-    if not examples:
+    if not usable:
         first = f" (first: {problems[0].message})" if problems else ""
         raise ValidationError(
-            Problem(FIELD, f"{name}: none of its {len(rows)} rows is a usable {shape} example{first}; fix the rows")
+            Problem(FIELD, f"{name}: none of its {rows} rows is a usable {shape} example{first}; fix the rows")
         )
     return info, examples
 
 
-def read_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_rows(
+    path: Path, split: str | None = None, *, max_row_bytes: int | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) for every row: `line N` for JSON lines, `row N` for tables (1-based)."""
     if not path.exists():
         raise ValidationError(Problem(FIELD, f"{path} does not exist; check the path"))
     if path.is_dir():
-        yield from _read_dir(path, split)
+        yield from _read_dir(path, split, max_row_bytes)
         return
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        yield from read_jsonl(path, max_row_bytes)
     elif suffix == ".json":
-        yield from _read_json(path)
+        yield from read_json(path, max_row_bytes)
     elif suffix == ".csv":
-        yield from _read_csv(path)
+        yield from read_csv(path, max_row_bytes)
     elif suffix == ".parquet":
-        yield from _read_parquet(path)
+        yield from read_parquet(path, max_row_bytes)
     else:
         raise ValidationError(
             Problem(
@@ -156,79 +178,17 @@ def read_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict[
         )
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValidationError(
-                    Problem(FIELD, f"{path.name} line {n}: not valid JSON ({e.msg} at column {e.colno}); fix that line")
-                ) from None
-            except UnicodeDecodeError:
-                raise ValidationError(
-                    Problem(FIELD, f"{path.name} line {n}: not UTF-8 text; save the file as UTF-8")
-                ) from None
-            if not isinstance(row, dict):
-                raise ValidationError(
-                    Problem(FIELD, f"{path.name} line {n}: expected a JSON object, got {type(row).__name__}")
-                )
-            yield f"line {n}", row
-
-
-def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        # Many ".json" datasets are really JSON lines.
-        if text.lstrip().startswith("{") and e.msg == "Extra data":
-            yield from _read_jsonl(path)
-            return
-        raise ValidationError(
-            Problem(FIELD, f"{path.name} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file")
-        ) from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise ValidationError(
-                Problem(FIELD, f"{path.name}: expected a list of rows, or an object holding one list of rows")
-            )
-        data = lists[0]
-    if not isinstance(data, list):
-        raise ValidationError(Problem(FIELD, f"{path.name}: expected a list of rows"))
-    for n, row in enumerate(data, 1):
-        if not isinstance(row, dict):
-            raise ValidationError(Problem(FIELD, f"{path.name} row {n}: expected an object, got {type(row).__name__}"))
-        yield f"row {n}", row
-
-
-def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            # line_num counts the header as line 1, as a spreadsheet does
-            yield f"line {reader.line_num}", {k: v for k, v in row.items() if k}
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise ValidationError(Problem(FIELD, f"{path.name}: not a readable parquet file ({e}); re-export it")) from None
-    for n, row in enumerate(table.to_pylist(), 1):
-        yield f"row {n}", row
-
-
-def _read_dir(path: Path, split: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_dir(path: Path, split: str | None, max_row_bytes: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # the datasets library raises many types for a damaged folder
+            # Its message may quote the folder's files: name only the kind of failure.
+            raise ValidationError(
+                Problem(FIELD, f"{path.name}: not a readable saved dataset ({type(e).__name__}); save it again")
+            ) from None
         if isinstance(ds, datasets.DatasetDict):
             if split is not None and split not in ds:
                 raise ValidationError(
@@ -247,7 +207,7 @@ def _read_dir(path: Path, split: str | None = None) -> Iterator[tuple[str, dict[
         )
     for file in files:
         rel = file.relative_to(path)
-        for where, row in read_rows(file):
+        for where, row in read_rows(file, max_row_bytes=max_row_bytes):
             yield f"{rel} {where}", row
 
 
@@ -260,7 +220,9 @@ def detect_format(row: dict[str, Any], where: str) -> str:
         return "alpaca"
     if "text" in row:
         return "text"
-    cols = ", ".join(sorted(map(str, row))) or "none"
+    # Column names only (never values), and few of them: a CSV header is the file's first line.
+    names = sorted(str(c)[:40] for c in row)
+    cols = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "") if names else "none"
     raise ValidationError(
         Problem(
             FIELD,
@@ -296,7 +258,9 @@ def to_example(row: dict[str, Any], shape: str, where: str) -> Example:
         raw_role = turn.get(role_key)
         role = _SHAREGPT_ROLES.get(str(raw_role).lower()) if shape == "sharegpt" else raw_role
         if role not in _MESSAGE_ROLES:
-            raise ValueError(f"turn {i} has {role_key}={raw_role!r}; use system, user or assistant")
+            # The value itself is not quoted: messages never carry a file's content.
+            known = ", ".join(sorted(_SHAREGPT_ROLES)) if shape == "sharegpt" else ", ".join(_MESSAGE_ROLES)
+            raise ValueError(f"turn {i} has a `{role_key}` that is not a role; use one of {known}")
         content = _content(turn.get(content_key))
         if content is None:
             raise ValueError(f"turn {i} has no text in `{content_key}`")
@@ -326,7 +290,3 @@ def _content(value: Any) -> str | None:
         if texts and all(isinstance(t, str) for t in texts):
             return "".join(texts)  # type: ignore[arg-type]
     return None
-
-
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(row, default=str))

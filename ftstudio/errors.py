@@ -4,6 +4,7 @@
     ├── UserError                 the request is wrong: HTTP 4xx, CLI exit 2
     │   ├── ValidationError       bad config / dataset / model reference (carries field problems)
     │   ├── NotFound              unknown task, dataset or model (HTTP 404)
+    │   ├── TooLarge              an upload over the studio's limit (HTTP 413)
     │   └── Conflict              the action is not allowed in the task's current state (HTTP 409)
     ├── IllegalTransition         a state change the transition table forbids (a bug or a lost race)
     ├── StudioAlreadyRunning      a second studio server on the same home
@@ -60,6 +61,10 @@ class ValidationError(UserError):
 
 class NotFound(UserError):
     http_status = 404
+
+
+class TooLarge(UserError):
+    http_status = 413
 
 
 class Conflict(UserError):

@@ -22,8 +22,10 @@ from ftstudio.errors import Problem, ValidationError
 MODEL = label("model.name")
 
 
-def check(config: TrainingConfig, home: Path) -> None:
-    """Raise ValidationError listing everything that would stop this config from training."""
+def check(config: TrainingConfig, home: Path, *, max_row_bytes: int | None = None) -> None:
+    """Raise ValidationError listing everything that would stop this config from training.
+
+    `max_row_bytes`: the studio's row limit when it checks a request (None: read any row, as the trainer does)."""
     problems: list[Problem] = []
     problems += model_problems(config.model.name)
     problems += _quantization(config.model.quantization)
@@ -35,11 +37,11 @@ def check(config: TrainingConfig, home: Path) -> None:
                 "install one (apt-get install g++) or set model.compile=false",
             )
         )
-    problems += _dataset(config.data.path, config.data.format, home, label("data.path"))
+    problems += _dataset(config.data.path, config.data.format, home, label("data.path"), max_row_bytes)
     problems += _reporting(config.logging.report_to)
     validation = config.data.validation.strip()
     if validation_fraction(validation) is None:
-        problems += _validation(config, validation, home)
+        problems += _validation(config, validation, home, max_row_bytes)
     problems += _resume(config.checkpoint.resume_from)
     if problems:
         raise ValidationError(problems)
@@ -52,7 +54,7 @@ def model_problems(ref: str) -> list[Problem]:
             return [Problem(MODEL, f"unknown built-in model {ref!r}; built-in: {', '.join(BUILTIN_MODELS)}")]
         return []
     path = Path(ref).expanduser()
-    if path.exists() or ref.startswith((".", "/", "~")):
+    if _exists(path) or ref.startswith((".", "/", "~")):
         if not path.is_dir():
             return [Problem(MODEL, f"{ref} is not a directory; give a model directory with a config.json")]
         if not (path / "config.json").is_file():
@@ -71,6 +73,13 @@ def model_problems(ref: str) -> list[Problem]:
             )
         ]
     return []
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name the system refuses (too long, a NUL): nothing is there
+        return False
 
 
 def _in_hf_cache(repo_id: str) -> bool:
@@ -150,7 +159,7 @@ def _quantization(quantization: str) -> list[Problem]:
     return [Problem("model.quantization", problem)] if problem else []
 
 
-def _validation(config: TrainingConfig, value: str, home: Path) -> list[Problem]:
+def _validation(config: TrainingConfig, value: str, home: Path, max_row_bytes: int | None) -> list[Problem]:
     """A split of the training dataset (a saved DatasetDict) by name, or a dataset of its own."""
     try:
         data_path = resolve_dataset(config.data.path, home)
@@ -158,16 +167,16 @@ def _validation(config: TrainingConfig, value: str, home: Path) -> list[Problem]
         data_path = None  # reported under data.path
     if data_path is not None and value in splits(data_path):
         try:
-            inspect_dataset(data_path, preview_rows=0, format=config.data.format, split=value)
+            inspect_dataset(data_path, 0, config.data.format, value, max_row_bytes=max_row_bytes)
         except ValidationError as e:
             return [Problem("data.validation", p.message) for p in e.problems]
         return []
-    return _dataset(value, config.data.format, home, "data.validation")
+    return _dataset(value, config.data.format, home, "data.validation", max_row_bytes)
 
 
-def _dataset(ref: str, format: str, home: Path, field: str) -> list[Problem]:
+def _dataset(ref: str, format: str, home: Path, field: str, max_row_bytes: int | None) -> list[Problem]:
     try:
-        inspect_dataset(resolve_dataset(ref, home), preview_rows=0, format=format)
+        inspect_dataset(resolve_dataset(ref, home), preview_rows=0, format=format, max_row_bytes=max_row_bytes)
     except ValidationError as e:
         return [Problem(field, p.message) for p in e.problems]
     return []
@@ -182,7 +191,7 @@ def _resume(value: str) -> list[Problem]:
     path = Path(value).expanduser()
     if not path.is_absolute():
         return []  # relative to the task's checkpoints/ directory, which the trainer resolves
-    if not path.exists():
+    if not _exists(path):
         return [Problem("checkpoint.resume_from", f"{value} does not exist; give a checkpoint-N directory or auto")]
     if not is_complete(path):
         return [

@@ -8,31 +8,29 @@ person can act on; the edges map those to HTTP codes and exit codes.
 from __future__ import annotations
 
 import logging
-import re
+import os
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
 
-from ftstudio import __version__, procs
+from ftstudio import __version__, paths, procs, taskfiles
 from ftstudio.config import TrainingConfig
 from ftstudio.errors import Conflict, LaunchError, NotFound, Problem, StorageError, ValidationError
 from ftstudio.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, write_json_atomic
 from ftstudio.policy import Policy
+from ftstudio.storage import writing
 from ftstudio.store import LostRace, Store, Task
 from ftstudio.supervisor import Supervisor, launch_of
 from ftstudio.task import TaskStatus
+from ftstudio.uploads import Incoming, is_dataset_name
 
 log = logging.getLogger("ftstudio")
 
 S = TaskStatus
 CANCEL_GRACE_S = 10.0
-MAX_UPLOAD_BYTES = 512 << 20
-DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 # `python train.py` in a task dir reproduces the task by hand (`python train.py --resume auto`
 # continues it from its newest complete checkpoint). Nothing from the user is in it: the entry
@@ -104,29 +102,39 @@ class Service:
                     "or submit from the terminal with `ftstudio submit --set model.trust_remote_code=true`",
                 )
             )
+        # Which files this request may read is decided before anything is read.
+        refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
+        if refused:
+            raise ValidationError(refused)
         from ftstudio import preflight  # the trainer's cheap checks: files exist, data parses
 
-        preflight.check(cfg, self.home.root)
+        preflight.check(cfg, self.home.root, max_row_bytes=None if trusted else self.policy.max_row_bytes)
         name = " ".join((name or "").split())[:200] or f"{cfg.model.name} on {Path(cfg.data.path).name}"
-        task = self.store.create_task(
-            name=name, model=cfg.model.name, dataset=cfg.data.path, config=cfg.to_dict(), tasks_root=self.home.tasks
-        )
+        with writing(self.home.root):
+            task = self.store.create_task(
+                name=name, model=cfg.model.name, dataset=cfg.data.path, config=cfg.to_dict(), tasks_root=self.home.tasks
+            )
         tdir = task.dir
         try:
-            tdir.path.mkdir(parents=True)
-            tdir.checkpoints.mkdir()
-            write_json_atomic(
-                tdir.spec,
-                {"format": 1, "task_id": task.id, "name": name, "config": cfg.to_dict(), "home": str(self.home.root)},
-            )
-            tdir.train_py.write_text(TRAIN_PY)
-        except OSError as e:
+            with writing(self.home.root):
+                tdir.path.mkdir(parents=True)
+                tdir.checkpoints.mkdir()
+                write_json_atomic(
+                    tdir.spec,
+                    {
+                        "format": 1,
+                        "task_id": task.id,
+                        "name": name,
+                        "config": cfg.to_dict(),
+                        "home": str(self.home.root),
+                    },
+                )
+                tdir.train_py.write_text(TRAIN_PY)
+        except (OSError, StorageError):
             # Leave nothing half-made behind: no record, no directory.
-            self.store.delete(task.id, only_if={S.QUEUED})
             shutil.rmtree(tdir.path, ignore_errors=True)
-            raise StorageError(
-                f"cannot write the task directory under {self.home.tasks}: {e.strerror}; free some space or fix its permissions"
-            ) from None
+            self.store.delete(task.id, only_if={S.QUEUED})
+            raise
         log.info("task %s submitted: %s", task.id, name)
         self.launch(task.id)
         return self.store.get(task.id)
@@ -194,14 +202,16 @@ class Service:
         task = self.get(task_id)
         path = task.dir.log
         limit = max(1, min(limit, 1 << 20))
-        try:
-            with open(path, "rb") as f:
+        # Opened without following a link: a training.log planted as a link to another file is not served.
+        opened = taskfiles.open_inside(path.parent, Path(path.name))
+        if opened is None:
+            size, start, data = 0, 0, b""
+        else:
+            with opened[0] as f:
                 size = f.seek(0, 2)
                 start = max(0, size + offset) if offset < 0 else min(offset, size)
                 f.seek(start)
                 data = f.read(limit)
-        except FileNotFoundError:
-            size, start, data = 0, 0, b""
         return {
             "offset": start,
             "next_offset": start + len(data),
@@ -222,8 +232,12 @@ class Service:
         if status.is_final:
             raise Conflict(f"task {task.id} is already {status}; there is nothing to cancel")
         if not status.has_process:
-            return self.store.transition(task.id, status, S.CANCELLED, reason="cancelled on request")
-        self.store.update(task.id, cancel_requested_at=time.time())
+            with writing(self.home.root):
+                return self.store.transition(task.id, status, S.CANCELLED, reason="cancelled on request")
+        # Recorded before the signal is sent, or the exit would read as an interruption: if the store
+        # cannot be written, the task is left running and the person is told why.
+        with writing(self.home.root):
+            self.store.update(task.id, cancel_requested_at=time.time())
         tdir = task.dir
         self.executor.signal(tdir, launch_of(task), signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -248,44 +262,34 @@ class Service:
             raise Conflict(
                 f"task {task.id} is {task.status} but its processes are still exiting; try again in a moment"
             )
-        if not self.store.delete(task.id, only_if={s for s in S if not s.has_process}):
+        with writing(self.home.root):
+            deleted = self.store.delete(task.id, only_if={s for s in S if not s.has_process})
+        if not deleted:
             raise Conflict(f"task {task.id} changed state while deleting; try again")
         shutil.rmtree(task.task_dir, ignore_errors=True)
         log.info("task %s deleted", task.id)
 
     # -- datasets and models -------------------------------------------------
 
-    def upload_dataset(self, filename: str, stream: IO[bytes]) -> dict[str, Any]:
-        base = SAFE_NAME_RE.sub("-", Path(filename or "").name).strip(".-")
-        if not base.lower().endswith(DATASET_SUFFIXES):
-            raise ValidationError(f"file: {filename!r} is not a dataset file; upload .json, .jsonl, .csv or .parquet")
-        target = self.home.datasets / base
-        stem, suffix = target.stem, target.suffix
-        n = 2
-        while target.exists():
-            target = self.home.datasets / f"{stem}-{n}{suffix}"
-            n += 1
-        # Checked under its final name (so errors name the file the user sent) in a side
-        # directory, then moved in: a bad upload never appears among the datasets.
-        incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.home.datasets))
-        tmp = incoming / target.name
-        size = 0
-        try:
-            with open(tmp, "wb") as out:
-                while chunk := stream.read(1 << 20):
-                    size += len(chunk)
-                    if size > MAX_UPLOAD_BYTES:
-                        raise ValidationError(
-                            f"file: larger than {MAX_UPLOAD_BYTES >> 20} MB; put big datasets on disk and give their path"
-                        )
-                    out.write(chunk)
-            from ftstudio.data import inspect_dataset
+    def receive_dataset(self) -> Incoming:
+        """Start an upload: a side directory under datasets/ that the file streams into (see uploads.py)."""
+        return Incoming(self.home.datasets, self.home.root, self.policy.max_upload_bytes)
 
-            info = inspect_dataset(tmp)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(incoming, ignore_errors=True)
-        log.info("dataset %s uploaded (%d rows, %s)", target.name, info.rows, info.format)
+    def add_dataset(self, incoming: Incoming) -> dict[str, Any]:
+        """Check a received upload row by row and move it in among the datasets under a free name.
+        Checked under its final name (so errors name the file the user sent), in its side directory:
+        a bad upload never appears among the datasets."""
+        from ftstudio.data import inspect_dataset
+
+        assert incoming.path is not None
+        try:
+            info = inspect_dataset(incoming.path, max_row_bytes=self.policy.max_row_bytes)
+        except ValidationError as e:  # the upload is the `file` field, not a data.path
+            raise ValidationError([Problem("file", p.message) for p in e.problems]) from None
+        with writing(self.home.root):
+            target = self._free_name(incoming.path.name)
+            os.rename(incoming.path, target)
+        log.info("dataset %s uploaded (%d rows, %s, %d bytes)", target.name, info.rows, info.format, incoming.size)
         return {
             "name": target.name,
             "path": str(target),
@@ -294,6 +298,27 @@ class Service:
             "preview": info.preview,
         }
 
+    def upload_dataset(self, filename: str, stream: IO[bytes]) -> dict[str, Any]:
+        """Upload from a file object (what the HTTP route does as the body streams in)."""
+        incoming = self.receive_dataset()
+        try:
+            incoming.open(filename)
+            while chunk := stream.read(1 << 20):
+                incoming.write(chunk)
+            incoming.close()
+            return self.add_dataset(incoming)
+        finally:
+            incoming.discard()
+
+    def _free_name(self, name: str) -> Path:
+        """datasets/<name>, or <stem>-2<suffix>, -3, ... when taken (in any letter case)."""
+        taken = {p.name.lower() for p in self.home.datasets.iterdir()}
+        stem, dot, suffix = name.rpartition(".")
+        candidate, n = name, 2
+        while candidate.lower() in taken:
+            candidate, n = f"{stem}-{n}{dot}{suffix}", n + 1
+        return self.home.datasets / candidate
+
     def dataset(self, name: str) -> dict[str, Any]:
         """Format, row count and the first rows of a bundled or uploaded dataset."""
         from ftstudio.builtin import BUILTIN_DATASETS, resolve_dataset
@@ -301,8 +326,9 @@ class Service:
 
         known = {d["name"] for d in self.datasets()}
         if name not in known:
-            raise NotFound(f"no dataset {name!r}; upload it first (known: {', '.join(sorted(known))})")
-        info = inspect_dataset(resolve_dataset(name, self.home.root))
+            shown = name[:80] + ("…" if len(name) > 80 else "")
+            raise NotFound(f"no dataset {shown!r}; upload it first (known: {', '.join(sorted(known)[:20])})")
+        info = inspect_dataset(resolve_dataset(name, self.home.root), max_row_bytes=self.policy.max_row_bytes)
         return {
             "name": name,
             "builtin": name in BUILTIN_DATASETS,
@@ -314,7 +340,13 @@ class Service:
     def datasets(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{"name": "builtin:sample", "builtin": True}]
         for path in sorted(self.home.datasets.iterdir()):
-            if path.is_file() and not path.name.startswith(".") and path.suffix in DATASET_SUFFIXES:
+            # Links are not listed: an upload is always a plain file, and a planted link must not be served.
+            if (
+                path.is_file()
+                and not path.is_symlink()
+                and not path.name.startswith(".")
+                and is_dataset_name(path.name)
+            ):
                 out.append({"name": path.name, "builtin": False, "size": path.stat().st_size})
         return out
 

@@ -67,8 +67,9 @@ def test_bad_configs_are_refused_before_anything_is_created(client, config, need
     assert not any(Path(d, "pwned").exists() for d in (os.getcwd(), client.service.home.root, "/tmp"))
 
 
-def test_a_malformed_jsonl_line_is_named_on_submit(client, tmp_path):
-    bad = tmp_path / "broken.jsonl"
+def test_a_malformed_jsonl_line_is_named_on_submit(client):
+    bad = client.service.home.root / "mine" / "broken.jsonl"  # under the data home: a folder it may read
+    bad.parent.mkdir()
     good = json.dumps({"instruction": "say hi", "output": "hi"})
     bad.write_text(f"{good}\n{good}\n{{not json\n{good}\n")
     before = snapshot(client)

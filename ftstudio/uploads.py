@@ -1,0 +1,195 @@
+"""A dataset upload, received as it streams.
+
+The body of `POST /api/datasets` is parsed here as it arrives (python-multipart's
+streaming parser), and the bytes of its `file` part go straight into a side
+directory of the data home (`datasets/.incoming-*`): never into memory, never
+into /tmp, and never past the studio's upload limit, which is counted as the
+bytes come in (a body that says it is too big is refused before it is read).
+The side directory is removed unless the upload is checked and moved in, so a
+refused or broken upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import IO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from ftstudio.errors import TooLarge, ValidationError
+from ftstudio.storage import writing
+
+DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_NAME_CHARS = 100
+# Multipart boundaries and part headers on top of the file's own bytes.
+MULTIPART_OVERHEAD = 64 << 10
+MAX_PART_HEADER_BYTES = 16 << 10
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(filename: str) -> str:
+    """A bounded base name of plain letters, digits, `.`, `_` and `-` (no path, no control characters),
+    keeping the suffix; "" when nothing usable is left."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()  # é -> e, not a dash
+    base = _UNSAFE.sub("-", base).strip(".-")
+    stem, dot, suffix = base.rpartition(".")
+    if not dot:
+        return base[:MAX_NAME_CHARS]
+    suffix = suffix[:16]
+    stem = stem[: MAX_NAME_CHARS - len(suffix) - 1].rstrip(".-")
+    return f"{stem}.{suffix}" if stem else ""
+
+
+def is_dataset_name(name: str) -> bool:
+    return name.lower().endswith(DATASET_SUFFIXES)
+
+
+def too_large(limit: int) -> TooLarge:
+    return TooLarge(
+        f"file: larger than {limit >> 20} MB, the most this studio accepts in one upload; nothing was kept. "
+        "Put a big dataset in a folder the studio may read and give its path as data.path "
+        "(its owner can raise the limit with `ftstudio studio start --max-upload-mb N`)"
+    )
+
+
+class Incoming:
+    """One upload on its way in: a side directory under datasets/ holding the file as it is written."""
+
+    def __init__(self, datasets: Path, home: Path, limit: int) -> None:
+        self.home = home
+        self.limit = limit
+        self.size = 0
+        self.filename = ""
+        self.path: Path | None = None
+        self._file: IO[bytes] | None = None
+        with writing(home):
+            self.dir = Path(tempfile.mkdtemp(prefix=".incoming-", dir=datasets))
+
+    def open(self, filename: str) -> None:
+        """Start the file (once): its name is checked before a byte of it is written."""
+        if self.path is not None:
+            raise ValidationError("file: send one file per upload")
+        name = safe_name(filename)
+        if not is_dataset_name(name):
+            shown = filename[:80] + ("…" if len(filename) > 80 else "")
+            raise ValidationError(f"file: {shown!r} is not a dataset file; upload .json, .jsonl, .csv or .parquet")
+        self.filename, self.path = filename, self.dir / name
+        with writing(self.home):
+            self._file = open(self.path, "wb")  # noqa: SIM115  (closed by close() or discard())
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self.size += len(data)
+        if self.size > self.limit:
+            raise too_large(self.limit)
+        with writing(self.home):
+            self._file.write(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            with writing(self.home):
+                self._file.close()
+            self._file = None
+
+    def discard(self) -> None:
+        """Remove the side directory and whatever is in it; safe to call more than once."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass  # a full disk failing the last flush: the file goes anyway
+            self._file = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MultipartFile:
+    """Feeds the `file` part of a multipart/form-data body, as it arrives, into an Incoming."""
+
+    def __init__(self, content_type: str, incoming: Incoming) -> None:
+        kind, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            raise ValidationError(
+                "file: send the dataset as multipart/form-data with a `file` field "
+                "(curl -F file=@data.jsonl http://127.0.0.1:8765/api/datasets)"
+            )
+        self.incoming = incoming
+        self.seen_file = False
+        self._headers: dict[bytes, bytes] = {}
+        self._field = b""
+        self._value = b""
+        self._header_bytes = 0
+        self._in_file = False
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+            },
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError:
+            raise ValidationError(
+                "file: the multipart body is malformed; send it as a form with a `file` field"
+            ) from None
+
+    def finish(self) -> None:
+        try:
+            self._parser.finalize()
+        except MultipartParseError:
+            raise ValidationError("file: the multipart body ends early; send the whole file") from None
+        if not self.seen_file:
+            raise ValidationError("file: no `file` field in the form; send the dataset as the field named file")
+        if self._in_file:
+            raise ValidationError("file: the upload ended before the file did; send it again")
+        self.incoming.close()
+
+    # -- parser callbacks ------------------------------------------------------
+
+    def _part_begin(self) -> None:
+        self._headers, self._field, self._value, self._header_bytes = {}, b"", b"", 0
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _count(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise ValidationError("file: a form part's headers are too long; send a plain file field")
+
+    def _headers_finished(self) -> None:
+        disposition, options = parse_options_header(self._headers.get(b"content-disposition", b"").decode("latin-1"))
+        if disposition == b"form-data" and options.get(b"name") == b"file":
+            raw = options.get(b"filename", b"")
+            self.incoming.open(raw.decode("utf-8", "replace"))
+            self.seen_file = self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file:
+            self.incoming.write(data[start:end])  # bytes of other fields are dropped, never kept
+
+    def _part_end(self) -> None:
+        self._in_file = False
