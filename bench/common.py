@@ -170,8 +170,9 @@ def bench_token(home: Path) -> str:
 class Studio:
     """A real studio server (`python -m ftstudio studio serve`) in a subprocess."""
 
-    def __init__(self, home: Path, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, home: Path, env: dict[str, str], port: int | None = None, *, max_running: int = 0) -> None:
         self.home = home
+        self.max_running = max_running  # 0: the product's default
         self.env = env
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -183,7 +184,7 @@ class Studio:
         out = open(self.home / "studio-stdout.log", "ab")  # noqa: SIM115  (the child keeps its own copy)
         try:
             self.proc = subprocess.Popen(
-                [PY, "-m", "ftstudio", "studio", "serve", "--port", str(self.port)],
+                [PY, "-m", "ftstudio", "studio", "serve", "--port", str(self.port), *self._limits()],
                 env=self.env,
                 cwd=self.home,  # `-m` puts the cwd first on sys.path: it must not shadow --product
                 stdout=out,
@@ -193,6 +194,15 @@ class Studio:
         finally:
             out.close()
         return self.proc
+
+    def _limits(self) -> list[str]:
+        """--max-running for a benchmark that runs more tasks than requests may start by default; a product from
+        before the flag has no limit and no flag."""
+        product = Path(self.env.get("PYTHONPATH", str(ROOT)).split(os.pathsep)[0])
+        cli = product / "ftstudio" / "cli.py"
+        if self.max_running and cli.exists() and "--max-running" in cli.read_text():
+            return ["--max-running", str(self.max_running)]
+        return []
 
     def answers(self) -> bool:
         assert self.proc is not None

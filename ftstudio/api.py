@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from ftstudio import __version__, taskfiles
+from ftstudio import __version__, apidoc, taskfiles
 from ftstudio.auth import Guard, load_or_create_token, token_path
 from ftstudio.broker import Broker
 from ftstudio.config import PRESETS, describe_fields
@@ -91,6 +91,7 @@ def create_app(
     started_at = started_at or time.time()
     guard = guard or Guard(token=load_or_create_token(service.home), port=8765)
     app = FastAPI(title="ftstudio", version=__version__, description="Fine-tunes that survive restarts.")
+    apidoc.install(app)
 
     @app.exception_handler(FtstudioError)
     async def _ftstudio_error(_req: Request, exc: FtstudioError) -> JSONResponse:

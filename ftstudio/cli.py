@@ -16,7 +16,7 @@ from ftstudio.auth import binds_beyond_loopback, load_or_create_token
 from ftstudio.config import CLI_FLAGS, set_path
 from ftstudio.errors import FtstudioError, NotRunning, ValidationError
 from ftstudio.home import Home
-from ftstudio.policy import DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_UPLOAD_BYTES
+from ftstudio.policy import DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_RUNNING, DEFAULT_MAX_UPLOAD_BYTES
 from ftstudio.store import Task
 
 # Flags of `submit` that map onto config fields: (flag, field path, type, help).
@@ -248,6 +248,7 @@ def _server_options(args: argparse.Namespace) -> studio_mod.ServerOptions:
         allow_hosts=args.allow_host,
         max_upload_mb=args.max_upload_mb,
         max_row_kb=args.max_row_kb,
+        max_running=args.max_running,
     )
 
 
@@ -325,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=DEFAULT_MAX_ROW_BYTES >> 10,
             help=f"largest single row of an uploaded dataset in KB (default {DEFAULT_MAX_ROW_BYTES >> 10})",
+        )
+        sp.add_argument(
+            "--max-running",
+            type=int,
+            default=DEFAULT_MAX_RUNNING,
+            help=f"most fine-tunes running at once that requests over HTTP may start (default {DEFAULT_MAX_RUNNING})",
         )
         sp.add_argument("--certfile", help="serve HTTPS with this certificate (PEM); needs --keyfile")
         sp.add_argument("--keyfile", help="the private key of --certfile (PEM)")

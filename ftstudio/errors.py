@@ -5,6 +5,7 @@
     │   ├── ValidationError       bad config / dataset / model reference (carries field problems)
     │   ├── NotFound              unknown task, dataset or model (HTTP 404)
     │   ├── TooLarge              an upload over the studio's limit (HTTP 413)
+    │   ├── TooBusy               as many fine-tunes run as requests may start at once (HTTP 429)
     │   └── Conflict              the action is not allowed in the task's current state (HTTP 409)
     ├── IllegalTransition         a state change the transition table forbids (a bug or a lost race)
     ├── StudioAlreadyRunning      a second studio server on the same home
@@ -65,6 +66,10 @@ class NotFound(UserError):
 
 class TooLarge(UserError):
     http_status = 413
+
+
+class TooBusy(UserError):
+    http_status = 429
 
 
 class Conflict(UserError):

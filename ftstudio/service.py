@@ -11,13 +11,14 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
 from ftstudio import __version__, paths, procs, taskfiles
 from ftstudio.config import TrainingConfig
-from ftstudio.errors import Conflict, LaunchError, NotFound, Problem, StorageError, ValidationError
+from ftstudio.errors import Conflict, LaunchError, NotFound, Problem, StorageError, TooBusy, ValidationError
 from ftstudio.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, write_json_atomic
 from ftstudio.policy import Policy
@@ -81,6 +82,7 @@ class Service:
     ) -> None:
         self.home = (home or Home.default()).ensure()
         self.policy = policy or Policy()
+        self._admit = threading.Lock()
         setup_logging(self.home)
         self.store = Store(self.home.db)
         self.executor: Executor = executor or LocalExecutor()
@@ -110,7 +112,10 @@ class Service:
 
         preflight.check(cfg, self.home.root, max_row_bytes=None if trusted else self.policy.max_row_bytes)
         name = " ".join((name or "").split())[:200] or f"{cfg.model.name} on {Path(cfg.data.path).name}"
-        with writing(self.home.root):
+        # Counted and recorded under one lock, so concurrent requests cannot all slip under the limit.
+        with self._admit, writing(self.home.root):
+            if not trusted:
+                self._check_room()
             task = self.store.create_task(
                 name=name, model=cfg.model.name, dataset=cfg.data.path, config=cfg.to_dict(), tasks_root=self.home.tasks
             )
@@ -138,6 +143,16 @@ class Service:
         log.info("task %s submitted: %s", task.id, name)
         self.launch(task.id)
         return self.store.get(task.id)
+
+    def _check_room(self) -> None:
+        running = len(self.store.with_status(S.QUEUED, S.PREPARING, S.TRAINING))
+        limit = self.policy.max_running
+        if running >= limit:
+            raise TooBusy(
+                f"{running} fine-tunes are already running, the most this studio starts at once for requests; "
+                f"wait for one to finish or cancel one (its owner can raise the limit with "
+                f"`ftstudio studio start --max-running N`)"
+            )
 
     def launch(self, task_id: str) -> None:
         """Start a queued task's runner. Claims the task first (compare-and-set), so two launchers never both start it."""

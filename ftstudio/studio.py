@@ -66,6 +66,7 @@ class ServerOptions:
         allow_hosts: list[str] | tuple[str, ...] = (),
         max_upload_mb: int = Policy.max_upload_bytes >> 20,
         max_row_kb: int = Policy.max_row_bytes >> 10,
+        max_running: int = Policy.max_running,
     ) -> ServerOptions:
         """Build from the command line, every problem named with its flag."""
         problems: list[str] = []
@@ -75,6 +76,8 @@ class ServerOptions:
             problems.append(f"--max-upload-mb: must be between 1 and {MAX_UPLOAD_MB} (got {max_upload_mb})")
         if not 1 <= max_row_kb <= 1 << 20:
             problems.append(f"--max-row-kb: must be between 1 and {1 << 20} (got {max_row_kb})")
+        if not 1 <= max_running <= 1024:
+            problems.append(f"--max-running: must be between 1 and 1024 (got {max_running})")
         roots = []
         for raw in allow_paths:
             path = Path(raw).expanduser()
@@ -102,6 +105,7 @@ class ServerOptions:
             allow_hosts=tuple(hosts),
             max_upload_bytes=max_upload_mb << 20,
             max_row_bytes=max_row_kb << 10,
+            max_running=max_running,
         )
         return cls(
             host=host,
@@ -122,6 +126,7 @@ class ServerOptions:
         for name in p.allow_hosts:
             out += ["--allow-host", name]
         out += ["--max-upload-mb", str(p.max_upload_bytes >> 20), "--max-row-kb", str(p.max_row_bytes >> 10)]
+        out += ["--max-running", str(p.max_running)]
         if self.certfile and self.keyfile:
             out += ["--certfile", self.certfile, "--keyfile", self.keyfile]
         return out

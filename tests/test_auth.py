@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import subprocess
 
 import httpx
 import pytest
@@ -299,3 +300,50 @@ def test_binding_beyond_loopback_warns_and_prints_a_reachable_url(home, bind, sh
         assert httpx.get(f"{url}/api/tasks").status_code == 401
     finally:
         run_cli(home, "studio", "stop")
+
+
+# -- a request cannot exhaust the machine ----------------------------------------------------------
+
+
+def test_a_burst_of_submits_starts_no_more_than_the_limit(scripted):
+    service = Service(Home(scripted), in_server=True, policy=Policy(max_running=3))
+    with api_client(service) as c:
+        answers = [
+            c.post("/api/tasks", json={"name": "scripted steps=100000 delay=0.05", "config": {"preset": "cpu-demo"}})
+            for _ in range(12)
+        ]
+        codes = [r.status_code for r in answers]
+        assert codes.count(201) == 3 and codes.count(429) == 9, codes
+        detail = answers[-1].json()["detail"]
+        assert "3 fine-tunes are already running" in detail and "--max-running" in detail
+        assert service.store.list(limit=100)[1] == 3
+        # One ends: there is room again. The CLI (the owner at the terminal) is never refused.
+        c.post(f"/api/tasks/{answers[0].json()['id']}/cancel").raise_for_status()
+        r = c.post("/api/tasks", json={"name": "scripted steps=1", "config": {"preset": "cpu-demo"}})
+        assert r.status_code == 201, r.text
+    r = run_cli(scripted, "submit", "--name", "scripted steps=1", "--preset", "cpu-demo", scripted=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_https_with_certfile_and_keyfile(home, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+    )  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {made.stderr[-200:]!r}")
+    r = run_cli(home, "studio", "start", "--port", "0", "--certfile", str(cert), "--keyfile", str(key))
+    try:
+        assert r.returncode == 0, r.stderr
+        url = re.search(r"(https://127\.0\.0\.1:\d+/\?token=\S+)", r.stdout).group(1)
+        assert "unencrypted" not in r.stderr
+        with httpx.Client(verify=False) as browser:
+            login = browser.get(url, follow_redirects=False)
+            assert login.status_code == 303 and "Secure" in login.headers["set-cookie"]
+            assert browser.get(url.split("?")[0] + "api/tasks").status_code == 200
+    finally:
+        run_cli(home, "studio", "stop")
+    bad = run_cli(home, "studio", "start", "--certfile", str(cert))
+    assert bad.returncode == 2 and "--certfile and --keyfile" in bad.stderr
