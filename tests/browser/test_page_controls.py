@@ -93,3 +93,14 @@ def test_cancel_from_the_page_ends_the_process_then_delete_asks_first(studio: Li
     page.wait_for_url(re.compile(r"#/tasks$"))
     page.locator(".empty").wait_for()
     assert studio.api("GET", "/api/tasks")["total"] == 0
+
+
+def test_the_page_says_why_remote_code_is_refused(studio: LiveStudio, page: Any) -> None:
+    page.goto(studio.page_url("#/new"))
+    page.locator("#advanced > summary").click()
+    page.locator("#cfg-model-trust_remote_code").check()
+    page.get_by_role("button", name="Start fine-tune").click()
+    error = page.locator("#cfg-model-trust_remote_code-error")
+    error.wait_for(state="visible")
+    assert "--allow-remote-code" in error.inner_text()
+    assert studio.api("GET", "/api/tasks")["total"] == 0
