@@ -97,6 +97,10 @@ def create_app(service: Service, broker: Broker | None = None, *, started_at: fl
                 "help": f.help,
                 "choices": list(f.choices),
                 "flag": f.flag,
+                "min": f.min,
+                "max": f.max,
+                "range": f.range,
+                "max_length": f.max_length,
             }
             for f in describe_fields()
         ]
