@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from fastapi import FastAPI, File, Request, Response, UploadFile
+from fastapi import FastAPI, File, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from ftstudio import __version__
+from ftstudio.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, last_event_id, request_problems
 from ftstudio.broker import Broker
 from ftstudio.config import PRESETS, describe_fields
 from ftstudio.errors import FtstudioError, NotFound, ValidationError
@@ -41,13 +41,6 @@ DOWNLOADABLE = {
 }
 
 
-class TaskCreate(BaseModel):
-    name: str | None = Field(default=None, description="A name to recognise the task by")
-    config: dict[str, Any] = Field(
-        default_factory=dict, description="TrainingConfig as nested JSON; see /api/config/fields"
-    )
-
-
 def create_app(service: Service, broker: Broker | None = None, *, started_at: float | None = None) -> FastAPI:
     broker = broker or Broker()
     started_at = started_at or time.time()
@@ -62,10 +55,7 @@ def create_app(service: Service, broker: Broker | None = None, *, started_at: fl
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg", "")}
-            for e in exc.errors()
-        ]
+        problems = request_problems(list(exc.errors()))
         detail = "; ".join(f"{p['field']}: {p['message']}" if p["field"] else p["message"] for p in problems)
         return JSONResponse({"detail": detail or "malformed request", "problems": problems}, status_code=422)
 
@@ -116,7 +106,11 @@ def create_app(service: Service, broker: Broker | None = None, *, started_at: fl
         return service.task_json(service.submit(body.config, body.name))
 
     @app.get("/api/tasks")
-    def list_tasks(limit: int = 50, offset: int = 0, status: str | None = None) -> dict[str, Any]:
+    def list_tasks(
+        limit: int = Query(50, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=OFFSET_MAX),
+        status: str | None = Query(None, max_length=64),
+    ) -> dict[str, Any]:
         tasks, total = service.list(limit=limit, offset=offset, status=status)
         return {"tasks": [service.task_json(t) for t in tasks], "total": total, "limit": limit, "offset": offset}
 
@@ -134,18 +128,23 @@ def create_app(service: Service, broker: Broker | None = None, *, started_at: fl
         return service.task_json(service.cancel(task_id))
 
     @app.get("/api/tasks/{task_id}/logs")
-    def task_logs(task_id: str, offset: int = 0, limit: int = 64 << 10) -> dict[str, Any]:
+    def task_logs(
+        task_id: str,
+        offset: int = Query(0, ge=-SEQ_MAX, le=SEQ_MAX, description="negative: the last -offset bytes"),
+        limit: int = Query(64 << 10, ge=1, le=SEQ_MAX, description="bytes; at most 1 MiB is sent"),
+    ) -> dict[str, Any]:
         return service.logs(task_id, offset, limit)
 
     @app.get("/api/tasks/{task_id}/metrics")
-    def task_metrics(task_id: str, after: int = 0) -> dict[str, Any]:
+    def task_metrics(task_id: str, after: int = Query(0, ge=0, le=SEQ_MAX)) -> dict[str, Any]:
         return {"events": service.metrics(task_id, after)}
 
     @app.get("/api/tasks/{task_id}/stream")
-    async def task_stream(task_id: str, request: Request, after: int = 0) -> StreamingResponse:
+    async def task_stream(task_id: str, request: Request, after: int = Query(0, ge=0, le=SEQ_MAX)) -> StreamingResponse:
         await run_in_threadpool(service.get, task_id)  # 404 before the stream starts
-        header = request.headers.get("last-event-id", "")
-        last = int(header) if header.isdigit() else max(0, after)
+        # A header that is not one of our ids is ignored, as if the page had sent none.
+        header = last_event_id(request.headers.get("last-event-id", ""))
+        last = header if header is not None else after
         return StreamingResponse(
             _stream(service, broker, task_id, last, request, started_at),
             media_type="text/event-stream",
