@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -31,6 +32,7 @@ from ftstudio.service import Service, require_task_dir
 
 STATIC = Path(__file__).with_name("static")
 PING_S = 15.0
+SSE_NAME = re.compile(r"[a-z_]{1,32}")
 # Files of a finished task that may be downloaded one by one (nothing else in the task dir is served).
 DOWNLOADABLE = {
     "training_config.json": "adapter",
@@ -236,7 +238,9 @@ async def _stream(
             batch = await run_in_threadpool(service.store.events, task_id, after_seq=last, limit=1000)
             for ev in batch:
                 last = ev["seq"]
-                yield f"id: {last}\nevent: {ev['kind']}\ndata: {json.dumps(ev)}\n\n"
+                # The kind comes from the trainer's file: a newline in it would forge lines of the stream.
+                kind = ev["kind"] if SSE_NAME.fullmatch(ev["kind"]) else "message"
+                yield f"id: {last}\nevent: {kind}\ndata: {json.dumps(ev)}\n\n"
             task = await run_in_threadpool(service.store.get, task_id)
             view = service.task_json(task)
             if sent_task is None or _changed(sent_task, view):
