@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -14,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 
 from ftstudio import __version__, apidoc, taskfiles
+from ftstudio.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, last_event_id, request_problems
 from ftstudio.auth import Guard, load_or_create_token, token_path
 from ftstudio.broker import Broker
 from ftstudio.config import PRESETS, describe_fields
@@ -33,6 +34,7 @@ from ftstudio.uploads import MULTIPART_OVERHEAD, MultipartFile, too_large
 
 STATIC = Path(__file__).with_name("static")
 PING_S = 15.0
+SSE_NAME = re.compile(r"[a-z_]{1,32}")
 # Files of a finished task that may be downloaded one by one (nothing else in the task dir is served).
 DOWNLOADABLE = {
     "training_config.json": "adapter",
@@ -72,13 +74,6 @@ UPLOAD_SCHEMA: dict[str, Any] = {
 }
 
 
-class TaskCreate(BaseModel):
-    name: str | None = Field(default=None, description="A name to recognise the task by")
-    config: dict[str, Any] = Field(
-        default_factory=dict, description="TrainingConfig as nested JSON; see /api/config/fields"
-    )
-
-
 def create_app(
     service: Service,
     broker: Broker | None = None,
@@ -110,10 +105,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg", "")}
-            for e in exc.errors()
-        ]
+        problems = request_problems(list(exc.errors()))
         detail = "; ".join(f"{p['field']}: {p['message']}" if p["field"] else p["message"] for p in problems)
         return JSONResponse({"detail": detail or "malformed request", "problems": problems}, status_code=422)
 
@@ -148,6 +140,10 @@ def create_app(
                 "help": f.help,
                 "choices": list(f.choices),
                 "flag": f.flag,
+                "min": f.min,
+                "max": f.max,
+                "range": f.range,
+                "max_length": f.max_length,
             }
             for f in describe_fields()
         ]
@@ -163,7 +159,11 @@ def create_app(
         return service.task_json(service.submit(body.config, body.name))
 
     @app.get("/api/tasks")
-    def list_tasks(limit: int = 50, offset: int = 0, status: str | None = None) -> dict[str, Any]:
+    def list_tasks(
+        limit: int = Query(50, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=OFFSET_MAX),
+        status: str | None = Query(None, max_length=64),
+    ) -> dict[str, Any]:
         tasks, total = service.list(limit=limit, offset=offset, status=status)
         return {"tasks": [service.task_json(t) for t in tasks], "total": total, "limit": limit, "offset": offset}
 
@@ -181,18 +181,23 @@ def create_app(
         return service.task_json(service.cancel(task_id))
 
     @app.get("/api/tasks/{task_id}/logs")
-    def task_logs(task_id: str, offset: int = 0, limit: int = 64 << 10) -> dict[str, Any]:
+    def task_logs(
+        task_id: str,
+        offset: int = Query(0, ge=-SEQ_MAX, le=SEQ_MAX, description="negative: the last -offset bytes"),
+        limit: int = Query(64 << 10, ge=1, le=SEQ_MAX, description="bytes; at most 1 MiB is sent"),
+    ) -> dict[str, Any]:
         return service.logs(task_id, offset, limit)
 
     @app.get("/api/tasks/{task_id}/metrics")
-    def task_metrics(task_id: str, after: int = 0) -> dict[str, Any]:
+    def task_metrics(task_id: str, after: int = Query(0, ge=0, le=SEQ_MAX)) -> dict[str, Any]:
         return {"events": service.metrics(task_id, after)}
 
     @app.get("/api/tasks/{task_id}/stream")
-    async def task_stream(task_id: str, request: Request, after: int = 0) -> StreamingResponse:
+    async def task_stream(task_id: str, request: Request, after: int = Query(0, ge=0, le=SEQ_MAX)) -> StreamingResponse:
         await run_in_threadpool(service.get, task_id)  # 404 before the stream starts
-        header = request.headers.get("last-event-id", "")
-        last = int(header) if header.isdigit() else max(0, after)
+        # A header that is not one of our ids is ignored, as if the page had sent none.
+        header = last_event_id(request.headers.get("last-event-id", ""))
+        last = header if header is not None else after
         return StreamingResponse(
             _stream(service, broker, task_id, last, request, started_at),
             media_type="text/event-stream",
@@ -311,7 +316,9 @@ async def _stream(
             batch = await run_in_threadpool(service.store.events, task_id, after_seq=last, limit=1000)
             for ev in batch:
                 last = ev["seq"]
-                yield f"id: {last}\nevent: {ev['kind']}\ndata: {json.dumps(ev)}\n\n"
+                # The kind comes from the trainer's file: a newline in it would forge lines of the stream.
+                kind = ev["kind"] if SSE_NAME.fullmatch(ev["kind"]) else "message"
+                yield f"id: {last}\nevent: {kind}\ndata: {json.dumps(ev)}\n\n"
             task = await run_in_threadpool(service.store.get, task_id)
             view = service.task_json(task)
             if sent_task is None or _changed(sent_task, view):

@@ -18,6 +18,7 @@ from ftstudio.errors import FtstudioError, NotRunning, ValidationError
 from ftstudio.home import Home
 from ftstudio.policy import DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_RUNNING, DEFAULT_MAX_UPLOAD_BYTES
 from ftstudio.store import Task
+from ftstudio.text import printable
 
 # Flags of `submit` that map onto config fields: (flag, field path, type, help).
 SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
@@ -111,7 +112,7 @@ def _wait(service: Any, task_id: str, *, quiet: bool = False) -> int:
             if tty:
                 sys.stderr.write("\n")
             if task["status"] == "failed" and not quiet:
-                print(f"task {task_id} failed: {task['error']}", file=sys.stderr)
+                print(f"task {task_id} failed: {printable(task['error'])}", file=sys.stderr)
             return 0 if task["status"] == "completed" else 1
         time.sleep(0.5)
 
@@ -128,7 +129,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     print(f"{'ID':<22} {'STATUS':<11} {'PROGRESS':<32} NAME")
     for t in tasks:
         view = service.task_json(t)
-        print(f"{t.id:<22} {t.status:<11} {_progress(view):<32} {t.name}")
+        print(f"{t.id:<22} {t.status:<11} {_progress(view):<32} {printable(t.name)}")
     if total > len(tasks) + args.offset:
         print(f"... {total - len(tasks) - args.offset} more (--offset {args.offset + len(tasks)})")
     return 0
@@ -141,12 +142,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         _print_json(view)
         return 0
     for key in ("id", "name", "status", "model", "dataset", "attempt", "pid", "task_dir"):
-        print(f"{key:<10} {view.get(key)}")
+        print(f"{key:<10} {printable(view.get(key))}")
     print(f"{'progress':<10} {_progress(view)}  epoch {view.get('epoch') or 0}/{view.get('total_epochs') or '?'}")
     if view.get("reattached"):
         print(f"{'note':<10} the studio restarted and reattached to this training")
     if view.get("error"):
-        print(f"{'error':<10} {view['error']}")
+        print(f"{'error':<10} {printable(view['error'])}")
     return 0
 
 
@@ -399,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FtstudioError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Messages quote what was sent (a name, a path): it must reach the terminal as text.
+        print(f"error: {printable(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

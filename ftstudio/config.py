@@ -4,7 +4,8 @@ Typed dataclasses, one per concern, each field documented by the docstring
 under it (read at run time by `describe_fields`, so the page, the CLI help and
 the docs all show the same words). `TrainingConfig.from_dict` validates and
 gathers every problem into one `ValidationError`, each naming the field path
-(`optim.learning_rate`) and, where there is one, its CLI flag (`--lr`).
+(`optim.learning_rate`) and, where there is one, its CLI flag (`--lr`). Every
+value has bounds, declared beside its field (`bounded(...)`, see bounds.py).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import textwrap
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
+from ftstudio.bounds import Bounds, bounded, bounds_of, list_bounds, number, shown
 from ftstudio.errors import Problem, ValidationError
+
+NAMES = list_bounds(max_items=256, max_len=256)  # the bounds of every list-of-names setting
 
 
 @dataclass
 class ModelConfig:
-    name: str = "builtin:tiny"
+    name: str = bounded("builtin:tiny", max_len=4096)
     """Base model: a Hugging Face hub id (org/name), a local directory, or `builtin:tiny`."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code. Only for models you trust."""
@@ -39,14 +44,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "builtin:sample"
+    path: str = bounded("builtin:sample", max_len=4096)
     """Training data: `builtin:sample`, an uploaded dataset name, or a .json/.jsonl/.csv/.parquet file or dataset dir."""
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
     """Row shape; `auto` detects it from the columns."""
-    validation: str = "0.1"
+    validation: str = bounded("0.1", max_len=4096)
     """Validation split: a fraction of the data (e.g. 0.1), a file path, a split of a saved DatasetDict
     (e.g. validation), or 0 for none."""
-    max_length: int = 512
+    max_length: int = bounded(512, 8, 1_048_576, unit="tokens")
     """Longest sequence in tokens; longer samples are truncated."""
     packing: bool = False
     """Pack several samples into one sequence (no cross-sample attention where the model supports it)."""
@@ -56,65 +61,65 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 16
+    rank: int = bounded(16, 1, 4096)
     """LoRA rank r: the size of the low-rank update. 8-64 is usual."""
-    alpha: int = 32
+    alpha: int = bounded(32, 1, 65_536)
     """LoRA alpha: the update is scaled by alpha / rank."""
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, 0, 1, max_excluded=True)
     """Dropout on the LoRA input. 0 (as in PEFT and LLaMA-Factory) is fastest; 0.05-0.1 regularises small datasets."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata=NAMES)
     """Modules that get adapters: `all-linear`, or module names such as q_proj, v_proj."""
-    modules_to_save: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list, metadata=NAMES)
     """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
 
 
 @dataclass
 class OptimConfig:
-    epochs: float = 3.0
+    epochs: float = bounded(3.0, 0, 10_000)
     """Passes over the training data."""
-    max_steps: int = -1
+    max_steps: int = bounded(-1, -1, 1_000_000_000)
     """Stop after this many optimizer steps (-1: run all epochs)."""
-    learning_rate: float = 2e-4
+    learning_rate: float = bounded(2e-4, 0, 1, min_excluded=True, max_excluded=True)
     """Peak learning rate."""
-    batch_size: int = 4
+    batch_size: int = bounded(4, 1, 65_536)
     """Samples per device per step."""
-    grad_accum: int = 4
+    grad_accum: int = bounded(4, 1, 65_536)
     """Gradient accumulation steps; effective batch = batch_size x grad_accum x processes."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = bounded(0.03, 0, 1, max_excluded=True)
     """Fraction of steps spent warming the learning rate up."""
-    weight_decay: float = 0.0
+    weight_decay: float = bounded(0.0, 0, 10)
     """AdamW weight decay."""
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """Learning-rate schedule after warmup."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, 0, 1000)
     """Gradient clipping norm (0 disables)."""
-    seed: int = 42
+    seed: int = bounded(42, 0, 2**32 - 1)
     """Random seed for initialisation, data order and dropout."""
-    divergence_factor: float = 4.0
+    divergence_factor: float = bounded(4.0, 0, 1000)
     """Stop with an error when the smoothed loss stays above this multiple of its best value (0 disables)."""
-    divergence_patience: int = 20
+    divergence_patience: int = bounded(20, 1, 1_000_000_000)
     """Steps the smoothed loss may stay above divergence_factor x best before training stops."""
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 100
+    every_steps: int = bounded(100, 1, 1_000_000_000)
     """Save a resumable checkpoint every N steps."""
-    keep: int = 2
+    keep: int = bounded(2, 2, 1000, why="so a half-written checkpoint never leaves none")
     """Checkpoints kept on disk (at least 2)."""
-    resume_from: str = ""
+    resume_from: str = bounded("", max_len=4096)
     """Resume from a checkpoint path, `auto` for the newest complete one, or empty for a fresh start."""
 
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 1
+    every_steps: int = bounded(1, 1, 1_000_000_000)
     """Write a progress event every N steps."""
-    eval_every_steps: int = 0
+    eval_every_steps: int = bounded(0, 0, 1_000_000_000)
     """Evaluate every N steps (0: once per epoch)."""
     eval_on_start: bool = True
     """Evaluate once before the first step, so the eval loss before training is on record."""
-    report_to: list[str] = field(default_factory=list)
+    report_to: list[str] = field(default_factory=list, metadata=NAMES)
     """Also report to: tensorboard, wandb, mlflow."""
 
 
@@ -126,7 +131,7 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    preset: str = ""
+    preset: str = bounded("", max_len=256)
     """Preset the config started from (its values are recorded in the fields above)."""
 
     def __post_init__(self) -> None:
@@ -142,6 +147,10 @@ class TrainingConfig:
         problems: list[Problem] = []
         base: dict[str, Any] = {}
         preset = data.get("preset") or ""
+        if not isinstance(preset, str):
+            # Looked up by name below: an object here must be a refusal, not a TypeError.
+            problems.append(Problem("preset (--preset)", f"must be the name of a preset: {', '.join(PRESETS)}"))
+            data, preset = {k: v for k, v in data.items() if k != "preset"}, ""
         if preset:
             if preset not in PRESETS:
                 problems.append(
@@ -175,6 +184,23 @@ class TrainingConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+
+
+def _bounds_table() -> dict[str, Bounds]:
+    """`section.field` -> its bounds, read once from the fields' metadata."""
+    table: dict[str, Bounds] = {}
+    for section in dataclasses.fields(TrainingConfig):
+        cls = typing.get_type_hints(TrainingConfig)[section.name]
+        inner = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+        for f in inner:
+            if (b := bounds_of(f)) is not None:
+                table[f"{section.name}.{f.name}"] = b
+        if not inner and (b := bounds_of(section)) is not None:
+            table[section.name] = b
+    return table
+
+
+BOUNDS: dict[str, Bounds] = _bounds_table()
 
 # Flags of the fields people set most often; every field is also settable as --set section.field=value.
 CLI_FLAGS: dict[str, str] = {
@@ -245,6 +271,9 @@ def _coerce(path: str, hint: Any, value: Any, problems: list[Problem]) -> Any:
     """Accept JSON values and CLI strings; a wrong type is a problem, not a crash."""
     origin = get_origin(hint)
     try:
+        # JSON's NaN / Infinity literals (Python's json reads them) and 1e999 are never a setting.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
         if origin is Literal:
             choices = get_args(hint)
             if value not in choices:
@@ -267,11 +296,27 @@ def _coerce(path: str, hint: Any, value: Any, problems: list[Problem]) -> Any:
                 raise ValueError("must be a whole number")
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError("must be a whole number")
-            return int(value)
+            if isinstance(value, str):
+                value = value.strip()
+                digits = value.lstrip("+-")
+                if digits.isascii() and digits.isdigit() and len(digits) > 30:
+                    # int() would refuse past 4,300 digits with a message about sys.set_int_max_str_digits.
+                    raise ValueError(_too_large(path))
+                try:
+                    return int(value)
+                except ValueError:
+                    raise ValueError("must be a whole number") from None
+            return int(value)  # in bounds or not: _check names the limit
         if hint is float:
             if isinstance(value, bool) or not isinstance(value, int | float | str):
                 raise ValueError("must be a number")
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int past 1e308
+                raise ValueError(_too_large(path)) from None
+            if not math.isfinite(number):  # the CLI's "nan", "inf", "1e999"
+                raise ValueError("must be a finite number")
+            return number
         if hint is str:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 return str(value)
@@ -282,9 +327,14 @@ def _coerce(path: str, hint: Any, value: Any, problems: list[Problem]) -> Any:
         msg = str(e)
         if msg.startswith(("invalid literal", "could not convert")):
             msg = "must be a number"
-        problems.append(Problem(label(path), f"{msg} (got {value!r:.60})"))
+        problems.append(Problem(label(path), f"{msg} (got {shown(value)})"))
         return _default_for(path)
     raise TypeError(f"unsupported config type {hint!r} at {path}")  # a bug in this module
+
+
+def _too_large(path: str) -> str:
+    limit = BOUNDS[path].max if path in BOUNDS else None
+    return f"must be at most {number(limit)}" if limit is not None else "is far too large"
 
 
 def _default_for(path: str) -> Any:
@@ -297,27 +347,30 @@ def _default_for(path: str) -> Any:
 
 
 def _check(cfg: TrainingConfig) -> list[Problem]:
-    """Cross-field and range checks, gathered so the user fixes everything in one go."""
+    """Cross-field and range checks, gathered so the user fixes everything in one go.
+
+    The checks with advice of their own run first; then every field is held to its
+    declared bounds (`BOUNDS`), unless it already has a problem.
+    """
     p: list[Problem] = []
+    reported: set[str] = set()
 
     def bad(path: str, msg: str) -> None:
-        p.append(Problem(label(path), msg))
+        if path not in reported:
+            reported.add(path)
+            p.append(Problem(label(path), msg))
 
+    values = {path: _value_at(cfg, path) for path in BOUNDS}
+    for path, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):  # built in Python, not from_dict
+            bad(path, f"must be a finite number (got {shown(value)})")
     if not cfg.model.name.strip():
         bad("model.name", "is empty; give a hub id (org/name), a local directory or builtin:tiny")
     if not cfg.data.path.strip():
         bad("data.path", "is empty; give builtin:sample, an uploaded dataset or a file path")
     fraction = validation_fraction(cfg.data.validation)
     if fraction is not None and not 0 <= fraction < 1:
-        bad("data.validation", f"a fraction must be in [0, 1), e.g. 0.1 (got {cfg.data.validation})")
-    if cfg.data.max_length < 8:
-        bad("data.max_length", f"must be at least 8 tokens (got {cfg.data.max_length})")
-    if cfg.lora.rank < 1:
-        bad("lora.rank", f"must be at least 1 (got {cfg.lora.rank})")
-    if cfg.lora.alpha < 1:
-        bad("lora.alpha", f"must be at least 1 (got {cfg.lora.alpha})")
-    if not 0 <= cfg.lora.dropout < 1:
-        bad("lora.dropout", f"must be in [0, 1) (got {cfg.lora.dropout})")
+        bad("data.validation", f"a fraction must be in [0, 1), e.g. 0.1 (got {shown(cfg.data.validation)})")
     if not cfg.lora.target_modules:
         bad("lora.target_modules", "needs at least one module, or all-linear")
     o = cfg.optim
@@ -328,39 +381,26 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
     if o.epochs <= 0 and o.max_steps <= 0:
         bad("optim.epochs", f"must be positive, or set max_steps (got {o.epochs})")
     if o.max_steps == 0 or o.max_steps < -1:
-        bad("optim.max_steps", f"must be a positive number of steps, or -1 for all epochs (got {o.max_steps})")
-    if o.batch_size < 1:
-        bad("optim.batch_size", f"must be at least 1 (got {o.batch_size})")
-    if o.grad_accum < 1:
-        bad("optim.grad_accum", f"must be at least 1 (got {o.grad_accum})")
-    if not 0 <= o.warmup_ratio < 1:
-        bad("optim.warmup_ratio", f"must be in [0, 1) (got {o.warmup_ratio})")
-    if o.weight_decay < 0:
-        bad("optim.weight_decay", f"must not be negative (got {o.weight_decay})")
-    if o.max_grad_norm < 0:
-        bad("optim.max_grad_norm", f"must not be negative (got {o.max_grad_norm})")
+        bad("optim.max_steps", f"must be a positive number of steps, or -1 for all epochs (got {shown(o.max_steps)})")
     if o.divergence_factor != 0 and o.divergence_factor <= 1:
         bad("optim.divergence_factor", f"must be above 1, or 0 to disable (got {o.divergence_factor})")
-    if o.divergence_patience < 1:
-        bad("optim.divergence_patience", f"must be at least 1 step (got {o.divergence_patience})")
-    if cfg.checkpoint.every_steps < 1:
-        bad("checkpoint.every_steps", f"must be at least 1 (got {cfg.checkpoint.every_steps})")
-    if cfg.checkpoint.keep < 2:
-        bad(
-            "checkpoint.keep",
-            f"must be at least 2 so a half-written checkpoint never leaves none (got {cfg.checkpoint.keep})",
-        )
-    if cfg.logging.every_steps < 1:
-        bad("logging.every_steps", f"must be at least 1 (got {cfg.logging.every_steps})")
-    if cfg.logging.eval_every_steps < 0:
-        bad("logging.eval_every_steps", f"must not be negative (got {cfg.logging.eval_every_steps})")
     unknown_reports = set(cfg.logging.report_to) - {"tensorboard", "wandb", "mlflow"}
-    if unknown_reports:
+    if unknown_reports and len(cfg.logging.report_to) <= 256:
         bad(
             "logging.report_to",
-            f"unknown reporter(s) {', '.join(sorted(unknown_reports))}; use tensorboard, wandb or mlflow",
+            f"unknown reporter(s) {shown(', '.join(sorted(unknown_reports)))}; use tensorboard, wandb or mlflow",
         )
+    for path, value in values.items():
+        problem = BOUNDS[path].problem(value)
+        if problem:
+            bad(path, problem)
     return p
+
+
+def _value_at(cfg: TrainingConfig, path: str) -> Any:
+    section, _, name = path.partition(".")
+    value = getattr(cfg, section)
+    return getattr(value, name) if name else value
 
 
 def validation_fraction(value: str) -> float | None:
@@ -379,6 +419,10 @@ class FieldInfo:
     help: str
     choices: tuple[Any, ...] = ()
     flag: str = ""
+    min: int | float | None = None
+    max: int | float | None = None
+    range: str = ""  # the bounds in words: "1 to 4,096", "up to 4,096 characters"
+    max_length: int | None = None  # text fields and each entry of a list
 
 
 def _docstrings(cls: type) -> dict[str, str]:
@@ -430,12 +474,15 @@ def describe_fields() -> list[FieldInfo]:
 
 
 def _info(path: str, hint: Any, default: Any, help: str) -> FieldInfo:
+    flag = CLI_FLAGS.get(path, "")
     if get_origin(hint) is Literal:
-        return FieldInfo(path, "choice", default, help, get_args(hint), CLI_FLAGS.get(path, ""))
+        return FieldInfo(path, "choice", default, help, get_args(hint), flag)
+    b = BOUNDS.get(path, Bounds())
+    limits = {"min": b.min, "max": b.max, "range": b.text() if path in BOUNDS else "", "max_length": b.max_len}
     if get_origin(hint) in (list, typing.List):  # noqa: UP006
-        return FieldInfo(path, "list", default, help, (), CLI_FLAGS.get(path, ""))
+        return FieldInfo(path, "list", default, help, (), flag, **limits)
     name = hint.__name__ if isinstance(hint, type) else str(hint)
-    return FieldInfo(path, name, default, help, (), CLI_FLAGS.get(path, ""))
+    return FieldInfo(path, name, default, help, (), flag, **limits)
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> None:

@@ -22,7 +22,8 @@ def render() -> str:
         "",
         "A task's config is nested JSON: "
         '`{"model": {...}, "data": {...}, "lora": {...}, "optim": {...}, "checkpoint": {...}, "logging": {...}, "preset": ""}`. '
-        "On the command line every field is `--set section.field=value`; the common ones also have a flag.",
+        "On the command line every field is `--set section.field=value`; the common ones also have a flag. "
+        "Every value has bounds (the range column); a value outside them is refused, naming the field and its limit.",
     ]
     section = None
     for f in describe_fields():
@@ -33,12 +34,13 @@ def render() -> str:
                 "",
                 f"## {section}",
                 "",
-                "| field | type | default | flag | description |",
-                "| --- | --- | --- | --- | --- |",
+                "| field | type | default | range | flag | description |",
+                "| --- | --- | --- | --- | --- | --- |",
             ]
         kind = f.type if not f.choices else " \\| ".join(map(str, f.choices))
         default = json.dumps(f.default)
-        lines.append(f"| `{f.path}` | {kind} | `{default}` | {f'`{f.flag}`' if f.flag else ''} | {f.help} |")
+        flag = f"`{f.flag}`" if f.flag else ""
+        lines.append(f"| `{f.path}` | {kind} | `{default}` | {f.range} | {flag} | {f.help} |")
     lines += ["", "## Presets", "", "A preset fills these values first; anything you set wins.", ""]
     for name, values in PRESETS.items():
         lines += [f"### `{name}`", "", "```json", json.dumps(values, indent=2), "```", ""]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,25 @@ class Chunk:
     offset: int  # byte offset just past the last complete line consumed
     bad_lines: int  # complete lines that were not JSON objects (counted, skipped)
     lines: list[str] = field(default_factory=list)  # each event's line as written, for storing without re-encoding
+    line_numbers: list[int] = field(
+        default_factory=list
+    )  # each event's line, counted from `offset` of the read (1-based)
+
+
+# A line that may hold a number JSON cannot carry: NaN, Infinity, or an exponent that overflows.
+# Only such lines (rare) are parsed a second time, strictly: the common line costs one regex search.
+_MAYBE_NOT_FINITE = re.compile(r"NaN|Infinity|[eE][+]?\d{3}")
+
+
+def _not_finite(token: str) -> float:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of range")
+    return number
 
 
 def read_from(path: Path, offset: int, max_bytes: int = 4 << 20) -> Chunk:
@@ -90,17 +110,24 @@ def read_from(path: Path, offset: int, max_bytes: int = 4 << 20) -> Chunk:
     events: list[dict[str, Any]] = []
     lines: list[str] = []
     bad = 0
-    for raw in data[: end + 1].decode("utf-8", "replace").splitlines():
+    numbers: list[int] = []
+    # split("\n"), not splitlines(): a U+2028 inside a line is text, not a line break.
+    for number, raw in enumerate(data[:end].decode("utf-8", "replace").split("\n"), 1):
         if not raw.strip():
             continue
+        raw = raw.removesuffix("\r")
         try:
             obj = json.loads(raw)
+            if _MAYBE_NOT_FINITE.search(raw):
+                # NaN / Infinity / 1e999 would be stored, then break every JSON reply that carries the event.
+                json.loads(raw, parse_constant=_not_finite, parse_float=_finite_float)
         except ValueError:
             bad += 1
             continue
         if isinstance(obj, dict) and isinstance(obj.get("kind"), str):
             events.append(obj)
             lines.append(raw)
+            numbers.append(number)
         else:
             bad += 1
-    return Chunk(events, offset + end + 1, bad, lines)
+    return Chunk(events, offset + end + 1, bad, lines, numbers)

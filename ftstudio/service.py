@@ -26,6 +26,7 @@ from ftstudio.storage import writing
 from ftstudio.store import LostRace, Store, Task
 from ftstudio.supervisor import Supervisor, launch_of
 from ftstudio.task import TaskStatus
+from ftstudio.text import plain, printable
 from ftstudio.uploads import Incoming, is_dataset_name
 
 log = logging.getLogger("ftstudio")
@@ -54,18 +55,26 @@ ACTIONS: dict[TaskStatus, tuple[str, ...]] = {
 }
 
 
+class OneLineFormatter(logging.Formatter):
+    """Log lines name tasks, models and paths people chose: their control characters are escaped,
+    so `tail studio.log` shows text, never runs an escape sequence (a traceback keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def setup_logging(home: Home, *, to_stderr: bool = False) -> None:
     """studio.log: one line a person understands for every launch, recovery and exit."""
     logger = logging.getLogger("ftstudio")
     if any(getattr(h, "_ftstudio", False) for h in logger.handlers):
         return
     handler: logging.Handler = logging.FileHandler(home.log, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler._ftstudio = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     if to_stderr:
         console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        console.setFormatter(OneLineFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
         console._ftstudio = True  # type: ignore[attr-defined]
         logger.addHandler(console)
     logger.setLevel(logging.INFO)
@@ -111,7 +120,8 @@ class Service:
         from ftstudio import preflight  # the trainer's cheap checks: files exist, data parses
 
         preflight.check(cfg, self.home.root, max_row_bytes=None if trusted else self.policy.max_row_bytes)
-        name = " ".join((name or "").split())[:200] or f"{cfg.model.name} on {Path(cfg.data.path).name}"
+        # A name is text: control characters (terminal commands, bidi overrides) are dropped.
+        name = " ".join(plain(name or "").split())[:200] or plain(f"{cfg.model.name} on {Path(cfg.data.path).name}")
         # Counted and recorded under one lock, so concurrent requests cannot all slip under the limit.
         with self._admit, writing(self.home.root):
             if not trusted:

@@ -14,6 +14,7 @@ handle.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import sqlite3
 import threading
@@ -94,8 +95,32 @@ SCHEMA_VERSION = len(MIGRATIONS)
 PROGRESS_FIELDS = ("step", "total_steps", "epoch", "total_epochs", "loss", "eval_loss", "lr", "tokens_per_s", "eta_s")
 
 
+INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
+
+# Errors that come from what a batch holds, not from the database: they cost only that task.
+# (OperationalError, a locked database or a full disk, is not among them: every task waits.)
+DATA_ERRORS = (ValueError, TypeError, OverflowError, sqlite3.InterfaceError, sqlite3.IntegrityError)
+
+
 class LostRace(IllegalTransition):
     """The task was not in the expected state any more: someone else changed it first."""
+
+
+class UnstorableEvent(ValueError):
+    """An event holds a value the store cannot keep (an integer past 64 bits)."""
+
+    def __init__(self, index: int, what: str) -> None:
+        super().__init__(what)
+        self.index = index
+        self.what = what
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A batch the store could not take: nothing of it was stored and the offset did not move."""
+
+    index: int | None  # which event of the batch, when known
+    what: str  # for a person: "step is out of range"
 
 
 @dataclass
@@ -316,24 +341,41 @@ class Store:
         process, the CLI) already ingested these bytes, nothing is stored twice.
         Returns the events with their `seq` as stored (empty if the race was lost).
         """
-        return self.ingest_many([Batch(task_id, events, new_offset, expect_offset)])[task_id]
+        result = self.ingest_many([Batch(task_id, events, new_offset, expect_offset)])[task_id]
+        if isinstance(result, Refused):
+            raise UnstorableEvent(result.index or 0, result.what)
+        return result
 
-    def ingest_many(self, batches: list[Batch]) -> dict[str, list[dict[str, Any]]]:
-        """`ingest` for several tasks in one transaction.
+    def ingest_many(self, batches: list[Batch]) -> dict[str, list[dict[str, Any]] | Refused]:
+        """`ingest` for several tasks in one transaction; a batch the store cannot take is `Refused`.
 
         The watch loop ingests every busy task each tick; one commit per task was most of the
         studio's CPU while supervising 20 busy tasks (bench/bench_supervisor.py). Each task's
         offset is still compare-and-set on its own: a lost race stores nothing for that task only.
+        One task's bad batch must not hold back the others either: when the shared transaction
+        fails on data, every batch is tried again in a transaction of its own.
         """
         now = time.time()
-        out: dict[str, list[dict[str, Any]]] = {}
-        with self.tx() as c:
-            for batch in batches:
-                out[batch.task_id] = self._ingest(c, batch, now)
+        out: dict[str, list[dict[str, Any]] | Refused] = {}
+        try:
+            with self.tx() as c:
+                for batch in batches:
+                    out[batch.task_id] = self._ingest(c, batch, now)
+            return out
+        except DATA_ERRORS:
+            out.clear()
+        for batch in batches:
+            try:
+                with self.tx() as c:
+                    out[batch.task_id] = self._ingest(c, batch, now)
+            except UnstorableEvent as e:
+                out[batch.task_id] = Refused(e.index, e.what)
+            except DATA_ERRORS as e:  # not foreseen by the checks in _ingest: still this task's alone
+                out[batch.task_id] = Refused(None, f"{type(e).__name__}: {e}"[:200])
         return out
 
     def _ingest(self, c: sqlite3.Connection, batch: Batch, now: float) -> list[dict[str, Any]]:
-        latest = _latest_progress(batch.events)
+        latest = _latest_progress(batch.events)  # raises UnstorableEvent
         latest.update(events_offset=batch.new_offset, updated_at=now)
         cols = ", ".join(f"{k} = ?" for k in latest)
         # Compare-and-set on the offset and the seq bump in one statement (no read first).
@@ -348,20 +390,15 @@ class Store:
         # The line as the trainer wrote it is stored as is (seq lives in its own column):
         # re-encoding every event was a tenth of the studio's CPU while supervising.
         lines = batch.lines or [json.dumps(ev) for ev in batch.events]
-        c.executemany(
-            "INSERT INTO events (task_id, seq, kind, step, ts, data) VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    batch.task_id,
-                    ev["seq"],
-                    ev["kind"],
-                    ev.get("step") if isinstance(ev.get("step"), int) else None,
-                    _num(ev.get("ts"), now),
-                    line,
-                )
-                for ev, line in zip(stored, lines, strict=True)
-            ],
-        )
+        rows = []
+        for i, (ev, line) in enumerate(zip(stored, lines, strict=True)):
+            step = ev.get("step")
+            if type(step) is not int:
+                step = None
+            elif step not in INT64:
+                raise UnstorableEvent(i, "step is out of range")
+            rows.append((batch.task_id, ev["seq"], _text(ev["kind"])[:64], step, _num(ev.get("ts"), now), line))
+        c.executemany("INSERT INTO events (task_id, seq, kind, step, ts, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
         return stored
 
     def events(
@@ -377,7 +414,23 @@ class Store:
 
 
 def _num(value: Any, default: float) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    """A time stamp from a file: anything but a finite number (10**400 too) is replaced, not stored."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    try:
+        number = float(value)
+    except OverflowError:
+        return default
+    return number if math.isfinite(number) else default
+
+
+def _text(value: str) -> str:
+    """Text SQLite can encode: a lone surrogate (JSON's "\\ud800") would fail the whole batch."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 def _latest_progress(evs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -392,7 +445,10 @@ def _latest_progress(evs: list[dict[str, Any]]) -> dict[str, Any]:
         last[ev.get("kind")] = i
     out: dict[str, Any] = {}
     for i in sorted(last.values()):
-        out.update(_progress_of(evs[i]))
+        try:
+            out.update(_progress_of(evs[i]))
+        except UnstorableEvent as e:
+            raise UnstorableEvent(i, e.what) from None
     return out
 
 
@@ -403,10 +459,15 @@ def _progress_of(ev: dict[str, Any]) -> dict[str, Any]:
     if kind in ("progress", "eval", "train_begin", "train_end"):
         for k in PROGRESS_FIELDS:
             v = ev.get(k)
-            if v is not None and type(v) in (int, float):  # not bool, which is an int too
+            t = type(v)  # not isinstance: a bool is an int too
+            if t is int:
+                if v not in INT64:
+                    raise UnstorableEvent(0, f"{k} is out of range")
+                out[k] = v
+            elif t is float and math.isfinite(v):  # NaN / Infinity read from a file: left out, like a missing value
                 out[k] = v
     if kind == "status" and isinstance(ev.get("phase"), str):
-        out["phase"] = ev["phase"][:64]
+        out["phase"] = _text(ev["phase"][:64])
     elif kind == "train_begin":
         out["phase"] = "training"
     elif kind == "train_end":

@@ -31,7 +31,7 @@ from ftstudio import events
 from ftstudio.executor import Executor, Launch
 from ftstudio.home import Home, read_json
 from ftstudio.procs import Liveness
-from ftstudio.store import Batch, LostRace, Store, Task
+from ftstudio.store import Batch, LostRace, Refused, Store, Task
 from ftstudio.task import TaskStatus
 
 log = logging.getLogger("ftstudio")
@@ -133,6 +133,10 @@ class Supervisor:
         )
         for task, chunk in pending:
             stored = results[task.id]
+            if isinstance(stored, Refused):
+                self._refuse(task, chunk, stored)
+                changed.add(task.id)
+                continue
             if not stored and chunk.events:
                 # Someone else (the CLI, another reader) took these bytes first: catch up from the store.
                 task.row.update(self.store.get(task.id).row)
@@ -151,6 +155,33 @@ class Supervisor:
                     task.row.update(self.store.get(task.id).row)
         return changed
 
+    def _refuse(self, task: Task, chunk: events.Chunk, refused: Refused) -> None:
+        """A batch the store cannot take fails its task alone: stopped, with a reason, and its
+        offset left where it was so the same bytes are not tried again on every tick."""
+        path = Path(self.files(task)[0])
+        if refused.index is not None and refused.index < len(chunk.line_numbers):
+            line = _lines_before(path, task.events_offset) + chunk.line_numbers[refused.index]
+            where = f"line {line:,} of events.jsonl: {refused.what}"
+        else:
+            where = f"events.jsonl after byte {task.events_offset:,}: {refused.what}"
+        reason = (
+            f"the training process wrote a progress record the studio cannot store ({where}); "
+            f"the task was stopped{f' at {progress_text(task)}' if task.step else ''}"
+        )
+        log.error("task %s failed: %s", task.id, reason)
+        for _ in range(3):  # a lost race is someone else's move: look again
+            current = self.store.get(task.id)
+            if not current.status_enum.has_process:
+                break
+            try:
+                self.store.transition(task.id, current.status_enum, TaskStatus.FAILED, reason=reason, error=reason)
+                break
+            except LostRace:
+                continue
+        # After the transition: an exit record the runner writes as it dies must not decide the outcome.
+        self.executor.kill_all(task.id)
+        task.row.update(self.store.get(task.id).row)
+
     def sync(self, task: Task, *, startup: bool = False) -> Verdict | None:
         """Bring one task's record up to date with its directory and process. Returns a verdict if the state moved."""
         status = task.status_enum
@@ -159,6 +190,8 @@ class Supervisor:
         tdir = task.dir
         self.ingest([task])
         task = self.store.get(task.id)
+        if not task.status_enum.has_process:  # its events failed it (or someone else moved it)
+            return Verdict(task.id, task.status_enum, task.error or "") if task.status != status else None
         launch = launch_of(task)
         # Liveness before the exit record: a runner that writes exit.json and exits between
         # the two looks would otherwise be called dead.
@@ -191,6 +224,8 @@ class Supervisor:
         # Dead, reused or rebooted, and no exit record: read the last events it managed to write.
         self.ingest([self.store.get(task.id)])
         task = self.store.get(task.id)
+        if not task.status_enum.has_process:
+            return Verdict(task.id, task.status_enum, task.error or "")
         self.executor.kill_all(task.id)  # orphans of a killed runner must not keep writing
         if task.cancel_requested_at:
             return self._end(task, TaskStatus.CANCELLED, "cancelled on request")
@@ -206,6 +241,8 @@ class Supervisor:
         # Drain: the exit record is written after the trainer's last event.
         self.ingest([task])
         task = self.store.get(task.id)
+        if not task.status_enum.has_process:
+            return Verdict(task.id, task.status_enum, task.error or "")
         outcome = record.get("outcome")
         reason = str(record.get("reason") or "")
         if outcome == "completed":
@@ -291,3 +328,16 @@ class Supervisor:
                 self._wake.wait(TICK_S)
             else:
                 self._wake.wait(EXIT_S if watched else max(TICK_S, last_scan + SCAN_S - time.monotonic()))
+
+
+def _lines_before(path: Path, offset: int) -> int:
+    """Complete lines in the first `offset` bytes of a file (only when naming a bad line: it reads them)."""
+    count = 0
+    try:
+        with open(path, "rb") as f:
+            while offset > 0 and (block := f.read(min(offset, 1 << 20))):
+                count += block.count(b"\n")
+                offset -= len(block)
+    except OSError:
+        pass
+    return count

@@ -62,3 +62,87 @@ def test_every_field_is_documented() -> None:
 
 def test_config_reference_page_is_current() -> None:
     assert configdoc.DOC_PATH.read_text() == configdoc.render(), "run: python -m ftstudio.configdoc"
+
+
+def problems_of(data: dict) -> dict[str, str]:
+    with pytest.raises(ValidationError) as e:
+        TrainingConfig.from_dict(data)
+    return {p.field: p.message for p in e.value.problems}
+
+
+def test_a_step_count_past_64_bits_names_the_limit() -> None:
+    assert problems_of({"optim": {"max_steps": 2**70}}) == {
+        "optim.max_steps (--max-steps)": "must be at most 1,000,000,000 (got 1180591620717411303424)"
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("optim.epochs", 10_001, "must be at most 10,000"),
+        ("optim.batch_size", 65_537, "must be at most 65,536"),
+        ("optim.grad_accum", 0, "must be at least 1"),
+        ("data.max_length", 2_000_000, "must be at most 1,048,576 tokens"),
+        ("lora.rank", 4097, "must be at most 4,096"),
+        ("lora.alpha", 10**6, "must be at most 65,536"),
+        ("checkpoint.every_steps", 10**9 + 1, "must be at most 1,000,000,000"),
+        ("checkpoint.keep", 1001, "must be at most 1,000"),
+        ("checkpoint.keep", 1, "must be at least 2 so a half-written checkpoint never leaves none"),
+        ("logging.every_steps", 2**64, "must be at most 1,000,000,000"),
+        ("logging.eval_every_steps", -1, "must be at least 0"),
+        ("optim.seed", 2**32, "must be at most 4,294,967,295"),
+        ("optim.seed", -1, "must be at least 0"),
+        ("optim.divergence_patience", 2**63, "must be at most 1,000,000,000"),
+        ("optim.weight_decay", 1e300, "must be at most 10"),
+        ("optim.max_grad_norm", 1e6, "must be at most 1,000"),
+        ("optim.divergence_factor", 1e9, "must be at most 1,000"),
+        ("optim.warmup_ratio", 1.0, "must be below 1"),
+        ("optim.learning_rate", 5.0, "far too large"),
+        ("optim.weight_decay", 10**400, "must be at most 10"),  # float(10**400) overflows: not a crash
+        ("optim.batch_size", "9" * 5000, "must be at most 65,536"),  # int() of it would refuse with a hint about sys
+        ("model.name", "x" * 4097, "is 4,097 characters long; at most 4,096 are allowed"),
+        ("data.path", "d" * 5000, "at most 4,096"),
+        ("data.validation", "v" * 5000, "at most 4,096"),
+        ("checkpoint.resume_from", "r" * 4097, "at most 4,096"),
+        ("lora.target_modules", ["q_proj"] * 257, "has 257 entries; at most 256 are allowed"),
+        ("lora.modules_to_save", ["w" * 300], "an entry 300 characters long; at most 256"),
+    ],
+)
+def test_every_value_has_bounds(path: str, value: object, message: str) -> None:
+    data: dict = {}
+    set_path(data, path, value)
+    (field, got), *rest = problems_of(data).items()
+    assert not rest and field == label(path) and message in got, (field, got)
+    assert "\n" not in got and len(got) < 200
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", "inf", "-Infinity", "1e999"])
+@pytest.mark.parametrize(
+    "path", ["optim.learning_rate", "optim.epochs", "optim.max_steps", "lora.dropout", "model.name"]
+)
+def test_nan_and_infinity_are_refused_everywhere(path: str, value: object) -> None:
+    data: dict = {}
+    set_path(data, path, value)
+    if path == "model.name" and isinstance(value, str):
+        return  # a name may be any text; a non-finite *number* for it is what must be refused
+    problems = problems_of(data)
+    assert label(path) in problems, problems
+
+
+def test_a_preset_must_be_a_name() -> None:
+    assert problems_of({"preset": {"name": "cpu-demo"}}) == {
+        "preset (--preset)": "must be the name of a preset: cpu-demo, single-gpu-24gb, low-memory"
+    }
+
+
+def test_the_bounds_are_one_table_read_by_the_page_and_the_docs() -> None:
+    info = {f.path: f for f in describe_fields()}
+    assert (info["optim.max_steps"].min, info["optim.max_steps"].max) == (-1, 1_000_000_000)
+    assert info["data.max_length"].range == "8 to 1,048,576 tokens"
+    assert info["model.name"].max_length == 4096
+    numeric = [f for f in describe_fields() if f.type in ("int", "float")]
+    assert all(f.min is not None and f.max is not None for f in numeric), [f.path for f in numeric if f.max is None]
+    assert all(f.range for f in describe_fields() if f.type in ("int", "float", "str", "list"))
+    assert "| 8 to 1,048,576 tokens |" in configdoc.render()
+    defaults = TrainingConfig()  # every default lies inside its own bounds
+    assert TrainingConfig.from_dict(defaults.to_dict()) == defaults

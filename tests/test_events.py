@@ -32,3 +32,21 @@ def test_non_finite_numbers_become_null(tmp_path):
         w.emit("progress", step=3, loss=math.nan, grad_norm=math.inf)
     ev = json.loads(path.read_text())
     assert ev["loss"] is None and ev["grad_norm"] is None and ev["kind"] == "progress" and ev["ts"] > 0
+
+
+def test_numbers_json_cannot_carry_are_bad_lines_and_lines_are_numbered(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text(
+        '{"kind": "progress", "step": 1}\n'
+        '{"kind": "progress", "loss": NaN}\n'
+        "\n"
+        '{"kind": "progress", "loss": -Infinity}\n'
+        '{"kind": "progress", "loss": 1e999}\n'
+        '{"kind": "status", "message": "loss is NaN, e999 in text is fine"}\n'
+        '{"kind": "progress", "step": 2, "note": "a\u2028b"}\r\n'
+    )
+    chunk = read_from(path, 0)
+    assert [e.get("step") for e in chunk.events] == [1, None, 2]
+    assert chunk.bad_lines == 3
+    assert chunk.line_numbers == [1, 6, 7]  # the U+2028 inside a string breaks no line
+    assert chunk.events[2]["note"] == "a\u2028b"

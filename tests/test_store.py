@@ -5,7 +5,7 @@ import pytest
 
 from ftstudio.errors import IllegalTransition, NotFound
 from ftstudio.home import TASK_ID_RE
-from ftstudio.store import SCHEMA_VERSION, Batch, LostRace, Store, new_task_id
+from ftstudio.store import SCHEMA_VERSION, Batch, LostRace, Refused, Store, UnstorableEvent, new_task_id
 from ftstudio.task import TaskStatus as S
 
 
@@ -158,3 +158,40 @@ def test_delete_cascades_and_respects_state(store, tmp_path):
     with pytest.raises(NotFound):
         store.get(t.id)
     assert store._conn().execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
+def test_one_task_s_unstorable_batch_costs_that_task_alone(store, tmp_path):
+    good, bad = make(store, tmp_path, "good"), make(store, tmp_path, "bad")
+    out = store.ingest_many(
+        [
+            Batch(bad.id, [{"kind": "progress", "step": 1}, {"kind": "progress", "step": 2**70}], 80, 0),
+            Batch(good.id, [{"kind": "progress", "step": 1, "loss": 2.0}, {"kind": "progress", "step": 2}], 50, 0),
+        ]
+    )
+    assert out[bad.id] == Refused(1, "step is out of range")
+    assert [e["seq"] for e in out[good.id]] == [1, 2]
+    assert (store.get(good.id).step, store.get(good.id).events_offset) == (2, 50)
+    # Nothing of the bad batch is stored and its offset stays, so the same bytes are not taken as read.
+    assert (store.get(bad.id).events_offset, store.get(bad.id).events_seq, store.events(bad.id)) == (0, 0, [])
+    # The shared transaction was rolled back and redone: nothing of the good batch is there twice.
+    assert len(store.events(good.id)) == 2
+
+
+def test_a_progress_field_past_64_bits_is_refused_not_raised(store, tmp_path):
+    t = make(store, tmp_path)
+    with pytest.raises(UnstorableEvent, match="total_steps is out of range"):
+        store.ingest(t.id, [{"kind": "train_begin", "total_steps": -(2**64)}], new_offset=10, expect_offset=0)
+    assert store.get(t.id).events_offset == 0
+
+
+def test_values_the_row_cannot_show_are_left_out_not_fatal(store, tmp_path):
+    t = make(store, tmp_path)
+    evs = [
+        {"kind": "progress", "step": 3, "loss": float("inf"), "lr": float("nan"), "ts": 10**400},
+        {"kind": "status", "phase": "saving\ud800"},  # a lone surrogate, as json.loads reads "\ud800"
+        {"kind": "odd\udcff", "step": True},
+    ]
+    stored = store.ingest(t.id, evs, new_offset=99, expect_offset=0)
+    assert len(stored) == 3
+    row = store.get(t.id)
+    assert (row.step, row.loss, row.lr, row.phase) == (3, None, None, "saving?")

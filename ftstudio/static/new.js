@@ -300,9 +300,11 @@ export function mountNew(root) {
         spellcheck: "false",
         inputmode: numeric ? (f.type === "int" ? "numeric" : "decimal") : null,
         placeholder: f.type === "list" ? "comma-separated" : null,
+        maxlength: f.type === "str" && f.max_length ? f.max_length : null,
       });
     }
-    const help = h("p", { class: "help", id: `${id}-help` }, f.help || "");
+    // The server's bounds, said beside the field so nobody has to submit to learn them.
+    const help = h("p", { class: "help", id: `${id}-help` }, f.help || "", f.range ? ` Range: ${f.range}.` : "");
     const error = h("p", { class: "field-error", id: `${id}-error`, hidden: true });
     input.setAttribute("aria-describedby", `${id}-help ${id}-error`);
     const entry = { input, field: f, error, dirty: false, baseline: null };

@@ -18,7 +18,7 @@ export function mountSystem(root) {
         render(await api("/api/system"));
         setText(health, "");
       } catch (err) {
-        setText(health, err.status === 0 ? "· studio unreachable" : `· ${err.message}`);
+        setText(health, err.status === 0 ? "· studio unreachable" : err.status === 401 ? "· not logged in" : `· ${err.message}`);
       }
     }
     timer = setTimeout(load, REFRESH_MS);

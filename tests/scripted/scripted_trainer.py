@@ -8,6 +8,7 @@ spec.json, e.g. "scripted steps=30 delay=0.1 exit=1 hang=1":
     exit   exit code at the end (default 0); non-zero writes an error event first
     hang   1: ignore SIGTERM (to test the SIGKILL escalation)
     child  1: start a grandchild that sleeps (to test that cancel kills descendants)
+    huge   write step 2**70 (more than the store can hold) in the progress event of this step
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> int:
     steps = int(opts.get("steps", 10))
     delay = float(opts.get("delay", 0.05))
     code = int(opts.get("exit", 0))
+    huge = int(opts.get("huge", 0))
     if opts.get("hang") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if opts.get("child") == "1":
@@ -40,7 +42,13 @@ def main() -> int:
         for step in range(1, steps + 1):
             time.sleep(delay)
             ev.emit(
-                "progress", step=step, total_steps=steps, epoch=step / steps, total_epochs=1, loss=2.0 / step, lr=1e-3
+                "progress",
+                step=2**70 if step == huge else step,
+                total_steps=steps,
+                epoch=step / steps,
+                total_epochs=1,
+                loss=2.0 / step,
+                lr=1e-3,
             )
             print(f"step {step}/{steps}", flush=True)
         if code:

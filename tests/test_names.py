@@ -1,0 +1,58 @@
+"""Names are text, not terminal commands: control characters never reach a terminal or studio.log."""
+
+import json
+import logging
+
+from support import run_cli, wait_for
+
+from ftstudio.home import Home
+from ftstudio.service import OneLineFormatter, Service
+from ftstudio.text import plain, printable
+
+EVIL = "scripted steps=1 \x1b]0;pwned\x07\x1b[31mred\x9b2J\u202egnp.exe\x7f\x00 end"
+CONTROL_BYTES = (b"\x1b", b"\x07", b"\x9b", "\x9b".encode(), "\u202e".encode(), b"\x7f", b"\x00")
+
+
+def clean(output: str | bytes) -> bool:
+    data = output.encode() if isinstance(output, str) else output
+    return not any(c in data for c in CONTROL_BYTES)
+
+
+def test_text_helpers():
+    assert plain(EVIL) == "scripted steps=1 ]0;pwned[31mred2Jgnp.exe end"
+    assert printable("a\x1b[31mb\u202ec\n") == "a\\x1b[31mb\\u202ec\\x0a"
+    assert printable("naïve 日本語 العربية") == "naïve 日本語 العربية"
+
+
+def test_a_name_loses_its_control_characters_at_submit(scripted):
+    service = Service(Home(scripted))
+    task = service.submit({"preset": "cpu-demo"}, EVIL)
+    assert task.name == "scripted steps=1 ]0;pwned[31mred2Jgnp.exe end"
+    assert json.loads((task.dir.spec).read_text())["name"] == task.name
+    wait_for(lambda: service.get(task.id).status == "completed", what="completed")
+
+
+def test_the_cli_and_studio_log_print_user_data_as_text(home):
+    r = run_cli(home, "submit", "--preset", "cpu-demo", "--name", EVIL.replace("\x00", ""), scripted=True)
+    assert r.returncode == 0, r.stderr
+    task_id = r.stdout.strip()
+    # A name stored before names were cleaned (or written by another tool) is escaped when printed.
+    service = Service(Home(home))
+    wait_for(lambda: service.get(task_id).status == "completed", what="completed")
+    service.store._conn().execute("UPDATE tasks SET name = ?, error = ? WHERE id = ?", (EVIL, EVIL, task_id))
+    for args in (["tasks"], ["show", task_id], ["show", "\x1b[2J"], ["cancel", "\x1b]0;x\x07"]):
+        out = run_cli(home, *args, scripted=True)
+        assert clean(out.stdout) and clean(out.stderr), (args, out.stdout, out.stderr)
+    shown = run_cli(home, "show", task_id).stdout
+    assert "\\x1b]0;pwned\\x07" in shown  # visible, so a person sees what was sent
+    bad = run_cli(home, "submit", "--model", "/no/\x1b]52;c;ZWNobyBwd25lZA==\x07model", scripted=True)
+    assert bad.returncode == 2 and clean(bad.stderr), bad.stderr
+    log = (home / "studio.log").read_bytes()
+    assert b"submitted" in log and clean(log), log[-500:]
+
+
+def test_studio_log_lines_escape_what_they_quote():
+    formatter = OneLineFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord("ftstudio", logging.INFO, __file__, 1, "task %s: %s", ("t1", EVIL), None)
+    line = formatter.format(record)
+    assert clean(line) and "\\x1b]0;pwned\\x07" in line and "\n" not in line
