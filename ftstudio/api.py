@@ -85,7 +85,15 @@ def create_app(
     broker = broker or Broker()
     started_at = started_at or time.time()
     guard = guard or Guard(token=load_or_create_token(service.home), port=8765)
-    app = FastAPI(title="ftstudio", version=__version__, description="Fine-tunes that survive restarts.")
+    # No /docs or /redoc: FastAPI's pages load Swagger UI from a CDN, and that script would run in the
+    # studio's origin with the person's login. /openapi.json (behind the token) loads into any viewer.
+    app = FastAPI(
+        title="ftstudio",
+        version=__version__,
+        description="Fine-tunes that survive restarts.",
+        docs_url=None,
+        redoc_url=None,
+    )
     apidoc.install(app)
 
     @app.exception_handler(FtstudioError)

@@ -25,6 +25,8 @@ import hmac
 import ipaddress
 import os
 import secrets
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,18 +44,25 @@ def token_path(home: Home) -> Path:
 
 
 def load_or_create_token(home: Home) -> str:
-    """The home's token, created on first use (0600, never logged). Safe when two processes race to create it."""
+    """The home's token, created on first use (0600, never logged).
+
+    Written whole to a temporary file, then linked into place: a link never replaces an existing
+    file, so two processes racing to create it agree on one token, and nobody ever reads a half-written
+    one (a crash or a full disk leaves no empty token behind)."""
     path = token_path(home)
     with writing(home.root):
         home.root.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            return read_token(home)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(prefix=".token.", dir=home.root)  # mkstemp files are 0600
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
     return read_token(home)
 
 
@@ -110,20 +119,33 @@ def _port(text: str) -> bool:
 
 
 def is_loopback(name: str) -> bool:
-    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+    """localhost, 127.0.0.0/8 in any spelling (127.1), ::1 and ::ffff:127.0.0.1. Not `*.localhost`: some
+    resolvers forward those names to DNS, where a rebinding attacker answers."""
+    if name in LOOPBACK_NAMES:
         return True
+    address = ip(name)
+    return address is not None and address.is_loopback
+
+
+def ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host name spells, if it is one: dotted quads, short IPv4 forms (127.1, 0) and IPv6,
+    an IPv4-mapped IPv6 address as its IPv4 address."""
     try:
-        return ipaddress.ip_address(name).is_loopback
+        address = ipaddress.ip_address(name)
     except ValueError:
-        return False
+        if not name or not all(part.isascii() and part.isdigit() for part in name.split(".")):
+            return None
+        try:
+            address = ipaddress.ip_address(socket.inet_ntoa(socket.inet_aton(name)))
+        except (OSError, ValueError):
+            return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
 def is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
+    return ip(name) is not None
 
 
 def binds_beyond_loopback(bind_host: str) -> bool:
@@ -141,6 +163,7 @@ class Guard:
     allow_hosts: tuple[str, ...] = ()
     remote: bool = False  # bound beyond loopback: IP-literal hosts are the owner's own addresses
     scheme: str = "http"
+    allow_origins: tuple[str, ...] = ()  # e.g. https://box.lan, the page's origin behind a TLS proxy
 
     @property
     def cookie(self) -> str:
@@ -161,6 +184,8 @@ class Guard:
             return True
         if origin == "null":
             return False
+        if origin.lower().rstrip("/") in self.allow_origins:
+            return True
         try:
             parts = urlsplit(origin)
             port = parts.port

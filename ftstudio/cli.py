@@ -247,6 +247,7 @@ def _server_options(args: argparse.Namespace) -> studio_mod.ServerOptions:
         allow_remote_code=args.allow_remote_code,
         allow_paths=args.allow_path,
         allow_hosts=args.allow_host,
+        allow_origins=args.allow_origin,
         max_upload_mb=args.max_upload_mb,
         max_row_kb=args.max_row_kb,
         max_running=args.max_running,
@@ -315,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             metavar="NAME",
             help="also answer requests for this host name (beside loopback names); repeatable",
+        )
+        sp.add_argument(
+            "--allow-origin",
+            action="append",
+            default=[],
+            metavar="URL",
+            help="also accept changes from pages of this origin, e.g. https://box.lan when a TLS proxy serves the "
+            "studio there; repeatable",
         )
         sp.add_argument(
             "--max-upload-mb",

@@ -103,7 +103,7 @@ def splits(path: Path) -> list[str]:
     """The split names of a dataset saved by `DatasetDict.save_to_disk`, else []. Reads one small JSON file."""
     try:
         names = json.loads((Path(path) / "dataset_dict.json").read_text()).get("splits", [])
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return []
     return [str(n) for n in names] if isinstance(names, list) else []
 

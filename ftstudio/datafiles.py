@@ -38,6 +38,7 @@ PREVIEW_ITEMS = 20
 PREVIEW_COLUMNS = 50
 PREVIEW_KEY_CHARS = 200
 PREVIEW_DEPTH = 8
+UNREADABLE = "holds a number with too many digits or nesting too deep to read; fix it"
 
 
 def read_jsonl(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -49,6 +50,8 @@ def read_jsonl(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dic
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 raise _bad(path, f"line {n}", f"not valid JSON ({e.msg} at column {e.colno}); fix that line") from None
+            except (ValueError, RecursionError):  # Python's digit limit, or nesting past the recursion limit
+                raise _bad(path, f"line {n}", UNREADABLE) from None
             if not isinstance(row, dict):
                 raise _bad(path, f"line {n}", f"expected a JSON object, got {type(row).__name__}")
             yield f"line {n}", row
@@ -66,7 +69,7 @@ def read_json(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict
         first = head.split(b"\n", 1)[0]
         try:
             is_lines = isinstance(json.loads(first), dict)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             is_lines = False
         if not is_lines:
             raise _bad(
@@ -89,6 +92,8 @@ def read_json(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict
             yield from read_jsonl(path, max_row_bytes)
             return
         raise _bad(path, f"line {e.lineno}", f"not valid JSON ({e.msg} at column {e.colno}); fix the file") from None
+    except (ValueError, RecursionError):
+        raise _bad(path, "", UNREADABLE) from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -203,6 +208,8 @@ def _json_list(path: Path, limit: int) -> Iterator[tuple[str, dict[str, Any]]]:
                 if more():
                     continue
                 raise _bad(path, f"row {n + 1}", f"not valid JSON ({e.msg}); fix the file") from None
+            except (ValueError, RecursionError):
+                raise _bad(path, f"row {n + 1}", UNREADABLE) from None
             if end - pos > limit:
                 raise _too_long(path, f"row {n + 1}", limit)
             if end == len(buf) and not eof and more():

@@ -10,13 +10,15 @@ live in `auth.py`; this module only applies them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs
 
-from ftstudio.auth import STATE_CHANGING, Guard, same_token
+from starlette.requests import cookie_parser
+
+from ftstudio.auth import STATE_CHANGING, Guard, is_loopback, same_token
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -25,16 +27,17 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_JSON_BYTES = 1 << 20  # a training config is a few KB; nothing else takes a body but uploads
+BODY_TIMEOUT_S = 30.0
 UPLOAD_PATH = "/api/datasets"
 OPEN_PATHS = frozenset({"/api/health"})
+# The interactive docs pages are off (api.py): they would run a CDN's script with the studio's authority.
+# Their paths stay behind the token all the same, like the OpenAPI document.
 DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
 PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-# FastAPI's /docs page is its own (inline script, assets from a CDN): it keeps its scripts, never a frame.
-DOCS_CSP = "frame-ancestors 'none'"
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -57,7 +60,7 @@ class Gate:
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
         headers = _headers(scope)
-        send = _with_security_headers(send, DOCS_CSP if path in DOC_PATHS else PAGE_CSP)
+        send = _with_security_headers(send, PAGE_CSP)
         guard = self.guard
 
         host = headers.get("host")
@@ -83,11 +86,13 @@ class Gate:
         credential = guard.credential(headers.get("authorization"), _cookie(headers.get("cookie"), guard.cookie))
         scope.setdefault("state", {})["credential"] = credential
         if needs_token and credential is None:
+            # Where the token lies is said to this machine only: the path names the user and the home's layout.
+            where = self.token_file if _from_loopback(scope) else "the file `token` of the studio's data home"
             await _refuse(
                 send,
                 401,
                 f"this studio needs its token: open the login URL that `ftstudio studio url` prints, "
-                f"or send `Authorization: Bearer TOKEN` with the token in {self.token_file}",
+                f"or send `Authorization: Bearer TOKEN` with the token in {where}",
                 extra=[(b"www-authenticate", b'Bearer realm="ftstudio"')],
             )
             return
@@ -101,12 +106,17 @@ class Gate:
             if problem:
                 await _refuse(send, 415, problem)
                 return
-            if path != UPLOAD_PATH:
+            # Only a request that passed the token check is read: nobody else can make the studio hold a body.
+            if needs_token and path != UPLOAD_PATH:
                 length = headers.get("content-length")
                 if length is not None and (not length.isascii() or not length.isdigit()):
                     await _refuse(send, 400, "the Content-Length header is not a number")
                     return
-                body = None if length is not None and int(length) > MAX_JSON_BYTES else await _read(receive)
+                try:
+                    body = None if length is not None and int(length) > MAX_JSON_BYTES else await _read(receive)
+                except TimeoutError:
+                    await _refuse(send, 408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f}s")
+                    return
                 if body is None:
                     await _refuse(
                         send, 413, f"the request body is over {MAX_JSON_BYTES >> 10} KB; a config is a few KB"
@@ -117,7 +127,7 @@ class Gate:
 
     async def _login(self, scope: Scope, send: Send) -> bool:
         """`/?token=...`: set the cookie and send the browser on to `/`, so the token leaves the address bar."""
-        query = parse_qs(scope["query_string"].decode("latin-1"), max_num_fields=8)
+        query = parse_qs(scope["query_string"].decode("latin-1"))  # a login link may gain tracking fields
         given = (query.get("token") or [None])[0]
         if given is None:
             return False
@@ -159,15 +169,14 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 
 def _cookie(header: str | None, name: str) -> str | None:
-    if not header:
-        return None
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(header)
-    except CookieError:
-        return None
-    morsel = jar.get(name)
-    return morsel.value if morsel else None
+    """Our cookie among the others of this host. Lenient (Starlette's parser): other programs on
+    localhost set cookies that the standard library's strict parser gives up on, and with it ours."""
+    return cookie_parser(header).get(name) if header else None
+
+
+def _from_loopback(scope: Scope) -> bool:
+    client = scope.get("client")
+    return bool(client) and is_loopback(str(client[0]))
 
 
 def _content_type_problem(path: str, headers: dict[str, str]) -> str | None:
@@ -182,11 +191,16 @@ def _content_type_problem(path: str, headers: dict[str, str]) -> str | None:
 
 
 async def _read(receive: Receive) -> bytes | None:
-    """A JSON body, whole; None past MAX_JSON_BYTES (a chunked body has no Content-Length to refuse up front)."""
+    """A JSON body, whole; None past MAX_JSON_BYTES (a chunked body has no Content-Length to refuse up front).
+    Raises TimeoutError when it trickles in for longer than BODY_TIMEOUT_S."""
     chunks: list[bytes] = []
     size = 0
+    deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
     while True:
-        message = await receive()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError
+        message = await asyncio.wait_for(receive(), remaining)
         if message["type"] != "http.request":
             return b"".join(chunks)  # the client left; the route sees an empty body and the answer goes nowhere
         chunk = message.get("body", b"")

@@ -39,8 +39,10 @@ class Home:
         return cls(home_dir())
 
     def ensure(self) -> Home:
-        for sub in (self.root, self.tasks, self.models, self.datasets):
-            sub.mkdir(parents=True, exist_ok=True)
+        # Yours alone: datasets, logs and adapters are read through the token or not at all.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for sub in (self.tasks, self.models, self.datasets):
+            sub.mkdir(exist_ok=True)
         return self
 
     @property

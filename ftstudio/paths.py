@@ -76,6 +76,29 @@ def config_problems(config: TrainingConfig, *, home: Path, policy: Policy, trust
     return [p for p in problems if p is not None]
 
 
+def anchor(config: TrainingConfig, home: Path) -> None:
+    """Make the paths of a config absolute, against this process's directory, once, at submit.
+
+    The root rule checks them here, and the trainer reads them from the task directory (its
+    working directory): a relative path would name one file to the check and another to the
+    trainer. `checkpoint.resume_from` stays relative: the trainer takes it inside the task's
+    checkpoints folder."""
+    from ftstudio.config import validation_fraction
+
+    def absolute(ref: str) -> str:
+        ref = ref.strip()
+        if not _is_path(ref, home) or "\0" in ref:
+            return ref
+        # Joined, not normalised: `..` after a link means what the file system says, for the check and the trainer.
+        expanded = os.path.expanduser(ref)
+        return expanded if os.path.isabs(expanded) else str(Path.cwd() / expanded)
+
+    config.data.path = absolute(config.data.path)
+    if validation_fraction(config.data.validation) is None:
+        config.data.validation = absolute(config.data.validation)
+    config.model.name = absolute(config.model.name)
+
+
 def _is_path(ref: str, home: Path) -> bool:
     """Whether the trainer would take `ref` as a path: not a built-in or an uploaded dataset's name,
     and written like a path or naming something that exists (a hub id or a split name is not)."""

@@ -23,6 +23,8 @@ class Policy:
     """Extra roots that data.path and model.name may lie under, beside the data home and the user's home (--allow-path)."""
     allow_hosts: tuple[str, ...] = ()
     """Host names the studio answers to beside loopback ones (--allow-host)."""
+    allow_origins: tuple[str, ...] = ()
+    """Origins whose pages may use the studio beside its own, e.g. https://box.lan of a TLS proxy (--allow-origin)."""
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     """Largest dataset upload (--max-upload-mb)."""
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES

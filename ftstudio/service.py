@@ -113,7 +113,8 @@ class Service:
                     "or submit from the terminal with `ftstudio submit --set model.trust_remote_code=true`",
                 )
             )
-        # Which files this request may read is decided before anything is read.
+        # Which files this request may read is decided before anything is read, on the paths the trainer will use.
+        paths.anchor(cfg, self.home.root)
         refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
         if refused:
             raise ValidationError(refused)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import signal
@@ -27,10 +28,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 
-from ftstudio.auth import Guard, binds_beyond_loopback, load_or_create_token
+from ftstudio.auth import Guard, binds_beyond_loopback, ip, load_or_create_token
 from ftstudio.errors import FtstudioError, StudioAlreadyRunning, ValidationError
 from ftstudio.home import Home, read_json, write_json_atomic
 from ftstudio.policy import Policy
@@ -64,6 +66,7 @@ class ServerOptions:
         allow_remote_code: bool = False,
         allow_paths: list[str] | tuple[str, ...] = (),
         allow_hosts: list[str] | tuple[str, ...] = (),
+        allow_origins: list[str] | tuple[str, ...] = (),
         max_upload_mb: int = Policy.max_upload_bytes >> 20,
         max_row_kb: int = Policy.max_row_bytes >> 10,
         max_running: int = Policy.max_running,
@@ -92,6 +95,13 @@ class ServerOptions:
                 problems.append(f"--allow-host: {name!r} is not a host name (letters, digits, dots and dashes)")
             else:
                 hosts.append(name)
+        origins = []
+        for origin in allow_origins:
+            parts = urlsplit(origin.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                problems.append(f"--allow-origin: {origin!r} is not an origin like https://studio.example.org")
+            else:
+                origins.append(f"{parts.scheme}://{parts.netloc}".lower())
         if bool(certfile) != bool(keyfile):
             problems.append("--certfile and --keyfile: give both, or neither")
         for flag, path_ in (("--certfile", certfile), ("--keyfile", keyfile)):
@@ -103,6 +113,7 @@ class ServerOptions:
             allow_remote_code=allow_remote_code,
             allow_paths=tuple(roots),
             allow_hosts=tuple(hosts),
+            allow_origins=tuple(origins),
             max_upload_bytes=max_upload_mb << 20,
             max_row_bytes=max_row_kb << 10,
             max_running=max_running,
@@ -125,6 +136,8 @@ class ServerOptions:
             out += ["--allow-path", str(root)]
         for name in p.allow_hosts:
             out += ["--allow-host", name]
+        for origin in p.allow_origins:
+            out += ["--allow-origin", origin]
         out += ["--max-upload-mb", str(p.max_upload_bytes >> 20), "--max-row-kb", str(p.max_row_bytes >> 10)]
         out += ["--max-running", str(p.max_running)]
         if self.certfile and self.keyfile:
@@ -155,11 +168,12 @@ class ServerInfo:
 def reachable_host(bind_host: str) -> str:
     """A host for a URL people can open: the wildcard addresses are not, and IPv6 needs brackets."""
     host = bind_host.strip("[]")
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+    address = ip(host) if host else ipaddress.ip_address("0.0.0.0")
+    if address is None:
+        return host  # a name
+    if address.is_unspecified:
+        return "[::1]" if address.version == 6 else "127.0.0.1"
+    return f"[{address}]" if address.version == 6 else str(address)
 
 
 def running_server(home: Home) -> ServerInfo | None:
@@ -210,7 +224,14 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
     port = sock.getsockname()[1]  # --port 0 asks for any free port
     scheme = "https" if options.certfile else "http"
     remote = binds_beyond_loopback(host)
-    guard = Guard(token=token, port=port, allow_hosts=options.policy.allow_hosts, remote=remote, scheme=scheme)
+    guard = Guard(
+        token=token,
+        port=port,
+        allow_hosts=options.policy.allow_hosts,
+        remote=remote,
+        scheme=scheme,
+        allow_origins=options.policy.allow_origins,
+    )
     if remote:
         log.warning("%s", exposure_warning(host, port, scheme))
     started_at = time.time()

@@ -114,7 +114,8 @@ class MultipartFile:
     def __init__(self, content_type: str, incoming: Incoming) -> None:
         kind, options = parse_options_header(content_type)
         boundary = options.get(b"boundary")
-        if kind != b"multipart/form-data" or not boundary:
+        # RFC 2046 caps a boundary at 70 characters; python-multipart refuses longer ones with its own error.
+        if kind != b"multipart/form-data" or not boundary or len(boundary) > 70:
             raise ValidationError(
                 "file: send the dataset as multipart/form-data with a `file` field "
                 "(curl -F file=@data.jsonl http://127.0.0.1:8765/api/datasets)"

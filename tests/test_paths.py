@@ -180,3 +180,17 @@ def test_the_trainer_preflight_works_without_the_rule(scripted, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(ROW + "\n")
     preflight.check(TrainingConfig.from_dict({"data": {"path": str(data)}}), Path(scripted))
+
+
+def test_relative_paths_are_made_absolute_at_submit(scripted, tmp_path, monkeypatch):
+    """The root rule checks a path from the studio's directory and the trainer reads it from the task's:
+    both must see the same file, so the spec holds the absolute path."""
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "x.jsonl").write_text('{"instruction": "q", "output": "a"}\n' * 4)
+    monkeypatch.chdir(here)
+    service = Service(Home(scripted), in_server=True)
+    task = service.submit({"preset": "cpu-demo", "data": {"path": "./x.jsonl"}}, "scripted steps=1", trusted=True)
+    assert task.config_dict["data"]["path"] == str(here / "x.jsonl")
+    spec = json.loads(task.dir.spec.read_text())
+    assert spec["config"]["data"]["path"] == str(here / "x.jsonl")

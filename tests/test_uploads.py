@@ -220,3 +220,23 @@ def test_csv_rows_are_bounded_and_named(tmp_path):
     path.write_bytes(b"instruction,output\nhi,there\n\xff\xfe,x\n")
     with pytest.raises(ValidationError, match=r"d.csv line 3: not UTF-8"):
         inspect_dataset(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("digits.jsonl", b'{"text": 1' + b"1" * 5000 + b"}\n"),
+        ("deep.json", b"[" * 100_000),
+        ("deep.jsonl", b'{"a": ' + b"[" * 100_000 + b"\n"),
+    ],
+)
+def test_numbers_and_nesting_python_cannot_read_are_a_named_422(home, name, content):
+    with api_client(Service(Home(home), in_server=True)) as c:  # the default row limit: these rows fit
+        one_line(c.post("/api/datasets", files={"file": (name, io.BytesIO(content))}), 422, name, "too many digits")
+    assert sorted((home / "datasets").rglob("*")) == []
+
+
+def test_a_boundary_longer_than_the_rfc_allows_is_a_422(client):
+    ctype = "multipart/form-data; boundary=" + "a" * 300
+    one_line(client.post("/api/datasets", content=b"--" + b"a" * 300, headers={"content-type": ctype}), 422, "file:")
+    assert leftovers(client) == []
