@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ftstudio import lifecycle
+from ftstudio import lifecycle, lifecyclejs
 from ftstudio.errors import IllegalTransition
 from ftstudio.lifecycle import (
     LAUNCH_GRACE_S,
@@ -311,3 +313,27 @@ def test_describe_serves_every_status_and_action_in_plain_words() -> None:
     assert [a["action"] for a in table["actions"]] == [a.value for a in Action]
     for row in table["actions"]:
         assert row["label"] and row["hint"].endswith(".") and row["pending"]
+
+
+STATIC = Path(lifecyclejs.__file__).with_name("static")
+
+
+def test_the_pages_lifecycle_module_is_generated_from_the_lifecycle() -> None:
+    assert lifecyclejs.JS_PATH.read_text(encoding="utf-8") == lifecyclejs.render(), (
+        "run: python -m ftstudio.lifecyclejs"
+    )
+
+
+def test_the_page_keeps_no_copy_of_the_lifecycle_only_a_glyph_and_a_colour_a_status() -> None:
+    status_js = (STATIC / "status.js").read_text(encoding="utf-8")
+    glyphs = status_js[status_js.index("const GLYPHS") :]
+    assert set(re.findall(r"^\s+(\w+): \"", glyphs[: glyphs.index("};")], re.M)) == {s.value for s in S}
+    css = (STATIC / "app.css").read_text(encoding="utf-8")
+    assert {s.value for s in S} <= set(re.findall(r"\.st-(\w+)", css))
+    for path in STATIC.glob("*.js"):
+        if path.name != "lifecycle.js":
+            text = path.read_text(encoding="utf-8")
+            # A table of statuses or actions (a "cancelled" key, a list of action names) belongs in lifecycle.js.
+            assert not re.search(r"\b(?:cancelled|interrupted|preparing)\s*:\s*\{", text), path.name
+            assert not re.search(r"\[\s*\"(?:cancel|delete|pause|resume|retry)\",", text), path.name
+            assert not re.search(rf"\[\s*\"(?:{'|'.join(S)})\"", text), path.name
