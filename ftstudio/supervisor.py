@@ -186,7 +186,9 @@ class Supervisor:
         status = task.status_enum
         if not status.has_process:
             return None
-        task = self.store.get(task.id)  # the caller's copy may predate the launch's pid
+        task = self.store.get(task.id)  # the caller's copy may predate the launch's pid, or a move
+        if not task.status_enum.has_process:
+            return Verdict(task.id, task.status_enum, task.error or "") if task.status != status else None
         tdir = task.dir
         launch = launch_of(task)
         # Liveness before the exit record, and both before the last events are read: a runner that
