@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from ftstudio import __version__, apidoc, taskfiles
+from ftstudio import __version__, apidoc, lifecycle, taskfiles
 from ftstudio.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, last_event_id, request_problems
 from ftstudio.auth import Guard, load_or_create_token, token_path
 from ftstudio.broker import Broker
@@ -159,6 +159,12 @@ def create_app(
     @app.get("/api/config/presets")
     def config_presets() -> dict[str, Any]:
         return PRESETS
+
+    @app.get("/api/statuses")
+    def statuses() -> dict[str, Any]:
+        """Every task status (its words, whether it is final, whether a process may run in it, the
+        actions it allows) and every action's words: the lifecycle's own table, so clients keep no copy."""
+        return lifecycle.describe()
 
     # -- tasks ---------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from ftstudio.errors import FtstudioError, NotRunning, ValidationError
 from ftstudio.home import Home
 from ftstudio.policy import DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_RUNNING, DEFAULT_MAX_UPLOAD_BYTES
 from ftstudio.store import Task
+from ftstudio.task import TaskStatus
 from ftstudio.text import printable
 
 # Flags of `submit` that map onto config fields: (flag, field path, type, help).
@@ -108,12 +109,13 @@ def _wait(service: Any, task_id: str, *, quiet: bool = False) -> int:
             bar = "#" * int(pct / 100 * 30)
             sys.stderr.write(f"\r{task['status']:<11} [{bar:<30}] {pct:5.1f}%  {_progress(task)}   ")
             sys.stderr.flush()
-        if task["status"] in ("completed", "failed", "cancelled"):
+        status = TaskStatus(task["status"])
+        if status.is_final:
             if tty:
                 sys.stderr.write("\n")
-            if task["status"] == "failed" and not quiet:
+            if status == TaskStatus.FAILED and not quiet:
                 print(f"task {task_id} failed: {printable(task['error'])}", file=sys.stderr)
-            return 0 if task["status"] == "completed" else 1
+            return 0 if status == TaskStatus.COMPLETED else 1
         time.sleep(0.5)
 
 
@@ -277,7 +279,7 @@ def _task_dir(task_id: str) -> Any:
 
     service = _service()
     task: Task = service.get(task_id)
-    if task.status != "completed":
+    if task.status != TaskStatus.COMPLETED:
         raise ValidationError(f"task {task_id} is {task.status}; merge and generate need a completed task")
     return require_task_dir(service, task_id)
 

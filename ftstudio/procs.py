@@ -8,7 +8,6 @@ a zombie never counts as alive.
 
 from __future__ import annotations
 
-import enum
 import functools
 import os
 import signal
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from ftstudio.lifecycle import Liveness
 
 TASK_ENV = "FTSTUDIO_TASK_ID"
 
@@ -50,19 +51,6 @@ class Identity:
 
     def to_json(self) -> dict[str, Any]:
         return {"pid": self.pid, "start_time": self.start_time, "boot_id": self.boot_id}
-
-
-class Liveness(enum.StrEnum):
-    ALIVE = "alive"
-    """Same pid, same start time, same boot, not a zombie."""
-    DEAD = "dead"
-    """No such process, or a zombie."""
-    REUSED = "reused"
-    """The pid now belongs to a different process."""
-    REBOOTED = "rebooted"
-    """The machine restarted since launch: whatever has that pid now is not ours."""
-    UNKNOWN = "unknown"
-    """Could not tell (permission, I/O error): never treat as dead."""
 
 
 def check(ident: Identity, *, marker: str | None = None) -> Liveness:

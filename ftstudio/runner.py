@@ -8,7 +8,8 @@ It holds an exclusive lock on the task dir (a second runner refuses), writes
 `launch.json`, tags every descendant with FTSTUDIO_TASK_ID, beats `heartbeat`,
 forwards SIGTERM/SIGINT to the trainer, and when the trainer ends writes
 `exit.json` atomically. The exit record is the only way the studio learns the
-outcome; it never reads the log for that.
+outcome; it never reads the log for that. The record says what happened to the
+trainer; what that means for the task is `lifecycle.decide`'s to say.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import psutil
 
 from ftstudio import events
 from ftstudio.home import TaskDir, read_json, write_json_atomic
+from ftstudio.lifecycle import Outcome
 from ftstudio.procs import TASK_ENV, boot_id
 
 HEARTBEAT_S = 2.0
@@ -77,18 +79,24 @@ def last_error(task: TaskDir) -> str | None:
 
 def outcome_of(returncode: int, stop_signal: int | None, task: TaskDir) -> dict[str, Any]:
     if returncode == 0:
-        return {"outcome": "completed", "reason": "training finished and the adapter was saved"}
+        return {"outcome": Outcome.COMPLETED, "reason": "training finished and the adapter was saved"}
     if stop_signal is not None:
         name = signal.Signals(stop_signal).name
-        return {"outcome": "cancelled", "reason": f"stopped on request ({name})"}
+        return {"outcome": Outcome.CANCELLED, "reason": f"stopped on request ({name})"}
     message = last_error(task)
     if message:
-        return {"outcome": "failed", "reason": message}
+        return {"outcome": Outcome.FAILED, "reason": message}
     if returncode < 0:
         name = signal.Signals(-returncode).name
         hint = " (often the system running out of memory)" if name == "SIGKILL" else ""
-        return {"outcome": "failed", "reason": f"the training process was killed by {name}{hint}; see training.log"}
-    return {"outcome": "failed", "reason": f"the training process exited with code {returncode}; see training.log"}
+        return {
+            "outcome": Outcome.FAILED,
+            "reason": f"the training process was killed by {name}{hint}; see training.log",
+        }
+    return {
+        "outcome": Outcome.FAILED,
+        "reason": f"the training process exited with code {returncode}; see training.log",
+    }
 
 
 def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1) -> int:

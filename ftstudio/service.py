@@ -16,15 +16,16 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ftstudio import __version__, paths, procs, taskfiles
+from ftstudio import __version__, lifecycle, paths, procs, taskfiles
 from ftstudio.config import TrainingConfig
 from ftstudio.errors import Conflict, LaunchError, NotFound, Problem, StorageError, TooBusy, ValidationError
 from ftstudio.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, write_json_atomic
+from ftstudio.lifecycle import Action
 from ftstudio.policy import Policy
 from ftstudio.storage import writing
 from ftstudio.store import LostRace, Store, Task
-from ftstudio.supervisor import Supervisor, launch_of
+from ftstudio.supervisor import Supervisor, heartbeat_age, launch_of
 from ftstudio.task import TaskStatus
 from ftstudio.text import plain, printable
 from ftstudio.uploads import Incoming, is_dataset_name
@@ -41,18 +42,6 @@ TRAIN_PY = """\
 import pathlib, sys, ftstudio.train
 sys.exit(ftstudio.train.main([str(pathlib.Path(__file__).with_name("spec.json")), *sys.argv[1:]]))
 """
-
-# Which actions each state allows; the page shows a button only for these.
-ACTIONS: dict[TaskStatus, tuple[str, ...]] = {
-    S.QUEUED: ("cancel", "delete"),
-    S.PREPARING: ("cancel",),
-    S.TRAINING: ("cancel",),
-    S.PAUSED: ("cancel", "delete"),
-    S.INTERRUPTED: ("cancel", "delete"),
-    S.COMPLETED: ("delete",),
-    S.FAILED: ("delete",),
-    S.CANCELLED: ("delete",),
-}
 
 
 class OneLineFormatter(logging.Formatter):
@@ -169,9 +158,7 @@ class Service:
         """Start a queued task's runner. Claims the task first (compare-and-set), so two launchers never both start it."""
         task = self.store.get(task_id)
         try:
-            task = self.store.transition(
-                task.id, S.QUEUED, S.PREPARING, reason="launching", error=None, phase="starting"
-            )
+            task = self.store.apply(task.id, lifecycle.claim())
         except LostRace:
             return
         tdir = task.dir
@@ -181,7 +168,7 @@ class Service:
         try:
             launch = self.executor.submit(tdir, attempt=task.attempt)
         except LaunchError as e:
-            self.store.transition(task.id, S.PREPARING, S.FAILED, reason=str(e), error=str(e))
+            self.store.apply(task.id, lifecycle.launch_failed(str(e)))
             raise
         self.store.update(
             task.id,
@@ -254,12 +241,12 @@ class Service:
     def cancel(self, task_id: str, *, grace: float = CANCEL_GRACE_S) -> Task:
         """Stop a task: SIGTERM to its runner, SIGKILL to everything tagged with it after `grace` seconds."""
         task = self.get(task_id)
-        status = task.status_enum
-        if status.is_final:
-            raise Conflict(f"task {task.id} is already {status}; there is nothing to cancel")
-        if not status.has_process:
+        answer = lifecycle.answer(task.status_enum, Action.CANCEL)
+        if answer.refused:
+            raise Conflict(f"task {task.id} {answer.refused}")
+        if answer.move is not None:  # no process to stop
             with writing(self.home.root):
-                return self.store.transition(task.id, status, S.CANCELLED, reason="cancelled on request")
+                return self.store.apply(task.id, answer.move)
         # Recorded before the signal is sent, or the exit would read as an interruption: if the store
         # cannot be written, the task is left running and the person is told why.
         with writing(self.home.root):
@@ -281,15 +268,16 @@ class Service:
 
     def delete(self, task_id: str) -> None:
         task = self.get(task_id)
-        if task.status_enum.has_process:
-            raise Conflict(f"task {task.id} is {task.status}; cancel it before deleting it")
+        refused = lifecycle.answer(task.status_enum, Action.DELETE).refused
+        if refused:
+            raise Conflict(f"task {task.id} {refused}")
         # A runner writes its exit record as its last act; give it a moment to be gone.
         if procs.tagged(task.id) and not procs.wait_gone(task.id, 5.0):
             raise Conflict(
                 f"task {task.id} is {task.status} but its processes are still exiting; try again in a moment"
             )
         with writing(self.home.root):
-            deleted = self.store.delete(task.id, only_if={s for s in S if not s.has_process})
+            deleted = self.store.delete(task.id, only_if=lifecycle.deletable())
         if not deleted:
             raise Conflict(f"task {task.id} changed state while deleting; try again")
         shutil.rmtree(task.task_dir, ignore_errors=True)
@@ -396,20 +384,12 @@ class Service:
             percent=task.percent,
             elapsed_s=round((finished or now) - started, 1) if started else None,
             reattached=bool(row.get("reattached_at")) and status.has_process,
-            heartbeat_age_s=self._heartbeat_age(task) if status.has_process else None,
-            actions=list(ACTIONS[status]),
+            heartbeat_age_s=heartbeat_age(task.dir) if status.has_process else None,
+            actions=list(lifecycle.actions(status)),
         )
         for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at"):
             row.pop(internal, None)
         return row
-
-    @staticmethod
-    def _heartbeat_age(task: Task) -> float | None:
-        """Seconds since the runner last beat (it beats every 2 s); None before its first beat."""
-        try:
-            return round(max(0.0, time.time() - task.dir.heartbeat.stat().st_mtime), 1)
-        except OSError:
-            return None
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "home": str(self.home.root)}

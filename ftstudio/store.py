@@ -1,9 +1,10 @@
 """The store: SQLite in WAL mode, the studio's source of truth.
 
-Every status change is one transaction written as compare-and-set
+Every status change is a `lifecycle.Move` applied here (`apply`) in one
+transaction written as compare-and-set
 (`UPDATE tasks SET status=? WHERE id=? AND status=?`): zero rows updated means
 another writer got there first, and the caller is told (`LostRace`) instead of
-overwriting. The transition and its side records (the `transitions` history
+overwriting. The store decides no status itself. The transition and its side records (the `transitions` history
 row, progress fields, process identity) commit together or not at all.
 
 Connections are per thread (sqlite3 objects must not cross threads); the CLI,
@@ -27,6 +28,7 @@ from typing import Any
 
 from ftstudio.errors import IllegalTransition, NotFound
 from ftstudio.home import TaskDir
+from ftstudio.lifecycle import Move, submitted
 from ftstudio.task import TaskStatus, check_transition
 
 # Numbered migrations; the schema version is the number applied last. Append only.
@@ -229,6 +231,7 @@ class Store:
 
     def create_task(self, *, name: str, model: str, dataset: str, config: dict[str, Any], tasks_root: Path) -> Task:
         now = time.time()
+        first = submitted()
         for _ in range(10):
             task_id = new_task_id(now)
             try:
@@ -239,7 +242,7 @@ class Store:
                         (
                             task_id,
                             name,
-                            TaskStatus.QUEUED,
+                            first.dst,
                             model,
                             dataset,
                             json.dumps(config),
@@ -250,7 +253,7 @@ class Store:
                     )
                     c.execute(
                         "INSERT INTO transitions (task_id, ts, src, dst, reason) VALUES (?, ?, NULL, ?, ?)",
-                        (task_id, now, TaskStatus.QUEUED, "submitted"),
+                        (task_id, now, first.dst, first.reason),
                     )
                 return self.get(task_id)
             except sqlite3.IntegrityError:
@@ -277,8 +280,19 @@ class Store:
         rows = self._conn().execute(f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY created_at", statuses)
         return [Task(dict(r)) for r in rows]
 
+    def apply(self, task_id: str, move: Move, **fields: Any) -> Task:
+        """Make a move the lifecycle decided, with its fields and any of the caller's (a launch's pid)."""
+        if not isinstance(move, Move) or move.src is None:
+            raise TypeError(f"apply takes a lifecycle Move from a status, not {move!r}")
+        return self.transition(task_id, move.src, move.dst, reason=move.reason, **{**move.fields, **fields})
+
     def transition(self, task_id: str, src: TaskStatus, dst: TaskStatus, *, reason: str = "", **fields: Any) -> Task:
-        """Move src -> dst (compare-and-set), writing `fields` and the history row in the same transaction."""
+        """Move src -> dst (compare-and-set), writing `fields` and the history row in the same transaction.
+
+        The studio's modules call `apply` with a lifecycle Move (tests/test_lifecycle.py checks that no
+        module decides a status itself); this stays for tests and benchmarks that set a task's state up."""
+        if "status" in fields:
+            raise ValueError("the status is the move's")
         check_transition(src, dst)
         now = time.time()
         fields.setdefault("updated_at", now)
@@ -306,7 +320,7 @@ class Store:
     def update(self, task_id: str, expect: TaskStatus | None = None, **fields: Any) -> bool:
         """Write non-status fields; with `expect`, only while the task is still in that state."""
         if "status" in fields:
-            raise ValueError("status changes go through transition()")
+            raise ValueError("status changes are lifecycle moves: use apply()")
         fields.setdefault("updated_at", time.time())
         cols = ", ".join(f"{k} = ?" for k in fields)
         sql = f"UPDATE tasks SET {cols} WHERE id = ?"

@@ -1,17 +1,12 @@
-"""The supervisor: turns what the task directories say into task states.
+"""The supervisor: gathers what the task directories and processes say, and applies the
+lifecycle's verdict.
 
 At start-up `reconcile_all` looks at every task that may have a process
 *before* the API answers; then `run` watches: it tails each `events.jsonl` by
-byte offset into the store and turns exit records and dead processes into
-transitions. The verdicts (DESIGN.md, "Reconcile verdicts"):
-
-| what it finds                               | verdict                                       |
-| ------------------------------------------- | --------------------------------------------- |
-| exit.json of this attempt                   | completed / failed / cancelled, as it says    |
-| process alive (pid + start time + boot id)  | keep; at start-up log "reattached ..."        |
-| machine restarted since launch              | failed: the machine restarted                 |
-| process dead or pid reused, no exit.json    | cancelled if asked to, else failed            |
-| cannot tell                                 | leave as is, look again: never dead on doubt  |
+byte offset into the store and, when a runner ends or stops looking alive,
+gathers the facts (exit record, process identity, time since launch, a cancel
+request) for `lifecycle.decide`, which says what they mean (its docstring has
+the table), and applies the move with `Store.apply`.
 
 Every transition is compare-and-set, so the CLI (which runs the same `sync`
 for fresh reads while the studio is down) and the server never fight.
@@ -27,16 +22,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftstudio import events
+from ftstudio import events, lifecycle
 from ftstudio.executor import Executor, Launch
-from ftstudio.home import Home, read_json
-from ftstudio.procs import Liveness
+from ftstudio.home import Home, TaskDir, read_json
+from ftstudio.lifecycle import UNEXPECTED as UNEXPECTED  # where the tests and older callers look for it
+from ftstudio.lifecycle import ExitRecord, Facts, Liveness, Move
 from ftstudio.store import Batch, LostRace, Refused, Store, Task
 from ftstudio.task import TaskStatus
 
 log = logging.getLogger("ftstudio")
 
-UNEXPECTED = "Training process terminated unexpectedly"
 TICK_S = 0.1  # events of tasks someone is streaming: their latency is what a person sees
 # Exit records are looked for at once when a runner this studio started ends (`poke`, from the
 # executor's waitpid), and every EXIT_S for the others (runners reattached after a restart). Waking
@@ -51,7 +46,6 @@ INGEST_S = 1.0
 # studio's CPU (bench/bench_supervisor.py). Exit records, the common way a task ends: see EXIT_S.
 LIVENESS_S = 2.0
 SCAN_S = 1.0  # which tasks to watch
-LAUNCH_GRACE_S = 30.0  # a claimed task with no process after this long was never started
 
 
 @dataclass
@@ -68,9 +62,15 @@ def launch_of(task: Task) -> Launch | None:
 
 
 def progress_text(task: Task) -> str:
-    if task.total_steps:
-        return f"step {task.step}/{task.total_steps}"
-    return f"step {task.step}" if task.step else "still preparing"
+    return lifecycle.progress_text(task.step or 0, task.total_steps)
+
+
+def heartbeat_age(tdir: TaskDir) -> float | None:
+    """Seconds since the runner last beat (it beats every 2 s); None before its first beat."""
+    try:
+        return round(max(0.0, time.time() - tdir.heartbeat.stat().st_mtime), 1)
+    except OSError:
+        return None
 
 
 class Supervisor:
@@ -147,10 +147,11 @@ class Supervisor:
             if not stored:
                 continue
             changed.add(task.id)
-            if task.status == TaskStatus.PREPARING and any(e["kind"] in ("train_begin", "progress") for e in stored):
+            began = any(e["kind"] in ("train_begin", "progress") for e in stored)
+            move = lifecycle.training_began(task.status_enum) if began else None
+            if move is not None:
                 try:
-                    self.store.transition(task.id, TaskStatus.PREPARING, TaskStatus.TRAINING, reason="first step")
-                    task.row["status"] = TaskStatus.TRAINING
+                    task.row["status"] = self.store.apply(task.id, move).status
                 except LostRace:
                     task.row.update(self.store.get(task.id).row)
         return changed
@@ -164,21 +165,19 @@ class Supervisor:
             where = f"line {line:,} of events.jsonl: {refused.what}"
         else:
             where = f"events.jsonl after byte {task.events_offset:,}: {refused.what}"
-        reason = (
-            f"the training process wrote a progress record the studio cannot store ({where}); "
-            f"the task was stopped{f' at {progress_text(task)}' if task.step else ''}"
-        )
-        log.error("task %s failed: %s", task.id, reason)
         for _ in range(3):  # a lost race is someone else's move: look again
             current = self.store.get(task.id)
-            if not current.status_enum.has_process:
+            move = lifecycle.unstorable_events(current.status_enum, where, current.step or 0, current.total_steps)
+            if move is None:
                 break
             try:
-                self.store.transition(task.id, current.status_enum, TaskStatus.FAILED, reason=reason, error=reason)
-                break
+                self.store.apply(task.id, move)
             except LostRace:
                 continue
-        # After the transition: an exit record the runner writes as it dies must not decide the outcome.
+            log.error("task %s failed: %s", task.id, move.reason)
+            break
+        # After the move (an exit record the runner writes as it dies must not decide the outcome), and
+        # whoever moved it: a process whose records cannot be stored must not go on.
         self.executor.kill_all(task.id)
         task.row.update(self.store.get(task.id).row)
 
@@ -187,83 +186,64 @@ class Supervisor:
         status = task.status_enum
         if not status.has_process:
             return None
+        task = self.store.get(task.id)  # the caller's copy may predate the launch's pid, or a move
+        if not task.status_enum.has_process:
+            return Verdict(task.id, task.status_enum, task.error or "") if task.status != status else None
         tdir = task.dir
+        launch = launch_of(task)
+        # Liveness before the exit record, and both before the last events are read: a runner that
+        # writes its events, then exit.json, then exits between these looks is neither called dead
+        # nor ended without its last steps.
+        liveness = self.executor.poll(tdir, launch) if (launch or tdir.launch.exists()) else None
+        record = read_json(tdir.exit)
         self.ingest([task])
         task = self.store.get(task.id)
         if not task.status_enum.has_process:  # its events failed it (or someone else moved it)
             return Verdict(task.id, task.status_enum, task.error or "") if task.status != status else None
-        launch = launch_of(task)
-        # Liveness before the exit record: a runner that writes exit.json and exits between
-        # the two looks would otherwise be called dead.
-        liveness = self.executor.poll(tdir, launch) if (launch or tdir.launch.exists()) else None
-        record = read_json(tdir.exit)
-        if record is not None and record.get("attempt", task.attempt) == task.attempt:
-            return self._finish(task, record)
-        if liveness is None:
-            if task.started_at and time.time() - task.started_at > LAUNCH_GRACE_S:
-                return self._end(
-                    task, TaskStatus.FAILED, "the studio stopped before the training process started; resubmit the task"
-                )
-            return None
+        move = lifecycle.decide(self.facts(task, liveness, record))
+        if move is not None:
+            return self._apply(task, move)
         if liveness == Liveness.ALIVE:
             self._doubts.discard(task.id)
             if startup:
-                self.store.update(task.id, expect=status, reattached_at=time.time())
+                self.store.update(task.id, expect=task.status_enum, reattached_at=time.time())
                 log.info("reattached to task %s, pid %s, %s", task.id, task.pid, progress_text(task))
-            return None
-        if liveness == Liveness.UNKNOWN:
-            if task.id not in self._doubts:
-                log.warning(
-                    "cannot tell whether task %s (pid %s) is alive; leaving it as %s and looking again",
-                    task.id,
-                    task.pid,
-                    status,
-                )
-                self._doubts.add(task.id)
-            return None
-        # Dead, reused or rebooted, and no exit record: read the last events it managed to write.
-        self.ingest([self.store.get(task.id)])
-        task = self.store.get(task.id)
-        if not task.status_enum.has_process:
-            return Verdict(task.id, task.status_enum, task.error or "")
-        self.executor.kill_all(task.id)  # orphans of a killed runner must not keep writing
-        if task.cancel_requested_at:
-            return self._end(task, TaskStatus.CANCELLED, "cancelled on request")
-        if liveness == Liveness.REBOOTED:
-            reason = f"{UNEXPECTED}: the machine restarted at {progress_text(task)}"
-        elif liveness == Liveness.REUSED:
-            reason = f"{UNEXPECTED} (its process id now belongs to another program) at {progress_text(task)}"
-        else:
-            reason = f"{UNEXPECTED} at {progress_text(task)}"
-        return self._end(task, TaskStatus.FAILED, reason)
+        elif liveness == Liveness.UNKNOWN and task.id not in self._doubts:
+            log.warning(
+                "cannot tell whether task %s (pid %s) is alive; leaving it as %s and looking again",
+                task.id,
+                task.pid,
+                task.status,
+            )
+            self._doubts.add(task.id)
+        return None
 
-    def _finish(self, task: Task, record: dict[str, object]) -> Verdict | None:
-        # Drain: the exit record is written after the trainer's last event.
-        self.ingest([task])
-        task = self.store.get(task.id)
-        if not task.status_enum.has_process:
-            return Verdict(task.id, task.status_enum, task.error or "")
-        outcome = record.get("outcome")
-        reason = str(record.get("reason") or "")
-        if outcome == "completed":
-            return self._end(task, TaskStatus.COMPLETED, reason)
-        if outcome == "cancelled" or task.cancel_requested_at:
-            return self._end(task, TaskStatus.CANCELLED, reason or "cancelled on request")
-        return self._end(task, TaskStatus.FAILED, reason or "training failed; see training.log")
+    @staticmethod
+    def facts(task: Task, liveness: Liveness | None, record: dict[str, object] | None) -> Facts:
+        """What `lifecycle.decide` needs, from the store's row and what was just read from disk."""
+        return Facts(
+            status=task.status_enum,
+            liveness=liveness,
+            exit=ExitRecord.from_json(record) if record is not None else None,
+            since_launch_s=time.time() - task.started_at if task.started_at else None,
+            cancel_requested=bool(task.cancel_requested_at),
+            step=task.step or 0,
+            total_steps=task.total_steps,
+            attempt=task.attempt,
+            heartbeat_age_s=heartbeat_age(task.dir),
+        )
 
-    def _end(self, task: Task, dst: TaskStatus, reason: str) -> Verdict | None:
-        fields: dict[str, object] = {}
-        if dst == TaskStatus.FAILED:
-            fields["error"] = reason
-        if dst == TaskStatus.COMPLETED:
-            fields["eta_s"] = 0
+    def _apply(self, task: Task, move: Move) -> Verdict | None:
         try:
-            self.store.transition(task.id, task.status_enum, dst, reason=reason, **fields)
+            self.store.apply(task.id, move)
         except LostRace:
-            return None
-        log.info("task %s %s: %s", task.id, dst, reason)
+            return None  # someone else moved it first; theirs stands
+        finally:
+            if move.stop_processes:
+                self.executor.kill_all(task.id)  # orphans of a dead runner must not keep writing
+        log.info("task %s %s: %s", task.id, move.dst, move.reason)
         self._doubts.discard(task.id)
-        return Verdict(task.id, dst, reason)
+        return Verdict(task.id, move.dst, move.reason)
 
     # -- all tasks -----------------------------------------------------------
 

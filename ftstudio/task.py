@@ -7,7 +7,8 @@
 
 Every status change in the store goes through `check_transition`; an illegal
 move raises instead of silently overwriting (rq's unguarded set_status is the
-counter-example).
+counter-example). Which legal move a task makes, and when, is lifecycle.py's
+decision.
 """
 
 from __future__ import annotations

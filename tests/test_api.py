@@ -6,6 +6,7 @@ import httpx
 import pytest
 from support import wait_for
 
+from ftstudio import lifecycle
 from ftstudio.procs import tagged
 
 
@@ -51,9 +52,12 @@ def test_health_openapi_and_the_page(studio):
     assert h["status"] == "ok" and h["home"] == str(studio.home)
     paths = studio.http.get("/openapi.json").json()["paths"]
     for route in ("/api/tasks", "/api/tasks/{task_id}", "/api/tasks/{task_id}/cancel", "/api/tasks/{task_id}/logs",
-                  "/api/tasks/{task_id}/metrics", "/api/tasks/{task_id}/stream", "/api/datasets", "/api/health"):  # fmt: skip
+                  "/api/tasks/{task_id}/metrics", "/api/tasks/{task_id}/stream", "/api/datasets", "/api/health",
+                  "/api/statuses"):  # fmt: skip
         assert route in paths
     assert studio.http.get("/").status_code == 200
+    # The lifecycle's table, the one the page's lifecycle.js is generated from.
+    assert studio.http.get("/api/statuses").json() == lifecycle.describe()
 
 
 def test_a_task_runs_and_every_view_agrees(studio):

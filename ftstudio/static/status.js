@@ -1,20 +1,17 @@
-// Task statuses: a word and a colour for each (never colour alone).
+// Task statuses: a word and a colour for each (never colour alone). The words, which statuses
+// are final or may have a process, and the actions each allows are the lifecycle's
+// (lifecycle.js, generated from ftstudio/lifecycle.py); only the glyphs and colours are the page's.
 
-export const STATUSES = {
-  queued: { label: "Queued", hint: "waiting for a launch slot" },
-  preparing: { label: "Preparing", hint: "loading the model and the data" },
-  training: { label: "Training", hint: "training steps are running" },
-  completed: { label: "Completed", hint: "the adapter is ready" },
-  paused: { label: "Paused", hint: "stopped after a checkpoint; can resume" },
-  failed: { label: "Failed", hint: "stopped with an error" },
-  cancelled: { label: "Cancelled", hint: "stopped on request" },
-  interrupted: { label: "Interrupted", hint: "the process died; waiting to resume from a checkpoint" },
-};
+import { LIFECYCLE } from "./lifecycle.js";
 
+/** status -> { status, label, hint, final, has_process, actions } */
+export const STATUSES = Object.fromEntries(LIFECYCLE.statuses.map((s) => [s.status, s]));
 /** Statuses in which a training process may be running. */
-export const RUNNING = new Set(["preparing", "training"]);
+export const RUNNING = new Set(LIFECYCLE.statuses.filter((s) => s.has_process).map((s) => s.status));
 /** Statuses a task never leaves: the stream ends with them. */
-export const FINAL = new Set(["completed", "failed", "cancelled"]);
+export const FINAL = new Set(LIFECYCLE.statuses.filter((s) => s.final).map((s) => s.status));
+/** action -> { action, label, hint, pending, destructive }, in the order the page shows them. */
+export const ACTIONS = Object.fromEntries(LIFECYCLE.actions.map((a) => [a.action, a]));
 
 const GLYPHS = {
   queued: "○",

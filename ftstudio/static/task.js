@@ -4,20 +4,11 @@
 
 import { api, ApiError, taskUrl } from "./api.js";
 import { h, setText, isNum, fmtInt, fmtOf, fmtEpoch, fmtLoss, fmtLr, fmtDuration, fmtTime, fmtBytes, progressBar } from "./dom.js";
-import { STATUSES, RUNNING, FINAL, statusBadge, setBadge } from "./status.js";
+import { STATUSES, RUNNING, FINAL, ACTIONS, statusBadge, setBadge } from "./status.js";
 import { LossChart } from "./chart.js";
 import { LogTail } from "./logtail.js";
 import { TaskStream } from "./stream.js";
 import { confirmDialog } from "./dialog.js";
-
-const ACTIONS = {
-  cancel: { label: "Cancel", cls: "danger", hint: "Stop training now; the task ends as cancelled." },
-  pause: { label: "Pause", cls: "secondary", hint: "Stop after saving a checkpoint; resume later." },
-  resume: { label: "Resume", cls: "", hint: "Continue from the newest complete checkpoint." },
-  retry: { label: "Retry", cls: "", hint: "Run the task again." },
-  delete: { label: "Delete", cls: "danger", hint: "Remove the task and its files." },
-};
-const ACTION_ORDER = ["resume", "retry", "pause", "cancel", "delete"];
 
 export function mountTask(root, taskId) {
   let task = null;
@@ -223,12 +214,12 @@ export function mountTask(root, taskId) {
   }
 
   function renderActions(allowed) {
-    const want = ACTION_ORDER.filter((a) => allowed.includes(a));
+    const want = Object.keys(ACTIONS).filter((a) => allowed.includes(a));
     const have = [...actions.children].map((b) => b.dataset.action);
     if (want.join() === have.join()) return;
     actions.replaceChildren(
       ...want.map((a) =>
-        h("button", { type: "button", class: ACTIONS[a].cls, dataset: { action: a }, title: ACTIONS[a].hint, onclick: () => act(a) }, ACTIONS[a].label),
+        h("button", { type: "button", class: ACTIONS[a].destructive ? "danger" : "", dataset: { action: a }, title: ACTIONS[a].hint, onclick: () => act(a) }, ACTIONS[a].label),
       ),
     );
   }
@@ -242,7 +233,7 @@ export function mountTask(root, taskId) {
     }
     const buttons = [...actions.querySelectorAll("button")];
     buttons.forEach((b) => (b.disabled = true));
-    const pending = { cancel: "Cancelling: stopping the training process…", delete: "Deleting…" }[action];
+    const pending = ACTIONS[action].pending;
     if (pending) setText(actionNote, pending);
     try {
       if (action === "delete") {

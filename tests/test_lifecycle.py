@@ -1,0 +1,339 @@
+"""The lifecycle's decisions, table by table: every status against every fact it models."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ftstudio import lifecycle, lifecyclejs
+from ftstudio.errors import IllegalTransition
+from ftstudio.lifecycle import (
+    LAUNCH_GRACE_S,
+    NEVER_STARTED,
+    UNEXPECTED,
+    Action,
+    ExitRecord,
+    Facts,
+    Liveness,
+    Move,
+    Outcome,
+    answer,
+    decide,
+)
+from ftstudio.task import TRANSITIONS
+from ftstudio.task import TaskStatus as S
+
+RUNNING = [S.PREPARING, S.TRAINING]
+AT = "step 7/20"  # progress in the facts below
+
+# (what the supervisor finds, the facts beyond the status, the status it moves to (None: stays), the reason).
+# Every scenario is played against every status: a status without a process never moves.
+SCENARIOS: list[tuple[str, dict[str, Any], S | None, str]] = [
+    ("claimed, no process yet", {"since_launch_s": 5.0}, None, ""),
+    ("claimed, no process at the grace", {"since_launch_s": LAUNCH_GRACE_S}, None, ""),
+    ("claimed, no process past the grace", {"since_launch_s": LAUNCH_GRACE_S + 1}, S.FAILED, NEVER_STARTED),
+    ("never claimed, no process", {}, None, ""),
+    ("alive", {"liveness": Liveness.ALIVE}, None, ""),
+    ("alive, cancel asked", {"liveness": Liveness.ALIVE, "cancel_requested": True}, None, ""),
+    ("cannot tell", {"liveness": Liveness.UNKNOWN}, None, ""),
+    ("cannot tell, long after launch", {"liveness": Liveness.UNKNOWN, "since_launch_s": 1e6}, None, ""),
+    ("dead", {"liveness": Liveness.DEAD}, S.FAILED, f"{UNEXPECTED} at {AT}"),
+    (
+        "pid reused",
+        {"liveness": Liveness.REUSED},
+        S.FAILED,
+        f"{UNEXPECTED} (its process id now belongs to another program) at {AT}",
+    ),
+    ("rebooted", {"liveness": Liveness.REBOOTED}, S.FAILED, f"{UNEXPECTED}: the machine restarted at {AT}"),
+    ("dead, cancel asked", {"liveness": Liveness.DEAD, "cancel_requested": True}, S.CANCELLED, "cancelled on request"),
+    (
+        "reused, cancel asked",
+        {"liveness": Liveness.REUSED, "cancel_requested": True},
+        S.CANCELLED,
+        "cancelled on request",
+    ),
+    (
+        "rebooted, cancel asked",
+        {"liveness": Liveness.REBOOTED, "cancel_requested": True},
+        S.CANCELLED,
+        "cancelled on request",
+    ),
+    ("exit completed", {"exit": ExitRecord("completed", "done")}, S.COMPLETED, "done"),
+    (
+        "exit completed, still alive",
+        {"exit": ExitRecord("completed", "done"), "liveness": Liveness.ALIVE},
+        S.COMPLETED,
+        "done",
+    ),
+    (
+        "exit completed, cancel asked",
+        {"exit": ExitRecord("completed", "done"), "cancel_requested": True},
+        S.COMPLETED,
+        "done",
+    ),
+    ("exit failed", {"exit": ExitRecord("failed", "out of memory")}, S.FAILED, "out of memory"),
+    ("exit failed, no reason", {"exit": ExitRecord("failed")}, S.FAILED, "training failed; see training.log"),
+    (
+        "exit failed, cancel asked",
+        {"exit": ExitRecord("failed", "killed"), "cancel_requested": True},
+        S.CANCELLED,
+        "killed",
+    ),
+    (
+        "exit cancelled",
+        {"exit": ExitRecord("cancelled", "stopped on request (SIGTERM)")},
+        S.CANCELLED,
+        "stopped on request (SIGTERM)",
+    ),
+    ("exit cancelled, no reason", {"exit": ExitRecord("cancelled")}, S.CANCELLED, "cancelled on request"),
+    ("exit unreadable outcome", {"exit": ExitRecord("", "")}, S.FAILED, "training failed; see training.log"),
+    ("exit of this attempt", {"exit": ExitRecord("completed", "done", attempt=2), "attempt": 2}, S.COMPLETED, "done"),
+    (
+        "exit of an older attempt, alive",
+        {"exit": ExitRecord("completed", "done", attempt=1), "attempt": 2, "liveness": Liveness.ALIVE},
+        None,
+        "",
+    ),
+    (
+        "exit of an older attempt, dead",
+        {"exit": ExitRecord("failed", "old", attempt=1), "attempt": 2, "liveness": Liveness.DEAD},
+        S.FAILED,
+        f"{UNEXPECTED} at {AT}",
+    ),
+    ("exit of an older attempt, no process", {"exit": ExitRecord("completed", "", attempt=1), "attempt": 2}, None, ""),
+    # Facts for the later steps of issue 11: gathered, but no outcome depends on them yet.
+    ("alive, pause asked", {"liveness": Liveness.ALIVE, "pause_requested": True}, None, ""),
+    ("dead, pause asked", {"liveness": Liveness.DEAD, "pause_requested": True}, S.FAILED, f"{UNEXPECTED} at {AT}"),
+    ("alive, stale heartbeat", {"liveness": Liveness.ALIVE, "heartbeat_age_s": 600.0}, None, ""),
+    (
+        "dead, checkpoint and restarts left",
+        {"liveness": Liveness.DEAD, "has_complete_checkpoint": True, "max_restarts": 3},
+        S.FAILED,
+        f"{UNEXPECTED} at {AT}",
+    ),
+]
+
+
+def facts(status: S, **extra: Any) -> Facts:
+    return Facts(status=status, **{"step": 7, "total_steps": 20, **extra})
+
+
+@pytest.mark.parametrize("status", list(S))
+@pytest.mark.parametrize(("name", "extra", "dst", "reason"), SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_every_status_against_every_scenario(
+    status: S, name: str, extra: dict[str, Any], dst: S | None, reason: str
+) -> None:
+    move = decide(facts(status, **extra))
+    if not status.has_process or dst is None:
+        assert move is None, name
+        return
+    assert move is not None, name
+    assert (move.src, move.dst, move.reason) == (status, dst, reason)
+    assert move.dst in TRANSITIONS[status]
+    assert move.fields.get("error") == (reason if dst == S.FAILED else None)
+    if dst == S.COMPLETED:
+        assert move.fields["eta_s"] == 0
+    # A runner gone without an exit record may have left its trainer running: that must be stopped.
+    gone = extra.get("liveness") in (Liveness.DEAD, Liveness.REUSED, Liveness.REBOOTED)
+    assert move.stop_processes == (gone and not _exit_of_this_attempt(extra))
+
+
+def _exit_of_this_attempt(extra: dict[str, Any]) -> bool:
+    record = extra.get("exit")
+    return record is not None and record.attempt in (None, extra.get("attempt", 1))
+
+
+LIVENESS = [None, *Liveness]
+EXITS = [
+    None,
+    *(ExitRecord(o.value, "why") for o in Outcome),
+    ExitRecord("gibberish"),
+    ExitRecord("completed", "old", attempt=0),
+]
+
+
+@pytest.mark.parametrize("status", list(S))
+def test_the_whole_fact_space_gives_only_legal_moves_and_keeps_doubt(status: S) -> None:
+    """Every combination of the facts that decide today: liveness x exit record x cancel x time since launch."""
+    for liveness, record, cancel, since in itertools.product(LIVENESS, EXITS, [False, True], [None, 1.0, 1e4]):
+        f = Facts(status, liveness=liveness, exit=record, cancel_requested=cancel, since_launch_s=since)
+        move = decide(f)
+        current = record is not None and record.attempt is None
+        if not status.has_process:
+            assert move is None
+            continue
+        if move is not None:
+            assert move.src == status and move.dst in TRANSITIONS[status]
+            assert move.dst.is_final  # today every verdict ends the task (interrupted comes with resume)
+            assert move.reason
+        if not current and liveness in (Liveness.ALIVE, Liveness.UNKNOWN):
+            assert move is None, "never dead on doubt, never dead while alive"
+        if current:
+            assert move is not None
+            assert (move.dst == S.COMPLETED) == (record.outcome == "completed")
+        if move is not None and move.dst == S.CANCELLED:
+            assert cancel or (current and record.outcome == "cancelled"), "only a requested cancel ends cancelled"
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "text"),
+    [(0, None, "still preparing"), (3, None, "step 3"), (0, 10, "step 0/10"), (3, 10, "step 3/10")],
+)
+def test_progress_text(step: int, total: int | None, text: str) -> None:
+    assert lifecycle.progress_text(step, total) == text
+    assert decide(Facts(S.TRAINING, liveness=Liveness.DEAD, step=step, total_steps=total)).reason.endswith(text)
+
+
+def test_moves_on_events() -> None:
+    assert lifecycle.submitted() == Move(None, S.QUEUED, "submitted")
+    claim = lifecycle.claim()
+    assert (claim.src, claim.dst, claim.reason) == (S.QUEUED, S.PREPARING, "launching")
+    assert claim.fields == {"error": None, "phase": "starting"}
+    failed = lifecycle.launch_failed("no python")
+    assert (failed.src, failed.dst, failed.reason, failed.fields) == (
+        S.PREPARING,
+        S.FAILED,
+        "no python",
+        {"error": "no python"},
+    )
+    for status in S:
+        began = lifecycle.training_began(status)
+        assert (began is not None) == (status == S.PREPARING)
+        refused = lifecycle.unstorable_events(status, "line 3 of events.jsonl: too big", step=4, total_steps=9)
+        assert (refused is not None) == status.has_process
+        if refused is not None:
+            assert refused.dst == S.FAILED and refused.stop_processes
+            assert (
+                refused.reason
+                == refused.fields["error"]
+                == (
+                    "the training process wrote a progress record the studio cannot store "
+                    "(line 3 of events.jsonl: too big); the task was stopped at step 4/9"
+                )
+            )
+    assert lifecycle.unstorable_events(S.PREPARING, "x").reason.endswith("the task was stopped")
+
+
+def test_an_illegal_move_cannot_be_made() -> None:
+    with pytest.raises(IllegalTransition, match="from completed to training"):
+        Move(S.COMPLETED, S.TRAINING, "no")
+    with pytest.raises(IllegalTransition, match="starts queued"):
+        Move(None, S.TRAINING, "no")
+
+
+@pytest.mark.parametrize(
+    ("record", "read"),
+    [
+        ({"outcome": "completed", "reason": "done", "attempt": 2}, ExitRecord("completed", "done", 2)),
+        ({"outcome": "failed"}, ExitRecord("failed", "", None)),
+        ({"outcome": 3, "reason": None, "attempt": "2"}, ExitRecord("", "", 0)),
+        ({"attempt": None}, ExitRecord("", "", 0)),
+        ({"attempt": True}, ExitRecord("", "", 0)),
+    ],
+)
+def test_exit_records_are_read_without_trusting_them(record: dict[str, Any], read: ExitRecord) -> None:
+    assert ExitRecord.from_json(record) == read
+
+
+# -- requests and actions ------------------------------------------------------
+
+# (status, action) -> what happens: "move:<dst>", "stop", "remove" or "refused".
+REQUESTS: dict[tuple[S, Action], str] = {
+    (S.QUEUED, Action.CANCEL): "move:cancelled",
+    (S.PREPARING, Action.CANCEL): "stop",
+    (S.TRAINING, Action.CANCEL): "stop",
+    (S.PAUSED, Action.CANCEL): "move:cancelled",
+    (S.INTERRUPTED, Action.CANCEL): "move:cancelled",
+    (S.COMPLETED, Action.CANCEL): "refused",
+    (S.FAILED, Action.CANCEL): "refused",
+    (S.CANCELLED, Action.CANCEL): "refused",
+    (S.QUEUED, Action.DELETE): "remove",
+    (S.PREPARING, Action.DELETE): "refused",
+    (S.TRAINING, Action.DELETE): "refused",
+    (S.PAUSED, Action.DELETE): "remove",
+    (S.INTERRUPTED, Action.DELETE): "remove",
+    (S.COMPLETED, Action.DELETE): "remove",
+    (S.FAILED, Action.DELETE): "remove",
+    (S.CANCELLED, Action.DELETE): "remove",
+}
+
+
+def test_the_request_table_covers_every_status_and_action() -> None:
+    assert set(REQUESTS) == set(itertools.product(S, Action))
+
+
+@pytest.mark.parametrize(("status", "action"), list(REQUESTS))
+def test_requests(status: S, action: Action) -> None:
+    got = answer(status, action)
+    kinds = [got.move is not None, got.stop, got.remove, got.refused is not None]
+    assert sum(kinds) == 1, "exactly one thing happens"
+    want = REQUESTS[status, action]
+    if want.startswith("move:"):
+        assert got.move is not None and got.move.src == status and got.move.dst == want[5:]
+        assert got.move.reason == "cancelled on request"
+    elif want == "stop":
+        assert got.stop
+        # ...and the process's end is then decided cancelled, whatever killed it.
+        assert decide(Facts(status, liveness=Liveness.DEAD, cancel_requested=True)).dst == S.CANCELLED
+    elif want == "remove":
+        assert got.remove
+    else:
+        assert got.refused and got.refused.startswith("is ")
+
+
+def test_actions_are_the_requests_not_refused() -> None:
+    # The table the service kept before the lifecycle derived it: the page's buttons must not change.
+    assert {s: lifecycle.actions(s) for s in S} == {
+        S.QUEUED: ("cancel", "delete"),
+        S.PREPARING: ("cancel",),
+        S.TRAINING: ("cancel",),
+        S.PAUSED: ("cancel", "delete"),
+        S.INTERRUPTED: ("cancel", "delete"),
+        S.COMPLETED: ("delete",),
+        S.FAILED: ("delete",),
+        S.CANCELLED: ("delete",),
+    }
+    assert lifecycle.deletable() == {s for s in S if not s.has_process}
+
+
+def test_describe_serves_every_status_and_action_in_plain_words() -> None:
+    table = lifecycle.describe()
+    assert [s["status"] for s in table["statuses"]] == [s.value for s in S]
+    for row in table["statuses"]:
+        status = S(row["status"])
+        assert row["final"] == status.is_final and row["has_process"] == status.has_process
+        assert row["actions"] == list(lifecycle.actions(status))
+        assert row["label"] and row["hint"]
+        # Glyphs and colours are the page's: the words must read alone (a screen reader, the CLI).
+        assert row["label"].isalpha() and row["label"][0].isupper()
+    assert [a["action"] for a in table["actions"]] == [a.value for a in Action]
+    for row in table["actions"]:
+        assert row["label"] and row["hint"].endswith(".") and row["pending"]
+
+
+STATIC = Path(lifecyclejs.__file__).with_name("static")
+
+
+def test_the_pages_lifecycle_module_is_generated_from_the_lifecycle() -> None:
+    assert lifecyclejs.JS_PATH.read_text(encoding="utf-8") == lifecyclejs.render(), (
+        "run: python -m ftstudio.lifecyclejs"
+    )
+
+
+def test_the_page_keeps_no_copy_of_the_lifecycle_only_a_glyph_and_a_colour_a_status() -> None:
+    status_js = (STATIC / "status.js").read_text(encoding="utf-8")
+    glyphs = status_js[status_js.index("const GLYPHS") :]
+    assert set(re.findall(r"^\s+(\w+): \"", glyphs[: glyphs.index("};")], re.M)) == {s.value for s in S}
+    css = (STATIC / "app.css").read_text(encoding="utf-8")
+    assert {s.value for s in S} <= set(re.findall(r"\.st-(\w+)", css))
+    for path in STATIC.glob("*.js"):
+        if path.name != "lifecycle.js":
+            text = path.read_text(encoding="utf-8")
+            # A table of statuses or actions (a "cancelled" key, a list of action names) belongs in lifecycle.js.
+            assert not re.search(r"\b(?:cancelled|interrupted|preparing)\s*:\s*\{", text), path.name
+            assert not re.search(r"\[\s*\"(?:cancel|delete|pause|resume|retry)\",", text), path.name
+            assert not re.search(rf"\[\s*\"(?:{'|'.join(S)})\"", text), path.name
