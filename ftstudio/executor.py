@@ -21,7 +21,7 @@ import psutil
 
 from ftstudio.errors import LaunchError
 from ftstudio.home import TaskDir, read_json
-from ftstudio.procs import TASK_ENV, Identity, Liveness, boot_id, check, kill_tagged
+from ftstudio.procs import TASK_ENV, Identity, Liveness, boot_id, check, kill_tagged, tagged, wait_gone
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class Executor(Protocol):
     def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool: ...
 
     def kill_all(self, task_id: str) -> int: ...
+
+    def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int: ...
 
 
 class LocalExecutor:
@@ -123,3 +125,17 @@ class LocalExecutor:
 
     def kill_all(self, task_id: str) -> int:
         return kill_tagged(task_id, signal.SIGKILL)
+
+    def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int:
+        """Cancel's escalation: SIGTERM to the runner (it forwards it), up to `grace` seconds for the task to
+        end, then SIGKILL to every process still tagged with it (a trainer ignoring SIGTERM, a grandchild in
+        its own session). Returns how many were killed. Blocks: callers that must not wait run it in a thread."""
+        self.signal(task, launch, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not task.exit.exists() and tagged(task_id):
+            time.sleep(0.1)
+        if not tagged(task_id):
+            return 0
+        killed = self.kill_all(task_id)
+        wait_gone(task_id, 5.0)
+        return killed

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 from pathlib import Path
@@ -81,6 +80,7 @@ class Service:
         self.home = (home or Home.default()).ensure()
         self.policy = policy or Policy()
         self._admit = threading.Lock()
+        self._stopping: set[str] = set()  # tasks whose cancel is under way
         setup_logging(self.home)
         self.store = Store(self.home.db)
         self.executor: Executor = executor or LocalExecutor()
@@ -238,8 +238,12 @@ class Service:
 
     # -- control -------------------------------------------------------------
 
-    def cancel(self, task_id: str, *, grace: float = CANCEL_GRACE_S) -> Task:
-        """Stop a task: SIGTERM to its runner, SIGKILL to everything tagged with it after `grace` seconds."""
+    def cancel(self, task_id: str, *, grace: float = CANCEL_GRACE_S, wait: bool | None = None) -> Task:
+        """Stop a task: SIGTERM to its runner, SIGKILL to everything tagged with it after `grace` seconds.
+
+        In the studio (`wait` unset) it returns at once with the task in its "cancelling" phase and the
+        escalation runs in a thread: an HTTP worker must not block for the grace period. The CLI waits,
+        since nobody else would finish the job once it exits."""
         task = self.get(task_id)
         answer = lifecycle.answer(task.status_enum, Action.CANCEL)
         if answer.refused:
@@ -250,21 +254,33 @@ class Service:
         # Recorded before the signal is sent, or the exit would read as an interruption: if the store
         # cannot be written, the task is left running and the person is told why.
         with writing(self.home.root):
-            self.store.update(task.id, cancel_requested_at=time.time())
-        tdir = task.dir
-        self.executor.signal(tdir, launch_of(task), signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and not tdir.exit.exists() and procs.tagged(task.id):
-            time.sleep(0.1)
-        if procs.tagged(task.id):
-            n = self.executor.kill_all(task.id)
-            log.warning("task %s did not stop within %.0fs of SIGTERM; killed %d process(es)", task.id, grace, n)
-            procs.wait_gone(task.id, 5.0)
-        # Gone now: the exit record, or its absence with cancel requested, decides `cancelled`.
-        self.supervisor.sync(self.store.get(task.id))
-        task = self.store.get(task.id)
-        log.info("task %s cancelled on request", task.id)
-        return task
+            self.store.update(task.id, cancel_requested_at=time.time(), phase="cancelling")
+        with self._admit:
+            if task.id in self._stopping:
+                return self.store.get(task.id)  # asked twice: the first stop is under way
+            self._stopping.add(task.id)
+        stopper = threading.Thread(target=self._stop, args=(task, grace), name=f"cancel-{task.id}", daemon=True)
+        stopper.start()
+        if wait if wait is not None else not self.in_server:
+            stopper.join()
+        return self.store.get(task.id)
+
+    def _stop(self, task: Task, grace: float) -> None:
+        try:
+            killed = self.executor.stop(task.dir, launch_of(task), task.id, grace=grace)
+            if killed:
+                log.warning(
+                    "task %s did not stop within %.0fs of SIGTERM; killed %d process(es)", task.id, grace, killed
+                )
+            # Gone now: the exit record, or its absence with cancel requested, decides `cancelled`.
+            self.supervisor.sync(self.store.get(task.id))
+            log.info("task %s cancelled on request", task.id)
+        except Exception:  # a thread's error would otherwise vanish; the watch loop still ends the task
+            log.exception("cancelling task %s failed; the studio will look at it again", task.id)
+        finally:
+            with self._admit:
+                self._stopping.discard(task.id)
+            self.supervisor.poke()
 
     def delete(self, task_id: str) -> None:
         task = self.get(task_id)

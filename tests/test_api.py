@@ -1,6 +1,7 @@
 """The HTTP API against a real studio server process (scripted trainer)."""
 
 import json
+import time
 
 import httpx
 import pytest
@@ -92,10 +93,29 @@ def test_the_stream_resumes_from_the_last_event_id_without_loss_or_duplicates(st
 def test_cancel_over_http_leaves_no_process(studio):
     task = create(studio, "scripted steps=1000 delay=0.05 child=1")
     wait_for(lambda: len(tagged(task["id"])) >= 3, what="processes")
+    t0 = time.monotonic()
     r = studio.http.post(f"/api/tasks/{task['id']}/cancel")
-    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    # The answer comes at once (no worker waits out the grace period); the task says it is stopping.
+    assert r.status_code == 200 and time.monotonic() - t0 < 2.0
+    assert r.json()["status"] == "cancelled" or r.json()["phase"] == "cancelling", r.json()
+    assert studio.wait_status(task["id"], "cancelled", timeout=30)["error"] is None
     assert tagged(task["id"]) == []
     assert studio.http.post(f"/api/tasks/{task['id']}/cancel").status_code == 409
+
+
+def test_cancel_of_a_trainer_ignoring_sigterm_returns_at_once_and_ends_it(studio):
+    task = create(studio, "scripted steps=100000 delay=0.05 hang=1 child=1")
+    wait_for(lambda: len(tagged(task["id"])) >= 3, what="runner, trainer and grandchild")
+    studio.wait_status(task["id"], "training")
+    t0 = time.monotonic()
+    r = studio.http.post(f"/api/tasks/{task['id']}/cancel")
+    assert r.status_code == 200 and time.monotonic() - t0 < 2.0, r.text
+    view = r.json()
+    assert view["status"] == "training" and view["phase"] == "cancelling"
+    again = studio.http.post(f"/api/tasks/{task['id']}/cancel")  # asked twice while stopping: no second stop
+    assert again.status_code == 200
+    assert studio.wait_status(task["id"], "cancelled", timeout=40)["status"] == "cancelled"
+    assert tagged(task["id"]) == []
 
 
 def test_delete_refused_while_running(studio):
@@ -103,6 +123,7 @@ def test_delete_refused_while_running(studio):
     r = studio.http.delete(f"/api/tasks/{task['id']}")
     assert r.status_code == 409 and "cancel it before deleting" in r.json()["detail"]
     studio.http.post(f"/api/tasks/{task['id']}/cancel")
+    studio.wait_status(task["id"], "cancelled", timeout=30)
     assert studio.http.delete(f"/api/tasks/{task['id']}").status_code == 204
     assert studio.http.get(f"/api/tasks/{task['id']}").status_code == 404
 

@@ -339,7 +339,9 @@ def test_a_burst_of_submits_starts_no_more_than_the_limit(scripted):
         assert "3 fine-tunes are already running" in detail and "--max-running" in detail
         assert service.store.list(limit=100)[1] == 3
         # One ends: there is room again. The CLI (the owner at the terminal) is never refused.
-        c.post(f"/api/tasks/{answers[0].json()['id']}/cancel").raise_for_status()
+        first = answers[0].json()["id"]
+        c.post(f"/api/tasks/{first}/cancel").raise_for_status()
+        wait_for(lambda: service.store.get(first).status == "cancelled", timeout=30, what="the cancel to finish")
         r = c.post("/api/tasks", json={"name": "scripted steps=1", "config": {"preset": "cpu-demo"}})
         assert r.status_code == 201, r.text
     r = run_cli(scripted, "submit", "--name", "scripted steps=1", "--preset", "cpu-demo", scripted=True)
