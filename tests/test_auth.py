@@ -431,3 +431,24 @@ def test_short_ipv4_spellings_print_a_url_that_answers(home, bind, shown):
         assert ("warning:" in r.stderr) == (bind == "0")
     finally:
         run_cli(home, "studio", "stop")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--allow-path", "/no/such/dir"], "--allow-path: /no/such/dir is not a directory"),
+        (["--allow-host", "bad host!"], "--allow-host: 'bad host!' is not a host name"),
+        (["--allow-origin", "evil"], "--allow-origin: 'evil' is not an origin"),
+        (["--allow-origin", "https://box.lan/path"], "--allow-origin"),
+        (["--max-upload-mb", "0"], "--max-upload-mb: must be between 1 and"),
+        (["--max-row-kb", "-1"], "--max-row-kb: must be between 1 and"),
+        (["--max-running", "0"], "--max-running: must be between 1 and 1024"),
+        (["--port", "70000"], "--port: must be between 0 and 65535"),
+        (["--keyfile", "/etc/hostname"], "--certfile and --keyfile: give both, or neither"),
+    ],
+)
+def test_bad_studio_flags_are_one_line_and_start_nothing(home, args, needle):
+    r = run_cli(home, "studio", "start", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert run_cli(home, "studio", "status").returncode == 3
