@@ -81,6 +81,7 @@ class Service:
         self.policy = policy or Policy()
         self._admit = threading.Lock()
         self._stopping: set[str] = set()  # tasks whose cancel is under way
+        self._stopping_lock = threading.Lock()
         setup_logging(self.home)
         self.store = Store(self.home.db)
         self.executor: Executor = executor or LocalExecutor()
@@ -255,7 +256,7 @@ class Service:
         # cannot be written, the task is left running and the person is told why.
         with writing(self.home.root):
             self.store.update(task.id, cancel_requested_at=time.time(), phase="cancelling")
-        with self._admit:
+        with self._stopping_lock:
             if task.id in self._stopping:
                 return self.store.get(task.id)  # asked twice: the first stop is under way
             self._stopping.add(task.id)
@@ -278,7 +279,7 @@ class Service:
         except Exception:  # a thread's error would otherwise vanish; the watch loop still ends the task
             log.exception("cancelling task %s failed; the studio will look at it again", task.id)
         finally:
-            with self._admit:
+            with self._stopping_lock:
                 self._stopping.discard(task.id)
             self.supervisor.poke()
 
