@@ -31,9 +31,15 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--batch-size", "optim.batch_size", int, "samples per step per device"),
     ("--lora-rank", "lora.rank", int, "LoRA rank"),
     ("--checkpoint-every", "checkpoint.every_steps", int, "checkpoint every N steps"),
+    ("--processes", "resources.processes", int, "training processes (above 1: torchrun)"),
+    ("--gpus", "resources.gpus", int, "GPUs to lease (default: one per process where there are GPUs; 0: CPU)"),
+    ("--gpu-ids", "resources.gpu_ids", str, "exactly these GPUs, e.g. 0,2 (nvidia-smi numbering)"),
+    ("--memory", "resources.memory", str, "memory limit of the task's processes, e.g. 8G; past it the task fails"),
+    ("--priority", "resources.priority", int, "queue priority: higher starts first (default 0)"),
     ("--preset", "preset", str, "start from a preset: cpu-demo, single-gpu-24gb, low-memory"),
 ]
 assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)
+assert CLI_FLAGS["resources.share_gpu"] == "--share-gpu"  # a switch, added beside SUBMIT_FLAGS
 
 
 def _service() -> Any:
@@ -75,6 +81,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             set_path(config, path, value)
+    if args.share_gpu:
+        set_path(config, "resources.share_gpu", True)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -360,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("submit", cmd_submit, "submit a fine-tune; prints the task id")
     for flag, _path, typ, help_ in SUBMIT_FLAGS:
         sp.add_argument(flag, type=typ, help=help_)
+    sp.add_argument(
+        "--share-gpu", action="store_true", help="share GPUs with other tasks that share (default: one task per GPU)"
+    )
     sp.add_argument("--name", help="a name to recognise the task by")
     sp.add_argument("--config", help="a JSON file with the training config (flags override it)")
     sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field, e.g. --set lora.alpha=32")

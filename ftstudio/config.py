@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from ftstudio.bounds import Bounds, bounded, bounds_of, list_bounds, number, shown
 from ftstudio.errors import Problem, ValidationError
+from ftstudio.resources import parse_gpu_ids, parse_memory
 
 NAMES = list_bounds(max_items=256, max_len=256)  # the bounds of every list-of-names setting
 
@@ -124,6 +125,22 @@ class LoggingConfig:
 
 
 @dataclass
+class ResourcesConfig:
+    processes: int = bounded(1, 1, 64)
+    """Training processes: above 1 runs torchrun, one process per GPU (or CPU processes on gloo)."""
+    gpus: int = bounded(-1, -1, 64)
+    """GPUs to lease: -1 for one per process where the machine has GPUs (none otherwise), 0 for CPU only."""
+    gpu_ids: str = bounded("", max_len=256)
+    """Exactly these GPUs, e.g. `0,2`, numbered as nvidia-smi shows them; empty to take any free ones."""
+    share_gpu: bool = False
+    """Let this task use GPUs that other sharing tasks hold (otherwise a GPU runs one task at a time)."""
+    memory: str = bounded("", max_len=32)
+    """Memory limit of the task's processes, e.g. 8G or 512M; empty for none. Past it the task fails."""
+    priority: int = bounded(0, -1000, 1000)
+    """Queue priority: higher starts first; equal priorities start in submission order."""
+
+
+@dataclass
 class TrainingConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +148,7 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     preset: str = bounded("", max_len=256)
     """Preset the config started from (its values are recorded in the fields above)."""
 
@@ -212,6 +230,12 @@ CLI_FLAGS: dict[str, str] = {
     "optim.batch_size": "--batch-size",
     "lora.rank": "--lora-rank",
     "checkpoint.every_steps": "--checkpoint-every",
+    "resources.processes": "--processes",
+    "resources.gpus": "--gpus",
+    "resources.gpu_ids": "--gpu-ids",
+    "resources.share_gpu": "--share-gpu",
+    "resources.memory": "--memory",
+    "resources.priority": "--priority",
     "preset": "--preset",
 }
 
@@ -390,6 +414,18 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
             "logging.report_to",
             f"unknown reporter(s) {shown(', '.join(sorted(unknown_reports)))}; use tensorboard, wandb or mlflow",
         )
+    r = cfg.resources
+    try:
+        parse_memory(r.memory)
+    except ValueError as e:
+        bad("resources.memory", str(e))
+    try:
+        ids = parse_gpu_ids(r.gpu_ids)
+    except ValueError as e:
+        bad("resources.gpu_ids", str(e))
+    else:
+        if ids and r.gpus not in (-1, len(ids)):
+            bad("resources.gpus", f"asks for {r.gpus} GPU(s) but gpu_ids names {len(ids)}; set one of the two")
     for path, value in values.items():
         problem = BOUNDS[path].problem(value)
         if problem:

@@ -55,7 +55,7 @@ def _die_with_parent() -> None:
 
 def trainer_command(task: TaskDir, module: str) -> list[str]:
     spec = read_json(task.spec) or {}
-    processes = int((spec.get("config") or {}).get("optim", {}).get("processes", 1) or 1)
+    processes = int((spec.get("config") or {}).get("resources", {}).get("processes", 1) or 1)
     if processes > 1:
         return [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
