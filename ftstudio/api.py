@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from ftstudio import __version__, apidoc, lifecycle, taskfiles
-from ftstudio.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, last_event_id, request_problems
+from ftstudio.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, TaskExtend, last_event_id, request_problems
 from ftstudio.auth import Guard, load_or_create_token, token_path
 from ftstudio.broker import Broker
 from ftstudio.config import PRESETS, describe_fields
@@ -179,7 +179,17 @@ def create_app(
         status: str | None = Query(None, max_length=64),
     ) -> dict[str, Any]:
         tasks, total = service.list(limit=limit, offset=offset, status=status)
-        return {"tasks": [service.task_json(t) for t in tasks], "total": total, "limit": limit, "offset": offset}
+        waits = service.plan().waits if any(t.status == "queued" for t in tasks) else {}
+        return {
+            "tasks": [service.task_json(t, waits) for t in tasks],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
+
+    @app.get("/api/queue")
+    def queue() -> dict[str, Any]:
+        return service.queue()
 
     @app.get("/api/tasks/{task_id}")
     def get_task(task_id: str) -> dict[str, Any]:
@@ -193,6 +203,29 @@ def create_app(
     @app.post("/api/tasks/{task_id}/cancel")
     def cancel_task(task_id: str) -> dict[str, Any]:
         return service.task_json(service.cancel(task_id))
+
+    @app.post("/api/tasks/{task_id}/pause")
+    def pause_task(
+        task_id: str,
+        freeze: bool = Query(False, description="SIGSTOP instead of a checkpoint: instant, memory stays held"),
+    ) -> dict[str, Any]:
+        return service.task_json(service.pause(task_id, freeze=freeze))
+
+    @app.post("/api/tasks/{task_id}/resume")
+    def resume_task(task_id: str) -> dict[str, Any]:
+        return service.task_json(service.resume(task_id))
+
+    @app.post("/api/tasks/{task_id}/retry")
+    def retry_task(task_id: str) -> dict[str, Any]:
+        return service.task_json(service.retry(task_id))
+
+    @app.post("/api/tasks/{task_id}/extend")
+    def extend_task(task_id: str, body: TaskExtend) -> dict[str, Any]:
+        return service.task_json(service.extend(task_id, epochs=body.epochs, steps=body.steps))
+
+    @app.get("/api/tasks/{task_id}/history")
+    def task_history(task_id: str) -> dict[str, Any]:
+        return service.history(task_id)
 
     @app.get("/api/tasks/{task_id}/logs")
     def task_logs(
@@ -355,7 +388,7 @@ async def _stream(
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    keys = ("status", "step", "phase", "error", "reattached", "loss", "eval_loss", "pid", "total_steps")
+    keys = ("status", "step", "phase", "error", "reattached", "loss", "eval_loss", "pid", "total_steps", "queue")
     return any(old.get(k) != new.get(k) for k in keys)
 
 

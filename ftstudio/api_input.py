@@ -30,6 +30,15 @@ class TaskCreate(BaseModel):
     )
 
 
+class TaskExtend(BaseModel):
+    """How much more to train a completed task: one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float | None = Field(default=None, gt=0, le=10_000, description="More epochs (tasks bounded by epochs)")
+    steps: int | None = Field(default=None, gt=0, le=1_000_000_000, description="More steps (tasks with max_steps)")
+
+
 # Top-level keys people send by habit, and the config field each one means.
 MISPLACED: dict[str, str] = {
     "model": "model.name",

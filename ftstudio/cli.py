@@ -16,7 +16,7 @@ from ftstudio.auth import binds_beyond_loopback, load_or_create_token
 from ftstudio.config import CLI_FLAGS, set_path
 from ftstudio.errors import FtstudioError, NotRunning, ValidationError
 from ftstudio.home import Home
-from ftstudio.policy import DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_RUNNING, DEFAULT_MAX_UPLOAD_BYTES
+from ftstudio.policy import DEFAULT_MAX_PENDING, DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from ftstudio.store import Task
 from ftstudio.task import TaskStatus
 from ftstudio.text import printable
@@ -118,6 +118,12 @@ def _wait(service: Any, task_id: str, *, quiet: bool = False) -> int:
             sys.stderr.write(f"\r{task['status']:<11} [{bar:<30}] {pct:5.1f}%  {_progress(task)}   ")
             sys.stderr.flush()
         status = TaskStatus(task["status"])
+        if status == TaskStatus.PAUSED:
+            if tty:
+                sys.stderr.write("\n")
+            if not quiet:
+                print(f"task {task_id} is paused; continue it with `ftstudio resume {task_id}`", file=sys.stderr)
+            return 1
         if status.is_final:
             if tty:
                 sys.stderr.write("\n")
@@ -145,6 +151,24 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    q = _service().queue()
+    if args.json:
+        _print_json(q)
+        return 0
+    gpus = ", ".join(map(str, q["gpus"])) or "none"
+    print(f"training slots {q['slots']} (for tasks without a GPU; studio start --slots N), GPUs {gpus}")
+    if not q["running"] and not q["waiting"]:
+        print("nothing running or waiting")
+        return 0
+    for t in q["running"]:
+        print(f"  running  {t['id']:<22} {', '.join(t['resources']) or '-':<12} {printable(t['name'])}")
+    for t in q["waiting"]:
+        prio = f" priority {t['priority']}" if t["priority"] else ""
+        print(f"  #{t['position']:<7} {t['id']:<22} {printable(t['reason'])}{prio}")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     service = _service()
     view = service.task_json(service.get(args.task))
@@ -154,6 +178,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key in ("id", "name", "status", "model", "dataset", "attempt", "pid", "task_dir"):
         print(f"{key:<10} {printable(view.get(key))}")
     print(f"{'progress':<10} {_progress(view)}  epoch {view.get('epoch') or 0}/{view.get('total_epochs') or '?'}")
+    if view.get("queue"):
+        print(f"{'queue':<10} #{view['queue']['position']}: {printable(view['queue']['reason'])}")
+    if view.get("resources"):
+        print(f"{'holds':<10} {', '.join(view['resources'])}")
     if view.get("reattached"):
         print(f"{'note':<10} the studio restarted and reattached to this training")
     if view.get("error"):
@@ -180,6 +208,50 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     service = _service()
     task = service.cancel(args.task)
     print(f"task {task.id} {task.status}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    task = _service().pause(args.task, freeze=args.freeze)
+    if task.status == TaskStatus.PAUSED:
+        print(f"task {task.id} paused ({task.phase or 'held'})")
+    else:
+        print(f"task {task.id} pausing: it saves a checkpoint at its next step, then stops (ftstudio show {task.id})")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    task = _service().resume(args.task)
+    print(f"task {task.id} {task.status} (attempt {task.attempt})")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    task = _service().retry(args.task)
+    print(f"task {task.id} {task.status} (attempt {task.attempt})")
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    task = _service().extend(args.task, epochs=args.epochs, steps=args.steps)
+    print(f"task {task.id} {task.status} (attempt {task.attempt})")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    history = _service().history(args.task)
+    if args.json:
+        _print_json(history)
+        return 0
+    for a in history["attempts"]:
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["started_at"])) if a["started_at"] else "-"
+        end = f"ended after {_fmt_duration(a['ended_at'] - a['started_at'])}" if a["ended_at"] else "running"
+        resumed = f", resumed from step {a['resumed_from_step']}" if a["resumed_from_step"] else ""
+        why = f": {printable(a['end_reason'])}" if a["end_reason"] else ""
+        print(f"attempt {a['attempt']}  started {start}{resumed}, {end}{why}")
+    for t in history["transitions"]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(t["ts"]))
+        print(f"  {stamp}  {t['src'] or '-':>11} -> {t['dst']:<11} {printable(t['reason'] or '')}")
     return 0
 
 
@@ -221,6 +293,9 @@ def cmd_studio(args: argparse.Namespace) -> int:
             print(f"studio stopped (pid {stopped.pid}); training keeps running" if stopped else "studio is not running")
             return 0
     if args.action in ("start", "restart"):
+        options = _server_options(args)
+        if options.slots is not None:  # remembered now, so a studio already running uses it at its next look
+            _service().set_slots(options.slots)
         already = studio_mod.running_server(home)
         info = studio_mod.start(home, _server_options(args))
         token = load_or_create_token(home)
@@ -260,7 +335,8 @@ def _server_options(args: argparse.Namespace) -> studio_mod.ServerOptions:
         allow_origins=args.allow_origin,
         max_upload_mb=args.max_upload_mb,
         max_row_kb=args.max_row_kb,
-        max_running=args.max_running,
+        max_pending=args.max_pending,
+        slots=getattr(args, "slots", None),
     )
 
 
@@ -348,10 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"largest single row of an uploaded dataset in KB (default {DEFAULT_MAX_ROW_BYTES >> 10})",
         )
         sp.add_argument(
-            "--max-running",
+            "--max-pending",
             type=int,
-            default=DEFAULT_MAX_RUNNING,
-            help=f"most fine-tunes running at once that requests over HTTP may start (default {DEFAULT_MAX_RUNNING})",
+            default=DEFAULT_MAX_PENDING,
+            help=f"most fine-tunes queued or running that requests over HTTP may add (default {DEFAULT_MAX_PENDING})",
+        )
+        sp.add_argument(
+            "--slots",
+            type=int,
+            help="training slots: how many tasks without a GPU train at once (default 1; remembered in the home "
+            "until changed)",
         )
         sp.add_argument("--certfile", help="serve HTTPS with this certificate (PEM); needs --keyfile")
         sp.add_argument("--keyfile", help="the private key of --certfile (PEM)")
@@ -385,13 +467,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, help_ in (
         ("show", cmd_show, "show one task"),
+        (
+            "pause",
+            cmd_pause,
+            "pause a task: it saves a checkpoint at its next step and stops, freeing its slot or GPUs",
+        ),
+        ("resume", cmd_resume, "resume a paused task: back into the queue, continuing from its checkpoint"),
+        ("retry", cmd_retry, "run a failed or cancelled task again as a new attempt, from its newest checkpoint"),
+        ("extend", cmd_extend, "train a completed task further (--epochs N or --steps N more) as a new attempt"),
+        ("history", cmd_history, "a task's attempts and every status it went through, with why"),
         ("cancel", cmd_cancel, "cancel a task: stops its training process and everything it started"),
         ("delete", cmd_delete, "delete a finished task and its files"),
     ):
         sp = add(name, func, help_)
         sp.add_argument("task", help="task id")
-        if name == "show":
+        if name in ("show", "history"):
             sp.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "pause":
+            sp.add_argument(
+                "--freeze",
+                action="store_true",
+                help="stop the process where it is (SIGSTOP): instant, but its memory and GPUs stay held; "
+                "single-process runs only",
+            )
+        if name == "extend":
+            sp.add_argument("--epochs", type=float, help="train this many more epochs")
+            sp.add_argument("--steps", type=int, help="train this many more steps (tasks bounded by max_steps)")
+
+    sp = add("queue", cmd_queue, "what is running, what waits and for what, in the order it will start")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = add("logs", cmd_logs, "print a task's training.log")
     sp.add_argument("task", help="task id")

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,13 +39,15 @@ class Executor(Protocol):
     on_exit: Callable[[], None] | None
     """Called (from any thread) when a runner this executor started has ended, if it can tell."""
 
-    def submit(self, task: TaskDir, *, attempt: int) -> Launch: ...
+    def submit(self, task: TaskDir, *, attempt: int, env: Mapping[str, str] | None = None) -> Launch: ...
 
     def poll(self, task: TaskDir, launch: Launch | None) -> Liveness: ...
 
     def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool: ...
 
     def kill_all(self, task_id: str) -> int: ...
+
+    def signal_all(self, task_id: str, sig: int, *, spare: int | None = None) -> int: ...
 
     def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int: ...
 
@@ -65,11 +67,12 @@ class LocalExecutor:
         # those complain when dropped while running, and outliving us is the point.)
         self.on_exit: Callable[[], None] | None = None
 
-    def submit(self, task: TaskDir, *, attempt: int) -> Launch:
+    def submit(self, task: TaskDir, *, attempt: int, env: Mapping[str, str] | None = None) -> Launch:
+        """Start the runner; `env` is added to its environment (the GPUs it was granted)."""
         argv = [sys.executable, "-m", "ftstudio.runner", str(task.path), "--attempt", str(attempt)]
         if self.trainer_module != "ftstudio.train":
             argv += ["--module", self.trainer_module]
-        env = {**os.environ, TASK_ENV: task.path.name}  # the runner is tagged too
+        env = {**os.environ, **(env or {}), TASK_ENV: task.path.name}  # the runner is tagged too
         try:
             log_fd = os.open(task.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -125,6 +128,18 @@ class LocalExecutor:
 
     def kill_all(self, task_id: str) -> int:
         return kill_tagged(task_id, signal.SIGKILL)
+
+    def signal_all(self, task_id: str, sig: int, *, spare: int | None = None) -> int:
+        """Send `sig` to every process tagged with the task but `spare` (freeze and thaw spare the runner, so it
+        keeps beating and can still record the trainer's end). Returns how many were signalled."""
+        count = 0
+        for proc in tagged(task_id):
+            if proc.pid == spare:
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                proc.send_signal(sig)
+                count += 1
+        return count
 
     def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int:
         """Cancel's escalation: SIGTERM to the runner (it forwards it), up to `grace` seconds for the task to

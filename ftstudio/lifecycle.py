@@ -56,13 +56,35 @@ class Outcome(enum.StrEnum):
     """Anything else; the record's reason says what."""
     CANCELLED = "cancelled"
     """The runner was asked to stop by a signal (the studio's cancel sends SIGTERM)."""
+    PAUSED = "paused"
+    """The trainer saved a checkpoint at a step boundary and exited, as a pause asked (SIGUSR1)."""
 
 
 class Action(enum.StrEnum):
-    """What a person can ask of a task (the page's buttons, the CLI's commands)."""
+    """What a person can ask of a task (the page's buttons, the CLI's commands), in the page's order."""
 
+    PAUSE = "pause"
+    FREEZE = "freeze"
+    RESUME = "resume"
+    RETRY = "retry"
+    EXTEND = "extend"
     CANCEL = "cancel"
     DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a request's answer depends on beyond the task's status."""
+
+    frozen: bool = False
+    """Its processes are stopped with SIGSTOP (a frozen pause)."""
+    processes: int = 1
+    """Training processes it runs (freeze is for single-process runs only)."""
+    attempt: int = 1
+    checkpoint_step: int | None = None
+    """The step of its newest complete checkpoint; None when it has none (or nobody looked)."""
+    ran: bool = True
+    """Some attempt of it was launched (a task held in the queue before it started has not)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,13 @@ class Move:
     """Columns written in the same transaction (`error`, `eta_s`, `phase`)."""
     stop_processes: bool = False
     """Kill whatever is still tagged with the task once the move is made (orphans of a dead runner)."""
+    keep_resources: bool = False
+    """Keep the task's slot or GPUs and its attempt open although it leaves a running status (a frozen pause)."""
+
+    @property
+    def releases(self) -> bool:
+        """The move frees the task's slot or GPUs and ends its attempt (the store does both with the move)."""
+        return not self.dst.has_process and not self.keep_resources
 
     def __post_init__(self) -> None:
         if self.src is None:
@@ -141,12 +170,21 @@ class Move:
 
 @dataclass(frozen=True)
 class Answer:
-    """What a person's request does to a task in a given status: exactly one of these."""
+    """What a person's request does to a task in a given status: a move, a stop, a suspend, a removal or a
+    refusal; a freeze or a thaw comes with the move to make once the signal is sent."""
 
     move: Move | None = None
     """Change the status now."""
     stop: bool = False
     """Record the request and signal the process; `decide` ends the task once the process is gone."""
+    suspend: bool = False
+    """Record the pause and send the trainer SIGUSR1: it checkpoints at the next step boundary and exits."""
+    freeze: bool = False
+    """SIGSTOP every process of the task, then make `move` (it keeps the task's slot or GPUs)."""
+    thaw: bool = False
+    """SIGCONT every process of the task, then make `move`; if they are gone, `requeue` instead."""
+    requeue: Move | None = None
+    """With `thaw`: the move for a frozen task whose processes died meanwhile (a reboot)."""
     remove: bool = False
     """Delete the task and its files."""
     refused: str | None = None
@@ -229,6 +267,8 @@ def decide(facts: Facts) -> Move | None:
 def _finished(facts: Facts, record: ExitRecord) -> Move:
     if record.outcome == Outcome.COMPLETED:
         return Move(facts.status, S.COMPLETED, record.reason, {"eta_s": 0})
+    if record.outcome == Outcome.PAUSED and not facts.cancel_requested:
+        return Move(facts.status, S.PAUSED, record.reason or "paused on request", {"phase": "paused", "eta_s": None})
     # A cancel the person asked for ends cancelled even when the trainer died of something else on the way.
     if record.outcome == Outcome.CANCELLED or facts.cancel_requested:
         return Move(facts.status, S.CANCELLED, record.reason or "cancelled on request")
@@ -248,8 +288,54 @@ def progress_text(step: int, total_steps: int | None) -> str:
 # -- a person's requests -------------------------------------------------------
 
 
-def answer(status: TaskStatus, action: Action) -> Answer:
-    """What `action` does to a task in `status`."""
+def answer(status: TaskStatus, action: Action, ask: Ask | None = None) -> Answer:
+    """What `action` does to a task in `status`.
+
+    | action | from                          | does                                                         |
+    | ------ | ----------------------------- | ------------------------------------------------------------ |
+    | pause  | queued                        | paused at once: held, it keeps its place but does not start   |
+    | pause  | preparing / training          | SIGUSR1: checkpoint at the next step, exit, `paused` (decide) |
+    | freeze | training, one process         | SIGSTOP to every process; paused, slot/GPUs still held        |
+    | resume | paused (suspended or held)    | queued, attempt N+1 if one ran; continues from its checkpoint  |
+    | resume | paused (frozen)               | SIGCONT; training again in the same processes                |
+    | retry  | failed / cancelled / interrupted | queued, attempt N+1, from the newest complete checkpoint   |
+    | extend | completed                     | queued with more epochs, attempt N+1, from its final state    |
+    | cancel | not final                     | stop (SIGTERM, then SIGKILL), or cancelled at once            |
+    | delete | without a process             | removed with its files                                        |
+    """
+    ask = ask or Ask()
+    if action == Action.PAUSE:
+        if status == S.QUEUED:
+            return Answer(move=Move(status, S.PAUSED, "held in the queue on request", {"phase": "held"}))
+        if status.has_process:
+            check_transition(status, S.PAUSED)  # `decide` makes it when the trainer's paused exit arrives
+            return Answer(suspend=True)
+        return Answer(refused=f"is {status}; only a queued or running task can be paused")
+    if action == Action.FREEZE:
+        if status != S.TRAINING:
+            return Answer(refused=f"is {status}; only a training task can be frozen (a queued one can be paused)")
+        if ask.processes > 1:
+            return Answer(
+                refused=f"runs {ask.processes} processes; freeze is for single-process runs, use pause (it checkpoints)"
+            )
+        frozen = Move(status, S.PAUSED, "frozen on request", {"phase": "frozen"}, keep_resources=True)
+        return Answer(freeze=True, move=frozen)
+    if action == Action.RESUME:
+        if status != S.PAUSED:
+            return Answer(refused=f"is {status}; only a paused task can be resumed")
+        if ask.frozen:
+            thaw = Move(status, S.TRAINING, "resumed on request", {"frozen_at": None, "phase": "training"})
+            gone = _requeue(status, ask, "resumed on request, but its frozen processes were gone")
+            return Answer(thaw=True, move=thaw, requeue=gone)
+        return Answer(move=_requeue(status, ask, "resumed on request"))
+    if action == Action.RETRY:
+        if status not in (S.FAILED, S.CANCELLED, S.INTERRUPTED):
+            return Answer(refused=f"is {status}; only a failed, cancelled or interrupted task can be retried")
+        return Answer(move=_requeue(status, ask, "retried on request"))
+    if action == Action.EXTEND:
+        if status != S.COMPLETED:
+            return Answer(refused=f"is {status}; only a completed task can be extended")
+        return Answer(move=_requeue(status, ask, "extended on request"))
     if action == Action.CANCEL:
         if status.is_final:
             return Answer(refused=f"is already {status}; there is nothing to cancel")
@@ -257,17 +343,32 @@ def answer(status: TaskStatus, action: Action) -> Answer:
             # Only legal because `decide` can end a running task cancelled: checked here, not assumed.
             check_transition(status, S.CANCELLED)
             return Answer(stop=True)
-        return Answer(move=Move(status, S.CANCELLED, "cancelled on request"))
+        # A frozen task's stopped processes are killed (SIGKILL ends a stopped process; SIGTERM would wait).
+        return Answer(move=Move(status, S.CANCELLED, "cancelled on request", stop_processes=ask.frozen))
     if action == Action.DELETE:
+        if ask.frozen:
+            return Answer(refused="is frozen and its processes still hold memory; cancel it before deleting it")
         if status.has_process:
             return Answer(refused=f"is {status}; cancel it before deleting it")
         return Answer(remove=True)
     raise ValueError(f"unknown action {action!r}")
 
 
-def actions(status: TaskStatus) -> tuple[str, ...]:
+def _requeue(status: TaskStatus, ask: Ask, why: str) -> Move:
+    """Back into the queue; a task that ran comes back as its next attempt, from its newest complete checkpoint."""
+    if not ask.ran:
+        return Move(status, S.QUEUED, why, {"phase": None, "error": None})
+    where = f"continues from step {ask.checkpoint_step}" if ask.checkpoint_step else "starts from the beginning"
+    if ask.checkpoint_step is None and status == S.COMPLETED:
+        where = "continues from its final state"
+    fields = {"attempt": ask.attempt + 1, "phase": None, "error": None, "pause_requested_at": None}
+    fields |= {"cancel_requested_at": None, "frozen_at": None, "finished_at": None}
+    return Move(status, S.QUEUED, f"{why}; attempt {ask.attempt + 1} {where}", fields)
+
+
+def actions(status: TaskStatus, ask: Ask | None = None) -> tuple[str, ...]:
     """The requests a task in `status` can take, in the order the page shows them."""
-    return tuple(a.value for a in Action if answer(status, a).refused is None)
+    return tuple(a.value for a in Action if answer(status, a, ask).refused is None)
 
 
 def deletable() -> frozenset[TaskStatus]:
@@ -282,7 +383,7 @@ STATUS_WORDS: dict[TaskStatus, tuple[str, str]] = {
     S.PREPARING: ("Preparing", "loading the model and the data"),
     S.TRAINING: ("Training", "training steps are running"),
     S.COMPLETED: ("Completed", "the adapter is ready"),
-    S.PAUSED: ("Paused", "stopped after a checkpoint; can resume"),
+    S.PAUSED: ("Paused", "stopped on request; resume continues it"),
     S.FAILED: ("Failed", "stopped with an error"),
     S.CANCELLED: ("Cancelled", "stopped on request"),
     S.INTERRUPTED: ("Interrupted", "the process died; waiting to resume from a checkpoint"),
@@ -290,6 +391,31 @@ STATUS_WORDS: dict[TaskStatus, tuple[str, str]] = {
 
 # label, hint (a button's tooltip), what the page says while it runs, and whether it destroys work.
 ACTION_WORDS: dict[Action, tuple[str, str, str, bool]] = {
+    Action.PAUSE: (
+        "Pause",
+        "Save a checkpoint at the next step and stop; its slot or GPUs are freed. Resume continues from there.",
+        "Pausing: saving a checkpoint at the next step…",
+        False,
+    ),
+    Action.FREEZE: (
+        "Freeze",
+        "Stop the process where it is (instant); its memory and GPUs stay held until resumed.",
+        "Freezing…",
+        False,
+    ),
+    Action.RESUME: ("Resume", "Continue training: back into the queue, or thaw a frozen run.", "Resuming…", False),
+    Action.RETRY: (
+        "Retry",
+        "Run it again as a new attempt, from its newest complete checkpoint.",
+        "Queueing the retry…",
+        False,
+    ),
+    Action.EXTEND: (
+        "Extend",
+        "Train a completed task for more epochs, from its final state, as a new attempt.",
+        "Queueing more epochs…",
+        False,
+    ),
     Action.CANCEL: (
         "Cancel",
         "Stop training now; the task ends as cancelled.",

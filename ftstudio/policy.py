@@ -12,7 +12,8 @@ from pathlib import Path
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 << 20
 DEFAULT_MAX_ROW_BYTES = 1 << 20
-DEFAULT_MAX_RUNNING = 8
+DEFAULT_MAX_PENDING = 100
+MAX_SLOTS = 256
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Policy:
     """Largest dataset upload (--max-upload-mb)."""
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
     """Largest single row of an uploaded dataset (--max-row-kb)."""
-    max_running: int = DEFAULT_MAX_RUNNING
-    """Most fine-tunes with a process at once that requests over HTTP may start (--max-running): 40 submits
-    in a few seconds must not start 40 trainers. Further requests get 429 until one ends."""
+    max_pending: int = DEFAULT_MAX_PENDING
+    """Most fine-tunes queued or running at once that requests over HTTP may add (--max-pending): the queue
+    runs them a slot at a time, but a script gone wrong must not fill the disk with task directories.
+    Further requests get 429 until one ends."""

@@ -110,6 +110,10 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1) -> int:
     task_id = task.path.name
     env = {**os.environ, TASK_ENV: task_id, "PYTHONUNBUFFERED": "1"}
     argv = trainer_command(task, module)
+    if attempt > 1:
+        # Every later attempt (resume, retry, extend) continues from the newest complete checkpoint;
+        # with none, the trainer starts from the beginning.
+        argv += ["--resume", "auto"]
     log(f"starting training for task {task_id} (attempt {attempt}): {' '.join(argv[1:])}")
     trainer = subprocess.Popen(
         argv, cwd=task.path, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, close_fds=True

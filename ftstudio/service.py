@@ -7,21 +7,25 @@ person can act on; the edges map those to HTTP codes and exit codes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
-from ftstudio import __version__, lifecycle, paths, procs, taskfiles
+from ftstudio import __version__, checkpoints, lifecycle, paths, procs, scheduler, taskfiles
 from ftstudio.config import TrainingConfig
 from ftstudio.errors import Conflict, LaunchError, NotFound, Problem, StorageError, TooBusy, ValidationError
 from ftstudio.executor import Executor, LocalExecutor
-from ftstudio.home import Home, TaskDir, write_json_atomic
+from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
 from ftstudio.lifecycle import Action
-from ftstudio.policy import Policy
+from ftstudio.policy import MAX_SLOTS, Policy
+from ftstudio.resources import Want, cuda_env, machine_gpus, want_of
+from ftstudio.scheduler import Grant, Plan, Waiting
 from ftstudio.storage import writing
 from ftstudio.store import LostRace, Store, Task
 from ftstudio.supervisor import Supervisor, heartbeat_age, launch_of
@@ -33,6 +37,7 @@ log = logging.getLogger("ftstudio")
 
 S = TaskStatus
 CANCEL_GRACE_S = 10.0
+DEFAULT_SLOTS = 1  # training slots for tasks without a GPU: one at a time, so two CPU runs never halve each other
 
 # `python train.py` in a task dir reproduces the task by hand (`python train.py --resume auto`
 # continues it from its newest complete checkpoint). Nothing from the user is in it: the entry
@@ -80,6 +85,8 @@ class Service:
         self.home = (home or Home.default()).ensure()
         self.policy = policy or Policy()
         self._admit = threading.Lock()
+        self._scheduling = threading.Lock()  # one plan at a time in this process (the store guards the rest)
+        self.gpus: tuple[int, ...] = machine_gpus()
         self._stopping: set[str] = set()  # tasks whose cancel is under way
         self._stopping_lock = threading.Lock()
         setup_logging(self.home)
@@ -111,6 +118,7 @@ class Service:
         from ftstudio import preflight  # the trainer's cheap checks: files exist, data parses
 
         preflight.check(cfg, self.home.root, max_row_bytes=None if trusted else self.policy.max_row_bytes)
+        self._check_gpus(cfg)
         # A name is text: control characters (terminal commands, bidi overrides) are dropped.
         name = " ".join(plain(name or "").split())[:200] or plain(f"{cfg.model.name} on {Path(cfg.data.path).name}")
         # Counted and recorded under one lock, so concurrent requests cannot all slip under the limit.
@@ -118,7 +126,12 @@ class Service:
             if not trusted:
                 self._check_room()
             task = self.store.create_task(
-                name=name, model=cfg.model.name, dataset=cfg.data.path, config=cfg.to_dict(), tasks_root=self.home.tasks
+                name=name,
+                model=cfg.model.name,
+                dataset=cfg.data.path,
+                config=cfg.to_dict(),
+                tasks_root=self.home.tasks,
+                priority=cfg.resources.priority,
             )
         tdir = task.dir
         try:
@@ -142,32 +155,102 @@ class Service:
             self.store.delete(task.id, only_if={S.QUEUED})
             raise
         log.info("task %s submitted: %s", task.id, name)
-        self.launch(task.id)
+        self.schedule()
         return self.store.get(task.id)
 
-    def _check_room(self) -> None:
-        running = len(self.store.with_status(S.QUEUED, S.PREPARING, S.TRAINING))
-        limit = self.policy.max_running
-        if running >= limit:
-            raise TooBusy(
-                f"{running} fine-tunes are already running, the most this studio starts at once for requests; "
-                f"wait for one to finish or cancel one (its owner can raise the limit with "
-                f"`ftstudio studio start --max-running N`)"
+    def _check_gpus(self, cfg: TrainingConfig) -> None:
+        """A request this machine can never meet is refused now, not left waiting forever."""
+        want = want_of(cfg.to_dict()["resources"], len(self.gpus))
+        have = (
+            f"GPUs {', '.join(map(str, self.gpus))}"
+            if self.gpus
+            else "no GPU that ftstudio can see (nvidia-smi lists none)"
+        )
+        missing = [n for n in want.gpu_ids if n not in self.gpus]
+        if missing:
+            raise ValidationError(
+                Problem("resources.gpu_ids (--gpu-ids)", f"GPU {missing[0]} is not on this machine; it has {have}")
+            )
+        if want.gpus > len(self.gpus):
+            fix = (
+                "leave --gpus unset or 0 to train on the CPU" if not self.gpus else f"ask for at most {len(self.gpus)}"
+            )
+            raise ValidationError(
+                Problem("resources.gpus (--gpus)", f"asks for {want.gpus} GPU(s) but this machine has {have}; {fix}")
             )
 
-    def launch(self, task_id: str) -> None:
-        """Start a queued task's runner. Claims the task first (compare-and-set), so two launchers never both start it."""
-        task = self.store.get(task_id)
+    def _check_room(self) -> None:
+        pending = len(self.store.with_status(S.QUEUED, S.PREPARING, S.TRAINING))
+        limit = self.policy.max_pending
+        if pending >= limit:
+            raise TooBusy(
+                f"{pending} fine-tunes are already queued or running, the most this studio takes from requests; "
+                f"wait for one to finish or cancel one (its owner can raise the limit with "
+                f"`ftstudio studio start --max-pending N`)"
+            )
+
+    # -- the queue -----------------------------------------------------------
+
+    def slots(self) -> int:
+        """Training slots for tasks without a GPU, as `studio start --slots` last set them in this home."""
+        value = self.store.setting("slots")
+        return int(value) if value and value.isdigit() else DEFAULT_SLOTS
+
+    def set_slots(self, slots: int) -> None:
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValidationError(f"--slots: must be between 1 and {MAX_SLOTS} (got {slots})")
+        with writing(self.home.root):
+            self.store.set_setting("slots", str(slots))
+
+    def plan(self) -> Plan:
+        """Who would start now, and why each other queued task waits."""
+        waiting = [
+            Waiting(t.id, self._want(t), t.priority or 0, t.created_at) for t in self.store.with_status(S.QUEUED)
+        ]
+        return scheduler.plan(waiting, self.store.leases(), slots=self.slots(), gpus=self.gpus)
+
+    def _want(self, task: Task) -> Want:
         try:
-            task = self.store.apply(task.id, lifecycle.claim())
+            return want_of(task.config_dict.get("resources") or {}, len(self.gpus))
+        except (ValueError, TypeError):  # a record from elsewhere: treat it as a plain CPU task
+            return Want()
+
+    def schedule(self) -> list[str]:
+        """Start every queued task whose resources are free, in queue order. Any thread, any process:
+        each start claims its task and its leases in one transaction, so nothing is started twice."""
+        started = []
+        with self._scheduling:
+            for grant in self.plan().starts:
+                try:
+                    if self.launch(grant):
+                        started.append(grant.task_id)
+                except LaunchError:
+                    log.exception("could not launch task %s", grant.task_id)
+        return started
+
+    launch_queued = schedule  # what the supervisor calls when a task ends and frees its resources
+
+    def launch(self, grant: Grant) -> bool:
+        """Start a queued task's runner with the resources granted to it. Claims the task and its leases first
+        (compare-and-set), so two launchers never both start it nor hand out the same GPU. False: lost a race."""
+        queued = self.store.get(grant.task_id)
+        resumed = None
+        if queued.attempt > 1:  # a later attempt continues from the newest complete checkpoint (the runner says so)
+            newest = checkpoints.find_resume_checkpoint(queued.dir.checkpoints)
+            resumed = checkpoints.step_of(newest) if newest else 0
+        try:
+            task = self.store.claim(grant.task_id, lifecycle.claim(), grant, resumed_from_step=resumed)
         except LostRace:
-            return
+            return False
         tdir = task.dir
         # A new attempt starts without the last one's records.
         for stale in (tdir.exit, tdir.launch, tdir.heartbeat):
             stale.unlink(missing_ok=True)
+        # Where the studio manages GPUs the task sees exactly its own (none for a CPU task); where it found
+        # none (no nvidia-smi), the environment is left alone rather than hiding GPUs it cannot count.
+        env = cuda_env(grant.gpu_ids) if self.gpus else {}
         try:
-            launch = self.executor.submit(tdir, attempt=task.attempt)
+            launch = self.executor.submit(tdir, attempt=task.attempt, env=env)
         except LaunchError as e:
             self.store.apply(task.id, lifecycle.launch_failed(str(e)))
             raise
@@ -179,14 +262,41 @@ class Service:
             pgid=launch.pgid,
             executor=self.executor.name,
         )
-        log.info("task %s launched (runner pid %s, attempt %s)", task.id, launch.pid, task.attempt)
+        held = ", ".join(grant.resources) or "no lease"
+        log.info("task %s launched (runner pid %s, attempt %s, %s)", task.id, launch.pid, task.attempt, held)
+        return True
 
-    def launch_queued(self) -> None:
-        for task in self.store.with_status(S.QUEUED):
-            try:
-                self.launch(task.id)
-            except LaunchError:
-                log.exception("could not launch task %s", task.id)
+    def queue(self) -> dict[str, Any]:
+        """What runs, what waits and for what (`ftstudio queue`, `GET /api/queue`)."""
+        if not self.in_server:
+            self._catch_up()
+        plan = self.plan()
+        running = []
+        for task in self.store.with_status(S.PREPARING, S.TRAINING):
+            running.append(
+                {"id": task.id, "name": task.name, "status": task.status, "resources": self.store.leases_of(task.id)}
+            )
+        waiting = []
+        queued = {t.id: t for t in self.store.with_status(S.QUEUED)}
+        for task_id, wait in sorted(plan.waits.items(), key=lambda kv: kv[1].position):
+            t = queued[task_id]
+            waiting.append(
+                {
+                    "id": t.id,
+                    "name": t.name,
+                    "priority": t.priority or 0,
+                    "position": wait.position,
+                    "reason": wait.reason,
+                    "blocked_by": list(wait.blocked_by),
+                }
+            )
+        return {"slots": self.slots(), "gpus": list(self.gpus), "running": running, "waiting": waiting}
+
+    def _catch_up(self) -> None:
+        """With no studio watching (the CLI alone), end what has ended and start what can start."""
+        for task in self.store.with_status(S.PREPARING, S.TRAINING):
+            self.supervisor.sync(task)
+        self.schedule()
 
     # -- reading -------------------------------------------------------------
 
@@ -196,6 +306,10 @@ class Service:
         if not self.in_server and task.status_enum.has_process:
             # No studio may be watching: bring the record up to date ourselves (compare-and-set makes this safe).
             self.supervisor.sync(task)
+            task = self.store.get(task_id)
+        elif not self.in_server and task.status_enum == S.QUEUED:
+            # It waits for others to end: with no studio watching, nobody else would notice they did.
+            self._catch_up()
             task = self.store.get(task_id)
         return task
 
@@ -207,8 +321,7 @@ class Service:
         if offset < 0:
             raise ValidationError("offset: must not be negative")
         if not self.in_server:
-            for task in self.store.with_status(S.PREPARING, S.TRAINING):
-                self.supervisor.sync(task)
+            self._catch_up()
         return self.store.list(limit=limit, offset=offset, status=status)
 
     def logs(self, task_id: str, offset: int = 0, limit: int = 64 << 10) -> dict[str, Any]:
@@ -246,12 +359,18 @@ class Service:
         escalation runs in a thread: an HTTP worker must not block for the grace period. The CLI waits,
         since nobody else would finish the job once it exits."""
         task = self.get(task_id)
-        answer = lifecycle.answer(task.status_enum, Action.CANCEL)
+        answer = lifecycle.answer(task.status_enum, Action.CANCEL, self._ask(task))
         if answer.refused:
             raise Conflict(f"task {task.id} {answer.refused}")
-        if answer.move is not None:  # no process to stop
+        if answer.move is not None:  # no process to stop, or a frozen one: killed outright, then cancelled
+            if answer.move.stop_processes:
+                self.executor.kill_all(task.id)
+                procs.wait_gone(task.id, 5.0)
             with writing(self.home.root):
-                return self.store.apply(task.id, answer.move)
+                task = self.store.apply(task.id, answer.move)
+            if answer.move.releases:
+                self.schedule()
+            return task
         # Recorded before the signal is sent, or the exit would read as an interruption: if the store
         # cannot be written, the task is left running and the person is told why.
         with writing(self.home.root):
@@ -283,9 +402,141 @@ class Service:
                 self._stopping.discard(task.id)
             self.supervisor.poke()
 
+    def pause(self, task_id: str, *, freeze: bool = False) -> Task:
+        """Pause a task. Suspend (the default): the trainer saves a checkpoint at its next step and exits,
+        freeing its slot or GPUs; a queued task is held. Freeze: SIGSTOP, instant, memory still held."""
+        task = self.get(task_id)
+        answer = lifecycle.answer(task.status_enum, Action.FREEZE if freeze else Action.PAUSE, self._ask(task))
+        if answer.refused:
+            raise Conflict(f"task {task.id} {answer.refused}")
+        launch = launch_of(task)
+        if answer.suspend:
+            # The runner answers SIGUSR1 only once it is up (it writes launch.json after its handlers are in place).
+            if launch is None or not task.dir.launch.exists():
+                raise Conflict(f"task {task.id} is still starting its training process; pause it again in a moment")
+            with writing(self.home.root):
+                self.store.update(task.id, expect=task.status_enum, pause_requested_at=time.time(), phase="pausing")
+            if not self.executor.signal(task.dir, launch, signal.SIGUSR1):
+                self.store.update(task.id, pause_requested_at=None, phase=task.phase)
+                raise Conflict(f"task {task.id} is ending by itself; there is nothing to pause")
+            log.info("task %s pausing on request: the trainer checkpoints at its next step", task.id)
+            return self.store.get(task.id)
+        if answer.freeze and answer.move is not None:
+            spare = launch.pid if launch else None
+            self.executor.signal_all(task.id, signal.SIGSTOP, spare=spare)
+            try:
+                with writing(self.home.root):
+                    task = self.store.apply(task.id, answer.move, frozen_at=time.time())
+            except (LostRace, StorageError):
+                self.executor.signal_all(task.id, signal.SIGCONT, spare=spare)  # it ended meanwhile: leave it be
+                raise
+            log.info("task %s frozen on request (its memory and %s stay held)", task.id, self._held(task.id))
+            return task
+        assert answer.move is not None
+        with writing(self.home.root):
+            return self.store.apply(task.id, answer.move)
+
+    def resume(self, task_id: str) -> Task:
+        """Continue a paused task: back into the queue from its checkpoint, or a frozen one thawed in place."""
+        task = self.get(task_id)
+        answer = lifecycle.answer(task.status_enum, Action.RESUME, self._ask(task, look=True))
+        if answer.refused:
+            raise Conflict(f"task {task.id} {answer.refused}")
+        assert answer.move is not None
+        move = answer.move
+        if answer.thaw:
+            launch = launch_of(task)
+            if launch is not None and self.executor.poll(task.dir, launch) == lifecycle.Liveness.ALIVE:
+                self.executor.signal_all(task.id, signal.SIGCONT, spare=launch.pid)
+            else:
+                assert answer.requeue is not None
+                move = answer.requeue  # gone while frozen (a reboot): continue from its checkpoint instead
+        with writing(self.home.root):
+            task = self.store.apply(task.id, move)
+        log.info("task %s: %s", task.id, move.reason)
+        if move.dst == S.QUEUED:
+            self.schedule()
+        return self.store.get(task.id)
+
+    def retry(self, task_id: str) -> Task:
+        """Run a failed, cancelled or interrupted task again as its next attempt, from its newest complete checkpoint."""
+        return self._requeue(task_id, Action.RETRY)
+
+    def extend(self, task_id: str, *, epochs: float | None = None, steps: int | None = None) -> Task:
+        """Train a completed task further, from its final state, as its next attempt of the same task."""
+        task = self.get(task_id)
+        config = task.config_dict
+        optim = config.setdefault("optim", {})
+        bounded_by_steps = (optim.get("max_steps") or -1) > 0
+        if (epochs is None) == (steps is None):
+            raise ValidationError("extend: give either --epochs N or --steps N (how much more to train)")
+        if epochs is not None:
+            if not 0 < epochs <= 10_000:
+                raise ValidationError(f"--epochs: must be above 0 and at most 10,000 (got {epochs:g})")
+            if bounded_by_steps:
+                raise ValidationError(
+                    f"task {task.id} stops at optim.max_steps={optim['max_steps']}; extend it with --steps N instead"
+                )
+            optim["epochs"] = float(optim.get("epochs") or 0) + epochs
+        if steps is not None:
+            if not 0 < steps <= 1_000_000_000:
+                raise ValidationError(f"--steps: must be between 1 and 1,000,000,000 (got {steps})")
+            if not bounded_by_steps:
+                raise ValidationError(
+                    f"task {task.id} trains for optim.epochs={optim.get('epochs')}; extend it with --epochs N instead"
+                )
+            optim["max_steps"] = int(optim["max_steps"]) + steps
+        cfg = TrainingConfig.from_dict(config)  # the same checks as a submit
+        return self._requeue(task_id, Action.EXTEND, config=cfg.to_dict())
+
+    def _requeue(self, task_id: str, action: Action, config: dict[str, Any] | None = None) -> Task:
+        task = self.get(task_id)
+        answer = lifecycle.answer(task.status_enum, action, self._ask(task, look=True))
+        if answer.refused:
+            raise Conflict(f"task {task.id} {answer.refused}")
+        assert answer.move is not None
+        fields: dict[str, Any] = {}
+        with writing(self.home.root):
+            if config is not None:
+                spec = read_json(task.dir.spec) or {}
+                write_json_atomic(task.dir.spec, {**spec, "config": config})
+                fields["config"] = json.dumps(config)
+            try:
+                task = self.store.apply(task.id, answer.move, **fields)
+            except LostRace:
+                if config is not None:
+                    write_json_atomic(task.dir.spec, spec)
+                raise
+        log.info("task %s: %s", task.id, answer.move.reason)
+        self.schedule()
+        return self.store.get(task.id)
+
+    def _ask(self, task: Task, *, look: bool = False) -> lifecycle.Ask:
+        """What the lifecycle needs beside the status; `look`: find the newest complete checkpoint (reads files)."""
+        resources = task.config_dict.get("resources") or {}
+        step = None
+        if look:
+            newest = checkpoints.find_resume_checkpoint(task.dir.checkpoints)
+            step = checkpoints.step_of(newest) if newest else None
+        return lifecycle.Ask(
+            frozen=bool(task.frozen_at),
+            processes=int(resources.get("processes") or 1),
+            attempt=task.attempt,
+            checkpoint_step=step,
+            ran=task.pid is not None or bool(self.store.attempts(task.id)),
+        )
+
+    def _held(self, task_id: str) -> str:
+        return ", ".join(self.store.leases_of(task_id)) or "no lease"
+
+    def history(self, task_id: str) -> dict[str, Any]:
+        """A task's attempts and every status it went through, with why."""
+        task = self.get(task_id)
+        return {"attempts": self.store.attempts(task.id), "transitions": self.store.history(task.id)}
+
     def delete(self, task_id: str) -> None:
         task = self.get(task_id)
-        refused = lifecycle.answer(task.status_enum, Action.DELETE).refused
+        refused = lifecycle.answer(task.status_enum, Action.DELETE, self._ask(task)).refused
         if refused:
             raise Conflict(f"task {task.id} {refused}")
         # A runner writes its exit record as its last act; give it a moment to be gone.
@@ -391,7 +642,8 @@ class Service:
 
     # -- presentation --------------------------------------------------------
 
-    def task_json(self, task: Task) -> dict[str, Any]:
+    def task_json(self, task: Task, waits: dict[str, scheduler.Wait] | None = None) -> dict[str, Any]:
+        """The task as the API and `--json` show it. `waits`: the queue's plan, when the caller made one for many."""
         row = dict(task.row)
         status = task.status_enum
         now = time.time()
@@ -402,11 +654,23 @@ class Service:
             elapsed_s=round((finished or now) - started, 1) if started else None,
             reattached=bool(row.get("reattached_at")) and status.has_process,
             heartbeat_age_s=heartbeat_age(task.dir) if status.has_process else None,
-            actions=list(lifecycle.actions(status)),
+            actions=list(lifecycle.actions(status, self._ask(task))),
+            resources=self.store.leases_of(task.id) if status.has_process or row.get("frozen_at") else [],
+            frozen=bool(row.get("frozen_at")),
+            attempts=self.store.attempts(task.id),
+            queue=self._queue_place(task, waits),
         )
-        for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at"):
+        for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at", "frozen_at"):
             row.pop(internal, None)
         return row
+
+    def _queue_place(self, task: Task, waits: dict[str, scheduler.Wait] | None) -> dict[str, Any] | None:
+        if task.status_enum != S.QUEUED:
+            return None
+        wait = (waits if waits is not None else self.plan().waits).get(task.id)
+        if wait is None:  # free to start: the next look of the scheduler starts it
+            return {"position": 0, "reason": "starting", "blocked_by": []}
+        return {"position": wait.position, "reason": wait.reason, "blocked_by": list(wait.blocked_by)}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "home": str(self.home.root)}

@@ -15,7 +15,6 @@ handle.
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import sqlite3
 import threading
@@ -27,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from ftstudio.errors import IllegalTransition, NotFound
+from ftstudio.eventrows import INT64, UnstorableEvent, latest_progress, num, text
 from ftstudio.home import TaskDir
 from ftstudio.lifecycle import Move, submitted
+from ftstudio.scheduler import Grant, Lease
 from ftstudio.task import TaskStatus, check_transition
 
 # Numbered migrations; the schema version is the number applied last. Append only.
@@ -90,14 +91,36 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX transitions_by_task ON transitions (task_id, id);
     """,
+    # 2: the queue: priorities, leases on slots and GPUs, settings kept in the home, attempts
+    """
+    ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN pause_requested_at REAL;
+    ALTER TABLE tasks ADD COLUMN frozen_at REAL;
+    CREATE INDEX tasks_in_queue ON tasks (status, priority DESC, created_at, id);
+    CREATE TABLE leases (
+        resource TEXT NOT NULL,
+        task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        shared INTEGER NOT NULL DEFAULT 0,
+        since REAL NOT NULL,
+        PRIMARY KEY (resource, task_id)
+    );
+    CREATE INDEX leases_by_task ON leases (task_id);
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE attempts (
+        task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        attempt INTEGER NOT NULL,
+        started_at REAL,
+        ended_at REAL,
+        end_reason TEXT,
+        resumed_from_step INTEGER,
+        PRIMARY KEY (task_id, attempt)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-
-# Fields of the latest progress that an event may carry into the task row.
-PROGRESS_FIELDS = ("step", "total_steps", "epoch", "total_epochs", "loss", "eval_loss", "lr", "tokens_per_s", "eta_s")
-
-
-INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
 
 # Errors that come from what a batch holds, not from the database: they cost only that task.
 # (OperationalError, a locked database or a full disk, is not among them: every task waits.)
@@ -106,15 +129,6 @@ DATA_ERRORS = (ValueError, TypeError, OverflowError, sqlite3.InterfaceError, sql
 
 class LostRace(IllegalTransition):
     """The task was not in the expected state any more: someone else changed it first."""
-
-
-class UnstorableEvent(ValueError):
-    """An event holds a value the store cannot keep (an integer past 64 bits)."""
-
-    def __init__(self, index: int, what: str) -> None:
-        super().__init__(what)
-        self.index = index
-        self.what = what
 
 
 @dataclass(frozen=True)
@@ -229,7 +243,9 @@ class Store:
 
     # -- tasks ---------------------------------------------------------------
 
-    def create_task(self, *, name: str, model: str, dataset: str, config: dict[str, Any], tasks_root: Path) -> Task:
+    def create_task(
+        self, *, name: str, model: str, dataset: str, config: dict[str, Any], tasks_root: Path, priority: int = 0
+    ) -> Task:
         now = time.time()
         first = submitted()
         for _ in range(10):
@@ -237,8 +253,8 @@ class Store:
             try:
                 with self.tx() as c:
                     c.execute(
-                        "INSERT INTO tasks (id, name, status, model, dataset, config, task_dir, created_at, updated_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO tasks (id, name, status, model, dataset, config, task_dir, created_at, updated_at,"
+                        " priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             task_id,
                             name,
@@ -249,6 +265,7 @@ class Store:
                             str(tasks_root / task_id),
                             now,
                             now,
+                            priority,
                         ),
                     )
                     c.execute(
@@ -284,9 +301,20 @@ class Store:
         """Make a move the lifecycle decided, with its fields and any of the caller's (a launch's pid)."""
         if not isinstance(move, Move) or move.src is None:
             raise TypeError(f"apply takes a lifecycle Move from a status, not {move!r}")
-        return self.transition(task_id, move.src, move.dst, reason=move.reason, **{**move.fields, **fields})
+        return self.transition(
+            task_id, move.src, move.dst, reason=move.reason, _release=move.releases, **{**move.fields, **fields}
+        )
 
-    def transition(self, task_id: str, src: TaskStatus, dst: TaskStatus, *, reason: str = "", **fields: Any) -> Task:
+    def transition(
+        self,
+        task_id: str,
+        src: TaskStatus,
+        dst: TaskStatus,
+        *,
+        reason: str = "",
+        _release: bool | None = None,
+        **fields: Any,
+    ) -> Task:
         """Move src -> dst (compare-and-set), writing `fields` and the history row in the same transaction.
 
         The studio's modules call `apply` with a lifecycle Move (tests/test_lifecycle.py checks that no
@@ -315,7 +343,90 @@ class Store:
                 "INSERT INTO transitions (task_id, ts, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
                 (task_id, now, src, dst, reason),
             )
+            if _release if _release is not None else not dst.has_process:
+                # The task's processes are gone: its slot or GPUs are free, and its attempt has ended,
+                # in the same transaction as the move, so no lease outlives the task that held it.
+                c.execute("DELETE FROM leases WHERE task_id = ?", (task_id,))
+                c.execute(
+                    "UPDATE attempts SET ended_at = ?, end_reason = ? WHERE task_id = ? AND ended_at IS NULL",
+                    (now, reason, task_id),
+                )
         return self.get(task_id)
+
+    # -- the queue -----------------------------------------------------------
+
+    def claim(self, task_id: str, move: Move, grant: Grant, *, resumed_from_step: int | None = None) -> Task:
+        """Take a queued task for launch with the resources the scheduler granted it, in one transaction:
+        the resources must still be free (another studio process or the CLI may have taken them since the
+        plan was made), then the move (compare-and-set), the leases and the new attempt's record."""
+        if move.src is None or move.dst != TaskStatus.PREPARING:
+            raise TypeError(f"claim takes the lifecycle's claim move, not {move!r}")
+        now = time.time()
+        with self.tx() as c:
+            for resource in grant.resources:
+                holders = c.execute("SELECT task_id, shared FROM leases WHERE resource = ?", (resource,)).fetchall()
+                if holders and (not grant.shared or not all(h["shared"] for h in holders)):
+                    raise LostRace(f"{resource} was taken by task {holders[0]['task_id']} first; nothing changed")
+            fields = {**move.fields, "updated_at": now, "started_at": now}
+            cols = ", ".join(f"{k} = ?" for k in fields)
+            row = c.execute(
+                f"UPDATE tasks SET status = ?, {cols} WHERE id = ? AND status = ? RETURNING attempt",
+                [move.dst, *fields.values(), task_id, move.src],
+            ).fetchone()
+            if row is None:
+                raise LostRace(f"task {task_id} is not {move.src} any more; nothing changed")
+            c.execute(
+                "INSERT INTO transitions (task_id, ts, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
+                (task_id, now, move.src, move.dst, move.reason),
+            )
+            c.executemany(
+                "INSERT INTO leases (resource, task_id, shared, since) VALUES (?, ?, ?, ?)",
+                [(r, task_id, int(grant.shared), now) for r in grant.resources],
+            )
+            c.execute(
+                "INSERT OR REPLACE INTO attempts (task_id, attempt, started_at, resumed_from_step) VALUES (?, ?, ?, ?)",
+                (task_id, row["attempt"], now, resumed_from_step),
+            )
+        return self.get(task_id)
+
+    def leases(self) -> list[Lease]:
+        rows = self._conn().execute("SELECT resource, task_id, shared FROM leases ORDER BY resource, since")
+        return [Lease(r["resource"], r["task_id"], bool(r["shared"])) for r in rows]
+
+    def leases_of(self, task_id: str) -> list[str]:
+        rows = self._conn().execute("SELECT resource FROM leases WHERE task_id = ? ORDER BY resource", (task_id,))
+        return [r[0] for r in rows]
+
+    def release_orphans(self) -> int:
+        """Drop leases whose task holds no process any more (a studio killed between a move and its
+        cleanup, a database copied from elsewhere). A frozen task keeps its lease: its memory is held."""
+        holding = [s.value for s in TaskStatus if s.has_process]
+        marks = ",".join("?" * len(holding))
+        with self.tx() as c:
+            return c.execute(
+                f"DELETE FROM leases WHERE task_id NOT IN (SELECT id FROM tasks WHERE status IN ({marks})"
+                " OR frozen_at IS NOT NULL)",
+                holding,
+            ).rowcount
+
+    def setting(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = ?",
+                (key, value, value),
+            )
+
+    def attempts(self, task_id: str) -> list[dict[str, Any]]:
+        rows = self._conn().execute(
+            "SELECT attempt, started_at, ended_at, end_reason, resumed_from_step FROM attempts"
+            " WHERE task_id = ? ORDER BY attempt",
+            (task_id,),
+        )
+        return [dict(r) for r in rows]
 
     def update(self, task_id: str, expect: TaskStatus | None = None, **fields: Any) -> bool:
         """Write non-status fields; with `expect`, only while the task is still in that state."""
@@ -389,7 +500,7 @@ class Store:
         return out
 
     def _ingest(self, c: sqlite3.Connection, batch: Batch, now: float) -> list[dict[str, Any]]:
-        latest = _latest_progress(batch.events)  # raises UnstorableEvent
+        latest = latest_progress(batch.events)  # raises UnstorableEvent
         latest.update(events_offset=batch.new_offset, updated_at=now)
         cols = ", ".join(f"{k} = ?" for k in latest)
         # Compare-and-set on the offset and the seq bump in one statement (no read first).
@@ -411,7 +522,7 @@ class Store:
                 step = None
             elif step not in INT64:
                 raise UnstorableEvent(i, "step is out of range")
-            rows.append((batch.task_id, ev["seq"], _text(ev["kind"])[:64], step, _num(ev.get("ts"), now), line))
+            rows.append((batch.task_id, ev["seq"], text(ev["kind"])[:64], step, num(ev.get("ts"), now), line))
         c.executemany("INSERT INTO events (task_id, seq, kind, step, ts, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
         return stored
 
@@ -425,69 +536,6 @@ class Store:
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
         return [{**json.loads(data), "seq": seq} for seq, data in self._conn().execute(sql, args)]
-
-
-def _num(value: Any, default: float) -> float:
-    """A time stamp from a file: anything but a finite number (10**400 too) is replaced, not stored."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return default
-    try:
-        number = float(value)
-    except OverflowError:
-        return default
-    return number if math.isfinite(number) else default
-
-
-def _text(value: str) -> str:
-    """Text SQLite can encode: a lone surrogate (JSON's "\\ud800") would fail the whole batch."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "replace").decode("utf-8")
-    return value
-
-
-def _latest_progress(evs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The task-row fields a batch of events leaves behind, as if each event were applied in turn.
-
-    Only the last event of each kind is looked at: a later event of a kind carries the same
-    fields as an earlier one, and looking at every event was a quarter of the studio's CPU
-    while supervising 20 busy tasks (bench/bench_supervisor.py).
-    """
-    last: dict[Any, int] = {}
-    for i, ev in enumerate(evs):
-        last[ev.get("kind")] = i
-    out: dict[str, Any] = {}
-    for i in sorted(last.values()):
-        try:
-            out.update(_progress_of(evs[i]))
-        except UnstorableEvent as e:
-            raise UnstorableEvent(i, e.what) from None
-    return out
-
-
-def _progress_of(ev: dict[str, Any]) -> dict[str, Any]:
-    """Which task-row fields an event updates."""
-    kind = ev.get("kind")
-    out: dict[str, Any] = {}
-    if kind in ("progress", "eval", "train_begin", "train_end"):
-        for k in PROGRESS_FIELDS:
-            v = ev.get(k)
-            t = type(v)  # not isinstance: a bool is an int too
-            if t is int:
-                if v not in INT64:
-                    raise UnstorableEvent(0, f"{k} is out of range")
-                out[k] = v
-            elif t is float and math.isfinite(v):  # NaN / Infinity read from a file: left out, like a missing value
-                out[k] = v
-    if kind == "status" and isinstance(ev.get("phase"), str):
-        out["phase"] = _text(ev["phase"][:64])
-    elif kind == "train_begin":
-        out["phase"] = "training"
-    elif kind == "train_end":
-        out["phase"] = "done"
-        out["eta_s"] = 0
-    return out
 
 
 def new_task_id(now: float | None = None) -> str:

@@ -35,7 +35,7 @@ import psutil
 from ftstudio.auth import Guard, binds_beyond_loopback, ip, load_or_create_token
 from ftstudio.errors import FtstudioError, StudioAlreadyRunning, ValidationError
 from ftstudio.home import Home, read_json, write_json_atomic
-from ftstudio.policy import Policy
+from ftstudio.policy import MAX_SLOTS, Policy
 from ftstudio.procs import Identity, Liveness, check
 
 log = logging.getLogger("ftstudio")
@@ -54,6 +54,8 @@ class ServerOptions:
     certfile: str | None = None
     keyfile: str | None = None
     policy: Policy = field(default_factory=Policy)
+    slots: int | None = None
+    """Training slots to remember in the home (--slots); None keeps what the home has."""
 
     @classmethod
     def checked(
@@ -69,7 +71,8 @@ class ServerOptions:
         allow_origins: list[str] | tuple[str, ...] = (),
         max_upload_mb: int = Policy.max_upload_bytes >> 20,
         max_row_kb: int = Policy.max_row_bytes >> 10,
-        max_running: int = Policy.max_running,
+        max_pending: int = Policy.max_pending,
+        slots: int | None = None,
     ) -> ServerOptions:
         """Build from the command line, every problem named with its flag."""
         problems: list[str] = []
@@ -79,8 +82,10 @@ class ServerOptions:
             problems.append(f"--max-upload-mb: must be between 1 and {MAX_UPLOAD_MB} (got {max_upload_mb})")
         if not 1 <= max_row_kb <= 1 << 20:
             problems.append(f"--max-row-kb: must be between 1 and {1 << 20} (got {max_row_kb})")
-        if not 1 <= max_running <= 1024:
-            problems.append(f"--max-running: must be between 1 and 1024 (got {max_running})")
+        if not 1 <= max_pending <= 100_000:
+            problems.append(f"--max-pending: must be between 1 and 100000 (got {max_pending})")
+        if slots is not None and not 1 <= slots <= MAX_SLOTS:
+            problems.append(f"--slots: must be between 1 and {MAX_SLOTS} (got {slots})")
         roots = []
         for raw in allow_paths:
             path = Path(raw).expanduser()
@@ -116,7 +121,7 @@ class ServerOptions:
             allow_origins=tuple(origins),
             max_upload_bytes=max_upload_mb << 20,
             max_row_bytes=max_row_kb << 10,
-            max_running=max_running,
+            max_pending=max_pending,
         )
         return cls(
             host=host,
@@ -124,6 +129,7 @@ class ServerOptions:
             certfile=str(Path(certfile).resolve()) if certfile else None,
             keyfile=str(Path(keyfile).resolve()) if keyfile else None,
             policy=policy,
+            slots=slots,
         )
 
     def argv(self) -> list[str]:
@@ -139,7 +145,9 @@ class ServerOptions:
         for origin in p.allow_origins:
             out += ["--allow-origin", origin]
         out += ["--max-upload-mb", str(p.max_upload_bytes >> 20), "--max-row-kb", str(p.max_row_bytes >> 10)]
-        out += ["--max-running", str(p.max_running)]
+        out += ["--max-pending", str(p.max_pending)]
+        if self.slots is not None:
+            out += ["--slots", str(self.slots)]
         if self.certfile and self.keyfile:
             out += ["--certfile", self.certfile, "--keyfile", self.keyfile]
         return out
@@ -241,7 +249,12 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
     service.supervisor.streamed = broker.streamed
     service.executor.on_exit = service.supervisor.poke  # a runner we started ended: read its exit record now
 
+    if options.slots is not None:
+        service.set_slots(options.slots)
     verdicts = service.supervisor.reconcile_all()  # before the API answers anything
+    released = service.store.release_orphans()  # leases of tasks that ended while no studio watched
+    if released:
+        log.info("released %d lease(s) of tasks that are no longer running", released)
     watched = len(service.supervisor.watched())
     log.info(
         "studio started (pid %s) on http://%s:%s/: %d running task(s) reattached, %d decided at start-up",

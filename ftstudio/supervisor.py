@@ -82,7 +82,7 @@ class Supervisor:
         *,
         notify: Callable[[set[str]], None] | None = None,
         streamed: Callable[[], set[str]] | None = None,
-        launch_queued: Callable[[], None] | None = None,
+        launch_queued: Callable[[], object] | None = None,
     ) -> None:
         self.store = store
         self.home = home
@@ -243,6 +243,9 @@ class Supervisor:
                 self.executor.kill_all(task.id)  # orphans of a dead runner must not keep writing
         log.info("task %s %s: %s", task.id, move.dst, move.reason)
         self._doubts.discard(task.id)
+        if move.releases and self.launch_queued:
+            # Its slot or GPUs are free now: the next queued task starts at once, not at the next scan.
+            self.launch_queued()
         return Verdict(task.id, move.dst, move.reason)
 
     # -- all tasks -----------------------------------------------------------

@@ -2,8 +2,9 @@
 
     queued ──> preparing ──> training ──> completed
        │           │  └────────┬──┴──> failed / cancelled / paused / interrupted
-       └───────────┴──> cancelled / failed
-    paused / interrupted / failed ──> queued (resume, retry)
+       └───────────┴──> cancelled / failed / paused (held in the queue)
+    paused / interrupted ──> queued (resume)        paused (frozen) ──> training (thaw)
+    failed / cancelled ──> queued (retry)           completed ──> queued (extend)
 
 Every status change in the store goes through `check_transition`; an illegal
 move raises instead of silently overwriting (rq's unguarded set_status is the
@@ -26,9 +27,10 @@ class TaskStatus(enum.StrEnum):
     TRAINING = "training"
     """The trainer has taken its first step; progress events are flowing."""
     COMPLETED = "completed"
-    """The trainer exited 0 and the final adapter is on disk."""
+    """The trainer exited 0 and the final adapter is on disk (`extend` can train it further)."""
     PAUSED = "paused"
-    """Stopped on request after a checkpoint; resumes from it."""
+    """Stopped on request: suspended (a checkpoint saved, no process left, resumes from it), frozen
+    (every process stopped with SIGSTOP, its memory and GPUs still held) or held before it started."""
     FAILED = "failed"
     """The trainer reported an error or died and cannot resume; `error` says why."""
     CANCELLED = "cancelled"
@@ -50,14 +52,14 @@ S = TaskStatus
 FINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    S.QUEUED: frozenset({S.PREPARING, S.CANCELLED, S.FAILED}),
+    S.QUEUED: frozenset({S.PREPARING, S.CANCELLED, S.FAILED, S.PAUSED}),
     S.PREPARING: frozenset({S.TRAINING, S.COMPLETED, S.FAILED, S.CANCELLED, S.PAUSED, S.INTERRUPTED}),
     S.TRAINING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED, S.PAUSED, S.INTERRUPTED}),
-    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED}),
+    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED, S.TRAINING}),
     S.INTERRUPTED: frozenset({S.QUEUED, S.FAILED, S.CANCELLED}),
     S.FAILED: frozenset({S.QUEUED}),
-    S.COMPLETED: frozenset(),
-    S.CANCELLED: frozenset(),
+    S.COMPLETED: frozenset({S.QUEUED}),
+    S.CANCELLED: frozenset({S.QUEUED}),
 }
 
 

@@ -104,10 +104,11 @@ class Studio:
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=30)
 
-    def start(self, **extra_env: str) -> Studio:
+    def start(self, *flags: str, **extra_env: str) -> Studio:
+        """Serve with these extra flags of `studio serve` (e.g. "--slots", "2") and environment."""
         out = open(self.home.parent / "studio-stdout.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ftstudio", "studio", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "ftstudio", "studio", "serve", "--port", str(self.port), *flags],
             env={**self.env, **extra_env},
             stdout=out,
             stderr=subprocess.STDOUT,

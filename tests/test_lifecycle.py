@@ -16,6 +16,7 @@ from ftstudio.lifecycle import (
     NEVER_STARTED,
     UNEXPECTED,
     Action,
+    Ask,
     ExitRecord,
     Facts,
     Liveness,
@@ -168,7 +169,9 @@ def test_the_whole_fact_space_gives_only_legal_moves_and_keeps_doubt(status: S) 
             continue
         if move is not None:
             assert move.src == status and move.dst in TRANSITIONS[status]
-            assert move.dst.is_final  # today every verdict ends the task (interrupted comes with resume)
+            # Every verdict ends the task's processes: it ends, or it paused as a pause asked (its exit record says so).
+            assert move.dst.is_final or (move.dst == S.PAUSED and record is not None and record.outcome == "paused")
+            assert move.releases
             assert move.reason
         if not current and liveness in (Liveness.ALIVE, Liveness.UNKNOWN):
             assert move is None, "never dead on doubt, never dead while alive"
@@ -241,25 +244,26 @@ def test_exit_records_are_read_without_trusting_them(record: dict[str, Any], rea
 
 # -- requests and actions ------------------------------------------------------
 
-# (status, action) -> what happens: "move:<dst>", "stop", "remove" or "refused".
+# (status, action) -> what happens to a task that ran once, single-process, not frozen:
+# "move:<dst>", "stop", "suspend", "freeze", "remove" or "refused".
 REQUESTS: dict[tuple[S, Action], str] = {
+    (S.QUEUED, Action.PAUSE): "move:paused",
+    (S.PREPARING, Action.PAUSE): "suspend",
+    (S.TRAINING, Action.PAUSE): "suspend",
+    (S.TRAINING, Action.FREEZE): "freeze",
+    (S.PAUSED, Action.RESUME): "move:queued",
+    (S.FAILED, Action.RETRY): "move:queued",
+    (S.CANCELLED, Action.RETRY): "move:queued",
+    (S.INTERRUPTED, Action.RETRY): "move:queued",
+    (S.COMPLETED, Action.EXTEND): "move:queued",
     (S.QUEUED, Action.CANCEL): "move:cancelled",
     (S.PREPARING, Action.CANCEL): "stop",
     (S.TRAINING, Action.CANCEL): "stop",
     (S.PAUSED, Action.CANCEL): "move:cancelled",
     (S.INTERRUPTED, Action.CANCEL): "move:cancelled",
-    (S.COMPLETED, Action.CANCEL): "refused",
-    (S.FAILED, Action.CANCEL): "refused",
-    (S.CANCELLED, Action.CANCEL): "refused",
-    (S.QUEUED, Action.DELETE): "remove",
-    (S.PREPARING, Action.DELETE): "refused",
-    (S.TRAINING, Action.DELETE): "refused",
-    (S.PAUSED, Action.DELETE): "remove",
-    (S.INTERRUPTED, Action.DELETE): "remove",
-    (S.COMPLETED, Action.DELETE): "remove",
-    (S.FAILED, Action.DELETE): "remove",
-    (S.CANCELLED, Action.DELETE): "remove",
+    **{(s, Action.DELETE): "remove" for s in S if not s.has_process},
 }
+REQUESTS = {(s, a): REQUESTS.get((s, a), "refused") for s in S for a in Action}
 
 
 def test_the_request_table_covers_every_status_and_action() -> None:
@@ -268,35 +272,74 @@ def test_the_request_table_covers_every_status_and_action() -> None:
 
 @pytest.mark.parametrize(("status", "action"), list(REQUESTS))
 def test_requests(status: S, action: Action) -> None:
-    got = answer(status, action)
-    kinds = [got.move is not None, got.stop, got.remove, got.refused is not None]
-    assert sum(kinds) == 1, "exactly one thing happens"
+    got = answer(status, action, Ask(attempt=3, checkpoint_step=40))
     want = REQUESTS[status, action]
     if want.startswith("move:"):
         assert got.move is not None and got.move.src == status and got.move.dst == want[5:]
-        assert got.move.reason == "cancelled on request"
+        assert not (got.stop or got.suspend or got.freeze or got.thaw or got.remove or got.refused)
+        if want == "move:queued":  # the next attempt, from the checkpoint, with the last attempt's marks cleared
+            assert got.move.fields["attempt"] == 4 and got.move.fields["error"] is None
+            assert got.move.reason.endswith("on request; attempt 4 continues from step 40")
+            assert got.move.fields["cancel_requested_at"] is None and got.move.fields["finished_at"] is None
     elif want == "stop":
-        assert got.stop
+        assert got.stop and got.move is None
         # ...and the process's end is then decided cancelled, whatever killed it.
         assert decide(Facts(status, liveness=Liveness.DEAD, cancel_requested=True)).dst == S.CANCELLED
+    elif want == "suspend":
+        assert got.suspend and got.move is None
+        # ...and the trainer's paused exit is then decided paused, freeing what it held.
+        move = decide(Facts(status, liveness=Liveness.DEAD, exit=ExitRecord("paused", "paused at step 7")))
+        assert move is not None and move.dst == S.PAUSED and move.releases and move.reason == "paused at step 7"
+    elif want == "freeze":
+        assert got.freeze and got.move is not None and got.move.dst == S.PAUSED
+        assert got.move.keep_resources and not got.move.releases  # its memory and GPUs are still in use
     elif want == "remove":
-        assert got.remove
+        assert got.remove and got.move is None
     else:
-        assert got.refused and got.refused.startswith("is ")
+        assert got.refused and got.refused.startswith(("is ", "runs ")) and got.move is None
+
+
+def test_requests_that_depend_on_more_than_the_status() -> None:
+    # Freeze is for single-process runs: stopping some ranks of a torchrun job would hang the others.
+    refused = answer(S.TRAINING, Action.FREEZE, Ask(processes=2)).refused
+    assert refused == "runs 2 processes; freeze is for single-process runs, use pause (it checkpoints)"
+    # A frozen task thaws in place, or goes back to the queue when its processes died meanwhile.
+    thaw = answer(S.PAUSED, Action.RESUME, Ask(frozen=True, attempt=1, checkpoint_step=20))
+    assert thaw.thaw and thaw.move is not None and thaw.move.dst == S.TRAINING and thaw.move.fields["frozen_at"] is None
+    assert thaw.requeue is not None and thaw.requeue.dst == S.QUEUED and thaw.requeue.fields["attempt"] == 2
+    # A frozen task's processes are killed when it is cancelled, and it cannot be deleted with them alive.
+    cancel = answer(S.PAUSED, Action.CANCEL, Ask(frozen=True)).move
+    assert cancel is not None and cancel.stop_processes and cancel.dst == S.CANCELLED
+    assert answer(S.PAUSED, Action.DELETE, Ask(frozen=True)).refused
+    # Held before it ever started: resuming puts it back as the same first attempt.
+    held = answer(S.PAUSED, Action.RESUME, Ask(ran=False)).move
+    assert held is not None and held.dst == S.QUEUED and "attempt" not in held.fields
+    # No checkpoint: the next attempt says it starts over; a completed task continues from its final state.
+    fresh = answer(S.FAILED, Action.RETRY, Ask(attempt=1)).move
+    assert fresh is not None and fresh.reason == "retried on request; attempt 2 starts from the beginning"
+    more = answer(S.COMPLETED, Action.EXTEND, Ask(attempt=1)).move
+    assert more is not None and more.reason == "extended on request; attempt 2 continues from its final state"
+
+
+def test_a_cancel_wins_over_a_paused_exit() -> None:
+    facts = Facts(S.TRAINING, liveness=Liveness.DEAD, exit=ExitRecord("paused", "paused"), cancel_requested=True)
+    move = decide(facts)
+    assert move is not None and move.dst == S.CANCELLED
 
 
 def test_actions_are_the_requests_not_refused() -> None:
-    # The table the service kept before the lifecycle derived it: the page's buttons must not change.
     assert {s: lifecycle.actions(s) for s in S} == {
-        S.QUEUED: ("cancel", "delete"),
-        S.PREPARING: ("cancel",),
-        S.TRAINING: ("cancel",),
-        S.PAUSED: ("cancel", "delete"),
-        S.INTERRUPTED: ("cancel", "delete"),
-        S.COMPLETED: ("delete",),
-        S.FAILED: ("delete",),
-        S.CANCELLED: ("delete",),
+        S.QUEUED: ("pause", "cancel", "delete"),
+        S.PREPARING: ("pause", "cancel"),
+        S.TRAINING: ("pause", "freeze", "cancel"),
+        S.PAUSED: ("resume", "cancel", "delete"),
+        S.INTERRUPTED: ("retry", "cancel", "delete"),
+        S.COMPLETED: ("extend", "delete"),
+        S.FAILED: ("retry", "delete"),
+        S.CANCELLED: ("retry", "delete"),
     }
+    assert lifecycle.actions(S.TRAINING, Ask(processes=4)) == ("pause", "cancel")
+    assert lifecycle.actions(S.PAUSED, Ask(frozen=True)) == ("resume", "cancel")
     assert lifecycle.deletable() == {s for s in S if not s.has_process}
 
 

@@ -24,8 +24,8 @@ STATUS_SQL = re.compile(
     r"\bSET\b(?:(?!\bWHERE\b).)*\bstatus\s*=|\bINSERT\s+(?:OR\s+\w+\s+)?INTO\s+(?:tasks|transitions)\b",
     re.IGNORECASE | re.DOTALL,
 )
-# Where the store writes a status: applying a move, and a new task's first.
-STORE_WRITERS = {"transition", "create_task"}
+# Where the store writes a status: applying a move, a claim (a move with its leases), and a new task's first.
+STORE_WRITERS = {"transition", "claim", "create_task"}
 
 
 def _called(node: ast.Call) -> str:

@@ -3,8 +3,10 @@ import threading
 
 import pytest
 
+from ftstudio import lifecycle
 from ftstudio.errors import IllegalTransition, NotFound
 from ftstudio.home import TASK_ID_RE
+from ftstudio.scheduler import Grant
 from ftstudio.store import SCHEMA_VERSION, Batch, LostRace, Refused, Store, UnstorableEvent, new_task_id
 from ftstudio.task import TaskStatus as S
 
@@ -195,3 +197,81 @@ def test_values_the_row_cannot_show_are_left_out_not_fatal(store, tmp_path):
     assert len(stored) == 3
     row = store.get(t.id)
     assert (row.step, row.loss, row.lr, row.phase) == (3, None, None, "saving?")
+
+
+# -- the queue's records ---------------------------------------------------------
+
+
+def test_a_claim_takes_the_task_and_its_leases_in_one_transaction(store, tmp_path):
+    a, b = make(store, tmp_path, "a"), make(store, tmp_path, "b")
+    store.claim(a.id, lifecycle.claim(), Grant(a.id, ("gpu:0", "gpu:1")))
+    assert store.get(a.id).status == S.PREPARING and store.leases_of(a.id) == ["gpu:0", "gpu:1"]
+    assert store.attempts(a.id) == [
+        {"attempt": 1, "started_at": store.get(a.id).started_at, "ended_at": None, "end_reason": None,
+         "resumed_from_step": None}
+    ]  # fmt: skip
+    # The GPU went to `a` after `b`'s plan was made: b's claim changes nothing, not even its status.
+    with pytest.raises(LostRace, match="gpu:1 was taken by task"):
+        store.claim(b.id, lifecycle.claim(), Grant(b.id, ("gpu:1",)))
+    assert store.get(b.id).status == S.QUEUED and store.leases_of(b.id) == []
+    # Claimed twice: the second loses on the status.
+    with pytest.raises(LostRace):
+        store.claim(a.id, lifecycle.claim(), Grant(a.id, ("gpu:2",)))
+    assert store.leases_of(a.id) == ["gpu:0", "gpu:1"]
+
+
+def test_shared_gpus_only_among_tasks_that_share(store, tmp_path):
+    a, b, c = (make(store, tmp_path, n) for n in "abc")
+    store.claim(a.id, lifecycle.claim(), Grant(a.id, ("gpu:0",), shared=True))
+    store.claim(b.id, lifecycle.claim(), Grant(b.id, ("gpu:0",), shared=True))
+    with pytest.raises(LostRace):
+        store.claim(c.id, lifecycle.claim(), Grant(c.id, ("gpu:0",)))
+    assert {(lease.task_id, lease.shared) for lease in store.leases()} == {(a.id, True), (b.id, True)}
+
+
+def test_a_move_off_the_machine_releases_the_leases_and_ends_the_attempt(store, tmp_path):
+    a = make(store, tmp_path, "a")
+    store.claim(a.id, lifecycle.claim(), Grant(a.id, ("slot:0",)))
+    store.apply(a.id, lifecycle.training_began(S.PREPARING))
+    assert store.leases_of(a.id) == ["slot:0"]  # still running
+    freeze = lifecycle.answer(S.TRAINING, lifecycle.Action.FREEZE).move
+    store.apply(a.id, freeze, frozen_at=1.0)
+    assert store.leases_of(a.id) == ["slot:0"]  # frozen: its memory is still held
+    assert store.release_orphans() == 0
+    store.apply(a.id, lifecycle.answer(S.PAUSED, lifecycle.Action.CANCEL).move)
+    assert store.leases() == []
+    [attempt] = store.attempts(a.id)
+    assert attempt["ended_at"] is not None and attempt["end_reason"] == "cancelled on request"
+
+
+def test_orphan_leases_are_released_and_settings_are_kept(store, tmp_path):
+    a = make(store, tmp_path, "a")
+    store.claim(a.id, lifecycle.claim(), Grant(a.id, ("slot:0",)))
+    # A task moved by an older studio, or a database copied from elsewhere: the lease outlived it.
+    with store.tx() as c:
+        c.execute("UPDATE tasks SET status = 'failed' WHERE id = ?", (a.id,))
+    assert store.release_orphans() == 1 and store.leases() == []
+    assert store.setting("slots") is None
+    store.set_setting("slots", "3")
+    store.set_setting("slots", "4")
+    assert Store(store.path).setting("slots") == "4"
+
+
+def test_a_version_1_home_is_migrated_with_its_tasks(tmp_path):
+    import sqlite3
+
+    from ftstudio.store import MIGRATIONS
+
+    conn = sqlite3.connect(tmp_path / "old.db")
+    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute(
+        "INSERT INTO tasks (id, name, status, model, dataset, config, task_dir, created_at, updated_at)"
+        " VALUES ('20261101-0000-aaaaaaaa', 'old', 'training', 'm', 'd', '{}', '/x', 1, 1)"
+    )
+    conn.commit()
+    conn.close()
+    store = Store(tmp_path / "old.db")
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    task = store.get("20261101-0000-aaaaaaaa")
+    assert task.status == "training" and task.priority == 0 and task.frozen_at is None
+    assert store.leases() == [] and store.attempts(task.id) == []

@@ -4,11 +4,10 @@ from ftstudio.errors import IllegalTransition
 from ftstudio.task import FINAL, TRANSITIONS, TaskStatus, check_transition
 
 
-def test_every_state_has_a_row_and_final_states_only_leave_by_retry():
+def test_every_state_has_a_row_and_final_states_only_leave_by_retry_or_extend():
     assert set(TRANSITIONS) == set(TaskStatus)
-    assert TRANSITIONS[TaskStatus.COMPLETED] == frozenset()
-    assert TRANSITIONS[TaskStatus.CANCELLED] == frozenset()
-    assert TRANSITIONS[TaskStatus.FAILED] == {TaskStatus.QUEUED}
+    for final in FINAL:
+        assert TRANSITIONS[final] == {TaskStatus.QUEUED}  # retry, or extend of a completed task
 
 
 def test_every_state_is_reachable_from_queued():
@@ -26,7 +25,7 @@ def test_every_state_is_reachable_from_queued():
     [
         (TaskStatus.COMPLETED, TaskStatus.TRAINING),
         (TaskStatus.QUEUED, TaskStatus.TRAINING),
-        (TaskStatus.CANCELLED, TaskStatus.QUEUED),
+        (TaskStatus.CANCELLED, TaskStatus.TRAINING),
         (TaskStatus.TRAINING, TaskStatus.PREPARING),
     ],
 )

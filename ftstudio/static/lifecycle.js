@@ -11,6 +11,7 @@ export const LIFECYCLE = {
       "final": false,
       "has_process": false,
       "actions": [
+        "pause",
         "cancel",
         "delete"
       ]
@@ -22,6 +23,7 @@ export const LIFECYCLE = {
       "final": false,
       "has_process": true,
       "actions": [
+        "pause",
         "cancel"
       ]
     },
@@ -32,6 +34,8 @@ export const LIFECYCLE = {
       "final": false,
       "has_process": true,
       "actions": [
+        "pause",
+        "freeze",
         "cancel"
       ]
     },
@@ -42,16 +46,18 @@ export const LIFECYCLE = {
       "final": true,
       "has_process": false,
       "actions": [
+        "extend",
         "delete"
       ]
     },
     {
       "status": "paused",
       "label": "Paused",
-      "hint": "stopped after a checkpoint; can resume",
+      "hint": "stopped on request; resume continues it",
       "final": false,
       "has_process": false,
       "actions": [
+        "resume",
         "cancel",
         "delete"
       ]
@@ -63,6 +69,7 @@ export const LIFECYCLE = {
       "final": true,
       "has_process": false,
       "actions": [
+        "retry",
         "delete"
       ]
     },
@@ -73,6 +80,7 @@ export const LIFECYCLE = {
       "final": true,
       "has_process": false,
       "actions": [
+        "retry",
         "delete"
       ]
     },
@@ -83,12 +91,48 @@ export const LIFECYCLE = {
       "final": false,
       "has_process": false,
       "actions": [
+        "retry",
         "cancel",
         "delete"
       ]
     }
   ],
   "actions": [
+    {
+      "action": "pause",
+      "label": "Pause",
+      "hint": "Save a checkpoint at the next step and stop; its slot or GPUs are freed. Resume continues from there.",
+      "pending": "Pausing: saving a checkpoint at the next step…",
+      "destructive": false
+    },
+    {
+      "action": "freeze",
+      "label": "Freeze",
+      "hint": "Stop the process where it is (instant); its memory and GPUs stay held until resumed.",
+      "pending": "Freezing…",
+      "destructive": false
+    },
+    {
+      "action": "resume",
+      "label": "Resume",
+      "hint": "Continue training: back into the queue, or thaw a frozen run.",
+      "pending": "Resuming…",
+      "destructive": false
+    },
+    {
+      "action": "retry",
+      "label": "Retry",
+      "hint": "Run it again as a new attempt, from its newest complete checkpoint.",
+      "pending": "Queueing the retry…",
+      "destructive": false
+    },
+    {
+      "action": "extend",
+      "label": "Extend",
+      "hint": "Train a completed task for more epochs, from its final state, as a new attempt.",
+      "pending": "Queueing more epochs…",
+      "destructive": false
+    },
     {
       "action": "cancel",
       "label": "Cancel",

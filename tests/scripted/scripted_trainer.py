@@ -14,6 +14,7 @@ spec.json, e.g. "scripted steps=30 delay=0.1 exit=1 hang=1":
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,7 +38,14 @@ def main() -> int:
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     task_dir = spec_path.parent
     with EventWriter(task_dir / "events.jsonl") as ev:
-        ev.emit("status", phase="loading_model", message="scripted")
+        # What the studio handed it: the queue's tests check which GPUs a task was given.
+        ev.emit(
+            "status",
+            phase="loading_model",
+            message="scripted",
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            cuda_device_order=os.environ.get("CUDA_DEVICE_ORDER"),
+        )
         ev.emit("train_begin", total_steps=steps, total_epochs=1)
         for step in range(1, steps + 1):
             time.sleep(delay)

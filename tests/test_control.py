@@ -1,0 +1,141 @@
+"""Pause, resume, retry and extend with real processes through a real studio (a scripted trainer
+under the real runner; the suspend checkpoint of the real trainer has its own tests)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from support import Studio, cli_json, run_cli, wait_for
+
+from ftstudio.home import read_json
+from ftstudio.procs import tagged
+
+
+def submit(studio: Studio, name: str, **config: Any) -> str:
+    r = studio.http.post("/api/tasks", json={"name": name, "config": {"preset": "cpu-demo", **config}})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def post(studio: Studio, path: str, **kw: Any) -> dict[str, Any]:
+    r = studio.http.post(path, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def trainer_pid(home: Path, task_id: str) -> int:
+    return read_json(home / "tasks" / task_id / "launch.json")["trainer_pid"]
+
+
+@pytest.mark.timeout(300)
+def test_freeze_holds_the_same_process_still_through_a_studio_restart(home: Path, studio_factory: Any) -> None:
+    studio = studio_factory(scripted=True).start()
+    tid = submit(studio, "scripted steps=60 delay=0.1")
+    waiting = submit(studio, "scripted steps=3 delay=0.05")
+    wait_for(lambda: studio.task(tid)["step"] >= 3, what="training to start")
+    pid = trainer_pid(home, tid)
+    frozen = post(studio, f"/api/tasks/{tid}/pause", params={"freeze": "true"})
+    assert frozen["status"] == "paused" and frozen["phase"] == "frozen" and frozen["frozen"] is True
+    assert frozen["actions"] == ["resume", "cancel"] and frozen["resources"] == ["slot:0"]
+    assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    step = studio.task(tid)["step"]
+    time.sleep(1.5)
+    assert studio.task(tid)["step"] == step  # frozen: not one step more
+    assert studio.task(waiting)["status"] == "queued"  # its slot is still held: the memory is in use
+
+    studio.kill(signal.SIGKILL)
+    again = studio_factory(scripted=True, port=studio.port).start()
+    still = again.task(tid)
+    assert still["status"] == "paused" and still["frozen"] is True and still["resources"] == ["slot:0"]
+    assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+    resumed = post(again, f"/api/tasks/{tid}/resume")
+    assert resumed["status"] == "training" and resumed["frozen"] is False and resumed["attempt"] == 1
+    wait_for(lambda: again.task(tid)["step"] > step, what="the same process to go on")
+    assert trainer_pid(home, tid) == pid  # the same process, not a new attempt
+    assert again.wait_status(tid, "completed", "failed")["status"] == "completed"
+    assert again.wait_status(waiting, "completed", "failed")["status"] == "completed"
+    history = again.http.get(f"/api/tasks/{tid}/history").json()
+    assert [t["dst"] for t in history["transitions"]] == [
+        "queued",
+        "preparing",
+        "training",
+        "paused",
+        "training",
+        "completed",
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_a_frozen_task_is_cancelled_with_every_process_and_frees_its_slot(home: Path, studio_factory: Any) -> None:
+    studio = studio_factory(scripted=True).start()
+    tid = submit(studio, "scripted steps=200 delay=0.1 child=1")
+    nxt = submit(studio, "scripted steps=3 delay=0.05")
+    wait_for(lambda: studio.task(tid)["step"] >= 2, what="training to start")
+    post(studio, f"/api/tasks/{tid}/pause", params={"freeze": "true"})
+    assert studio.http.delete(f"/api/tasks/{tid}").status_code == 409  # its processes still hold memory
+    cancelled = post(studio, f"/api/tasks/{tid}/cancel")
+    assert cancelled["status"] == "cancelled" and cancelled["resources"] == []
+    assert tagged(tid) == []
+    assert studio.wait_status(nxt, "completed", "failed")["status"] == "completed"
+
+
+@pytest.mark.timeout(300)
+def test_a_queued_task_can_be_held_and_released(home: Path, studio_factory: Any) -> None:
+    studio = studio_factory(scripted=True).start()
+    first = submit(studio, "scripted steps=30 delay=0.1")
+    held = submit(studio, "scripted steps=3 delay=0.05")
+    third = submit(studio, "scripted steps=3 delay=0.05")
+    paused = post(studio, f"/api/tasks/{held}/pause")
+    assert (
+        paused["status"] == "paused"
+        and paused["phase"] == "held"
+        and paused["actions"] == ["resume", "cancel", "delete"]
+    )
+    assert studio.task(third)["queue"]["position"] == 1  # the held task gave up its place
+    post(studio, f"/api/tasks/{first}/cancel")
+    assert studio.wait_status(third, "completed", "failed")["status"] == "completed"
+    assert studio.task(held)["status"] == "paused"  # held: the free slot did not start it
+    back = post(studio, f"/api/tasks/{held}/resume")
+    assert back["attempt"] == 1  # it never ran: the same first attempt
+    assert studio.wait_status(held, "completed", "failed")["status"] == "completed"
+
+
+@pytest.mark.timeout(300)
+def test_retry_and_extend_are_new_attempts_of_the_same_task(home: Path) -> None:
+    failed = run_cli(
+        home, "submit", "--preset", "cpu-demo", "--name", "scripted steps=3 exit=3", "--wait", scripted=True
+    )
+    assert failed.returncode == 1
+    tid = failed.stdout.strip()
+    retried = run_cli(home, "retry", tid, scripted=True)
+    assert retried.returncode == 0 and f"task {tid}" in retried.stdout and "(attempt 2)" in retried.stdout
+    done = wait_for(
+        lambda: (t := cli_json(home, "show", tid, scripted=True))["status"] in ("failed", "completed") and t
+    )
+    assert done["attempt"] == 2 and [a["attempt"] for a in done["attempts"]] == [1, 2]
+    first, second = done["attempts"]
+    assert first["end_reason"] == "scripted failure with exit code 3" and first["ended_at"] <= second["started_at"]
+    # Runner arguments: a later attempt continues from the newest complete checkpoint.
+    assert read_json(home / "tasks" / tid / "launch.json")["argv"][-2:] == ["--resume", "auto"]
+
+    ok = run_cli(home, "submit", "--preset", "cpu-demo", "--name", "scripted steps=3", "--wait", scripted=True)
+    oid = ok.stdout.strip()
+    r = run_cli(home, "extend", oid, "--steps", "5", scripted=True)
+    assert r.returncode == 2 and "extend it with --epochs N instead" in r.stderr
+    r = run_cli(home, "extend", oid, scripted=True)
+    assert r.returncode == 2 and "give either --epochs N or --steps N" in r.stderr
+    r = run_cli(home, "extend", oid, "--epochs", "2", scripted=True)
+    assert r.returncode == 0 and "(attempt 2)" in r.stdout
+    extended = cli_json(home, "show", oid, scripted=True)
+    assert extended["config"]["optim"]["epochs"] == 6.0  # cpu-demo's 4, and 2 more
+    assert read_json(home / "tasks" / oid / "spec.json")["config"]["optim"]["epochs"] == 6.0
+    r = run_cli(home, "retry", oid, scripted=True)
+    assert r.returncode == 2 and "only a failed, cancelled or interrupted task can be retried" in r.stderr
+    text = run_cli(home, "history", oid, scripted=True).stdout
+    assert "attempt 1" in text and "extended on request; attempt 2" in text
