@@ -108,7 +108,7 @@ def start(spec: dict[str, Any], task_id: str, log: Callable[[str], None]) -> Lim
         return WatchdogLimit(task_id, size, log)
 
     limit, passed = choose(attempt, os.environ.get(MECHANISM_ENV))
-    note = f" (not {'; not '.join(passed)})" if passed else ""
+    note = f"; not used: {'; '.join(passed)}" if passed else ""
     log(f"memory limit {gib(size)}, enforced by {limit.describe()}{note}")
     return limit
 

@@ -197,7 +197,8 @@ def test_a_task_past_its_limit_fails_and_a_task_beside_it_completes(tmp_path, me
     )
     calm = make_task(tmp_path, "20260101-0000-calmcalm", "memory grow=4 steps=40 delay=0.05")
     runners = [
-        start_runner(hog, "memory_trainer", FTSTUDIO_MEMORY_MECHANISM=str(mechanism)),
+        # tagged as the executor tags it: the watchdog must not count (or kill) the runner
+        start_runner(hog, "memory_trainer", FTSTUDIO_MEMORY_MECHANISM=str(mechanism), FTSTUDIO_TASK_ID=hog.path.name),
         start_runner(calm, "memory_trainer"),
     ]
     try:
