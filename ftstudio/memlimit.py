@@ -44,6 +44,7 @@ MECHANISM_ENV = "FTSTUDIO_MEMORY_MECHANISM"
 WATCH_INTERVAL_S = 0.5
 CGROUP_GONE_S = 5.0  # how long leftover processes get to die before the cgroup is left in place
 PROBE_TIMEOUT_S = 15.0
+NO_MEMORY_CONTROLLER = "the memory controller is not available in cgroup v2 here (a cgroup v1 hierarchy may hold it)"
 
 
 class Mechanism(enum.StrEnum):
@@ -336,36 +337,38 @@ def cgroup_parent(where: tuple[Path, str, str | None] | None = None) -> Path | s
     The runner's own cgroup first, then its ancestors. A cgroup hands the memory controller to its
     children only when it holds no processes itself (the root excepted): on a systemd desktop the
     runner's scope holds the shell too, so the trainer's cgroup goes next to it, in the user's
-    delegated slice; in a container that owns its cgroup root it goes under the root.
+    delegated slice; where the runner is in the hierarchy's root (a host or VM without systemd)
+    it goes under the root. A container whose cgroup root holds its own processes allows neither.
     `where` (mount point, mount root, own cgroup) stands in for this process's, in tests."""
     if where is None:
         root = cgroup2_root()
         if isinstance(root, str):
             return root
         where = (*root, own_cgroup())
-    mount, mount_root, own = where
+    mount, mount_root, own = where[0].resolve(), where[1], where[2]
     if own is None:
         return "this process is in no cgroup v2"
     rel = os.path.relpath(own, mount_root)
     if rel.startswith(".."):
         return f"this process's cgroup {own} is outside the mounted cgroup v2 at {mount}"
     here = (mount / rel).resolve()
-    why = "the memory controller is not available in cgroup v2 here (a cgroup v1 hierarchy may hold it)"
+    # The reason nearest the runner's own cgroup is the one a person can act on.
+    whys: list[str] = []
     while True:
         controllers = _words(here / "cgroup.controllers")
         if "memory" in controllers:
             if "memory" in _words(here / "cgroup.subtree_control"):
                 if os.access(here, os.W_OK):
                     return here
-                why = f"{here} is not writable"
+                whys.append(f"{here} is not writable")
             else:
                 try:  # refused (EBUSY) while this cgroup holds processes and is not the root
                     (here / "cgroup.subtree_control").write_text("+memory\n")
                     return here
                 except OSError as e:
-                    why = f"cannot enable the memory controller in {here} ({e.strerror})"
+                    whys.append(f"cannot enable the memory controller in {here} ({e.strerror})")
         if here == mount or not here.is_relative_to(mount):
-            return why
+            return whys[0] if whys else NO_MEMORY_CONTROLLER
         here = here.parent
 
 

@@ -114,6 +114,14 @@ def test_the_trainer_cgroup_goes_beside_a_scope_that_holds_processes(tmp_path):
     assert found == slice_.resolve()
 
 
+def test_where_no_cgroup_may_enable_memory_the_nearest_reason_is_given(tmp_path):
+    # A container whose cgroup v2 root holds its processes: no level refuses more helpfully than the runner's own.
+    fake_cgroup(tmp_path, "", "cpu memory pids", None)
+    fake_cgroup(tmp_path, "init", "cpu memory pids", None)
+    found = memlimit.cgroup_parent((tmp_path, "/", "/init"))
+    assert found == f"cannot enable the memory controller in {tmp_path / 'init'} (Is a directory)"
+
+
 def test_no_memory_controller_in_cgroup_v2_says_so(tmp_path):
     # This container: cgroup v2 is mounted beside cgroup v1, which holds the memory controller.
     fake_cgroup(tmp_path, "", "hugetlb", "")
