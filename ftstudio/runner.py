@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from ftstudio import events
+from ftstudio import events, memlimit
 from ftstudio.home import TaskDir, read_json, write_json_atomic
 from ftstudio.lifecycle import Outcome
 from ftstudio.procs import TASK_ENV, boot_id
@@ -115,9 +115,16 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1) -> int:
         # with none, the trainer starts from the beginning.
         argv += ["--resume", "auto"]
     log(f"starting training for task {task_id} (attempt {attempt}): {' '.join(argv[1:])}")
+    limit = memlimit.start(read_json(task.spec) or {}, task_id, log)  # memory limit: memlimit.py
     trainer = subprocess.Popen(
-        argv, cwd=task.path, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, close_fds=True
+        limit.command(argv),
+        cwd=task.path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: (_die_with_parent(), limit.in_child()),
+        close_fds=True,
     )
+    limit.started(trainer.pid)
 
     me = psutil.Process()
     write_json_atomic(
@@ -131,6 +138,7 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1) -> int:
             "argv": argv,
             "attempt": attempt,
             "started_at": time.time(),
+            "memory_limit": limit.record(),
         },
     )
 
@@ -150,13 +158,17 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     returncode = _wait_beating(trainer, task)
+    over_limit = limit.finish()
     record = {
         **outcome_of(returncode, stop[0] if stop else None, task),
         "exit_code": returncode if returncode >= 0 else None,
         "signal": signal.Signals(-returncode).name if returncode < 0 else None,
         "attempt": attempt,
         "finished_at": time.time(),
+        "memory_limit": limit.record(),
     }
+    if over_limit:  # the kill was the limit's, whatever the trainer managed to say before it
+        record.update(outcome=Outcome.FAILED, reason=memlimit.exceeded_reason(limit.size or 0))
     write_json_atomic(task.exit, record)
     log(f"training {record['outcome']}: {record['reason']}")
     return 0
