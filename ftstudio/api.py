@@ -211,6 +211,11 @@ def create_app(
     ) -> dict[str, Any]:
         return service.task_json(service.pause(task_id, freeze=freeze))
 
+    @app.post("/api/tasks/{task_id}/freeze")
+    def freeze_task(task_id: str) -> dict[str, Any]:
+        """Pause with SIGSTOP (the `freeze` action): the same as pause?freeze=true."""
+        return service.task_json(service.pause(task_id, freeze=True))
+
     @app.post("/api/tasks/{task_id}/resume")
     def resume_task(task_id: str) -> dict[str, Any]:
         return service.task_json(service.resume(task_id))

@@ -657,12 +657,25 @@ class Service:
             actions=list(lifecycle.actions(status, self._ask(task))),
             resources=self.store.leases_of(task.id) if status.has_process or row.get("frozen_at") else [],
             frozen=bool(row.get("frozen_at")),
+            memory_limit=self._memory_limit(task),
             attempts=self.store.attempts(task.id),
             queue=self._queue_place(task, waits),
         )
         for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at", "frozen_at"):
             row.pop(internal, None)
         return row
+
+    @staticmethod
+    def _memory_limit(task: Task) -> dict[str, Any] | None:
+        """The limit and the mechanism that enforces it, as the runner recorded them (launch.json, exit.json)."""
+        if not (task.config_dict.get("resources") or {}).get("memory"):
+            return None
+        tdir = task.dir
+        for path in (tdir.exit, tdir.launch):
+            record = read_json(path) or {}
+            if isinstance(record.get("memory_limit"), dict):
+                return record["memory_limit"]
+        return None
 
     def _queue_place(self, task: Task, waits: dict[str, scheduler.Wait] | None) -> dict[str, Any] | None:
         if task.status_enum != S.QUEUED:

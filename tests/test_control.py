@@ -139,3 +139,14 @@ def test_retry_and_extend_are_new_attempts_of_the_same_task(home: Path) -> None:
     assert r.returncode == 2 and "only a failed, cancelled or interrupted task can be retried" in r.stderr
     text = run_cli(home, "history", oid, scripted=True).stdout
     assert "attempt 1" in text and "extended on request; attempt 2" in text
+
+
+def test_the_task_says_which_mechanism_enforces_its_memory_limit(home: Path) -> None:
+    r = run_cli(
+        home, "submit", "--preset", "cpu-demo", "--name", "scripted steps=2", "--memory", "2G", "--wait", scripted=True
+    )
+    assert r.returncode == 0, r.stderr
+    shown = cli_json(home, "show", r.stdout.strip(), scripted=True)
+    assert shown["memory_limit"]["bytes"] == 2 << 30
+    assert shown["memory_limit"]["mechanism"] in ("cgroup", "systemd", "watchdog")
+    assert cli_json(home, "show", r.stdout.strip(), scripted=True)["config"]["resources"]["memory"] == "2G"
