@@ -150,7 +150,7 @@ def main() -> int:
 
     home = Path(tempfile.mkdtemp(prefix="ftstudio-bench-sup-"))
     env = bench_env(home, product=args.product, trainer_module="event_emitter")
-    studio = Studio(home, env, max_running=args.tasks)
+    studio = Studio(home, env, max_running=args.tasks, slots=args.tasks)
     ramp_limit = 120.0
     # The emitters outlive every window; the sweep at the end stops them.
     duration = int(args.idle + ramp_limit + args.window + args.latency_window + 60)

@@ -170,9 +170,12 @@ def bench_token(home: Path) -> str:
 class Studio:
     """A real studio server (`python -m ftstudio studio serve`) in a subprocess."""
 
-    def __init__(self, home: Path, env: dict[str, str], port: int | None = None, *, max_running: int = 0) -> None:
+    def __init__(
+        self, home: Path, env: dict[str, str], port: int | None = None, *, max_running: int = 0, slots: int = 0
+    ) -> None:
         self.home = home
         self.max_running = max_running  # 0: the product's default
+        self.slots = slots  # 0: the product's default (1 since the queue; before it, no limit)
         self.env = env
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -196,13 +199,19 @@ class Studio:
         return self.proc
 
     def _limits(self) -> list[str]:
-        """--max-running for a benchmark that runs more tasks than requests may start by default; a product from
-        before the flag has no limit and no flag."""
+        """--max-pending (--max-running before the queue) and --slots for a benchmark that runs more tasks at once
+        than the product allows by default; a product from before a flag has no such limit and gets no flag."""
         product = Path(self.env.get("PYTHONPATH", str(ROOT)).split(os.pathsep)[0])
         cli = product / "ftstudio" / "cli.py"
-        if self.max_running and cli.exists() and "--max-running" in cli.read_text():
-            return ["--max-running", str(self.max_running)]
-        return []
+        text = cli.read_text() if cli.exists() else ""
+        out = []
+        if self.max_running and "--max-pending" in text:
+            out += ["--max-pending", str(self.max_running)]
+        elif self.max_running and "--max-running" in text:
+            out += ["--max-running", str(self.max_running)]
+        if self.slots and "--slots" in text:
+            out += ["--slots", str(self.slots)]
+        return out
 
     def answers(self) -> bool:
         assert self.proc is not None

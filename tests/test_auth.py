@@ -339,8 +339,8 @@ def test_every_bind_prints_a_url_that_answers_and_warns_beyond_loopback(home, bi
 # -- a request cannot exhaust the machine ----------------------------------------------------------
 
 
-def test_a_burst_of_submits_starts_no_more_than_the_limit(scripted):
-    service = Service(Home(scripted), in_server=True, policy=Policy(max_running=3))
+def test_a_burst_of_submits_queues_no_more_than_the_limit(scripted):
+    service = Service(Home(scripted), in_server=True, policy=Policy(max_pending=3))
     with api_client(service) as c:
         answers = [
             c.post("/api/tasks", json={"name": "scripted steps=100000 delay=0.05", "config": {"preset": "cpu-demo"}})
@@ -349,7 +349,7 @@ def test_a_burst_of_submits_starts_no_more_than_the_limit(scripted):
         codes = [r.status_code for r in answers]
         assert codes.count(201) == 3 and codes.count(429) == 9, codes
         detail = answers[-1].json()["detail"]
-        assert "3 fine-tunes are already running" in detail and "--max-running" in detail
+        assert "3 fine-tunes are already queued or running" in detail and "--max-pending" in detail
         assert service.store.list(limit=100)[1] == 3
         # One ends: there is room again. The CLI (the owner at the terminal) is never refused.
         first = answers[0].json()["id"]
@@ -444,7 +444,8 @@ def test_a_body_sent_to_a_public_path_is_not_waited_for(home):
         (["--allow-origin", "https://box.lan/path"], "--allow-origin"),
         (["--max-upload-mb", "0"], "--max-upload-mb: must be between 1 and"),
         (["--max-row-kb", "-1"], "--max-row-kb: must be between 1 and"),
-        (["--max-running", "0"], "--max-running: must be between 1 and 1024"),
+        (["--max-pending", "0"], "--max-pending: must be between 1 and 100000"),
+        (["--slots", "0"], "--slots: must be between 1 and 256"),
         (["--port", "70000"], "--port: must be between 0 and 65535"),
         (["--keyfile", "/etc/hostname"], "--certfile and --keyfile: give both, or neither"),
     ],

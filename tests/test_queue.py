@@ -4,6 +4,7 @@ studio server that is SIGKILLed while tasks wait, and GPU leases against a fake 
 
 from __future__ import annotations
 
+import itertools
 import signal
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def test_one_slot_runs_tasks_one_after_another_through_a_studio_sigkill(home: Pa
     spans = [process_span(home, i) for i in ids]
     # In submission order, and never two at once: each runner started after the previous one had ended.
     assert spans == sorted(spans)
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end
     store = Store(home / "studio.db")
     assert store.leases() == []
