@@ -56,6 +56,9 @@ class Outcome(enum.StrEnum):
     """Anything else; the record's reason says what."""
     CANCELLED = "cancelled"
     """The runner was asked to stop by a signal (the studio's cancel sends SIGTERM)."""
+    PAUSED = "paused"
+    """Asked to pause (SIGUSR1): the trainer stopped at a step boundary after saving a complete checkpoint
+    of that step (the record's `checkpoint`; null when it stopped before its first step), no adapter."""
 
 
 class Action(enum.StrEnum):
