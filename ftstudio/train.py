@@ -171,6 +171,17 @@ def _main(args: argparse.Namespace, pause: PauseRequest) -> int:
     finally:
         if events is not None:
             events.close()
+        if world > 1:
+            _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group on purpose, on every way out (done, failed, paused), rather
+    than leave its teardown to the interpreter's exit, where torch warns about it and order is not ours."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _fail(
