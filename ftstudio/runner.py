@@ -7,7 +7,9 @@ studio can die, restart or be upgraded while the runner keeps going.
 It holds an exclusive lock on the task dir (a second runner refuses), writes
 `launch.json`, tags every descendant with FTSTUDIO_TASK_ID, beats `heartbeat`,
 forwards SIGTERM/SIGINT to the trainer, and when the trainer ends writes
-`exit.json` atomically.
+`exit.json` atomically. The exit record is the only way the studio learns the
+outcome; it never reads the log for that. The record says what happened to the
+trainer; what that means for the task is `lifecycle.decide`'s to say.
 
 SIGUSR1 pauses (see `ftstudio.pause`). It goes to the trainer, or under torchrun
 to every worker rank and never to the torchrun agent (SIGUSR1's default action
@@ -15,9 +17,7 @@ would kill it). A process still starting Python has no handler yet and would be
 killed by it, so the pause is held and forwarded once the process catches it.
 A `resources.processes` > 1 task runs under `torchrun --standalone` with
 `--max-restarts 0`: restarting is the studio's decision (resume from the newest
-complete checkpoint as the next attempt), not torchrun's. The exit record is the only way the studio learns the
-outcome; it never reads the log for that. The record says what happened to the
-trainer; what that means for the task is `lifecycle.decide`'s to say.
+complete checkpoint as the next attempt), not torchrun's.
 """
 
 from __future__ import annotations

@@ -257,12 +257,31 @@ def test_two_processes_pause_with_every_rank_in_the_checkpoint_then_resume_to_th
 
 
 @pytest.mark.slow
-def test_two_processes_cancel_leaves_no_process_of_the_task(tmp_path: Path) -> None:
-    task = _two_process_task(tmp_path, "20261122-0000-cancel2", steps=200)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_two_processes_stopped_runner_leaves_no_process_of_the_task(tmp_path: Path, sig: int) -> None:
+    """SIGTERM (the cancel path) goes through torchrun to the ranks; SIGKILL takes torchrun down with
+    the runner, and each rank with torchrun (the ranks live in sessions of their own)."""
+    task = _two_process_task(tmp_path, "20261122-0000-stop2", steps=200)
     runner = _start_runner(task)
-    wait_for(lambda: runner.poll() is not None or _progress_steps(task), timeout=180, what="the first step")
-    assert len(_ranks(task)) == 2
-    runner.send_signal(signal.SIGTERM)
-    record = _finish(runner, task, timeout=60)
-    # _finish asserts that no process tagged with the task is left: runner, torchrun agent and both ranks.
-    assert record["outcome"] == "cancelled" and record["reason"] == "stopped on request (SIGTERM)"
+    try:
+        wait_for(lambda: runner.poll() is not None or _progress_steps(task), timeout=180, what="the first step")
+        assert len(_ranks(task)) == 2
+        runner.send_signal(sig)
+        runner.wait(timeout=60)
+        # Zero processes tagged with the task anywhere: runner, torchrun agent and both ranks. After
+        # SIGTERM the runner waited for torchrun, which waited for its ranks; after SIGKILL the kernel
+        # delivers the deaths one parent after another.
+        if sig == signal.SIGTERM:
+            assert tagged(task.name) == []
+        wait_for(lambda: tagged(task.name) == [], timeout=30, what="every process of the task to end")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        for p in tagged(task.name):
+            p.kill()
+    if sig == signal.SIGTERM:
+        record = read_json(TaskDir(task).exit)
+        assert record["outcome"] == "cancelled" and record["reason"] == "stopped on request (SIGTERM)"
+    else:
+        assert not TaskDir(task).exit.exists()  # no record: the supervisor calls it dead
