@@ -257,7 +257,7 @@ def test_two_processes_pause_with_every_rank_in_the_checkpoint_then_resume_to_th
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_two_processes_stopped_runner_leaves_no_process_of_the_task(tmp_path: Path, sig: int) -> None:
     """SIGTERM (the cancel path) goes through torchrun to the ranks; SIGKILL takes torchrun down with
     the runner, and each rank with torchrun (the ranks live in sessions of their own)."""
