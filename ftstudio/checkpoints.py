@@ -7,7 +7,11 @@ is fsynced; the marker records each file's size. A checkpoint counts only when:
 
 - the marker is there and every file it lists has the recorded size,
 - `trainer_state.json` says `global_step == N`,
-- every `.safetensors` file has a readable header covering the whole file.
+- every `.safetensors` file has a readable header covering the whole file,
+- every rank's RNG state is in it: under torchrun each rank writes its own
+  `rng_state_{rank}.pth`, rank 0 writes the rest, and the marker records how many
+  ranks there were (`rng_state.pth` for a single process). A checkpoint missing a
+  rank's RNG would resume that rank with a different dropout stream.
 
 Anything else is partial: skipped, never loaded, and removed at the next start.
 Pruning happens only after a new checkpoint is marked, so at least one complete
@@ -43,8 +47,15 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: step_of(p) or 0)
 
 
-def mark_complete(path: Path) -> None:
-    """Flush every file of a freshly written checkpoint to disk, then write the marker."""
+def rng_files(ranks: int) -> list[str]:
+    """The RNG state files the HF Trainer writes for a run of `ranks` processes."""
+    return ["rng_state.pth"] if ranks == 1 else [f"rng_state_{r}.pth" for r in range(ranks)]
+
+
+def mark_complete(path: Path, ranks: int = 1) -> None:
+    """Flush every file of a freshly written checkpoint to disk, then write the marker.
+
+    Under torchrun, call it on rank 0 only after every rank has finished saving (a barrier)."""
     path = Path(path)
     sizes: dict[str, int] = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
@@ -52,7 +63,7 @@ def mark_complete(path: Path) -> None:
             os.fsync(f.fileno())
         sizes[str(file.relative_to(path))] = file.stat().st_size
     _fsync_dir(path)
-    write_json_atomic(path / MARKER, {"step": step_of(path), "files": sizes})
+    write_json_atomic(path / MARKER, {"step": step_of(path), "ranks": ranks, "files": sizes})
 
 
 def is_complete(path: Path) -> bool:
@@ -68,6 +79,13 @@ def is_complete(path: Path) -> bool:
             return False
         for rel, size in marker["files"].items():
             if (path / rel).stat().st_size != size:
+                return False
+        # Markers written before the rank count was recorded: their files were checked above.
+        if "ranks" in marker:
+            ranks = marker["ranks"]
+            if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+                return False
+            if any(name not in marker["files"] for name in rng_files(ranks)):
                 return False
         weights = list(path.glob("*.safetensors"))
         return bool(weights) and all(_safetensors_ok(w) for w in weights)

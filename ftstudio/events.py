@@ -14,6 +14,8 @@ Kinds (every event has `kind` and `ts`, unix seconds):
     eval         step, epoch, eval_loss
     checkpoint   step, path
     train_end    summary fields (steps, final_loss, best_loss, tokens, tokens_per_s, wall_s)
+    suspended    step, total_steps, checkpoint ("checkpoint-N", or null when no step was taken):
+                 training stopped for a pause; the next start resumes from that checkpoint
     error        message (one line, for a person), error_type
 """
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-KINDS = ("status", "train_begin", "progress", "eval", "checkpoint", "train_end", "error")
+KINDS = ("status", "train_begin", "progress", "eval", "checkpoint", "train_end", "suspended", "error")
 
 
 class EventWriter:

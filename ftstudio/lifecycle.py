@@ -57,7 +57,8 @@ class Outcome(enum.StrEnum):
     CANCELLED = "cancelled"
     """The runner was asked to stop by a signal (the studio's cancel sends SIGTERM)."""
     PAUSED = "paused"
-    """The trainer saved a checkpoint at a step boundary and exited, as a pause asked (SIGUSR1)."""
+    """Asked to pause (SIGUSR1): the trainer stopped at a step boundary after saving a complete checkpoint
+    of that step (the record's `checkpoint`; null when it stopped before its first step), no adapter."""
 
 
 class Action(enum.StrEnum):

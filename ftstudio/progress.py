@@ -5,6 +5,10 @@
 writes a `progress` event every `logging.every_steps`, an `eval` event for each
 evaluation, and marks each checkpoint complete (then prunes old ones) before
 writing its `checkpoint` event. Only rank 0 writes anything.
+
+`PauseCallback` turns a pause request (SIGUSR1, see `ftstudio.pause`) into a stop at
+the next optimizer-step boundary, after a checkpoint of that step; every rank stops
+at the same step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ftstudio import checkpoints
 from ftstudio.errors import TrainingFailed
 from ftstudio.events import EventWriter
+from ftstudio.pause import PauseRequest
 
 
 class LossGuard:
@@ -85,8 +90,10 @@ class StudioCallback(TrainerCallback):
         steps_per_epoch: int,
         begin_fields: dict[str, Any],
         out: TextIO = sys.stdout,
+        pause: PauseCallback | None = None,
     ) -> None:
         self.events = events
+        self.pause = pause
         self.every = every_steps
         self.guard = guard
         self.keep = keep
@@ -148,7 +155,9 @@ class StudioCallback(TrainerCallback):
         s.losses.append(loss)
         s.step, s.epoch, s.tokens = step, epoch, state.num_input_tokens_seen
         self._window.append(loss)
-        if step % self.every and step != self.total_steps:
+        # The step a pause stops at is always reported: it is where the person will see the task wait.
+        pausing = self.pause is not None and self.pause.stopped_at == step
+        if step % self.every and step != self.total_steps and not pausing:
             return
         now = time.monotonic()
         last_t, last_tokens = self._last_emit
@@ -178,10 +187,58 @@ class StudioCallback(TrainerCallback):
         )
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if args.world_size > 1:
+            # Each rank writes its own RNG state; the marker must not go down before the slowest rank's.
+            import torch.distributed as dist
+
+            dist.barrier()
         if not state.is_world_process_zero:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        checkpoints.mark_complete(path)
+        checkpoints.mark_complete(path, ranks=args.world_size)
         checkpoints.prune(Path(args.output_dir), self.keep)
         self.emit("checkpoint", step=state.global_step, path=str(path))
         self.say(f"checkpoint saved: {path}")
+
+
+class PauseCallback(TrainerCallback):
+    """Stops training for a pause at an optimizer-step boundary, after saving a checkpoint of that step.
+
+    Under torchrun the ranks must agree on the step: a rank that stopped alone would leave the
+    others waiting in the next step's gradient all-reduce forever. So at every step end (only when
+    world_size > 1) the flag is all-reduced with MAX: one int across the ranks, next to the
+    gradient all-reduce every step already does."""
+
+    def __init__(self, request: PauseRequest) -> None:
+        self.request = request
+        self.stopped_at: int | None = None
+        """The global step training stopped at for a pause, None while it runs."""
+
+    def agreed(self, args: TrainingArguments) -> bool:
+        """Whether a pause is requested on any rank; a collective when world_size > 1 (every rank must call it)."""
+        if args.world_size <= 1:
+            return self.request.requested
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.request.requested)], dtype=torch.int32, device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.stopped_at is not None or not self.agreed(args):
+            return
+        if state.global_step >= state.max_steps:
+            # The last step: the run ends here anyway, and a finished adapter serves the person better
+            # than a checkpoint of a finished run.
+            return
+        self.stopped_at = state.global_step
+        # A checkpoint the every_steps schedule saves at this step already set should_save: saved once.
+        control.should_save = True
+        control.should_training_stop = True
+        control.should_evaluate = False  # a pause should be quick; the next attempt evaluates on schedule
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.stopped_at is not None:
+            # With eval_strategy "epoch" the Trainer would evaluate on the way out of the loop.
+            control.should_evaluate = False

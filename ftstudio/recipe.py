@@ -3,6 +3,12 @@
 Order matters for the person waiting: the data is read and checked first, then
 the tokenizer, and every example tokenized, so a bad row or an impossible
 max_length fails in seconds, before the (possibly large) model is loaded.
+
+A pause (`ftstudio.pause`) is honoured at three points. Before the model loads and
+just before training starts, no step of this attempt has been taken, so it stops
+with nothing new to save: the resumable state is what it was (the checkpoint this
+attempt would have resumed from, or none, and the next start begins fresh). Once
+training runs, it stops at the next step boundary after a checkpoint of that step.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ftstudio import batches, preflight
+from ftstudio import batches, checkpoints, preflight
 from ftstudio.adapters import save_adapter
 from ftstudio.allocator import keep_freed_memory
 from ftstudio.builtin import resolve_dataset, resolve_model
@@ -25,7 +31,8 @@ from ftstudio.data import FIELD, load_examples
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.models import attach_lora, load_model, load_tokenizer, padding_mask_matters, pick_dtype
-from ftstudio.progress import LossGuard, StudioCallback
+from ftstudio.pause import PauseRequest, Suspended
+from ftstudio.progress import LossGuard, PauseCallback, StudioCallback
 from ftstudio.train import resolve_resume, split_validation, tidy_checkpoints
 
 
@@ -71,8 +78,11 @@ def run(
     home: Path,
     events: EventWriter | None,
     callbacks: list[Any] | None = None,
+    pause: PauseRequest | None = None,
 ) -> Path:
-    """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks."""
+    """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks.
+
+    Raises `Suspended` when `pause` was requested: training stopped without an adapter."""
     keep_freed_memory()
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -113,14 +123,25 @@ def run(
     resume = resolve_resume(config.checkpoint.resume_from, ckpt_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         tidy_checkpoints(ckpt_dir, resume)
+    o = config.optim
+    per_epoch = batches.steps_per_epoch(len(train_rows), o.batch_size, o.grad_accum, world)
+    # The Trainer's own count: max_steps, or whole epochs rounded up.
+    total_steps = o.max_steps if o.max_steps > 0 else math.ceil(per_epoch * (o.epochs if o.epochs > 0 else 1.0))
+    pause = pause or PauseRequest()
+
+    def paused_before_training() -> Suspended:
+        step = (checkpoints.step_of(resume) or 0) if resume else 0
+        return Suspended(step, total_steps, resume.name if resume else None)
+
+    # Ranks read the flag alone here only when there is one rank; under torchrun they agree below.
+    if world == 1 and pause.requested:
+        raise paused_before_training()
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
     model, report = attach_lora(model, config.lora, fused=config.model.quantization == "none")
 
     dtype = pick_dtype(config.model.dtype)
-    o = config.optim
-    per_epoch = batches.steps_per_epoch(len(train_rows), o.batch_size, o.grad_accum, world)
     has_eval = bool(val_rows)
     eval_strategy = "no" if not has_eval else ("steps" if config.logging.eval_every_steps else "epoch")
     if "tensorboard" in config.logging.report_to:
@@ -161,7 +182,9 @@ def run(
         ddp_backend=("gloo" if not torch.cuda.is_available() else "nccl") if world > 1 else None,
     )
     sampler = batches.EpochSampler([len(r) for r in train_rows], o.batch_size, o.seed, config.data.group_by_length)
+    pause_callback = PauseCallback(pause)
     callback = StudioCallback(
+        pause=pause_callback,
         events=events,
         every_steps=config.logging.every_steps,
         guard=LossGuard(o.divergence_factor, o.divergence_patience),
@@ -189,7 +212,7 @@ def run(
             padding_mask=padding_mask_matters(model),
         ),
         processing_class=tokenizer,
-        callbacks=[callback, *(callbacks or [])],
+        callbacks=[pause_callback, callback, *(callbacks or [])],
         train_sampler=sampler,
         dynamic_shapes=config.model.compile and not config.data.packing,
     )
@@ -200,9 +223,15 @@ def run(
     if resume is not None:
         status("resuming", f"resuming from {resume}")
 
+    if pause_callback.agreed(trainer.args):  # every rank reaches this point: the process group is up
+        raise paused_before_training()
+
     # --- train ---
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
+    if pause_callback.stopped_at is not None:
+        # Stopped for a pause after a checkpoint of this step (see PauseCallback): no eval, no adapter.
+        raise Suspended(pause_callback.stopped_at, state.max_steps, f"checkpoint-{pause_callback.stopped_at}")
     if has_eval and (not callback.stats.eval_losses or callback.stats.eval_losses[-1][0] != state.global_step):
         trainer.evaluate()
 

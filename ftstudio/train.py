@@ -6,10 +6,18 @@ knows. Progress goes to `events.jsonl` (see `ftstudio.events`), lines for people
 to stdout (the runner appends them to `training.log`).
 
 Exit codes: 0 only when the final adapter is on disk; 2 for bad config or data
-(found before the model is loaded); 1 for anything else. Each failure writes one
-`error` event whose message names the fix. There is no SIGTERM handler on purpose:
-cancelling kills the process at once, and resume starts from the last complete
-checkpoint. Under torchrun (WORLD_SIZE > 1) every rank trains, rank 0 reports.
+(found before the model is loaded); 1 for anything else; `pause.EXIT_SUSPENDED`
+(76) after a pause. Each failure writes one `error` event whose message names the
+fix. There is no SIGTERM handler on purpose: cancelling kills the process at once,
+and resume starts from the last complete checkpoint.
+
+SIGUSR1 pauses (see `ftstudio.pause`): at the next step boundary the trainer saves
+a checkpoint of that step, writes a `suspended` event and exits EXIT_SUSPENDED.
+
+Under torchrun (WORLD_SIZE > 1) every rank trains, rank 0 reports. After a pause
+the ranks exit 0, not EXIT_SUSPENDED: torchrun turns any non-zero worker exit into
+its own exit code 1 and a crash report in the log, so the runner reads the
+`suspended` event instead.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from ftstudio.config import TrainingConfig, validation_fraction
 from ftstudio.errors import FtstudioError, Problem, UserError, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.home import home_dir
+from ftstudio.pause import EXIT_SUSPENDED, PauseRequest, Suspended
 
 OOM_FIX = (
     "out of GPU memory: lower optim.batch_size (--batch-size) or data.max_length, "
@@ -105,7 +114,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override checkpoint.resume_from: auto = the newest complete checkpoint (a fresh start if none)",
     )
     args = parser.parse_args(argv)
+    # First, so a pause asked for while the model loads is kept, not fatal (SIGUSR1's default kills).
+    pause = PauseRequest().install()
+    try:
+        return _main(args, pause)
+    finally:
+        pause.uninstall()
+
+
+def _main(args: argparse.Namespace, pause: PauseRequest) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # torchrun starts each rank in a session of its own, so nothing takes a rank down with the
+        # launcher: without this, a killed runner (and launcher) would leave ranks training as orphans.
+        from ftstudio.procs import die_with_parent
+
+        die_with_parent()
     if args.output is None and not args.spec.is_file():
         # No task directory to report into: say it on the console only.
         return _fail(None, f"{args.spec} does not exist; pass the path of a task's spec.json", "ValidationError", 2)
@@ -119,8 +144,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             job.config.checkpoint.resume_from = args.resume
         from ftstudio.recipe import run
 
-        run(job.config, job.out_dir, job.home, events)
+        run(job.config, job.out_dir, job.home, events, pause=pause)
         return 0
+    except Suspended as stop:
+        if events is not None:
+            events.emit("suspended", step=stop.step, total_steps=stop.total_steps, checkpoint=stop.checkpoint)
+        if rank0:
+            saved = (
+                f"; {stop.checkpoint} holds the state to resume from" if stop.checkpoint else "; nothing to save yet"
+            )
+            print(f"paused at step {stop.step}/{stop.total_steps}{saved}", flush=True)
+        return EXIT_SUSPENDED if world == 1 else 0
     except UserError as e:
         return _fail(events, str(e), type(e).__name__, e.exit_code, getattr(e, "problems", None))
     except FtstudioError as e:
@@ -137,6 +171,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if events is not None:
             events.close()
+        if world > 1:
+            _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group on purpose, on every way out (done, failed, paused), rather
+    than leave its teardown to the interpreter's exit, where torch warns about it and order is not ours."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _fail(
