@@ -5,7 +5,7 @@
 
 import { api, taskUrl } from "./api.js";
 import { h, isNum, fmtInt, fmtDuration, fmtTime, isoTime } from "./dom.js";
-import { STATUSES, RUNNING } from "./status.js";
+import { STATUSES, RUNNING, isPausing } from "./status.js";
 
 export class AttemptsTimeline {
   constructor(taskId) {
@@ -58,7 +58,7 @@ export class AttemptsTimeline {
     let word = a.end_reason || "–";
     if (current) {
       state = t.frozen || t.phase === "frozen" ? "frozen" : RUNNING.has(t.status) ? "running" : t.status;
-      word = state === "running" ? (t.phase === "pausing" ? "running (pausing: saving a checkpoint)" : "running") : state === "frozen" ? "frozen (still holds its memory)" : STATUSES[t.status]?.label.toLowerCase() || t.status;
+      word = state === "running" ? (isPausing(t) ? "running (pausing: saving a checkpoint)" : "running") : state === "frozen" ? "frozen (still holds its memory)" : STATUSES[t.status]?.label.toLowerCase() || t.status;
     }
     const end = isNum(a.ended_at) ? a.ended_at : current ? Date.now() / 1000 : null;
     const ran = isNum(a.started_at) && isNum(end) ? fmtDuration(end - a.started_at) : "–";

@@ -4,7 +4,7 @@
 
 import { api } from "./api.js";
 import { h, setText, fmtOf, fmtEpoch, fmtLoss, fmtDuration, fmtTime, isoTime, isNum, fmtInt, progressBar } from "./dom.js";
-import { STATUSES, RUNNING, statusBadge, setBadge } from "./status.js";
+import { STATUSES, RUNNING, statusBadge, setBadge, isPausing } from "./status.js";
 import { QueuePanel, queuePlace, reasonNodes } from "./queue.js";
 
 const PAGE_SIZE = 50;
@@ -110,6 +110,7 @@ export function mountList(root, params) {
     pager.hidden = pages <= 1 && page <= 1;
 
     const seen = new Set();
+    const names = new Map(tasks.map((t) => [t.id, t.name]));
     let before = null;
     for (let i = tasks.length - 1; i >= 0; i--) {
       const t = tasks[i];
@@ -119,7 +120,7 @@ export function mountList(root, params) {
         row = makeRow(t);
         rows.set(t.id, row);
       }
-      updateRow(row, t);
+      updateRow(row, t, names);
       if (row.tr.nextSibling !== before || row.tr.parentNode !== tbody) tbody.insertBefore(row.tr, before);
       before = row.tr;
     }
@@ -167,7 +168,7 @@ function makeRow(t) {
   return { tr, c };
 }
 
-function updateRow({ tr, c }, t) {
+function updateRow({ tr, c }, t, names) {
   tr.dataset.status = t.status;
   setText(c.link, t.name || t.id);
   setText(c.model, t.model);
@@ -176,10 +177,10 @@ function updateRow({ tr, c }, t) {
   const note = noteFor(t);
   setText(c.note, note ? ` ${note[0]}` : "");
   c.note.title = note ? note[1] : "";
-  const queueKey = JSON.stringify(t.queue || null);
+  const queueKey = JSON.stringify([t.queue || null, (t.queue?.blocked_by || []).map((id) => names.get(id))]);
   if (c.queue.dataset.key !== queueKey) {
     c.queue.dataset.key = queueKey;
-    const why = t.queue && t.queue.position > 0 ? [" — ", ...reasonNodes(t.queue.reason, t.queue.blocked_by)] : [];
+    const why = t.queue && t.queue.position > 0 ? [" — ", ...reasonNodes(t.queue.reason, t.queue.blocked_by, names)] : [];
     c.queue.replaceChildren(...(t.queue ? [h("strong", {}, queuePlace(t.queue)), ...why] : []));
     c.queue.hidden = !t.queue;
   }
@@ -198,7 +199,7 @@ function updateRow({ tr, c }, t) {
 /** A word beside the badge, and its explanation: reattached, or what kind of pause. */
 function noteFor(t) {
   if (t.reattached && RUNNING.has(t.status)) return ["reattached", "The studio restarted during this training; the training kept running and the studio reattached to it."];
-  if (RUNNING.has(t.status) && t.phase === "pausing") return ["pausing", "Saving a checkpoint at the next step, then it stops."];
+  if (isPausing(t)) return ["pausing", "Saving a checkpoint at the next step, then it stops."];
   if (t.status === "paused" && (t.frozen || t.phase === "frozen")) return ["frozen", "The process is stopped where it was; its memory and GPU stay held until you resume or cancel."];
   if (t.status === "paused" && t.phase === "held") return ["held", "Paused while still in the queue."];
   return null;

@@ -6,7 +6,7 @@
 
 import { api, ApiError, taskUrl } from "./api.js";
 import { h, setText, isNum, fmtInt, fmtOf, fmtEpoch, fmtLoss, fmtLr, fmtDuration, fmtTime, fmtBytes, progressBar } from "./dom.js";
-import { STATUSES, RUNNING, FINAL, ACTIONS, statusBadge, setBadge } from "./status.js";
+import { STATUSES, RUNNING, FINAL, ACTIONS, statusBadge, setBadge, isPausing } from "./status.js";
 import { LossChart } from "./chart.js";
 import { LogTail } from "./logtail.js";
 import { TaskStream } from "./stream.js";
@@ -265,7 +265,7 @@ export function mountTask(root, taskId) {
     } else if (t.status === "paused") {
       kind = "paused";
       body = [h("strong", {}, "Paused: "), `its checkpoint${isNum(t.step) ? ` at step ${fmtInt(t.step)}` : ""} is saved and no process runs; its slot or GPUs are free. Resume puts it back in the queue.`];
-    } else if (RUNNING.has(t.status) && t.phase === "pausing") {
+    } else if (isPausing(t)) {
       kind = "pausing";
       body = [h("strong", {}, "Pausing: "), "saving a checkpoint at the next step; the training stops once it is written."];
     }

@@ -62,10 +62,12 @@ def test_the_queue_freeze_and_resume_on_the_page(scripted: LiveStudio, page: Any
     assert "slot 0" in running.inner_text()
     waiting = page.locator("#queue-waiting li")
     waiting.nth(1).wait_for()
-    assert re.match(r"#1 .*second.*waiting for a training slot", waiting.nth(0).inner_text()), waiting.nth(0).inner_text()
-    assert re.match(r"#2 .*third.*waiting behind task .*second.* for a training slot", waiting.nth(1).inner_text())
+    first_waiting, second_waiting = waiting.all_inner_texts()
+    assert re.match(r"#1 .*second.*waiting for a training slot", first_waiting), first_waiting
+    assert re.match(r"#2 .*third.*waiting behind task .*second.* for a training slot", second_waiting), second_waiting
     row = page.locator(f'tr[data-id="{third}"] .queue-note')
-    assert re.match(r"#2 in the queue — waiting behind task \S+ for a training slot", row.inner_text()), row.inner_text()
+    place = row.inner_text()
+    assert re.match(r"#2 in the queue — waiting behind task “second [^”]+” for a training slot", place), place
     page.locator("#queue-panel").screenshot(path=str(ARTIFACTS / "queue-panel.png"))
 
     # Freeze: the caveat that it still holds its memory, and the process is stopped, not gone.
@@ -81,6 +83,7 @@ def test_the_queue_freeze_and_resume_on_the_page(scripted: LiveStudio, page: Any
         "Frozen: the process is stopped where it was; its memory and GPU stay held until you resume or cancel."
     )
     assert "slot 0" in notice.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "task-view-frozen.png"))
     assert page.locator('#attempts-rows tr[data-state="frozen"]').count() == 1
     wait_for(lambda: "stopped" in trainer_states(studio, first), timeout=10, what="the trainer to be stopped")
     frozen_at = studio.task(first)["step"]
