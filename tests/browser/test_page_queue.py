@@ -138,6 +138,11 @@ def test_retry_and_extend_run_attempt_2_and_the_chart_keeps_each_step_once(scrip
     dialog.wait_for()
     assert "More epochs" in dialog.inner_text()
     assert "attempt 2" in dialog.inner_text()
+    # The studio's refusal shows in the dialog, which stays open to fix the number.
+    page.locator("#extend-amount").fill("20000")
+    page.keyboard.press("Enter")
+    page.locator("#extend-error", has_text="at most 10,000").wait_for()
+    assert studio.task(done)["status"] == "completed"
     page.locator("#extend-amount").fill("2")
     page.keyboard.press("Enter")
     dialog.wait_for(state="detached")
