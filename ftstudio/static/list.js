@@ -1,9 +1,11 @@
 // The task list: newest first, filter by status, paged; refreshed every few
 // seconds by updating rows in place (a page of rows, never the whole history).
+// Above it the queue panel: what trains on which slot or GPU, what waits and why.
 
 import { api } from "./api.js";
 import { h, setText, fmtOf, fmtEpoch, fmtLoss, fmtDuration, fmtTime, isoTime, isNum, fmtInt, progressBar } from "./dom.js";
-import { STATUSES, RUNNING, statusBadge, setBadge } from "./status.js";
+import { STATUSES, RUNNING, statusBadge, setBadge, isPausing } from "./status.js";
+import { QueuePanel, queuePlace, reasonNodes } from "./queue.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_MS = 3000;
@@ -14,6 +16,7 @@ export function mountList(root, params) {
   let timer = null;
   let destroyed = false;
   const rows = new Map();
+  const queue = new QueuePanel();
 
   const filter = h(
     "select",
@@ -56,6 +59,7 @@ export function mountList(root, params) {
         h("a", { class: "button", href: "#/new" }, "New fine-tune"),
       ),
       h("div", { class: "toolbar" }, h("label", { for: "status-filter" }, "Status "), filter, count),
+      queue.el,
       error,
       h("div", { class: "table-wrap" }, table),
       empty,
@@ -78,7 +82,7 @@ export function mountList(root, params) {
       try {
         const q = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String((page - 1) * PAGE_SIZE) });
         if (status) q.set("status", status);
-        const r = await api(`/api/tasks?${q}`);
+        const [r] = await Promise.all([api(`/api/tasks?${q}`), queue.update()]);
         if (destroyed) return;
         error.hidden = true;
         render(r.tasks || [], r.total ?? (r.tasks || []).length);
@@ -106,6 +110,7 @@ export function mountList(root, params) {
     pager.hidden = pages <= 1 && page <= 1;
 
     const seen = new Set();
+    const names = new Map(tasks.map((t) => [t.id, t.name]));
     let before = null;
     for (let i = tasks.length - 1; i >= 0; i--) {
       const t = tasks[i];
@@ -115,7 +120,7 @@ export function mountList(root, params) {
         row = makeRow(t);
         rows.set(t.id, row);
       }
-      updateRow(row, t);
+      updateRow(row, t, names);
       if (row.tr.nextSibling !== before || row.tr.parentNode !== tbody) tbody.insertBefore(row.tr, before);
       before = row.tr;
     }
@@ -142,7 +147,8 @@ function makeRow(t) {
   const cell = (key, ...kids) => (c[key] = h("td", { class: `c-${key}` }, ...kids));
   c.link = h("a", { href: `#/tasks/${encodeURIComponent(t.id)}` });
   c.badge = statusBadge(t.status);
-  c.reattached = h("span", { class: "muted small", title: "The studio restarted during this training; the training kept running and the studio reattached to it." });
+  c.note = h("span", { class: "muted small" });
+  c.queue = h("div", { class: "queue-note small muted", hidden: true });
   c.bar = progressBar(`Progress of ${t.name || t.id}`);
   c.pct = h("span", { class: "pct" });
   const tr = h(
@@ -150,7 +156,7 @@ function makeRow(t) {
     { dataset: { id: t.id } },
     cell("name", c.link),
     cell("model"),
-    cell("status", c.badge, c.reattached),
+    cell("status", c.badge, c.note, c.queue),
     cell("progress", c.bar, c.pct),
     cell("step"),
     cell("epoch"),
@@ -162,13 +168,22 @@ function makeRow(t) {
   return { tr, c };
 }
 
-function updateRow({ tr, c }, t) {
+function updateRow({ tr, c }, t, names) {
   tr.dataset.status = t.status;
   setText(c.link, t.name || t.id);
   setText(c.model, t.model);
   c.model.title = t.model || "";
   setBadge(c.badge, t.status);
-  setText(c.reattached, t.reattached && RUNNING.has(t.status) ? " reattached" : "");
+  const note = noteFor(t);
+  setText(c.note, note ? ` ${note[0]}` : "");
+  c.note.title = note ? note[1] : "";
+  const queueKey = JSON.stringify([t.queue || null, (t.queue?.blocked_by || []).map((id) => names.get(id))]);
+  if (c.queue.dataset.key !== queueKey) {
+    c.queue.dataset.key = queueKey;
+    const why = t.queue && t.queue.position > 0 ? [" — ", ...reasonNodes(t.queue.reason, t.queue.blocked_by, names)] : [];
+    c.queue.replaceChildren(...(t.queue ? [h("strong", {}, queuePlace(t.queue)), ...why] : []));
+    c.queue.hidden = !t.queue;
+  }
   const running = RUNNING.has(t.status);
   c.bar.update(t.percent, running);
   setText(c.pct, isNum(t.percent) ? `${Math.floor(t.percent)}%` : "");
@@ -179,4 +194,13 @@ function updateRow({ tr, c }, t) {
   setText(c.eta, running ? fmtDuration(t.eta_s) : "–");
   setText(c.time, fmtTime(t.created_at));
   c.time.setAttribute("datetime", isoTime(t.created_at));
+}
+
+/** A word beside the badge, and its explanation: reattached, or what kind of pause. */
+function noteFor(t) {
+  if (t.reattached && RUNNING.has(t.status)) return ["reattached", "The studio restarted during this training; the training kept running and the studio reattached to it."];
+  if (isPausing(t)) return ["pausing", "Saving a checkpoint at the next step, then it stops."];
+  if (t.status === "paused" && (t.frozen || t.phase === "frozen")) return ["frozen", "The process is stopped where it was; its memory and GPU stay held until you resume or cancel."];
+  if (t.status === "paused" && t.phase === "held") return ["held", "Paused while still in the queue."];
+  return null;
 }

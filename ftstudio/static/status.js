@@ -13,6 +13,9 @@ export const FINAL = new Set(LIFECYCLE.statuses.filter((s) => s.final).map((s) =
 /** action -> { action, label, hint, pending, destructive }, in the order the page shows them. */
 export const ACTIONS = Object.fromEntries(LIFECYCLE.actions.map((a) => [a.action, a]));
 
+/** A pause was asked for and the trainer is saving its checkpoint (its phase says so until a status event of the trainer's). */
+export const isPausing = (t) => RUNNING.has(t.status) && (t.phase === "pausing" || Number.isFinite(t.pause_requested_at));
+
 const GLYPHS = {
   queued: "○",
   preparing: "◔",

@@ -1,14 +1,18 @@
-// One task: progress, a live loss curve from the stored history, a log tail,
-// the config, the error, the artifacts, and the actions the API allows now.
-// The event stream keeps it live through studio restarts (see stream.js).
+// One task: progress, where it stands in the queue or why it is paused, a live loss
+// curve from the stored history, its attempts, a log tail, the config, the error, the
+// artifacts, and the actions the API allows now. The event stream keeps it live through
+// studio restarts (see stream.js) and is opened again when a retry, an extend or a
+// resume brings an ended task back.
 
 import { api, ApiError, taskUrl } from "./api.js";
 import { h, setText, isNum, fmtInt, fmtOf, fmtEpoch, fmtLoss, fmtLr, fmtDuration, fmtTime, fmtBytes, progressBar } from "./dom.js";
-import { STATUSES, RUNNING, FINAL, ACTIONS, statusBadge, setBadge } from "./status.js";
+import { STATUSES, RUNNING, FINAL, ACTIONS, statusBadge, setBadge, isPausing } from "./status.js";
 import { LossChart } from "./chart.js";
 import { LogTail } from "./logtail.js";
 import { TaskStream } from "./stream.js";
-import { confirmDialog } from "./dialog.js";
+import { confirmDialog, extendDialog } from "./dialog.js";
+import { queueSentence, fmtResource } from "./queue.js";
+import { AttemptsTimeline } from "./attempts.js";
 
 export function mountTask(root, taskId) {
   let task = null;
@@ -17,12 +21,15 @@ export function mountTask(root, taskId) {
   let fallbackTimer = null;
   let restartSeen = false;
   let artifactsFor = null;
+  let historySeq = 0;
 
   const title = h("h1", { id: "task-title", tabindex: "-1" }, taskId);
   const badge = statusBadge("queued");
   const connection = h("span", { id: "connection", class: "connection muted", "aria-live": "polite" });
   const banner = h("div", { id: "restart-banner", class: "banner", role: "status", hidden: true });
   const failure = h("div", { id: "task-error", class: "failure", role: "alert", hidden: true });
+  // Where a queued task stands, or what a paused one holds: one line, kept current by the stream.
+  const notice = h("div", { id: "task-notice", class: "notice", role: "status", hidden: true });
   const actionMsg = h("p", { class: "error-text", role: "alert", hidden: true });
   const actionNote = h("span", { class: "muted", "aria-live": "polite" });
   const actions = h("div", { class: "task-actions", id: "task-actions", role: "group", "aria-label": "Actions" });
@@ -47,6 +54,7 @@ export function mountTask(root, taskId) {
   const meta = h("p", { class: "muted meta" });
   const chart = new LossChart();
   const log = new LogTail(taskId);
+  const timeline = new AttemptsTimeline(taskId);
   const configPre = h("pre", { class: "config", id: "task-config", tabindex: "0" });
   const artifacts = h("div", { id: "artifacts" }, h("p", { class: "muted" }, "The adapter appears here when training completes."));
 
@@ -58,12 +66,14 @@ export function mountTask(root, taskId) {
       h("div", { class: "title-row" }, title, badge, connection),
       meta,
       banner,
+      notice,
       failure,
       h("div", { class: "progress-row" }, bar),
       stats,
       h("div", { class: "actions-row" }, actions, actionNote),
       actionMsg,
       h("section", { "aria-labelledby": "curve-title" }, h("h2", { id: "curve-title" }, "Loss curve"), chart.el),
+      h("section", { "aria-labelledby": "attempts-title" }, h("h2", { id: "attempts-title" }, "Attempts"), timeline.el),
       h("section", { "aria-labelledby": "log-title" }, h("h2", { id: "log-title" }, "Log"), log.el),
       h("section", { "aria-labelledby": "art-title" }, h("h2", { id: "art-title" }, "Artifacts"), artifacts),
       h("section", { "aria-labelledby": "cfg-title" }, h("details", {}, h("summary", {}, h("h2", { id: "cfg-title" }, "Configuration")), configPre)),
@@ -87,7 +97,7 @@ export function mountTask(root, taskId) {
         const events = (r && r.events) || [];
         for (const ev of events) {
           chart.add(ev);
-          if (isNum(ev.seq)) after = Math.max(after, ev.seq);
+          if (isNum(ev.seq)) after = historySeq = Math.max(after, ev.seq);
         }
         if (!events.length || destroyed) break;
       }
@@ -175,7 +185,16 @@ export function mountTask(root, taskId) {
     setText(stat.eval, fmtLoss(t.eval_loss));
     setText(stat.lr, fmtLr(t.lr));
     setText(stat.elapsed, fmtDuration(t.elapsed_s));
-    setText(stat.phase, running ? t.phase || STATUSES[t.status]?.hint || "–" : t.status === "completed" ? "done" : STATUSES[t.status]?.label.toLowerCase() || "–");
+    setText(
+      stat.phase,
+      running
+        ? t.phase || STATUSES[t.status]?.hint || "–"
+        : t.status === "completed"
+          ? "done"
+          : t.status === "paused" && t.phase
+            ? t.phase
+            : STATUSES[t.status]?.label.toLowerCase() || "–",
+    );
     stat.phase.title = stat.phase.textContent;
     chart.setTotal(t.total_steps);
 
@@ -199,8 +218,11 @@ export function mountTask(root, taskId) {
       failure.hidden = true;
     }
 
+    showNotice(t);
+    timeline.update(t);
     renderActions(t.actions || []);
     if (!configPre.textContent) configPre.textContent = JSON.stringify(typeof t.config === "string" ? safeJson(t.config) : t.config, null, 2);
+    if (!FINAL.has(t.status) && artifactsFor) revive();
     if (FINAL.has(t.status)) {
       chart.setEnded(t.status);
       log.finish();
@@ -211,6 +233,48 @@ export function mountTask(root, taskId) {
         loadArtifacts();
       }
     }
+  }
+
+  /** A retry or an extend brought an ended task back: follow it live again. */
+  function revive() {
+    artifactsFor = null;
+    chart.setEnded(null);
+    if (!stream || stream.stopped) {
+      openStream(stream ? stream.lastSeq : historySeq);
+      log.restart();
+    }
+  }
+
+  function showNotice(t) {
+    let kind = "";
+    let body = [];
+    const holds = (t.resources || []).map(fmtResource).join(", ");
+    if (t.status === "queued" && t.queue) {
+      kind = "queued";
+      body = queueSentence(t.queue);
+    } else if (t.status === "paused" && (t.frozen || t.phase === "frozen")) {
+      kind = "frozen";
+      body = [
+        h("strong", {}, "Frozen: "),
+        "the process is stopped where it was; its memory and GPU stay held until you resume or cancel.",
+        holds ? ` It holds ${holds}.` : "",
+      ];
+    } else if (t.status === "paused" && t.phase === "held") {
+      kind = "held";
+      body = [h("strong", {}, "Held: "), "paused while still in the queue; it does not start until you resume it."];
+    } else if (t.status === "paused") {
+      kind = "paused";
+      body = [h("strong", {}, "Paused: "), `its checkpoint${isNum(t.step) ? ` at step ${fmtInt(t.step)}` : ""} is saved and no process runs; its slot or GPUs are free. Resume puts it back in the queue.`];
+    } else if (isPausing(t)) {
+      kind = "pausing";
+      body = [h("strong", {}, "Pausing: "), "saving a checkpoint at the next step; the training stops once it is written."];
+    }
+    const key = JSON.stringify([kind, t.queue, holds, t.step]);
+    if (notice.dataset.key === key) return;
+    notice.dataset.key = key;
+    notice.dataset.kind = kind;
+    notice.replaceChildren(...body);
+    notice.hidden = !kind;
   }
 
   function renderActions(allowed) {
@@ -227,6 +291,11 @@ export function mountTask(root, taskId) {
   async function act(action) {
     actionMsg.hidden = true;
     const label = task.name || task.id;
+    if (action === "extend") {
+      const t = await extendDialog(task, (json) => api(taskUrl(taskId, "/extend"), { method: "POST", json }));
+      if (t) apply(t);
+      return;
+    }
     if (action === "delete") {
       const ok = await confirmDialog(`Delete “${label}”?`, "The task, its log, its checkpoints and its adapter are removed from the studio. This cannot be undone.", "Delete");
       if (!ok) return;
@@ -242,12 +311,7 @@ export function mountTask(root, taskId) {
         location.hash = "#/tasks";
         return;
       }
-      const t = await api(taskUrl(taskId, `/${action}`), { method: "POST" });
-      apply(t);
-      if ((action === "resume" || action === "retry") && (!stream || stream.stopped)) {
-        openStream(stream ? stream.lastSeq : 0);
-        log.restart();
-      }
+      apply(await api(taskUrl(taskId, `/${action}`), { method: "POST" }));
     } catch (err) {
       actionMsg.textContent = `${ACTIONS[action].label} failed: ${err.message}`;
       actionMsg.hidden = false;

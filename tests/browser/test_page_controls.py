@@ -74,14 +74,15 @@ def test_cancel_from_the_page_ends_the_process_then_delete_asks_first(studio: Li
     page.goto(studio.page_url(f"#/tasks/{task['id']}"))
     page.locator('.badge[data-status="training"]').wait_for(timeout=90_000)
     wait_for(lambda: task_processes(studio.home, task["id"]), what="the training process")
-    assert page.locator("#task-actions button").all_inner_texts() == ["Cancel"]
+    # Exactly what the lifecycle allows a training task, in its order.
+    assert page.locator("#task-actions button").all_inner_texts() == ["Pause", "Freeze", "Cancel"]
 
     page.get_by_role("button", name="Cancel").click()
     page.locator('.badge[data-status="cancelled"]').wait_for(timeout=30_000)
     assert studio.task(task["id"])["status"] == "cancelled"
     # The runner writes its exit record as its last act, so it may take a moment more to be gone.
     wait_for(lambda: not task_processes(studio.home, task["id"]), timeout=10, what="no process tagged with the task")
-    assert page.locator("#task-actions button").all_inner_texts() == ["Delete"]
+    assert page.locator("#task-actions button").all_inner_texts() == ["Retry", "Delete"]
 
     # Delete asks first; keeping it keeps it.
     page.get_by_role("button", name="Delete").click()

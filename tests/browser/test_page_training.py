@@ -87,7 +87,7 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     # Every stored progress event reached the page once: none lost, none twice, across the restart.
     assert int(page.get_attribute("svg.chart", "data-progress-events") or 0) == len(stored)
     assert points(page) == len({e["step"] for e in stored}) == MAX_STEPS
-    assert page.locator("#task-actions button").all_inner_texts() == ["Delete"]
+    assert page.locator("#task-actions button").all_inner_texts() == ["Extend", "Delete"]
     assert page.locator("#connection").inner_text() == ""
 
     # The page let go of the ended task: no stream reconnecting forever, no polling.
