@@ -661,6 +661,8 @@ class Service:
             attempts=self.store.attempts(task.id),
             queue=self._queue_place(task, waits),
         )
+        if status.has_process and row.get("pause_requested_at"):
+            row["phase"] = "pausing"  # the trainer's own status events must not hide that a pause is under way
         for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at", "frozen_at"):
             row.pop(internal, None)
         return row

@@ -150,3 +150,34 @@ def test_the_task_says_which_mechanism_enforces_its_memory_limit(home: Path) -> 
     assert shown["memory_limit"]["bytes"] == 2 << 30
     assert shown["memory_limit"]["mechanism"] in ("cgroup", "systemd", "watchdog")
     assert cli_json(home, "show", r.stdout.strip(), scripted=True)["config"]["resources"]["memory"] == "2G"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_suspend_frees_the_slot_and_resume_continues_the_same_run(home: Path, studio_factory: Any) -> None:
+    """The real trainer: pause checkpoints at the next step and exits; the next queued task gets the slot;
+    resume is attempt 2 from that checkpoint, and the history has every step exactly once."""
+    studio = studio_factory().start()
+    steps = {"max_steps": 40, "seed": 7}
+    tid = submit(studio, "paused run", optim=steps, checkpoint={"every_steps": 100})
+    other = submit(studio, "short run", optim={"max_steps": 3})
+    wait_for(lambda: studio.task(tid)["step"] >= 4, timeout=180, what="training to start")
+    pausing = post(studio, f"/api/tasks/{tid}/pause")
+    assert pausing["phase"] == "pausing" and pausing["status"] == "training"
+    paused = studio.wait_status(tid, "paused", "failed", timeout=120)
+    assert paused["status"] == "paused" and paused["phase"] == "paused", paused
+    assert paused["resources"] == [] and tagged(tid) == []  # every process gone, its slot free
+    at = paused["step"]
+    assert (home / "tasks" / tid / "checkpoints" / f"checkpoint-{at}").is_dir()
+    assert paused["actions"] == ["resume", "cancel", "delete"]
+    assert studio.wait_status(other, "completed", "failed", timeout=180)["status"] == "completed"
+
+    post(studio, f"/api/tasks/{tid}/resume")
+    done = studio.wait_status(tid, "completed", "failed", timeout=300)
+    assert done["status"] == "completed" and done["step"] == 40 and done["attempt"] == 2
+    first, second = done["attempts"]
+    assert first["end_reason"].startswith(f"paused at step {at}/40") and second["resumed_from_step"] == at
+    progress = [
+        e["step"] for e in studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"] if e["kind"] == "progress"
+    ]
+    assert progress == list(range(1, 41))  # no step twice, none missing
