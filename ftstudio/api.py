@@ -393,7 +393,19 @@ async def _stream(
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    keys = ("status", "step", "phase", "error", "reattached", "loss", "eval_loss", "pid", "total_steps", "queue")
+    keys = (
+        "status",
+        "step",
+        "phase",
+        "error",
+        "reattached",
+        "stalled",
+        "loss",
+        "eval_loss",
+        "pid",
+        "total_steps",
+        "queue",
+    )
     return any(old.get(k) != new.get(k) for k in keys)
 
 
