@@ -394,8 +394,8 @@ async def _stream(
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     keys = (
-        "status", "step", "phase", "error", "reattached", "loss", "eval_loss", "pid", "total_steps", "queue",
-        "attempt", "attempts", "actions", "frozen", "resources",
+        "status", "step", "phase", "error", "reattached", "stalled", "loss", "eval_loss", "pid", "total_steps",
+        "queue", "attempt", "attempts", "actions", "frozen", "resources",
     )  # fmt: skip
     return any(old.get(k) != new.get(k) for k in keys)
 

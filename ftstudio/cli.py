@@ -184,6 +184,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{'holds':<10} {', '.join(view['resources'])}")
     if view.get("reattached"):
         print(f"{'note':<10} the studio restarted and reattached to this training")
+    if view.get("stalled"):
+        age = view["heartbeat_age_s"]
+        print(f"{'note':<10} no heartbeat for {age:.0f}s: the training process is alive but not reporting")
     if view.get("error"):
         print(f"{'error':<10} {printable(view['error'])}")
     return 0

@@ -3,6 +3,13 @@ schedulers (Slurm, Ray Jobs) implement the same small protocol later.
 
 The executor only starts and signals runners and says what it sees; deciding
 what a sighting means for the task's state is the supervisor's job.
+
+`poll` reports process identity alone; the heartbeat file is not its business.
+The lifecycle combines the two (`lifecycle.decide`, fed by the supervisor),
+because what a stale beat means depends on what identity says: nothing for a
+live process (a laptop that slept, a full disk), the end for one that cannot
+be checked. Every executor gets that rule, in one table-tested place, and an
+executor whose pids mean nothing here (a cluster) just answers UNKNOWN.
 """
 
 from __future__ import annotations
@@ -36,20 +43,34 @@ class Launch:
 
 class Executor(Protocol):
     name: str
+    """Recorded with each task it launches (the store's `executor` column)."""
     on_exit: Callable[[], None] | None
     """Called (from any thread) when a runner this executor started has ended, if it can tell."""
 
-    def submit(self, task: TaskDir, *, attempt: int, env: Mapping[str, str] | None = None) -> Launch: ...
+    def submit(self, task: TaskDir, *, attempt: int, env: Mapping[str, str] | None = None) -> Launch:
+        """Start the task dir's runner for `attempt`, detached from the studio, with `env` added to its
+        environment (the GPUs it was granted); raise LaunchError if it cannot."""
+        ...
 
-    def poll(self, task: TaskDir, launch: Launch | None) -> Liveness: ...
+    def poll(self, task: TaskDir, launch: Launch | None) -> Liveness:
+        """Identity of the runner in `launch` (else launch.json), never the heartbeat; UNKNOWN when it cannot tell."""
+        ...
 
-    def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool: ...
+    def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool:
+        """Send `sig` to the runner if it is still ours and alive; whether it was sent."""
+        ...
 
-    def kill_all(self, task_id: str) -> int: ...
+    def kill_all(self, task_id: str) -> int:
+        """SIGKILL every process of the task (the runner and whatever it left); how many."""
+        ...
 
-    def signal_all(self, task_id: str, sig: int, *, spare: int | None = None) -> int: ...
+    def signal_all(self, task_id: str, sig: int, *, spare: int | None = None) -> int:
+        """Send `sig` to every process of the task but the pid `spare` (freeze, thaw); how many."""
+        ...
 
-    def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int: ...
+    def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int:
+        """SIGTERM, up to `grace` seconds for the task to end, then `kill_all`; how many were killed. Blocks."""
+        ...
 
 
 class LocalExecutor:

@@ -30,6 +30,19 @@ S = TaskStatus
 UNEXPECTED = "Training process terminated unexpectedly"
 NEVER_STARTED = "the studio stopped before the training process started; resubmit the task"
 LAUNCH_GRACE_S = 30.0  # a claimed task with no process after this long was never started
+# The runner beats every 2 s (runner.HEARTBEAT_S). A live runner with an older beat is stalled: a
+# full disk (it keeps training without beating), a machine swapping hard, a frozen filesystem. A
+# minute is 30 missed beats, past any hiccup worth hiding; it is shown, never acted on.
+HEARTBEAT_STALLED_S = 60.0
+# Where the studio cannot check the runner's identity (permissions, an executor whose pids mean
+# nothing here), a beat this old stands in for a dead process. Five minutes, not one: a full disk or
+# a shared filesystem's attribute cache (up to a minute on NFS) or clock skew between a compute node
+# and the file server can age a beat while training goes on, and calling a live task dead kills it.
+HEARTBEAT_LOST_S = 300.0
+# ...but only once the same stale beat is seen again this long after the first look that found it.
+# A laptop that slept an hour wakes with an hour-old beat; its runner beats within 2 s of waking,
+# and the studio, waking with it, may look first.
+HEARTBEAT_RECHECK_S = 10.0
 
 
 class Liveness(enum.StrEnum):
@@ -44,7 +57,7 @@ class Liveness(enum.StrEnum):
     REBOOTED = "rebooted"
     """The machine restarted since launch: whatever has that pid now is not ours."""
     UNKNOWN = "unknown"
-    """Could not tell (permission, I/O error): never treat as dead."""
+    """Could not tell (permission, I/O error): never treat as dead on this alone; the heartbeat decides."""
 
 
 class Outcome(enum.StrEnum):
@@ -128,13 +141,16 @@ class Facts:
     step: int = 0
     total_steps: int | None = None
     attempt: int = 1
+    heartbeat_age_s: float | None = None
+    """Seconds since the runner's last heartbeat; None before its first or when not looked at."""
+    lost_seen_s: float | None = None
+    """How long ago this studio first found this same last beat older than HEARTBEAT_LOST_S (0: on
+    this look); None while it has not."""
     # The facts below are for the later steps of issue 11 (pause on request; resume an interrupted
     # task from its newest complete checkpoint as attempt N+1 while restarts are left). No move
     # depends on them yet: today's outcomes are kept until those land.
     pause_requested: bool = False
     """A person asked to pause (nothing records this yet)."""
-    heartbeat_age_s: float | None = None
-    """Seconds since the runner's last heartbeat; None before its first or when not looked at."""
     has_complete_checkpoint: bool | None = None
     """Whether a complete checkpoint exists; None when not looked at."""
     max_restarts: int = 0
@@ -235,8 +251,13 @@ def decide(facts: Facts) -> Move | None:
     | exit record of this attempt                  | completed / cancelled / failed, as it says      |
     | no process recorded, claimed > grace ago     | failed: the studio stopped before it started    |
     | no process recorded yet, within the grace    | none                                            |
-    | alive, or cannot tell                        | none: never dead on doubt                       |
+    | alive, whatever the heartbeat                | none (an old beat is shown: `stalled`)          |
+    | cannot tell, heartbeat not lost              | none: never dead on doubt                       |
+    | cannot tell, heartbeat lost                  | as dead, saying the heartbeat stopped           |
     | dead, reused or rebooted, no exit record     | cancelled if asked to, else failed, with why    |
+
+    Lost (`heartbeat_lost`): the same last beat older than HEARTBEAT_LOST_S on two looks at least
+    HEARTBEAT_RECHECK_S apart. No beat yet, a fresh one, or a first stale look is not lost.
     """
     status = facts.status
     if not status.has_process:
@@ -249,7 +270,7 @@ def decide(facts: Facts) -> Move | None:
         if facts.since_launch_s is not None and facts.since_launch_s > LAUNCH_GRACE_S:
             return _failed(status, NEVER_STARTED)
         return None
-    if liveness in (Liveness.ALIVE, Liveness.UNKNOWN):
+    if liveness == Liveness.ALIVE or (liveness == Liveness.UNKNOWN and not heartbeat_lost(facts)):
         return None
     # Gone without an exit record. Whatever it left running (the trainer of a SIGKILLed runner)
     # must not keep writing into a task that has ended.
@@ -260,9 +281,23 @@ def decide(facts: Facts) -> Move | None:
         reason = f"{UNEXPECTED}: the machine restarted at {at}"
     elif liveness == Liveness.REUSED:
         reason = f"{UNEXPECTED} (its process id now belongs to another program) at {at}"
+    elif liveness == Liveness.UNKNOWN:
+        minutes = (facts.heartbeat_age_s or 0) / 60
+        reason = f"{UNEXPECTED}: no heartbeat for {minutes:.0f} minutes (its process cannot be checked) at {at}"
     else:
         reason = f"{UNEXPECTED} at {at}"
     return _failed(status, reason, stop_processes=True)
+
+
+def heartbeat_lost(facts: Facts) -> bool:
+    """The heartbeat says the runner is gone: past HEARTBEAT_LOST_S, and seen so on two looks."""
+    age, seen = facts.heartbeat_age_s, facts.lost_seen_s
+    return age is not None and age > HEARTBEAT_LOST_S and seen is not None and seen >= HEARTBEAT_RECHECK_S
+
+
+def stalled(status: TaskStatus, heartbeat_age_s: float | None) -> bool:
+    """A fact for the page (the task JSON's `stalled`), never a move: the runner has not beaten lately."""
+    return status.has_process and heartbeat_age_s is not None and heartbeat_age_s > HEARTBEAT_STALLED_S
 
 
 def _finished(facts: Facts, record: ExitRecord) -> Move:

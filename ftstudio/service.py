@@ -646,14 +646,17 @@ class Service:
         """The task as the API and `--json` show it. `waits`: the queue's plan, when the caller made one for many."""
         row = dict(task.row)
         status = task.status_enum
-        now = time.time()
+        now = self.supervisor.clock()
         started, finished = row.get("started_at"), row.get("finished_at")
+        beat_age = heartbeat_age(task.dir, now) if status.has_process else None
         row.update(
             config=task.config_dict,
             percent=task.percent,
             elapsed_s=round((finished or now) - started, 1) if started else None,
             reattached=bool(row.get("reattached_at")) and status.has_process,
-            heartbeat_age_s=heartbeat_age(task.dir) if status.has_process else None,
+            heartbeat_age_s=beat_age,
+            # A fact to show (a live runner that stopped beating), never a status: see lifecycle.stalled.
+            stalled=lifecycle.stalled(status, beat_age),
             actions=list(lifecycle.actions(status, self._ask(task))),
             resources=self.store.leases_of(task.id) if status.has_process or row.get("frozen_at") else [],
             frozen=bool(row.get("frozen_at")),

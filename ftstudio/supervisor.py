@@ -65,12 +65,18 @@ def progress_text(task: Task) -> str:
     return lifecycle.progress_text(task.step or 0, task.total_steps)
 
 
-def heartbeat_age(tdir: TaskDir) -> float | None:
-    """Seconds since the runner last beat (it beats every 2 s); None before its first beat."""
+def last_beat(tdir: TaskDir) -> float | None:
+    """When the runner last beat (the heartbeat file's mtime; it beats every 2 s); None before its first beat."""
     try:
-        return round(max(0.0, time.time() - tdir.heartbeat.stat().st_mtime), 1)
+        return tdir.heartbeat.stat().st_mtime
     except OSError:
         return None
+
+
+def heartbeat_age(tdir: TaskDir, now: float) -> float | None:
+    """Seconds from the runner's last beat to `now`; None before its first beat."""
+    beat = last_beat(tdir)
+    return None if beat is None else round(max(0.0, now - beat), 1)
 
 
 class Supervisor:
@@ -83,6 +89,7 @@ class Supervisor:
         notify: Callable[[set[str]], None] | None = None,
         streamed: Callable[[], set[str]] | None = None,
         launch_queued: Callable[[], object] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.home = home
@@ -91,7 +98,11 @@ class Supervisor:
         # Tasks someone is streaming right now: their events are tailed every tick, the rest every INGEST_S.
         self.streamed = streamed or set
         self.launch_queued = launch_queued
+        # Wall-clock time, for ages against the store's timestamps and file mtimes; tests move it.
+        self.clock = clock
         self._doubts: set[str] = set()
+        # task id -> (its last beat, when a look first found that beat lost): see lifecycle.HEARTBEAT_RECHECK_S.
+        self._lost: dict[str, tuple[float, float]] = {}
         self._wake = threading.Event()
         self._files: dict[str, tuple[str, str]] = {}  # task dir -> (events.jsonl, exit.json), built once
 
@@ -206,7 +217,7 @@ class Supervisor:
         if liveness == Liveness.ALIVE:
             self._doubts.discard(task.id)
             if startup:
-                self.store.update(task.id, expect=task.status_enum, reattached_at=time.time())
+                self.store.update(task.id, expect=task.status_enum, reattached_at=self.clock())
                 log.info("reattached to task %s, pid %s, %s", task.id, task.pid, progress_text(task))
         elif liveness == Liveness.UNKNOWN and task.id not in self._doubts:
             log.warning(
@@ -218,20 +229,34 @@ class Supervisor:
             self._doubts.add(task.id)
         return None
 
-    @staticmethod
-    def facts(task: Task, liveness: Liveness | None, record: dict[str, object] | None) -> Facts:
+    def facts(self, task: Task, liveness: Liveness | None, record: dict[str, object] | None) -> Facts:
         """What `lifecycle.decide` needs, from the store's row and what was just read from disk."""
+        now = self.clock()
+        beat = last_beat(task.dir)
+        age = None if beat is None else max(0.0, now - beat)
         return Facts(
             status=task.status_enum,
             liveness=liveness,
             exit=ExitRecord.from_json(record) if record is not None else None,
-            since_launch_s=time.time() - task.started_at if task.started_at else None,
+            since_launch_s=now - task.started_at if task.started_at else None,
             cancel_requested=bool(task.cancel_requested_at),
             step=task.step or 0,
             total_steps=task.total_steps,
             attempt=task.attempt,
-            heartbeat_age_s=heartbeat_age(task.dir),
+            heartbeat_age_s=age,
+            lost_seen_s=self._lost_seen(task.id, beat, age, now),
         )
+
+    def _lost_seen(self, task_id: str, beat: float | None, age: float | None, now: float) -> float | None:
+        """How long ago a look first found this same beat lost; remembered until a new beat comes."""
+        if beat is None or age is None or age <= lifecycle.HEARTBEAT_LOST_S:
+            self._lost.pop(task_id, None)
+            return None
+        seen_beat, first = self._lost.get(task_id, (None, None))
+        if seen_beat != beat or first is None:
+            self._lost[task_id] = (beat, now)
+            return 0.0
+        return now - first
 
     def _apply(self, task: Task, move: Move) -> Verdict | None:
         try:
@@ -243,6 +268,7 @@ class Supervisor:
                 self.executor.kill_all(task.id)  # orphans of a dead runner must not keep writing
         log.info("task %s %s: %s", task.id, move.dst, move.reason)
         self._doubts.discard(task.id)
+        self._lost.pop(task.id, None)
         if move.releases and self.launch_queued:
             # Its slot or GPUs are free now: the next queued task starts at once, not at the next scan.
             self.launch_queued()

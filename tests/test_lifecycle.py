@@ -12,6 +12,9 @@ import pytest
 from ftstudio import lifecycle, lifecyclejs
 from ftstudio.errors import IllegalTransition
 from ftstudio.lifecycle import (
+    HEARTBEAT_LOST_S,
+    HEARTBEAT_RECHECK_S,
+    HEARTBEAT_STALLED_S,
     LAUNCH_GRACE_S,
     NEVER_STARTED,
     UNEXPECTED,
@@ -25,11 +28,14 @@ from ftstudio.lifecycle import (
     answer,
     decide,
 )
+from ftstudio.runner import HEARTBEAT_S
 from ftstudio.task import TRANSITIONS
 from ftstudio.task import TaskStatus as S
 
 RUNNING = [S.PREPARING, S.TRAINING]
 AT = "step 7/20"  # progress in the facts below
+LOST = HEARTBEAT_LOST_S + 1  # a heartbeat age past the lost threshold
+SILENT = f"{UNEXPECTED}: no heartbeat for 5 minutes (its process cannot be checked) at {AT}"
 
 # (what the supervisor finds, the facts beyond the status, the status it moves to (None: stays), the reason).
 # Every scenario is played against every status: a status without a process never moves.
@@ -62,6 +68,77 @@ SCENARIOS: list[tuple[str, dict[str, Any], S | None, str]] = [
         {"liveness": Liveness.REBOOTED, "cancel_requested": True},
         S.CANCELLED,
         "cancelled on request",
+    ),
+    # The heartbeat: shown when stale, a liveness fact only where identity cannot be checked.
+    ("alive, fresh heartbeat", {"liveness": Liveness.ALIVE, "heartbeat_age_s": 1.5}, None, ""),
+    ("alive, stalled heartbeat", {"liveness": Liveness.ALIVE, "heartbeat_age_s": HEARTBEAT_STALLED_S + 1}, None, ""),
+    (
+        "alive, heartbeat lost and seen twice (a laptop that slept)",
+        {"liveness": Liveness.ALIVE, "heartbeat_age_s": 3600.0, "lost_seen_s": 3600.0},
+        None,
+        "",
+    ),
+    ("cannot tell, no heartbeat yet", {"liveness": Liveness.UNKNOWN, "lost_seen_s": 1e6}, None, ""),
+    ("cannot tell, fresh heartbeat", {"liveness": Liveness.UNKNOWN, "heartbeat_age_s": 1.5}, None, ""),
+    (
+        "cannot tell, heartbeat stalled",
+        {"liveness": Liveness.UNKNOWN, "heartbeat_age_s": HEARTBEAT_STALLED_S + 1},
+        None,
+        "",
+    ),
+    (
+        "cannot tell, heartbeat at the lost threshold",
+        {"liveness": Liveness.UNKNOWN, "heartbeat_age_s": HEARTBEAT_LOST_S, "lost_seen_s": 1e6},
+        None,
+        "",
+    ),
+    ("cannot tell, heartbeat lost, not seen so", {"liveness": Liveness.UNKNOWN, "heartbeat_age_s": LOST}, None, ""),
+    (
+        "cannot tell, heartbeat lost, first look",
+        {"liveness": Liveness.UNKNOWN, "heartbeat_age_s": LOST, "lost_seen_s": 0.0},
+        None,
+        "",
+    ),
+    (
+        "cannot tell, heartbeat lost, looked again too soon",
+        {"liveness": Liveness.UNKNOWN, "heartbeat_age_s": LOST, "lost_seen_s": HEARTBEAT_RECHECK_S - 0.1},
+        None,
+        "",
+    ),
+    (
+        "cannot tell, heartbeat lost, seen again",
+        {"liveness": Liveness.UNKNOWN, "heartbeat_age_s": LOST, "lost_seen_s": HEARTBEAT_RECHECK_S},
+        S.FAILED,
+        SILENT,
+    ),
+    (
+        "cannot tell, heartbeat lost, cancel asked",
+        {
+            "liveness": Liveness.UNKNOWN,
+            "heartbeat_age_s": LOST,
+            "lost_seen_s": HEARTBEAT_RECHECK_S,
+            "cancel_requested": True,
+        },
+        S.CANCELLED,
+        "cancelled on request",
+    ),
+    ("dead, fresh heartbeat", {"liveness": Liveness.DEAD, "heartbeat_age_s": 0.5}, S.FAILED, f"{UNEXPECTED} at {AT}"),
+    (
+        "rebooted, fresh heartbeat",
+        {"liveness": Liveness.REBOOTED, "heartbeat_age_s": 0.5},
+        S.FAILED,
+        f"{UNEXPECTED}: the machine restarted at {AT}",
+    ),
+    (
+        "exit completed, cannot tell, heartbeat lost",
+        {
+            "exit": ExitRecord("completed", "done"),
+            "liveness": Liveness.UNKNOWN,
+            "heartbeat_age_s": LOST,
+            "lost_seen_s": HEARTBEAT_RECHECK_S,
+        },
+        S.COMPLETED,
+        "done",
     ),
     ("exit completed", {"exit": ExitRecord("completed", "done")}, S.COMPLETED, "done"),
     (
@@ -109,7 +186,6 @@ SCENARIOS: list[tuple[str, dict[str, Any], S | None, str]] = [
     # Facts for the later steps of issue 11: gathered, but no outcome depends on them yet.
     ("alive, pause asked", {"liveness": Liveness.ALIVE, "pause_requested": True}, None, ""),
     ("dead, pause asked", {"liveness": Liveness.DEAD, "pause_requested": True}, S.FAILED, f"{UNEXPECTED} at {AT}"),
-    ("alive, stale heartbeat", {"liveness": Liveness.ALIVE, "heartbeat_age_s": 600.0}, None, ""),
     (
         "dead, checkpoint and restarts left",
         {"liveness": Liveness.DEAD, "has_complete_checkpoint": True, "max_restarts": 3},
@@ -139,7 +215,8 @@ def test_every_status_against_every_scenario(
     if dst == S.COMPLETED:
         assert move.fields["eta_s"] == 0
     # A runner gone without an exit record may have left its trainer running: that must be stopped.
-    gone = extra.get("liveness") in (Liveness.DEAD, Liveness.REUSED, Liveness.REBOOTED)
+    # (A runner that cannot be checked only moves once its heartbeat is lost, and then it is gone too.)
+    gone = extra.get("liveness") in (Liveness.DEAD, Liveness.REUSED, Liveness.REBOOTED, Liveness.UNKNOWN)
     assert move.stop_processes == (gone and not _exit_of_this_attempt(extra))
 
 
@@ -157,12 +234,29 @@ EXITS = [
 ]
 
 
+BEAT_AGES = [None, 1.5, HEARTBEAT_STALLED_S + 1, HEARTBEAT_LOST_S, LOST]
+LOST_SEEN = [None, 0.0, HEARTBEAT_RECHECK_S]
+
+
 @pytest.mark.parametrize("status", list(S))
 def test_the_whole_fact_space_gives_only_legal_moves_and_keeps_doubt(status: S) -> None:
-    """Every combination of the facts that decide today: liveness x exit record x cancel x time since launch."""
-    for liveness, record, cancel, since in itertools.product(LIVENESS, EXITS, [False, True], [None, 1.0, 1e4]):
-        f = Facts(status, liveness=liveness, exit=record, cancel_requested=cancel, since_launch_s=since)
+    """Every combination of the facts that decide today: liveness x exit record x cancel x time since
+    launch x heartbeat age x how long its loss has been seen."""
+    for liveness, record, cancel, since, age, seen in itertools.product(
+        LIVENESS, EXITS, [False, True], [None, 1.0, 1e4], BEAT_AGES, LOST_SEEN
+    ):
+        f = Facts(
+            status,
+            liveness=liveness,
+            exit=record,
+            cancel_requested=cancel,
+            since_launch_s=since,
+            heartbeat_age_s=age,
+            lost_seen_s=seen,
+        )
         move = decide(f)
+        lost = age is not None and age > HEARTBEAT_LOST_S and seen is not None and seen >= HEARTBEAT_RECHECK_S
+        assert lifecycle.heartbeat_lost(f) == lost
         current = record is not None and record.attempt is None
         if not status.has_process:
             assert move is None
@@ -173,13 +267,31 @@ def test_the_whole_fact_space_gives_only_legal_moves_and_keeps_doubt(status: S) 
             assert move.dst.is_final or (move.dst == S.PAUSED and record is not None and record.outcome == "paused")
             assert move.releases
             assert move.reason
-        if not current and liveness in (Liveness.ALIVE, Liveness.UNKNOWN):
-            assert move is None, "never dead on doubt, never dead while alive"
+        if not current and (liveness == Liveness.ALIVE or (liveness == Liveness.UNKNOWN and not lost)):
+            assert move is None, "never dead on doubt, never dead while alive, whatever the heartbeat"
+        if not current and liveness == Liveness.UNKNOWN and lost:
+            assert move is not None and move.stop_processes, "a lost heartbeat is the dead move"
         if current:
             assert move is not None
             assert (move.dst == S.COMPLETED) == (record.outcome == "completed")
         if move is not None and move.dst == S.CANCELLED:
             assert cancel or (current and record.outcome == "cancelled"), "only a requested cancel ends cancelled"
+
+
+@pytest.mark.parametrize("status", list(S))
+@pytest.mark.parametrize(
+    ("age", "shown"),
+    [(None, False), (0.0, False), (HEARTBEAT_STALLED_S, False), (HEARTBEAT_STALLED_S + 0.1, True), (1e6, True)],
+)
+def test_a_stale_heartbeat_is_shown_as_stalled_only_while_there_is_a_process(
+    status: S, age: float | None, shown: bool
+) -> None:
+    assert lifecycle.stalled(status, age) == (shown and status.has_process)
+
+
+def test_the_heartbeat_thresholds_keep_their_order() -> None:
+    # Shown stalled well before it could count as lost; the recheck outlasts several beats.
+    assert HEARTBEAT_S * 5 <= HEARTBEAT_RECHECK_S < HEARTBEAT_STALLED_S < HEARTBEAT_LOST_S
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,236 @@
+"""In-memory stand-ins for the studio's I/O boundaries, for unit tests (`from fakes import ...`).
+
+`FakeExecutor` implements the `Executor` protocol without processes: each submit makes a
+`FakeRunner` that writes what the real runner writes into the task dir (launch.json, heartbeat,
+events.jsonl, exit.json), so the real store and supervisor read real files, while the test says
+what the "process" does: finish, die without a record, hang, ignore SIGTERM, stop beating, hide
+its identity. One fake runner stands for the runner and its trainer: SIGUSR1 pauses it (a paused
+exit record), SIGSTOP/SIGCONT to the group sparing the runner freeze and thaw its trainer. `FakeClock` is the time the supervisor reads; advancing it makes live runners beat,
+so a stalled or lost heartbeat is a runner told to stop beating and the clock moved past it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftstudio.errors import LaunchError
+from ftstudio.executor import Launch
+from ftstudio.home import TaskDir, read_json, write_json_atomic
+from ftstudio.lifecycle import Liveness, Outcome
+
+BOOT = "fake-boot-1"
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when the test says (`Supervisor(clock=...)`)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        # From the real time by default: the store stamps `started_at` with the real clock.
+        self.now = time.time() if start is None else start
+        self._listeners: list[Callable[[float], None]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def listen(self, listener: Callable[[float], None]) -> None:
+        """Call `listener(now)` after every advance (what runs "meanwhile": heartbeats)."""
+        self._listeners.append(listener)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for listener in list(self._listeners):
+            listener(self.now)
+
+
+@dataclass
+class FakeRunner:
+    """One fake runner process: alive until the test (or a signal) ends it."""
+
+    executor: FakeExecutor
+    task: TaskDir
+    attempt: int
+    pid: int
+    start_time: float
+    alive: bool = True
+    beating: bool = True
+    ignores_sigterm: bool = False
+    env: Mapping[str, str] = field(default_factory=dict)
+    """What submit added to its environment (the GPUs it was granted)."""
+    frozen: bool = False
+    """Its trainer is stopped (SIGSTOP to the task's processes but the runner)."""
+    hidden: bool = False
+    """`poll` cannot tell (a permission error, an executor whose pids mean nothing here); signals
+    go only to a runner known to be ours, but `kill_all` still reaches it, as a cluster's cancel would."""
+    signals: list[int] = field(default_factory=list)
+
+    @property
+    def task_id(self) -> str:
+        return self.task.path.name
+
+    # -- what the test makes it do -------------------------------------------
+
+    def progress(self, step: int, total_steps: int) -> None:
+        """Append a progress event, as the trainer would (the first one makes the task training)."""
+        event = {"kind": "progress", "ts": self.executor.clock(), "step": step, "total_steps": total_steps}
+        with open(self.task.events, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def finish(self, outcome: Outcome, reason: str = "", *, exit_code: int | None = 0) -> None:
+        """End with an exit record, written atomically like the runner's, then exit."""
+        record: dict[str, Any] = {
+            "outcome": outcome.value,
+            "reason": reason,
+            "exit_code": exit_code,
+            "signal": None,
+            "attempt": self.attempt,
+            "finished_at": self.executor.clock(),
+        }
+        write_json_atomic(self.task.exit, record)
+        self._end()
+
+    def die(self) -> None:
+        """Vanish without an exit record (SIGKILL, the OOM killer)."""
+        self._end()
+
+    def hang(self) -> None:
+        """Alive but stuck: no more beats, and SIGTERM is not acted on."""
+        self.beating = False
+        self.ignores_sigterm = True
+
+    def stop_beating(self) -> None:
+        self.beating = False
+
+    def ignore_sigterm(self) -> None:
+        self.ignores_sigterm = True
+
+    def hide(self) -> None:
+        self.hidden = True
+
+    def beat(self) -> None:
+        """Touch the heartbeat at the fake clock's time (the supervisor reads its mtime)."""
+        now = self.executor.clock()
+        self.task.heartbeat.write_text(f"{now:.3f}\n")
+        os.utime(self.task.heartbeat, (now, now))
+
+    # -- what the executor does to it ----------------------------------------
+
+    def deliver(self, sig: int) -> None:
+        self.signals.append(sig)
+        if sig == signal.SIGKILL:
+            self._end()
+        elif sig == signal.SIGTERM and not self.ignores_sigterm:
+            # The runner forwards it, the trainer stops, and the runner records the stop.
+            self.finish(Outcome.CANCELLED, "stopped on request (SIGTERM)", exit_code=None)
+        elif sig == signal.SIGUSR1 and not self.ignores_sigterm:
+            # Pause: the trainer saves a checkpoint at its next step and exits; the runner records it.
+            self.finish(Outcome.PAUSED, "paused on request", exit_code=None)
+        elif sig in (signal.SIGSTOP, signal.SIGCONT):
+            self.frozen = sig == signal.SIGSTOP
+
+    def _end(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        if self.executor.on_exit:
+            self.executor.on_exit()
+
+
+class FakeExecutor:
+    """The `Executor` protocol in memory; `runner(task_id)` is the task's latest fake runner."""
+
+    name = "fake"
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.on_exit: Callable[[], None] | None = None
+        self.boot_id = BOOT
+        self.runners: dict[int, FakeRunner] = {}  # by pid
+        self.refuse: str | None = None
+        """When set, the next submit raises LaunchError with this message."""
+        self.stops: list[tuple[str, float]] = []  # (task id, grace) of every `stop`
+        self._pids = itertools.count(40_000)
+        clock.listen(self._tick)
+
+    def runner(self, task_id: str) -> FakeRunner:
+        return [r for r in self.runners.values() if r.task_id == task_id][-1]
+
+    def reboot(self) -> None:
+        """The machine restarted: every runner is gone without a record, and the boot id changed."""
+        for r in self.runners.values():
+            r.alive = False
+        self.boot_id = f"{self.boot_id}+1"
+
+    def _tick(self, now: float) -> None:
+        for r in self.runners.values():
+            if r.alive and r.beating:
+                r.beat()
+
+    # -- the protocol ----------------------------------------------------------
+
+    def submit(self, task: TaskDir, *, attempt: int, env: Mapping[str, str] | None = None) -> Launch:
+        if self.refuse is not None:
+            message, self.refuse = self.refuse, None
+            raise LaunchError(message)
+        pid, now = next(self._pids), self.clock()
+        runner = FakeRunner(self, task, attempt, pid, now, env=dict(env or {}))
+        self.runners[pid] = runner
+        write_json_atomic(
+            task.launch, {"pid": pid, "start_time": now, "boot_id": self.boot_id, "pgid": pid, "attempt": attempt}
+        )
+        runner.beat()
+        return Launch(pid, now, self.boot_id, pid)
+
+    def poll(self, task: TaskDir, launch: Launch | None) -> Liveness:
+        if launch is None:
+            recorded = read_json(task.launch)
+            if not recorded:
+                return Liveness.UNKNOWN
+            launch = Launch(recorded["pid"], recorded["start_time"], recorded["boot_id"], recorded["pgid"])
+        if launch.boot_id != self.boot_id:
+            return Liveness.REBOOTED
+        runner = self.runners.get(launch.pid)
+        if runner is None:
+            return Liveness.DEAD
+        if runner.hidden:
+            return Liveness.UNKNOWN
+        return Liveness.ALIVE if runner.alive else Liveness.DEAD
+
+    def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool:
+        if launch is None or self.poll(task, launch) != Liveness.ALIVE:
+            return False
+        self.runners[launch.pid].deliver(sig)
+        return True
+
+    def kill_all(self, task_id: str) -> int:
+        alive = [r for r in self.runners.values() if r.task_id == task_id and r.alive]
+        for r in alive:
+            r.deliver(signal.SIGKILL)
+        return len(alive)
+
+    def signal_all(self, task_id: str, sig: int, *, spare: int | None = None) -> int:
+        """Every process of the task but `spare`: a spared runner's trainer alone gets it (frozen, thawed)."""
+        count = 0
+        for r in self.runners.values():
+            if r.task_id == task_id and r.alive:
+                if r.pid == spare and sig in (signal.SIGSTOP, signal.SIGCONT):
+                    r.frozen = sig == signal.SIGSTOP
+                else:
+                    r.deliver(sig)
+                count += 1
+        return count
+
+    def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int:
+        """LocalExecutor.stop's escalation, with the grace passed on the fake clock instead of slept."""
+        self.stops.append((task_id, grace))
+        self.signal(task, launch, signal.SIGTERM)
+        if not any(r.task_id == task_id and r.alive for r in self.runners.values()):
+            return 0
+        self.clock.advance(grace)
+        return self.kill_all(task_id)

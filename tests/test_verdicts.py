@@ -1,0 +1,253 @@
+"""The supervisor's verdicts, through the real service, store (SQLite) and supervisor, with the fake
+executor and a fake clock: each scenario of DESIGN.md's reconcile table in milliseconds.
+
+The real LocalExecutor plays the same scenarios with real processes in test_supervisor.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+from pathlib import Path
+
+import pytest
+from fakes import FakeClock, FakeExecutor, FakeRunner
+
+from ftstudio import lifecycle
+from ftstudio.executor import Executor
+from ftstudio.home import Home
+from ftstudio.lifecycle import (
+    HEARTBEAT_LOST_S,
+    HEARTBEAT_RECHECK_S,
+    HEARTBEAT_STALLED_S,
+    LAUNCH_GRACE_S,
+    NEVER_STARTED,
+    UNEXPECTED,
+    Outcome,
+)
+from ftstudio.service import CANCEL_GRACE_S, Service
+from ftstudio.store import Task
+from ftstudio.supervisor import Supervisor
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fake(clock: FakeClock) -> FakeExecutor:
+    return FakeExecutor(clock)
+
+
+@pytest.fixture
+def service(tmp_path: Path, fake: FakeExecutor, clock: FakeClock) -> Service:
+    service = Service(Home(tmp_path / "home"), executor=fake, in_server=True)
+    service.supervisor.clock = clock
+    return service
+
+
+def training(service: Service, fake: FakeExecutor, *, step: int = 4, total: int = 10) -> tuple[Task, FakeRunner]:
+    """A submitted task whose runner has reported `step` of `total` (so: training)."""
+    task = service.submit({"preset": "cpu-demo"}, "fake")
+    runner = fake.runner(task.id)
+    for s in range(1, step + 1):
+        runner.progress(s, total)
+    sync(service, task)
+    assert status(service, task) == "training"
+    return service.store.get(task.id), runner
+
+
+def sync(service: Service, task: Task) -> None:
+    service.supervisor.sync(service.store.get(task.id))
+
+
+def status(service: Service, task: Task) -> str:
+    return service.store.get(task.id).status
+
+
+# -- exit records ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reason", "dst"),
+    [
+        (Outcome.COMPLETED, "training finished and the adapter was saved", "completed"),
+        (Outcome.FAILED, "CUDA out of memory", "failed"),
+        (Outcome.CANCELLED, "stopped on request (SIGTERM)", "cancelled"),
+    ],
+)
+def test_an_exit_record_decides_the_end(service: Service, fake: FakeExecutor, outcome: Outcome, reason: str, dst: str):
+    task, runner = training(service, fake)
+    runner.progress(5, 10)  # its last steps, written before the record: stored, not lost
+    runner.finish(outcome, reason)
+    sync(service, task)
+    got = service.store.get(task.id)
+    assert (got.status, got.step) == (dst, 5)
+    assert service.store.history(task.id)[-1]["reason"] == reason
+    assert got.error == (reason if dst == "failed" else None)
+
+
+def test_pause_on_request_ends_paused_from_the_runners_record(service: Service, fake: FakeExecutor):
+    task, runner = training(service, fake)
+    assert service.pause(task.id).phase == "pausing"
+    assert runner.signals == [signal.SIGUSR1]
+    sync(service, task)
+    assert status(service, task) == "paused"
+
+
+def test_cancel_of_a_runner_that_stops_on_sigterm(service: Service, fake: FakeExecutor, clock: FakeClock):
+    task, runner = training(service, fake)
+    before = clock()
+    got = service.cancel(task.id, wait=True)
+    assert got.status == "cancelled"
+    assert runner.signals == [signal.SIGTERM]
+    assert fake.stops == [(task.id, CANCEL_GRACE_S)]
+    assert clock() == before  # it stopped at once: no grace waited
+
+
+def test_cancel_escalates_to_sigkill_when_sigterm_is_ignored(service: Service, fake: FakeExecutor, clock: FakeClock):
+    task, runner = training(service, fake)
+    runner.ignore_sigterm()
+    before = clock()
+    got = service.cancel(task.id, grace=7.0, wait=True)
+    assert got.status == "cancelled"
+    assert runner.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert clock() - before == 7.0  # the whole grace, then the kill
+    assert not task.dir.exit.exists()  # killed, so no record: the request decided `cancelled`
+    assert service.store.history(task.id)[-1]["reason"] == "cancelled on request"
+
+
+def test_a_hung_runner_is_killed_on_cancel(service: Service, fake: FakeExecutor):
+    task, runner = training(service, fake)
+    runner.hang()
+    assert service.cancel(task.id, grace=1.0, wait=True).status == "cancelled"
+    assert runner.signals == [signal.SIGTERM, signal.SIGKILL] and not runner.alive
+
+
+# -- process identity ------------------------------------------------------------
+
+
+def test_dead_without_a_record_is_failed_with_the_reason(service: Service, fake: FakeExecutor):
+    task, runner = training(service, fake)
+    runner.die()
+    sync(service, task)
+    got = service.store.get(task.id)
+    assert got.status == "failed"
+    assert got.error == f"{UNEXPECTED} at step 4/10"
+
+
+def test_claimed_but_never_launched_fails_after_the_grace(service: Service, clock: FakeClock):
+    # The studio stopped between the claim and the executor's submit: a claimed task, no process.
+    task = service.store.create_task(
+        name="orphan", model="builtin:tiny", dataset="builtin:sample", config={}, tasks_root=service.home.tasks
+    )
+    service.store.apply(task.id, lifecycle.claim())
+    clock.advance(LAUNCH_GRACE_S - 1)
+    sync(service, task)
+    assert status(service, task) == "preparing"
+    clock.advance(2)
+    sync(service, task)
+    got = service.store.get(task.id)
+    assert (got.status, got.error) == ("failed", NEVER_STARTED)
+
+
+def test_after_a_reboot_the_task_is_not_adopted(service: Service, fake: FakeExecutor, clock: FakeClock):
+    task, _ = training(service, fake)
+    fake.reboot()
+    clock.advance(120)
+    verdicts = Supervisor(service.store, service.home, fake, clock=clock).reconcile_all()  # the studio starts again
+    got = service.store.get(task.id)
+    assert [(v.task_id, v.status) for v in verdicts] == [(task.id, "failed")]
+    assert got.error == f"{UNEXPECTED}: the machine restarted at step 4/10"
+
+
+# -- the heartbeat -----------------------------------------------------------------
+
+
+def test_alive_with_a_stale_heartbeat_is_shown_stalled_never_moved(
+    service: Service, fake: FakeExecutor, clock: FakeClock
+):
+    task, runner = training(service, fake)
+    assert service.task_json(service.get(task.id))["stalled"] is False
+    runner.stop_beating()  # a full disk: training goes on, beats do not
+    clock.advance(HEARTBEAT_STALLED_S + 1)
+    sync(service, task)
+    view = service.task_json(service.get(task.id))
+    assert (view["status"], view["stalled"], view["heartbeat_age_s"]) == ("training", True, HEARTBEAT_STALLED_S + 1)
+    for _ in range(3):  # an hour, looked at twice an hour apart: still alive, still just shown
+        clock.advance(HEARTBEAT_LOST_S * 6)
+        sync(service, task)
+    assert status(service, task) == "training"
+    runner.beating = True
+    clock.advance(2.0)
+    assert service.task_json(service.get(task.id))["stalled"] is False
+
+
+def test_unknown_identity_with_a_fresh_heartbeat_is_left_alone(service: Service, fake: FakeExecutor, clock: FakeClock):
+    task, runner = training(service, fake)
+    runner.hide()
+    for _ in range(40):  # 400 s of looks, past the lost threshold, the runner beating between them
+        clock.advance(10.0)
+        sync(service, task)
+    assert status(service, task) == "training"
+    assert runner.alive and runner.signals == []
+
+
+def test_unknown_identity_with_a_lost_heartbeat_is_the_dead_move(
+    service: Service, fake: FakeExecutor, clock: FakeClock
+):
+    task, runner = training(service, fake)
+    runner.hide()
+    runner.stop_beating()
+    clock.advance(HEARTBEAT_LOST_S + 1)
+    sync(service, task)
+    assert status(service, task) == "training"  # the first look that finds it lost only notes it
+    clock.advance(HEARTBEAT_RECHECK_S)
+    sync(service, task)
+    got = service.store.get(task.id)
+    assert got.status == "failed"
+    assert got.error == f"{UNEXPECTED}: no heartbeat for 5 minutes (its process cannot be checked) at step 4/10"
+    assert runner.signals == [signal.SIGKILL]  # whatever it was doing, it must not go on writing
+
+
+def test_unknown_identity_after_the_laptop_slept_waits_for_the_next_beat(
+    service: Service, fake: FakeExecutor, clock: FakeClock
+):
+    task, runner = training(service, fake)
+    runner.hide()
+    runner.stop_beating()  # everything sleeps an hour...
+    clock.advance(3600)
+    sync(service, task)  # ...and the studio, waking, looks before the runner beats
+    runner.beating = True
+    clock.advance(2.0)
+    sync(service, task)
+    clock.advance(HEARTBEAT_RECHECK_S)
+    sync(service, task)
+    assert status(service, task) == "training"
+
+
+def test_unknown_identity_lost_while_cancel_was_asked_ends_cancelled(
+    service: Service, fake: FakeExecutor, clock: FakeClock
+):
+    task, runner = training(service, fake)
+    runner.hide()  # so the studio's SIGTERM cannot be sent: it cannot tell the process is its own
+    runner.stop_beating()
+    service.cancel(task.id, grace=1.0, wait=True)
+    assert status(service, task) == "training"
+    for _ in range(2):
+        clock.advance(HEARTBEAT_LOST_S)
+        sync(service, task)
+    got = service.store.get(task.id)
+    assert (got.status, service.store.history(task.id)[-1]["reason"]) == ("cancelled", "cancelled on request")
+    assert runner.signals == [signal.SIGKILL]  # no SIGTERM to a process it cannot check; the kill after the grace
+
+
+def test_the_fake_executor_keeps_to_the_protocol() -> None:
+    """The fake is only worth its tests while it takes and returns what the real protocol does."""
+    methods = [(n, m) for n, m in vars(Executor).items() if callable(m) and not n.startswith("_")]
+    assert {n for n, _ in methods} == {"submit", "poll", "signal", "kill_all", "signal_all", "stop"}
+    for name, member in methods:
+        assert inspect.signature(getattr(FakeExecutor, name)) == inspect.signature(member), name
+    fake = FakeExecutor(FakeClock())
+    assert isinstance(fake.name, str) and fake.on_exit is None
