@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import BENCH, PY, ROOT, TABLE_HEAD, Figure, command_line, load_average
 
-CORE = ["startup", "supervisor", "orchestration"]
+CORE = ["startup", "supervisor", "orchestration", "queue", "pause"]
 OPTIONAL = ["trainer", "step", "upload"]
 
 

@@ -66,7 +66,7 @@ def test_a_task_runs_and_every_view_agrees(studio):
     for key in ("id", "status", "pid", "step", "total_steps", "epoch", "loss", "error", "reattached", "actions"):
         assert key in task
     done = studio.wait_status(task["id"], "completed")
-    assert done["step"] == 12 and done["percent"] == 100.0 and done["actions"] == ["delete"]
+    assert done["step"] == 12 and done["percent"] == 100.0 and done["actions"] == ["extend", "delete"]
     metrics = studio.http.get(f"/api/tasks/{task['id']}/metrics").json()["events"]
     assert [e["step"] for e in metrics if e["kind"] == "progress"] == list(range(1, 13))
     logs = studio.http.get(f"/api/tasks/{task['id']}/logs").json()

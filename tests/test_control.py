@@ -3,6 +3,7 @@ under the real runner; the suspend checkpoint of the real trainer has its own te
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -181,3 +182,20 @@ def test_suspend_frees_the_slot_and_resume_continues_the_same_run(home: Path, st
         e["step"] for e in studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"] if e["kind"] == "progress"
     ]
     assert progress == list(range(1, 41))  # no step twice, none missing
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_two_process_task_from_the_studio_is_cancelled_with_every_rank(home: Path) -> None:
+    """--processes 2: torchrun under the runner (gloo on the CPU); cancel reaches the agent and both ranks."""
+    r = run_cli(home, "submit", "--preset", "cpu-demo", "--processes", "2", "--max-steps", "400", "--json")
+    assert r.returncode == 0, r.stderr
+    tid = json.loads(r.stdout)["id"]
+    wait_for(lambda: cli_json(home, "show", tid)["step"] >= 2, timeout=300, what="both ranks to train")
+    launch = read_json(home / "tasks" / tid / "launch.json")
+    assert "torch.distributed.run" in launch["argv"] and "--nproc_per_node=2" in launch["argv"]
+    assert len(tagged(tid)) >= 4  # runner, torchrun's agent, two ranks
+    r = run_cli(home, "cancel", tid)
+    assert r.returncode == 0 and f"task {tid} cancelled" in r.stdout
+    assert tagged(tid) == []  # checked across the whole process table
+    assert cli_json(home, "show", tid)["resources"] == []

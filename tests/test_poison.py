@@ -21,7 +21,7 @@ def keeps_stepping(studio, task_id, by=3):
 
 
 def test_an_unstorable_event_fails_its_task_alone(studio_factory, home):
-    studio = studio_factory(scripted=True).start()
+    studio = studio_factory(scripted=True).start("--slots", "2")  # both run at once
     good = create(studio, "scripted steps=3000 delay=0.05")
     bad = create(studio, "scripted steps=3000 delay=0.05 huge=3")
 
