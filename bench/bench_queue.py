@@ -3,8 +3,11 @@
 A real studio with one training slot runs N short tasks one after another (the
 event-emitting stand-in trainer under the real runner: the trainer's own speed is
 not what is measured). Each hand-over is read from the processes' own records:
-the runner's `finished_at` in exit.json of one task, to the create time of the
-next task's runner (launch.json `start_time`, from the kernel).
+the runner's `finished_at` in exit.json of one task (its time.time()), to the
+kernel's start time of the next task's runner (launch.json `start_time`). psutil
+adds that start time, kept in clock ticks since boot, to the boot time Linux gives
+in whole seconds; the boot time is re-derived here to the millisecond from
+CLOCK_BOOTTIME, so both ends are on one clock.
 
 Baseline in the same run: the same runners started back to back by a plain loop
 in this process (`subprocess.run` one after another, what a shell script running
@@ -26,18 +29,26 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from common import PY, Figure, Studio, add_common_args, bench_env, percentile, report, tear_down, wait_for
 
 GOAL_MS = 200.0
 
 
+def boot_time_error() -> float:
+    """What psutil's whole-second boot time is off by (added to every process start time it reports)."""
+    exact = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return psutil.boot_time() - exact
+
+
 def handovers(dirs: list[Path]) -> list[float]:
     """Milliseconds from each runner's exit record to the next runner's start, in run order."""
+    error = boot_time_error()
     spans = []
     for d in dirs:
         launch = json.loads((d / "launch.json").read_text())
         end = json.loads((d / "exit.json").read_text())
-        spans.append((launch["start_time"], end["finished_at"]))
+        spans.append((launch["start_time"] - error, end["finished_at"]))
     spans.sort()
     return [(nxt[0] - cur[1]) * 1000 for cur, nxt in itertools.pairwise(spans)]
 
