@@ -1,0 +1,160 @@
+"""The queue's side of the service: slots, the plan, claiming a task with its leases, launching it.
+
+`Service` (service.py) is made of this, `Control` (control.py) and `Catalog` (catalog.py): one
+API for the CLI and the HTTP routes, in modules of one concern each. The decision of who starts
+is scheduler.py's; this module gathers its inputs and acts on its answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ftstudio import checkpoints, lifecycle, scheduler
+from ftstudio.errors import LaunchError, ValidationError
+from ftstudio.policy import MAX_SLOTS
+from ftstudio.resources import Want, cuda_env, want_of
+from ftstudio.scheduler import Grant, Plan, Waiting
+from ftstudio.storage import writing
+from ftstudio.store import LostRace, Task
+from ftstudio.task import TaskStatus
+
+if TYPE_CHECKING:
+    from ftstudio.executor import Executor
+    from ftstudio.home import Home
+    from ftstudio.policy import Policy
+    from ftstudio.store import Store
+    from ftstudio.supervisor import Supervisor
+
+log = logging.getLogger("ftstudio")
+
+S = TaskStatus
+DEFAULT_SLOTS = 1  # training slots for tasks without a GPU: one at a time, so two CPU runs never halve each other
+
+
+class Launcher:
+    # Set by Service.__init__ (service.py); declared here for the methods below.
+    home: Home
+    store: Store
+    executor: Executor
+    supervisor: Supervisor
+    policy: Policy
+    in_server: bool
+    gpus: tuple[int, ...]
+    _scheduling: threading.Lock
+
+    def slots(self) -> int:
+        """Training slots for tasks without a GPU, as `studio start --slots` last set them in this home."""
+        value = self.store.setting("slots")
+        return int(value) if value and value.isdigit() else DEFAULT_SLOTS
+
+    def set_slots(self, slots: int) -> None:
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValidationError(f"--slots: must be between 1 and {MAX_SLOTS} (got {slots})")
+        with writing(self.home.root):
+            self.store.set_setting("slots", str(slots))
+
+    def plan(self) -> Plan:
+        """Who would start now, and why each other queued task waits."""
+        waiting = [
+            Waiting(t.id, self._want(t), t.priority or 0, t.created_at) for t in self.store.with_status(S.QUEUED)
+        ]
+        return scheduler.plan(waiting, self.store.leases(), slots=self.slots(), gpus=self.gpus)
+
+    def _want(self, task: Task) -> Want:
+        try:
+            return want_of(task.config_dict.get("resources") or {}, len(self.gpus))
+        except (ValueError, TypeError):  # a record from elsewhere: treat it as a plain CPU task
+            return Want()
+
+    def schedule(self) -> list[str]:
+        """Start every queued task whose resources are free, in queue order. Any thread, any process:
+        each start claims its task and its leases in one transaction, so nothing is started twice."""
+        started = []
+        with self._scheduling:
+            for grant in self.plan().starts:
+                try:
+                    if self.launch(grant):
+                        started.append(grant.task_id)
+                except LaunchError:
+                    log.exception("could not launch task %s", grant.task_id)
+        return started
+
+    launch_queued = schedule  # what the supervisor calls when a task ends and frees its resources
+
+    def launch(self, grant: Grant) -> bool:
+        """Start a queued task's runner with the resources granted to it. Claims the task and its leases first
+        (compare-and-set), so two launchers never both start it nor hand out the same GPU. False: lost a race."""
+        queued = self.store.get(grant.task_id)
+        resumed = None
+        if queued.attempt > 1:  # a later attempt continues from the newest complete checkpoint (the runner says so)
+            newest = checkpoints.find_resume_checkpoint(queued.dir.checkpoints)
+            resumed = checkpoints.step_of(newest) if newest else 0
+        try:
+            task = self.store.claim(grant.task_id, lifecycle.claim(), grant, resumed_from_step=resumed)
+        except LostRace:
+            return False
+        tdir = task.dir
+        # A new attempt starts without the last one's records.
+        for stale in (tdir.exit, tdir.launch, tdir.heartbeat):
+            stale.unlink(missing_ok=True)
+        # Where the studio manages GPUs the task sees exactly its own (none for a CPU task); where it found
+        # none (no nvidia-smi), the environment is left alone rather than hiding GPUs it cannot count.
+        env = cuda_env(grant.gpu_ids) if self.gpus else {}
+        try:
+            launch = self.executor.submit(tdir, attempt=task.attempt, env=env)
+        except LaunchError as e:
+            self.store.apply(task.id, lifecycle.launch_failed(str(e)))
+            raise
+        self.store.update(
+            task.id,
+            pid=launch.pid,
+            pid_start_time=launch.start_time,
+            boot_id=launch.boot_id,
+            pgid=launch.pgid,
+            executor=self.executor.name,
+        )
+        held = ", ".join(grant.resources) or "no lease"
+        log.info("task %s launched (runner pid %s, attempt %s, %s)", task.id, launch.pid, task.attempt, held)
+        return True
+
+    def queue(self) -> dict[str, Any]:
+        """What runs, what waits and for what (`ftstudio queue`, `GET /api/queue`)."""
+        if not self.in_server:
+            self._catch_up()
+        plan = self.plan()
+        running = []
+        for task in self.store.with_status(S.PREPARING, S.TRAINING):
+            running.append(
+                {"id": task.id, "name": task.name, "status": task.status, "resources": self.store.leases_of(task.id)}
+            )
+        waiting = []
+        queued = {t.id: t for t in self.store.with_status(S.QUEUED)}
+        for task_id, wait in sorted(plan.waits.items(), key=lambda kv: kv[1].position):
+            t = queued[task_id]
+            waiting.append(
+                {
+                    "id": t.id,
+                    "name": t.name,
+                    "priority": t.priority or 0,
+                    "position": wait.position,
+                    "reason": wait.reason,
+                    "blocked_by": list(wait.blocked_by),
+                }
+            )
+        return {"slots": self.slots(), "gpus": list(self.gpus), "running": running, "waiting": waiting}
+
+    def _catch_up(self) -> None:
+        """With no studio watching (the CLI alone), end what has ended and start what can start."""
+        for task in self.store.with_status(S.PREPARING, S.TRAINING):
+            self.supervisor.sync(task)
+        self.schedule()
+
+    def _queue_place(self, task: Task, waits: dict[str, scheduler.Wait] | None) -> dict[str, Any] | None:
+        if task.status_enum != S.QUEUED:
+            return None
+        wait = (waits if waits is not None else self.plan().waits).get(task.id)
+        if wait is None:  # free to start: the next look of the scheduler starts it
+            return {"position": 0, "reason": "starting", "blocked_by": []}
+        return {"position": wait.position, "reason": wait.reason, "blocked_by": list(wait.blocked_by)}
