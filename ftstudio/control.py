@@ -75,9 +75,11 @@ class Control:
                 self.schedule()
             return task
         # Recorded before the signal is sent, or the exit would read as an interruption: if the store
-        # cannot be written, the task is left running and the person is told why.
+        # cannot be written, the task is left running and the person is told why. The file tells the runner
+        # the SIGTERM is a person's cancel (stop now), not a shutdown (checkpoint first, resume later).
         with writing(self.home.root):
             self.store.update(task.id, cancel_requested_at=time.time(), phase="cancelling")
+            write_json_atomic(task.dir.cancel_request, {"requested_at": time.time()})
         with self._stopping_lock:
             if task.id in self._stopping:
                 return self.store.get(task.id)  # asked twice: the first stop is under way

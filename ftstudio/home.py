@@ -118,6 +118,18 @@ class TaskDir:
         return self.path / "runner.lock"
 
     @property
+    def cancel_request(self) -> Path:
+        """Written by the studio before it sends a cancel's SIGTERM: the runner tells a person's cancel
+        (stop now) from any other SIGTERM (a shutdown: checkpoint, then stop, to be resumed)."""
+        return self.path / "cancel.request"
+
+    @property
+    def attempt(self) -> Path:
+        """The attempt the studio launched last (its number as text), written before the runner starts:
+        a runner of another attempt refuses to start, and stops writing records when it changes."""
+        return self.path / "attempt"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

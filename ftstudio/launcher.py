@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftstudio import checkpoints, lifecycle, scheduler
 from ftstudio.errors import LaunchError, ValidationError
+from ftstudio.home import write_json_atomic
 from ftstudio.policy import MAX_SLOTS
 from ftstudio.resources import Want, cuda_env, want_of
 from ftstudio.scheduler import Grant, Plan, Waiting
@@ -96,9 +97,11 @@ class Launcher:
         except LostRace:
             return False
         tdir = task.dir
-        # A new attempt starts without the last one's records.
-        for stale in (tdir.exit, tdir.launch, tdir.heartbeat):
+        # A new attempt starts without the last one's records, and with its number on disk first: a runner of
+        # any other attempt (a stale one waking up) sees it is not the current one (fencing).
+        for stale in (tdir.exit, tdir.launch, tdir.heartbeat, tdir.cancel_request):
             stale.unlink(missing_ok=True)
+        write_json_atomic(tdir.attempt, task.attempt)
         # Where the studio manages GPUs the task sees exactly its own (none for a CPU task); where it found
         # none (no nvidia-smi), the environment is left alone rather than hiding GPUs it cannot count.
         env = cuda_env(grant.gpu_ids) if self.gpus else {}
