@@ -36,10 +36,12 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--gpu-ids", "resources.gpu_ids", str, "exactly these GPUs, e.g. 0,2 (nvidia-smi numbering)"),
     ("--memory", "resources.memory", str, "memory limit of the task's processes, e.g. 8G; past it the task fails"),
     ("--priority", "resources.priority", int, "queue priority: higher starts first (default 0)"),
+    ("--max-restarts", "resume.max_restarts", int, "automatic restarts after a crash or reboot (default 3)"),
     ("--preset", "preset", str, "start from a preset: cpu-demo, single-gpu-24gb, low-memory"),
 ]
 assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)
-assert CLI_FLAGS["resources.share_gpu"] == "--share-gpu"  # a switch, added beside SUBMIT_FLAGS
+assert CLI_FLAGS["resources.share_gpu"] == "--share-gpu"  # switches, added beside SUBMIT_FLAGS
+assert CLI_FLAGS["resume.auto"] == "--no-auto-resume"
 
 
 def _service() -> Any:
@@ -83,6 +85,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             set_path(config, path, value)
     if args.share_gpu:
         set_path(config, "resources.share_gpu", True)
+    if args.no_auto_resume:
+        set_path(config, "resume.auto", False)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -453,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("submit", cmd_submit, "submit a fine-tune; prints the task id")
     for flag, _path, typ, help_ in SUBMIT_FLAGS:
         sp.add_argument(flag, type=typ, help=help_)
+    sp.add_argument(
+        "--no-auto-resume",
+        action="store_true",
+        help="after a crash, reboot or shutdown, wait for `ftstudio retry` instead of resuming by itself",
+    )
     sp.add_argument(
         "--share-gpu", action="store_true", help="share GPUs with other tasks that share (default: one task per GPU)"
     )

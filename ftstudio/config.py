@@ -141,6 +141,14 @@ class ResourcesConfig:
 
 
 @dataclass
+class ResumeConfig:
+    auto: bool = True
+    """After a crash, reboot or shutdown, resume by itself from the newest complete checkpoint."""
+    max_restarts: int = bounded(3, 0, 1000)
+    """Automatic restarts allowed (a retry by hand counts from none again); past them the task fails."""
+
+
+@dataclass
 class TrainingConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -149,6 +157,7 @@ class TrainingConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     preset: str = bounded("", max_len=256)
     """Preset the config started from (its values are recorded in the fields above)."""
 
@@ -236,6 +245,8 @@ CLI_FLAGS: dict[str, str] = {
     "resources.share_gpu": "--share-gpu",
     "resources.memory": "--memory",
     "resources.priority": "--priority",
+    "resume.auto": "--no-auto-resume",
+    "resume.max_restarts": "--max-restarts",
     "preset": "--preset",
 }
 

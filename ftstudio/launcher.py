@@ -152,6 +152,7 @@ class Launcher:
         """With no studio watching (the CLI alone), end what has ended and start what can start."""
         for task in self.store.with_status(S.PREPARING, S.TRAINING):
             self.supervisor.sync(task)
+        self.supervisor.recover_all()
         self.schedule()
 
     def _queue_place(self, task: Task, waits: dict[str, scheduler.Wait] | None) -> dict[str, Any] | None:

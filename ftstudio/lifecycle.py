@@ -28,7 +28,7 @@ from ftstudio.task import TaskStatus, check_transition
 S = TaskStatus
 
 UNEXPECTED = "Training process terminated unexpectedly"
-NEVER_STARTED = "the studio stopped before the training process started; resubmit the task"
+NEVER_STARTED = "the studio stopped before the training process started"
 LAUNCH_GRACE_S = 30.0  # a claimed task with no process after this long was never started
 # The runner beats every 2 s (runner.HEARTBEAT_S). A live runner with an older beat is stalled: a
 # full disk (it keeps training without beating), a machine swapping hard, a frozen filesystem. A
@@ -69,6 +69,9 @@ class Outcome(enum.StrEnum):
     """Anything else; the record's reason says what."""
     CANCELLED = "cancelled"
     """The runner was asked to stop by a signal (the studio's cancel sends SIGTERM)."""
+    INTERRUPTED = "interrupted"
+    """Stopped by a SIGTERM the studio did not send (a shutdown, docker stop, a scheduler's preemption),
+    after a checkpoint at the next step boundary where there was time for one; resumed later."""
     PAUSED = "paused"
     """Asked to pause (SIGUSR1): the trainer stopped at a step boundary after saving a complete checkpoint
     of that step (the record's `checkpoint`; null when it stopped before its first step), no adapter."""
@@ -249,12 +252,15 @@ def decide(facts: Facts) -> Move | None:
     | -------------------------------------------- | ----------------------------------------------- |
     | status without a process                     | none: nothing to watch                          |
     | exit record of this attempt                  | completed / cancelled / failed, as it says      |
-    | no process recorded, claimed > grace ago     | failed: the studio stopped before it started    |
+    | no process recorded, claimed > grace ago     | interrupted: the studio stopped before it began |
     | no process recorded yet, within the grace    | none                                            |
     | alive, whatever the heartbeat                | none (an old beat is shown: `stalled`)          |
     | cannot tell, heartbeat not lost              | none: never dead on doubt                       |
     | cannot tell, heartbeat lost                  | as dead, saying the heartbeat stopped           |
-    | dead, reused or rebooted, no exit record     | cancelled if asked to, else failed, with why    |
+    | dead, reused or rebooted, no exit record     | cancelled if asked to, else interrupted, why    |
+
+    An interrupted task is then `recover`ed: back in the queue from its newest checkpoint while its
+    policy allows, failed when it does not.
 
     Lost (`heartbeat_lost`): the same last beat older than HEARTBEAT_LOST_S on two looks at least
     HEARTBEAT_RECHECK_S apart. No beat yet, a fresh one, or a first stale look is not lost.
@@ -268,7 +274,7 @@ def decide(facts: Facts) -> Move | None:
     liveness = facts.liveness
     if liveness is None:
         if facts.since_launch_s is not None and facts.since_launch_s > LAUNCH_GRACE_S:
-            return _failed(status, NEVER_STARTED)
+            return _interrupted(status, NEVER_STARTED)
         return None
     if liveness == Liveness.ALIVE or (liveness == Liveness.UNKNOWN and not heartbeat_lost(facts)):
         return None
@@ -286,7 +292,7 @@ def decide(facts: Facts) -> Move | None:
         reason = f"{UNEXPECTED}: no heartbeat for {minutes:.0f} minutes (its process cannot be checked) at {at}"
     else:
         reason = f"{UNEXPECTED} at {at}"
-    return _failed(status, reason, stop_processes=True)
+    return _interrupted(status, reason, stop_processes=True)
 
 
 def heartbeat_lost(facts: Facts) -> bool:
@@ -305,10 +311,57 @@ def _finished(facts: Facts, record: ExitRecord) -> Move:
         return Move(facts.status, S.COMPLETED, record.reason, {"eta_s": 0})
     if record.outcome == Outcome.PAUSED and not facts.cancel_requested:
         return Move(facts.status, S.PAUSED, record.reason or "paused on request", {"phase": "paused", "eta_s": None})
-    # A cancel the person asked for ends cancelled even when the trainer died of something else on the way.
-    if record.outcome == Outcome.CANCELLED or facts.cancel_requested:
+    # A cancel the person asked for ends cancelled even when the trainer died of something else on the way;
+    # only that one: a SIGTERM from anywhere else (a shutdown; an older runner recorded it as cancelled) is
+    # an interruption, resumed later.
+    if facts.cancel_requested:
         return Move(facts.status, S.CANCELLED, record.reason or "cancelled on request")
+    if record.outcome in (Outcome.INTERRUPTED, Outcome.CANCELLED):
+        return _interrupted(facts.status, record.reason or "stopped by a signal the studio did not send")
     return _failed(facts.status, record.reason or "training failed; see training.log")
+
+
+def _interrupted(src: TaskStatus, reason: str, *, stop_processes: bool = False) -> Move:
+    return Move(src, S.INTERRUPTED, reason, {"error": reason, "phase": None}, stop_processes=stop_processes)
+
+
+# -- after an interruption -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What deciding an interrupted task's next attempt needs (`recover`)."""
+
+    auto: bool = True
+    """resume.auto: resume by itself (off: it waits for `ftstudio retry`)."""
+    max_restarts: int = 3
+    """resume.max_restarts: automatic restarts allowed since the last one a person asked for."""
+    restarts: int = 0
+    """Automatic restarts so far (a retry by hand starts the count again)."""
+    attempt: int = 1
+    checkpoint_step: int | None = None
+    """The newest complete checkpoint's step; None: none (the next attempt starts from the beginning)."""
+    end_steps: tuple[int, ...] = ()
+    """The step each attempt ended at, oldest first."""
+
+
+def recover(status: TaskStatus, r: Recovery) -> Move | None:
+    """The move for an interrupted task: its next attempt, from its newest complete checkpoint, while its
+    policy allows; failed when restarts are used up or two attempts in a row ended at the same step
+    (something in the run itself, not the machine, is stopping it); None when it waits for a person."""
+    if status != S.INTERRUPTED or not r.auto:
+        return None
+    retry = "see training.log, then `ftstudio retry TASK` continues it from its newest checkpoint"
+    if r.restarts >= r.max_restarts:
+        used = f"the {r.max_restarts} automatic restart{'s' if r.max_restarts != 1 else ''}"
+        return _failed(status, f"interrupted again; {used} (resume.max_restarts) are used up; {retry}")
+    if len(r.end_steps) >= 2 and r.end_steps[-1] == r.end_steps[-2]:
+        at = f"step {r.end_steps[-1]}" if r.end_steps[-1] else "the start"
+        return _failed(status, f"interrupted twice in a row at {at} with no progress between; {retry}")
+    ask = Ask(attempt=r.attempt, checkpoint_step=r.checkpoint_step)
+    why = f"resuming by itself (restart {r.restarts + 1} of {r.max_restarts})"
+    move = _requeue(status, ask, why)
+    return Move(move.src, move.dst, move.reason, {**move.fields, "restarts": r.restarts + 1})
 
 
 def _failed(src: TaskStatus, reason: str, *, stop_processes: bool = False) -> Move:
@@ -367,7 +420,9 @@ def answer(status: TaskStatus, action: Action, ask: Ask | None = None) -> Answer
     if action == Action.RETRY:
         if status not in (S.FAILED, S.CANCELLED, S.INTERRUPTED):
             return Answer(refused=f"is {status}; only a failed, cancelled or interrupted task can be retried")
-        return Answer(move=_requeue(status, ask, "retried on request"))
+        move = _requeue(status, ask, "retried on request")
+        # A person took it on: automatic restarts count again from none.
+        return Answer(move=Move(move.src, move.dst, move.reason, {**move.fields, "restarts": 0}))
     if action == Action.EXTEND:
         if status != S.COMPLETED:
             return Answer(refused=f"is {status}; only a completed task can be extended")
@@ -422,7 +477,7 @@ STATUS_WORDS: dict[TaskStatus, tuple[str, str]] = {
     S.PAUSED: ("Paused", "stopped on request; resume continues it"),
     S.FAILED: ("Failed", "stopped with an error"),
     S.CANCELLED: ("Cancelled", "stopped on request"),
-    S.INTERRUPTED: ("Interrupted", "the process died; waiting to resume from a checkpoint"),
+    S.INTERRUPTED: ("Interrupted", "stopped by a crash, reboot or shutdown; resumes from its newest checkpoint"),
 }
 
 # label, hint (a button's tooltip), what the page says while it runs, and whether it destroys work.

@@ -248,10 +248,11 @@ class Service(Launcher, Control, Catalog):
         now = self.supervisor.clock()
         started, finished = row.get("started_at"), row.get("finished_at")
         beat_age = heartbeat_age(task.dir, now) if status.has_process else None
+        attempts = self.store.attempts(task.id)
         row.update(
             config=task.config_dict,
             percent=task.percent,
-            elapsed_s=round((finished or now) - started, 1) if started else None,
+            elapsed_s=_elapsed(attempts, started, finished, now, running=status.has_process),
             reattached=bool(row.get("reattached_at")) and status.has_process,
             heartbeat_age_s=beat_age,
             # A fact to show (a live runner that stopped beating), never a status: see lifecycle.stalled.
@@ -260,7 +261,7 @@ class Service(Launcher, Control, Catalog):
             resources=self.store.leases_of(task.id) if status.has_process or row.get("frozen_at") else [],
             frozen=bool(row.get("frozen_at")),
             memory_limit=self._memory_limit(task),
-            attempts=self.store.attempts(task.id),
+            attempts=attempts,
             queue=self._queue_place(task, waits),
         )
         if status.has_process and row.get("pause_requested_at"):
@@ -283,6 +284,18 @@ class Service(Launcher, Control, Catalog):
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "home": str(self.home.root)}
+
+
+def _elapsed(
+    attempts: list[dict[str, Any]], started: float | None, finished: float | None, now: float, *, running: bool
+) -> float | None:
+    """Training time over every attempt (the time between them, queued or down, is not counted); the last
+    attempt's span where no attempt was recorded (tasks from before attempts were)."""
+    spans = [(a["started_at"], a["ended_at"]) for a in attempts if a["started_at"]]
+    if not spans:
+        return round((finished or now) - started, 1) if started else None
+    total = sum((end if end else (now if running else start)) - start for start, end in spans)
+    return round(total, 1)
 
 
 def require_task_dir(service: Service, task_id: str) -> TaskDir:

@@ -119,6 +119,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (task_id, attempt)
     );
     """,
+    # 3: recovery: automatic restarts so far, and the step each attempt ended at
+    """
+    ALTER TABLE tasks ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN end_step INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -348,8 +353,9 @@ class Store:
                 # in the same transaction as the move, so no lease outlives the task that held it.
                 c.execute("DELETE FROM leases WHERE task_id = ?", (task_id,))
                 c.execute(
-                    "UPDATE attempts SET ended_at = ?, end_reason = ? WHERE task_id = ? AND ended_at IS NULL",
-                    (now, reason, task_id),
+                    "UPDATE attempts SET ended_at = ?, end_reason = ?, end_step = (SELECT step FROM tasks WHERE id = ?)"
+                    " WHERE task_id = ? AND ended_at IS NULL",
+                    (now, reason, task_id, task_id),
                 )
         return self.get(task_id)
 
@@ -387,6 +393,10 @@ class Store:
                 "INSERT OR REPLACE INTO attempts (task_id, attempt, started_at, resumed_from_step) VALUES (?, ?, ?, ?)",
                 (task_id, row["attempt"], now, resumed_from_step),
             )
+            if resumed_from_step is not None:
+                # The history stays true across attempts: steps past the checkpoint it resumes from, recorded by
+                # the attempt that died, are done again by this one and replaced, not doubled.
+                c.execute("DELETE FROM events WHERE task_id = ? AND step > ?", (task_id, resumed_from_step))
         return self.get(task_id)
 
     def leases(self) -> list[Lease]:
@@ -422,7 +432,7 @@ class Store:
 
     def attempts(self, task_id: str) -> list[dict[str, Any]]:
         rows = self._conn().execute(
-            "SELECT attempt, started_at, ended_at, end_reason, resumed_from_step FROM attempts"
+            "SELECT attempt, started_at, ended_at, end_reason, resumed_from_step, end_step FROM attempts"
             " WHERE task_id = ? ORDER BY attempt",
             (task_id,),
         )

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftstudio import events, lifecycle
+from ftstudio import checkpoints, events, lifecycle
 from ftstudio.executor import Executor, Launch
 from ftstudio.home import Home, TaskDir, read_json
 from ftstudio.lifecycle import UNEXPECTED as UNEXPECTED  # where the tests and older callers look for it
@@ -269,6 +269,8 @@ class Supervisor:
         log.info("task %s %s: %s", task.id, move.dst, move.reason)
         self._doubts.discard(task.id)
         self._lost.pop(task.id, None)
+        if move.dst == TaskStatus.INTERRUPTED:
+            self.recover(self.store.get(task.id))  # back in the queue now, where its policy allows
         if move.releases and self.launch_queued:
             # Its slot or GPUs are free now: the next queued task starts at once, not at the next scan.
             self.launch_queued()
@@ -285,13 +287,43 @@ class Supervisor:
         return self.store.with_status(TaskStatus.PREPARING, TaskStatus.TRAINING)
 
     def reconcile_all(self) -> list[Verdict]:
-        """Start-up: decide every task that may have a process, before the API answers."""
+        """Start-up: decide every task that may have a process, before the API answers; then put every
+        interrupted task whose policy allows it back in the queue."""
         verdicts = []
         for task in self.watched():
             v = self.sync(task, startup=True)
             if v:
                 verdicts.append(v)
+        self.recover_all()
         return verdicts
+
+    def recover_all(self) -> int:
+        """Every interrupted task: its next attempt, or failed, as `lifecycle.recover` says. Returns how many moved."""
+        return sum(self.recover(task) is not None for task in self.store.with_status(TaskStatus.INTERRUPTED))
+
+    def recover(self, task: Task) -> Move | None:
+        config = (task.config_dict.get("resume") or {}) if task.status_enum == TaskStatus.INTERRUPTED else {}
+        if not config.get("auto", True) or task.status_enum != TaskStatus.INTERRUPTED:
+            return None
+        newest = checkpoints.find_resume_checkpoint(task.dir.checkpoints)
+        attempts = self.store.attempts(task.id)
+        facts = lifecycle.Recovery(
+            auto=True,
+            max_restarts=int(config.get("max_restarts", 3)),
+            restarts=task.restarts or 0,
+            attempt=task.attempt,
+            checkpoint_step=checkpoints.step_of(newest) if newest else None,
+            end_steps=tuple(a["end_step"] for a in attempts if a["end_step"] is not None),
+        )
+        move = lifecycle.recover(task.status_enum, facts)
+        if move is None:
+            return None
+        try:
+            self.store.apply(task.id, move)
+        except LostRace:
+            return None  # a person retried or cancelled it first
+        log.info("task %s %s: %s", task.id, move.dst, move.reason)
+        return move
 
     def run(self, stop: threading.Event) -> None:
         """The watch loop; returns when `stop` is set."""
@@ -303,6 +335,7 @@ class Supervisor:
             streamed: set[str] = set()
             try:
                 if now - last_scan >= SCAN_S:
+                    self.recover_all()
                     if self.launch_queued:
                         self.launch_queued()
                     last_scan = now

@@ -25,6 +25,7 @@ from ftstudio.lifecycle import (
     Liveness,
     Move,
     Outcome,
+    Recovery,
     answer,
     decide,
 )
@@ -42,20 +43,20 @@ SILENT = f"{UNEXPECTED}: no heartbeat for 5 minutes (its process cannot be check
 SCENARIOS: list[tuple[str, dict[str, Any], S | None, str]] = [
     ("claimed, no process yet", {"since_launch_s": 5.0}, None, ""),
     ("claimed, no process at the grace", {"since_launch_s": LAUNCH_GRACE_S}, None, ""),
-    ("claimed, no process past the grace", {"since_launch_s": LAUNCH_GRACE_S + 1}, S.FAILED, NEVER_STARTED),
+    ("claimed, no process past the grace", {"since_launch_s": LAUNCH_GRACE_S + 1}, S.INTERRUPTED, NEVER_STARTED),
     ("never claimed, no process", {}, None, ""),
     ("alive", {"liveness": Liveness.ALIVE}, None, ""),
     ("alive, cancel asked", {"liveness": Liveness.ALIVE, "cancel_requested": True}, None, ""),
     ("cannot tell", {"liveness": Liveness.UNKNOWN}, None, ""),
     ("cannot tell, long after launch", {"liveness": Liveness.UNKNOWN, "since_launch_s": 1e6}, None, ""),
-    ("dead", {"liveness": Liveness.DEAD}, S.FAILED, f"{UNEXPECTED} at {AT}"),
+    ("dead", {"liveness": Liveness.DEAD}, S.INTERRUPTED, f"{UNEXPECTED} at {AT}"),
     (
         "pid reused",
         {"liveness": Liveness.REUSED},
-        S.FAILED,
+        S.INTERRUPTED,
         f"{UNEXPECTED} (its process id now belongs to another program) at {AT}",
     ),
-    ("rebooted", {"liveness": Liveness.REBOOTED}, S.FAILED, f"{UNEXPECTED}: the machine restarted at {AT}"),
+    ("rebooted", {"liveness": Liveness.REBOOTED}, S.INTERRUPTED, f"{UNEXPECTED}: the machine restarted at {AT}"),
     ("dead, cancel asked", {"liveness": Liveness.DEAD, "cancel_requested": True}, S.CANCELLED, "cancelled on request"),
     (
         "reused, cancel asked",
@@ -108,7 +109,7 @@ SCENARIOS: list[tuple[str, dict[str, Any], S | None, str]] = [
     (
         "cannot tell, heartbeat lost, seen again",
         {"liveness": Liveness.UNKNOWN, "heartbeat_age_s": LOST, "lost_seen_s": HEARTBEAT_RECHECK_S},
-        S.FAILED,
+        S.INTERRUPTED,
         SILENT,
     ),
     (
@@ -122,11 +123,16 @@ SCENARIOS: list[tuple[str, dict[str, Any], S | None, str]] = [
         S.CANCELLED,
         "cancelled on request",
     ),
-    ("dead, fresh heartbeat", {"liveness": Liveness.DEAD, "heartbeat_age_s": 0.5}, S.FAILED, f"{UNEXPECTED} at {AT}"),
+    (
+        "dead, fresh heartbeat",
+        {"liveness": Liveness.DEAD, "heartbeat_age_s": 0.5},
+        S.INTERRUPTED,
+        f"{UNEXPECTED} at {AT}",
+    ),
     (
         "rebooted, fresh heartbeat",
         {"liveness": Liveness.REBOOTED, "heartbeat_age_s": 0.5},
-        S.FAILED,
+        S.INTERRUPTED,
         f"{UNEXPECTED}: the machine restarted at {AT}",
     ),
     (
@@ -161,13 +167,37 @@ SCENARIOS: list[tuple[str, dict[str, Any], S | None, str]] = [
         S.CANCELLED,
         "killed",
     ),
+    # Only a cancel the person asked for ends cancelled: a SIGTERM from elsewhere is an interruption.
     (
-        "exit cancelled",
-        {"exit": ExitRecord("cancelled", "stopped on request (SIGTERM)")},
+        "exit cancelled, cancel asked",
+        {"exit": ExitRecord("cancelled", "stopped on request (SIGTERM)"), "cancel_requested": True},
         S.CANCELLED,
         "stopped on request (SIGTERM)",
     ),
-    ("exit cancelled, no reason", {"exit": ExitRecord("cancelled")}, S.CANCELLED, "cancelled on request"),
+    (
+        "exit cancelled, no reason, cancel asked",
+        {"exit": ExitRecord("cancelled"), "cancel_requested": True},
+        S.CANCELLED,
+        "cancelled on request",
+    ),
+    (
+        "exit cancelled, nobody asked (an older runner's shutdown)",
+        {"exit": ExitRecord("cancelled", "stopped on request (SIGTERM)")},
+        S.INTERRUPTED,
+        "stopped on request (SIGTERM)",
+    ),
+    (
+        "exit interrupted (a shutdown)",
+        {"exit": ExitRecord("interrupted", "stopped by SIGTERM at step 7/20 after saving checkpoint-7")},
+        S.INTERRUPTED,
+        "stopped by SIGTERM at step 7/20 after saving checkpoint-7",
+    ),
+    (
+        "exit interrupted, cancel asked",
+        {"exit": ExitRecord("interrupted", "stopped by SIGTERM"), "cancel_requested": True},
+        S.CANCELLED,
+        "stopped by SIGTERM",
+    ),
     ("exit unreadable outcome", {"exit": ExitRecord("", "")}, S.FAILED, "training failed; see training.log"),
     ("exit of this attempt", {"exit": ExitRecord("completed", "done", attempt=2), "attempt": 2}, S.COMPLETED, "done"),
     (
@@ -179,17 +209,17 @@ SCENARIOS: list[tuple[str, dict[str, Any], S | None, str]] = [
     (
         "exit of an older attempt, dead",
         {"exit": ExitRecord("failed", "old", attempt=1), "attempt": 2, "liveness": Liveness.DEAD},
-        S.FAILED,
+        S.INTERRUPTED,
         f"{UNEXPECTED} at {AT}",
     ),
     ("exit of an older attempt, no process", {"exit": ExitRecord("completed", "", attempt=1), "attempt": 2}, None, ""),
-    # Facts for the later steps of issue 11: gathered, but no outcome depends on them yet.
+    # Facts no verdict depends on: a pending pause, a checkpoint (recover() reads those).
     ("alive, pause asked", {"liveness": Liveness.ALIVE, "pause_requested": True}, None, ""),
-    ("dead, pause asked", {"liveness": Liveness.DEAD, "pause_requested": True}, S.FAILED, f"{UNEXPECTED} at {AT}"),
+    ("dead, pause asked", {"liveness": Liveness.DEAD, "pause_requested": True}, S.INTERRUPTED, f"{UNEXPECTED} at {AT}"),
     (
         "dead, checkpoint and restarts left",
         {"liveness": Liveness.DEAD, "has_complete_checkpoint": True, "max_restarts": 3},
-        S.FAILED,
+        S.INTERRUPTED,
         f"{UNEXPECTED} at {AT}",
     ),
 ]
@@ -211,7 +241,7 @@ def test_every_status_against_every_scenario(
     assert move is not None, name
     assert (move.src, move.dst, move.reason) == (status, dst, reason)
     assert move.dst in TRANSITIONS[status]
-    assert move.fields.get("error") == (reason if dst == S.FAILED else None)
+    assert move.fields.get("error") == (reason if dst in (S.FAILED, S.INTERRUPTED) else None)
     if dst == S.COMPLETED:
         assert move.fields["eta_s"] == 0
     # A runner gone without an exit record may have left its trainer running: that must be stopped.
@@ -263,8 +293,10 @@ def test_the_whole_fact_space_gives_only_legal_moves_and_keeps_doubt(status: S) 
             continue
         if move is not None:
             assert move.src == status and move.dst in TRANSITIONS[status]
-            # Every verdict ends the task's processes: it ends, or it paused as a pause asked (its exit record says so).
-            assert move.dst.is_final or (move.dst == S.PAUSED and record is not None and record.outcome == "paused")
+            # Every verdict ends the task's processes: it ends, it paused as a pause asked (its exit record says
+            # so), or it was interrupted (a crash, a reboot, a shutdown) and `recover` decides what comes next.
+            paused = move.dst == S.PAUSED and record is not None and record.outcome == "paused"
+            assert move.dst.is_final or paused or move.dst == S.INTERRUPTED
             assert move.releases
             assert move.reason
         if not current and (liveness == Liveness.ALIVE or (liveness == Liveness.UNKNOWN and not lost)):
@@ -275,7 +307,7 @@ def test_the_whole_fact_space_gives_only_legal_moves_and_keeps_doubt(status: S) 
             assert move is not None
             assert (move.dst == S.COMPLETED) == (record.outcome == "completed")
         if move is not None and move.dst == S.CANCELLED:
-            assert cancel or (current and record.outcome == "cancelled"), "only a requested cancel ends cancelled"
+            assert cancel, "only a requested cancel ends cancelled"
 
 
 @pytest.mark.parametrize("status", list(S))
@@ -492,3 +524,75 @@ def test_the_page_keeps_no_copy_of_the_lifecycle_only_a_glyph_and_a_colour_a_sta
             assert not re.search(r"\b(?:cancelled|interrupted|preparing)\s*:\s*\{", text), path.name
             assert not re.search(r"\[\s*\"(?:cancel|delete|pause|resume|retry)\",", text), path.name
             assert not re.search(rf"\[\s*\"(?:{'|'.join(S)})\"", text), path.name
+
+
+# -- after an interruption ---------------------------------------------------------
+
+RETRY_HINT = "see training.log, then `ftstudio retry TASK` continues it from its newest checkpoint"
+
+
+@pytest.mark.parametrize(
+    ("name", "r", "dst", "reason"),
+    [
+        (
+            "first interruption, a checkpoint",
+            Recovery(attempt=1, checkpoint_step=20, end_steps=(27,)),
+            S.QUEUED,
+            "resuming by itself (restart 1 of 3); attempt 2 continues from step 20",
+        ),
+        (
+            "before the first checkpoint",
+            Recovery(attempt=1, end_steps=(4,)),
+            S.QUEUED,
+            "resuming by itself (restart 1 of 3); attempt 2 starts from the beginning",
+        ),
+        (
+            "progress between two interruptions",
+            Recovery(restarts=1, attempt=2, checkpoint_step=40, end_steps=(27, 45)),
+            S.QUEUED,
+            "resuming by itself (restart 2 of 3); attempt 3 continues from step 40",
+        ),
+        (
+            "restarts used up",
+            Recovery(restarts=3, attempt=4, checkpoint_step=80, end_steps=(27, 45, 70, 90)),
+            S.FAILED,
+            f"interrupted again; the 3 automatic restarts (resume.max_restarts) are used up; {RETRY_HINT}",
+        ),
+        (
+            "no restarts allowed",
+            Recovery(max_restarts=0, end_steps=(5,)),
+            S.FAILED,
+            f"interrupted again; the 0 automatic restarts (resume.max_restarts) are used up; {RETRY_HINT}",
+        ),
+        (
+            "the same step twice in a row",
+            Recovery(restarts=1, attempt=2, checkpoint_step=20, end_steps=(27, 27)),
+            S.FAILED,
+            f"interrupted twice in a row at step 27 with no progress between; {RETRY_HINT}",
+        ),
+        (
+            "twice before any step",
+            Recovery(restarts=1, attempt=2, end_steps=(0, 0)),
+            S.FAILED,
+            f"interrupted twice in a row at the start with no progress between; {RETRY_HINT}",
+        ),
+        ("resume.auto off", Recovery(auto=False, end_steps=(27,)), None, ""),
+    ],
+)
+def test_recover(name: str, r: Recovery, dst: S | None, reason: str) -> None:
+    move = lifecycle.recover(S.INTERRUPTED, r)
+    if dst is None:
+        assert move is None, name
+        return
+    assert move is not None and (move.src, move.dst, move.reason) == (S.INTERRUPTED, dst, reason), name
+    if dst == S.QUEUED:
+        assert move.fields["attempt"] == r.attempt + 1 and move.fields["restarts"] == r.restarts + 1
+        assert move.fields["error"] is None
+    for status in S:
+        if status != S.INTERRUPTED:
+            assert lifecycle.recover(status, r) is None  # only an interrupted task is recovered
+
+
+def test_a_retry_by_hand_counts_restarts_from_none() -> None:
+    move = answer(S.FAILED, Action.RETRY, Ask(attempt=4)).move
+    assert move is not None and move.fields["restarts"] == 0

@@ -208,7 +208,7 @@ def test_a_claim_takes_the_task_and_its_leases_in_one_transaction(store, tmp_pat
     assert store.get(a.id).status == S.PREPARING and store.leases_of(a.id) == ["gpu:0", "gpu:1"]
     assert store.attempts(a.id) == [
         {"attempt": 1, "started_at": store.get(a.id).started_at, "ended_at": None, "end_reason": None,
-         "resumed_from_step": None}
+         "resumed_from_step": None, "end_step": None}
     ]  # fmt: skip
     # The GPU went to `a` after `b`'s plan was made: b's claim changes nothing, not even its status.
     with pytest.raises(LostRace, match="gpu:1 was taken by task"):
@@ -271,7 +271,23 @@ def test_a_version_1_home_is_migrated_with_its_tasks(tmp_path):
     conn.commit()
     conn.close()
     store = Store(tmp_path / "old.db")
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     task = store.get("20261101-0000-aaaaaaaa")
     assert task.status == "training" and task.priority == 0 and task.frozen_at is None
     assert store.leases() == [] and store.attempts(task.id) == []
+
+
+def test_a_resumed_attempt_replaces_the_steps_past_its_checkpoint(store, tmp_path):
+    a = make(store, tmp_path, "a")
+    store.claim(a.id, lifecycle.claim(), Grant(a.id, ("slot:0",)))
+    evs = [{"kind": "progress", "step": s, "ts": float(s)} for s in range(1, 8)]
+    store.ingest(a.id, [{"kind": "train_begin", "ts": 0.0}, *evs], new_offset=100, expect_offset=0)
+    store.apply(a.id, lifecycle.training_began(S.PREPARING))
+    store.apply(a.id, lifecycle.decide(lifecycle.Facts(S.TRAINING, liveness=lifecycle.Liveness.DEAD, step=7)))
+    [ended] = store.attempts(a.id)
+    assert ended["end_step"] == 7
+    store.apply(a.id, lifecycle.recover(S.INTERRUPTED, lifecycle.Recovery(checkpoint_step=5, end_steps=(7,))))
+    store.claim(a.id, lifecycle.claim(), Grant(a.id, ("slot:0",)), resumed_from_step=5)
+    # Steps 6 and 7 will be done again by attempt 2: the dead attempt's records of them are gone.
+    assert [e.get("step") for e in store.events(a.id)] == [None, 1, 2, 3, 4, 5]
+    assert [(x["attempt"], x["resumed_from_step"]) for x in store.attempts(a.id)] == [(1, None), (2, 5)]

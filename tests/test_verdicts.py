@@ -27,7 +27,6 @@ from ftstudio.lifecycle import (
 )
 from ftstudio.service import CANCEL_GRACE_S, Service
 from ftstudio.store import Task
-from ftstudio.supervisor import Supervisor
 
 
 @pytest.fixture
@@ -66,6 +65,21 @@ def status(service: Service, task: Task) -> str:
     return service.store.get(task.id).status
 
 
+def assert_resumed(service: Service, task: Task, reason: str) -> None:
+    """Interrupted with `reason`, then back through the queue as attempt 2 (the fake executor starts it)."""
+    got = service.store.get(task.id)
+    assert got.attempt == 2 and got.status == "preparing" and got.error is None
+    moves = [(h["dst"], h["reason"]) for h in service.store.history(task.id)]
+    assert moves[-3:] == [
+        ("interrupted", reason),
+        ("queued", "resuming by itself (restart 1 of 3); attempt 2 starts from the beginning"),
+        ("preparing", "launching"),
+    ]
+    first = [a for a in service.store.attempts(task.id) if a["attempt"] == 1]
+    if first:  # (a task claimed by hand in a test has no record of attempt 1)
+        assert first[0]["end_reason"] == reason and first[0]["ended_at"] is not None
+
+
 # -- exit records ----------------------------------------------------------------
 
 
@@ -74,7 +88,6 @@ def status(service: Service, task: Task) -> str:
     [
         (Outcome.COMPLETED, "training finished and the adapter was saved", "completed"),
         (Outcome.FAILED, "CUDA out of memory", "failed"),
-        (Outcome.CANCELLED, "stopped on request (SIGTERM)", "cancelled"),
     ],
 )
 def test_an_exit_record_decides_the_end(service: Service, fake: FakeExecutor, outcome: Outcome, reason: str, dst: str):
@@ -128,16 +141,57 @@ def test_a_hung_runner_is_killed_on_cancel(service: Service, fake: FakeExecutor)
 # -- process identity ------------------------------------------------------------
 
 
-def test_dead_without_a_record_is_failed_with_the_reason(service: Service, fake: FakeExecutor):
+def test_a_sigterm_nobody_asked_for_is_an_interruption_resumed(service: Service, fake: FakeExecutor):
+    task, runner = training(service, fake)
+    runner.finish(Outcome.INTERRUPTED, "stopped by SIGTERM from outside the studio at step 4/10")
+    sync(service, task)
+    assert_resumed(service, task, "stopped by SIGTERM from outside the studio at step 4/10")
+
+
+def test_dead_without_a_record_is_interrupted_with_the_reason_and_resumed(service: Service, fake: FakeExecutor):
     task, runner = training(service, fake)
     runner.die()
     sync(service, task)
+    assert_resumed(service, task, f"{UNEXPECTED} at step 4/10")
+
+
+def test_restarts_run_out_and_the_same_step_twice_fails(tmp_path: Path, fake: FakeExecutor, clock: FakeClock):
+    service = Service(Home(tmp_path / "home"), executor=fake, in_server=True)
+    service.supervisor.clock = clock
+    task = service.submit({"preset": "cpu-demo", "resume": {"max_restarts": 1}}, "fake")
+    fake.runner(task.id).progress(3, 10)
+    sync(service, task)
+    fake.runner(task.id).die()
+    sync(service, task)
+    assert service.store.get(task.id).attempt == 2  # restart 1 of 1
+    fake.runner(task.id).progress(6, 10)
+    sync(service, task)
+    fake.runner(task.id).die()
+    sync(service, task)
     got = service.store.get(task.id)
-    assert got.status == "failed"
-    assert got.error == f"{UNEXPECTED} at step 4/10"
+    assert got.status == "failed" and got.error.startswith("interrupted again; the 1 automatic restart")
+    # With restarts left but no progress between two interruptions, it fails too: the run, not the machine.
+    retried = service.retry(task.id)
+    assert retried.attempt == 3 and retried.restarts == 0
+    fake.runner(task.id).die()  # at step 6 again, before a new step
+    sync(service, task)
+    got = service.store.get(task.id)
+    assert got.status == "failed" and got.error.startswith("interrupted twice in a row at step 6")
 
 
-def test_claimed_but_never_launched_fails_after_the_grace(service: Service, clock: FakeClock):
+def test_resume_auto_off_waits_for_a_person(service: Service, fake: FakeExecutor):
+    task = service.submit({"preset": "cpu-demo", "resume": {"auto": False}}, "fake")
+    fake.runner(task.id).progress(2, 10)
+    sync(service, task)
+    fake.runner(task.id).die()
+    sync(service, task)
+    service.supervisor.recover_all()
+    got = service.store.get(task.id)
+    assert (got.status, got.attempt) == ("interrupted", 1)
+    assert service.task_json(got)["actions"] == ["retry", "cancel", "delete"]
+
+
+def test_claimed_but_never_launched_is_resumed_after_the_grace(service: Service, clock: FakeClock):
     # The studio stopped between the claim and the executor's submit: a claimed task, no process.
     task = service.store.create_task(
         name="orphan", model="builtin:tiny", dataset="builtin:sample", config={}, tasks_root=service.home.tasks
@@ -148,18 +202,16 @@ def test_claimed_but_never_launched_fails_after_the_grace(service: Service, cloc
     assert status(service, task) == "preparing"
     clock.advance(2)
     sync(service, task)
-    got = service.store.get(task.id)
-    assert (got.status, got.error) == ("failed", NEVER_STARTED)
+    assert_resumed(service, task, NEVER_STARTED)
 
 
 def test_after_a_reboot_the_task_is_not_adopted(service: Service, fake: FakeExecutor, clock: FakeClock):
     task, _ = training(service, fake)
     fake.reboot()
     clock.advance(120)
-    verdicts = Supervisor(service.store, service.home, fake, clock=clock).reconcile_all()  # the studio starts again
-    got = service.store.get(task.id)
-    assert [(v.task_id, v.status) for v in verdicts] == [(task.id, "failed")]
-    assert got.error == f"{UNEXPECTED}: the machine restarted at step 4/10"
+    verdicts = service.supervisor.reconcile_all()  # the studio starts again
+    assert [(v.task_id, v.status) for v in verdicts] == [(task.id, "interrupted")]
+    assert_resumed(service, task, f"{UNEXPECTED}: the machine restarted at step 4/10")
 
 
 # -- the heartbeat -----------------------------------------------------------------
@@ -205,9 +257,9 @@ def test_unknown_identity_with_a_lost_heartbeat_is_the_dead_move(
     assert status(service, task) == "training"  # the first look that finds it lost only notes it
     clock.advance(HEARTBEAT_RECHECK_S)
     sync(service, task)
-    got = service.store.get(task.id)
-    assert got.status == "failed"
-    assert got.error == f"{UNEXPECTED}: no heartbeat for 5 minutes (its process cannot be checked) at step 4/10"
+    assert_resumed(
+        service, task, f"{UNEXPECTED}: no heartbeat for 5 minutes (its process cannot be checked) at step 4/10"
+    )
     assert runner.signals == [signal.SIGKILL]  # whatever it was doing, it must not go on writing
 
 

@@ -87,7 +87,7 @@ export const LIFECYCLE = {
     {
       "status": "interrupted",
       "label": "Interrupted",
-      "hint": "the process died; waiting to resume from a checkpoint",
+      "hint": "stopped by a crash, reboot or shutdown; resumes from its newest checkpoint",
       "final": false,
       "has_process": false,
       "actions": [
