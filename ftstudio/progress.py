@@ -6,9 +6,9 @@ writes a `progress` event every `logging.every_steps`, an `eval` event for each
 evaluation, and marks each checkpoint complete (then prunes old ones) before
 writing its `checkpoint` event. Only rank 0 writes anything.
 
-`PauseCallback` turns a pause request (SIGUSR1, see `ftstudio.pause`) into a stop at
-the next optimizer-step boundary, after a checkpoint of that step; every rank stops
-at the same step.
+`PauseCallback` turns a pause request (SIGUSR1, or a shutdown's SIGTERM, see
+`ftstudio.pause`) into a stop at the next optimizer-step boundary, after a checkpoint
+of that step; every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -213,17 +213,22 @@ class PauseCallback(TrainerCallback):
         self.request = request
         self.stopped_at: int | None = None
         """The global step training stopped at for a pause, None while it runs."""
+        self.shutdown = False
+        """The stop was for a shutdown (SIGTERM on some rank), not a person's pause."""
 
     def agreed(self, args: TrainingArguments) -> bool:
-        """Whether a pause is requested on any rank; a collective when world_size > 1 (every rank must call it)."""
-        if args.world_size <= 1:
-            return self.request.requested
-        import torch
-        import torch.distributed as dist
+        """Whether a pause or shutdown is requested on any rank; a collective when world_size > 1 (every rank
+        must call it). The request's level is reduced, so every rank also agrees on whether it was a shutdown."""
+        level = self.request.level()
+        if args.world_size > 1:
+            import torch
+            import torch.distributed as dist
 
-        flag = torch.tensor([int(self.request.requested)], dtype=torch.int32, device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            flag = torch.tensor([level], dtype=torch.int32, device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            level = int(flag.item())
+        self.shutdown = self.shutdown or level >= PauseRequest.SHUTDOWN
+        return level > PauseRequest.NONE
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.stopped_at is not None or not self.agreed(args):

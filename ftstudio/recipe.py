@@ -9,6 +9,7 @@ just before training starts, no step of this attempt has been taken, so it stops
 with nothing new to save: the resumable state is what it was (the checkpoint this
 attempt would have resumed from, or none, and the next start begins fresh). Once
 training runs, it stops at the next step boundary after a checkpoint of that step.
+A shutdown's SIGTERM is honoured the same way (see `ftstudio.pause`).
 """
 
 from __future__ import annotations
@@ -129,13 +130,13 @@ def run(
     total_steps = o.max_steps if o.max_steps > 0 else math.ceil(per_epoch * (o.epochs if o.epochs > 0 else 1.0))
     pause = pause or PauseRequest()
 
-    def paused_before_training() -> Suspended:
+    def paused_before_training(shutdown: bool) -> Suspended:
         step = (checkpoints.step_of(resume) or 0) if resume else 0
-        return Suspended(step, total_steps, resume.name if resume else None)
+        return Suspended(step, total_steps, resume.name if resume else None, shutdown=shutdown)
 
     # Ranks read the flag alone here only when there is one rank; under torchrun they agree below.
     if world == 1 and pause.requested:
-        raise paused_before_training()
+        raise paused_before_training(pause.shutdown)
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
@@ -224,14 +225,15 @@ def run(
         status("resuming", f"resuming from {resume}")
 
     if pause_callback.agreed(trainer.args):  # every rank reaches this point: the process group is up
-        raise paused_before_training()
+        raise paused_before_training(pause_callback.shutdown)
 
     # --- train ---
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
     if pause_callback.stopped_at is not None:
         # Stopped for a pause after a checkpoint of this step (see PauseCallback): no eval, no adapter.
-        raise Suspended(pause_callback.stopped_at, state.max_steps, f"checkpoint-{pause_callback.stopped_at}")
+        stopped = pause_callback.stopped_at
+        raise Suspended(stopped, state.max_steps, f"checkpoint-{stopped}", shutdown=pause_callback.shutdown)
     if has_eval and (not callback.stats.eval_losses or callback.stats.eval_losses[-1][0] != state.global_step):
         trainer.evaluate()
 
