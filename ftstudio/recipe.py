@@ -33,7 +33,14 @@ from ftstudio.errors import Problem, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.models import attach_lora, load_model, load_tokenizer, padding_mask_matters, pick_dtype
 from ftstudio.pause import PauseRequest, Suspended
-from ftstudio.progress import LossGuard, PauseCallback, StudioCallback
+from ftstudio.progress import (
+    CheckpointCost,
+    LossGuard,
+    PauseCallback,
+    StudioCallback,
+    checkpoint_disk_full,
+    disk_full,
+)
 from ftstudio.train import resolve_resume, split_validation, tidy_checkpoints
 
 
@@ -46,11 +53,29 @@ class StudioTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, train_sampler: batches.EpochSampler, dynamic_shapes: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        train_sampler: batches.EpochSampler,
+        dynamic_shapes: bool = False,
+        checkpoint_cost: CheckpointCost | None = None,
+        **kwargs: Any,
     ) -> None:
         self._studio_dynamic_shapes = dynamic_shapes  # read by _build_accelerator_args, from Trainer.__init__
         super().__init__(*args, **kwargs)
         self._studio_sampler = train_sampler
+        self._studio_cost = checkpoint_cost
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # The clock starts here, before the Trainer writes a byte; StudioCallback.on_save stops it at the marker.
+        if self._studio_cost is not None:
+            self._studio_cost.started = time.monotonic()
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:
+            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if not disk_full(e, path.parent):
+                raise
+            raise checkpoint_disk_full(path) from e
 
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
         args = super()._build_accelerator_args(**kwargs)
@@ -216,6 +241,7 @@ def run(
         callbacks=[pause_callback, callback, *(callbacks or [])],
         train_sampler=sampler,
         dynamic_shapes=config.model.compile and not config.data.packing,
+        checkpoint_cost=callback.cost,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -259,6 +285,10 @@ def run(
         "tokens_per_s": round(stats.tokens_per_s(), 1),
         "wall_s": round(wall, 2),  # this attempt
         "resumed_from_step": stats.first_step,
+        # This attempt's checkpoints: how many, the seconds they held training up, the bytes they wrote.
+        "checkpoints_saved": callback.cost.saved,
+        "checkpoint_s": round(callback.cost.seconds, 3),
+        "checkpoint_bytes": callback.cost.bytes,
         "trainable_params": report.trainable_params,
         "total_params": report.total_params,
         "target_modules": report.target_modules,
