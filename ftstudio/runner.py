@@ -61,7 +61,7 @@ from ftstudio.pause import EXIT_SUSPENDED, PAUSE_SIGNAL, catches_pause
 from ftstudio.procs import TASK_ENV, boot_id, die_with_parent
 
 HEARTBEAT_S = 2.0
-PAUSE_RETRY_S = 0.1  # while a pause waits for the trainer's handler, and while a shutdown's grace runs
+WAIT_S = 0.1  # the longest the runner waits for the trainer before it looks at its signals' requests again
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another runner owns this task dir
 EXIT_STALE = 77  # EX_NOPERM: the task dir's `attempt` names another attempt; this runner wrote nothing
 SHUTDOWN_GRACE_S = 8.0
@@ -486,9 +486,9 @@ def _wait_beating(
             next_beat = now + HEARTBEAT_S
         if pause.pending():
             pause.forward()
-        timeout = max(0.0, next_beat - time.monotonic())
-        if pause.pending() or (stop.deadline is not None and not stop.killed):
-            timeout = min(timeout, PAUSE_RETRY_S)
+        # Short waits: a signal's handler runs inside this wait but cannot cut it short, and a shutdown's
+        # grace must be kept to the tenth of a second (Popen.wait polls this finely anyway).
+        timeout = max(0.0, min(next_beat - time.monotonic(), WAIT_S))
         try:
             return trainer.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
