@@ -52,8 +52,9 @@ def rng_files(ranks: int) -> list[str]:
     return ["rng_state.pth"] if ranks == 1 else [f"rng_state_{r}.pth" for r in range(ranks)]
 
 
-def mark_complete(path: Path, ranks: int = 1) -> None:
-    """Flush every file of a freshly written checkpoint to disk, then write the marker.
+def mark_complete(path: Path, ranks: int = 1) -> int:
+    """Flush every file of a freshly written checkpoint to disk, then write the marker; returns the
+    checkpoint's size in bytes.
 
     Under torchrun, call it on rank 0 only after every rank has finished saving (a barrier)."""
     path = Path(path)
@@ -64,6 +65,7 @@ def mark_complete(path: Path, ranks: int = 1) -> None:
         sizes[str(file.relative_to(path))] = file.stat().st_size
     _fsync_dir(path)
     write_json_atomic(path / MARKER, {"step": step_of(path), "ranks": ranks, "files": sizes})
+    return sum(sizes.values())
 
 
 def is_complete(path: Path) -> bool:

@@ -75,6 +75,10 @@ class Outcome(enum.StrEnum):
     PAUSED = "paused"
     """Asked to pause (SIGUSR1): the trainer stopped at a step boundary after saving a complete checkpoint
     of that step (the record's `checkpoint`; null when it stopped before its first step), no adapter."""
+    INTERRUPTED = "interrupted"
+    """Stopped by a SIGTERM (SIGINT, SIGHUP) that was not a person's cancel: a shutdown, `docker stop`, a
+    scheduler's preemption. The trainer saved a checkpoint of the step it reached when it could within the
+    runner's grace, else it was killed; the record's `checkpoint` is the newest complete one (null: none)."""
 
 
 class Action(enum.StrEnum):

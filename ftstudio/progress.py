@@ -4,16 +4,19 @@
 (`logging_steps=1`, NaN filter off) so the guards see every loss; the callback
 writes a `progress` event every `logging.every_steps`, an `eval` event for each
 evaluation, and marks each checkpoint complete (then prunes old ones) before
-writing its `checkpoint` event. Only rank 0 writes anything.
+writing its `checkpoint` event, with what the checkpoint cost (`seconds` from the
+start of the save to its marker, `bytes` on disk). Only rank 0 writes anything.
 
-`PauseCallback` turns a pause request (SIGUSR1, see `ftstudio.pause`) into a stop at
-the next optimizer-step boundary, after a checkpoint of that step; every rank stops
-at the same step.
+`PauseCallback` turns a pause request (SIGUSR1, or a shutdown's SIGTERM, see
+`ftstudio.pause`) into a stop at the next optimizer-step boundary, after a checkpoint
+of that step; every rank stops at the same step.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,6 +65,52 @@ class LossGuard:
             self.bad_steps = 0
 
 
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+LOW_SPACE = 1 << 20
+"""Less free than this after a failed write: it failed for want of space (a write that fills the disk leaves
+next to nothing; the reserved blocks of ext4 do not count, as they are not free to a user)."""
+
+
+def disk_full(e: BaseException, where: Path) -> bool:
+    """Whether `e`, raised while writing under `where`, means the disk is full. An OSError says so by its
+    errno; torch.save's writer does not ("unexpected pos 167104 vs 166996", "basic_ios::clear: iostream
+    error", both RuntimeError), so then the free space left decides."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(e, RuntimeError):
+        try:
+            return shutil.disk_usage(where).free < LOW_SPACE
+        except OSError:
+            return False
+    return False
+
+
+def checkpoint_disk_full(path: Path) -> TrainingFailed:
+    """The one line for a checkpoint that did not fit; the partial checkpoint goes so the disk is not left full.
+    The previous complete checkpoint stays: pruning happens only after a new one is marked complete."""
+    shutil.rmtree(path, ignore_errors=True)
+    previous = checkpoints.find_resume_checkpoint(path.parent)
+    then = f"it continues from {previous.name}" if previous else "it starts from the beginning (no checkpoint yet)"
+    return TrainingFailed(
+        f"disk full while saving checkpoint {checkpoints.step_of(path)} in {path.parent}; free some space "
+        f"(or lower checkpoint.keep) and resume: {then}"
+    )
+
+
+@dataclass
+class CheckpointCost:
+    """What this attempt's checkpoints cost: from the start of each save to its marker, and their size."""
+
+    started: float | None = None
+    """When the save in progress began (time.monotonic), set by the trainer."""
+    saved: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+
+
 @dataclass
 class RunStats:
     """Figures gathered while training, for the summary."""
@@ -101,6 +150,7 @@ class StudioCallback(TrainerCallback):
         self.begin_fields = begin_fields
         self.out = out
         self.stats = RunStats()
+        self.cost = CheckpointCost()
         self.total_steps = 0
         self.total_epochs = 0.0
         self._window: list[float] = []
@@ -195,10 +245,21 @@ class StudioCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        checkpoints.mark_complete(path, ranks=args.world_size)
+        try:
+            size = checkpoints.mark_complete(path, ranks=args.world_size)
+        except OSError as e:
+            if disk_full(e, path):
+                raise checkpoint_disk_full(path) from e
+            raise
+        cost = self.cost
+        seconds = time.monotonic() - cost.started if cost.started is not None else 0.0
+        cost.started = None
+        cost.saved += 1
+        cost.seconds += seconds
+        cost.bytes += size
         checkpoints.prune(Path(args.output_dir), self.keep)
-        self.emit("checkpoint", step=state.global_step, path=str(path))
-        self.say(f"checkpoint saved: {path}")
+        self.emit("checkpoint", step=state.global_step, path=str(path), seconds=round(seconds, 3), bytes=size)
+        self.say(f"checkpoint saved: {path} ({size / 2**20:,.1f} MiB in {seconds:.2f}s)")
 
 
 class PauseCallback(TrainerCallback):
@@ -213,17 +274,22 @@ class PauseCallback(TrainerCallback):
         self.request = request
         self.stopped_at: int | None = None
         """The global step training stopped at for a pause, None while it runs."""
+        self.shutdown = False
+        """The stop was for a shutdown (SIGTERM on some rank), not a person's pause."""
 
     def agreed(self, args: TrainingArguments) -> bool:
-        """Whether a pause is requested on any rank; a collective when world_size > 1 (every rank must call it)."""
-        if args.world_size <= 1:
-            return self.request.requested
-        import torch
-        import torch.distributed as dist
+        """Whether a pause or shutdown is requested on any rank; a collective when world_size > 1 (every rank
+        must call it). The request's level is reduced, so every rank also agrees on whether it was a shutdown."""
+        level = self.request.level()
+        if args.world_size > 1:
+            import torch
+            import torch.distributed as dist
 
-        flag = torch.tensor([int(self.request.requested)], dtype=torch.int32, device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            flag = torch.tensor([level], dtype=torch.int32, device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            level = int(flag.item())
+        self.shutdown = self.shutdown or level >= PauseRequest.SHUTDOWN
+        return level > PauseRequest.NONE
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.stopped_at is not None or not self.agreed(args):

@@ -9,6 +9,7 @@ just before training starts, no step of this attempt has been taken, so it stops
 with nothing new to save: the resumable state is what it was (the checkpoint this
 attempt would have resumed from, or none, and the next start begins fresh). Once
 training runs, it stops at the next step boundary after a checkpoint of that step.
+A shutdown's SIGTERM is honoured the same way (see `ftstudio.pause`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from ftstudio.errors import Problem, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.models import attach_lora, load_model, load_tokenizer, padding_mask_matters, pick_dtype
 from ftstudio.pause import PauseRequest, Suspended
-from ftstudio.progress import LossGuard, PauseCallback, StudioCallback
+from ftstudio.progress import (
+    CheckpointCost,
+    LossGuard,
+    PauseCallback,
+    StudioCallback,
+    checkpoint_disk_full,
+    disk_full,
+)
 from ftstudio.train import resolve_resume, split_validation, tidy_checkpoints
 
 
@@ -45,11 +53,29 @@ class StudioTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, train_sampler: batches.EpochSampler, dynamic_shapes: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        train_sampler: batches.EpochSampler,
+        dynamic_shapes: bool = False,
+        checkpoint_cost: CheckpointCost | None = None,
+        **kwargs: Any,
     ) -> None:
         self._studio_dynamic_shapes = dynamic_shapes  # read by _build_accelerator_args, from Trainer.__init__
         super().__init__(*args, **kwargs)
         self._studio_sampler = train_sampler
+        self._studio_cost = checkpoint_cost
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # The clock starts here, before the Trainer writes a byte; StudioCallback.on_save stops it at the marker.
+        if self._studio_cost is not None:
+            self._studio_cost.started = time.monotonic()
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:
+            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if not disk_full(e, path.parent):
+                raise
+            raise checkpoint_disk_full(path) from e
 
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
         args = super()._build_accelerator_args(**kwargs)
@@ -129,13 +155,13 @@ def run(
     total_steps = o.max_steps if o.max_steps > 0 else math.ceil(per_epoch * (o.epochs if o.epochs > 0 else 1.0))
     pause = pause or PauseRequest()
 
-    def paused_before_training() -> Suspended:
+    def paused_before_training(shutdown: bool) -> Suspended:
         step = (checkpoints.step_of(resume) or 0) if resume else 0
-        return Suspended(step, total_steps, resume.name if resume else None)
+        return Suspended(step, total_steps, resume.name if resume else None, shutdown=shutdown)
 
     # Ranks read the flag alone here only when there is one rank; under torchrun they agree below.
     if world == 1 and pause.requested:
-        raise paused_before_training()
+        raise paused_before_training(pause.shutdown)
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
@@ -215,6 +241,7 @@ def run(
         callbacks=[pause_callback, callback, *(callbacks or [])],
         train_sampler=sampler,
         dynamic_shapes=config.model.compile and not config.data.packing,
+        checkpoint_cost=callback.cost,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -224,14 +251,15 @@ def run(
         status("resuming", f"resuming from {resume}")
 
     if pause_callback.agreed(trainer.args):  # every rank reaches this point: the process group is up
-        raise paused_before_training()
+        raise paused_before_training(pause_callback.shutdown)
 
     # --- train ---
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
     if pause_callback.stopped_at is not None:
         # Stopped for a pause after a checkpoint of this step (see PauseCallback): no eval, no adapter.
-        raise Suspended(pause_callback.stopped_at, state.max_steps, f"checkpoint-{pause_callback.stopped_at}")
+        stopped = pause_callback.stopped_at
+        raise Suspended(stopped, state.max_steps, f"checkpoint-{stopped}", shutdown=pause_callback.shutdown)
     if has_eval and (not callback.stats.eval_losses or callback.stats.eval_losses[-1][0] != state.global_step):
         trainer.evaluate()
 
@@ -257,6 +285,10 @@ def run(
         "tokens_per_s": round(stats.tokens_per_s(), 1),
         "wall_s": round(wall, 2),  # this attempt
         "resumed_from_step": stats.first_step,
+        # This attempt's checkpoints: how many, the seconds they held training up, the bytes they wrote.
+        "checkpoints_saved": callback.cost.saved,
+        "checkpoint_s": round(callback.cost.seconds, 3),
+        "checkpoint_bytes": callback.cost.bytes,
         "trainable_params": report.trainable_params,
         "total_params": report.total_params,
         "target_modules": report.target_modules,

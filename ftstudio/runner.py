@@ -6,8 +6,7 @@ studio can die, restart or be upgraded while the runner keeps going.
 
 It holds an exclusive lock on the task dir (a second runner refuses), writes
 `launch.json`, tags every descendant with FTSTUDIO_TASK_ID, beats `heartbeat`,
-forwards SIGTERM/SIGINT to the trainer, and when the trainer ends writes
-`exit.json` atomically. The exit record is the only way the studio learns the
+and when the trainer ends writes `exit.json` atomically. The exit record is the only way the studio learns the
 outcome; it never reads the log for that. The record says what happened to the
 trainer; what that means for the task is `lifecycle.decide`'s to say.
 
@@ -15,6 +14,25 @@ SIGUSR1 pauses (see `ftstudio.pause`). It goes to the trainer, or under torchrun
 to every worker rank and never to the torchrun agent (SIGUSR1's default action
 would kill it). A process still starting Python has no handler yet and would be
 killed by it, so the pause is held and forwarded once the process catches it.
+SIGTERM, SIGINT and SIGHUP are a cancel when the task dir holds `cancel.request`
+(the studio writes it before it signals): forwarded to the trainer at once,
+recorded `cancelled`. Any other is a shutdown, `docker stop` or a scheduler's
+preemption: the trainer is asked, as for a pause, to checkpoint at its next step
+and exit; after SHUTDOWN_GRACE_S every process of this attempt is SIGKILLed. Either
+way the record says `interrupted`, for the studio to resume from the newest
+complete checkpoint. A real shutdown signals every process at once: the trainer
+(and torchrun's agent, which passes it on to the ranks) treats its own SIGTERM the
+same way (see `ftstudio.pause`).
+
+Fencing: the studio writes the task dir's `attempt` before it starts a runner
+with `--attempt N`. A runner whose N is not the file's refuses to start
+(EXIT_STALE), and one that finds the file changed while it runs (the studio has
+given up on it and launched a newer attempt) SIGKILLs its own processes, found by
+the pid tree (the task tag is the newer attempt's too), writes nothing and exits
+EXIT_STALE. The check and the write are not one step: a record can still land in
+the instant the file changes, and the studio's fencing by attempt number covers
+that.
+
 A `resources.processes` > 1 task runs under `torchrun --standalone` with
 `--max-restarts 0`: restarting is the studio's decision (resume from the newest
 complete checkpoint as the next attempt), not torchrun's.
@@ -24,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import re
 import signal
@@ -35,15 +54,24 @@ from typing import Any
 
 import psutil
 
-from ftstudio import events, memlimit
+from ftstudio import checkpoints, events, memlimit
 from ftstudio.home import TaskDir, read_json, write_json_atomic
 from ftstudio.lifecycle import Outcome
 from ftstudio.pause import EXIT_SUSPENDED, PAUSE_SIGNAL, catches_pause
 from ftstudio.procs import TASK_ENV, boot_id, die_with_parent
 
 HEARTBEAT_S = 2.0
-PAUSE_RETRY_S = 0.1  # while a pause waits for the trainer's handler
+WAIT_S = 0.1  # the longest the runner waits for the trainer before it looks at its signals' requests again
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another runner owns this task dir
+EXIT_STALE = 77  # EX_NOPERM: the task dir's `attempt` names another attempt; this runner wrote nothing
+SHUTDOWN_GRACE_S = 8.0
+"""How long a shutdown waits for the trainer to checkpoint and exit before SIGKILLing every process of the
+attempt. `docker stop` sends SIGKILL 10 s after its SIGTERM (systemd waits 90 s): 8 s leaves the runner
+time to kill and write exit.json before that. A checkpoint that takes longer is not made; the newest one
+before it is resumed from. GRACE_ENV overrides it (for `docker stop -t 60`, and for tests)."""
+GRACE_ENV = "FTSTUDIO_SHUTDOWN_GRACE_S"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FROM_OUTSIDE = "from outside the studio (a shutdown, docker stop or a scheduler)"
 MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -68,13 +96,60 @@ def trainer_command(task: TaskDir, module: str, resume: str | None = None) -> li
     return [sys.executable, "-m", module, *tail]
 
 
-def last_error(task: TaskDir) -> str | None:
-    """The trainer's own one-line account of what went wrong, if it wrote one."""
+def shutdown_grace() -> float:
+    value = os.environ.get(GRACE_ENV)
+    if value is None:
+        return SHUTDOWN_GRACE_S
+    try:
+        grace = float(value)
+        if 0 <= grace <= 3600:
+            return grace
+    except ValueError:
+        pass
+    log(f"{GRACE_ENV}={value!r} is not a number of seconds from 0 to 3600; using {SHUTDOWN_GRACE_S:g}")
+    return SHUTDOWN_GRACE_S
+
+
+def other_attempt(task: TaskDir, attempt: int) -> int | None:
+    """The attempt the task dir's `attempt` names when it is not `attempt`; None when it names this one, is
+    missing (started by hand, or by a studio that predates the file) or cannot be read (never stop on doubt)."""
+    try:
+        named = json.loads(task.attempt.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log(f"could not read {task.attempt} ({e}); carrying on as attempt {attempt}")
+        return None
+    if not isinstance(named, int) or isinstance(named, bool):
+        log(f"{task.attempt} holds {named!r}, not an attempt number; carrying on as attempt {attempt}")
+        return None
+    return None if named == attempt else named
+
+
+def kill_tree(pid: int) -> int:
+    """SIGKILL `pid` and all its descendants; how many were signalled. By the pid tree, not the task tag:
+    a newer attempt's processes carry the same tag, and a stale runner must end only its own."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return 0
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(procs)
+
+
+def last_error(task: TaskDir, since: int = 0) -> str | None:
+    """The trainer's own one-line account of what went wrong in this attempt (events after byte offset
+    `since`), if it wrote one."""
     try:
         size = task.events.stat().st_size
     except OSError:
         return None
-    chunk = events.read_from(task.events, max(0, size - (256 << 10)))
+    chunk = events.read_from(task.events, max(since, size - (256 << 10)))
     for ev in reversed(chunk.events):
         if ev.get("kind") == "error" and isinstance(ev.get("message"), str):
             return ev["message"]
@@ -91,6 +166,16 @@ def last_event(task: TaskDir, since: int) -> dict[str, Any] | None:
     return chunk.events[-1] if chunk.events else None
 
 
+def last_progress(task: TaskDir, since: int) -> dict[str, Any] | None:
+    """This attempt's last `progress` event, if any."""
+    try:
+        size = task.events.stat().st_size
+    except OSError:
+        return None
+    chunk = events.read_from(task.events, max(since, size - (256 << 10)))
+    return next((e for e in reversed(chunk.events) if e.get("kind") == "progress"), None)
+
+
 def paused_record(suspended: dict[str, Any] | None) -> dict[str, Any]:
     step = suspended.get("step") if suspended else None
     total = suspended.get("total_steps") if suspended else None
@@ -105,6 +190,37 @@ def paused_record(suspended: dict[str, Any] | None) -> dict[str, Any]:
     return {"outcome": Outcome.PAUSED, "reason": reason, "step": step, "checkpoint": checkpoint}
 
 
+def interrupted_record(
+    signum: int, task: TaskDir, suspended: dict[str, Any] | None, progress: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Stopped by a SIGTERM (SIGINT, SIGHUP) that was not a person's cancel. `suspended`: the trainer's
+    `suspended` event, written once its checkpoint was complete; None when it was killed (or died) first."""
+    who = f"stopped by {signal.Signals(signum).name} {FROM_OUTSIDE}"
+    source = suspended or progress or {}
+    step, total = source.get("step"), source.get("total_steps")
+    of_total = f"/{total}" if isinstance(total, int) else ""
+    if suspended is not None:
+        checkpoint = suspended.get("checkpoint")
+        # The trainer reports the checkpoint it saved at `step`, or, stopped before training ran, the
+        # checkpoint it would have resumed from.
+        saved = bool(checkpoint) and checkpoint == f"checkpoint-{step}"
+        if saved:
+            reason = f"{who} at step {step}{of_total} after saving {checkpoint}; it resumes from there"
+        elif checkpoint:
+            reason = f"{who} before training continued; it resumes from {checkpoint}"
+        else:
+            reason = f"{who} before the first training step; nothing was saved, so it starts from the beginning"
+    else:
+        newest = checkpoints.find_resume_checkpoint(task.checkpoints)
+        checkpoint, saved = (newest.name if newest else None), False
+        after = f" after step {step}{of_total}" if isinstance(step, int) else ""
+        then = (
+            f"it resumes from {checkpoint}" if checkpoint else "nothing was saved yet, so it starts from the beginning"
+        )
+        reason = f"{who}{after} before it could save a checkpoint; {then}"
+    return {"outcome": Outcome.INTERRUPTED, "reason": reason, "step": step, "checkpoint": checkpoint, "saved": saved}
+
+
 def outcome_of(
     returncode: int,
     stop_signal: int | None,
@@ -112,19 +228,35 @@ def outcome_of(
     *,
     suspended: dict[str, Any] | None = None,
     distributed: bool = False,
+    shutdown: int | None = None,
+    paused: bool = False,
+    killed: bool = False,
+    since: int = 0,
 ) -> dict[str, Any]:
-    """What exit.json says. `suspended`: this attempt's `suspended` event, if it wrote one; under
-    torchrun (`distributed`) the ranks exit 0 after a pause and that event is the only sign of it."""
-    if stop_signal is None and (
-        returncode == EXIT_SUSPENDED or (distributed and returncode == 0 and suspended is not None)
-    ):
-        return paused_record(suspended)
-    if returncode == 0:
+    """What exit.json says. `stop_signal`: a person's cancel; `shutdown`: any other SIGTERM (SIGINT, SIGHUP)
+    the runner got; `paused`: a person's pause reached it; `killed`: the shutdown's grace ran out and the
+    runner SIGKILLed the attempt; `since`: where this attempt's events begin. `suspended`: this attempt's
+    `suspended` event, if it wrote one; under torchrun (`distributed`) the ranks exit 0 after a pause, and
+    torchrun's agent non-zero after a SIGTERM of its own, so that event is the only sign of it."""
+    clean = suspended is not None and (returncode == EXIT_SUSPENDED or distributed)
+    if returncode == 0 and not clean:
         return {"outcome": Outcome.COMPLETED, "reason": "training finished and the adapter was saved"}
     if stop_signal is not None:
         name = signal.Signals(stop_signal).name
         return {"outcome": Outcome.CANCELLED, "reason": f"stopped on request ({name})"}
-    message = last_error(task)
+    # A trainer that stopped cleanly after a person's pause stays paused even if a shutdown followed.
+    if shutdown is not None and not (paused and clean and not (suspended or {}).get("shutdown")):
+        message = None if killed or returncode < 0 or clean else last_error(task, since)
+        if message:  # it failed on its own way out, e.g. the disk filled during the shutdown's checkpoint
+            return {"outcome": Outcome.FAILED, "reason": message}
+        # The event is written once the checkpoint is complete: true even if the kill came after it.
+        return interrupted_record(shutdown, task, suspended, last_progress(task, since))
+    if clean and suspended is not None and suspended.get("shutdown"):
+        # The trainer got SIGTERM itself and the runner did not: the same shutdown, seen from below.
+        return interrupted_record(signal.SIGTERM, task, suspended, None)
+    if clean:
+        return paused_record(suspended)
+    message = last_error(task, since)
     if message:
         return {"outcome": Outcome.FAILED, "reason": message}
     if returncode < 0:
@@ -140,7 +272,30 @@ def outcome_of(
     }
 
 
+class Stop:
+    """What the runner has been asked while the trainer runs."""
+
+    def __init__(self) -> None:
+        self.cancel: int | None = None
+        """The signal of a person's cancel."""
+        self.shutdown: int | None = None
+        """The first SIGTERM (SIGINT, SIGHUP) that was not a cancel."""
+        self.deadline: float | None = None
+        """When the shutdown's grace runs out (time.monotonic)."""
+        self.killed = False
+        """The grace ran out and every process of the attempt was SIGKILLed."""
+        self.paused = False
+        """A person's pause (SIGUSR1) reached the runner."""
+
+
 def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume: str | None = None) -> int:
+    newer = other_attempt(task, attempt)
+    if newer is not None:
+        log(
+            f"task {task.path.name} is at attempt {newer} but this runner was started as attempt {attempt}; "
+            "it refuses to start"
+        )
+        return EXIT_STALE
     lock_fd = os.open(task.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -172,33 +327,48 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
     )
     limit.started(trainer.pid)
 
-    stop: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        if not stop:
-            log(f"received {signal.Signals(signum).name}; stopping the training process")
-        stop.append(signum)
-        try:
-            trainer.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
+    stop = Stop()
     pause = PauseForwarder(trainer, distributed, processes_of(task))
+    grace = shutdown_grace()
+
+    def on_stop(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if task.cancel_request.exists():
+            if stop.cancel is None:
+                log(f"received {name} with a cancel request; stopping the training process now")
+            stop.cancel = stop.cancel or signum
+            try:
+                # SIGTERM whatever came: it is the signal the trainer (and torchrun's agent) ends on at once.
+                trainer.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            return
+        if stop.shutdown is not None:
+            return
+        stop.shutdown = signum
+        stop.deadline = time.monotonic() + grace
+        log(
+            f"received {name} {FROM_OUTSIDE}; saving a checkpoint at the next step boundary, "
+            f"or stopping without one after {grace:g}s"
+        )
+        pause.requested = True  # the pause's way out: a checkpoint of the next step, every rank at the same one
+        pause.forward()
 
     def request_pause(_signum: int, _frame: object) -> None:
         if not pause.requested:
             log("received SIGUSR1; pausing at the next step boundary, after a checkpoint of that step")
-        pause.requested = True
+        stop.paused = pause.requested = True
         pause.forward()
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop)
     signal.signal(PAUSE_SIGNAL, request_pause)
 
     # Written once every handler is in place: the studio signals a runner only after launch.json exists
     # (SIGUSR1's default action would kill a runner still starting).
     me = psutil.Process()
+    if other_attempt(task, attempt) is not None:
+        return _stand_down(task, attempt, trainer)
     write_json_atomic(
         task.launch,
         {
@@ -214,12 +384,26 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         },
     )
 
-    returncode = _wait_beating(trainer, task, pause)
+    returncode = _wait_beating(trainer, task, pause, stop, attempt)
+    if returncode is None:
+        # Not limit.finish(): the cgroup is named for the task, and the newer attempt's may have it by now.
+        return _stand_down(task, attempt, trainer)
     over_limit = limit.finish()
     last = last_event(task, events_start)
     suspended = last if last and last.get("kind") == "suspended" else None
+    outcome = outcome_of(
+        returncode,
+        stop.cancel,
+        task,
+        suspended=suspended,
+        distributed=distributed,
+        shutdown=stop.shutdown,
+        paused=stop.paused,
+        killed=stop.killed,
+        since=events_start,
+    )
     record = {
-        **outcome_of(returncode, stop[0] if stop else None, task, suspended=suspended, distributed=distributed),
+        **outcome,
         "exit_code": returncode if returncode >= 0 else None,
         "signal": signal.Signals(-returncode).name if returncode < 0 else None,
         "attempt": attempt,
@@ -228,6 +412,8 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
     }
     if over_limit:  # the kill was the limit's, whatever the trainer managed to say before it
         record.update(outcome=Outcome.FAILED, reason=memlimit.exceeded_reason(limit.size or 0))
+    if other_attempt(task, attempt) is not None:
+        return _stand_down(task, attempt, trainer)
     write_json_atomic(task.exit, record)
     log(f"training {record['outcome']}: {record['reason']}")
     return 0
@@ -267,15 +453,42 @@ class PauseForwarder:
                 pass
 
 
-def _wait_beating(trainer: subprocess.Popen[bytes], task: TaskDir, pause: PauseForwarder) -> int:
+def _stand_down(task: TaskDir, attempt: int, trainer: subprocess.Popen[bytes]) -> int:
+    """A newer attempt owns the task: end this attempt's processes and write nothing more."""
+    newer = other_attempt(task, attempt)
+    log(
+        f"task {task.path.name} is at attempt {newer} now; this runner (attempt {attempt}) is stale: "
+        "it stops its own training processes and writes nothing more"
+    )
+    kill_tree(trainer.pid)
+    try:
+        trainer.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        log(f"the training process {trainer.pid} did not die of SIGKILL within 30s")
+    return EXIT_STALE
+
+
+def _wait_beating(
+    trainer: subprocess.Popen[bytes], task: TaskDir, pause: PauseForwarder, stop: Stop, attempt: int
+) -> int | None:
+    """The trainer's return code, or None when this runner turned out to be stale (its trainer still runs)."""
     next_beat = 0.0
     while True:
-        if time.monotonic() >= next_beat:
+        now = time.monotonic()
+        if stop.deadline is not None and now >= stop.deadline and not stop.killed:
+            count = kill_tree(trainer.pid)
+            stop.killed = True
+            log(f"the training process did not stop within the shutdown's grace; SIGKILLed {count} process(es)")
+        if now >= next_beat:
+            if other_attempt(task, attempt) is not None:
+                return None
             _beat(task)
-            next_beat = time.monotonic() + HEARTBEAT_S
+            next_beat = now + HEARTBEAT_S
         if pause.pending():
             pause.forward()
-        timeout = PAUSE_RETRY_S if pause.pending() else max(0.0, next_beat - time.monotonic())
+        # Short waits: a signal's handler runs inside this wait but cannot cut it short, and a shutdown's
+        # grace must be kept to the tenth of a second (Popen.wait polls this finely anyway).
+        timeout = max(0.0, min(next_beat - time.monotonic(), WAIT_S))
         try:
             return trainer.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

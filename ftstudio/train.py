@@ -7,12 +7,14 @@ to stdout (the runner appends them to `training.log`).
 
 Exit codes: 0 only when the final adapter is on disk; 2 for bad config or data
 (found before the model is loaded); 1 for anything else; `pause.EXIT_SUSPENDED`
-(76) after a pause. Each failure writes one `error` event whose message names the
-fix. There is no SIGTERM handler on purpose: cancelling kills the process at once,
-and resume starts from the last complete checkpoint.
+(76) after a pause or a shutdown. Each failure writes one `error` event whose
+message names the fix.
 
 SIGUSR1 pauses (see `ftstudio.pause`): at the next step boundary the trainer saves
 a checkpoint of that step, writes a `suspended` event and exits EXIT_SUSPENDED.
+SIGTERM does the same, the event marked `shutdown` (a machine shutdown, `docker
+stop`), unless the task dir holds `cancel.request`: a person's cancel kills the
+process at once, and resume starts from the last complete checkpoint.
 
 Under torchrun (WORLD_SIZE > 1) every rank trains, rank 0 reports. After a pause
 the ranks exit 0, not EXIT_SUSPENDED: torchrun turns any non-zero worker exit into
@@ -114,8 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override checkpoint.resume_from: auto = the newest complete checkpoint (a fresh start if none)",
     )
     args = parser.parse_args(argv)
-    # First, so a pause asked for while the model loads is kept, not fatal (SIGUSR1's default kills).
-    pause = PauseRequest().install()
+    # First, so a pause or shutdown asked for while the model loads is kept, not fatal (both signals kill by
+    # default). The task dir is where a person's cancel is recorded.
+    pause = PauseRequest(task_dir=(args.output or args.spec.resolve().parent).resolve()).install()
     try:
         return _main(args, pause)
     finally:
@@ -148,12 +151,19 @@ def _main(args: argparse.Namespace, pause: PauseRequest) -> int:
         return 0
     except Suspended as stop:
         if events is not None:
-            events.emit("suspended", step=stop.step, total_steps=stop.total_steps, checkpoint=stop.checkpoint)
+            events.emit(
+                "suspended",
+                step=stop.step,
+                total_steps=stop.total_steps,
+                checkpoint=stop.checkpoint,
+                shutdown=stop.shutdown,
+            )
         if rank0:
             saved = (
                 f"; {stop.checkpoint} holds the state to resume from" if stop.checkpoint else "; nothing to save yet"
             )
-            print(f"paused at step {stop.step}/{stop.total_steps}{saved}", flush=True)
+            what = "stopped for a shutdown (SIGTERM)" if stop.shutdown else "paused"
+            print(f"{what} at step {stop.step}/{stop.total_steps}{saved}", flush=True)
         return EXIT_SUSPENDED if world == 1 else 0
     except UserError as e:
         return _fail(events, str(e), type(e).__name__, e.exit_code, getattr(e, "problems", None))

@@ -259,13 +259,15 @@ def test_two_processes_pause_with_every_rank_in_the_checkpoint_then_resume_to_th
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_two_processes_stopped_runner_leaves_no_process_of_the_task(tmp_path: Path, sig: int) -> None:
-    """SIGTERM (the cancel path) goes through torchrun to the ranks; SIGKILL takes torchrun down with
+    """SIGTERM with a cancel request goes through torchrun to the ranks, which die of it at once; SIGKILL takes torchrun down with
     the runner, and each rank with torchrun (the ranks live in sessions of their own)."""
     task = _two_process_task(tmp_path, "20261122-0000-stop2", steps=200)
     runner = _start_runner(task)
     try:
         wait_for(lambda: runner.poll() is not None or _progress_steps(task), timeout=180, what="the first step")
         assert len(_ranks(task)) == 2
+        if sig == signal.SIGTERM:
+            TaskDir(task).cancel_request.write_text("{}")  # a person's cancel: without it SIGTERM is a shutdown
         runner.send_signal(sig)
         runner.wait(timeout=60)
         # Zero processes tagged with the task anywhere: runner, torchrun agent and both ranks. After

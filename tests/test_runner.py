@@ -22,11 +22,11 @@ def make_task(tmp_path, name):
     return tdir
 
 
-def start_runner(tdir):
+def start_runner(tdir, *extra):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTED)])}
     with open(tdir.log, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "ftstudio.runner", str(tdir.path), "--module", "scripted_trainer"],
+            [sys.executable, "-m", "ftstudio.runner", str(tdir.path), "--module", "scripted_trainer", *extra],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -71,12 +71,13 @@ def test_a_second_runner_for_the_same_task_refuses(tmp_path):
         first.wait()
 
 
-def test_sigterm_is_forwarded_and_recorded_as_cancelled(tmp_path):
+def test_sigterm_with_a_cancel_request_is_forwarded_and_recorded_as_cancelled(tmp_path):
     tdir = make_task(tmp_path, "scripted steps=1000 delay=0.05 child=1")
     runner = start_runner(tdir)
     wait_for(lambda: len(tagged(tdir.path.name)) >= 2, what="trainer running")
     trainer_pid = read_json(tdir.launch)["trainer_pid"]
     assert psutil.Process(trainer_pid).environ()["FTSTUDIO_TASK_ID"] == tdir.path.name
+    tdir.cancel_request.write_text("{}")  # as the studio does before a cancel's SIGTERM
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=30) == 0
     record = read_json(tdir.exit)
@@ -97,6 +98,52 @@ def test_killing_the_runner_takes_the_trainer_down(tmp_path):
         what="trainer death",
     )
     assert not tdir.exit.exists()  # no exit record: the supervisor must call this one dead
+
+
+def test_a_runner_of_another_attempt_refuses_to_start(tmp_path):
+    tdir = make_task(tmp_path, "scripted steps=5 delay=0.01")
+    tdir.attempt.write_text("2")  # the studio launched attempt 2; this is a late attempt 1
+    runner = start_runner(tdir, "--attempt", "1")
+    assert runner.wait(timeout=60) == 77
+    assert "is at attempt 2 but this runner was started as attempt 1; it refuses to start" in tdir.log.read_text()
+    assert not tdir.launch.exists() and not tdir.exit.exists() and not tdir.heartbeat.exists()
+    # Its own attempt starts.
+    assert start_runner(tdir, "--attempt", "2").wait(timeout=60) == 0
+    assert read_json(tdir.exit)["outcome"] == "completed"
+
+
+def test_a_stale_runner_stops_its_own_processes_and_writes_nothing(tmp_path):
+    """The studio gave up on attempt 1 and launched attempt 2 while attempt 1's runner still ran: at its
+    next heartbeat it finds the attempt file changed, SIGKILLs its trainer and the trainer's child, and
+    exits without an exit record."""
+    tdir = make_task(tmp_path, "scripted steps=1000 delay=0.05 child=1")
+    tdir.attempt.write_text("1")
+    runner = start_runner(tdir, "--attempt", "1")
+    try:
+        wait_for(lambda: len(tagged(tdir.path.name)) >= 2, what="the trainer and its child running")
+        ours = [p.pid for p in tagged(tdir.path.name)]
+        tdir.attempt.write_text("2")
+        changed = time.monotonic()
+        assert runner.wait(timeout=30) == 77
+        took = time.monotonic() - changed
+        beat = tdir.heartbeat.stat().st_mtime
+        wait_for(
+            lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in ours),
+            timeout=10,
+            what="attempt 1's processes to end",
+        )
+        assert not tdir.exit.exists()
+        time.sleep(0.5)
+        assert tdir.heartbeat.stat().st_mtime == beat
+        assert "this runner (attempt 1) is stale" in tdir.log.read_text()
+        print(f"stale runner noticed the new attempt and stood down in {took:.2f}s")
+        assert took < 2 * 2.0 + 2  # within a heartbeat or two
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        for p in tagged(tdir.path.name):
+            p.kill()
 
 
 @pytest.mark.parametrize("bad", ["os;rm", "../x", "a b"])
