@@ -69,9 +69,6 @@ class Outcome(enum.StrEnum):
     """Anything else; the record's reason says what."""
     CANCELLED = "cancelled"
     """The runner was asked to stop by a signal (the studio's cancel sends SIGTERM)."""
-    INTERRUPTED = "interrupted"
-    """Stopped by a SIGTERM the studio did not send (a shutdown, docker stop, a scheduler's preemption),
-    after a checkpoint at the next step boundary where there was time for one; resumed later."""
     PAUSED = "paused"
     """Asked to pause (SIGUSR1): the trainer stopped at a step boundary after saving a complete checkpoint
     of that step (the record's `checkpoint`; null when it stopped before its first step), no adapter."""
