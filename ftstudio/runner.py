@@ -260,11 +260,19 @@ def outcome_of(
     if message:
         return {"outcome": Outcome.FAILED, "reason": message}
     if returncode < 0:
+        # Killed by a signal nobody here sent (the kernel's OOM killer, a person's `kill -9`, a crash): the
+        # trainer vanished, as in a crash, so the task is resumed from its newest checkpoint; one that dies
+        # the same way at the same step again is failed by the lifecycle ("twice in a row at step N").
         name = signal.Signals(-returncode).name
         hint = " (often the system running out of memory)" if name == "SIGKILL" else ""
+        progress = last_progress(task, since) or {}
+        at = f" at step {progress['step']}" if isinstance(progress.get("step"), int) else ""
+        newest = checkpoints.find_resume_checkpoint(task.checkpoints)
+        then = f"it resumes from {newest.name}" if newest else "nothing was saved yet, so it starts from the beginning"
         return {
-            "outcome": Outcome.FAILED,
-            "reason": f"the training process was killed by {name}{hint}; see training.log",
+            "outcome": Outcome.INTERRUPTED,
+            "reason": f"the training process was killed by {name}{hint}{at}; {then}; see training.log",
+            "checkpoint": newest.name if newest else None,
         }
     return {
         "outcome": Outcome.FAILED,
