@@ -50,7 +50,7 @@ ROUNDS = int(os.environ.get("FTSTUDIO_CHAOS_ROUNDS", "1"))
 CHAOS_SEED = int(os.environ.get("FTSTUDIO_CHAOS_SEED", "1212"))
 FINAL = ("completed", "failed", "cancelled")
 RUNNING = ("preparing", "training")
-NO_SHUTDOWN = "main has no shutdown handling yet (issue 12 part 2, on the shutdown branch)"
+NO_SHUTDOWN = "main does not checkpoint on a SIGTERM nobody asked for yet (issue 12 part 2, the shutdown branch)"
 
 
 def config(steps: int = STEPS) -> dict[str, Any]:
@@ -510,7 +510,6 @@ def test_two_studios_started_at_once_on_one_home(chaos: Chaos) -> None:
     chaos.verify()
 
 
-@pytest.mark.xfail(strict=False, reason=NO_SHUTDOWN)
 def test_a_shutdown_then_a_reboot_ends_completed_and_a_cancel_still_cancels(chaos: Chaos) -> None:
     """SIGTERM to every process (a shutdown), then a reboot: the task is resumed, never cancelled;
     a task the person cancelled before it stays cancelled."""
@@ -531,9 +530,11 @@ def test_a_shutdown_then_a_reboot_ends_completed_and_a_cancel_still_cancels(chao
     chaos.start()
     done = chaos.verify(expect={cancelled: "cancelled"})
     assert done[tid]["attempt"] >= 2
-    # A shutdown checkpoints at the next step: at most the step in flight is redone.
+    # A shutdown checkpoints at the next step: at most the step in flight is redone. On main the trainer
+    # does not save on SIGTERM yet, so this part alone is expected to fail (everything above must hold).
     first, second = done[tid]["attempts"][:2]
-    assert first["end_step"] - second["resumed_from_step"] <= 1, done[tid]["attempts"]
+    if first["end_step"] - second["resumed_from_step"] > 1:
+        pytest.xfail(f"{NO_SHUTDOWN}: {first['end_step'] - second['resumed_from_step']} steps redone")
 
 
 @pytest.mark.timeout(600 + 600 * ROUNDS)
