@@ -417,7 +417,8 @@ def test_runner_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:
     chaos.wait_step(tid, EVERY + 2)
     chaos.kill(chaos.launch(tid)["pid"])
     done = chaos.verify()[tid]
-    assert done["attempt"] == 2 and done["attempts"][1]["resumed_from_step"] == EVERY, done["attempts"]
+    first, second = done["attempts"]  # the store lags the trainer by up to a second: it may have gone on
+    assert second["resumed_from_step"] == first["end_step"] // EVERY * EVERY >= EVERY, done["attempts"]
 
 
 @pytest.mark.xfail(
@@ -432,7 +433,8 @@ def test_trainer_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:
     chaos.wait_step(tid, EVERY + 2)
     chaos.kill(chaos.launch(tid)["trainer_pid"])
     done = chaos.verify()[tid]
-    assert done["attempt"] == 2 and done["attempts"][1]["resumed_from_step"] == EVERY, done["attempts"]
+    first, second = done["attempts"]  # the store lags the trainer by up to a second: it may have gone on
+    assert second["resumed_from_step"] == first["end_step"] // EVERY * EVERY >= EVERY, done["attempts"]
 
 
 def test_a_simulated_reboot_before_and_after_the_first_checkpoint(chaos: Chaos) -> None:
@@ -450,7 +452,7 @@ def test_a_simulated_reboot_before_and_after_the_first_checkpoint(chaos: Chaos) 
         first, second = done[tid]["attempts"]
         assert "the machine restarted at step" in first["end_reason"], first
         assert second["resumed_from_step"] == (first["end_step"] // EVERY) * EVERY, done[tid]["attempts"]
-    assert done[after]["attempts"][1]["resumed_from_step"] == EVERY
+    assert done[after]["attempts"][1]["resumed_from_step"] >= EVERY  # held at 11 by the store, maybe later on disk
     assert done[before]["attempts"][1]["resumed_from_step"] == 0
 
 
