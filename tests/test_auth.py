@@ -152,6 +152,12 @@ def test_a_foreign_origin_changes_nothing(client, origin):
     assert r.status_code == 403
     r = client.post("/api/datasets", files={"file": ("x.jsonl", b'{"text": "a"}\n')}, headers={"Origin": origin})
     assert r.status_code == 403
+    # Every route that changes state (pause, freeze, resume, retry, extend, delete, ...), with the token.
+    changes = [(m, p) for m, p in every_route(client) if m in ("POST", "PUT", "PATCH", "DELETE")]
+    assert len(changes) >= 9
+    for method, path in changes:
+        r = client.request(method, path, json={"epochs": 1}, headers={"Origin": origin})
+        assert r.status_code == 403, (method, path, r.status_code)
     assert snapshot(client) == before
 
 
