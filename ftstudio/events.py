@@ -26,6 +26,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,13 +37,17 @@ KINDS = ("status", "train_begin", "progress", "eval", "checkpoint", "train_end",
 class EventWriter:
     """Appends events for one task; safe to reopen after a resume (it appends)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fence: Callable[[], None] | None = None) -> None:
         self.path = path
+        self.fence = fence
+        """Called before every write; the trainer's exits when a newer attempt owns the task (fence.py)."""
         self._f: IO[str] = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
     def emit(self, kind: str, **fields: Any) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
+        if self.fence is not None:
+            self.fence()
         # NaN/inf are not JSON: a diverged loss is written as null (the trainer's guard reports it).
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
         record = {"kind": kind, "ts": round(time.time(), 3), **clean}

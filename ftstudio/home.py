@@ -130,6 +130,13 @@ class TaskDir:
         return self.path / "attempt"
 
     @property
+    def ranks(self) -> Path:
+        """Under torchrun, where ranks other than 0 leave their one-line account of a failure
+        (`rank-N.json`; rank 0 reports in events.jsonl): the runner tells a rank that failed on its own
+        from one that was killed and took the others with it. Emptied by the runner for each attempt."""
+        return self.path / "ranks"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

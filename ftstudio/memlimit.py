@@ -95,20 +95,21 @@ def choose(attempt: Callable[[Mechanism], Limit | str], override: str | None = N
     raise AssertionError("the watchdog works everywhere")  # pragma: no cover
 
 
-def start(spec: dict[str, Any], task_id: str, log: Callable[[str], None]) -> Limit:
-    """Set up the task's memory limit before its trainer starts, and say in the log what enforces it."""
+def start(spec: dict[str, Any], task_id: str, log: Callable[[str], None], attempt: int | None = None) -> Limit:
+    """Set up the task's memory limit before its trainer starts, and say in the log what enforces it. `attempt`:
+    the watchdog counts (and kills) that attempt's processes only, never a newer attempt's (fence.py)."""
     size = limit_of(spec)
     if size is None:
         return Limit()
 
-    def attempt(mechanism: Mechanism) -> Limit | str:
+    def make(mechanism: Mechanism) -> Limit | str:
         if mechanism is Mechanism.CGROUP:
             return CgroupLimit.make(task_id, size)
         if mechanism is Mechanism.SYSTEMD:
             return SystemdLimit.make(task_id, size)
-        return WatchdogLimit(task_id, size, log)
+        return WatchdogLimit(task_id, size, log, attempt)
 
-    limit, passed = choose(attempt, os.environ.get(MECHANISM_ENV))
+    limit, passed = choose(make, os.environ.get(MECHANISM_ENV))
     note = f"; not used: {'; '.join(passed)}" if passed else ""
     log(f"memory limit {gib(size)}, enforced by {limit.describe()}{note}")
     return limit
@@ -152,8 +153,9 @@ class Limit:
 class WatchdogLimit(Limit):
     mechanism = Mechanism.WATCHDOG
 
-    def __init__(self, task_id: str, size: int, log: Callable[[str], None]) -> None:
+    def __init__(self, task_id: str, size: int, log: Callable[[str], None], attempt: int | None = None) -> None:
         self.task_id = task_id
+        self.attempt = attempt
         self.size = size
         self.log = log
         self.exceeded = False
@@ -169,7 +171,7 @@ class WatchdogLimit(Limit):
     def _watch(self) -> None:
         me, limit = os.getpid(), self.size or 0
         while not self._stop.wait(WATCH_INTERVAL_S):
-            procs = [p for p in tagged(self.task_id) if p.pid != me]
+            procs = [p for p in tagged(self.task_id, self.attempt) if p.pid != me]
             total = sum_rss(procs)
             self.peak = max(self.peak, total)
             if total > limit:

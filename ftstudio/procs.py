@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from ftstudio.fence import ATTEMPT_ENV
 from ftstudio.lifecycle import Liveness
 
 TASK_ENV = "FTSTUDIO_TASK_ID"
@@ -90,14 +91,16 @@ def check(ident: Identity, *, marker: str | None = None) -> Liveness:
         return Liveness.UNKNOWN
 
 
-def tagged(task_id: str) -> list[psutil.Process]:
-    """Every live process whose environment carries FTSTUDIO_TASK_ID=task_id (the runner tags all descendants)."""
+def tagged(task_id: str, attempt: int | None = None) -> list[psutil.Process]:
+    """Every live process whose environment carries FTSTUDIO_TASK_ID=task_id (the runner tags all descendants);
+    with `attempt`, only the training processes of that attempt (FTSTUDIO_ATTEMPT, set by its runner)."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if proc.environ().get(TASK_ENV) == task_id:
+            env = proc.environ()
+            if env.get(TASK_ENV) == task_id and (attempt is None or env.get(ATTEMPT_ENV) == str(attempt)):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue

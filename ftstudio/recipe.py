@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,18 @@ class StudioTrainer(Trainer):
         train_sampler: batches.EpochSampler,
         dynamic_shapes: bool = False,
         checkpoint_cost: CheckpointCost | None = None,
+        fence: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self._studio_dynamic_shapes = dynamic_shapes  # read by _build_accelerator_args, from Trainer.__init__
         super().__init__(*args, **kwargs)
         self._studio_sampler = train_sampler
         self._studio_cost = checkpoint_cost
+        self._studio_fence = fence
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self._studio_fence is not None:
+            self._studio_fence()  # a stale attempt's checkpoint-N would be written over a newer attempt's
         # The clock starts here, before the Trainer writes a byte; StudioCallback.on_save stops it at the marker.
         if self._studio_cost is not None:
             self._studio_cost.started = time.monotonic()
@@ -105,8 +110,10 @@ def run(
     events: EventWriter | None,
     callbacks: list[Any] | None = None,
     pause: PauseRequest | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> Path:
-    """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks.
+    """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks;
+    `fence`: called before every checkpoint (fence.py).
 
     Raises `Suspended` when `pause` was requested: training stopped without an adapter."""
     keep_freed_memory()
@@ -242,6 +249,7 @@ def run(
         train_sampler=sampler,
         dynamic_shapes=config.model.compile and not config.data.packing,
         checkpoint_cost=callback.cost,
+        fence=fence,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

@@ -29,9 +29,10 @@ with `--attempt N`. A runner whose N is not the file's refuses to start
 (EXIT_STALE), and one that finds the file changed while it runs (the studio has
 given up on it and launched a newer attempt) SIGKILLs its own processes, found by
 the pid tree (the task tag is the newer attempt's too), writes nothing and exits
-EXIT_STALE. The check and the write are not one step: a record can still land in
-the instant the file changes, and the studio's fencing by attempt number covers
-that.
+EXIT_STALE. The trainer makes the same check before each of its own writes
+(`ftstudio.fence`). The check and the write are not one step: a record can still
+land in the instant the file changes, and the studio's fencing by attempt number
+covers that.
 
 A `resources.processes` > 1 task runs under `torchrun --standalone` with
 `--max-restarts 0`: restarting is the studio's decision (resume from the newest
@@ -42,9 +43,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,7 @@ from typing import Any
 import psutil
 
 from ftstudio import checkpoints, events, memlimit
+from ftstudio.fence import ATTEMPT_ENV, EXIT_STALE, named_attempt
 from ftstudio.home import TaskDir, read_json, write_json_atomic
 from ftstudio.lifecycle import Outcome
 from ftstudio.pause import EXIT_SUSPENDED, PAUSE_SIGNAL, catches_pause
@@ -63,7 +65,6 @@ from ftstudio.procs import TASK_ENV, boot_id, die_with_parent
 HEARTBEAT_S = 2.0
 WAIT_S = 0.1  # the longest the runner waits for the trainer before it looks at its signals' requests again
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another runner owns this task dir
-EXIT_STALE = 77  # EX_NOPERM: the task dir's `attempt` names another attempt; this runner wrote nothing
 SHUTDOWN_GRACE_S = 8.0
 """How long a shutdown waits for the trainer to checkpoint and exit before SIGKILLing every process of the
 attempt. `docker stop` sends SIGKILL 10 s after its SIGTERM (systemd waits 90 s): 8 s leaves the runner
@@ -114,16 +115,11 @@ def other_attempt(task: TaskDir, attempt: int) -> int | None:
     """The attempt the task dir's `attempt` names when it is not `attempt`; None when it names this one, is
     missing (started by hand, or by a studio that predates the file) or cannot be read (never stop on doubt)."""
     try:
-        named = json.loads(task.attempt.read_text())
-    except FileNotFoundError:
-        return None
+        named = named_attempt(task.path)
     except (OSError, ValueError) as e:
         log(f"could not read {task.attempt} ({e}); carrying on as attempt {attempt}")
         return None
-    if not isinstance(named, int) or isinstance(named, bool):
-        log(f"{task.attempt} holds {named!r}, not an attempt number; carrying on as attempt {attempt}")
-        return None
-    return None if named == attempt else named
+    return None if named is None or named == attempt else named
 
 
 def kill_tree(pid: int) -> int:
@@ -154,6 +150,59 @@ def last_error(task: TaskDir, since: int = 0) -> str | None:
         if ev.get("kind") == "error" and isinstance(ev.get("message"), str):
             return ev["message"]
     return None
+
+
+def last_error_event(task: TaskDir, since: int) -> dict[str, Any] | None:
+    """This attempt's last `error` event (rank 0's account), if any."""
+    try:
+        size = task.events.stat().st_size
+    except OSError:
+        return None
+    chunk = events.read_from(task.events, max(since, size - (256 << 10)))
+    return next((e for e in reversed(chunk.events) if e.get("kind") == "error"), None)
+
+
+def rank_reports(task: TaskDir, since: int) -> dict[int, dict[str, Any]]:
+    """Each rank's own account of its failure in this attempt: rank 0's error event, the others' files."""
+    reports: dict[int, dict[str, Any]] = {}
+    first = last_error_event(task, since)
+    if first is not None:
+        reports[0] = first
+    for path in task.ranks.glob("rank-*.json"):
+        record = read_json(path)
+        number = path.stem.removeprefix("rank-")
+        if isinstance(record, dict) and isinstance(record.get("message"), str) and number.isdigit():
+            reports[int(number)] = record
+    return reports
+
+
+def distributed_outcome(task: TaskDir, since: int, processes: int) -> dict[str, Any]:
+    """torchrun ended non-zero on its own. A rank that failed on its own (bad data, out of memory, a bug)
+    fails the task with its account. Otherwise a rank vanished without a word, killed by a signal (the
+    OOM killer's way), and the others only lost it mid-collective: that is an interruption, resumed from
+    the newest checkpoint like a killed single-process trainer."""
+    reports = rank_reports(task, since)
+    own = sorted(r for r, report in reports.items() if not report.get("peer_lost"))
+    if own:
+        message = reports[own[0]]["message"]
+        return {"outcome": Outcome.FAILED, "reason": message if own[0] == 0 else f"rank {own[0]}: {message}"}
+    silent = [r for r in range(processes) if r not in reports]
+    if len(silent) == 1:
+        who = f"training process rank {silent[0]} of {processes} was killed"
+    elif silent:
+        who = f"training processes ranks {', '.join(map(str, silent))} of {processes} were killed"
+    else:
+        who = f"the {processes} training processes lost contact with each other"
+    progress = last_progress(task, since) or {}
+    at = f" at step {progress['step']}" if isinstance(progress.get("step"), int) else ""
+    newest = checkpoints.find_resume_checkpoint(task.checkpoints)
+    then = f"it resumes from {newest.name}" if newest else "nothing was saved yet, so it starts from the beginning"
+    cause = " by a signal nobody here sent (often the system running out of memory)" if silent else ""
+    return {
+        "outcome": Outcome.INTERRUPTED,
+        "reason": f"{who}{cause}{at} and the others stopped with it; {then}; see training.log",
+        "checkpoint": newest.name if newest else None,
+    }
 
 
 def last_event(task: TaskDir, since: int) -> dict[str, Any] | None:
@@ -232,10 +281,11 @@ def outcome_of(
     paused: bool = False,
     killed: bool = False,
     since: int = 0,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """What exit.json says. `stop_signal`: a person's cancel; `shutdown`: any other SIGTERM (SIGINT, SIGHUP)
     the runner got; `paused`: a person's pause reached it; `killed`: the shutdown's grace ran out and the
-    runner SIGKILLed the attempt; `since`: where this attempt's events begin. `suspended`: this attempt's
+    runner SIGKILLed the attempt; `since`: where this attempt's events begin; `processes`: torchrun's ranks. `suspended`: this attempt's
     `suspended` event, if it wrote one; under torchrun (`distributed`) the ranks exit 0 after a pause, and
     torchrun's agent non-zero after a SIGTERM of its own, so that event is the only sign of it."""
     clean = suspended is not None and (returncode == EXIT_SUSPENDED or distributed)
@@ -256,6 +306,8 @@ def outcome_of(
         return interrupted_record(signal.SIGTERM, task, suspended, None)
     if clean:
         return paused_record(suspended)
+    if distributed and returncode > 0:
+        return distributed_outcome(task, since, processes)
     message = last_error(task, since)
     if message:
         return {"outcome": Outcome.FAILED, "reason": message}
@@ -312,7 +364,7 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         return EXIT_LOCKED
 
     task_id = task.path.name
-    env = {**os.environ, TASK_ENV: task_id, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, TASK_ENV: task_id, ATTEMPT_ENV: str(attempt), "PYTHONUNBUFFERED": "1"}
     if resume is None and attempt > 1:
         # Every later attempt (resume, retry, extend) continues from the newest complete checkpoint;
         # with none, the trainer starts from the beginning.
@@ -323,8 +375,9 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         events_start = task.events.stat().st_size  # this attempt's events come after it
     except OSError:
         events_start = 0
+    shutil.rmtree(task.ranks, ignore_errors=True)  # the ranks' accounts of an earlier attempt
     log(f"starting training for task {task_id} (attempt {attempt}): {' '.join(argv[1:])}")
-    limit = memlimit.start(read_json(task.spec) or {}, task_id, log)  # memory limit: memlimit.py
+    limit = memlimit.start(read_json(task.spec) or {}, task_id, log, attempt)  # memory limit: memlimit.py
     trainer = subprocess.Popen(
         limit.command(argv),
         cwd=task.path,
@@ -409,6 +462,7 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         paused=stop.paused,
         killed=stop.killed,
         since=events_start,
+        processes=processes_of(task),
     )
     record = {
         **outcome,

@@ -39,7 +39,8 @@ from typing import Any
 from ftstudio.config import TrainingConfig, validation_fraction
 from ftstudio.errors import FtstudioError, Problem, UserError, ValidationError
 from ftstudio.events import EventWriter
-from ftstudio.home import home_dir
+from ftstudio.fence import Fence
+from ftstudio.home import home_dir, write_json_atomic
 from ftstudio.pause import EXIT_SUSPENDED, PauseRequest, Suspended
 
 OOM_FIX = (
@@ -139,15 +140,19 @@ def _main(args: argparse.Namespace, pause: PauseRequest) -> int:
         return _fail(None, f"{args.spec} does not exist; pass the path of a task's spec.json", "ValidationError", 2)
     out_dir = (args.output or args.spec.resolve().parent).resolve()
     events: EventWriter | None = None
+    rank = int(os.environ.get("RANK", "0"))
+    # Ranks but 0 report a failure in a file of their own (rank 0 has the events): see TaskDir.ranks.
+    report = out_dir / "ranks" / f"rank-{rank}.json" if world > 1 and not rank0 else None
+    fence = Fence(out_dir)  # a newer attempt owns the task dir: write nothing more
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        events = EventWriter(out_dir / "events.jsonl") if rank0 else None
+        events = EventWriter(out_dir / "events.jsonl", fence=fence.check) if rank0 else None
         job = read_spec(args.spec, args.output.resolve() if args.output else None)
         if args.resume is not None:
             job.config.checkpoint.resume_from = args.resume
         from ftstudio.recipe import run
 
-        run(job.config, job.out_dir, job.home, events, pause=pause)
+        run(job.config, job.out_dir, job.home, events, pause=pause, fence=fence.check)
         return 0
     except Suspended as stop:
         if events is not None:
@@ -166,17 +171,22 @@ def _main(args: argparse.Namespace, pause: PauseRequest) -> int:
             print(f"{what} at step {stop.step}/{stop.total_steps}{saved}", flush=True)
         return EXIT_SUSPENDED if world == 1 else 0
     except UserError as e:
-        return _fail(events, str(e), type(e).__name__, e.exit_code, getattr(e, "problems", None))
+        return _fail(events, str(e), type(e).__name__, e.exit_code, getattr(e, "problems", None), report=report)
     except FtstudioError as e:
-        return _fail(events, str(e), type(e).__name__, 1)
+        return _fail(events, str(e), type(e).__name__, 1, report=report)
     except Exception as e:
         traceback.print_exc(file=sys.stdout)  # into training.log, for whoever digs deeper
         oom = out_of_memory_message(e)
         if oom:
-            return _fail(events, oom, "OutOfMemoryError", 1)
+            return _fail(events, oom, "OutOfMemoryError", 1, report=report)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         return _fail(
-            events, f"training failed: {type(e).__name__}: {first}; see training.log for details", type(e).__name__, 1
+            events,
+            f"training failed: {type(e).__name__}: {first}; see training.log for details",
+            type(e).__name__,
+            1,
+            peer_lost=world > 1 and peer_lost(e),
+            report=report,
         )
     finally:
         if events is not None:
@@ -194,12 +204,43 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+# How a collective fails when a peer rank is gone (gloo over TCP, NCCL): this rank did nothing wrong.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` says another rank vanished mid-collective (killed, or its machine gone), not that this
+    rank failed: the runner resumes such a run instead of failing it (see runner.distributed_outcome)."""
+    import torch.distributed as dist
+
+    network_error = getattr(dist, "DistNetworkError", None)
+    if network_error is not None and isinstance(e, network_error):
+        return True
+    return any(s in str(e) for s in PEER_GONE)
+
+
 def _fail(
-    events: EventWriter | None, message: str, error_type: str, code: int, problems: list[Problem] | None = None
+    events: EventWriter | None,
+    message: str,
+    error_type: str,
+    code: int,
+    problems: list[Problem] | None = None,
+    *,
+    peer_lost: bool = False,
+    report: Path | None = None,
 ) -> int:
+    extra: dict[str, Any] = {"problems": [asdict(p) for p in problems]} if problems else {}
+    if peer_lost:
+        extra["peer_lost"] = True
     if events is not None:
-        extra = {"problems": [asdict(p) for p in problems]} if problems else {}
         events.emit("error", message=message, error_type=error_type, **extra)
+    elif report is not None:
+        Fence(report.parent.parent).check()
+        try:
+            report.parent.mkdir(exist_ok=True)
+            write_json_atomic(report, {"message": message, "error_type": error_type, **extra})
+        except OSError as e:  # the console line below is all there is then
+            print(f"could not write {report}: {e}", file=sys.stdout, flush=True)
     print(f"error: {message}", file=sys.stdout, flush=True)
     return code
 

@@ -1,7 +1,7 @@
 """The chaos suite (issue 12): real studios, runners and trainers of builtin:tiny, killed on purpose.
 
 Each scenario breaks something the way a machine does (SIGKILL of the studio, of a runner, of a
-trainer; a reboot: every process gone at once and a new boot id; a damaged newest checkpoint; two
+trainer, of one torchrun rank; a reboot: every process gone at once and a new boot id; a damaged newest checkpoint; two
 studios started at once on one home; a shutdown) and then runs the same check, `Chaos.verify`:
 
 - every task ends in exactly one final state, `completed` where it could;
@@ -47,8 +47,8 @@ pytestmark = pytest.mark.slow
 
 STEPS, EVERY, SEED = 30, 10, 11
 ROUNDS = int(os.environ.get("FTSTUDIO_CHAOS_ROUNDS", "1"))
-# CI runs three scenarios (a reboot before and after the first checkpoint, a shutdown then a reboot, a
-# SIGKILLed trainer: a few minutes on 2 cores); the rest, each a few minutes of real training, run when
+# CI runs four scenarios (a reboot before and after the first checkpoint, a shutdown then a reboot, a
+# SIGKILLed trainer, a SIGKILLed torchrun rank: a few minutes on 2 cores); the rest, each a few minutes of real training, run when
 # FTSTUDIO_CHAOS_ROUNDS is set (bench/bench_chaos.py sets it).
 full_chaos = pytest.mark.skipif(
     "FTSTUDIO_CHAOS_ROUNDS" not in os.environ, reason="the full chaos suite runs with FTSTUDIO_CHAOS_ROUNDS set"
@@ -58,7 +58,7 @@ FINAL = ("completed", "failed", "cancelled")
 RUNNING = ("preparing", "training")
 
 
-def config(steps: int = STEPS) -> dict[str, Any]:
+def config(steps: int = STEPS, processes: int = 1) -> dict[str, Any]:
     """cpu-demo, made cheaper where it does not matter here (no validation, shorter rows, smaller batches):
     the faults are what the suite tests, and it must fit in a few minutes on two shared cores."""
     return {
@@ -67,6 +67,7 @@ def config(steps: int = STEPS) -> dict[str, Any]:
         "optim": {"max_steps": steps, "seed": SEED, "batch_size": 4},
         "checkpoint": {"every_steps": EVERY},
         "logging": {"eval_on_start": False},
+        "resources": {"processes": processes},
     }
 
 
@@ -148,18 +149,21 @@ class Watch:
 
     def look(self) -> None:
         runners: Counter[str] = Counter()
-        trainers: Counter[str] = Counter()
+        trainers: Counter[str] = Counter()  # per task and rank: torchrun's agent is not a trainer, its ranks are
         for proc in psutil.process_iter(["cmdline"]):
             try:
                 cmd = proc.info["cmdline"] or []
+                if "torch.distributed.run" in cmd:
+                    continue
                 kind = runners if "ftstudio.runner" in cmd else trainers if "ftstudio.train" in cmd else None
                 if kind is None or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
-                tid = proc.environ().get(TASK_ENV)
+                env = proc.environ()
+                tid = env.get(TASK_ENV)
             except (psutil.Error, OSError):
                 continue
             if tid in self.tasks:
-                kind[tid] += 1
+                kind[tid if kind is runners else f"{tid} rank {env.get('RANK', '0')}"] += 1
         self.polls += 1
         for what, counts in (("runners", runners), ("trainers", trainers)):
             for tid, n in counts.items():
@@ -233,9 +237,9 @@ class Chaos:
             return False
         return True
 
-    def submit(self, steps: int = STEPS, name: str = "chaos") -> str:
+    def submit(self, steps: int = STEPS, name: str = "chaos", processes: int = 1) -> str:
         assert self.studio is not None
-        r = self.studio.http.post("/api/tasks", json={"name": name, "config": config(steps)})
+        r = self.studio.http.post("/api/tasks", json={"name": name, "config": config(steps, processes)})
         assert r.status_code == 201, r.text
         tid = r.json()["id"]
         self.tids.append(tid)
@@ -438,6 +442,22 @@ def test_trainer_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:
     done = chaos.verify()[tid]
     first, second = done["attempts"]  # the store lags the trainer by up to a second: it may have gone on
     # From a checkpoint, at most one interval back (a checkpoint's step is reported before its save completes).
+    resumed = second["resumed_from_step"]
+    assert resumed % EVERY == 0 and resumed >= EVERY and 0 <= first["end_step"] - resumed <= EVERY, done["attempts"]
+
+
+def test_one_torchrun_rank_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:
+    """A two-process run loses one rank to SIGKILL (the OOM killer's way): torchrun ends the other, and the
+    task is interrupted, not failed, and resumes from its checkpoint with both ranks."""
+    chaos.start()
+    tid = chaos.submit(processes=2)
+    chaos.wait_step(tid, EVERY + 2)
+    ranks = [p for p in tagged(tid) if "ftstudio.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+    assert len(ranks) == 2, ranks
+    chaos.kill(next(p for p in ranks if p.environ().get("RANK") == "1"))
+    done = chaos.verify()[tid]
+    first, second = done["attempts"]
+    assert "rank 1 of 2 was killed" in first["end_reason"], first
     resumed = second["resumed_from_step"]
     assert resumed % EVERY == 0 and resumed >= EVERY and 0 <= first["end_step"] - resumed <= EVERY, done["attempts"]
 

@@ -259,3 +259,31 @@ def test_the_real_trainer_completes_within_a_generous_limit(tmp_path):
         )
     finally:
         stop_all([runner], [tdir])
+
+
+def test_the_watchdog_counts_and_kills_only_its_own_attempt() -> None:
+    """A stale runner's watchdog (attempt 1) must not count, nor kill, the processes of the newer attempt
+    the studio launched for the same task; its own attempt's it does."""
+    from ftstudio.fence import ATTEMPT_ENV
+    from ftstudio.procs import TASK_ENV
+
+    task_id = f"20260101-0000-fence{os.getpid()}"
+
+    def sleeper(attempt: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, TASK_ENV: task_id, ATTEMPT_ENV: str(attempt)}
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+
+    newer = sleeper(2)
+    lines: list[str] = []
+    watchdog = memlimit.WatchdogLimit(task_id, 1, lines.append, attempt=1)  # any process of attempt 1 is over
+    try:
+        watchdog.started(0)
+        time.sleep(4 * memlimit.WATCH_INTERVAL_S)
+        assert newer.poll() is None and not watchdog.exceeded, lines
+        own = sleeper(1)
+        assert own.wait(timeout=10) == -9  # SIGKILLed, past its limit
+        assert watchdog.finish() and newer.poll() is None
+    finally:
+        watchdog.finish()
+        newer.kill()
+        newer.wait()

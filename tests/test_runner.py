@@ -154,3 +154,61 @@ def test_runner_accepts_only_module_names(tmp_path, bad):
     )
     assert r.returncode == 2 and "dotted module name" in r.stderr
     time.sleep(0)
+
+
+# -- torchrun's ranks: which one failed, and whether on its own ---------------------------------------
+
+
+def _ranked_task(tmp_path, rank0_error=None, **others):
+    """A task dir whose attempt left rank 0's error event (if any) and the other ranks' files."""
+    from ftstudio.events import EventWriter
+
+    task = TaskDir(tmp_path / "t")
+    task.path.mkdir()
+    writer = EventWriter(task.events)
+    writer.emit("progress", step=7, total_steps=30)
+    if rank0_error is not None:
+        writer.emit("error", message="rank 0 says so", error_type="RuntimeError", **rank0_error)
+    writer.close()
+    task.ranks.mkdir()
+    for name, record in others.items():
+        (task.ranks / f"{name}.json").write_text(json.dumps(record))
+    return task
+
+
+def test_a_rank_killed_without_a_word_interrupts_the_run(tmp_path):
+    from ftstudio.runner import distributed_outcome
+
+    task = _ranked_task(tmp_path, {"peer_lost": True})
+    record = distributed_outcome(task, 0, 2)
+    assert record["outcome"] == "interrupted"
+    assert record["reason"].startswith("training process rank 1 of 2 was killed by a signal nobody here sent")
+    assert "at step 7" in record["reason"] and "starts from the beginning" in record["reason"]
+
+
+def test_a_rank_that_failed_on_its_own_fails_the_run_with_its_account(tmp_path):
+    from ftstudio.runner import distributed_outcome
+
+    lost = {"message": "lost its peer", "error_type": "RuntimeError", "peer_lost": True}
+    own = {"message": "out of memory: lower optim.batch_size", "error_type": "OutOfMemoryError"}
+    task = _ranked_task(tmp_path, {"peer_lost": True}, **{"rank-1": lost, "rank-2": own})
+    record = distributed_outcome(task, 0, 3)
+    assert record == {"outcome": "failed", "reason": "rank 2: out of memory: lower optim.batch_size"}
+
+
+def test_every_rank_losing_the_others_is_an_interruption_and_no_rank_is_blamed(tmp_path):
+    from ftstudio.runner import distributed_outcome
+
+    lost = {"message": "lost its peer", "error_type": "RuntimeError", "peer_lost": True}
+    task = _ranked_task(tmp_path, {"peer_lost": True}, **{"rank-1": lost})
+    record = distributed_outcome(task, 0, 2)
+    assert record["outcome"] == "interrupted"
+    assert record["reason"].startswith("the 2 training processes lost contact with each other at step 7")
+
+
+def test_peer_lost_knows_a_vanished_peer_from_a_real_error():
+    from ftstudio.train import peer_lost
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:63709: Connection reset by peer.")
+    assert peer_lost(gloo)
+    assert not peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

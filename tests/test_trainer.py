@@ -350,3 +350,77 @@ def test_compile_with_length_grouping_compiles_once_for_every_length(tmp_path: P
     assert code == 0, [e for e in events if e["kind"] == "error"]
     losses = [e["loss"] for e in events if e["kind"] == "progress"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_the_eta_of_a_resumed_attempt_counts_only_its_own_steps_and_time(tmp_path: Path, monkeypatch: Any) -> None:
+    """Attempt 2 resumes at step 10 of 30: its ETA is its own pace times the steps left, not the dead
+    attempt's time nor the steps it did before the checkpoint."""
+    import io
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from ftstudio import progress
+    from ftstudio.events import EventWriter
+    from ftstudio.progress import LossGuard, StudioCallback
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    writer = EventWriter(tmp_path / "events.jsonl")
+    cb = StudioCallback(writer, 1, LossGuard(10.0, 100), 2, 10, {}, out=io.StringIO())
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps, state.global_step = 30, 10  # resumed from checkpoint-10
+    cb.on_train_begin(args, state, control)
+    for step in (11, 12):
+        clock[0] += 2.0  # two seconds a step in this attempt
+        state.global_step = step
+        cb.on_log(args, state, control, logs={"loss": 1.0, "learning_rate": 1e-4})
+    writer.close()
+    progress_events = [e for e in read_events(tmp_path) if e["kind"] == "progress"]
+    assert [e["step"] for e in progress_events] == [11, 12]
+    assert progress_events[-1]["eta_s"] == 36.0  # 18 steps left at 2 s each
+
+
+@pytest.mark.slow
+def test_a_stale_trainer_stops_at_its_next_write_and_writes_nothing_more(tmp_path: Path) -> None:
+    """Fencing, the trainer's half: a trainer of attempt 1 finds the task at attempt 2 (the studio gave up
+    on it) at its next event or checkpoint, and exits EXIT_STALE without another line or checkpoint."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ftstudio.fence import ATTEMPT_ENV, EXIT_STALE
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    task = tmp_path / "task"
+    config = merged(FAST, {"data": {"path": str(data)}, "optim": {"max_steps": 400}, "checkpoint": {"every_steps": 5}})
+    spec = write_spec(task, config, shared_home())
+    (task / "attempt").write_text("1")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "ftstudio.train", str(spec)],
+        env={**env, ATTEMPT_ENV: "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(e["kind"] == "checkpoint" for e in read_events(task)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (task / "attempt").write_text("2")
+        changed = time.monotonic()
+        written = (task / "events.jsonl").stat().st_size
+        checkpoints = sorted(p.name for p in (task / "checkpoints").iterdir())
+        out, _ = trainer.communicate(timeout=60)
+        took = time.monotonic() - changed
+    finally:
+        trainer.kill()
+    assert trainer.returncode == EXIT_STALE, out[-2000:]
+    assert "belongs to attempt 1, but the task is at attempt 2 now" in out
+    # At most the one line in flight when the file changed; no checkpoint begun after it.
+    assert (task / "events.jsonl").stat().st_size - written <= 400
+    assert sorted(p.name for p in (task / "checkpoints").iterdir()) == checkpoints
+    assert not (task / "adapter").exists()
+    print(f"stale trainer stopped {took:.2f}s after the attempt changed")

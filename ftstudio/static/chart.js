@@ -33,6 +33,7 @@ export class LossChart {
     this.evalLoss = new Map();
     this.lr = new Map();
     this.totalSteps = null;
+    this.attempts = []; // [attempt, step it began at] for every attempt after the first
     this.progressEvents = 0; // progress events received, duplicates included: tests compare it with the store
     this.pending = false;
     this.svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": "Loss curve" });
@@ -66,6 +67,14 @@ export class LossChart {
   /** A task that ended: an empty chart says so instead of waiting. */
   setEnded(status) {
     this.ended = status;
+    this.schedule();
+  }
+
+  /** Where each later attempt began (resumed from a checkpoint, or from step 0): a mark on the step axis. */
+  setAttempts(attempts) {
+    const marks = (attempts || []).filter((a) => a.attempt > 1).map((a) => [a.attempt, isNum(a.resumed_from_step) ? a.resumed_from_step : 0]);
+    if (JSON.stringify(marks) === JSON.stringify(this.attempts)) return;
+    this.attempts = marks;
     this.schedule();
   }
 
@@ -138,6 +147,18 @@ export class LossChart {
     axes.append(s("text", { x: W - 10, y: M.top + ph / 2, "text-anchor": "middle", class: "axis-title", transform: `rotate(90 ${W - 10} ${M.top + ph / 2})` }, "learning rate"));
     axes.append(s("rect", { x: M.left, y: M.top, width: pw, height: ph, class: "frame" }));
     svg.append(grid, axes);
+
+    // Where each later attempt began: the steps right of a mark were trained (again) by that attempt.
+    svg.dataset.attempts = this.attempts.map(([n, st]) => `${n}@${st}`).join(",");
+    for (const [n, st] of this.attempts) {
+      const mark = s("g", { class: "attempt-mark", "data-attempt": n, "data-step": st });
+      mark.append(
+        s("title", {}, st ? `attempt ${n} resumed from step ${fmtInt(st)}` : `attempt ${n} started from the beginning`),
+        s("line", { x1: x(st), x2: x(st), y1: M.top, y2: M.top + ph }),
+        s("text", { x: x(st) + 4, y: M.top + 12 }, `attempt ${n}`),
+      );
+      svg.append(mark);
+    }
 
     const path = (pts, fx, fy, cls) => {
       const thin = thinOut(pts, fx, pw);

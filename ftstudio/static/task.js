@@ -197,6 +197,7 @@ export function mountTask(root, taskId) {
     );
     stat.phase.title = stat.phase.textContent;
     chart.setTotal(t.total_steps);
+    chart.setAttempts(t.attempts);
 
     // The truth about restarts: only while the training is still running.
     if (running && (restartSeen || t.reattached)) {
