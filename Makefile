@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8765
 LINT_PATHS := $(wildcard ftstudio tests bench)
+SLURM_CLUSTER := scripts/slurm-dev-cluster
 
-.PHONY: demo test lint setup browser clean bench
+.PHONY: demo test lint setup browser clean bench slurm-up slurm-down
 
 $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,8 +34,27 @@ lint: setup
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
+# The Slurm tests run against a real one-node cluster on this machine: brought up
+# here (root or passwordless sudo, apt) and stopped after pytest, whatever pytest
+# says; a cluster that was already up is used and left up. Where it cannot come
+# up the Slurm tests skip, saying why; in CI (CI=true) that fails the run.
 test: setup browser lint
+	@if $(SLURM_CLUSTER) status >/dev/null 2>&1; then \
+	  echo "make test: using the Slurm cluster that is already up"; \
+	elif $(SLURM_CLUSTER) up; then \
+	  trap '$(SLURM_CLUSTER) down' EXIT; \
+	elif [ "$${CI:-}" = true ]; then \
+	  echo "make test: CI needs the Slurm cluster and it did not come up (see above)" >&2; exit 1; \
+	else \
+	  echo "make test: no Slurm cluster here (see above); the Slurm tests will skip" >&2; \
+	fi; \
 	$(BIN)/python -m pytest
+
+slurm-up:
+	$(SLURM_CLUSTER) up
+
+slurm-down:
+	$(SLURM_CLUSTER) down
 
 bench: setup
 	$(BIN)/python bench/run_all.py

@@ -1,6 +1,7 @@
 """Fixtures shared by the core tests: a temporary data home, real studio servers
-as subprocesses, and a sweep that leaves no training process of a test alive
-(terminate -> wait -> kill, always). Helpers live in support.py."""
+as subprocesses, a sweep that leaves no training process of a test alive
+(terminate -> wait -> kill, always), and the Slurm cluster. Helpers live in
+support.py and slurm_cluster.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from slurm_cluster import NoCluster, SlurmCluster, connect, in_ci
 from support import ROOT, SCRIPTED, Studio, home_env, sweep
 
 
@@ -44,3 +46,19 @@ def studio_factory(home: Path) -> Iterator[Callable[..., Studio]]:
     yield make
     for s in made:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """The Slurm cluster (slurm_cluster.py); skips without one, fails without one in CI."""
+    try:
+        cluster = connect()
+    except NoCluster as e:
+        missing = str(e)
+    else:
+        yield cluster
+        cluster.cancel_submitted()
+        return
+    if in_ci():
+        pytest.fail(f"CI needs a Slurm cluster: {missing}", pytrace=False)
+    pytest.skip(f"no Slurm cluster: {missing}")
