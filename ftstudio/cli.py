@@ -186,6 +186,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{'queue':<10} #{view['queue']['position']}: {printable(view['queue']['reason'])}")
     if view.get("resources"):
         print(f"{'holds':<10} {', '.join(view['resources'])}")
+    if view.get("slurm"):
+        job = view["slurm"]
+        reason = f", reason: {job['reason']}" if job.get("reason") else ""
+        now = f" ({job['state']}{reason})" if job.get("state") else ""
+        print(f"{'slurm job':<10} {printable(job['job_id'])}{printable(now)}")
     if view.get("reattached"):
         print(f"{'note':<10} the studio restarted and reattached to this training")
     if view.get("stalled"):

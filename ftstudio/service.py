@@ -292,7 +292,8 @@ class Service(Launcher, Control, Catalog):
         if row.get("job_id"):
             row["slurm"] = self._slurm_job(task)
             if status.has_process and row["slurm"] and row["slurm"]["state"] == "PENDING":
-                row["phase"] = f"pending in Slurm (reason: {row['slurm']['reason'] or 'none given'})"
+                why = row["slurm"]["reason"]
+                row["phase"] = f"pending in Slurm (reason: {why})" if why else "pending in Slurm"
         if status.has_process and row.get("pause_requested_at"):
             row["phase"] = "pausing"  # the trainer's own status events must not hide that a pause is under way
         for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at", "frozen_at"):

@@ -252,7 +252,7 @@ class SlurmExecutor:
             for line in out.splitlines():
                 parts = line.strip().split("|")
                 if len(parts) >= 4 and parts[3].startswith(JOB_PREFIX):
-                    jobs[parts[0]] = JobState(parts[0], parts[1], parts[2])
+                    jobs[parts[0]] = JobState(parts[0], parts[1], "" if parts[2] == "None" else parts[2])
             self._listing = _Listing(self.clock(), jobs, True)
             return jobs
 
