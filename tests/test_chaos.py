@@ -545,7 +545,7 @@ def test_a_shutdown_then_a_reboot_ends_completed_and_a_cancel_still_cancels(chao
     """SIGTERM to every process (a shutdown), then a reboot: the task is resumed, never cancelled;
     a task the person cancelled before it stays cancelled."""
     chaos.start("--slots", "2")
-    tid = chaos.submit()
+    tid = chaos.submit(steps=3 * STEPS)  # room to spare: once the other is cancelled it trains fast, alone
     cancelled = chaos.submit(name="cancelled by a person")
     chaos.wait_step(cancelled, 1)
     assert chaos.studio is not None
