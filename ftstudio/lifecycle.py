@@ -278,6 +278,9 @@ def decide(facts: Facts) -> Move | None:
     | cannot tell, heartbeat not lost              | none: never dead on doubt                       |
     | cannot tell, heartbeat lost                  | as dead, saying the heartbeat stopped           |
     | dead, reused or rebooted, no exit record     | cancelled if asked to, else interrupted, why    |
+    | cluster: stopped from outside, job not final | none: wait for the scheduler's final word       |
+    | cluster: the job was cancelled in it         | cancelled, naming the scheduler and the job     |
+    | cluster: job ended otherwise, no exit record | interrupted, with the scheduler's reason        |
 
     An interrupted task is then `recover`ed: back in the queue from its newest checkpoint while its
     policy allows, failed when it does not.

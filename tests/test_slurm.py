@@ -211,3 +211,13 @@ def test_commands_over_ssh_quote_each_argument_for_the_remote_shell() -> None:
     argv = Commands("me@login1").argv(["sbatch", "--wrap=echo 'hi'; rm x", "/path with space/slurm.sh"])
     assert argv[:2] == ["ssh", "-o"] and "BatchMode=yes" in argv and argv[-3:-1] == ["me@login1", "--"]
     assert shlex.split(argv[-1]) == ["sbatch", "--wrap=echo 'hi'; rm x", "/path with space/slurm.sh"]
+
+
+def test_the_slurm_executor_keeps_to_the_protocol() -> None:
+    import inspect
+
+    from ftstudio.executor import Executor
+
+    for name, member in vars(Executor).items():
+        if callable(member) and not name.startswith("_"):
+            assert inspect.signature(getattr(SlurmExecutor, name)) == inspect.signature(member), name

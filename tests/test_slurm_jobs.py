@@ -174,7 +174,7 @@ def test_a_real_fine_tune_of_builtin_tiny_completes_as_a_slurm_job_with_its_adap
 
 
 def test_pause_checkpoints_and_ends_the_job_and_resume_submits_the_next_attempt(real: Studio) -> None:
-    tid = submit_tiny(real, 40, 10)
+    tid = submit_tiny(real, 60, 10)
     wait_for(
         lambda: real.task(tid)["step"] >= 12 and real.task(tid)["status"] == "training", timeout=240, what="step 12"
     )
@@ -190,14 +190,14 @@ def test_pause_checkpoints_and_ends_the_job_and_resume_submits_the_next_attempt(
     assert done["status"] == "completed", done["error"]
     assert done["attempt"] == 2 and done["slurm"]["job_id"] != first_job
     assert done["attempts"][1]["resumed_from_step"] == paused["step"]
-    assert progress_steps(real, tid) == list(range(1, 25))  # each step once, across two jobs
+    assert progress_steps(real, tid) == list(range(1, 61))  # each step once, across two jobs
 
 
 def test_slurms_warning_before_a_time_limit_checkpoints_and_the_task_resumes_by_itself(real: Studio) -> None:
     """sbatch --signal=B:USR1@120 sends SIGUSR1 to the batch step before the time limit (or a preemption):
     without the studio's pause request it is not a pause; the job checkpoints, ends, and the studio
     resumes the task as its next attempt, a new job, with no step twice."""
-    tid = submit_tiny(real, 40, 10)
+    tid = submit_tiny(real, 60, 10)
     wait_for(
         lambda: real.task(tid)["step"] >= 12 and real.task(tid)["status"] == "training", timeout=240, what="step 12"
     )
@@ -209,7 +209,7 @@ def test_slurms_warning_before_a_time_limit_checkpoints_and_the_task_resumes_by_
     assert "stopped by SIGUSR1 from outside the studio" in first["end_reason"], first
     assert second["resumed_from_step"] == first["end_step"], done["attempts"]  # checkpointed at the next step
     assert done["slurm"]["job_id"] != first_job
-    assert progress_steps(real, tid) == list(range(1, 25))
+    assert progress_steps(real, tid) == list(range(1, 61))
 
 
 def test_restarting_slurmctld_while_a_job_runs_loses_nothing(studio: Studio) -> None:
