@@ -171,9 +171,17 @@ class Studio:
     """A real studio server (`python -m ftstudio studio serve`) in a subprocess."""
 
     def __init__(
-        self, home: Path, env: dict[str, str], port: int | None = None, *, max_running: int = 0, slots: int = 0
+        self,
+        home: Path,
+        env: dict[str, str],
+        port: int | None = None,
+        *,
+        max_running: int = 0,
+        slots: int = 0,
+        flags: tuple[str, ...] = (),
     ) -> None:
         self.home = home
+        self.flags = flags  # more flags of `studio serve` (e.g. --executor slurm --partition debug)
         self.max_running = max_running  # 0: the product's default
         self.slots = slots  # 0: the product's default (1 since the queue; before it, no limit)
         self.env = env
@@ -187,7 +195,7 @@ class Studio:
         out = open(self.home / "studio-stdout.log", "ab")  # noqa: SIM115  (the child keeps its own copy)
         try:
             self.proc = subprocess.Popen(
-                [PY, "-m", "ftstudio", "studio", "serve", "--port", str(self.port), *self._limits()],
+                [PY, "-m", "ftstudio", "studio", "serve", "--port", str(self.port), *self._limits(), *self.flags],
                 env=self.env,
                 cwd=self.home,  # `-m` puts the cwd first on sys.path: it must not shadow --product
                 stdout=out,

@@ -395,7 +395,7 @@ async def _stream(
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     keys = (
         "status", "step", "phase", "error", "reattached", "stalled", "loss", "eval_loss", "pid", "total_steps",
-        "queue", "attempt", "attempts", "actions", "frozen", "resources",
+        "queue", "attempt", "attempts", "actions", "frozen", "resources", "slurm",
     )  # fmt: skip
     return any(old.get(k) != new.get(k) for k in keys)
 

@@ -186,6 +186,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{'queue':<10} #{view['queue']['position']}: {printable(view['queue']['reason'])}")
     if view.get("resources"):
         print(f"{'holds':<10} {', '.join(view['resources'])}")
+    if view.get("slurm"):
+        job = view["slurm"]
+        reason = f", reason: {job['reason']}" if job.get("reason") else ""
+        now = f" ({job['state']}{reason})" if job.get("state") else ""
+        print(f"{'slurm job':<10} {printable(job['job_id'])}{printable(now)}")
     if view.get("reattached"):
         print(f"{'note':<10} the studio restarted and reattached to this training")
     if view.get("stalled"):
@@ -292,6 +297,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_studio(args: argparse.Namespace) -> int:
     home = Home.default()
+    if args.action in ("start", "restart", "serve") and args.executor:
+        _use_executor(args)
     if args.action == "serve":
         return studio_mod.serve(home, _server_options(args))
     if args.action in ("stop", "restart"):
@@ -327,6 +334,26 @@ def cmd_studio(args: argparse.Namespace) -> int:
     else:
         print(f"studio is not running (home {st['home']}); start it with `ftstudio studio start`")
     return 0 if st["running"] or args.action != "status" else 3
+
+
+def _use_executor(args: argparse.Namespace) -> None:
+    """--executor and Slurm's flags: checked against the cluster, then remembered in the home."""
+    slurm = None
+    if args.executor == "slurm":
+        from ftstudio.slurm import SlurmSettings
+
+        slurm = SlurmSettings(
+            partition=args.partition or "",
+            account=args.account,
+            qos=args.qos,
+            time=args.time,
+            host=args.slurm_host,
+            signal=args.slurm_signal,
+        )
+        problems = slurm.problems()
+        if problems:
+            raise ValidationError("; ".join(problems))
+    print(_service().set_executor(args.executor, slurm))
 
 
 def _server_options(args: argparse.Namespace) -> studio_mod.ServerOptions:
@@ -452,6 +479,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="token: print the token that every API request needs; url: print the login URL of the running studio",
     )
     server_flags(sp)
+    sp.add_argument(
+        "--executor",
+        choices=["local", "slurm"],
+        help="where new fine-tunes run: this machine (default) or Slurm jobs; remembered in the home until changed",
+    )
+    sp.add_argument("--partition", help="Slurm partition for the jobs (with --executor slurm; `sinfo` lists them)")
+    sp.add_argument("--account", default="", help="Slurm account to charge (sbatch --account)")
+    sp.add_argument("--qos", default="", help="Slurm quality of service (sbatch --qos)")
+    sp.add_argument("--time", default="", help="each job's time limit, e.g. 24:00:00 (default: the partition's)")
+    sp.add_argument(
+        "--slurm-host", default="", help="run Slurm's commands on this login node over ssh (your ssh config and keys)"
+    )
+    sp.add_argument(
+        "--slurm-signal",
+        default="B:USR1@120",
+        help="what Slurm sends the job before its time limit or a preemption (sbatch --signal; default B:USR1@120)",
+    )
     sp.add_argument("--json", action="store_true", help="machine-readable output (status)")
 
     sp = add("submit", cmd_submit, "submit a fine-tune; prints the task id")

@@ -67,7 +67,7 @@ class Control:
             raise Conflict(f"task {task.id} {answer.refused}")
         if answer.move is not None:  # no process to stop, or a frozen one: killed outright, then cancelled
             if answer.move.stop_processes:
-                self.executor.kill_all(task.id)
+                self.supervisor.executor_for(task).kill_all(task.id)
                 procs.wait_gone(task.id, 5.0)
             with writing(self.home.root):
                 task = self.store.apply(task.id, answer.move)
@@ -92,7 +92,7 @@ class Control:
 
     def _stop(self, task: Task, grace: float) -> None:
         try:
-            killed = self.executor.stop(task.dir, launch_of(task), task.id, grace=grace)
+            killed = self.supervisor.executor_for(task).stop(task.dir, launch_of(task), task.id, grace=grace)
             if killed:
                 log.warning(
                     "task %s did not stop within %.0fs of SIGTERM; killed %d process(es)", task.id, grace, killed
@@ -121,19 +121,22 @@ class Control:
                 raise Conflict(f"task {task.id} is still starting its training process; pause it again in a moment")
             with writing(self.home.root):
                 self.store.update(task.id, expect=task.status_enum, pause_requested_at=time.time(), phase="pausing")
-            if not self.executor.signal(task.dir, launch, signal.SIGUSR1):
+                write_json_atomic(task.dir.pause_request, {"requested_at": time.time()})
+            if not self.supervisor.executor_for(task).signal(task.dir, launch, signal.SIGUSR1):
                 self.store.update(task.id, pause_requested_at=None, phase=task.phase)
                 raise Conflict(f"task {task.id} is ending by itself; there is nothing to pause")
             log.info("task %s pausing on request: the trainer checkpoints at its next step", task.id)
             return self.store.get(task.id)
         if answer.freeze and answer.move is not None:
             spare = launch.pid if launch else None
-            self.executor.signal_all(task.id, signal.SIGSTOP, spare=spare)
+            self.supervisor.executor_for(task).signal_all(task.id, signal.SIGSTOP, spare=spare)
             try:
                 with writing(self.home.root):
                     task = self.store.apply(task.id, answer.move, frozen_at=time.time())
             except (LostRace, StorageError):
-                self.executor.signal_all(task.id, signal.SIGCONT, spare=spare)  # it ended meanwhile: leave it be
+                self.supervisor.executor_for(task).signal_all(
+                    task.id, signal.SIGCONT, spare=spare
+                )  # it ended meanwhile: leave it be
                 raise
             log.info("task %s frozen on request (its memory and %s stay held)", task.id, self._held(task.id))
             return task
@@ -151,8 +154,11 @@ class Control:
         move = answer.move
         if answer.thaw:
             launch = launch_of(task)
-            if launch is not None and self.executor.poll(task.dir, launch) == lifecycle.Liveness.ALIVE:
-                self.executor.signal_all(task.id, signal.SIGCONT, spare=launch.pid)
+            if (
+                launch is not None
+                and self.supervisor.executor_for(task).poll(task.dir, launch) == lifecycle.Liveness.ALIVE
+            ):
+                self.supervisor.executor_for(task).signal_all(task.id, signal.SIGCONT, spare=launch.pid)
             else:
                 assert answer.requeue is not None
                 move = answer.requeue  # gone while frozen (a reboot): continue from its checkpoint instead
@@ -226,6 +232,7 @@ class Control:
         return lifecycle.Ask(
             frozen=bool(task.frozen_at),
             processes=int(resources.get("processes") or 1),
+            cluster=self.supervisor.executor_for(task).cluster,
             attempt=task.attempt,
             checkpoint_step=step,
             ran=task.pid is not None or bool(self.store.attempts(task.id)),

@@ -28,6 +28,7 @@ import psutil
 
 from ftstudio.errors import LaunchError
 from ftstudio.home import TaskDir, read_json
+from ftstudio.lifecycle import SchedulerWord
 from ftstudio.procs import TASK_ENV, Identity, Liveness, boot_id, check, kill_tagged, tagged, wait_gone
 
 
@@ -39,11 +40,15 @@ class Launch:
     start_time: float
     boot_id: str
     pgid: int
+    job_id: str | None = None
+    """A cluster scheduler's job id (Slurm); its pid fields are 0, and its state stands in for identity."""
 
 
 class Executor(Protocol):
     name: str
     """Recorded with each task it launches (the store's `executor` column)."""
+    cluster: str
+    """The cluster scheduler it submits to ("slurm"); empty for this machine, where pids mean something."""
     on_exit: Callable[[], None] | None
     """Called (from any thread) when a runner this executor started has ended, if it can tell."""
 
@@ -72,11 +77,16 @@ class Executor(Protocol):
         """SIGTERM, up to `grace` seconds for the task to end, then `kill_all`; how many were killed. Blocks."""
         ...
 
+    def word(self, task: TaskDir, launch: Launch) -> SchedulerWord | None:
+        """A cluster scheduler's word on how the job ended (asked only when `cluster` is set); None here."""
+        ...
+
 
 class LocalExecutor:
     """Runs `python -m ftstudio.runner DIR` as a detached process on this machine."""
 
     name = "local"
+    cluster = ""
 
     def __init__(self, trainer_module: str | None = None) -> None:
         # FTSTUDIO_TRAINER_MODULE is set by whoever starts the studio (the tests, to substitute
@@ -161,6 +171,9 @@ class LocalExecutor:
                 proc.send_signal(sig)
                 count += 1
         return count
+
+    def word(self, task: TaskDir, launch: Launch) -> SchedulerWord | None:
+        return None  # no scheduler: process identity and the exit record say it all
 
     def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int:
         """Cancel's escalation: SIGTERM to the runner (it forwards it), up to `grace` seconds for the task to

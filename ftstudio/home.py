@@ -124,6 +124,12 @@ class TaskDir:
         return self.path / "cancel.request"
 
     @property
+    def pause_request(self) -> Path:
+        """Written by the studio before it sends a pause's SIGUSR1. On a cluster a SIGUSR1 without it is
+        the scheduler's warning before a time limit or a preemption: checkpoint, stop, be resumed."""
+        return self.path / "pause.request"
+
+    @property
     def attempt(self) -> Path:
         """The attempt the studio launched last (its number as text), written before the runner starts:
         a runner of another attempt refuses to start, and stops writing records when it changes."""

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ftstudio.executor import Executor
     from ftstudio.home import Home
     from ftstudio.policy import Policy
+    from ftstudio.slurm import SlurmSettings
     from ftstudio.store import Store
     from ftstudio.supervisor import Supervisor
 
@@ -56,14 +57,41 @@ class Launcher:
         with writing(self.home.root):
             self.store.set_setting("slots", str(slots))
 
+    def set_executor(self, kind: str, slurm: SlurmSettings | None = None, *, check: bool = True) -> str:
+        """`studio start --executor`: where new tasks run, remembered in the home (tasks already launched stay
+        with the executor that launched them). Slurm's settings are tried first: its commands answer, the
+        partition exists, and a job on a compute node sees the home. Returns a line for the person."""
+        import json
+
+        if kind == "local":
+            with writing(self.home.root):
+                self.store.set_setting("executor", "local")
+            return "new fine-tunes run on this machine"
+        if kind != "slurm" or slurm is None:
+            raise ValidationError(f"--executor: {kind!r} is not one of local, slurm")
+        from ftstudio.slurm import SlurmExecutor, check_cluster
+
+        executor = SlurmExecutor(slurm)
+        said = check_cluster(executor, self.home.root) if check else f"Slurm partition {slurm.partition}, not checked"
+        with writing(self.home.root):
+            self.store.set_setting("slurm", json.dumps(slurm.to_json()))
+            self.store.set_setting("executor", "slurm")
+        return said
+
     def plan(self) -> Plan:
         """Who would start now, and why each other queued task waits."""
         waiting = [
             Waiting(t.id, self._want(t), t.priority or 0, t.created_at) for t in self.store.with_status(S.QUEUED)
         ]
+        if self.executor.cluster:
+            # The cluster's scheduler queues and places jobs: every queued task is submitted (up to the
+            # studio's pending limit, checked at submit), and waits in its queue, not ours.
+            return scheduler.plan(waiting, self.store.leases(), slots=MAX_SLOTS, gpus=())
         return scheduler.plan(waiting, self.store.leases(), slots=self.slots(), gpus=self.gpus)
 
     def _want(self, task: Task) -> Want:
+        if self.executor.cluster:
+            return Want()  # a slot lease only: GPUs are the cluster's to give (sbatch --gpus-per-node)
         try:
             return want_of(task.config_dict.get("resources") or {}, len(self.gpus))
         except (ValueError, TypeError):  # a record from elsewhere: treat it as a plain CPU task
@@ -99,12 +127,12 @@ class Launcher:
         tdir = task.dir
         # A new attempt starts without the last one's records, and with its number on disk first: a runner of
         # any other attempt (a stale one waking up) sees it is not the current one (fencing).
-        for stale in (tdir.exit, tdir.launch, tdir.heartbeat, tdir.cancel_request):
+        for stale in (tdir.exit, tdir.launch, tdir.heartbeat, tdir.cancel_request, tdir.pause_request):
             stale.unlink(missing_ok=True)
         write_json_atomic(tdir.attempt, task.attempt)
         # Where the studio manages GPUs the task sees exactly its own (none for a CPU task); where it found
         # none (no nvidia-smi), the environment is left alone rather than hiding GPUs it cannot count.
-        env = cuda_env(grant.gpu_ids) if self.gpus else {}
+        env = cuda_env(grant.gpu_ids) if self.gpus and not self.executor.cluster else {}
         try:
             launch = self.executor.submit(tdir, attempt=task.attempt, env=env)
         except LaunchError as e:
@@ -116,10 +144,12 @@ class Launcher:
             pid_start_time=launch.start_time,
             boot_id=launch.boot_id,
             pgid=launch.pgid,
+            job_id=launch.job_id,
             executor=self.executor.name,
         )
         held = ", ".join(grant.resources) or "no lease"
-        log.info("task %s launched (runner pid %s, attempt %s, %s)", task.id, launch.pid, task.attempt, held)
+        where = f"Slurm job {launch.job_id}" if launch.job_id else f"runner pid {launch.pid}"
+        log.info("task %s launched (%s, attempt %s, %s)", task.id, where, task.attempt, held)
         return True
 
     def queue(self) -> dict[str, Any]:

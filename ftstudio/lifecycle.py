@@ -98,6 +98,8 @@ class Ask:
     """Its processes are stopped with SIGSTOP (a frozen pause)."""
     processes: int = 1
     """Training processes it runs (freeze is for single-process runs only)."""
+    cluster: str = ""
+    """The cluster scheduler that runs it ("slurm"), empty on this machine (freeze is for this machine only)."""
     attempt: int = 1
     checkpoint_step: int | None = None
     """The step of its newest complete checkpoint; None when it has none (or nobody looked)."""
@@ -130,6 +132,21 @@ class ExitRecord:
 
 
 @dataclass(frozen=True)
+class SchedulerWord:
+    """What a cluster scheduler (Slurm) says of a task's job, for the ends a runner cannot see: a job
+    cancelled in the scheduler (`scancel` by someone) gets the same SIGTERM as a preemption, so only
+    the scheduler's final state tells a cancel, to be kept, from an interruption, to be resumed."""
+
+    final: bool
+    """The job has ended for the scheduler (its state will not change); False while it still runs or
+    is being cleaned up, or when the scheduler cannot be asked."""
+    cancelled: bool = False
+    """Someone cancelled the job in the scheduler, outside the studio."""
+    reason: str = ""
+    """One line naming the scheduler and the job: "the Slurm job 17 was cancelled outside the studio"."""
+
+
+@dataclass(frozen=True)
 class Facts:
     """What the supervisor knows about a task when it looks (`Supervisor.sync`)."""
 
@@ -150,6 +167,8 @@ class Facts:
     lost_seen_s: float | None = None
     """How long ago this studio first found this same last beat older than HEARTBEAT_LOST_S (0: on
     this look); None while it has not."""
+    scheduler: SchedulerWord | None = None
+    """The cluster scheduler's word on the job; None for a task on this machine."""
     # The facts below are for the later steps of issue 11 (pause on request; resume an interrupted
     # task from its newest complete checkpoint as attempt N+1 while restarts are left). No move
     # depends on them yet: today's outcomes are kept until those land.
@@ -259,6 +278,9 @@ def decide(facts: Facts) -> Move | None:
     | cannot tell, heartbeat not lost              | none: never dead on doubt                       |
     | cannot tell, heartbeat lost                  | as dead, saying the heartbeat stopped           |
     | dead, reused or rebooted, no exit record     | cancelled if asked to, else interrupted, why    |
+    | cluster: stopped from outside, job not final | none: wait for the scheduler's final word       |
+    | cluster: the job was cancelled in it         | cancelled, naming the scheduler and the job     |
+    | cluster: job ended otherwise, no exit record | interrupted, with the scheduler's reason        |
 
     An interrupted task is then `recover`ed: back in the queue from its newest checkpoint while its
     policy allows, failed when it does not.
@@ -270,7 +292,13 @@ def decide(facts: Facts) -> Move | None:
     if not status.has_process:
         return None
     record = facts.exit
+    word = facts.scheduler
     if record is not None and record.attempt in (None, facts.attempt):
+        if word is not None and record.outcome in STOPPED_FROM_OUTSIDE and not facts.cancel_requested:
+            if not word.final:
+                return None  # a cancel in the scheduler and a preemption look alike until its final word
+            if word.cancelled:
+                return _cancelled_outside(facts, word)
         return _finished(facts, record)
     liveness = facts.liveness
     if liveness is None:
@@ -283,7 +311,11 @@ def decide(facts: Facts) -> Move | None:
     # must not keep writing into a task that has ended.
     if facts.cancel_requested:
         return Move(status, S.CANCELLED, "cancelled on request", stop_processes=True)
+    if word is not None and word.cancelled:
+        return _cancelled_outside(facts, word)
     at = progress_text(facts.step, facts.total_steps)
+    if word is not None and word.reason:
+        return _interrupted(status, f"{word.reason} at {at}", stop_processes=True)
     if liveness == Liveness.REBOOTED:
         reason = f"{UNEXPECTED}: the machine restarted at {at}"
     elif liveness == Liveness.REUSED:
@@ -320,6 +352,16 @@ def _finished(facts: Facts, record: ExitRecord) -> Move:
     if record.outcome in (Outcome.INTERRUPTED, Outcome.CANCELLED):
         return _interrupted(facts.status, record.reason or "stopped by a signal the studio did not send")
     return _failed(facts.status, record.reason or "training failed; see training.log")
+
+
+STOPPED_FROM_OUTSIDE = (Outcome.INTERRUPTED, Outcome.CANCELLED)
+"""Exit records of a runner stopped by a signal the studio did not send."""
+
+
+def _cancelled_outside(facts: Facts, word: SchedulerWord) -> Move:
+    at = progress_text(facts.step, facts.total_steps)
+    reason = f"{word.reason} at {at}; `ftstudio retry` continues from its newest checkpoint"
+    return Move(facts.status, S.CANCELLED, reason, {"error": reason}, stop_processes=True)
 
 
 def _interrupted(src: TaskStatus, reason: str, *, stop_processes: bool = False) -> Move:
@@ -404,6 +446,10 @@ def answer(status: TaskStatus, action: Action, ask: Ask | None = None) -> Answer
     if action == Action.FREEZE:
         if status != S.TRAINING:
             return Answer(refused=f"is {status}; only a training task can be frozen (a queued one can be paused)")
+        if ask.cluster:
+            return Answer(
+                refused=f"runs as a {ask.cluster.title()} job; freeze is for tasks on this machine, use pause (it checkpoints)"
+            )
         if ask.processes > 1:
             return Answer(
                 refused=f"runs {ask.processes} processes; freeze is for single-process runs, use pause (it checkpoints)"

@@ -356,6 +356,14 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
             "it refuses to start"
         )
         return EXIT_STALE
+    if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+        # Slurm requeued the job and runs it again (scontrol requeue, a node failure): the attempt this job
+        # was submitted for has ended, and the studio resumes the task as a new attempt of its own.
+        log(
+            f"Slurm started job {os.environ.get('SLURM_JOB_ID', '?')} again (requeued); attempt {attempt} has "
+            "ended, and the studio resumes the task as its next attempt; this run refuses to start"
+        )
+        return EXIT_STALE
     lock_fd = os.open(task.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -415,7 +423,12 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         pause.requested = True  # the pause's way out: a checkpoint of the next step, every rank at the same one
         pause.forward()
 
-    def request_pause(_signum: int, _frame: object) -> None:
+    def request_pause(signum: int, frame: object) -> None:
+        if os.environ.get("SLURM_JOB_ID") and not task.pause_request.exists():
+            # Not the studio's pause: Slurm's warning before the job's time limit or a preemption
+            # (sbatch --signal). Checkpoint and stop as for a shutdown; the studio resumes the task.
+            on_stop(signum, frame)
+            return
         if not pause.requested:
             log("received SIGUSR1; pausing at the next step boundary, after a checkpoint of that step")
         stop.paused = pause.requested = True

@@ -9,6 +9,7 @@ person can act on; the edges map those to HTTP codes and exit codes.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -20,7 +21,7 @@ from ftstudio.catalog import Catalog
 from ftstudio.config import TrainingConfig
 from ftstudio.control import CANCEL_GRACE_S as CANCEL_GRACE_S  # where callers have looked for it
 from ftstudio.control import Control
-from ftstudio.errors import NotFound, Problem, StorageError, TooBusy, ValidationError
+from ftstudio.errors import NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
 from ftstudio.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
 from ftstudio.launcher import DEFAULT_SLOTS as DEFAULT_SLOTS
@@ -71,6 +72,25 @@ def setup_logging(home: Home, *, to_stderr: bool = False) -> None:
     logger.setLevel(logging.INFO)
 
 
+def choose_executors(store: Store, given: Executor | None) -> tuple[Executor, dict[str, Executor]]:
+    """The executor new tasks go to, and every executor by name: a task is watched by the one that launched
+    it. `given` (tests): that one alone. Otherwise the home's choice (`studio start --executor`), local by
+    default; Slurm's settings are kept in the home so every CLI command and a restarted studio agree."""
+    if given is not None:
+        return given, {given.name: given}
+    local = LocalExecutor()
+    found: dict[str, Executor] = {local.name: local}
+    raw = store.setting("slurm")
+    if raw:
+        from ftstudio.slurm import SlurmExecutor, SlurmSettings
+
+        try:
+            found["slurm"] = SlurmExecutor(SlurmSettings.from_json(json.loads(raw)))
+        except (ValueError, TypeError, UserError) as e:
+            logging.getLogger("ftstudio").error("the home's Slurm settings are not usable (%s); set them again", e)
+    return found.get(store.setting("executor") or local.name, local), found
+
+
 class Service(Launcher, Control, Catalog):
     def __init__(
         self,
@@ -89,9 +109,11 @@ class Service(Launcher, Control, Catalog):
         self._stopping_lock = threading.Lock()
         setup_logging(self.home)
         self.store = Store(self.home.db)
-        self.executor: Executor = executor or LocalExecutor()
+        self.executor, executors = choose_executors(self.store, executor)
         self.in_server = in_server
-        self.supervisor = Supervisor(self.store, self.home, self.executor, launch_queued=self.launch_queued)
+        self.supervisor = Supervisor(
+            self.store, self.home, self.executor, launch_queued=self.launch_queued, executors=executors
+        )
 
     # -- submit and launch ---------------------------------------------------
 
@@ -157,7 +179,10 @@ class Service(Launcher, Control, Catalog):
         return self.store.get(task.id)
 
     def _check_gpus(self, cfg: TrainingConfig) -> None:
-        """A request this machine can never meet is refused now, not left waiting forever."""
+        """A request this machine can never meet is refused now, not left waiting forever. (On a cluster,
+        the scheduler knows what it has: sbatch refuses what it can never give.)"""
+        if self.executor.cluster:
+            return
         want = want_of(cfg.to_dict()["resources"], len(self.gpus))
         have = (
             f"GPUs {', '.join(map(str, self.gpus))}"
@@ -264,11 +289,31 @@ class Service(Launcher, Control, Catalog):
             attempts=attempts,
             queue=self._queue_place(task, waits),
         )
+        if row.get("job_id"):
+            row["slurm"] = self._slurm_job(task)
+            if status.has_process and row["slurm"] and row["slurm"]["state"] == "PENDING":
+                why = row["slurm"]["reason"]
+                row["phase"] = f"pending in Slurm (reason: {why})" if why else "pending in Slurm"
         if status.has_process and row.get("pause_requested_at"):
             row["phase"] = "pausing"  # the trainer's own status events must not hide that a pause is under way
         for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at", "frozen_at"):
             row.pop(internal, None)
         return row
+
+    def _slurm_job(self, task: Task) -> dict[str, Any] | None:
+        """The task's Slurm job as Slurm sees it now (one cached `squeue` for all tasks); state None when
+        Slurm cannot be asked."""
+        from ftstudio.slurm import SlurmExecutor
+
+        executor = self.supervisor.executor_for(task)
+        if not isinstance(executor, SlurmExecutor):
+            return {"job_id": task.job_id, "state": None, "reason": None}
+        state = executor.state(task.job_id) if task.status_enum.has_process else None
+        return {
+            "job_id": task.job_id,
+            "state": state.state if state else None,
+            "reason": state.reason if state else None,
+        }
 
     @staticmethod
     def _memory_limit(task: Task) -> dict[str, Any] | None:

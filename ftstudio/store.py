@@ -124,6 +124,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE tasks ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE attempts ADD COLUMN end_step INTEGER;
     """,
+    # 4: a cluster scheduler's job id for tasks it runs (Slurm)
+    """
+    ALTER TABLE tasks ADD COLUMN job_id TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,8 @@ class Verdict:
 
 
 def launch_of(task: Task) -> Launch | None:
+    if task.row.get("job_id"):
+        return Launch(0, 0.0, "", 0, job_id=task.job_id)
     if task.pid is None or task.pid_start_time is None:
         return None
     return Launch(task.pid, task.pid_start_time, task.boot_id or "", task.pgid or task.pid)
@@ -90,10 +92,14 @@ class Supervisor:
         streamed: Callable[[], set[str]] | None = None,
         launch_queued: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.time,
+        executors: Mapping[str, Executor] | None = None,
     ) -> None:
         self.store = store
         self.home = home
         self.executor = executor
+        # A task is watched by the executor that launched it (its `executor` column), whichever one new
+        # tasks go to now: a studio restarted with --executor slurm still watches its local tasks.
+        self.executors = dict(executors or {executor.name: executor})
         self.notify = notify or (lambda ids: None)
         # Tasks someone is streaming right now: their events are tailed every tick, the rest every INGEST_S.
         self.streamed = streamed or set
@@ -105,6 +111,9 @@ class Supervisor:
         self._lost: dict[str, tuple[float, float]] = {}
         self._wake = threading.Event()
         self._files: dict[str, tuple[str, str]] = {}  # task dir -> (events.jsonl, exit.json), built once
+
+    def executor_for(self, task: Task) -> Executor:
+        return self.executors.get(task.row.get("executor") or "", self.executor)
 
     def poke(self) -> None:
         """Look now, not at the next tick (a runner ended, or the studio is stopping). Any thread."""
@@ -189,7 +198,7 @@ class Supervisor:
             break
         # After the move (an exit record the runner writes as it dies must not decide the outcome), and
         # whoever moved it: a process whose records cannot be stored must not go on.
-        self.executor.kill_all(task.id)
+        self.executor_for(task).kill_all(task.id)
         task.row.update(self.store.get(task.id).row)
 
     def sync(self, task: Task, *, startup: bool = False) -> Verdict | None:
@@ -205,13 +214,15 @@ class Supervisor:
         # Liveness before the exit record, and both before the last events are read: a runner that
         # writes its events, then exit.json, then exits between these looks is neither called dead
         # nor ended without its last steps.
-        liveness = self.executor.poll(tdir, launch) if (launch or tdir.launch.exists()) else None
+        executor = self.executor_for(task)
+        liveness = executor.poll(tdir, launch) if (launch or tdir.launch.exists()) else None
         record = read_json(tdir.exit)
         self.ingest([task])
         task = self.store.get(task.id)
         if not task.status_enum.has_process:  # its events failed it (or someone else moved it)
             return Verdict(task.id, task.status_enum, task.error or "") if task.status != status else None
-        move = lifecycle.decide(self.facts(task, liveness, record))
+        word = executor.word(tdir, launch) if launch is not None and executor.cluster else None
+        move = lifecycle.decide(self.facts(task, liveness, record, word))
         if move is not None:
             return self._apply(task, move)
         if liveness == Liveness.ALIVE:
@@ -229,7 +240,13 @@ class Supervisor:
             self._doubts.add(task.id)
         return None
 
-    def facts(self, task: Task, liveness: Liveness | None, record: dict[str, object] | None) -> Facts:
+    def facts(
+        self,
+        task: Task,
+        liveness: Liveness | None,
+        record: dict[str, object] | None,
+        word: lifecycle.SchedulerWord | None = None,
+    ) -> Facts:
         """What `lifecycle.decide` needs, from the store's row and what was just read from disk."""
         now = self.clock()
         beat = last_beat(task.dir)
@@ -245,6 +262,7 @@ class Supervisor:
             attempt=task.attempt,
             heartbeat_age_s=age,
             lost_seen_s=self._lost_seen(task.id, beat, age, now),
+            scheduler=word,
         )
 
     def _lost_seen(self, task_id: str, beat: float | None, age: float | None, now: float) -> float | None:
@@ -265,7 +283,7 @@ class Supervisor:
             return None  # someone else moved it first; theirs stands
         finally:
             if move.stop_processes:
-                self.executor.kill_all(task.id)  # orphans of a dead runner must not keep writing
+                self.executor_for(task).kill_all(task.id)  # orphans of a dead runner must not keep writing
         log.info("task %s %s: %s", task.id, move.dst, move.reason)
         self._doubts.discard(task.id)
         self._lost.pop(task.id, None)
@@ -281,7 +299,7 @@ class Supervisor:
     def _alive(self, task: Task) -> bool:
         """The watch loop's cheap look: only a task that is not plainly alive gets a full `sync`."""
         launch = launch_of(task)
-        return launch is not None and self.executor.poll(task.dir, launch) == Liveness.ALIVE
+        return launch is not None and self.executor_for(task).poll(task.dir, launch) == Liveness.ALIVE
 
     def watched(self) -> list[Task]:
         return self.store.with_status(TaskStatus.PREPARING, TaskStatus.TRAINING)

@@ -23,7 +23,7 @@ from typing import Any
 from ftstudio.errors import LaunchError
 from ftstudio.executor import Launch
 from ftstudio.home import TaskDir, read_json, write_json_atomic
-from ftstudio.lifecycle import Liveness, Outcome
+from ftstudio.lifecycle import Liveness, Outcome, SchedulerWord
 
 BOOT = "fake-boot-1"
 
@@ -146,6 +146,7 @@ class FakeExecutor:
     """The `Executor` protocol in memory; `runner(task_id)` is the task's latest fake runner."""
 
     name = "fake"
+    cluster = ""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
@@ -186,6 +187,9 @@ class FakeExecutor:
         )
         runner.beat()
         return Launch(pid, now, self.boot_id, pid)
+
+    def word(self, task: TaskDir, launch: Launch) -> SchedulerWord | None:
+        return None
 
     def poll(self, task: TaskDir, launch: Launch | None) -> Liveness:
         if launch is None:

@@ -596,3 +596,60 @@ def test_recover(name: str, r: Recovery, dst: S | None, reason: str) -> None:
 def test_a_retry_by_hand_counts_restarts_from_none() -> None:
     move = answer(S.FAILED, Action.RETRY, Ask(attempt=4)).move
     assert move is not None and move.fields["restarts"] == 0
+
+
+# -- a cluster scheduler's word (Slurm) -------------------------------------------------------------
+
+_CANCELLED = lifecycle.SchedulerWord(
+    True, cancelled=True, reason="the Slurm job 17 was cancelled outside the studio (scancel)"
+)
+_TIMEOUT = lifecycle.SchedulerWord(True, reason="the Slurm job 17 reached its time limit (01:00:00)")
+_RUNNING = lifecycle.SchedulerWord(False)
+_STOPPED = lifecycle.ExitRecord(
+    "interrupted", "stopped by SIGTERM from outside the studio at step 40/300 after saving checkpoint-40"
+)
+
+
+@pytest.mark.parametrize(
+    ("record", "liveness", "word", "dst", "words"),
+    [
+        # A SIGTERM from outside: a cancel in Slurm and a preemption look alike until Slurm's final state.
+        (_STOPPED, lifecycle.Liveness.ALIVE, _RUNNING, None, ""),
+        (
+            _STOPPED,
+            lifecycle.Liveness.DEAD,
+            _CANCELLED,
+            "cancelled",
+            "cancelled outside the studio (scancel) at step 40/300; `ftstudio retry`",
+        ),
+        (_STOPPED, lifecycle.Liveness.DEAD, _TIMEOUT, "interrupted", "stopped by SIGTERM from outside the studio"),
+        # The job gone without a record: Slurm's state says why.
+        (None, lifecycle.Liveness.DEAD, _CANCELLED, "cancelled", "the Slurm job 17 was cancelled outside the studio"),
+        (
+            None,
+            lifecycle.Liveness.DEAD,
+            _TIMEOUT,
+            "interrupted",
+            "the Slurm job 17 reached its time limit (01:00:00) at step 40/300",
+        ),
+        (None, lifecycle.Liveness.UNKNOWN, _RUNNING, None, ""),
+        # What the runner recorded otherwise stands, whatever Slurm says.
+        (lifecycle.ExitRecord("completed", "done"), lifecycle.Liveness.ALIVE, _RUNNING, "completed", "done"),
+        (lifecycle.ExitRecord("failed", "bad data"), lifecycle.Liveness.DEAD, _CANCELLED, "failed", "bad data"),
+    ],
+)
+def test_a_schedulers_word_tells_a_cancel_in_it_from_an_interruption(record, liveness, word, dst, words):
+    facts = lifecycle.Facts(
+        S.TRAINING, liveness=liveness, exit=record, step=40, total_steps=300, attempt=1, scheduler=word
+    )
+    move = lifecycle.decide(facts)
+    if dst is None:
+        assert move is None
+        return
+    assert move is not None and move.dst == dst, move
+    assert words in move.reason, move.reason
+
+
+def test_a_persons_cancel_stays_a_cancel_whatever_the_scheduler_says():
+    facts = lifecycle.Facts(S.TRAINING, exit=_STOPPED, cancel_requested=True, scheduler=_RUNNING)
+    assert lifecycle.decide(facts).dst == "cancelled"

@@ -272,7 +272,7 @@ def test_a_version_1_home_is_migrated_with_its_tasks(tmp_path):
     conn.commit()
     conn.close()
     store = Store(tmp_path / "old.db")
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
     task = store.get("20261101-0000-aaaaaaaa")
     assert task.status == "training" and task.priority == 0 and task.frozen_at is None
     assert store.leases() == [] and store.attempts(task.id) == []

@@ -138,6 +138,7 @@ def test_after_a_reboot_the_task_is_not_adopted(service, monkeypatch):
 
 class UnsureExecutor:
     name = "local"
+    cluster = ""
 
     def poll(self, task, launch):
         return Liveness.UNKNOWN

@@ -298,7 +298,7 @@ def test_unknown_identity_lost_while_cancel_was_asked_ends_cancelled(
 def test_the_fake_executor_keeps_to_the_protocol() -> None:
     """The fake is only worth its tests while it takes and returns what the real protocol does."""
     methods = [(n, m) for n, m in vars(Executor).items() if callable(m) and not n.startswith("_")]
-    assert {n for n, _ in methods} == {"submit", "poll", "signal", "kill_all", "signal_all", "stop"}
+    assert {n for n, _ in methods} == {"submit", "poll", "signal", "kill_all", "signal_all", "stop", "word"}
     for name, member in methods:
         assert inspect.signature(getattr(FakeExecutor, name)) == inspect.signature(member), name
     fake = FakeExecutor(FakeClock())

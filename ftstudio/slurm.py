@@ -1,0 +1,451 @@
+"""The Slurm executor: a task's runner runs as a Slurm batch job, driven through Slurm's own
+commands (`sbatch --parsable`, `squeue`, `scancel`), here or over ssh on a login node.
+
+The job runs the same runner as a local task (`python -m ftstudio.runner DIR --attempt N`), so
+the task directory means what it means locally: `launch.json`, the heartbeat, `events.jsonl` and
+`exit.json` are written by the runner on the compute node, and the studio reads them through the
+shared filesystem. What Slurm adds is the job's state, which stands in for process identity: a
+job that is PENDING, RUNNING, SUSPENDED or being requeued is alive; one that ended, or that Slurm
+no longer knows, is dead, and then `exit.json` says how it ended (none: interrupted, resumed
+from its checkpoint). A `squeue` that fails or times out means "cannot tell", never "dead".
+
+Why the command line and not a library: submitit pickles callables and polls `sacct` (often off
+on small clusters), pyslurm is tied to one Slurm version; the commands are the interface that is
+stable across versions and that works over ssh unchanged.
+
+No user string becomes part of the batch script or a command line without validation: the
+script holds our own paths, quoted; every option is a checked value passed as its own argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftstudio.errors import LaunchError, UserError
+from ftstudio.executor import Launch
+from ftstudio.home import TaskDir, read_json
+from ftstudio.lifecycle import SchedulerWord
+from ftstudio.procs import TASK_ENV, Liveness
+
+log = logging.getLogger("ftstudio.slurm")
+
+JOB_PREFIX = "ftstudio-"
+"""Job names are JOB_PREFIX + task id: `squeue --name` finds a task's job without the store."""
+COMMAND_TIMEOUT_S = 30.0
+"""The longest a Slurm command may take before the answer is "cannot tell" (slurmctld busy or down)."""
+LOOK_S = 2.0
+"""How long one `squeue` listing answers for: the supervisor asks about every task each look."""
+
+# States in which the job's runner is, or will be, running (squeue's %T, long form).
+ALIVE_STATES = frozenset(
+    {
+        "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
+        "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "POWER_UP_NODE",
+    }
+)  # fmt: skip
+# The rest (COMPLETED, CANCELLED, FAILED, TIMEOUT, NODE_FAIL, PREEMPTED, BOOT_FAIL, DEADLINE,
+# OUT_OF_MEMORY, SPECIAL_EXIT, REVOKED) and a job Slurm no longer lists are ended.
+
+# Values that reach sbatch: checked here, passed each as one argument (never through a shell locally).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+TIME_RE = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}|\d+-\d{1,2}|UNLIMITED|INFINITE")
+HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}")
+SIGNAL_RE = re.compile(r"(B:)?(USR1|USR2|TERM|INT)@\d{1,5}")
+
+
+class SlurmError(UserError):
+    """A Slurm command refused (its message says why) or the executor's settings are wrong."""
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """Where and how jobs are submitted: `studio start --executor slurm --partition P ...`, kept in the home."""
+
+    partition: str
+    account: str = ""
+    qos: str = ""
+    time: str = ""
+    """Each job's time limit, as sbatch takes it (24:00:00, 2-00:00:00); empty: the partition's default."""
+    host: str = ""
+    """A login node to run the commands on over ssh (the user's own ssh config and keys); empty: here."""
+    signal: str = "B:USR1@120"
+    """What Slurm sends before a time limit or preemption, and when (sbatch --signal)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for flag, value, pattern, example in (
+            ("--partition", self.partition, NAME_RE, "gpu"),
+            ("--account", self.account, NAME_RE, "mylab"),
+            ("--qos", self.qos, NAME_RE, "normal"),
+            ("--time", self.time, TIME_RE, "24:00:00 or 2-00:00:00"),
+            ("--slurm-host", self.host, HOST_RE, "login1 or me@login.cluster.edu"),
+            ("--slurm-signal", self.signal, SIGNAL_RE, "B:USR1@120"),
+        ):
+            if flag == "--partition" and not value:
+                out.append(
+                    "--partition: required with --executor slurm (a partition name, e.g. gpu; `sinfo` lists them)"
+                )
+            elif value and not pattern.fullmatch(value):
+                out.append(f"--{flag.lstrip('-')}: {value[:40]!r} is not valid; e.g. {example}")
+        return out
+
+    def to_json(self) -> dict[str, str]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SlurmSettings:
+        known = {k: str(v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Commands:
+    """Runs Slurm's commands here, or on `host` over ssh (BatchMode: a password prompt fails, never hangs)."""
+
+    def __init__(self, host: str = "", timeout: float = COMMAND_TIMEOUT_S) -> None:
+        self.host = host
+        self.timeout = timeout
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        if not self.host:
+            return list(args)
+        # The remote side runs a shell: the command is quoted for it, each argument on its own.
+        return ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", self.host, "--", shlex.join(args)]
+
+    def run(self, *args: str) -> str:
+        """stdout of the command; SlurmError with its own message when it refused; TimeoutError or
+        OSError when it could not be asked (which callers read as "cannot tell")."""
+        try:
+            done = subprocess.run(
+                self.argv(args), capture_output=True, text=True, timeout=self.timeout, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired as e:
+            raise TimeoutError(f"{args[0]} did not answer within {self.timeout:g}s") from e
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout or "").strip().splitlines()
+            raise SlurmError(f"{args[0]} failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+        return done.stdout
+
+
+@dataclass
+class JobState:
+    job_id: str
+    state: str
+    """squeue's long state (RUNNING, PENDING, CANCELLED, ...)."""
+    reason: str = ""
+    """Why it waits or why it ended (squeue's %r): Resources, Priority, None, ..."""
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ALIVE_STATES
+
+
+@dataclass
+class _Listing:
+    at: float = 0.0
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    ok: bool = False
+
+
+def job_name(task_id: str) -> str:
+    return JOB_PREFIX + task_id
+
+
+def batch_script(task: TaskDir, attempt: int, module: str, env: Mapping[str, str]) -> str:
+    """The job's script: it only starts the runner, which becomes the batch step's process (exec), so
+    Slurm's signals (scancel, --signal before a time limit) reach the runner as they would locally."""
+    lines = [
+        "#!/bin/sh",
+        f"# Written by ftstudio for task {task.path.name}, attempt {attempt}: it starts the task's runner.",
+        f"cd {shlex.quote(str(task.path))} || exit 1",
+    ]
+    for key, value in sorted({**env, TASK_ENV: task.path.name}.items()):
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
+            raise LaunchError(f"environment variable name {key!r} is not valid")
+        lines.append(f"export {key}={shlex.quote(value)}")
+    argv = [sys.executable, "-m", "ftstudio.runner", str(task.path), "--attempt", str(attempt)]
+    if module != "ftstudio.train":
+        argv += ["--module", module]
+    lines.append(f"exec {shlex.join(argv)}")
+    return "\n".join(lines) + "\n"
+
+
+def sbatch_options(settings: SlurmSettings, config: Mapping[str, Any]) -> list[str]:
+    """sbatch's options for one task: the studio's settings and the task's resources."""
+    resources = config.get("resources", {}) if isinstance(config, Mapping) else {}
+    processes = int(resources.get("processes") or 1)
+    gpus = int(resources.get("gpus") if resources.get("gpus") is not None else -1)
+    opts = [f"--partition={settings.partition}", "--nodes=1", "--ntasks=1", f"--cpus-per-task={max(1, processes)}"]
+    if settings.account:
+        opts.append(f"--account={settings.account}")
+    if settings.qos:
+        opts.append(f"--qos={settings.qos}")
+    if settings.time:
+        opts.append(f"--time={settings.time}")
+    if gpus > 0:
+        opts.append(f"--gpus-per-node={gpus}")
+    memory = str(resources.get("memory") or "")
+    if memory:
+        from ftstudio.resources import parse_memory
+
+        # Slurm's --mem in MiB: the limit Slurm enforces on the whole allocation.
+        opts.append(f"--mem={max(1, parse_memory(memory) >> 20)}M")
+    # One attempt per job: when a job ends early the studio decides (resume from the checkpoint as the
+    # next attempt), so Slurm must not rerun this one behind its back.
+    opts += ["--no-requeue", f"--signal={settings.signal}"]
+    return opts
+
+
+class SlurmExecutor:
+    """Starts runners as Slurm batch jobs; their state comes from `squeue`, their outcome from exit.json."""
+
+    name = "slurm"
+    cluster = "slurm"
+
+    def __init__(
+        self,
+        settings: SlurmSettings,
+        commands: Commands | None = None,
+        trainer_module: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        problems = settings.problems()
+        if problems:
+            raise SlurmError("; ".join(problems))
+        self.settings = settings
+        self.commands = commands or Commands(settings.host)
+        self.trainer_module = trainer_module or os.environ.get("FTSTUDIO_TRAINER_MODULE") or "ftstudio.train"
+        self.on_exit: Callable[[], None] | None = None  # Slurm does not tell us; the supervisor looks
+        self.clock = clock
+        self._listing = _Listing()
+        self._lock = threading.Lock()
+
+    # -- what Slurm says -----------------------------------------------------
+
+    def jobs(self, *, fresh: bool = False) -> dict[str, JobState] | None:
+        """Every job of ours Slurm still lists, by id (one `squeue` per LOOK_S); None when it cannot tell."""
+        with self._lock:
+            if not fresh and self._listing.ok and self.clock() - self._listing.at < LOOK_S:
+                return self._listing.jobs
+            try:
+                out = self.commands.run(
+                    "squeue", "--noheader", "--states=all", f"--user={_user()}", "--format=%i|%T|%r|%j"
+                )
+            except (SlurmError, TimeoutError, OSError) as e:
+                log.warning("cannot ask Slurm about its jobs (%s); leaving every Slurm task as it is", e)
+                self._listing = _Listing()
+                return None
+            jobs = {}
+            for line in out.splitlines():
+                parts = line.strip().split("|")
+                if len(parts) >= 4 and parts[3].startswith(JOB_PREFIX):
+                    jobs[parts[0]] = JobState(parts[0], parts[1], "" if parts[2] == "None" else parts[2])
+            self._listing = _Listing(self.clock(), jobs, True)
+            return jobs
+
+    def state_fresh(self, job_id: str) -> JobState | None:
+        """As `state`, from a new listing."""
+        jobs = self.jobs(fresh=True)
+        return None if jobs is None else jobs.get(job_id) or JobState(job_id, "GONE")
+
+    def state(self, job_id: str) -> JobState | None:
+        """The job's state; JobState(state="GONE") when Slurm no longer lists it; None when it cannot tell."""
+        jobs = self.jobs()
+        if jobs is None:
+            return None
+        return jobs.get(job_id) or JobState(job_id, "GONE")
+
+    # -- the Executor protocol ----------------------------------------------
+
+    def submit(self, task: TaskDir, *, attempt: int, env: Mapping[str, str] | None = None) -> Launch:
+        spec = read_json(task.spec) or {}
+        script = task.path / "slurm.sh"
+        try:
+            script.write_text(batch_script(task, attempt, self.trainer_module, env or {}))
+            script.chmod(0o755)
+        except OSError as e:
+            raise LaunchError(f"could not write the Slurm job script {script}: {e}") from e
+        args = [
+            "sbatch",
+            "--parsable",
+            f"--job-name={job_name(task.path.name)}",
+            f"--chdir={task.path}",
+            f"--output={task.log}",
+            "--open-mode=append",
+            *sbatch_options(self.settings, spec.get("config", {})),
+            str(script),
+        ]
+        try:
+            out = self.commands.run(*args)
+        except SlurmError as e:
+            raise LaunchError(f"Slurm refused the job: {e}") from e
+        except (TimeoutError, OSError) as e:
+            raise LaunchError(f"could not reach Slurm to submit the job: {e}") from e
+        job_id = out.strip().split(";")[0]  # "id" or "id;cluster"
+        if not job_id.isdigit():
+            raise LaunchError(f"sbatch answered {out.strip()[:80]!r}, not a job id")
+        log.info("task %s submitted to Slurm as job %s (attempt %s)", task.path.name, job_id, attempt)
+        with self._lock:
+            self._listing.ok = False  # the next look must see the new job
+        return Launch(pid=0, start_time=time.time(), boot_id="", pgid=0, job_id=job_id)
+
+    def poll(self, task: TaskDir, launch: Launch | None) -> Liveness:
+        if launch is None or not launch.job_id:
+            return Liveness.UNKNOWN
+        state = self.state(launch.job_id)
+        if state is None:
+            return Liveness.UNKNOWN
+        return Liveness.ALIVE if state.alive else Liveness.DEAD
+
+    def word(self, task: TaskDir, launch: Launch) -> SchedulerWord | None:
+        """How Slurm says the job ended: final once it no longer runs, a cancel told from the rest."""
+        if not launch.job_id:
+            return None
+        state = self.state(launch.job_id)
+        if state is None or state.alive:
+            return SchedulerWord(final=False)
+        job = f"the Slurm job {launch.job_id}"
+        if state.state == "CANCELLED":
+            return SchedulerWord(True, cancelled=True, reason=f"{job} was cancelled outside the studio (scancel)")
+        reasons = {
+            "TIMEOUT": f"{job} reached its time limit ({self.settings.time or 'the partition default'})",
+            "PREEMPTED": f"{job} was preempted by Slurm",
+            "NODE_FAIL": f"the node running {job} failed",
+            "BOOT_FAIL": f"the node for {job} failed to boot",
+            "OUT_OF_MEMORY": f"Slurm stopped {job}: it used more memory than it asked for (--memory)",
+            "DEADLINE": f"{job} reached its deadline",
+            "GONE": f"Slurm no longer knows {job}",
+        }
+        return SchedulerWord(True, reason=reasons.get(state.state, f"Slurm ended {job} ({state.state})"))
+
+    def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool:
+        """Send `sig` to the job's runner (the batch step: the runner is its process)."""
+        if launch is None or not launch.job_id or self.poll(task, launch) != Liveness.ALIVE:
+            return False
+        name = signal.Signals(sig).name.removeprefix("SIG")
+        try:
+            self.commands.run("scancel", "--batch", f"--signal={name}", launch.job_id)
+            return True
+        except (SlurmError, TimeoutError, OSError) as e:
+            log.warning("could not signal Slurm job %s of task %s: %s", launch.job_id, task.path.name, e)
+            return False
+
+    def kill_all(self, task_id: str) -> int:
+        """End the task's job, whatever it runs (scancel by name: no job id needed)."""
+        try:
+            self.commands.run("scancel", f"--name={job_name(task_id)}", f"--user={_user()}")
+        except (SlurmError, TimeoutError, OSError) as e:
+            log.warning("could not cancel the Slurm job of task %s: %s", task_id, e)
+            return 0
+        with self._lock:
+            self._listing.ok = False
+        return 1
+
+    def signal_all(self, task_id: str, sig: int, *, spare: int | None = None) -> int:
+        """Freeze and thaw stop processes where they stand; on a cluster that is the operator's `scontrol
+        suspend`, not a user's. The studio refuses freeze for Slurm tasks before it gets here."""
+        return 0
+
+    def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int:
+        """Cancel: `scancel` (SIGTERM to the runner and the trainer, then Slurm's SIGKILL after its KillWait),
+        then up to `grace` seconds for the job to end. Returns 1 when a job was cancelled."""
+        job = launch.job_id if launch is not None else None
+        try:
+            if job:
+                self.commands.run("scancel", job)
+            else:
+                self.commands.run("scancel", f"--name={job_name(task_id)}", f"--user={_user()}")
+        except (SlurmError, TimeoutError, OSError) as e:
+            log.warning("could not cancel the Slurm job of task %s: %s", task_id, e)
+            return 0
+        deadline = time.monotonic() + grace
+        while job and time.monotonic() < deadline:
+            state = self.jobs(fresh=True)
+            if state is not None and (job not in state or not state[job].alive):
+                break
+            time.sleep(0.5)
+        return 1
+
+
+def _user() -> str:
+    with contextlib.suppress(KeyError, OSError):
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    return os.environ.get("USER", str(os.getuid()))
+
+
+CHECK_S = 120.0
+"""How long `studio start --executor slurm` waits for its check job to run."""
+
+
+def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None = None) -> str:
+    """Before the studio submits to Slurm: its commands answer, the partition exists, and a tiny job on a
+    compute node sees a file the studio wrote in the home (the task directories must be shared). Returns
+    a line for the person; raises SlurmError naming the problem and the fix."""
+    settings = executor.settings
+    try:
+        out = executor.commands.run("sinfo", "--noheader", f"--partition={settings.partition}", "--format=%P|%a")
+    except (TimeoutError, OSError) as e:
+        where = f" on {settings.host}" if settings.host else ""
+        raise SlurmError(f"cannot run Slurm's commands{where} ({e}); is Slurm installed and slurmctld up?") from e
+    if not out.strip():
+        raise SlurmError(f"Slurm has no partition {settings.partition!r}; `sinfo` lists the partitions you can use")
+    probe_dir = home / "slurm-check"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(8)
+    probe, seen = probe_dir / f"{token}.probe", probe_dir / f"{token}.seen"
+    probe.write_text(token)
+    command = f"cat {shlex.quote(str(probe))} > {shlex.quote(str(seen))} && hostname >> {shlex.quote(str(seen))}"
+    opts = [o for o in sbatch_options(settings, {}) if not o.startswith("--signal")]
+    try:
+        job = (
+            executor.commands.run(
+                "sbatch", "--parsable", "--job-name=ftstudio-check", "--output=/dev/null", *opts, f"--wrap={command}"
+            )
+            .strip()
+            .split(";")[0]
+        )
+    except (TimeoutError, OSError) as e:
+        raise SlurmError(f"could not submit the check job: {e}") from e
+    deadline = time.monotonic() + (CHECK_S if wait_s is None else wait_s)
+    try:
+        while time.monotonic() < deadline:
+            if seen.exists() and seen.read_text().startswith(token):
+                node = seen.read_text().splitlines()[-1].strip()
+                return f"Slurm partition {settings.partition} is ready: job {job} on {node} sees the home {home}"
+            state = executor.state_fresh(job)
+            if state is not None and not state.alive:
+                time.sleep(2.0)  # the file may be on its way through the shared filesystem's caches
+                if seen.exists() and seen.read_text().startswith(token):
+                    continue
+                raise SlurmError(
+                    f"the home {home} is not shared with the compute nodes: check job {job} ended "
+                    f"({state.state}) without seeing a file the studio wrote there; put the home (FTSTUDIO_HOME) "
+                    "on a filesystem the studio and the nodes both see"
+                )
+            time.sleep(0.5)
+        state = executor.state_fresh(job)
+        why = f" (reason: {state.reason})" if state is not None and state.reason else ""
+        raise SlurmError(
+            f"check job {job} did not run within {CHECK_S:g}s{why}, so the shared home could not be confirmed; "
+            "start again when the partition has room"
+        )
+    finally:
+        with contextlib.suppress(SlurmError, TimeoutError, OSError):
+            executor.commands.run("scancel", job)
+        for path in (probe, seen):
+            path.unlink(missing_ok=True)

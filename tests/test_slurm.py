@@ -1,0 +1,223 @@
+"""The Slurm executor's logic around Slurm's commands, with a fake command runner: what reaches sbatch,
+what the batch script holds, how squeue's answers are read, and that doubt is never a death. The same
+executor against a real Slurm cluster: tests/test_slurm_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ftstudio.errors import LaunchError
+from ftstudio.executor import Launch
+from ftstudio.home import TaskDir
+from ftstudio.procs import Liveness
+from ftstudio.slurm import Commands, SlurmError, SlurmExecutor, SlurmSettings, batch_script, sbatch_options
+
+TASK = "20261201-0000-abcdef01"
+
+
+class FakeCommands(Commands):
+    """Records every command; answers from `answers` (a function of the argv), raising what it returns."""
+
+    def __init__(self, answer: Callable[[tuple[str, ...]], str | BaseException]) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, ...]] = []
+        self.answer = answer
+
+    def run(self, *args: str) -> str:
+        self.calls.append(args)
+        out = self.answer(args)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+
+def listing(*rows: str) -> Callable[[tuple[str, ...]], str | BaseException]:
+    def answer(args: tuple[str, ...]) -> str | BaseException:
+        if args[0] == "squeue":
+            return "".join(r + "\n" for r in rows)
+        if args[0] == "sbatch":
+            return "4242\n"
+        return ""
+
+    return answer
+
+
+def make_task(tmp_path: Path, config: dict | None = None) -> TaskDir:
+    task = TaskDir(tmp_path / TASK)
+    task.path.mkdir()
+    task.spec.write_text(json.dumps({"format": 1, "task_id": TASK, "name": "t", "config": config or {}}))
+    return task
+
+
+def executor(answer: Callable[[tuple[str, ...]], str | BaseException], **settings: str) -> SlurmExecutor:
+    clock = [0.0]
+    ex = SlurmExecutor(SlurmSettings(partition="debug", **settings), FakeCommands(answer), clock=lambda: clock[0])
+    ex.tick = lambda s: clock.__setitem__(0, clock[0] + s)  # type: ignore[attr-defined]
+    return ex
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("partition", "", "--partition: required"),
+        ("partition", "gpu;rm -rf /", "--partition: 'gpu;rm -rf /' is not valid"),
+        ("account", "$(id)", "--account:"),
+        ("time", "tomorrow", "--time: 'tomorrow' is not valid; e.g. 24:00:00"),
+        ("host", "-oProxyCommand=x", "--slurm-host:"),
+        ("signal", "KILL@10", "--slurm-signal:"),
+    ],
+)
+def test_settings_refuse_what_could_become_an_option_or_a_command(field: str, value: str, words: str) -> None:
+    fields = {"partition": "debug", field: value}
+    problems = SlurmSettings(**fields).problems()
+    assert len(problems) == 1 and problems[0].startswith(words), problems
+    with pytest.raises(SlurmError, match=words.split(":")[0]):
+        SlurmExecutor(SlurmSettings(**fields), FakeCommands(listing()))
+
+
+def test_good_settings_pass_and_round_trip() -> None:
+    s = SlurmSettings("gpu", account="lab-1", qos="normal", time="2-00:00:00", host="me@login1.cluster.edu")
+    assert s.problems() == []
+    assert SlurmSettings.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+# -- submit ------------------------------------------------------------------------------------
+
+
+def test_submit_passes_checked_options_and_a_script_that_only_starts_the_runner(tmp_path: Path) -> None:
+    task = make_task(tmp_path, {"resources": {"processes": 2, "gpus": 1, "memory": "8G"}})
+    ex = executor(listing(), account="lab", time="04:00:00")
+    launch = ex.submit(task, attempt=3, env={"HF_HOME": "/data/hf cache"})
+    assert launch == Launch(pid=0, start_time=launch.start_time, boot_id="", pgid=0, job_id="4242")
+    [call] = [c for c in ex.commands.calls if c[0] == "sbatch"]  # type: ignore[attr-defined]
+    assert call[:2] == ("sbatch", "--parsable") and call[-1] == str(task.path / "slurm.sh")
+    assert f"--job-name=ftstudio-{TASK}" in call and f"--output={task.log}" in call
+    for opt in ("--partition=debug", "--account=lab", "--time=04:00:00", "--gpus-per-node=1", "--mem=8192M"):
+        assert opt in call, call
+    assert "--cpus-per-task=2" in call and "--no-requeue" in call and "--signal=B:USR1@120" in call
+    script = (task.path / "slurm.sh").read_text()
+    assert "export HF_HOME='/data/hf cache'" in script and f"export FTSTUDIO_TASK_ID={TASK}" in script
+    last = shlex.split(script.strip().splitlines()[-1])
+    assert last[:4] == ["exec", sys.executable, "-m", "ftstudio.runner"]
+    assert last[4:] == [str(task.path), "--attempt", "3"]
+
+
+def test_the_script_runs_as_written_even_with_odd_characters_in_values(tmp_path: Path) -> None:
+    task = make_task(tmp_path)
+    text = batch_script(task, 1, "ftstudio.train", {"ODD": 'it\'s $(rm -rf ~) `x` "y"'})
+    probe = text.replace("exec ", "echo ", 1) + 'echo "$ODD"\n'
+    out = subprocess.run(["sh", "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == 'it\'s $(rm -rf ~) `x` "y"'
+    with pytest.raises(LaunchError, match="not valid"):
+        batch_script(task, 1, "ftstudio.train", {"BAD NAME": "x"})
+
+
+def test_sbatch_refusing_is_a_launch_error_with_its_words(tmp_path: Path) -> None:
+    task = make_task(tmp_path)
+    refuse = SlurmError("sbatch failed: error: invalid partition specified: nope")
+    ex = executor(lambda args: refuse if args[0] == "sbatch" else "")
+    with pytest.raises(LaunchError, match="Slurm refused the job: sbatch failed: error: invalid partition"):
+        ex.submit(task, attempt=1)
+    ex = executor(lambda args: TimeoutError("sbatch did not answer within 30s"))
+    with pytest.raises(LaunchError, match="could not reach Slurm"):
+        ex.submit(task, attempt=1)
+
+
+def test_options_follow_the_task_resources() -> None:
+    plain = sbatch_options(SlurmSettings("debug"), {})
+    assert plain == ["--partition=debug", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--no-requeue",
+                     "--signal=B:USR1@120"]  # fmt: skip
+
+
+# -- poll ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "liveness"),
+    [
+        ("PENDING", Liveness.ALIVE),
+        ("RUNNING", Liveness.ALIVE),
+        ("COMPLETING", Liveness.ALIVE),
+        ("REQUEUED", Liveness.ALIVE),
+        ("SUSPENDED", Liveness.ALIVE),
+        ("COMPLETED", Liveness.DEAD),
+        ("CANCELLED", Liveness.DEAD),
+        ("TIMEOUT", Liveness.DEAD),
+        ("NODE_FAIL", Liveness.DEAD),
+        ("PREEMPTED", Liveness.DEAD),
+        ("OUT_OF_MEMORY", Liveness.DEAD),
+    ],
+)
+def test_poll_reads_the_job_state(tmp_path: Path, state: str, liveness: Liveness) -> None:
+    ex = executor(listing(f"4242|{state}|None|ftstudio-{TASK}", "77|RUNNING|None|someone-elses-job"))
+    assert ex.poll(make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242")) == liveness
+
+
+def test_a_job_slurm_no_longer_lists_is_dead_but_a_failing_squeue_is_doubt(tmp_path: Path) -> None:
+    task = make_task(tmp_path)
+    launch = Launch(0, 0, "", 0, job_id="4242")
+    assert executor(listing()).poll(task, launch) == Liveness.DEAD
+    for trouble in (
+        SlurmError("squeue failed: slurm_load_jobs error: Unable to contact slurm controller"),
+        TimeoutError("squeue did not answer within 30s"),
+        OSError("ssh: connect to host login1 port 22: Connection refused"),
+    ):
+        assert executor(lambda args, t=trouble: t).poll(task, launch) == Liveness.UNKNOWN
+
+
+def test_one_listing_answers_every_task_for_a_look(tmp_path: Path) -> None:
+    ex = executor(listing(f"1|RUNNING|None|ftstudio-{TASK}", "2|PENDING|Resources|ftstudio-other"))
+    task = make_task(tmp_path)
+    for job in ("1", "2", "1", "2"):
+        ex.poll(task, Launch(0, 0, "", 0, job_id=job))
+    assert [c[0] for c in ex.commands.calls] == ["squeue"]  # type: ignore[attr-defined]
+    assert ex.state("2").reason == "Resources"  # type: ignore[union-attr]
+    ex.tick(5.0)  # type: ignore[attr-defined]
+    ex.poll(task, Launch(0, 0, "", 0, job_id="1"))
+    assert [c[0] for c in ex.commands.calls] == ["squeue", "squeue"]  # type: ignore[attr-defined]
+
+
+# -- signals and cancel ------------------------------------------------------------------------------
+
+
+def test_signal_goes_to_the_batch_step_of_a_live_job_only(tmp_path: Path) -> None:
+    task = make_task(tmp_path)
+    ex = executor(listing(f"4242|RUNNING|None|ftstudio-{TASK}"))
+    assert ex.signal(task, Launch(0, 0, "", 0, job_id="4242"), signal.SIGUSR1)
+    assert ("scancel", "--batch", "--signal=USR1", "4242") in ex.commands.calls  # type: ignore[attr-defined]
+    assert not ex.signal(task, Launch(0, 0, "", 0, job_id="999"), signal.SIGUSR1)  # not listed: ended
+
+
+def test_kill_all_cancels_the_task_job_by_name(tmp_path: Path) -> None:
+    ex = executor(listing())
+    assert ex.kill_all(TASK) == 1
+    [call] = ex.commands.calls  # type: ignore[attr-defined]
+    assert call[0] == "scancel" and f"--name=ftstudio-{TASK}" in call
+    assert ex.signal_all(TASK, signal.SIGSTOP) == 0  # freeze is refused for Slurm tasks before this
+
+
+def test_commands_over_ssh_quote_each_argument_for_the_remote_shell() -> None:
+    argv = Commands("me@login1").argv(["sbatch", "--wrap=echo 'hi'; rm x", "/path with space/slurm.sh"])
+    assert argv[:2] == ["ssh", "-o"] and "BatchMode=yes" in argv and argv[-3:-1] == ["me@login1", "--"]
+    assert shlex.split(argv[-1]) == ["sbatch", "--wrap=echo 'hi'; rm x", "/path with space/slurm.sh"]
+
+
+def test_the_slurm_executor_keeps_to_the_protocol() -> None:
+    import inspect
+
+    from ftstudio.executor import Executor
+
+    for name, member in vars(Executor).items():
+        if callable(member) and not name.startswith("_"):
+            assert inspect.signature(getattr(SlurmExecutor, name)) == inspect.signature(member), name

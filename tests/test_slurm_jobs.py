@@ -1,0 +1,261 @@
+"""Tasks as Slurm jobs, against a real Slurm cluster (scripts/slurm-dev-cluster up; `make test` brings it
+up in CI): the studio submits with sbatch, watches with squeue, and reads the same task directory.
+
+Skipped, with the reason, where no cluster answers; in CI (CI=true) a missing cluster fails instead
+(the `slurm` fixture)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from slurm_cluster import SlurmCluster
+from support import Studio, home_env, run_cli, wait_for
+
+from ftstudio.procs import tagged
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+CLUSTER: SlurmCluster | None = None
+
+
+@pytest.fixture(autouse=True)
+def cluster(slurm: SlurmCluster) -> None:
+    """The shared `slurm` fixture (conftest.py): skips without a cluster, fails without one in CI."""
+    global CLUSTER
+    CLUSTER = slurm
+
+
+def slurm_env() -> dict[str, str]:
+    assert CLUSTER is not None
+    return {"SLURM_CONF": str(CLUSTER.conf)}
+
+
+def slurm(*args: str) -> str:
+    assert CLUSTER is not None
+    return CLUSTER.run(*args).stdout
+
+
+def job_of(task_id: str) -> dict[str, str] | None:
+    """The task's job as squeue lists it: id, state, reason (None: not listed)."""
+    for line in slurm("squeue", "--noheader", "--states=all", f"--name=ftstudio-{task_id}", "--format=%i|%T|%r").split(
+        "\n"
+    ):
+        if line.strip():
+            job, state, reason = line.strip().split("|")
+            return {"id": job, "state": state, "reason": reason}
+    return None
+
+
+@pytest.fixture
+def studio(home: Path) -> Iterator[Studio]:
+    env = home_env(home, scripted=True, **slurm_env())
+    s = Studio(home, env)
+    yield s
+    s.stop()
+    for tid in os.listdir(home / "tasks") if (home / "tasks").is_dir() else []:
+        subprocess.run(["scancel", f"--name=ftstudio-{tid}"], env={**os.environ, **slurm_env()}, check=False)
+
+
+def submit(studio: Studio, name: str, **config: Any) -> str:
+    r = studio.http.post("/api/tasks", json={"name": name, "config": {"preset": "cpu-demo", **config}})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_a_task_runs_as_a_slurm_job_and_completes(studio: Studio) -> None:
+    studio.start("--executor", "slurm", "--partition", "debug")
+    tid = submit(studio, "scripted steps=40 delay=0.1")
+    task = wait_for(lambda: (t := studio.task(tid))["slurm"] and t, what="the task's Slurm job")
+    job = job_of(tid)
+    assert job is not None and job["id"] == task["slurm"]["job_id"], (job, task["slurm"])
+    assert task["executor"] == "slurm"
+    wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=120, what="progress from the job")
+    wait_for(lambda: studio.task(tid)["slurm"]["state"] == "RUNNING", timeout=10, what="Slurm to say RUNNING")
+    done = studio.wait_status(tid, "completed", "failed", "cancelled", "interrupted", timeout=180)
+    assert done["status"] == "completed", done["error"]
+    assert done["step"] == 40
+    assert job_of(tid)["state"] == "COMPLETED"  # type: ignore[index]
+    log = (studio.home / "tasks" / tid / "training.log").read_text()
+    assert "starting training for task" in log and "training completed" in log
+
+
+def test_the_studio_sigkilled_reattaches_to_the_same_job(studio: Studio, home: Path) -> None:
+    studio.start("--executor", "slurm", "--partition", "debug")
+    tid = submit(studio, "scripted steps=300 delay=0.05")
+    wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=120, what="progress from the job")
+    job = job_of(tid)
+    studio.kill(signal.SIGKILL)
+    time.sleep(1.0)
+    again = Studio(home, studio.env, studio.port).start()  # the home remembers the executor
+    try:
+        t = again.task(tid)
+        assert t["status"] == "training" and t["reattached"], t
+        assert t["slurm"]["job_id"] == job["id"]  # type: ignore[index]
+        step = t["step"]
+        wait_for(lambda: again.task(tid)["step"] > step + 5, timeout=60, what="the step to keep rising")
+        r = again.http.post(f"/api/tasks/{tid}/cancel")
+        assert r.status_code == 200, r.text
+        done = again.wait_status(tid, "cancelled", "failed", "completed", timeout=120)
+        assert done["status"] == "cancelled", done
+        # Cancel from the studio leaves no job and no process of the task.
+        wait_for(lambda: job_of(tid)["state"] in ("CANCELLED", "COMPLETED"), timeout=60, what="the job to end")  # type: ignore[index]
+        wait_for(lambda: not tagged(tid), timeout=30, what="no process of the task left")
+    finally:
+        again.stop()
+
+
+def test_scancel_outside_the_studio_ends_the_task_naming_slurm(studio: Studio) -> None:
+    studio.start("--executor", "slurm", "--partition", "debug")
+    tid = submit(studio, "scripted steps=300 delay=0.05")
+    wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=120, what="progress from the job")
+    job = job_of(tid)
+    slurm("scancel", job["id"])  # type: ignore[index]
+    done = studio.wait_status(tid, "cancelled", "failed", "completed", "interrupted", "queued", timeout=120)
+    assert done["status"] == "cancelled", done
+    assert f"the Slurm job {job['id']} was cancelled outside the studio (scancel)" in done["error"], done  # type: ignore[index]
+    assert done["attempt"] == 1  # not resumed: a person cancelled it, in Slurm
+
+
+def test_a_studio_on_a_home_slurm_cannot_see_is_refused_with_the_fix(home: Path) -> None:
+    r = run_cli(home, "studio", "start", "--executor", "slurm", "--partition", "no-such-partition", **slurm_env())
+    assert r.returncode != 0
+    assert "Slurm has no partition 'no-such-partition'; `sinfo` lists the partitions you can use" in r.stderr
+    r = run_cli(home, "studio", "start", "--executor", "slurm", **slurm_env())
+    assert r.returncode != 0 and "--partition: required with --executor slurm" in r.stderr
+
+
+def tiny(steps: int, every: int) -> dict[str, Any]:
+    """builtin:tiny, cheap: the cluster is what these tests are about."""
+    return {
+        "preset": "cpu-demo",
+        "data": {"validation": "0", "max_length": 64},
+        "optim": {"max_steps": steps, "batch_size": 4, "seed": 5},
+        "checkpoint": {"every_steps": every},
+        "logging": {"eval_on_start": False},
+    }
+
+
+@pytest.fixture
+def real(home: Path) -> Iterator[Studio]:
+    """A studio on Slurm whose jobs run the real trainer."""
+    s = Studio(home, home_env(home, **slurm_env()))
+    yield s.start("--executor", "slurm", "--partition", "debug")
+    s.stop()
+    for tid in os.listdir(home / "tasks") if (home / "tasks").is_dir() else []:
+        subprocess.run(["scancel", f"--name=ftstudio-{tid}"], env={**os.environ, **slurm_env()}, check=False)
+
+
+def submit_tiny(studio: Studio, steps: int, every: int) -> str:
+    r = studio.http.post("/api/tasks", json={"name": "tiny on slurm", "config": tiny(steps, every)})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def progress_steps(studio: Studio, tid: str) -> list[int]:
+    events = studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
+    return [e["step"] for e in events if e["kind"] == "progress"]
+
+
+def test_a_real_fine_tune_of_builtin_tiny_completes_as_a_slurm_job_with_its_adapter(real: Studio, home: Path) -> None:
+    tid = submit_tiny(real, 12, 6)
+    done = real.wait_status(tid, "completed", "failed", "cancelled", timeout=300)
+    assert done["status"] == "completed", done["error"]
+    assert done["step"] == 12 and done["slurm"]["job_id"]
+    adapter = home / "tasks" / tid / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    assert job_of(tid)["state"] == "COMPLETED"  # type: ignore[index]
+
+
+def test_pause_checkpoints_and_ends_the_job_and_resume_submits_the_next_attempt(real: Studio) -> None:
+    tid = submit_tiny(real, 60, 10)
+    wait_for(
+        lambda: real.task(tid)["step"] >= 12 and real.task(tid)["status"] == "training", timeout=240, what="step 12"
+    )
+    first_job = real.task(tid)["slurm"]["job_id"]
+    r = real.http.post(f"/api/tasks/{tid}/pause")
+    assert r.status_code == 200, r.text
+    paused = real.wait_status(tid, "paused", "failed", "interrupted", timeout=120)
+    assert paused["status"] == "paused", paused
+    wait_for(lambda: job_of(tid) is not None and job_of(tid)["state"] == "COMPLETED", timeout=30, what="job done")  # type: ignore[index]
+    r = real.http.post(f"/api/tasks/{tid}/resume")
+    assert r.status_code == 200, r.text
+    done = real.wait_status(tid, "completed", "failed", "cancelled", timeout=300)
+    assert done["status"] == "completed", done["error"]
+    assert done["attempt"] == 2 and done["slurm"]["job_id"] != first_job
+    assert done["attempts"][1]["resumed_from_step"] == paused["step"]
+    assert progress_steps(real, tid) == list(range(1, 61))  # each step once, across two jobs
+
+
+def test_slurms_warning_before_a_time_limit_checkpoints_and_the_task_resumes_by_itself(real: Studio) -> None:
+    """sbatch --signal=B:USR1@120 sends SIGUSR1 to the batch step before the time limit (or a preemption):
+    without the studio's pause request it is not a pause; the job checkpoints, ends, and the studio
+    resumes the task as its next attempt, a new job, with no step twice."""
+    tid = submit_tiny(real, 60, 10)
+    wait_for(
+        lambda: real.task(tid)["step"] >= 12 and real.task(tid)["status"] == "training", timeout=240, what="step 12"
+    )
+    first_job = real.task(tid)["slurm"]["job_id"]
+    slurm("scancel", "--batch", "--signal=USR1", first_job)  # what Slurm itself sends at the warning time
+    done = real.wait_status(tid, "completed", "failed", "cancelled", "paused", timeout=300)
+    assert done["status"] == "completed", done
+    first, second = done["attempts"]
+    assert "stopped by SIGUSR1 from outside the studio" in first["end_reason"], first
+    assert second["resumed_from_step"] == first["end_step"], done["attempts"]  # checkpointed at the next step
+    assert done["slurm"]["job_id"] != first_job
+    assert progress_steps(real, tid) == list(range(1, 61))
+
+
+def test_restarting_slurmctld_while_a_job_runs_loses_nothing(studio: Studio) -> None:
+    """The controller goes away (an upgrade, a crash) while the task trains: squeue cannot answer, which
+    is "cannot tell", never "dead"; the job keeps running and the studio keeps showing its progress; the
+    controller comes back and the task completes in its first attempt."""
+    assert CLUSTER is not None
+    pidfile = CLUSTER.conf.parent / "run" / "slurmctld.pid"
+    if not pidfile.is_file():
+        pytest.skip(f"no {pidfile}: only the development cluster (scripts/slurm-dev-cluster) can be restarted here")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm-dev-cluster"
+    studio.start("--executor", "slurm", "--partition", "debug")
+    tid = submit(studio, "scripted steps=400 delay=0.05")
+    wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=120, what="progress from the job")
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    try:
+        wait_for(lambda: CLUSTER.run("squeue", check=False).returncode != 0, timeout=30, what="slurmctld to go")
+        step = studio.task(tid)["step"]
+        wait_for(lambda: studio.task(tid)["step"] > step + 20, timeout=60, what="progress while Slurm is away")
+        # Training, or even completed: its exit record decides, whether Slurm answers or not.
+        assert studio.task(tid)["status"] in ("training", "completed")
+    finally:
+        up = subprocess.run([str(script), "up"], env=CLUSTER.env, capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+    done = studio.wait_status(tid, "completed", "failed", "cancelled", "interrupted", timeout=120)
+    assert done["status"] == "completed" and done["attempt"] == 1, done
+    assert done["slurm"]["state"] is None or job_of(tid)["state"] == "COMPLETED"  # type: ignore[index]
+
+
+def test_a_task_waiting_in_slurms_queue_says_why(studio: Studio, tmp_path: Path) -> None:
+    assert CLUSTER is not None
+    studio.start("--executor", "slurm", "--partition", "debug")  # its check job needs a free CPU
+    blocker = CLUSTER.sbatch(
+        f"--cpus-per-task={os.cpu_count()}", "--job-name=blocker", "--wrap=sleep 120", cwd=tmp_path
+    )
+    try:
+        wait_for(lambda: (CLUSTER.state(blocker) or ("",))[0] == "RUNNING", timeout=30, what="the blocker to run")
+        tid = submit(studio, "scripted steps=5 delay=0.05")
+        # Just submitted it has no reason yet; then Slurm says why it waits.
+        t = wait_for(
+            lambda: (t := studio.task(tid))["phase"] == "pending in Slurm (reason: Resources)" and t,
+            what="the task pending for Resources",
+        )
+        assert t["status"] == "preparing", t
+        shown = run_cli(studio.home, "show", tid, **slurm_env())
+        assert f"slurm job  {t['slurm']['job_id']} (PENDING, reason: Resources)" in shown.stdout, shown.stdout
+    finally:
+        CLUSTER.run("scancel", blocker)
+    assert studio.wait_status(tid, "completed", "failed", timeout=120)["status"] == "completed"
