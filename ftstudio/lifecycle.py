@@ -299,6 +299,8 @@ def decide(facts: Facts) -> Move | None:
                 return None  # a cancel in the scheduler and a preemption look alike until its final word
             if word.cancelled:
                 return _cancelled_outside(facts, word)
+            if word.reason:  # why the scheduler stopped it (a time limit, a preemption), then the runner's account
+                return _interrupted(facts.status, f"{word.reason}; {record.reason or 'stopped by a signal'}")
         return _finished(facts, record)
     liveness = facts.liveness
     if liveness is None:

@@ -329,6 +329,8 @@ class SlurmExecutor:
             "DEADLINE": f"{job} reached its deadline",
             "GONE": f"Slurm no longer knows {job}",
         }
+        if state.state in ("COMPLETED", "FAILED"):
+            return SchedulerWord(True)  # its runner ended it: the exit record, or its absence, says how
         return SchedulerWord(True, reason=reasons.get(state.state, f"Slurm ended {job} ({state.state})"))
 
     def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool:

@@ -622,7 +622,7 @@ _STOPPED = lifecycle.ExitRecord(
             "cancelled",
             "cancelled outside the studio (scancel) at step 40/300; `ftstudio retry`",
         ),
-        (_STOPPED, lifecycle.Liveness.DEAD, _TIMEOUT, "interrupted", "stopped by SIGTERM from outside the studio"),
+        (_STOPPED, lifecycle.Liveness.DEAD, _TIMEOUT, "interrupted", "time limit (01:00:00); stopped by SIGTERM from"),
         # The job gone without a record: Slurm's state says why.
         (None, lifecycle.Liveness.DEAD, _CANCELLED, "cancelled", "the Slurm job 17 was cancelled outside the studio"),
         (

@@ -17,6 +17,7 @@ import pytest
 from ftstudio.errors import LaunchError
 from ftstudio.executor import Launch
 from ftstudio.home import TaskDir
+from ftstudio.lifecycle import SchedulerWord
 from ftstudio.procs import Liveness
 from ftstudio.slurm import Commands, SlurmError, SlurmExecutor, SlurmSettings, batch_script, sbatch_options
 
@@ -221,3 +222,27 @@ def test_the_slurm_executor_keeps_to_the_protocol() -> None:
     for name, member in vars(Executor).items():
         if callable(member) and not name.startswith("_"):
             assert inspect.signature(getattr(SlurmExecutor, name)) == inspect.signature(member), name
+
+
+@pytest.mark.parametrize(
+    ("row", "final", "cancelled", "words"),
+    [
+        ("4242|RUNNING|None", False, False, ""),
+        ("4242|COMPLETING|None", False, False, ""),
+        ("4242|COMPLETED|None", True, False, ""),  # its runner ended it: the exit record says how
+        ("4242|CANCELLED|None", True, True, "the Slurm job 4242 was cancelled outside the studio (scancel)"),
+        ("4242|TIMEOUT|TimeLimit", True, False, "the Slurm job 4242 reached its time limit (04:00:00)"),
+        ("4242|PREEMPTED|None", True, False, "the Slurm job 4242 was preempted by Slurm"),
+        ("4242|NODE_FAIL|None", True, False, "the node running the Slurm job 4242 failed"),
+        ("", True, False, "Slurm no longer knows the Slurm job 4242"),
+    ],
+)
+def test_slurms_word_on_how_a_job_ended(tmp_path: Path, row: str, final: bool, cancelled: bool, words: str) -> None:
+    ex = executor(listing(f"{row}|ftstudio-{TASK}") if row else listing(), time="04:00:00")
+    word = ex.word(make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242"))
+    assert word is not None and (word.final, word.cancelled, word.reason) == (final, cancelled, words)
+
+
+def test_no_word_is_final_while_slurm_cannot_be_asked(tmp_path: Path) -> None:
+    ex = executor(lambda args: TimeoutError("squeue did not answer within 30s"))
+    assert ex.word(make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242")) == SchedulerWord(final=False)

@@ -259,3 +259,28 @@ def test_a_task_waiting_in_slurms_queue_says_why(studio: Studio, tmp_path: Path)
     finally:
         CLUSTER.run("scancel", blocker)
     assert studio.wait_status(tid, "completed", "failed", timeout=120)["status"] == "completed"
+
+
+def test_a_preemption_by_a_higher_priority_partition_resumes_the_task_as_a_new_job(
+    studio: Studio, tmp_path: Path
+) -> None:
+    """A real preemption: a job in the `urgent` partition (PriorityTier 2, PreemptMode=REQUEUE) needs every
+    CPU; Slurm stops the task's job (SIGTERM; a --no-requeue job ends PREEMPTED). The task is interrupted,
+    naming the preemption, and resumed as its next attempt, a new job that runs once the urgent one is done."""
+    assert CLUSTER is not None
+    studio.start("--executor", "slurm", "--partition", "debug")
+    tid = submit(studio, "scripted steps=300 delay=0.05")
+    wait_for(lambda: studio.task(tid)["step"] >= 10, timeout=120, what="progress from the job")
+    first_job = studio.task(tid)["slurm"]["job_id"]
+    urgent = CLUSTER.sbatch(
+        "--partition=urgent", f"--cpus-per-task={os.cpu_count()}", "--job-name=urgent", "--wrap=sleep 5", cwd=tmp_path
+    )
+    try:
+        done = studio.wait_status(tid, "completed", "failed", "cancelled", timeout=240)
+    finally:
+        CLUSTER.run("scancel", urgent, check=False)
+    assert done["status"] == "completed", done
+    assert done["attempt"] >= 2 and done["slurm"]["job_id"] != first_job, done["attempts"]
+    first = done["attempts"][0]
+    assert f"the Slurm job {first_job} was preempted by Slurm" in first["end_reason"], first
+    assert progress_steps(studio, tid) == list(range(1, 301))  # the redone steps replaced, not doubled
