@@ -349,6 +349,7 @@ def _use_executor(args: argparse.Namespace) -> None:
             time=args.time,
             host=args.slurm_host,
             signal=args.slurm_signal,
+            extra=tuple(args.sbatch_option),
         )
         problems = slurm.problems()
         if problems:
@@ -495,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--slurm-signal",
         default="B:USR1@120",
         help="what Slurm sends the job before its time limit or a preemption (sbatch --signal; default B:USR1@120)",
+    )
+    sp.add_argument(
+        "--sbatch-option",
+        action="append",
+        default=[],
+        metavar="--FLAG=VALUE",
+        help="another sbatch option for every job, from a known-safe list, written with = "
+        "(--sbatch-option=--constraint=a100); repeatable",
     )
     sp.add_argument("--json", action="store_true", help="machine-readable output (status)")
 

@@ -65,6 +65,16 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 TIME_RE = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}|\d+-\d{1,2}|UNLIMITED|INFINITE")
 HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}")
 SIGNAL_RE = re.compile(r"(B:)?(USR1|USR2|TERM|INT)@\d{1,5}")
+# Extra sbatch options a person may add (`studio start --sbatch-option`): where a job may run and what
+# it is told, never what it runs, where its files go, or who it runs as. Each with a plain value.
+SAFE_SBATCH = frozenset(
+    {
+        "--constraint", "--exclude", "--nodelist", "--reservation", "--gres", "--gpus", "--mem-per-cpu",
+        "--mem-per-gpu", "--cpus-per-gpu", "--comment", "--mail-type", "--mail-user", "--licenses",
+        "--clusters", "--wckey", "--nice", "--exclusive",
+    }
+)  # fmt: skip
+OPTION_VALUE_RE = re.compile(r"[A-Za-z0-9_.,:@+\-\[\]|&!*%]{1,200}")
 
 
 class SlurmError(UserError):
@@ -84,6 +94,8 @@ class SlurmSettings:
     """A login node to run the commands on over ssh (the user's own ssh config and keys); empty: here."""
     signal: str = "B:USR1@120"
     """What Slurm sends before a time limit or preemption, and when (sbatch --signal)."""
+    extra: tuple[str, ...] = ()
+    """More sbatch options, `--flag=value` (or a bare `--exclusive`), from SAFE_SBATCH only."""
 
     def problems(self) -> list[str]:
         out = []
@@ -101,15 +113,22 @@ class SlurmSettings:
                 )
             elif value and not pattern.fullmatch(value):
                 out.append(f"--{flag.lstrip('-')}: {value[:40]!r} is not valid; e.g. {example}")
+        for option in self.extra:
+            name, eq, value = option.partition("=")
+            if name not in SAFE_SBATCH:
+                allowed = ", ".join(sorted(SAFE_SBATCH))
+                out.append(f"--sbatch-option: {name[:40]!r} is not one the studio passes on; it allows {allowed}")
+            elif (eq or name != "--exclusive") and not OPTION_VALUE_RE.fullmatch(value):
+                out.append(f"--sbatch-option: {option[:60]!r} needs a plain value, e.g. {name}=a100")
         return out
 
-    def to_json(self) -> dict[str, str]:
-        return {k: v for k, v in self.__dict__.items()}
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SlurmSettings:
-        known = {k: str(v) for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        known: dict[str, Any] = {k: str(v) for k, v in data.items() if k in cls.__dataclass_fields__ and k != "extra"}
+        return cls(**known, extra=tuple(str(o) for o in data.get("extra") or ()))
 
 
 class Commands:
@@ -203,6 +222,7 @@ def sbatch_options(settings: SlurmSettings, config: Mapping[str, Any]) -> list[s
 
         # Slurm's --mem in MiB: the limit Slurm enforces on the whole allocation.
         opts.append(f"--mem={max(1, parse_memory(memory) >> 20)}M")
+    opts += list(settings.extra)
     # One attempt per job: when a job ends early the studio decides (resume from the checkpoint as the
     # next attempt), so Slurm must not rerun this one behind its back.
     opts += ["--no-requeue", f"--signal={settings.signal}"]

@@ -246,3 +246,20 @@ def test_slurms_word_on_how_a_job_ended(tmp_path: Path, row: str, final: bool, c
 def test_no_word_is_final_while_slurm_cannot_be_asked(tmp_path: Path) -> None:
     ex = executor(lambda args: TimeoutError("squeue did not answer within 30s"))
     assert ex.word(make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242")) == SchedulerWord(final=False)
+
+
+def test_extra_sbatch_options_come_from_a_safe_list_with_plain_values() -> None:
+    good = SlurmSettings("gpu", extra=("--constraint=a100|h100", "--exclude=node[01-03]", "--exclusive"))
+    assert good.problems() == []
+    assert sbatch_options(good, {})[-5:-2] == ["--constraint=a100|h100", "--exclude=node[01-03]", "--exclusive"]
+    assert SlurmSettings.from_json(json.loads(json.dumps(good.to_json()))) == good
+    for bad, words in (
+        ("--output=/etc/passwd", "'--output' is not one the studio passes on"),
+        ("--wrap=rm -rf ~", "'--wrap' is not one the studio passes on"),
+        ("--uid=0", "'--uid' is not one the studio passes on"),
+        ("--constraint=a100 --wrap=x", "needs a plain value"),
+        ("--comment=$(id)", "needs a plain value"),
+        ("--constraint", "needs a plain value"),
+    ):
+        problems = SlurmSettings("gpu", extra=(bad,)).problems()
+        assert len(problems) == 1 and words in problems[0], (bad, problems)

@@ -19,6 +19,7 @@ from slurm_cluster import SlurmCluster
 from support import Studio, home_env, run_cli, wait_for
 
 from ftstudio.procs import tagged
+from ftstudio.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -70,12 +71,13 @@ def submit(studio: Studio, name: str, **config: Any) -> str:
 
 
 def test_a_task_runs_as_a_slurm_job_and_completes(studio: Studio) -> None:
-    studio.start("--executor", "slurm", "--partition", "debug")
+    studio.start("--executor", "slurm", "--partition", "debug", "--sbatch-option=--comment=from-ftstudio")
     tid = submit(studio, "scripted steps=40 delay=0.1")
     task = wait_for(lambda: (t := studio.task(tid))["slurm"] and t, what="the task's Slurm job")
     job = job_of(tid)
     assert job is not None and job["id"] == task["slurm"]["job_id"], (job, task["slurm"])
     assert task["executor"] == "slurm"
+    assert "Comment=from-ftstudio" in slurm("scontrol", "show", "job", task["slurm"]["job_id"])  # a safe extra option
     wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=120, what="progress from the job")
     wait_for(lambda: studio.task(tid)["slurm"]["state"] == "RUNNING", timeout=10, what="Slurm to say RUNNING")
     done = studio.wait_status(tid, "completed", "failed", "cancelled", "interrupted", timeout=180)
@@ -129,6 +131,20 @@ def test_a_studio_on_a_home_slurm_cannot_see_is_refused_with_the_fix(home: Path)
     assert "Slurm has no partition 'no-such-partition'; `sinfo` lists the partitions you can use" in r.stderr
     r = run_cli(home, "studio", "start", "--executor", "slurm", **slurm_env())
     assert r.returncode != 0 and "--partition: required with --executor slurm" in r.stderr
+    r = run_cli(
+        home,
+        "studio",
+        "start",
+        "--executor",
+        "slurm",
+        "--partition",
+        "debug",
+        "--sbatch-option=--wrap=id",
+        **slurm_env(),
+    )
+    assert r.returncode != 0 and "--sbatch-option: '--wrap' is not one the studio passes on" in r.stderr
+    # Nothing was remembered from the refused starts: the home still runs tasks on this machine.
+    assert Store(home / "studio.db").setting("executor") in (None, "local")
 
 
 def tiny(steps: int, every: int) -> dict[str, Any]:
