@@ -174,7 +174,9 @@ export function mountTask(root, taskId) {
     setText(title, t.name || t.id);
     document.title = `${t.name || t.id} · ${STATUSES[t.status]?.label || t.status} · ftstudio`;
     setBadge(badge, t.status);
-    setText(meta, `${t.model} on ${t.dataset} · created ${fmtTime(t.created_at)}${t.attempt > 1 ? ` · attempt ${t.attempt}` : ""} · ${t.id}`);
+    // A task on a cluster says which job holds it, and what the scheduler says of that job now.
+    const job = t.slurm ? ` · Slurm job ${t.slurm.job_id}${t.slurm.state ? ` (${t.slurm.state.toLowerCase()})` : ""}` : "";
+    setText(meta, `${t.model} on ${t.dataset} · created ${fmtTime(t.created_at)}${t.attempt > 1 ? ` · attempt ${t.attempt}` : ""}${job} · ${t.id}`);
     bar.update(t.percent, running);
     setText(stat.percent, isNum(t.percent) ? `${t.percent.toFixed(t.percent % 1 ? 1 : 0)}%` : "–");
     setText(stat.step, fmtOf(t.step, t.total_steps));
