@@ -1,7 +1,7 @@
 """The Slurm executor: a task's runner runs as a Slurm batch job, driven through Slurm's own
 commands (`sbatch --parsable`, `squeue`, `scancel`), here or over ssh on a login node.
 
-The job runs the same runner as a local task (`python -m ftstudio.runner DIR --attempt N`), so
+The job runs the same runner as a local task (`python -m ftstudio.runner DIR`), so
 the task directory means what it means locally: `launch.json`, the heartbeat, `events.jsonl` and
 `exit.json` are written by the runner on the compute node, and the studio reads them through the
 shared filesystem. What Slurm adds is the job's state, which stands in for process identity: a
