@@ -127,9 +127,10 @@ class Launcher:
         tdir = task.dir
         # A new attempt starts without the last one's records, and with its number on disk first: a runner of
         # any other attempt (a stale one waking up) sees it is not the current one (fencing).
+        # The number first: a runner starting now (a requeued Slurm job) reads it before the old records go.
+        write_json_atomic(tdir.attempt, task.attempt)
         for stale in (tdir.exit, tdir.launch, tdir.heartbeat, tdir.cancel_request, tdir.pause_request):
             stale.unlink(missing_ok=True)
-        write_json_atomic(tdir.attempt, task.attempt)
         # Where the studio manages GPUs the task sees exactly its own (none for a CPU task); where it found
         # none (no nvidia-smi), the environment is left alone rather than hiding GPUs it cannot count.
         env = cuda_env(grant.gpu_ids) if self.gpus and not self.executor.cluster else {}

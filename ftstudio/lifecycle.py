@@ -142,6 +142,8 @@ class SchedulerWord:
     is being cleaned up, or when the scheduler cannot be asked."""
     cancelled: bool = False
     """Someone cancelled the job in the scheduler, outside the studio."""
+    requeued: bool = False
+    """The scheduler holds the job for another run (requeued: by hand, a preemption, a node failure)."""
     reason: str = ""
     """One line naming the scheduler and the job: "the Slurm job 17 was cancelled outside the studio"."""
 
@@ -295,6 +297,8 @@ def decide(facts: Facts) -> Move | None:
     word = facts.scheduler
     if record is not None and record.attempt in (None, facts.attempt):
         if word is not None and record.outcome in STOPPED_FROM_OUTSIDE and not facts.cancel_requested:
+            if word.requeued:  # the scheduler will run the job again: the next attempt runs in it
+                return _interrupted(facts.status, f"{word.reason}; {record.reason or 'stopped by a signal'}")
             if not word.final:
                 return None  # a cancel in the scheduler and a preemption look alike until its final word
             if word.cancelled:

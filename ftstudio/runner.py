@@ -356,14 +356,6 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
             "it refuses to start"
         )
         return EXIT_STALE
-    if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
-        # Slurm requeued the job and runs it again (scontrol requeue, a node failure): the attempt this job
-        # was submitted for has ended, and the studio resumes the task as a new attempt of its own.
-        log(
-            f"Slurm started job {os.environ.get('SLURM_JOB_ID', '?')} again (requeued); attempt {attempt} has "
-            "ended, and the studio resumes the task as its next attempt; this run refuses to start"
-        )
-        return EXIT_STALE
     lock_fd = os.open(task.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -583,7 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftstudio.runner", description=__doc__.splitlines()[0])
     parser.add_argument("task_dir", type=Path)
     parser.add_argument("--module", default="ftstudio.train", help="trainer module (tests substitute a scripted one)")
-    parser.add_argument("--attempt", type=int, default=1)
+    parser.add_argument(
+        "--attempt",
+        default="1",
+        help="the attempt this runner runs; from-file: the one the task dir's `attempt` names (a Slurm job, "
+        "which Slurm may requeue and start again for the task's next attempt)",
+    )
     parser.add_argument(
         "--resume",
         default=None,
@@ -596,7 +593,25 @@ def main(argv: list[str] | None = None) -> int:
     task = TaskDir(args.task_dir.resolve())
     if not task.spec.is_file():
         parser.error(f"{task.spec} does not exist")
-    return run(task, args.module, args.attempt, args.resume)
+    if args.attempt == "from-file":
+        try:
+            attempt = named_attempt(task.path) or 1
+        except (OSError, ValueError) as e:
+            log(f"cannot read {task.attempt} ({e}); this run refuses to start")
+            return EXIT_STALE
+        ended = read_json(task.exit) or {}
+        if ended.get("attempt") == attempt:
+            # A requeued Slurm job started again before the studio gave the task its next attempt.
+            log(
+                f"attempt {attempt} of task {task.path.name} has ended ({ended.get('outcome')}); this run refuses "
+                "to start, and the studio resumes the task as its next attempt"
+            )
+            return EXIT_STALE
+    elif args.attempt.isdigit() and int(args.attempt) >= 1:
+        attempt = int(args.attempt)
+    else:
+        parser.error(f"--attempt must be a number from 1, or from-file (got {args.attempt!r})")
+    return run(task, args.module, attempt, args.resume)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The Slurm executor: a task's runner runs as a Slurm batch job, driven through Slurm's own
 commands (`sbatch --parsable`, `squeue`, `scancel`), here or over ssh on a login node.
 
-The job runs the same runner as a local task (`python -m ftstudio.runner DIR --attempt N`), so
+The job runs the same runner as a local task (`python -m ftstudio.runner DIR`), so
 the task directory means what it means locally: `launch.json`, the heartbeat, `events.jsonl` and
 `exit.json` are written by the runner on the compute node, and the studio reads them through the
 shared filesystem. What Slurm adds is the job's state, which stands in for process identity: a
@@ -57,6 +57,8 @@ ALIVE_STATES = frozenset(
         "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "POWER_UP_NODE",
     }
 )  # fmt: skip
+# A job that ran and waits to run again: requeued by `scontrol requeue`, a preemption or a node failure.
+REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
 # The rest (COMPLETED, CANCELLED, FAILED, TIMEOUT, NODE_FAIL, PREEMPTED, BOOT_FAIL, DEADLINE,
 # OUT_OF_MEMORY, SPECIAL_EXIT, REVOKED) and a job Slurm no longer lists are ended.
 
@@ -166,6 +168,7 @@ class JobState:
     """squeue's long state (RUNNING, PENDING, CANCELLED, ...)."""
     reason: str = ""
     """Why it waits or why it ended (squeue's %r): Resources, Priority, None, ..."""
+    name: str = ""
 
     @property
     def alive(self) -> bool:
@@ -188,14 +191,15 @@ def batch_script(task: TaskDir, attempt: int, module: str, env: Mapping[str, str
     Slurm's signals (scancel, --signal before a time limit) reach the runner as they would locally."""
     lines = [
         "#!/bin/sh",
-        f"# Written by ftstudio for task {task.path.name}, attempt {attempt}: it starts the task's runner.",
+        f"# Written by ftstudio for task {task.path.name} (attempt {attempt} first): it starts the task's runner,",
+        "# as the attempt the task dir's `attempt` file names when it starts (a requeued job runs the next one).",
         f"cd {shlex.quote(str(task.path))} || exit 1",
     ]
     for key, value in sorted({**env, TASK_ENV: task.path.name}.items()):
         if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
             raise LaunchError(f"environment variable name {key!r} is not valid")
         lines.append(f"export {key}={shlex.quote(value)}")
-    argv = [sys.executable, "-m", "ftstudio.runner", str(task.path), "--attempt", str(attempt)]
+    argv = [sys.executable, "-m", "ftstudio.runner", str(task.path), "--attempt", "from-file"]
     if module != "ftstudio.train":
         argv += ["--module", module]
     lines.append(f"exec {shlex.join(argv)}")
@@ -223,9 +227,9 @@ def sbatch_options(settings: SlurmSettings, config: Mapping[str, Any]) -> list[s
         # Slurm's --mem in MiB: the limit Slurm enforces on the whole allocation.
         opts.append(f"--mem={max(1, parse_memory(memory) >> 20)}M")
     opts += list(settings.extra)
-    # One attempt per job: when a job ends early the studio decides (resume from the checkpoint as the
-    # next attempt), so Slurm must not rerun this one behind its back.
-    opts += ["--no-requeue", f"--signal={settings.signal}"]
+    # Slurm may requeue the job (scontrol requeue, a preemption, a node failure): the studio then runs
+    # the task's next attempt in it (SlurmExecutor.submit adopts it), and the runner reads which one.
+    opts += ["--requeue", f"--signal={settings.signal}"]
     return opts
 
 
@@ -272,9 +276,18 @@ class SlurmExecutor:
             for line in out.splitlines():
                 parts = line.strip().split("|")
                 if len(parts) >= 4 and parts[3].startswith(JOB_PREFIX):
-                    jobs[parts[0]] = JobState(parts[0], parts[1], "" if parts[2] == "None" else parts[2])
+                    jobs[parts[0]] = JobState(parts[0], parts[1], "" if parts[2] == "None" else parts[2], parts[3])
             self._listing = _Listing(self.clock(), jobs, True)
             return jobs
+
+    def requeued(self, task_id: str) -> str | None:
+        """The task's job, if Slurm holds it for another run (requeued, waiting to start again)."""
+        jobs = self.jobs(fresh=True)
+        name = job_name(task_id)
+        for job in (jobs or {}).values():
+            if job.name == name and job.state in REQUEUED_STATES:
+                return job.job_id
+        return None
 
     def state_fresh(self, job_id: str) -> JobState | None:
         """As `state`, from a new listing."""
@@ -291,6 +304,12 @@ class SlurmExecutor:
     # -- the Executor protocol ----------------------------------------------
 
     def submit(self, task: TaskDir, *, attempt: int, env: Mapping[str, str] | None = None) -> Launch:
+        waiting = self.requeued(task.path.name)
+        if waiting is not None:
+            # Slurm requeued the task's job (the attempt before this one ended in it): this attempt runs in
+            # it when Slurm starts it again, and its runner reads the attempt from the task dir.
+            log.info("task %s: attempt %s runs in its requeued Slurm job %s", task.path.name, attempt, waiting)
+            return Launch(pid=0, start_time=time.time(), boot_id="", pgid=0, job_id=waiting)
         spec = read_json(task.spec) or {}
         script = task.path / "slurm.sh"
         try:
@@ -335,7 +354,12 @@ class SlurmExecutor:
         if not launch.job_id:
             return None
         state = self.state(launch.job_id)
-        if state is None or state.alive:
+        if state is None:
+            return SchedulerWord(final=False)
+        if state.state in REQUEUED_STATES:
+            # Alive, but for a run to come: whatever ended in it (its exit record) has ended.
+            return SchedulerWord(final=False, requeued=True, reason=f"Slurm requeued the Slurm job {launch.job_id}")
+        if state.alive:
             return SchedulerWord(final=False)
         job = f"the Slurm job {launch.job_id}"
         if state.state == "CANCELLED":

@@ -605,6 +605,7 @@ _CANCELLED = lifecycle.SchedulerWord(
 )
 _TIMEOUT = lifecycle.SchedulerWord(True, reason="the Slurm job 17 reached its time limit (01:00:00)")
 _RUNNING = lifecycle.SchedulerWord(False)
+_REQUEUED = lifecycle.SchedulerWord(False, requeued=True, reason="Slurm requeued the Slurm job 17")
 _STOPPED = lifecycle.ExitRecord(
     "interrupted", "stopped by SIGTERM from outside the studio at step 40/300 after saving checkpoint-40"
 )
@@ -615,6 +616,14 @@ _STOPPED = lifecycle.ExitRecord(
     [
         # A SIGTERM from outside: a cancel in Slurm and a preemption look alike until Slurm's final state.
         (_STOPPED, lifecycle.Liveness.ALIVE, _RUNNING, None, ""),
+        # ... unless the scheduler has already requeued the job: the next attempt runs in it.
+        (
+            _STOPPED,
+            lifecycle.Liveness.ALIVE,
+            _REQUEUED,
+            "interrupted",
+            "Slurm requeued the Slurm job 17; stopped by SIGTERM",
+        ),
         (
             _STOPPED,
             lifecycle.Liveness.DEAD,

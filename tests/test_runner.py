@@ -212,3 +212,16 @@ def test_peer_lost_knows_a_vanished_peer_from_a_real_error():
     gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:63709: Connection reset by peer.")
     assert peer_lost(gloo)
     assert not peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_a_runner_reads_its_attempt_from_the_task_dir_and_refuses_one_that_has_ended(tmp_path):
+    """A Slurm job's runner takes the attempt the task dir names (a requeued job runs the next one); started
+    again before the studio named the next attempt, it refuses to run the ended one again."""
+    tdir = make_task(tmp_path, "scripted steps=3 delay=0.01")
+    tdir.attempt.write_text("2")
+    tdir.exit.write_text(json.dumps({"outcome": "interrupted", "attempt": 2}))
+    assert start_runner(tdir, "--attempt", "from-file").wait(timeout=60) == 77
+    assert "attempt 2 of task 20261122-0000-abcdef has ended (interrupted); this run refuses" in tdir.log.read_text()
+    tdir.attempt.write_text("3")  # the studio named the next attempt: it runs, as attempt 3
+    assert start_runner(tdir, "--attempt", "from-file").wait(timeout=60) == 0
+    assert read_json(tdir.exit)["outcome"] == "completed" and read_json(tdir.exit)["attempt"] == 3

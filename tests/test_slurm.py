@@ -106,12 +106,12 @@ def test_submit_passes_checked_options_and_a_script_that_only_starts_the_runner(
     assert f"--job-name=ftstudio-{TASK}" in call and f"--output={task.log}" in call
     for opt in ("--partition=debug", "--account=lab", "--time=04:00:00", "--gpus-per-node=1", "--mem=8192M"):
         assert opt in call, call
-    assert "--cpus-per-task=2" in call and "--no-requeue" in call and "--signal=B:USR1@120" in call
+    assert "--cpus-per-task=2" in call and "--requeue" in call and "--signal=B:USR1@120" in call
     script = (task.path / "slurm.sh").read_text()
     assert "export HF_HOME='/data/hf cache'" in script and f"export FTSTUDIO_TASK_ID={TASK}" in script
     last = shlex.split(script.strip().splitlines()[-1])
     assert last[:4] == ["exec", sys.executable, "-m", "ftstudio.runner"]
-    assert last[4:] == [str(task.path), "--attempt", "3"]
+    assert last[4:] == [str(task.path), "--attempt", "from-file"]  # a requeued job runs the next attempt
 
 
 def test_the_script_runs_as_written_even_with_odd_characters_in_values(tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_sbatch_refusing_is_a_launch_error_with_its_words(tmp_path: Path) -> Non
 
 def test_options_follow_the_task_resources() -> None:
     plain = sbatch_options(SlurmSettings("debug"), {})
-    assert plain == ["--partition=debug", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--no-requeue",
+    assert plain == ["--partition=debug", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--requeue",
                      "--signal=B:USR1@120"]  # fmt: skip
 
 
@@ -263,3 +263,12 @@ def test_extra_sbatch_options_come_from_a_safe_list_with_plain_values() -> None:
     ):
         problems = SlurmSettings("gpu", extra=(bad,)).problems()
         assert len(problems) == 1 and words in problems[0], (bad, problems)
+
+
+def test_a_requeued_job_of_the_task_is_adopted_by_its_next_attempt(tmp_path: Path) -> None:
+    task = make_task(tmp_path)
+    ex = executor(listing(f"4242|PENDING|BeginTime|ftstudio-{TASK}"))
+    launch = ex.submit(task, attempt=2)
+    assert launch.job_id == "4242" and not any(c[0] == "sbatch" for c in ex.commands.calls)  # type: ignore[attr-defined]
+    word = ex.word(task, launch)
+    assert word is not None and word.requeued and word.reason == "Slurm requeued the Slurm job 4242"

@@ -277,26 +277,44 @@ def test_a_task_waiting_in_slurms_queue_says_why(studio: Studio, tmp_path: Path)
     assert studio.wait_status(tid, "completed", "failed", timeout=120)["status"] == "completed"
 
 
-def test_a_preemption_by_a_higher_priority_partition_resumes_the_task_as_a_new_job(
+def test_a_preemption_by_a_higher_priority_partition_resumes_the_task_in_its_requeued_job(
     studio: Studio, tmp_path: Path
 ) -> None:
     """A real preemption: a job in the `urgent` partition (PriorityTier 2, PreemptMode=REQUEUE) needs every
-    CPU; Slurm stops the task's job (SIGTERM; a --no-requeue job ends PREEMPTED). The task is interrupted,
-    naming the preemption, and resumed as its next attempt, a new job that runs once the urgent one is done."""
+    CPU; Slurm stops the task's job (SIGTERM) and requeues it. The task is interrupted, naming the requeue,
+    and its next attempt runs in the same job once the urgent one is done, each step once."""
     assert CLUSTER is not None
     studio.start("--executor", "slurm", "--partition", "debug")
     tid = submit(studio, "scripted steps=300 delay=0.05")
     wait_for(lambda: studio.task(tid)["step"] >= 10, timeout=120, what="progress from the job")
-    first_job = studio.task(tid)["slurm"]["job_id"]
+    job = studio.task(tid)["slurm"]["job_id"]
     urgent = CLUSTER.sbatch(
         "--partition=urgent", f"--cpus-per-task={os.cpu_count()}", "--job-name=urgent", "--wrap=sleep 5", cwd=tmp_path
     )
     try:
-        done = studio.wait_status(tid, "completed", "failed", "cancelled", timeout=240)
+        done = studio.wait_status(tid, "completed", "failed", "cancelled", timeout=300)
     finally:
         CLUSTER.run("scancel", urgent, check=False)
     assert done["status"] == "completed", done
-    assert done["attempt"] >= 2 and done["slurm"]["job_id"] != first_job, done["attempts"]
-    first = done["attempts"][0]
-    assert f"the Slurm job {first_job} was preempted by Slurm" in first["end_reason"], first
+    assert done["attempt"] == 2 and done["slurm"]["job_id"] == job, done["attempts"]
+    assert f"Slurm requeued the Slurm job {job}" in done["attempts"][0]["end_reason"], done["attempts"]
     assert progress_steps(studio, tid) == list(range(1, 301))  # the redone steps replaced, not doubled
+
+
+def test_scontrol_requeue_resumes_the_task_from_its_checkpoint_in_the_same_job(real: Studio) -> None:
+    """`scontrol requeue` (what a preemption does): Slurm SIGTERMs the job; the trainer saves a checkpoint at
+    its next step and the runner records the interruption; the studio makes the requeued job the task's
+    next attempt, which resumes from that checkpoint and completes with each step once."""
+    tid = submit_tiny(real, 60, 10)
+    wait_for(
+        lambda: real.task(tid)["step"] >= 12 and real.task(tid)["status"] == "training", timeout=240, what="step 12"
+    )
+    job = real.task(tid)["slurm"]["job_id"]
+    slurm("scontrol", "requeue", job)
+    done = real.wait_status(tid, "completed", "failed", "cancelled", "paused", timeout=300)
+    assert done["status"] == "completed", done
+    first, second = done["attempts"]
+    assert f"Slurm requeued the Slurm job {job}; stopped by SIGTERM from outside the studio" in first["end_reason"]
+    assert second["resumed_from_step"] == first["end_step"], done["attempts"]  # it checkpointed at the next step
+    assert done["slurm"]["job_id"] == job  # the same job, run again by Slurm
+    assert progress_steps(real, tid) == list(range(1, 61))
