@@ -138,34 +138,33 @@ def kill_tree(pid: int) -> int:
     return len(procs)
 
 
-def last_error(task: TaskDir, since: int = 0) -> str | None:
-    """The trainer's own one-line account of what went wrong in this attempt (events after byte offset
-    `since`), if it wrote one."""
+def attempt_events(task: TaskDir, since: int) -> list[dict[str, Any]]:
+    """This attempt's events (after byte offset `since`), at most the file's last 256 KB: the tail is
+    where an attempt's last words are."""
     try:
         size = task.events.stat().st_size
     except OSError:
-        return None
-    chunk = events.read_from(task.events, max(since, size - (256 << 10)))
-    for ev in reversed(chunk.events):
+        return []
+    return events.read_from(task.events, max(since, size - (256 << 10))).events
+
+
+def last_of(task: TaskDir, since: int, kind: str | None = None) -> dict[str, Any] | None:
+    """This attempt's last event, or its last event of `kind`, if any."""
+    return next((e for e in reversed(attempt_events(task, since)) if kind is None or e.get("kind") == kind), None)
+
+
+def last_error(task: TaskDir, since: int = 0) -> str | None:
+    """The trainer's own one-line account of what went wrong in this attempt, if it wrote one."""
+    for ev in reversed(attempt_events(task, since)):
         if ev.get("kind") == "error" and isinstance(ev.get("message"), str):
             return ev["message"]
     return None
 
 
-def last_error_event(task: TaskDir, since: int) -> dict[str, Any] | None:
-    """This attempt's last `error` event (rank 0's account), if any."""
-    try:
-        size = task.events.stat().st_size
-    except OSError:
-        return None
-    chunk = events.read_from(task.events, max(since, size - (256 << 10)))
-    return next((e for e in reversed(chunk.events) if e.get("kind") == "error"), None)
-
-
 def rank_reports(task: TaskDir, since: int) -> dict[int, dict[str, Any]]:
     """Each rank's own account of its failure in this attempt: rank 0's error event, the others' files."""
     reports: dict[int, dict[str, Any]] = {}
-    first = last_error_event(task, since)
+    first = last_of(task, since, "error")
     if first is not None:
         reports[0] = first
     for path in task.ranks.glob("rank-*.json"):
@@ -193,7 +192,7 @@ def distributed_outcome(task: TaskDir, since: int, processes: int) -> dict[str, 
         who = f"training processes ranks {', '.join(map(str, silent))} of {processes} were killed"
     else:
         who = f"the {processes} training processes lost contact with each other"
-    progress = last_progress(task, since) or {}
+    progress = last_of(task, since, "progress") or {}
     at = f" at step {progress['step']}" if isinstance(progress.get("step"), int) else ""
     newest = checkpoints.find_resume_checkpoint(task.checkpoints)
     then = f"it resumes from {newest.name}" if newest else "nothing was saved yet, so it starts from the beginning"
@@ -203,26 +202,6 @@ def distributed_outcome(task: TaskDir, since: int, processes: int) -> dict[str, 
         "reason": f"{who}{cause}{at} and the others stopped with it; {then}; see training.log",
         "checkpoint": newest.name if newest else None,
     }
-
-
-def last_event(task: TaskDir, since: int) -> dict[str, Any] | None:
-    """The last event written after byte offset `since` (this attempt's), if any."""
-    try:
-        size = task.events.stat().st_size
-    except OSError:
-        return None
-    chunk = events.read_from(task.events, max(since, size - (256 << 10)))
-    return chunk.events[-1] if chunk.events else None
-
-
-def last_progress(task: TaskDir, since: int) -> dict[str, Any] | None:
-    """This attempt's last `progress` event, if any."""
-    try:
-        size = task.events.stat().st_size
-    except OSError:
-        return None
-    chunk = events.read_from(task.events, max(since, size - (256 << 10)))
-    return next((e for e in reversed(chunk.events) if e.get("kind") == "progress"), None)
 
 
 def paused_record(suspended: dict[str, Any] | None) -> dict[str, Any]:
@@ -300,7 +279,7 @@ def outcome_of(
         if message:  # it failed on its own way out, e.g. the disk filled during the shutdown's checkpoint
             return {"outcome": Outcome.FAILED, "reason": message}
         # The event is written once the checkpoint is complete: true even if the kill came after it.
-        return interrupted_record(shutdown, task, suspended, last_progress(task, since))
+        return interrupted_record(shutdown, task, suspended, last_of(task, since, "progress"))
     if clean and suspended is not None and suspended.get("shutdown"):
         # The trainer got SIGTERM itself and the runner did not: the same shutdown, seen from below.
         return interrupted_record(signal.SIGTERM, task, suspended, None)
@@ -317,7 +296,7 @@ def outcome_of(
         # the same way at the same step again is failed by the lifecycle ("twice in a row at step N").
         name = signal.Signals(-returncode).name
         hint = " (often the system running out of memory)" if name == "SIGKILL" else ""
-        progress = last_progress(task, since) or {}
+        progress = last_of(task, since, "progress") or {}
         at = f" at step {progress['step']}" if isinstance(progress.get("step"), int) else ""
         newest = checkpoints.find_resume_checkpoint(task.checkpoints)
         then = f"it resumes from {newest.name}" if newest else "nothing was saved yet, so it starts from the beginning"
@@ -455,7 +434,7 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         # Not limit.finish(): the cgroup is named for the task, and the newer attempt's may have it by now.
         return _stand_down(task, attempt, trainer)
     over_limit = limit.finish()
-    last = last_event(task, events_start)
+    last = last_of(task, events_start)
     suspended = last if last and last.get("kind") == "suspended" else None
     outcome = outcome_of(
         returncode,

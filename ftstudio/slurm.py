@@ -260,14 +260,13 @@ class SlurmExecutor:
     # -- what Slurm says -----------------------------------------------------
 
     def jobs(self, *, fresh: bool = False) -> dict[str, JobState] | None:
-        """Every job of ours Slurm still lists, by id (one `squeue` per LOOK_S); None when it cannot tell."""
+        """Every job of ours Slurm still lists, by id (one `squeue` per LOOK_S); None when it cannot tell.
+        `--me`: the user Slurm sees, the remote one over ssh (Slurm 20.11+)."""
         with self._lock:
             if not fresh and self._listing.ok and self.clock() - self._listing.at < LOOK_S:
                 return self._listing.jobs
             try:
-                out = self.commands.run(
-                    "squeue", "--noheader", "--states=all", f"--user={_user()}", "--format=%i|%T|%r|%j"
-                )
+                out = self.commands.run("squeue", "--noheader", "--states=all", "--me", "--format=%i|%T|%r|%j")
             except (SlurmError, TimeoutError, OSError) as e:
                 log.warning("cannot ask Slurm about its jobs (%s); leaving every Slurm task as it is", e)
                 self._listing = _Listing()
@@ -392,7 +391,7 @@ class SlurmExecutor:
     def kill_all(self, task_id: str) -> int:
         """End the task's job, whatever it runs (scancel by name: no job id needed)."""
         try:
-            self.commands.run("scancel", f"--name={job_name(task_id)}", f"--user={_user()}")
+            self.commands.run("scancel", f"--name={job_name(task_id)}", "--me")
         except (SlurmError, TimeoutError, OSError) as e:
             log.warning("could not cancel the Slurm job of task %s: %s", task_id, e)
             return 0
@@ -413,7 +412,7 @@ class SlurmExecutor:
             if job:
                 self.commands.run("scancel", job)
             else:
-                self.commands.run("scancel", f"--name={job_name(task_id)}", f"--user={_user()}")
+                self.commands.run("scancel", f"--name={job_name(task_id)}", "--me")
         except (SlurmError, TimeoutError, OSError) as e:
             log.warning("could not cancel the Slurm job of task %s: %s", task_id, e)
             return 0
@@ -424,14 +423,6 @@ class SlurmExecutor:
                 break
             time.sleep(0.5)
         return 1
-
-
-def _user() -> str:
-    with contextlib.suppress(KeyError, OSError):
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    return os.environ.get("USER", str(os.getuid()))
 
 
 CHECK_S = 120.0
