@@ -141,7 +141,7 @@ class Launcher:
             raise
         self.store.update(
             task.id,
-            pid=launch.pid,
+            pid=launch.pid or None,  # a cluster job has no pid here: its job id stands for it
             pid_start_time=launch.start_time,
             boot_id=launch.boot_id,
             pgid=launch.pgid,

@@ -445,7 +445,7 @@ def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None =
     probe_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(8)
     probe, seen = probe_dir / f"{token}.probe", probe_dir / f"{token}.seen"
-    probe.write_text(token)
+    probe.write_text(token + "\n")  # a line of its own: the node's name follows it in the answer
     command = f"cat {shlex.quote(str(probe))} > {shlex.quote(str(seen))} && hostname >> {shlex.quote(str(seen))}"
     opts = [o for o in sbatch_options(settings, {}) if not o.startswith("--signal")]
     try:
