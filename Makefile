@@ -34,13 +34,16 @@ lint: setup
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
-# The Slurm tests run against a real one-node cluster on this machine: brought up
-# here (root or passwordless sudo, apt) and stopped after pytest, whatever pytest
-# says; a cluster that was already up is used and left up. Where it cannot come
-# up the Slurm tests skip, saying why; in CI (CI=true) that fails the run.
+# The Slurm tests run against a real one-node cluster on this machine, and its login
+# node (an sshd on 127.0.0.1:2222, for --slurm-host): brought up here (root or
+# passwordless sudo, apt) and stopped after pytest, whatever pytest says; a cluster
+# that was already up is used and left up, its login node started if it was not.
+# Where they cannot come up the Slurm tests skip, saying why; in CI (CI=true) that
+# fails the run.
 test: setup browser lint
 	@if $(SLURM_CLUSTER) status >/dev/null 2>&1; then \
 	  echo "make test: using the Slurm cluster that is already up"; \
+	  $(SLURM_CLUSTER) login-up || echo "make test: its login node did not come up (see above)" >&2; \
 	elif $(SLURM_CLUSTER) up; then \
 	  trap '$(SLURM_CLUSTER) down' EXIT; \
 	elif [ "$${CI:-}" = true ]; then \

@@ -83,6 +83,49 @@ class SlurmError(UserError):
     """A Slurm command refused (its message says why) or the executor's settings are wrong."""
 
 
+class LoginUnreachable(ConnectionError):
+    """ssh could not get to the login node (exit 255: no route, no such host, key refused, host key
+    unknown). An OSError: to a look it means "cannot tell", like a command that does not answer."""
+
+
+# What the job takes from the studio's environment, written into its script. Run locally, sbatch hands
+# the job the studio's whole environment anyway; over ssh the job starts from the login node's, where
+# the code's path (PYTHONPATH), the studio's own settings and where models are cached would be missing.
+# Never a token: the script is a file in the task directory.
+CARRIED_ENV = frozenset({"PYTHONPATH", "TRANSFORMERS_OFFLINE"})
+CARRIED_PREFIXES = ("FTSTUDIO_", "HF_")
+NOT_CARRIED = frozenset({"FTSTUDIO_BOOT_ID", "FTSTUDIO_GPUS", "FTSTUDIO_ATTEMPT", TASK_ENV})
+"""This machine's identity and GPUs are not the node's; the task and attempt are the script's to say."""
+
+
+def carried_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of the studio's environment its Slurm jobs run with (CARRIED_ENV)."""
+    return {
+        key: value
+        for key, value in environ.items()
+        if (key in CARRIED_ENV or key.startswith(CARRIED_PREFIXES))
+        and key not in NOT_CARRIED
+        and not any(word in key for word in ("TOKEN", "SECRET", "PASSWORD", "KEY"))
+    }
+
+
+def output_path(path: Path) -> str:
+    """A path as sbatch's --output takes it, so the log lands there: Slurm expands %j, %x, ... in it (%% is
+    a %), and a path with a backslash is not expanded at all but loses each lone backslash (two make one)."""
+    text = str(path)
+    return text.replace("\\", "\\\\") if "\\" in text else text.replace("%", "%%")
+
+
+def job_id_in(out: str) -> str:
+    """The job id in `sbatch --parsable`'s answer ("id" or "id;cluster"), on its last line: a login
+    shell may print something of its own first. SlurmError when there is none."""
+    lines = out.strip().splitlines()
+    job_id = lines[-1].strip().split(";")[0] if lines else ""
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch answered {out.strip()[-80:]!r}, not a job id")
+    return job_id
+
+
 @dataclass(frozen=True)
 class SlurmSettings:
     """Where and how jobs are submitted: `studio start --executor slurm --partition P ...`, kept in the home."""
@@ -148,16 +191,24 @@ class Commands:
 
     def run(self, *args: str) -> str:
         """stdout of the command; SlurmError with its own message when it refused; TimeoutError or
-        OSError when it could not be asked (which callers read as "cannot tell")."""
+        OSError (LoginUnreachable: ssh could not get in) when it could not be asked, which callers
+        read as "cannot tell"."""
         try:
             done = subprocess.run(
                 self.argv(args), capture_output=True, text=True, timeout=self.timeout, stdin=subprocess.DEVNULL
             )
         except subprocess.TimeoutExpired as e:
-            raise TimeoutError(f"{args[0]} did not answer within {self.timeout:g}s") from e
+            where = f" on {self.host}" if self.host else ""
+            raise TimeoutError(f"{args[0]}{where} did not answer within {self.timeout:g}s") from e
         if done.returncode != 0:
             lines = (done.stderr or done.stdout or "").strip().splitlines()
-            raise SlurmError(f"{args[0]} failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+            last = lines[-1].strip() if lines else f"exit code {done.returncode}"
+            if self.host and done.returncode == 255:  # ssh's own failure; Slurm's commands exit 1 or 2
+                raise LoginUnreachable(
+                    f"cannot reach the login node {self.host} over ssh ({last.rstrip('.')}): "
+                    f"check that `ssh {self.host} true` works from here without a password"
+                )
+            raise SlurmError(f"{args[0]} failed: {last}")
         return done.stdout
 
 
@@ -312,7 +363,9 @@ class SlurmExecutor:
         spec = read_json(task.spec) or {}
         script = task.path / "slurm.sh"
         try:
-            script.write_text(batch_script(task, attempt, self.trainer_module, env or {}))
+            script.write_text(
+                batch_script(task, attempt, self.trainer_module, {**carried_env(os.environ), **(env or {})})
+            )
             script.chmod(0o755)
         except OSError as e:
             raise LaunchError(f"could not write the Slurm job script {script}: {e}") from e
@@ -321,7 +374,7 @@ class SlurmExecutor:
             "--parsable",
             f"--job-name={job_name(task.path.name)}",
             f"--chdir={task.path}",
-            f"--output={task.log}",
+            f"--output={output_path(task.log)}",
             "--open-mode=append",
             *sbatch_options(self.settings, spec.get("config", {})),
             str(script),
@@ -332,9 +385,10 @@ class SlurmExecutor:
             raise LaunchError(f"Slurm refused the job: {e}") from e
         except (TimeoutError, OSError) as e:
             raise LaunchError(f"could not reach Slurm to submit the job: {e}") from e
-        job_id = out.strip().split(";")[0]  # "id" or "id;cluster"
-        if not job_id.isdigit():
-            raise LaunchError(f"sbatch answered {out.strip()[:80]!r}, not a job id")
+        try:
+            job_id = job_id_in(out)
+        except SlurmError as e:
+            raise LaunchError(str(e)) from e
         log.info("task %s submitted to Slurm as job %s (attempt %s)", task.path.name, job_id, attempt)
         with self._lock:
             self._listing.ok = False  # the next look must see the new job
@@ -436,7 +490,9 @@ def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None =
     settings = executor.settings
     try:
         out = executor.commands.run("sinfo", "--noheader", f"--partition={settings.partition}", "--format=%P|%a")
-    except (TimeoutError, OSError) as e:
+    except LoginUnreachable as e:
+        raise SlurmError(str(e)) from e
+    except (SlurmError, TimeoutError, OSError) as e:
         where = f" on {settings.host}" if settings.host else ""
         raise SlurmError(f"cannot run Slurm's commands{where} ({e}); is Slurm installed and slurmctld up?") from e
     if not out.strip():
@@ -449,12 +505,10 @@ def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None =
     command = f"cat {shlex.quote(str(probe))} > {shlex.quote(str(seen))} && hostname >> {shlex.quote(str(seen))}"
     opts = [o for o in sbatch_options(settings, {}) if not o.startswith("--signal")]
     try:
-        job = (
+        job = job_id_in(
             executor.commands.run(
                 "sbatch", "--parsable", "--job-name=ftstudio-check", "--output=/dev/null", *opts, f"--wrap={command}"
             )
-            .strip()
-            .split(";")[0]
         )
     except (TimeoutError, OSError) as e:
         raise SlurmError(f"could not submit the check job: {e}") from e

@@ -1,11 +1,13 @@
 """The Slurm executor's logic around Slurm's commands, with a fake command runner: what reaches sbatch,
-what the batch script holds, how squeue's answers are read, and that doubt is never a death. The same
-executor against a real Slurm cluster: tests/test_slurm_cluster.py."""
+what the batch script holds, how squeue's answers are read, and that doubt is never a death; over ssh,
+what reaches the remote shell, and the real ssh client's answer for a host that does not resolve. The
+same executor against a real Slurm cluster: tests/test_slurm_jobs.py, over ssh: tests/test_slurm_ssh.py."""
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,19 @@ from ftstudio.executor import Launch
 from ftstudio.home import TaskDir
 from ftstudio.lifecycle import SchedulerWord
 from ftstudio.procs import Liveness
-from ftstudio.slurm import Commands, SlurmError, SlurmExecutor, SlurmSettings, batch_script, sbatch_options
+from ftstudio.slurm import (
+    Commands,
+    LoginUnreachable,
+    SlurmError,
+    SlurmExecutor,
+    SlurmSettings,
+    batch_script,
+    carried_env,
+    check_cluster,
+    job_id_in,
+    output_path,
+    sbatch_options,
+)
 
 TASK = "20261201-0000-abcdef01"
 
@@ -272,3 +286,106 @@ def test_a_requeued_job_of_the_task_is_adopted_by_its_next_attempt(tmp_path: Pat
     assert launch.job_id == "4242" and not any(c[0] == "sbatch" for c in ex.commands.calls)  # type: ignore[attr-defined]
     word = ex.word(task, launch)
     assert word is not None and word.requeued and word.reason == "Slurm requeued the Slurm job 4242"
+
+
+# -- over ssh: what reaches the remote shell, sbatch's file names, the job's environment ------------
+
+
+def test_each_argument_reaches_the_command_on_the_login_node_as_it_was(tmp_path: Path) -> None:
+    """ssh hands the remote shell one string; a real sh parses it back into the same arguments."""
+    odd = tmp_path / "lab's home $HOME `id` 100%j"
+    args = [
+        "squeue",
+        "--noheader",
+        "--format=%i|%T|%r|%j",  # a `|` the remote shell must not take for a pipe
+        f"--wrap=cat {shlex.quote(str(odd / 'a.probe'))} > {shlex.quote(str(odd / 'a.seen'))} && hostname",
+        f"--output={odd / 'training.log'}",
+        "two\nlines; rm -rf ~",
+    ]
+    remote = Commands("me@login1").argv(args)[-1]
+    echo = 'squeue() { for a; do printf "%s\\0" "$a"; done; }\n'
+    out = subprocess.run(["sh", "-c", echo + remote], capture_output=True, text=True, check=True).stdout
+    assert out.split("\0")[:-1] == args[1:]
+
+
+def test_a_log_path_reaches_sbatch_literally(tmp_path: Path) -> None:
+    """sbatch expands %j, %x, ... in --output (a home with `100%j` in its name: the job fails to launch)."""
+    assert output_path(Path("/home/me/.ftstudio/tasks/t/training.log")) == "/home/me/.ftstudio/tasks/t/training.log"
+    assert output_path(Path("/data/100%j done/%%/training.log")) == "/data/100%%j done/%%%%/training.log"
+    # With a backslash in it Slurm expands nothing, and takes a doubled backslash for one.
+    assert output_path(Path("/data/a\\b 100%j/training.log")) == "/data/a\\\\b 100%j/training.log"
+    home = tmp_path / "100%j"
+    home.mkdir()
+    task = make_task(home)
+    ex = executor(listing())
+    ex.submit(task, attempt=1)
+    [call] = [c for c in ex.commands.calls if c[0] == "sbatch"]  # type: ignore[attr-defined]
+    assert f"--output={tmp_path}/100%%j/{TASK}/training.log" in call and f"--chdir={task.path}" in call
+
+
+def test_the_job_takes_the_studios_code_path_and_settings_but_no_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over ssh the job starts from the login node's environment: its script sets what the runner needs."""
+    environ = {
+        "PYTHONPATH": "/srv/ftstudio:/srv/extra",
+        "HF_HOME": "/shared/hf",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "FTSTUDIO_SHUTDOWN_GRACE_S": "20",
+        "HF_TOKEN": "hf_secret",
+        "HUGGING_FACE_HUB_TOKEN": "hf_secret",
+        "FTSTUDIO_BOOT_ID": "this-machine",
+        "FTSTUDIO_GPUS": "0,1",
+        "FTSTUDIO_TASK_ID": "another-task",
+        "PATH": "/usr/bin",
+        "SLURM_CONF": "/etc/slurm/slurm.conf",
+    }
+    assert carried_env(environ) == {
+        "PYTHONPATH": "/srv/ftstudio:/srv/extra",
+        "HF_HOME": "/shared/hf",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "FTSTUDIO_SHUTDOWN_GRACE_S": "20",
+    }
+    monkeypatch.setenv("PYTHONPATH", "/srv/with space")
+    monkeypatch.setenv("HF_HOME", "/shared/hf")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    task = make_task(tmp_path)
+    executor(listing()).submit(task, attempt=1, env={"HF_HOME": "/data/hf cache"})  # what it is given wins
+    script = (task.path / "slurm.sh").read_text()
+    assert "export PYTHONPATH='/srv/with space'" in script and "export HF_HOME='/data/hf cache'" in script
+    assert "hf_secret" not in script
+
+
+def test_the_job_id_is_the_last_line_sbatch_printed() -> None:
+    assert job_id_in("4242\n") == "4242" and job_id_in("4242;cluster2\n") == "4242"
+    assert job_id_in("Welcome to the login node\n4242\n") == "4242"  # a login shell's own words first
+    for bad in ("", "sbatch: error: nope\n"):
+        with pytest.raises(SlurmError, match="not a job id"):
+            job_id_in(bad)
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client here")
+def test_a_login_node_ssh_cannot_reach_is_doubt_for_a_look_and_a_launch_error_for_a_submit(tmp_path: Path) -> None:
+    """The real ssh client, against a host that does not resolve: exit 255 is ssh's own failure."""
+    ex = SlurmExecutor(SlurmSettings("debug", host="no-such-host.invalid"))
+    task = make_task(tmp_path)
+    assert ex.poll(task, Launch(0, 0, "", 0, job_id="4242")) == Liveness.UNKNOWN  # never "dead"
+    with pytest.raises(LaunchError, match="could not reach Slurm to submit the job: cannot reach the login node"):
+        ex.submit(task, attempt=1)
+    with pytest.raises(SlurmError) as refused:
+        check_cluster(ex, tmp_path / "home")
+    said = str(refused.value)  # the resolver's own words in the middle differ from machine to machine
+    assert said.startswith("cannot reach the login node no-such-host.invalid over ssh (ssh: Could not resolve")
+    assert said.endswith("): check that `ssh no-such-host.invalid true` works from here without a password")
+
+
+def test_slurm_commands_that_fail_on_the_login_node_are_named_at_the_check(tmp_path: Path) -> None:
+    missing = SlurmError("sinfo failed: bash: line 1: sinfo: command not found")
+    ex = executor(lambda args: missing, host="login1")
+    with pytest.raises(SlurmError, match=r"^cannot run Slurm's commands on login1 \(sinfo failed: bash: line 1: "):
+        check_cluster(ex, tmp_path)
+    ex = executor(lambda args: LoginUnreachable("cannot reach the login node login1 over ssh (...)"), host="login1")
+    with pytest.raises(SlurmError, match=r"^cannot reach the login node login1 over ssh \(\.\.\.\)$"):
+        check_cluster(ex, tmp_path)
