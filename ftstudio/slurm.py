@@ -210,8 +210,16 @@ def sbatch_options(settings: SlurmSettings, config: Mapping[str, Any]) -> list[s
     """sbatch's options for one task: the studio's settings and the task's resources."""
     resources = config.get("resources", {}) if isinstance(config, Mapping) else {}
     processes = int(resources.get("processes") or 1)
+    nodes = int(resources.get("nodes") or 1)
     gpus = int(resources.get("gpus") if resources.get("gpus") is not None else -1)
-    opts = [f"--partition={settings.partition}", "--nodes=1", "--ntasks=1", f"--cpus-per-task={max(1, processes)}"]
+    # One task per node, holding the node's share: the runner on the first node, and under it (more than one
+    # node) `srun` starts one launcher per node, whose torchrun starts `processes` ranks (ftstudio.node).
+    opts = [
+        f"--partition={settings.partition}",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={max(1, processes)}",
+    ]
     if settings.account:
         opts.append(f"--account={settings.account}")
     if settings.qos:
