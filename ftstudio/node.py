@@ -13,7 +13,9 @@ runner does on one machine. It writes `ranks/node-N.ready` when its handler is i
 sends nothing through srun before every node's launcher is ready.
 
 A person's cancel needs nothing here: srun ends the whole step when the runner signals it. Slurm's own
-SIGTERM (a time limit, a preemption) reaches the ranks directly and means a shutdown to them.
+SIGTERM (a time limit, a preemption) reaches every process of the step at once: the ranks take it as a
+shutdown (checkpoint at the next step), torchrun's agent passes it on and waits for them, and the
+launcher, which would die of it and take the step down with it (srun --kill-on-bad-exit), waits too.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         pause.requested = True
         pause.forward()
 
+    def on_stop(signum: int, frame: object) -> None:
+        log(f"node {node}: received {signal.Signals(signum).name}; waiting for its training processes to stop")
+
     signal.signal(PAUSE_SIGNAL, on_pause)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_stop)
     task.ranks.mkdir(parents=True, exist_ok=True)
     ready_file(task, node).write_text(f"{os.getpid()}\n")
     log(f"node {node} ({os.uname().nodename}) started its {pause.processes} training process(es)")
