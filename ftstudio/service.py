@@ -316,7 +316,7 @@ class Service(Launcher, Control, Catalog):
         executor = self.supervisor.executor_for(task)
         if not isinstance(executor, SlurmExecutor):
             return {"job_id": task.job_id, "state": None, "reason": None}
-        state = executor.state(task.job_id) if task.status_enum.has_process else None
+        state = executor.known(task.job_id) if task.status_enum.has_process else None
         return {
             "job_id": task.job_id,
             "state": state.state if state else None,

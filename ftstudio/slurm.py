@@ -49,6 +49,9 @@ COMMAND_TIMEOUT_S = 30.0
 """The longest a Slurm command may take before the answer is "cannot tell" (slurmctld busy or down)."""
 LOOK_S = 2.0
 """How long one `squeue` listing answers for: the supervisor asks about every task each look."""
+RETRY_S = 10.0
+"""After `squeue` failed (a controller that is down makes it take 9-18 s to fail), how long "cannot tell"
+stands before it is asked again: the supervisor's look at local tasks must not wait on it every time."""
 
 # States in which the job's runner is, or will be, running (squeue's %T, long form).
 ALIVE_STATES = frozenset(
@@ -180,6 +183,8 @@ class _Listing:
     at: float = 0.0
     jobs: dict[str, JobState] = field(default_factory=dict)
     ok: bool = False
+    failed_at: float | None = None
+    """When the last `squeue` failed; None when it answered."""
 
 
 def job_name(task_id: str) -> str:
@@ -273,11 +278,18 @@ class SlurmExecutor:
         with self._lock:
             if not fresh and self._listing.ok and self.clock() - self._listing.at < LOOK_S:
                 return self._listing.jobs
+            failed = self._listing.failed_at
+            if not fresh and failed is not None and self.clock() - failed < RETRY_S:
+                return None
             try:
                 out = self.commands.run("squeue", "--noheader", "--states=all", "--me", "--format=%i|%T|%r|%j")
             except (SlurmError, TimeoutError, OSError) as e:
-                log.warning("cannot ask Slurm about its jobs (%s); leaving every Slurm task as it is", e)
-                self._listing = _Listing()
+                log.warning(
+                    "cannot ask Slurm about its jobs (%s); leaving every Slurm task as it is, asking again in %gs",
+                    e,
+                    RETRY_S,
+                )
+                self._listing = _Listing(failed_at=self.clock())
                 return None
             jobs = {}
             for line in out.splitlines():
@@ -300,6 +312,14 @@ class SlurmExecutor:
         """As `state`, from a new listing."""
         jobs = self.jobs(fresh=True)
         return None if jobs is None else jobs.get(job_id) or JobState(job_id, "GONE")
+
+    def known(self, job_id: str) -> JobState | None:
+        """The job's state in the last listing, without asking Slurm (for a request, which must not wait on
+        `squeue`: the supervisor's looks keep the listing current); None when the last ask failed."""
+        with self._lock:
+            if not self._listing.ok:
+                return None
+            return self._listing.jobs.get(job_id) or JobState(job_id, "GONE")
 
     def state(self, job_id: str) -> JobState | None:
         """The job's state; JobState(state="GONE") when Slurm no longer lists it; None when it cannot tell."""

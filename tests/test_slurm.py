@@ -21,7 +21,16 @@ from ftstudio.home import TaskDir
 from ftstudio.lifecycle import SchedulerWord
 from ftstudio.procs import Liveness
 from ftstudio.runner import NotHere, trainer_command, world_of
-from ftstudio.slurm import Commands, SlurmError, SlurmExecutor, SlurmSettings, batch_script, sbatch_options
+from ftstudio.slurm import (
+    RETRY_S,
+    Commands,
+    JobState,
+    SlurmError,
+    SlurmExecutor,
+    SlurmSettings,
+    batch_script,
+    sbatch_options,
+)
 
 TASK = "20261201-0000-abcdef01"
 
@@ -216,6 +225,32 @@ def test_one_listing_answers_every_task_for_a_look(tmp_path: Path) -> None:
     ex.tick(5.0)  # type: ignore[attr-defined]
     ex.poll(task, Launch(0, 0, "", 0, job_id="1"))
     assert [c[0] for c in ex.commands.calls] == ["squeue", "squeue"]  # type: ignore[attr-defined]
+
+
+def test_a_controller_that_is_down_is_asked_again_only_after_a_pause(tmp_path: Path) -> None:
+    """A failing squeue takes 9-18 s with slurmctld down: "cannot tell" stands for RETRY_S, so the
+    supervisor's looks (and the local tasks they also watch) do not wait on it each time."""
+    down = [True]
+    ex = executor(lambda args: TimeoutError("squeue did not answer within 30s") if down[0] else listing()(args))
+    task, launch = make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242")
+    assert ex.poll(task, launch) == Liveness.UNKNOWN
+    ex.tick(RETRY_S - 1)  # type: ignore[attr-defined]
+    assert ex.poll(task, launch) == Liveness.UNKNOWN
+    assert len(ex.commands.calls) == 1  # type: ignore[attr-defined]
+    down[0] = False
+    ex.tick(1.5)  # type: ignore[attr-defined]
+    assert ex.poll(task, launch) == Liveness.DEAD  # asked again, and answered
+    assert len(ex.commands.calls) == 2  # type: ignore[attr-defined]
+
+
+def test_what_a_request_shows_never_waits_on_squeue(tmp_path: Path) -> None:
+    ex = executor(listing(f"1|PENDING|Resources|ftstudio-{TASK}"))
+    assert ex.known("1") is None  # nothing looked yet: not known, and not asked
+    assert ex.commands.calls == []  # type: ignore[attr-defined]
+    ex.poll(make_task(tmp_path), Launch(0, 0, "", 0, job_id="1"))
+    ex.tick(60.0)  # type: ignore[attr-defined]
+    assert ex.known("1") == JobState("1", "PENDING", "Resources", f"ftstudio-{TASK}")  # the last look's word
+    assert len(ex.commands.calls) == 1  # type: ignore[attr-defined]
 
 
 # -- signals and cancel ------------------------------------------------------------------------------
