@@ -85,7 +85,7 @@ class OptimConfig:
     batch_size: int = bounded(4, 1, 65_536)
     """Samples per device per step."""
     grad_accum: int = bounded(4, 1, 65_536)
-    """Gradient accumulation steps; effective batch = batch_size x grad_accum x processes."""
+    """Gradient accumulation steps; effective batch = batch_size x grad_accum x processes x nodes."""
     warmup_ratio: float = bounded(0.03, 0, 1, max_excluded=True)
     """Fraction of steps spent warming the learning rate up."""
     weight_decay: float = bounded(0.0, 0, 10)
@@ -127,7 +127,9 @@ class LoggingConfig:
 @dataclass
 class ResourcesConfig:
     processes: int = bounded(1, 1, 64)
-    """Training processes: above 1 runs torchrun, one process per GPU (or CPU processes on gloo)."""
+    """Training processes (per node): above 1 runs torchrun, one process per GPU (or CPU processes on gloo)."""
+    nodes: int = bounded(1, 1, 64)
+    """Machines the task spreads over, each running `processes` of them (Slurm executor only: srun torchrun)."""
     gpus: int = bounded(-1, -1, 64)
     """GPUs to lease: -1 for one per process where the machine has GPUs (none otherwise), 0 for CPU only."""
     gpu_ids: str = bounded("", max_len=256)
@@ -240,6 +242,7 @@ CLI_FLAGS: dict[str, str] = {
     "lora.rank": "--lora-rank",
     "checkpoint.every_steps": "--checkpoint-every",
     "resources.processes": "--processes",
+    "resources.nodes": "--nodes",
     "resources.gpus": "--gpus",
     "resources.gpu_ids": "--gpu-ids",
     "resources.share_gpu": "--share-gpu",

@@ -47,9 +47,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,19 +84,71 @@ def log(msg: str) -> None:
 
 
 def processes_of(task: TaskDir) -> int:
+    """Training processes per node."""
     spec = read_json(task.spec) or {}
     return int((spec.get("config") or {}).get("resources", {}).get("processes", 1) or 1)
 
 
-def trainer_command(task: TaskDir, module: str, resume: str | None = None) -> list[str]:
+def nodes_of(task: TaskDir) -> int:
+    spec = read_json(task.spec) or {}
+    return int((spec.get("config") or {}).get("resources", {}).get("nodes", 1) or 1)
+
+
+def world_of(task: TaskDir) -> int:
+    """Training processes in all: the ranks."""
+    return processes_of(task) * nodes_of(task)
+
+
+def ready_file(task: TaskDir, node: int) -> Path:
+    """Written by node `node`'s launcher (ftstudio.node) once a SIGUSR1 can no longer kill it."""
+    return task.ranks / f"node-{node}.ready"
+
+
+def node_ready(task: TaskDir, node: int) -> bool:
+    return ready_file(task, node).exists()
+
+
+class NotHere(Exception):
+    """The task asks for what this runner cannot start where it runs (more than one node outside Slurm)."""
+
+
+def trainer_command(task: TaskDir, module: str, resume: str | None = None, attempt: int = 1) -> list[str]:
     tail = [str(task.spec), *(["--resume", resume] if resume else [])]
-    processes = processes_of(task)
+    processes, nodes = processes_of(task), nodes_of(task)
+    if nodes > 1:
+        return multinode_command(task, module, tail, processes, nodes, attempt)
     if processes > 1:
         return [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
             "--max-restarts=0", "-m", module, *tail,
         ]  # fmt: skip
     return [sys.executable, "-m", module, *tail]
+
+
+def multinode_command(
+    task: TaskDir, module: str, tail: list[str], processes: int, nodes: int, attempt: int
+) -> list[str]:
+    """srun starts ftstudio.node on every node of the job; their torchruns meet on this node (the job's
+    first: where the batch step, this runner, runs), at this node's name, which every node resolves."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        raise NotHere(
+            f"the task asks for {nodes} nodes, which only a Slurm job has; resubmit it with --nodes 1, or from "
+            "a studio started with --executor slurm"
+        )
+    with socket.socket() as s:  # a free port for the rendezvous; torchrun's store binds it moments later
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={processes}",
+        "--rdzv_backend=c10d", f"--rdzv_endpoint={socket.gethostname()}:{port}",
+        f"--rdzv_id={task.path.name}-{attempt}", "--max-restarts=0", "-m", module, *tail,
+    ]  # fmt: skip
+    # --mem=0: each node's share of the job's memory; --kill-on-bad-exit: one node failing ends the others.
+    srun = [
+        "srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={processes}", "--mem=0",
+        "--kill-on-bad-exit=1",
+    ]  # fmt: skip
+    return [*srun, sys.executable, "-m", "ftstudio.node", str(task.path), "--", *torchrun]
 
 
 def shutdown_grace() -> float:
@@ -348,8 +402,17 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         # Every later attempt (resume, retry, extend) continues from the newest complete checkpoint;
         # with none, the trainer starts from the beginning.
         resume = "auto"
-    argv = trainer_command(task, module, resume)
-    distributed = processes_of(task) > 1
+    try:
+        argv = trainer_command(task, module, resume, attempt)
+    except NotHere as e:
+        log(f"training cannot start: {e}")
+        write_json_atomic(
+            task.exit,
+            {"outcome": Outcome.FAILED, "reason": str(e), "exit_code": None, "signal": None, "attempt": attempt,
+             "finished_at": time.time()},
+        )  # fmt: skip
+        return 0
+    distributed, nodes = world_of(task) > 1, nodes_of(task)
     try:
         events_start = task.events.stat().st_size  # this attempt's events come after it
     except OSError:
@@ -368,7 +431,12 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
     limit.started(trainer.pid)
 
     stop = Stop()
-    pause = PauseForwarder(trainer, distributed, processes_of(task))
+    if nodes > 1:
+        # The trainer is srun: it hands a SIGUSR1 to every process of its step, once each node's launcher
+        # can take it (ftstudio.node), and they see to their own ranks.
+        pause = PauseForwarder(trainer, False, 1, ready=lambda: all(node_ready(task, n) for n in range(nodes)))
+    else:
+        pause = PauseForwarder(trainer, distributed, processes_of(task))
     grace = shutdown_grace()
 
     def on_stop(signum: int, _frame: object) -> None:
@@ -446,7 +514,7 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         paused=stop.paused,
         killed=stop.killed,
         since=events_start,
-        processes=processes_of(task),
+        processes=world_of(task),
     )
     record = {
         **outcome,
@@ -468,10 +536,18 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
 class PauseForwarder:
     """Delivers a pause to the processes that train: the trainer, or torchrun's worker ranks."""
 
-    def __init__(self, trainer: subprocess.Popen[bytes], distributed: bool, processes: int) -> None:
+    def __init__(
+        self,
+        trainer: subprocess.Popen[bytes],
+        distributed: bool,
+        processes: int,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
         self.trainer = trainer
         self.distributed = distributed
         self.processes = processes
+        self.ready = ready
+        """Whether the pause may be sent at all yet (several nodes: every node's launcher is listening)."""
         self.requested = False
         self.delivered: set[int] = set()
 
@@ -488,6 +564,8 @@ class PauseForwarder:
         return self.requested and len(self.delivered) < (self.processes if self.distributed else 1)
 
     def forward(self) -> None:
+        if self.ready is not None and not self.ready():
+            return
         for pid in self.targets():
             # Not yet catching it means still starting Python: SIGUSR1 would kill it; try again shortly.
             if pid in self.delivered or catches_pause(pid) is False:

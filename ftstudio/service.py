@@ -138,7 +138,7 @@ class Service(Launcher, Control, Catalog):
         from ftstudio import preflight  # the trainer's cheap checks: files exist, data parses
 
         preflight.check(cfg, self.home.root, max_row_bytes=None if trusted else self.policy.max_row_bytes)
-        self._check_gpus(cfg)
+        self._check_resources(cfg)
         # A name is text: control characters (terminal commands, bidi overrides) are dropped.
         name = " ".join(plain(name or "").split())[:200] or plain(f"{cfg.model.name} on {Path(cfg.data.path).name}")
         # Counted and recorded under one lock, so concurrent requests cannot all slip under the limit.
@@ -178,11 +178,19 @@ class Service(Launcher, Control, Catalog):
         self.schedule()
         return self.store.get(task.id)
 
-    def _check_gpus(self, cfg: TrainingConfig) -> None:
+    def _check_resources(self, cfg: TrainingConfig) -> None:
         """A request this machine can never meet is refused now, not left waiting forever. (On a cluster,
         the scheduler knows what it has: sbatch refuses what it can never give.)"""
         if self.executor.cluster:
             return
+        if cfg.resources.nodes > 1:
+            raise ValidationError(
+                Problem(
+                    "resources.nodes (--nodes)",
+                    f"asks for {cfg.resources.nodes} machines, but this studio runs tasks on this machine; spread a "
+                    "task over nodes from a studio started with --executor slurm, or use --processes here",
+                )
+            )
         want = want_of(cfg.to_dict()["resources"], len(self.gpus))
         have = (
             f"GPUs {', '.join(map(str, self.gpus))}"
@@ -308,7 +316,7 @@ class Service(Launcher, Control, Catalog):
         executor = self.supervisor.executor_for(task)
         if not isinstance(executor, SlurmExecutor):
             return {"job_id": task.job_id, "state": None, "reason": None}
-        state = executor.state(task.job_id) if task.status_enum.has_process else None
+        state = executor.known(task.job_id) if task.status_enum.has_process else None
         return {
             "job_id": task.job_id,
             "state": state.state if state else None,

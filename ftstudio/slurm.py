@@ -49,6 +49,9 @@ COMMAND_TIMEOUT_S = 30.0
 """The longest a Slurm command may take before the answer is "cannot tell" (slurmctld busy or down)."""
 LOOK_S = 2.0
 """How long one `squeue` listing answers for: the supervisor asks about every task each look."""
+RETRY_S = 10.0
+"""After `squeue` failed (a controller that is down makes it take 9-18 s to fail), how long "cannot tell"
+stands before it is asked again: the supervisor's look at local tasks must not wait on it every time."""
 
 # States in which the job's runner is, or will be, running (squeue's %T, long form).
 ALIVE_STATES = frozenset(
@@ -231,6 +234,8 @@ class _Listing:
     at: float = 0.0
     jobs: dict[str, JobState] = field(default_factory=dict)
     ok: bool = False
+    failed_at: float | None = None
+    """When the last `squeue` failed; None when it answered."""
 
 
 def job_name(task_id: str) -> str:
@@ -261,8 +266,16 @@ def sbatch_options(settings: SlurmSettings, config: Mapping[str, Any]) -> list[s
     """sbatch's options for one task: the studio's settings and the task's resources."""
     resources = config.get("resources", {}) if isinstance(config, Mapping) else {}
     processes = int(resources.get("processes") or 1)
+    nodes = int(resources.get("nodes") or 1)
     gpus = int(resources.get("gpus") if resources.get("gpus") is not None else -1)
-    opts = [f"--partition={settings.partition}", "--nodes=1", "--ntasks=1", f"--cpus-per-task={max(1, processes)}"]
+    # One task per node, holding the node's share: the runner on the first node, and under it (more than one
+    # node) `srun` starts one launcher per node, whose torchrun starts `processes` ranks (ftstudio.node).
+    opts = [
+        f"--partition={settings.partition}",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={max(1, processes)}",
+    ]
     if settings.account:
         opts.append(f"--account={settings.account}")
     if settings.qos:
@@ -316,11 +329,18 @@ class SlurmExecutor:
         with self._lock:
             if not fresh and self._listing.ok and self.clock() - self._listing.at < LOOK_S:
                 return self._listing.jobs
+            failed = self._listing.failed_at
+            if not fresh and failed is not None and self.clock() - failed < RETRY_S:
+                return None
             try:
                 out = self.commands.run("squeue", "--noheader", "--states=all", "--me", "--format=%i|%T|%r|%j")
             except (SlurmError, TimeoutError, OSError) as e:
-                log.warning("cannot ask Slurm about its jobs (%s); leaving every Slurm task as it is", e)
-                self._listing = _Listing()
+                log.warning(
+                    "cannot ask Slurm about its jobs (%s); leaving every Slurm task as it is, asking again in %gs",
+                    e,
+                    RETRY_S,
+                )
+                self._listing = _Listing(failed_at=self.clock())
                 return None
             jobs = {}
             for line in out.splitlines():
@@ -343,6 +363,14 @@ class SlurmExecutor:
         """As `state`, from a new listing."""
         jobs = self.jobs(fresh=True)
         return None if jobs is None else jobs.get(job_id) or JobState(job_id, "GONE")
+
+    def known(self, job_id: str) -> JobState | None:
+        """The job's state in the last listing, without asking Slurm (for a request, which must not wait on
+        `squeue`: the supervisor's looks keep the listing current); None when the last ask failed."""
+        with self._lock:
+            if not self._listing.ok:
+                return None
+            return self._listing.jobs.get(job_id) or JobState(job_id, "GONE")
 
     def state(self, job_id: str) -> JobState | None:
         """The job's state; JobState(state="GONE") when Slurm no longer lists it; None when it cannot tell."""

@@ -287,3 +287,57 @@ def test_two_processes_stopped_runner_leaves_no_process_of_the_task(tmp_path: Pa
         assert record["outcome"] == "cancelled" and record["reason"] == "stopped on request (SIGTERM)"
     else:
         assert not TaskDir(task).exit.exists()  # no record: the supervisor calls it dead
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["pause", "preemption"])
+def test_a_nodes_launcher_passes_a_pause_to_its_ranks_and_torchrun_survives_it(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Across nodes, srun hands the runner's SIGUSR1 to every process of its step on every node: each
+    node's launcher (ftstudio.node) and torchrun's agent, which would die of it. Here the launcher runs
+    without srun and gets the signal the same way, at once with the agent; the ranks still pause. Slurm's
+    SIGTERM before a preemption comes the same way: the ranks checkpoint and the launcher waits for them."""
+    from ftstudio.procs import TASK_ENV
+
+    task = _two_process_task(tmp_path, "20261201-0000-node", steps=8)
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0",
+        "-m", "ftstudio.train", str(task / "spec.json"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", TASK_ENV: task.name}
+    with open(task / "training.log", "ab") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "ftstudio.node", str(task), "--", *torchrun],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: the launcher and torchrun's agent, as srun's step
+        )
+    wait_for(lambda: (task / "ranks" / "node-0.ready").exists(), timeout=60, what="the launcher ready")
+    wait_for(
+        lambda: launcher.poll() is not None or any(s >= 2 for s in _progress_steps(task)),
+        timeout=180,
+        interval=0.02,
+        what="progress step 2",
+    )
+    assert launcher.poll() is None, (task / "training.log").read_text()[-3000:]
+    os.killpg(launcher.pid, sig)
+    try:
+        code = launcher.wait(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for p in tagged(task.name):
+            p.kill()
+    log = (task / "training.log").read_text()
+    suspended = read_events(task)[-1]
+    assert suspended["kind"] == "suspended" and suspended.get("shutdown", False) == (sig == signal.SIGTERM), log
+    ckpt = task / "checkpoints" / f"checkpoint-{suspended['step']}"
+    assert is_complete(ckpt) and json.loads((ckpt / MARKER).read_text())["ranks"] == 2
+    if sig == signal.SIGUSR1:
+        assert code == 0, log[-3000:]
+        assert "ChildFailedError" not in log  # the agent lived to see its ranks exit
+    else:
+        assert "node 0: received SIGTERM; waiting for its training processes to stop" in log

@@ -111,6 +111,11 @@ def test_requests_this_machine_cannot_meet_are_refused_at_submit(home: Path) -> 
     assert r.returncode == 2 and "GPU 5 is not on this machine; it has GPUs 0, 1" in r.stderr
     r = run_cli(home, "submit", "--preset", "cpu-demo", "--memory", "lots", scripted=True)
     assert r.returncode == 2 and "resources.memory (--memory): must be a size such as 8G" in r.stderr
+    r = run_cli(home, "submit", "--preset", "cpu-demo", "--nodes", "2", scripted=True)
+    assert r.returncode == 2
+    assert "resources.nodes (--nodes): asks for 2 machines, but this studio runs tasks on this machine" in r.stderr
+    r = run_cli(home, "submit", "--preset", "cpu-demo", "--nodes", "0", scripted=True)
+    assert r.returncode == 2 and "resources.nodes (--nodes)" in r.stderr
     r = run_cli(home, "studio", "start", "--slots", "0")
     assert r.returncode == 2 and "--slots: must be between 1 and 256 (got 0)" in r.stderr
     assert cli_json(home, "tasks")["total"] == 0  # nothing was recorded

@@ -9,6 +9,7 @@ import json
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,8 +22,11 @@ from ftstudio.executor import Launch
 from ftstudio.home import TaskDir
 from ftstudio.lifecycle import SchedulerWord
 from ftstudio.procs import Liveness
+from ftstudio.runner import NotHere, trainer_command, world_of
 from ftstudio.slurm import (
+    RETRY_S,
     Commands,
+    JobState,
     LoginUnreachable,
     SlurmError,
     SlurmExecutor,
@@ -151,8 +155,35 @@ def test_sbatch_refusing_is_a_launch_error_with_its_words(tmp_path: Path) -> Non
 
 def test_options_follow_the_task_resources() -> None:
     plain = sbatch_options(SlurmSettings("debug"), {})
-    assert plain == ["--partition=debug", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--requeue",
+    assert plain == ["--partition=debug", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--requeue",
                      "--signal=B:USR1@120"]  # fmt: skip
+    settings = SlurmSettings("gpu", account="lab", time="2-00:00:00", extra=("--constraint=a100",))
+    big = sbatch_options(settings, {"resources": {"processes": 4, "nodes": 2, "gpus": 4, "memory": "64G"}})
+    # One task per node (the runner on the first, a launcher on each under srun), the node's ranks its CPUs.
+    assert big == ["--partition=gpu", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=4", "--account=lab",
+                   "--time=2-00:00:00", "--gpus-per-node=4", "--mem=65536M", "--constraint=a100", "--requeue",
+                   "--signal=B:USR1@120"]  # fmt: skip
+
+
+def test_a_task_over_several_nodes_runs_srun_torchrun_meeting_on_the_first_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = make_task(tmp_path, {"resources": {"processes": 2, "nodes": 3}})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(NotHere, match="asks for 3 nodes, which only a Slurm job has"):
+        trainer_command(task, "ftstudio.train", "auto", attempt=2)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    argv = trainer_command(task, "ftstudio.train", "auto", attempt=2)
+    launcher = argv.index("ftstudio.node")
+    assert argv[:launcher] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--cpus-per-task=2", "--mem=0",
+                               "--kill-on-bad-exit=1", sys.executable, "-m"]  # fmt: skip
+    assert argv[launcher + 1 : launcher + 3] == [str(task.path), "--"]
+    torchrun = argv[launcher + 3 :]
+    host, port = next(a for a in torchrun if a.startswith("--rdzv_endpoint=")).split("=")[1].split(":")
+    assert host == socket.gethostname() and 0 < int(port) < 65536  # this node: the batch step runs on the first
+    assert {"--nnodes=3", "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_id={TASK}-2"} <= set(torchrun)
+    assert torchrun[-4:] == ["ftstudio.train", str(task.spec), "--resume", "auto"]
+    assert world_of(task) == 6
 
 
 # -- poll ----------------------------------------------------------------------------------------
@@ -201,6 +232,32 @@ def test_one_listing_answers_every_task_for_a_look(tmp_path: Path) -> None:
     ex.tick(5.0)  # type: ignore[attr-defined]
     ex.poll(task, Launch(0, 0, "", 0, job_id="1"))
     assert [c[0] for c in ex.commands.calls] == ["squeue", "squeue"]  # type: ignore[attr-defined]
+
+
+def test_a_controller_that_is_down_is_asked_again_only_after_a_pause(tmp_path: Path) -> None:
+    """A failing squeue takes 9-18 s with slurmctld down: "cannot tell" stands for RETRY_S, so the
+    supervisor's looks (and the local tasks they also watch) do not wait on it each time."""
+    down = [True]
+    ex = executor(lambda args: TimeoutError("squeue did not answer within 30s") if down[0] else listing()(args))
+    task, launch = make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242")
+    assert ex.poll(task, launch) == Liveness.UNKNOWN
+    ex.tick(RETRY_S - 1)  # type: ignore[attr-defined]
+    assert ex.poll(task, launch) == Liveness.UNKNOWN
+    assert len(ex.commands.calls) == 1  # type: ignore[attr-defined]
+    down[0] = False
+    ex.tick(1.5)  # type: ignore[attr-defined]
+    assert ex.poll(task, launch) == Liveness.DEAD  # asked again, and answered
+    assert len(ex.commands.calls) == 2  # type: ignore[attr-defined]
+
+
+def test_what_a_request_shows_never_waits_on_squeue(tmp_path: Path) -> None:
+    ex = executor(listing(f"1|PENDING|Resources|ftstudio-{TASK}"))
+    assert ex.known("1") is None  # nothing looked yet: not known, and not asked
+    assert ex.commands.calls == []  # type: ignore[attr-defined]
+    ex.poll(make_task(tmp_path), Launch(0, 0, "", 0, job_id="1"))
+    ex.tick(60.0)  # type: ignore[attr-defined]
+    assert ex.known("1") == JobState("1", "PENDING", "Resources", f"ftstudio-{TASK}")  # the last look's word
+    assert len(ex.commands.calls) == 1  # type: ignore[attr-defined]
 
 
 # -- signals and cancel ------------------------------------------------------------------------------
