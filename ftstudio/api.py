@@ -273,6 +273,17 @@ def create_app(
             headers={"Content-Disposition": f'attachment; filename="{task_id}-adapter.tar.gz"'},
         )
 
+    @app.get("/api/tasks/{task_id}/handover")
+    def task_handover(task_id: str) -> dict[str, str]:
+        """Ready-to-copy ways to load a completed task's result: peft, vLLM, Ollama, `ftstudio export`."""
+        from ftstudio.export import handover
+
+        task = service.get(task_id)
+        tdir = require_task_dir(service, task_id)
+        if task.status != "completed" or not (tdir.adapter / "adapter_config.json").is_file():
+            raise NotFound(f"task {task_id} has no adapter yet; it is written when training completes")
+        return handover(task.id, task.name, tdir.adapter, service.home.root)
+
     @app.get("/api/tasks/{task_id}/files/{name}")
     def task_file(task_id: str, name: str) -> StreamingResponse:
         tdir = require_task_dir(service, task_id)

@@ -386,6 +386,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ftstudio import export
+
+    tdir = _task_dir(args.task, "export")
+    service = _service()
+    task = service.get(args.task)
+    out = Path(args.out) if args.out else Path.cwd() / f"{export.lora_name(task.name, task.id)}-{args.format}"
+    wall = service.task_json(task).get("elapsed_s")  # every attempt's, not only the last one's
+    print(export.export(task.id, task.name, tdir.path, out, args.format, Home.default().root, wall_s=wall))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ftstudio import adapters
 
@@ -394,13 +406,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_dir(task_id: str) -> Any:
+def _task_dir(task_id: str, what: str = "merge and generate") -> Any:
     from ftstudio.service import require_task_dir
 
     service = _service()
     task: Task = service.get(task_id)
     if task.status != TaskStatus.COMPLETED:
-        raise ValidationError(f"task {task_id} is {task.status}; merge and generate need a completed task")
+        need = "needs" if " and " not in what else "need"
+        raise ValidationError(f"task {task_id} is {task.status}; {what} {need} a completed task (its adapter)")
     return require_task_dir(service, task_id)
 
 
@@ -579,6 +592,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("merge", cmd_merge, "write base model + adapter merged into one model (safetensors)")
     sp.add_argument("task", help="a completed task")
     sp.add_argument("--out", help="output directory (default: TASK_DIR/merged)")
+
+    sp = add(
+        "export", cmd_export, "write a completed task's result to a folder that stands on its own, with a model card"
+    )
+    sp.add_argument("task", help="a completed task")
+    sp.add_argument(
+        "--format",
+        choices=["adapter", "merged"],
+        default="adapter",
+        help="adapter: the LoRA adapter (peft, vLLM); merged: base + adapter in one model (transformers, Ollama)",
+    )
+    sp.add_argument("--out", help="a new folder (default: ./NAME-FORMAT); an existing one is refused")
 
     sp = add("generate", cmd_generate, "generate text with base model + a task's adapter")
     sp.add_argument("task", help="a completed task")

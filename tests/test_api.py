@@ -135,6 +135,7 @@ def test_delete_refused_while_running(studio):
         ("/api/tasks/..%2F..%2Fetc", 404),
         ("/api/tasks/..", 404),
         ("/api/tasks/x/logs", 404),
+        ("/api/tasks/20990101-0000-ffffff/handover", 404),
         ("/api/tasks?limit=0", 422),
         ("/api/tasks?status=bogus", 422),
     ],
@@ -145,6 +146,14 @@ def test_bad_reads_get_clear_errors(studio, path, status):
     if r.headers.get("content-type", "").startswith("application/json"):
         detail = r.json()["detail"]
         assert isinstance(detail, str) and "\n" not in detail
+
+
+def test_how_to_use_a_result_is_only_for_a_completed_task(studio):
+    task = create(studio, "scripted steps=400 delay=0.05")
+    r = studio.http.get(f"/api/tasks/{task['id']}/handover")
+    assert r.status_code == 404
+    assert r.json()["detail"] == f"task {task['id']} has no adapter yet; it is written when training completes"
+    studio.http.post(f"/api/tasks/{task['id']}/cancel")
 
 
 def test_a_second_server_on_the_same_home_refuses(studio, studio_factory):

@@ -203,3 +203,12 @@ def test_a_cli_submitted_fine_tune_runs_to_completed(home):
     merged = run_cli(home, "merge", tid)
     assert merged.returncode == 0, merged.stderr
     assert (Path(merged.stdout.strip()) / "config.json").is_file()
+    out = home / "exports"
+    out.mkdir()
+    for fmt, needed in (("adapter", "adapter_model.safetensors"), ("merged", "model.safetensors")):
+        exported = run_cli(home, "export", tid, "--format", fmt, "--out", str(out / fmt))
+        assert exported.returncode == 0, exported.stderr
+        assert Path(exported.stdout.strip()) == out / fmt and (out / fmt / needed).is_file()
+        assert f"task `{tid}`" in (out / fmt / "README.md").read_text()
+    again = run_cli(home, "export", tid, "--out", str(out / "adapter"))
+    assert again.returncode == 2 and f"{out / 'adapter'} already exists; name a new folder with --out" in again.stderr

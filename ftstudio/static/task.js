@@ -13,6 +13,7 @@ import { TaskStream } from "./stream.js";
 import { confirmDialog, extendDialog } from "./dialog.js";
 import { queueSentence, fmtResource } from "./queue.js";
 import { AttemptsTimeline } from "./attempts.js";
+import { handoverPanel } from "./handover.js";
 
 export function mountTask(root, taskId) {
   let task = null;
@@ -350,6 +351,9 @@ export function mountTask(root, taskId) {
           ),
         ),
       );
+      const use = await handoverPanel(taskId);
+      if (destroyed) return;
+      artifacts.append(h("h3", { id: "use-title" }, "Use it"), use);
     } catch (err) {
       artifacts.replaceChildren(h("p", { class: "error-text" }, `Could not list the artifacts: ${err.message}`));
     }

@@ -105,6 +105,18 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
         names = [Path(n).name for n in tar.getnames()]
     assert "adapter_config.json" in names and "adapter_model.safetensors" in names
     page.get_by_role("link", name="summary.json").wait_for()
+    # "Use it": the commands that load the result, with this task's adapter path in them.
+    adapter = str(studio.home / "tasks" / task_id / "adapter")
+    page.locator("#handover-vllm").wait_for()
+    vllm = page.locator("#handover-vllm").inner_text()
+    assert vllm.startswith("vllm serve ") and "--enable-lora --lora-modules" in vllm and adapter in vllm, vllm
+    assert f"ADAPTER {adapter}" in page.locator("#handover-ollama").inner_text()
+    assert f"ftstudio export {task_id} --format merged" in page.locator("#handover-export").inner_text()
+    copy = page.get_by_role("button", name="Copy the vLLM commands")
+    copy.click()
+    assert copy.inner_text() in ("Copied", "Selected: press Ctrl+C")
+    if copy.inner_text() == "Selected: press Ctrl+C":
+        assert page.evaluate("window.getSelection().toString()") == vllm
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "task-view-completed.png"), full_page=True)
