@@ -12,11 +12,14 @@ Skipped, with the reason, where the two-node cluster is not up; in CI (CI=true) 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from slurm_cluster import SlurmCluster
+from support import Studio, home_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -152,3 +155,61 @@ def test_torchrun_on_two_nodes_all_reduces_over_gloo(slurm2: SlurmCluster, tmp_p
     assert ranks[first]["gloo"], f"no gloo connection seen on {first}: {report}"
     for local, remote in ranks[first]["gloo"]:
         assert local.rpartition(":")[0] == own and remote.rpartition(":")[0] == other, report
+
+
+# -- the studio's tasks over two nodes ---------------------------------------------------------------
+
+
+@pytest.fixture
+def studio2(slurm2: SlurmCluster, home: Path) -> Iterator[Studio]:
+    """A studio submitting to the two-node cluster, whose jobs run the real trainer."""
+    s = Studio(home, home_env(home, SLURM_CONF=str(slurm2.conf), OMP_NUM_THREADS="1"))
+    yield s.start("--executor", "slurm", "--partition", "debug")
+    s.stop()
+    for tid in os.listdir(home / "tasks") if (home / "tasks").is_dir() else []:
+        slurm2.run("scancel", f"--name=ftstudio-{tid}", check=False)
+
+
+def test_a_fine_tune_over_two_nodes_pauses_resumes_and_completes_with_every_rank(studio2: Studio, home: Path) -> None:
+    """resources.nodes=2: the job's runner starts srun, one launcher per node, their torchruns meet on
+    the first node; a pause goes through srun to both nodes' ranks and the checkpoint holds both; the
+    resumed attempt is a new two-node job, and every step happens once."""
+    config = {
+        "preset": "cpu-demo",
+        "data": {"validation": "0", "max_length": 64},
+        "optim": {"max_steps": 80, "batch_size": 2, "seed": 5},
+        "checkpoint": {"every_steps": 50},
+        "logging": {"eval_on_start": False},
+        "resources": {"nodes": 2, "processes": 1},
+    }
+    r = studio2.http.post("/api/tasks", json={"name": "two nodes", "config": config})
+    assert r.status_code == 201, r.text
+    tid = r.json()["id"]
+    tdir = home / "tasks" / tid
+    wait_for(
+        lambda: (
+            studio2.task(tid)["step"] >= 4 or studio2.task(tid)["status"] not in ("queued", "preparing", "training")
+        ),
+        timeout=300,
+        what="step 4 on two nodes",
+    )
+    assert studio2.task(tid)["status"] == "training", (tdir / "training.log").read_text()[-3000:]
+    log = (tdir / "training.log").read_text()
+    assert "node 0 (fts1) started its 1 training process(es)" in log and "node 1 (fts2)" in log, log[-3000:]
+    first_job = studio2.task(tid)["slurm"]["job_id"]
+
+    r = studio2.http.post(f"/api/tasks/{tid}/pause")
+    assert r.status_code == 200, r.text
+    paused = studio2.wait_status(tid, "paused", "failed", "interrupted", timeout=180)
+    assert paused["status"] == "paused", (paused, (tdir / "training.log").read_text()[-3000:])
+    ckpt = tdir / "checkpoints" / f"checkpoint-{paused['step']}"
+    assert json.loads((ckpt / "ftstudio-complete.json").read_text())["ranks"] == 2  # both nodes' ranks in it
+
+    assert studio2.http.post(f"/api/tasks/{tid}/resume").status_code == 200
+    done = studio2.wait_status(tid, "completed", "failed", "cancelled", timeout=400)
+    assert done["status"] == "completed", (done["error"], (tdir / "training.log").read_text()[-3000:])
+    assert done["attempt"] == 2 and done["slurm"]["job_id"] != first_job
+    assert done["attempts"][1]["resumed_from_step"] == paused["step"]
+    events = studio2.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
+    assert [e["step"] for e in events if e["kind"] == "progress"] == list(range(1, 81))
+    assert (tdir / "adapter" / "adapter_model.safetensors").is_file()
