@@ -366,6 +366,7 @@ export function mountTask(root, taskId) {
       clearTimeout(fallbackTimer);
       stream?.stop();
       log.stop();
+      chart.destroy();
     },
   };
 }
