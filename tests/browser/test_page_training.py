@@ -114,7 +114,10 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     assert f"ftstudio export {task_id} --format merged" in page.locator("#handover-export").inner_text()
     copy = page.get_by_role("button", name="Copy the vLLM commands")
     copy.click()
-    assert copy.inner_text() in ("Copied", "Selected: press Ctrl+C")
+    page.wait_for_function(
+        "['Copied', 'Selected: press Ctrl+C'].includes("
+        "document.querySelector('[aria-label=\"Copy the vLLM commands\"]').textContent)"
+    )  # the clipboard answers asynchronously
     if copy.inner_text() == "Selected: press Ctrl+C":
         assert page.evaluate("window.getSelection().toString()") == vllm
 
