@@ -9,7 +9,7 @@ PORT ?= 8765
 LINT_PATHS := $(wildcard ftstudio tests bench)
 SLURM_CLUSTER := scripts/slurm-dev-cluster
 
-.PHONY: demo test lint setup browser clean bench slurm-up slurm-down
+.PHONY: demo test lint setup browser clean bench slurm-up slurm-down slurm2-up slurm2-down
 
 $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,22 +34,33 @@ lint: setup
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
-# The Slurm tests run against a real one-node cluster on this machine, and its login
-# node (an sshd on 127.0.0.1:2222, for --slurm-host): brought up here (root or
-# passwordless sudo, apt) and stopped after pytest, whatever pytest says; a cluster
-# that was already up is used and left up, its login node started if it was not.
-# Where they cannot come up the Slurm tests skip, saying why; in CI (CI=true) that
-# fails the run.
+# The Slurm tests run against a real one-node cluster on this machine and its login
+# node (an sshd on 127.0.0.1:2222, for --slurm-host), and the multi-node ones against
+# an emulated two-node cluster (`up2`: two slurmd in their own network namespaces):
+# each is brought up here (root or passwordless sudo, apt) and stopped after pytest,
+# whatever pytest says; a cluster that was already up is used and left up, its login
+# node started if it was not. Where one cannot come up its tests skip, saying why; in
+# CI (CI=true) that fails the run.
 test: setup browser lint
-	@if $(SLURM_CLUSTER) status >/dev/null 2>&1; then \
+	@stop=":"; \
+	if $(SLURM_CLUSTER) status >/dev/null 2>&1; then \
 	  echo "make test: using the Slurm cluster that is already up"; \
 	  $(SLURM_CLUSTER) login-up || echo "make test: its login node did not come up (see above)" >&2; \
 	elif $(SLURM_CLUSTER) up; then \
-	  trap '$(SLURM_CLUSTER) down' EXIT; \
+	  stop="$(SLURM_CLUSTER) down; $$stop"; trap "$$stop" EXIT; \
 	elif [ "$${CI:-}" = true ]; then \
 	  echo "make test: CI needs the Slurm cluster and it did not come up (see above)" >&2; exit 1; \
 	else \
 	  echo "make test: no Slurm cluster here (see above); the Slurm tests will skip" >&2; \
+	fi; \
+	if $(SLURM_CLUSTER) status2 >/dev/null 2>&1; then \
+	  echo "make test: using the two-node Slurm cluster that is already up"; \
+	elif $(SLURM_CLUSTER) up2; then \
+	  stop="$(SLURM_CLUSTER) down2; $$stop"; trap "$$stop" EXIT; \
+	elif [ "$${CI:-}" = true ]; then \
+	  echo "make test: CI needs the two-node Slurm cluster and it did not come up (see above)" >&2; exit 1; \
+	else \
+	  echo "make test: no two-node Slurm cluster here (see above); the two-node tests will skip" >&2; \
 	fi; \
 	$(BIN)/python -m pytest
 
@@ -58,6 +69,12 @@ slurm-up:
 
 slurm-down:
 	$(SLURM_CLUSTER) down
+
+slurm2-up:
+	$(SLURM_CLUSTER) up2
+
+slurm2-down:
+	$(SLURM_CLUSTER) down2
 
 bench: setup
 	$(BIN)/python bench/run_all.py

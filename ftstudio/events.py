@@ -10,7 +10,7 @@ Kinds (every event has `kind` and `ts`, unix seconds):
     status       phase ("loading_model", "loading_data", "saving", ...), message
     train_begin  total_steps, total_epochs, trainable_params, resumed_from_step
     progress     step, total_steps, epoch, total_epochs, loss, lr, grad_norm,
-                 tokens_per_s, eta_s
+                 tokens_per_s, tokens (real tokens seen so far), eta_s
     eval         step, epoch, eval_loss
     checkpoint   step, path
     train_end    summary fields (steps, final_loss, best_loss, tokens, tokens_per_s, wall_s)

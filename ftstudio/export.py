@@ -53,7 +53,11 @@ def base_name(adapter: Path, home: Path) -> str:
     name = str(_read(adapter, "training_config.json").get("model", {}).get("name") or "")
     if name and not name.startswith("builtin:") and not Path(name).expanduser().exists():
         return name  # a hub id: what vLLM, peft and transformers download by, on any machine
-    return str(base_model_ref(adapter, home))
+    try:
+        return str(base_model_ref(adapter, home))
+    except (OSError, ValueError, KeyError, UserError):
+        # An adapter that does not say its base (not one this studio trained): name the slot to fill.
+        return name or "BASE_MODEL"
 
 
 def handover(task_id: str, task_name: str, adapter: Path, home: Path) -> dict[str, str]:

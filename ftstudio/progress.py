@@ -228,6 +228,7 @@ class StudioCallback(TrainerCallback):
             lr=lr,
             grad_norm=None if grad_norm is None else round(float(grad_norm), 6),
             tokens_per_s=round(tokens_per_s, 1),
+            tokens=s.tokens,
             eta_s=None if eta is None else round(eta, 1),
         )
         eta_text = f"{eta:.0f}s" if eta is not None else "?"

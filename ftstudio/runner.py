@@ -564,7 +564,15 @@ class PauseForwarder:
         return self.requested and len(self.delivered) < (self.processes if self.distributed else 1)
 
     def forward(self) -> None:
-        if self.ready is not None and not self.ready():
+        if self.ready is not None:
+            # srun: it takes SIGUSR1 in a signal thread of its own (so it shows no handler to look for) and
+            # hands it to its step; `ready` says when every process it would reach can take it.
+            if self.ready() and not self.delivered:
+                try:
+                    os.kill(self.trainer.pid, PAUSE_SIGNAL)
+                    self.delivered.add(self.trainer.pid)
+                except ProcessLookupError:
+                    pass
             return
         for pid in self.targets():
             # Not yet catching it means still starting Python: SIGUSR1 would kill it; try again shortly.

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from slurm_cluster import NoCluster, SlurmCluster, connect, in_ci
+from slurm_cluster import NoCluster, SlurmCluster, connect, connect2, in_ci
 from support import ROOT, SCRIPTED, Studio, home_env, sweep
 
 
@@ -48,11 +48,11 @@ def studio_factory(home: Path) -> Iterator[Callable[..., Studio]]:
         s.stop()
 
 
-@pytest.fixture(scope="session")
-def slurm() -> Iterator[SlurmCluster]:
-    """The Slurm cluster (slurm_cluster.py); skips without one, fails without one in CI."""
+def _cluster(open_cluster: Callable[[], SlurmCluster], what: str) -> Iterator[SlurmCluster]:
+    """The cluster open_cluster() reaches, its submitted jobs cancelled at the end; a skip
+    without it, saying why; a failure without it in CI."""
     try:
-        cluster = connect()
+        cluster = open_cluster()
     except NoCluster as e:
         missing = str(e)
     else:
@@ -60,5 +60,18 @@ def slurm() -> Iterator[SlurmCluster]:
         cluster.cancel_submitted()
         return
     if in_ci():
-        pytest.fail(f"CI needs a Slurm cluster: {missing}", pytrace=False)
-    pytest.skip(f"no Slurm cluster: {missing}")
+        pytest.fail(f"CI needs a {what}: {missing}", pytrace=False)
+    pytest.skip(f"no {what}: {missing}")
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """The Slurm cluster (slurm_cluster.py); skips without one, fails without one in CI."""
+    yield from _cluster(connect, "Slurm cluster")
+
+
+@pytest.fixture(scope="session")
+def slurm2() -> Iterator[SlurmCluster]:
+    """The emulated two-node Slurm cluster (scripts/slurm-dev-cluster up2); skips without it,
+    fails without it in CI."""
+    yield from _cluster(connect2, "two-node Slurm cluster")

@@ -9,6 +9,11 @@ on a filesystem both the test and the job see.
 
 Without a cluster the `slurm` fixture skips, saying why; in CI (`CI=true`) it
 fails instead, because CI must run the Slurm tests against the real cluster.
+
+The `slurm2` fixture is the emulated two-node cluster (`scripts/slurm-dev-cluster
+up2`, brought up by `make test` too): its own slurm.conf in `$FTSTUDIO_SLURM2_DIR`
+(default /var/lib/ftstudio-slurm2), never `SLURM_CONF`; nodes fts1 and fts2, each
+with its own host name and address, sharing this machine's file systems.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_STATE_DIR = Path("/var/lib/ftstudio-slurm")
+DEFAULT_STATE_DIR2 = Path("/var/lib/ftstudio-slurm2")
 # A controller that is down makes a client command retry for 9-18 s before it gives up.
 COMMAND_TIMEOUT = 30.0
 # States after which a job never runs again (unless someone requeues it by hand).
@@ -54,6 +60,11 @@ def cluster_conf() -> Path:
     if os.environ.get("SLURM_CONF"):
         return Path(os.environ["SLURM_CONF"])
     return Path(os.environ.get("FTSTUDIO_SLURM_DIR") or DEFAULT_STATE_DIR) / "slurm.conf"
+
+
+def cluster2_conf() -> Path:
+    """The two-node development cluster's slurm.conf."""
+    return Path(os.environ.get("FTSTUDIO_SLURM2_DIR") or DEFAULT_STATE_DIR2) / "slurm.conf"
 
 
 @dataclass
@@ -109,21 +120,31 @@ class SlurmCluster:
             self.run("scancel", *self.submitted, check=False)
 
 
-def connect() -> SlurmCluster:
-    """The cluster, once `sinfo` answers and a node takes jobs; else NoCluster."""
+def connect(conf: Path | None = None, *, nodes: int = 1, up: str = "up") -> SlurmCluster:
+    """The cluster of `conf` (default: cluster_conf()), once `sinfo` answers and `nodes`
+    of its nodes take jobs; else NoCluster. `up` names the script's command that starts it."""
     if shutil.which("sinfo") is None:
-        raise NoCluster("Slurm's client commands are not installed (scripts/slurm-dev-cluster up installs them)")
-    conf = cluster_conf()
+        raise NoCluster(f"Slurm's client commands are not installed (scripts/slurm-dev-cluster {up} installs them)")
+    conf = conf or cluster_conf()
     if not conf.is_file():
-        raise NoCluster(f"no {conf}; start the development cluster: scripts/slurm-dev-cluster up")
+        raise NoCluster(f"no {conf}; start the development cluster: scripts/slurm-dev-cluster {up}")
     cluster = SlurmCluster(conf, {**os.environ, "SLURM_CONF": str(conf)})
     try:
-        done = cluster.run("sinfo", "--noheader", "--format=%T", check=False)
+        done = cluster.run("sinfo", "--noheader", "--Node", "--format=%N %T", check=False)
     except subprocess.TimeoutExpired:
         raise NoCluster(f"sinfo did not answer in {COMMAND_TIMEOUT:.0f}s (SLURM_CONF={conf})") from None
     if done.returncode != 0:
         raise NoCluster(f"sinfo failed (SLURM_CONF={conf}): {done.stderr.strip()}; is the cluster up?")
-    states = set(done.stdout.split())
-    if not states & USABLE_NODE_STATES:
-        raise NoCluster(f"no node takes jobs (node states: {', '.join(sorted(states)) or 'none'})")
+    # One line per node and partition: "fts1 idle".
+    states = dict(line.split(maxsplit=1) for line in done.stdout.splitlines() if line.strip())
+    usable = sorted(node for node, state in states.items() if state in USABLE_NODE_STATES)
+    if len(usable) < nodes:
+        seen = ", ".join(f"{node} {state}" for node, state in sorted(states.items())) or "none"
+        wanted = "no node takes jobs" if nodes == 1 else f"{len(usable)} of the {nodes} nodes needed take jobs"
+        raise NoCluster(f"{wanted} (node states: {seen})")
     return cluster
+
+
+def connect2() -> SlurmCluster:
+    """The emulated two-node cluster (scripts/slurm-dev-cluster up2), both nodes taking jobs."""
+    return connect(cluster2_conf(), nodes=2, up="up2")

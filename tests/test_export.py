@@ -95,3 +95,12 @@ def test_the_commands_to_serve_it_name_the_adapter_the_base_and_the_rank(task: P
     (high / "adapter_config.json").write_text(json.dumps({**config, "r": 24}))
     vllm = shlex.split(handover(TASK, "x", high, shared_home())["vllm"])
     assert vllm[vllm.index("--max-lora-rank") + 1] == "32"
+
+
+def test_an_adapter_that_does_not_name_its_base_still_gets_commands(task: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text("{}")
+    hand = handover(TASK, "bare", bare, shared_home())
+    assert hand["base"] == "BASE_MODEL" and "vllm serve BASE_MODEL --enable-lora" in hand["vllm"]
+

@@ -58,9 +58,21 @@ def test_event_sequence_and_summary(tmp_path: Path) -> None:
     assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [3, 6]
     assert any(e["kind"] == "eval" and e["step"] == 6 for e in events)
     p = next(e for e in events if e["kind"] == "progress")
-    assert {"step", "total_steps", "epoch", "total_epochs", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(
-        p
-    )
+    assert {
+        "step",
+        "total_steps",
+        "epoch",
+        "total_epochs",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "tokens",
+        "eta_s",
+    } <= set(p)
+    # Tokens seen so far: what the comparison of runs can put on its x axis.
+    seen = [e["tokens"] for e in events if e["kind"] == "progress"]
+    assert 0 < seen[0] < seen[1] < seen[2]
     adapter = tmp_path / "task" / "adapter"
     summary = json.loads((adapter / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["final_eval_loss"] is not None

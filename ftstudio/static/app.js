@@ -1,8 +1,9 @@
-// ftstudio's page: a hash router over three views (list, new, task) and the system panel.
+// ftstudio's page: a hash router over four views (list, new, task, compare) and the system panel.
 
 import { mountList } from "./list.js";
 import { mountNew } from "./new.js";
 import { mountTask } from "./task.js";
+import { mountCompare } from "./compare.js";
 import { mountSystem } from "./system.js";
 
 const main = document.getElementById("main");
@@ -19,6 +20,8 @@ function route() {
   let nav = "tasks";
   if ((m = path.match(/^\/tasks\/([^/]+)$/))) {
     view = mountTask(main, decodeURIComponent(m[1]));
+  } else if (path === "/compare") {
+    view = mountCompare(main, params);
   } else if (path === "/new") {
     nav = "new";
     view = mountNew(main);

@@ -1,14 +1,18 @@
 // The task list: newest first, filter by status, paged; refreshed every few
 // seconds by updating rows in place (a page of rows, never the whole history).
 // Above it the queue panel: what trains on which slot or GPU, what waits and why.
+// A box beside each name picks it for comparing (#/compare); the picks outlive paging
+// and filtering, for as long as the page is open.
 
 import { api } from "./api.js";
 import { h, setText, fmtOf, fmtEpoch, fmtLoss, fmtDuration, fmtTime, isoTime, isNum, fmtInt, progressBar } from "./dom.js";
 import { STATUSES, RUNNING, statusBadge, setBadge, isPausing } from "./status.js";
 import { QueuePanel, queuePlace, reasonNodes } from "./queue.js";
+import { MAX_COMPARED } from "./compare.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_MS = 3000;
+const picked = new Set();
 
 export function mountList(root, params) {
   const status = params.get("status") || "";
@@ -47,6 +51,9 @@ export function mountList(root, params) {
   const next = h("button", { type: "button", class: "secondary", onclick: () => go(status, page + 1) }, "Older →");
   const pageInfo = h("span", { class: "muted" });
   const pager = h("nav", { class: "pager", "aria-label": "Pages" }, prev, pageInfo, next);
+  const compare = h("button", { type: "button", id: "compare-button", onclick: () => compareNow() });
+  const clear = h("button", { type: "button", class: "secondary", id: "compare-clear", onclick: () => clearPicks() }, "Clear");
+  const picks = h("div", { class: "picks", role: "group", "aria-label": "Compare" }, compare, clear);
 
   root.append(
     h(
@@ -58,7 +65,7 @@ export function mountList(root, params) {
         h("h1", { id: "list-title", tabindex: "-1" }, "Fine-tunes"),
         h("a", { class: "button", href: "#/new" }, "New fine-tune"),
       ),
-      h("div", { class: "toolbar" }, h("label", { for: "status-filter" }, "Status "), filter, count),
+      h("div", { class: "toolbar" }, h("label", { for: "status-filter" }, "Status "), filter, picks, count),
       queue.el,
       error,
       h("div", { class: "table-wrap" }, table),
@@ -66,6 +73,32 @@ export function mountList(root, params) {
       pager,
     ),
   );
+
+  function showPicks() {
+    const n = picked.size;
+    setText(compare, n >= 2 ? `Compare ${n} selected` : n === 1 ? "Compare: pick one more" : "Compare: pick two or more");
+    compare.disabled = n < 2 || n > MAX_COMPARED;
+    compare.className = compare.disabled ? "secondary" : "";
+    compare.title = n > MAX_COMPARED ? `At most ${MAX_COMPARED} at a time` : "";
+    clear.hidden = n === 0;
+  }
+
+  function pick(id, on) {
+    if (on) picked.add(id);
+    else picked.delete(id);
+    showPicks();
+  }
+
+  function clearPicks() {
+    picked.clear();
+    for (const row of rows.values()) row.c.pick.checked = false;
+    showPicks();
+  }
+
+  function compareNow() {
+    if (picked.size < 2) return;
+    location.hash = `#/compare?tasks=${[...picked].map(encodeURIComponent).join(",")}`;
+  }
 
   function go(st, pg) {
     const q = new URLSearchParams();
@@ -117,7 +150,7 @@ export function mountList(root, params) {
       seen.add(t.id);
       let row = rows.get(t.id);
       if (!row) {
-        row = makeRow(t);
+        row = makeRow(t, pick);
         rows.set(t.id, row);
       }
       updateRow(row, t, names);
@@ -132,6 +165,7 @@ export function mountList(root, params) {
     }
   }
 
+  showPicks();
   load();
   return {
     destroy() {
@@ -142,10 +176,11 @@ export function mountList(root, params) {
   };
 }
 
-function makeRow(t) {
+function makeRow(t, pick) {
   const c = {};
   const cell = (key, ...kids) => (c[key] = h("td", { class: `c-${key}` }, ...kids));
   c.link = h("a", { href: `#/tasks/${encodeURIComponent(t.id)}` });
+  c.pick = h("input", { type: "checkbox", class: "pick", checked: picked.has(t.id), "aria-label": `Compare ${t.name || t.id}`, onchange: () => pick(t.id, c.pick.checked) });
   c.badge = statusBadge(t.status);
   c.note = h("span", { class: "muted small" });
   c.queue = h("div", { class: "queue-note small muted", hidden: true });
@@ -154,7 +189,7 @@ function makeRow(t) {
   const tr = h(
     "tr",
     { dataset: { id: t.id } },
-    cell("name", c.link),
+    cell("name", c.pick, c.link),
     cell("model"),
     cell("status", c.badge, c.note, c.queue),
     cell("progress", c.bar, c.pct),

@@ -376,6 +376,7 @@ export function mountTask(root, taskId) {
       stream?.stop();
       log.stop();
       chat.destroy();
+      chart.destroy();
     },
   };
 }

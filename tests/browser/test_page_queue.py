@@ -157,11 +157,13 @@ def test_retry_and_extend_run_attempt_2_and_the_chart_keeps_each_step_once(scrip
     # same points.
     stored = [e for e in studio.api("GET", f"/api/tasks/{done}/metrics")["events"] if e["kind"] == "progress"]
     assert [e["step"] for e in stored] == [1, 2, 3, 4, 5]
-    svg = page.locator("svg.chart")
-    wait_for(lambda: svg.get_attribute("data-progress-events") == "10", timeout=10, what="10 progress events drawn")
-    assert svg.get_attribute("data-points") == "5"
+    chart = page.locator("div.chart")
+    wait_for(lambda: chart.get_attribute("data-progress-events") == "10", timeout=10, what="10 progress events drawn")
+    assert chart.get_attribute("data-points") == "5"
     # Where attempt 2 began is marked on the chart: from the beginning, as it kept no checkpoint.
-    wait_for(lambda: svg.get_attribute("data-attempts") == "2@0", timeout=10, what="attempt 2 marked on the chart")
-    assert page.locator("svg.chart .attempt-mark title").text_content() == "attempt 2 started from the beginning"
+    wait_for(lambda: chart.get_attribute("data-attempts") == "2@0", timeout=10, what="attempt 2 marked on the chart")
+    mark = page.locator("div.chart .attempt-mark")
+    assert mark.get_attribute("title") == "attempt 2 started from the beginning"
+    assert mark.inner_text() == "attempt 2" and mark.is_visible()
     page.locator("#attempts-title").scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "task-view-attempts.png"), full_page=True)

@@ -51,7 +51,9 @@ def csp_violations(page: Any) -> list[str]:
 def test_the_login_url_opens_the_page_under_its_policy(browser: Any, scripted_studio: LiveStudio) -> None:
     studio = scripted_studio
     task = studio.api("POST", "/api/tasks", {"name": "scripted steps=3 delay=0.01", "config": {"preset": "cpu-demo"}})
+    other = studio.api("POST", "/api/tasks", {"name": "scripted steps=4 delay=0.01", "config": {"preset": "cpu-demo"}})
     studio.wait_status(task["id"], "completed")
+    studio.wait_status(other["id"], "completed")
     context = browser.new_context()  # no bypass: the page's own policy applies
     try:
         page = context.new_page()
@@ -71,9 +73,20 @@ def test_the_login_url_opens_the_page_under_its_policy(browser: Any, scripted_st
         assert [c["httpOnly"] and c["sameSite"] for c in cookies] == ["Strict"]
         assert page.evaluate("document.cookie") == ""  # HttpOnly: no script can read it
         page.locator("#studio-version").wait_for()
-        for fragment, ready in (("#/new", "#preset"), (f"#/tasks/{task['id']}", "#task-actions button")):
+        # The chart library (vendored uPlot) styles its elements through the CSSOM, which the policy allows:
+        # the loss curve, the comparison, and the read-out under the pointer draw without a violation.
+        views = (
+            ("#/new", "#preset"),
+            (f"#/tasks/{task['id']}", "#task-actions button"),
+            (f"#/compare?tasks={task['id']},{other['id']}", "#compare-table"),
+        )
+        for fragment, ready in views:
             page.goto(f"{studio.url}/{fragment}")
             page.locator(ready).first.wait_for()
+            if page.locator("div.chart .u-over").count():
+                box = page.locator("div.chart .u-over").bounding_box()
+                page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+                page.locator(".chart-readout").wait_for()
         page.wait_for_timeout(300)
         assert not violations, violations
         assert not errors, errors

@@ -22,7 +22,7 @@ MAX_STEPS = 30
 
 
 def points(page: Any) -> int:
-    return int(page.get_attribute("svg.chart", "data-points") or 0)
+    return int(page.get_attribute("div.chart", "data-points") or 0)
 
 
 def progress(page: Any) -> float:
@@ -53,7 +53,7 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     assert config["optim"]["batch_size"] == 4 and config["data"]["max_length"] == 128
 
     # The progress bar and the loss curve advance.
-    page.wait_for_function("Number(document.querySelector('svg.chart').dataset.points) >= 3", timeout=90_000)
+    page.wait_for_function("Number(document.querySelector('div.chart').dataset.points) >= 3", timeout=90_000)
     p1, bar1 = points(page), progress(page)
     assert bar1 > 0
     wait_for(lambda: points(page) > p1 and progress(page) > bar1, timeout=30, what="the curve to advance")
@@ -82,10 +82,10 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     # It completes; nothing stale is left on the page.
     page.locator('.badge[data-status="completed"]').wait_for(timeout=180_000)
     assert banner.is_hidden()
-    page.wait_for_function(f"document.querySelector('svg.chart').dataset.lastStep == '{MAX_STEPS}'", timeout=10_000)
+    page.wait_for_function(f"document.querySelector('div.chart').dataset.lastStep == '{MAX_STEPS}'", timeout=10_000)
     stored = [e for e in studio.api("GET", f"/api/tasks/{task_id}/metrics")["events"] if e["kind"] == "progress"]
     # Every stored progress event reached the page once: none lost, none twice, across the restart.
-    assert int(page.get_attribute("svg.chart", "data-progress-events") or 0) == len(stored)
+    assert int(page.get_attribute("div.chart", "data-progress-events") or 0) == len(stored)
     assert points(page) == len({e["step"] for e in stored}) == MAX_STEPS
     assert page.locator("#task-actions button").all_inner_texts() == ["Extend", "Delete"]
     assert page.locator("#connection").inner_text() == ""
@@ -114,7 +114,10 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     assert f"ftstudio export {task_id} --format merged" in page.locator("#handover-export").inner_text()
     copy = page.get_by_role("button", name="Copy the vLLM commands")
     copy.click()
-    assert copy.inner_text() in ("Copied", "Selected: press Ctrl+C")
+    page.wait_for_function(
+        "['Copied', 'Selected: press Ctrl+C'].includes("
+        "document.querySelector('[aria-label=\"Copy the vLLM commands\"]').textContent)"
+    )  # the clipboard answers asynchronously
     if copy.inner_text() == "Selected: press Ctrl+C":
         assert page.evaluate("window.getSelection().toString()") == vllm
 

@@ -9,6 +9,10 @@ spec.json, e.g. "scripted steps=30 delay=0.1 exit=1 hang=1":
     hang   1: ignore SIGTERM (to test the SIGKILL escalation)
     child  1: start a grandchild that sleeps (to test that cancel kills descendants)
     huge   write step 2**70 (more than the store can hold) in the progress event of this step
+    eval   write an eval event every this many steps (default 0: none)
+    scale  multiply every loss by this (default 1), so two runs draw apart
+
+Each progress event also says how many tokens were seen (1,000 a step), as the real trainer does.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def main() -> int:
     delay = float(opts.get("delay", 0.05))
     code = int(opts.get("exit", 0))
     huge = int(opts.get("huge", 0))
+    eval_every = int(opts.get("eval", 0))
+    scale = float(opts.get("scale", 1))
     if opts.get("hang") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if opts.get("child") == "1":
@@ -55,9 +61,12 @@ def main() -> int:
                 total_steps=steps,
                 epoch=step / steps,
                 total_epochs=1,
-                loss=2.0 / step,
+                loss=scale * 2.0 / step,
                 lr=1e-3,
+                tokens=1000 * step,
             )
+            if eval_every and step % eval_every == 0:
+                ev.emit("eval", step=step, epoch=step / steps, eval_loss=scale * 2.5 / step)
             print(f"step {step}/{steps}", flush=True)
         if code:
             ev.emit("error", message=f"scripted failure with exit code {code}", error_type="Scripted")
