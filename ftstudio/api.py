@@ -10,12 +10,12 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import psutil
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -25,6 +25,7 @@ from ftstudio import __version__, apidoc, lifecycle, taskfiles
 from ftstudio.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, TaskExtend, last_event_id, request_problems
 from ftstudio.auth import Guard, load_or_create_token, token_path
 from ftstudio.broker import Broker
+from ftstudio.chat import parse_request
 from ftstudio.config import PRESETS, describe_fields
 from ftstudio.errors import FtstudioError, NotFound, ValidationError
 from ftstudio.gate import Gate
@@ -256,6 +257,18 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    @app.post("/api/tasks/{task_id}/chat")
+    def task_chat(task_id: str, body: Annotated[dict[str, Any], Body(examples=[CHAT_EXAMPLE])]) -> StreamingResponse:
+        """Chat with the task's adapter (or a checkpoint): the reply streamed as server-sent events
+        (`worker`, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or `error`)."""
+        events = service.chat(task_id, parse_request(body))
+        first = next(events)  # a busy worker (409) or a missing adapter (404) is refused before the stream
+        return StreamingResponse(
+            _chat_stream(first, events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     @app.get("/api/tasks/{task_id}/artifacts")
     def task_artifacts(task_id: str) -> dict[str, Any]:
         tdir = require_task_dir(service, task_id)
@@ -439,3 +452,29 @@ def _gpus() -> list[dict[str, Any]]:
                 }
             )
     return gpus
+
+
+CHAT_EXAMPLE = {
+    "messages": [{"role": "user", "content": "Reverse the word: stone"}],
+    "system": "",
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "max_new_tokens": 256,
+    "compare": False,
+}
+
+
+def _chat_stream(first: dict[str, Any], events: Generator[dict[str, Any], None, None]) -> Iterator[str]:
+    """Server-sent events, one per worker event. A page that goes away closes this generator, and
+    closing `events` stops the generation (ChatWorker.chat)."""
+
+    def sse(event: dict[str, Any]) -> str:
+        name = event.pop("event", "message")
+        return f"event: {name}\ndata: {json.dumps(event)}\n\n"
+
+    try:
+        yield sse(first)
+        for event in events:
+            yield sse(event)
+    finally:
+        events.close()

@@ -398,6 +398,79 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = "/reset starts the conversation over; /quit or Ctrl-D ends it; Ctrl-C stops a reply"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive chat in the terminal, through the same worker and code as the page's chat."""
+    from ftstudio.chat import parse_request, weights_of
+    from ftstudio.service import require_task_dir
+
+    service = _service()
+    task = service.get(args.task)
+    weights = weights_of(task.id, task.status, require_task_dir(service, task.id), args.checkpoint or "")
+    what = "its adapter" if weights.name == "adapter" else weights.name.replace("-", " ")
+    print(f"chatting with {task.name} ({task.id}), {what}. {CHAT_HELP}", file=sys.stderr, flush=True)
+    history: list[dict[str, str]] = []
+    settings = {
+        "system": args.system or "",
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "compare": args.compare,
+        "checkpoint": weights.name if weights.name != "adapter" else "",
+    }
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            text = line.strip()
+            if text in ("/quit", "/exit"):
+                return 0
+            if text == "/reset":
+                history = []
+                print("(a new conversation)", file=sys.stderr, flush=True)
+                continue
+            if not text:
+                continue
+            req = parse_request({**settings, "messages": [*history, {"role": "user", "content": line}]})
+            reply = _chat_reply(service.chat(task.id, req))
+            if reply is not None:
+                history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+    finally:
+        service.chat_worker.close()
+
+
+def _chat_reply(events: Any) -> str | None:
+    """Print one reply as it streams; the adapter's text, or None when it failed or was stopped."""
+    own: list[str] = []
+    who = None
+    try:
+        for ev in events:
+            kind = ev.get("event")
+            if kind == "loading":
+                print(f"({ev.get('message', 'loading the model')}…)", file=sys.stderr, flush=True)
+            elif kind == "token":
+                if ev.get("who") != who:
+                    who = ev.get("who")
+                    print(("\n" if own else "") + ("model> " if who == "adapter" else "base>  "), end="", flush=True)
+                if who == "adapter":
+                    own.append(ev.get("text", ""))
+                print(ev.get("text", ""), end="", flush=True)
+            elif kind == "error":
+                print(f"\nerror: {ev.get('message')}", file=sys.stderr, flush=True)
+                return None
+        print(flush=True)
+        return "".join(own)
+    except KeyboardInterrupt:
+        events.close()  # stops the generation; the conversation goes on without this reply
+        print("\n(stopped)", file=sys.stderr, flush=True)
+        return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ftstudio import adapters
 
@@ -604,6 +677,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter: the LoRA adapter (peft, vLLM); merged: base + adapter in one model (transformers, Ollama)",
     )
     sp.add_argument("--out", help="a new folder (default: ./NAME-FORMAT); an existing one is refused")
+
+    sp = add("chat", cmd_chat, "chat with a task's adapter (or a checkpoint) in the terminal, replies streamed")
+    sp.add_argument("task", help="a task with an adapter, or a checkpoint (paused, interrupted, failed)")
+    sp.add_argument("--checkpoint", help="answer with this checkpoint, e.g. checkpoint-400 (default: the adapter)")
+    sp.add_argument("--system", help="a system prompt")
+    sp.add_argument("--temperature", type=float, default=0.7, help="0 answers the same way every time (default 0.7)")
+    sp.add_argument("--top-p", type=float, default=0.9)
+    sp.add_argument("--max-new-tokens", type=int, default=256)
+    sp.add_argument("--compare", action="store_true", help="the base model answers too, after the adapter")
 
     sp = add("generate", cmd_generate, "generate text with base model + a task's adapter")
     sp.add_argument("task", help="a completed task")

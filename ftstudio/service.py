@@ -13,11 +13,13 @@ import json
 import logging
 import shutil
 import threading
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 from ftstudio import __version__, lifecycle, paths, scheduler, taskfiles
 from ftstudio.catalog import Catalog
+from ftstudio.chat import ChatRequest, ChatWorker
 from ftstudio.config import TrainingConfig
 from ftstudio.control import CANCEL_GRACE_S as CANCEL_GRACE_S  # where callers have looked for it
 from ftstudio.control import Control
@@ -107,6 +109,7 @@ class Service(Launcher, Control, Catalog):
         self.gpus: tuple[int, ...] = machine_gpus()
         self._stopping: set[str] = set()  # tasks whose cancel is under way
         self._stopping_lock = threading.Lock()
+        self._chat: ChatWorker | None = None
         setup_logging(self.home)
         self.store = Store(self.home.db)
         self.executor, executors = choose_executors(self.store, executor)
@@ -219,6 +222,34 @@ class Service(Launcher, Control, Catalog):
                 f"wait for one to finish or cancel one (its owner can raise the limit with "
                 f"`ftstudio studio start --max-pending N`)"
             )
+
+    # -- chat ----------------------------------------------------------------
+
+    @property
+    def chat_worker(self) -> ChatWorker:
+        """The one chat worker of this studio (or CLI command), started with the first message."""
+        with self._admit:
+            if self._chat is None:
+
+                def busy_gpus() -> set[int]:
+                    return {int(r.resource.split(":")[1]) for r in self.store.leases() if r.resource.startswith("gpu:")}
+
+                self._chat = ChatWorker(self.home.root / "logs" / "chat.log", gpus=self.gpus, busy_gpus=busy_gpus)
+            return self._chat
+
+    def chat(self, task_id: str, req: ChatRequest) -> Generator[dict[str, Any], None, None]:
+        """The reply to `req` from the task's adapter or checkpoint, as the worker streams it."""
+        from ftstudio.builtin import resolve_model
+        from ftstudio.chat import weights_of
+
+        task = self.get(task_id)
+        tdir = require_task_dir(self, task_id)
+        weights = weights_of(task.id, task.status, tdir, req.checkpoint)
+        model = task.config_dict.get("model", {})
+        base = str(resolve_model(str(model.get("name", "")), self.home.root))
+        return self.chat_worker.chat(
+            req, base=base, weights=weights, trust_remote_code=bool(model.get("trust_remote_code"))
+        )
 
     # -- reading -------------------------------------------------------------
 

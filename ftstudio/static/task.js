@@ -13,7 +13,10 @@ import { TaskStream } from "./stream.js";
 import { confirmDialog, extendDialog } from "./dialog.js";
 import { queueSentence, fmtResource } from "./queue.js";
 import { AttemptsTimeline } from "./attempts.js";
+import { ChatPanel } from "./chat.js";
 import { handoverPanel } from "./handover.js";
+
+const CHATTY = new Set(["completed", "paused", "interrupted", "failed", "cancelled"]);
 
 export function mountTask(root, taskId) {
   let task = null;
@@ -57,6 +60,8 @@ export function mountTask(root, taskId) {
   const log = new LogTail(taskId);
   const timeline = new AttemptsTimeline(taskId);
   const configPre = h("pre", { class: "config", id: "task-config", tabindex: "0" });
+  const chat = new ChatPanel(taskId);
+  const chatSection = h("section", { id: "try-it", "aria-labelledby": "chat-title", hidden: true }, h("h2", { id: "chat-title" }, "Try it"), chat.el);
   const artifacts = h("div", { id: "artifacts" }, h("p", { class: "muted" }, "The adapter appears here when training completes."));
 
   root.append(
@@ -76,6 +81,7 @@ export function mountTask(root, taskId) {
       h("section", { "aria-labelledby": "curve-title" }, h("h2", { id: "curve-title" }, "Loss curve"), chart.el),
       h("section", { "aria-labelledby": "attempts-title" }, h("h2", { id: "attempts-title" }, "Attempts"), timeline.el),
       h("section", { "aria-labelledby": "log-title" }, h("h2", { id: "log-title" }, "Log"), log.el),
+      chatSection,
       h("section", { "aria-labelledby": "art-title" }, h("h2", { id: "art-title" }, "Artifacts"), artifacts),
       h("section", { "aria-labelledby": "cfg-title" }, h("details", {}, h("summary", {}, h("h2", { id: "cfg-title" }, "Configuration")), configPre)),
     ),
@@ -223,6 +229,9 @@ export function mountTask(root, taskId) {
     }
 
     showNotice(t);
+    // Weights to talk to: the adapter of a completed task, else a checkpoint it saved (the studio says
+    // which answers, or that there is none yet).
+    chatSection.hidden = !CHATTY.has(t.status);
     timeline.update(t);
     renderActions(t.actions || []);
     if (!configPre.textContent) configPre.textContent = JSON.stringify(typeof t.config === "string" ? safeJson(t.config) : t.config, null, 2);
@@ -366,6 +375,7 @@ export function mountTask(root, taskId) {
       clearTimeout(fallbackTimer);
       stream?.stop();
       log.stop();
+      chat.destroy();
       chart.destroy();
     },
   };

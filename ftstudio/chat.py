@@ -1,0 +1,332 @@
+"""Chatting with a fine-tune: what a message may ask, which weights answer it, and the worker
+process that holds the model (`ftstudio.chatworker`). The page (POST /api/tasks/{id}/chat, streamed
+as server-sent events) and `ftstudio chat TASK` go through the same `ChatWorker.chat`.
+
+Any task with weights can be tried: a completed task answers with its adapter; a paused,
+interrupted, failed or cancelled one with a complete checkpoint ("try checkpoint 400"), the newest
+unless one is named.
+
+The worker runs at the lowest CPU priority (nice 19) and, where there are GPUs, on one no training
+task holds, else on the CPU: chatting never slows a training run by more than the noise
+(bench/bench_chat.py). It is one process, answering one message at a time; it stays loaded between
+messages and exits after `idle_s` without one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftstudio.checkpoints import find_resume_checkpoint, is_complete
+from ftstudio.errors import Conflict, NotFound, Problem, ValidationError
+from ftstudio.home import TaskDir
+
+log = logging.getLogger("ftstudio.chat")
+
+IDLE_S = 600.0
+"""How long the worker keeps the model loaded without a message (FTSTUDIO_CHAT_IDLE_S)."""
+LOAD_S = 600.0
+"""The longest the first answer may wait while the worker loads a model."""
+QUIET_S = 120.0
+"""The longest a reply may go without a token before the worker is called stuck and restarted."""
+BUSY_WAIT_S = 30.0
+"""How long a message waits for the one before it to be answered before it is refused."""
+ROLES = ("user", "assistant")
+CHECKPOINT_RE = re.compile(r"checkpoint-\d{1,12}")
+
+
+class ChatBusy(Conflict):
+    """The worker is answering another message (HTTP 409)."""
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, str]]
+    system: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    compare: bool = False
+    """Answer a second time with the adapter switched off: the base model's answer, side by side."""
+    checkpoint: str = ""
+    """`checkpoint-N` to answer with; empty: the adapter, or the newest complete checkpoint."""
+    seed: int | None = None
+
+
+def parse_request(body: Any) -> ChatRequest:
+    """A chat request from JSON, or ValidationError naming every problem (a 422, one line each)."""
+    problems: list[Problem] = []
+    if not isinstance(body, Mapping):
+        raise ValidationError(Problem("body", "must be a JSON object with messages"))
+
+    def bad(field_name: str, message: str) -> None:
+        problems.append(Problem(field_name, message))
+
+    known = {"messages", "system", "temperature", "top_p", "max_new_tokens", "compare", "checkpoint", "seed"}
+    for key in body:
+        if key not in known:
+            bad(str(key)[:40], f"unknown field; a chat request takes {', '.join(sorted(known))}")
+    messages = body.get("messages")
+    out: list[dict[str, str]] = []
+    if not isinstance(messages, list) or not messages:
+        bad("messages", "must be a list of {role, content}, ending with the user's message")
+    elif len(messages) > 200:
+        bad("messages", f"at most 200 messages (got {len(messages)}); start a new conversation")
+    else:
+        total = 0
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                bad(f"messages[{i}]", "must be {role: user|assistant, content: text}")
+                continue
+            total += len(m["content"])
+            out.append({"role": str(m["role"]), "content": m["content"]})
+        if total > 100_000:
+            bad("messages", f"at most 100,000 characters in all (got {total:,}); start a new conversation")
+        if out and out[-1]["role"] != "user":
+            bad("messages", "the last message must be the user's")
+    system = body.get("system", "")
+    if not isinstance(system, str) or len(system) > 20_000:
+        bad("system", "must be text of at most 20,000 characters")
+
+    def number(name: str, default: float, lo: float, hi: float, *, low_open: bool = False) -> float:
+        value = body.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            bad(name, f"must be a number from {lo:g} to {hi:g}")
+            return default
+        if value < lo or value > hi or (low_open and value == lo):
+            bad(name, f"must be {'above' if low_open else 'at least'} {lo:g} and at most {hi:g} (got {value:g})")
+            return default
+        return float(value)
+
+    temperature = number("temperature", 0.7, 0, 2)
+    top_p = number("top_p", 0.9, 0, 1, low_open=True)
+    max_new = body.get("max_new_tokens", 256)
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 4096:
+        bad("max_new_tokens", "must be a whole number from 1 to 4096")
+        max_new = 256
+    compare = body.get("compare", False)
+    if not isinstance(compare, bool):
+        bad("compare", "must be true or false")
+    checkpoint = body.get("checkpoint", "") or ""
+    if not isinstance(checkpoint, str) or (checkpoint and not CHECKPOINT_RE.fullmatch(checkpoint)):
+        bad("checkpoint", "must be a checkpoint's name, e.g. checkpoint-400")
+        checkpoint = ""
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        bad("seed", "must be a whole number from 0 to 4294967295")
+        seed = None
+    if problems:
+        raise ValidationError(problems)
+    return ChatRequest(out, system, temperature, top_p, int(max_new), bool(compare), checkpoint, seed)
+
+
+def weights_of(task_id: str, status: str, tdir: TaskDir, checkpoint: str = "") -> Path:
+    """The folder whose adapter answers: the named checkpoint, the final adapter, or the newest
+    complete checkpoint. NotFound says why there is none."""
+    if checkpoint:
+        path = tdir.checkpoints / checkpoint
+        if not (path.is_dir() and not path.is_symlink() and is_complete(path)):
+            raise NotFound(f"task {task_id} has no complete {checkpoint}; pick one of its saved checkpoints")
+        return path
+    if status == "completed" and (tdir.adapter / "adapter_config.json").is_file():
+        return tdir.adapter
+    newest = find_resume_checkpoint(tdir.checkpoints)
+    if newest is None:
+        raise NotFound(
+            f"task {task_id} has no adapter or checkpoint yet; chat works once training has saved one (it is {status})"
+        )
+    return newest
+
+
+@dataclass
+class _Running:
+    proc: subprocess.Popen[bytes]
+    lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
+
+
+class ChatWorker:
+    """The studio's side of the worker: starts it when a message comes, streams its answer, stops it.
+
+    `gpus`: this machine's GPUs; `busy_gpus()`: those training holds now (the worker takes a free one,
+    else the CPU)."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        *,
+        gpus: Sequence[int] = (),
+        busy_gpus: Any = None,
+        idle_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.log_path = log_path
+        self.gpus = list(gpus)
+        self.busy_gpus = busy_gpus or (lambda: set())
+        env_idle = os.environ.get("FTSTUDIO_CHAT_IDLE_S", "")
+        self.idle_s = idle_s if idle_s is not None else float(env_idle) if env_idle else IDLE_S
+        self.env = dict(env if env is not None else os.environ)
+        self._lock = threading.Lock()
+        self._running: _Running | None = None
+        self._next = 0
+        self.device = "cpu"
+
+    # -- the process ---------------------------------------------------------
+
+    def _start(self) -> _Running:
+        from ftstudio.procs import TASK_ENV
+
+        free = [g for g in self.gpus if g not in self.busy_gpus()]
+        env = {k: v for k, v in self.env.items() if k not in (TASK_ENV, "FTSTUDIO_ATTEMPT")}
+        env.update(PYTHONUNBUFFERED="1", FTSTUDIO_CHAT_WORKER="1", CUDA_VISIBLE_DEVICES=str(free[0]) if free else "")
+        self.device = f"GPU {free[0]}" if free else "the CPU"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as errors:
+            # Not die_with_parent: that fires when the starting *thread* ends (a server's worker thread
+            # may). The worker ends when its stdin closes instead, which is when this process goes.
+            def child() -> None:
+                os.nice(19)  # training first: the chat takes what CPU training leaves
+
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ftstudio.chatworker", "--idle", f"{self.idle_s:g}"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                env=env,
+                preexec_fn=child,
+                close_fds=True,
+            )
+        running = _Running(proc)
+        threading.Thread(target=self._read, args=(running,), daemon=True, name="chat-worker-reader").start()
+        log.info("chat worker started (pid %s) on %s", proc.pid, self.device)
+        return running
+
+    @staticmethod
+    def _read(running: _Running) -> None:
+        assert running.proc.stdout is not None
+        for raw in running.proc.stdout:
+            try:
+                running.lines.put(json.loads(raw))
+            except ValueError:
+                continue
+        running.lines.put(None)  # it ended: idle timeout, a crash, or we stopped it
+
+    def _alive(self) -> _Running:
+        if self._running is None or self._running.proc.poll() is not None:
+            self._running = self._start()
+        return self._running
+
+    def pid(self) -> int | None:
+        r = self._running
+        return r.proc.pid if r is not None and r.proc.poll() is None else None
+
+    def close(self) -> None:
+        r, self._running = self._running, None
+        if r is None:
+            return
+        try:
+            if r.proc.stdin:
+                r.proc.stdin.close()
+            r.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            r.proc.kill()
+            r.proc.wait()
+
+    # -- a message -------------------------------------------------------------
+
+    def chat(
+        self, req: ChatRequest, *, base: str, weights: Path, trust_remote_code: bool = False
+    ) -> Generator[dict[str, Any], None, None]:
+        """The reply's events, as the worker sends them (`loading`, `ready`, `token`, `done`, then `end`
+        or `error`). Leaving the loop early (a closed page) stops the generation."""
+        if not self._lock.acquire(timeout=BUSY_WAIT_S):
+            raise ChatBusy("the chat is answering another message; send yours again when that one has finished")
+        try:
+            yield from self._chat(req, base, weights, trust_remote_code)
+        finally:
+            self._lock.release()
+
+    def _chat(self, req: ChatRequest, base: str, weights: Path, trust: bool) -> Generator[dict[str, Any], None, None]:
+        running = self._alive()
+        self._next += 1
+        rid = self._next
+        ended = False
+        message = {
+            "op": "generate", "id": rid, "base": base, "weights": str(weights), "trust_remote_code": trust,
+            "messages": req.messages, "system": req.system, "temperature": req.temperature, "top_p": req.top_p,
+            "max_new_tokens": req.max_new_tokens, "compare": req.compare, "seed": req.seed,
+        }  # fmt: skip
+        try:
+            self._send(running, message)
+            yield {"event": "worker", "device": self.device}
+            loaded = False
+            while True:
+                try:
+                    item = running.lines.get(timeout=QUIET_S if loaded else LOAD_S)
+                except queue.Empty:
+                    self._kill(running)
+                    ended = True
+                    yield {
+                        "event": "error",
+                        "message": "the chat worker stopped answering; it was restarted, send the message again",
+                    }
+                    return
+                if item is None:
+                    ended = True
+                    code = running.proc.wait()
+                    yield {
+                        "event": "error",
+                        "message": f"the chat worker stopped unexpectedly (exit code {code}; its log: "
+                        f"{self.log_path}); your next message starts it again",
+                    }
+                    return
+                if item.get("id") != rid:
+                    continue  # a stopped reply's last words
+                loaded = loaded or item.get("event") in ("ready", "token")
+                event = {k: v for k, v in item.items() if k != "id"}
+                if event.get("event") in ("end", "error"):
+                    ended = True
+                yield event
+                if ended:
+                    return
+        finally:
+            if not ended:
+                self._stop(running, rid)
+
+    def _send(self, running: _Running, message: dict[str, Any]) -> None:
+        assert running.proc.stdin is not None
+        try:
+            running.proc.stdin.write(json.dumps(message).encode() + b"\n")
+            running.proc.stdin.flush()
+        except OSError:
+            pass  # it died: the reader says so
+
+    def _stop(self, running: _Running, rid: int) -> None:
+        """The reader went away mid-reply: stop generating, and wait for its end so the next message
+        starts clean (a worker that does not stop within 30 s is killed)."""
+        self._send(running, {"op": "stop", "id": rid})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                item = running.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None or (item.get("id") == rid and item.get("event") in ("end", "error")):
+                return
+        self._kill(running)
+
+    def _kill(self, running: _Running) -> None:
+        running.proc.kill()
+        running.proc.wait()
+        if self._running is running:
+            self._running = None

@@ -1,0 +1,162 @@
+// "Try it": chat with a task's adapter (or its newest checkpoint) in the page, the reply streamed
+// token by token from POST /api/tasks/{id}/chat (server-sent events over fetch: EventSource cannot
+// POST). "Compare with the base model" shows the base model's answer to the same messages beside it.
+// Every text from the model goes into the page as text, never as HTML.
+
+import { ApiError, taskUrl } from "./api.js";
+import { h } from "./dom.js";
+
+/** Server-sent events from a fetch response body: yields {event, data}. */
+async function* sseEvents(res) {
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message";
+      let data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      yield { event, data: data ? JSON.parse(data) : {} };
+    }
+  }
+}
+
+function number(label, id, value, attrs) {
+  return h("label", { class: "chat-setting" }, label, h("input", { id, type: "number", value, ...attrs }));
+}
+
+export class ChatPanel {
+  constructor(taskId) {
+    this.taskId = taskId;
+    this.history = []; // [{role, content}] of the fine-tune's own side of the conversation
+    this.controller = null;
+    this.log = h("div", { id: "chat-log", class: "chat-log", role: "log", "aria-live": "polite", "aria-label": "Conversation" });
+    this.status = h("p", { id: "chat-status", class: "muted chat-status", "aria-live": "polite" });
+    this.input = h("textarea", { id: "chat-input", rows: "2", placeholder: "Write a message… (Enter sends, Shift+Enter for a new line)", "aria-label": "Message" });
+    this.compare = h("input", { id: "chat-compare", type: "checkbox" });
+    this.system = h("textarea", { id: "chat-system", rows: "2", placeholder: "A system prompt (optional)" });
+    this.send = h("button", { type: "submit", id: "chat-send", class: "primary" }, "Send");
+    this.stop = h("button", { type: "button", id: "chat-stop", hidden: true }, "Stop");
+    const reset = h("button", { type: "button", id: "chat-reset" }, "New conversation");
+    this.settings = {
+      temperature: number("Temperature", "chat-temperature", "0.7", { min: "0", max: "2", step: "0.1" }),
+      top_p: number("Top-p", "chat-top-p", "0.9", { min: "0.05", max: "1", step: "0.05" }),
+      max_new_tokens: number("Max new tokens", "chat-max-tokens", "256", { min: "1", max: "4096", step: "1" }),
+    };
+    const form = h(
+      "form",
+      { class: "chat-form" },
+      this.input,
+      h("div", { class: "chat-controls" }, this.send, this.stop, reset, h("label", {}, this.compare, " Compare with the base model")),
+      h("details", { class: "chat-settings" }, h("summary", {}, "Settings"), this.system, h("div", { class: "chat-numbers" }, Object.values(this.settings))),
+    );
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.ask();
+    });
+    this.input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey) {
+        e.preventDefault();
+        this.ask();
+      }
+    });
+    this.stop.addEventListener("click", () => this.controller?.abort());
+    reset.addEventListener("click", () => {
+      this.controller?.abort();
+      this.history = [];
+      this.log.replaceChildren();
+      this.status.textContent = "";
+    });
+    this.el = h("div", { id: "chat" }, this.log, this.status, form);
+  }
+
+  value(name) {
+    const input = this.settings[name].querySelector("input");
+    return Number(input.value);
+  }
+
+  async ask() {
+    const text = this.input.value;
+    if (!text.trim() || this.controller) return;
+    this.input.value = "";
+    const compare = this.compare.checked;
+    const messages = [...this.history, { role: "user", content: text }];
+    this.log.append(h("div", { class: "chat-msg chat-user" }, h("span", { class: "chat-who" }, "You"), h("p", {}, text)));
+    const columns = {};
+    const reply = h("div", { class: compare ? "chat-reply chat-compare" : "chat-reply" });
+    for (const who of compare ? ["adapter", "base"] : ["adapter"]) {
+      const body = h("p", { class: "chat-text", "data-who": who });
+      columns[who] = body;
+      reply.append(h("div", { class: `chat-msg chat-${who}` }, h("span", { class: "chat-who" }, who === "adapter" ? "Fine-tuned" : "Base model"), body));
+    }
+    this.log.append(reply);
+    this.controller = new AbortController();
+    this.send.disabled = true;
+    this.stop.hidden = false;
+    this.status.textContent = "Sending…";
+    let finished = false;
+    try {
+      const res = await fetch(taskUrl(this.taskId, "/chat"), {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        body: JSON.stringify({
+          messages,
+          system: this.system.value,
+          temperature: this.value("temperature"),
+          top_p: this.value("top_p"),
+          max_new_tokens: this.value("max_new_tokens"),
+          compare,
+        }),
+        signal: this.controller.signal,
+      });
+      if (!res.ok) {
+        let detail = `The studio answered ${res.status}`;
+        try {
+          const data = await res.json();
+          if (typeof data.detail === "string") detail = data.detail;
+        } catch {
+          // not JSON: keep the status line
+        }
+        throw new ApiError(res.status, detail);
+      }
+      for await (const { event, data } of sseEvents(res)) {
+        if (event === "loading") this.status.textContent = "Loading the model (the first message takes longest)…";
+        else if (event === "ready") this.status.textContent = `Answering with ${data.weights === "adapter" ? "the adapter" : data.weights.replace("-", " ")}…`;
+        else if (event === "token") {
+          // Follow the reply down, unless the person scrolled up to read.
+          const follow = this.log.scrollHeight - this.log.scrollTop - this.log.clientHeight < 40;
+          columns[data.who]?.append(document.createTextNode(data.text));
+          if (follow) this.log.scrollTop = this.log.scrollHeight;
+        }
+        else if (event === "error") throw new ApiError(500, data.message);
+        else if (event === "end") finished = true;
+      }
+      this.status.textContent = finished ? "" : "The reply ended early.";
+      if (finished) this.history = [...messages, { role: "assistant", content: columns.adapter.textContent }];
+    } catch (err) {
+      if (err.name === "AbortError") this.status.textContent = "Stopped.";
+      else {
+        this.status.textContent = "";
+        reply.append(h("p", { class: "error-text" }, err.message || String(err)));
+      }
+    } finally {
+      this.controller = null;
+      this.send.disabled = false;
+      this.stop.hidden = true;
+      reply.dataset.done = "true";
+    }
+  }
+
+  destroy() {
+    this.controller?.abort();
+  }
+}

@@ -1,0 +1,72 @@
+"""Chat in the page: a completed fine-tune of builtin:tiny answers, token by token, in the task
+view; compare mode shows the base model's answer beside it; Stop ends a reply and the next one
+comes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .livestudio import ARTIFACTS, LiveStudio
+
+pytestmark = pytest.mark.browser
+
+
+def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(studio: LiveStudio, page: Any) -> None:
+    config = {"preset": "cpu-demo", "optim": {"max_steps": 4}, "data": {"validation": "0"}}
+    task_id = studio.api("POST", "/api/tasks", {"name": "chatty", "config": config})["id"]
+    page.goto(studio.page_url(f"#/tasks/{task_id}"))
+    page.locator('.badge[data-status="completed"]').wait_for(timeout=180_000)
+    section = page.locator("#try-it")
+    section.wait_for(state="visible")
+
+    # Tokens arrive one by one: the reply grows while the request is still open.
+    page.click("#chat .chat-settings summary")  # temperature, top-p, max new tokens, the system prompt
+    page.fill("#chat-max-tokens", "48")
+    page.fill("#chat-input", "Reverse the word: stone")
+    lengths: list[int] = []
+    page.expose_function("noteLength", lambda n: lengths.append(n))
+    page.evaluate(
+        """() => new MutationObserver(() => {
+             const el = document.querySelector('#chat-log .chat-text[data-who="adapter"]');
+             if (el) window.noteLength(el.textContent.length);
+           }).observe(document.querySelector('#chat-log'), {subtree: true, childList: true, characterData: true})"""
+    )
+    page.click("#chat-send")
+    page.locator("#chat-log .chat-reply[data-done]").wait_for(timeout=120_000)
+    answer = page.locator('#chat-log .chat-text[data-who="adapter"]').inner_text()
+    assert answer.strip() and page.locator("#chat-log .error-text").count() == 0
+    assert len({n for n in lengths if n > 0}) >= 2, lengths  # it grew in steps, not in one piece
+    assert page.locator("#chat-log .chat-user").inner_text().endswith("Reverse the word: stone")
+
+    # Compare: both answers, side by side, to the same conversation.
+    page.check("#chat-compare")
+    page.fill("#chat-input", "And the word: river")
+    page.click("#chat-send")
+    page.locator("#chat-log .chat-reply.chat-compare[data-done]").wait_for(timeout=120_000)
+    last = page.locator("#chat-log .chat-reply.chat-compare").last
+    assert last.locator('.chat-text[data-who="adapter"]').inner_text().strip()
+    assert last.locator('.chat-text[data-who="base"]').inner_text().strip()
+    assert last.locator(".chat-who").all_inner_texts() == ["Fine-tuned", "Base model"]
+
+    # Stop ends a long reply; the next message is answered (the worker stopped generating).
+    page.uncheck("#chat-compare")
+    page.fill("#chat-max-tokens", "4000")
+    page.fill("#chat-temperature", "1")
+    page.fill("#chat-input", "Tell me a long story")
+    page.click("#chat-send")
+    page.locator("#chat-stop").wait_for(state="visible")
+    page.wait_for_function(
+        "document.querySelectorAll('#chat-log .chat-reply').length === 3 && "
+        "document.querySelectorAll('#chat-log .chat-reply')[2].textContent.length > 20"
+    )
+    page.click("#chat-stop")
+    page.locator("#chat-status", has_text="Stopped.").wait_for()
+    page.fill("#chat-max-tokens", "8")
+    page.fill("#chat-input", "Short, please")
+    page.click("#chat-send")
+    page.wait_for_function("document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 4", timeout=90_000)
+    assert page.locator("#chat-log .error-text").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#try-it").screenshot(path=str(ARTIFACTS / "task-view-chat.png"))
