@@ -103,4 +103,3 @@ def test_an_adapter_that_does_not_name_its_base_still_gets_commands(task: Path, 
     (bare / "adapter_config.json").write_text("{}")
     hand = handover(TASK, "bare", bare, shared_home())
     assert hand["base"] == "BASE_MODEL" and "vllm serve BASE_MODEL --enable-lora" in hand["vllm"]
-
