@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +25,7 @@ from ftstudio import __version__, apidoc, lifecycle, taskfiles
 from ftstudio.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, TaskExtend, last_event_id, request_problems
 from ftstudio.auth import Guard, load_or_create_token, token_path
 from ftstudio.broker import Broker
-from ftstudio.chat import parse_request
+from ftstudio.chat import ChatReply, parse_request
 from ftstudio.config import PRESETS, describe_fields
 from ftstudio.errors import FtstudioError, NotFound, ValidationError
 from ftstudio.gate import Gate
@@ -257,14 +257,26 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    @app.get("/api/tasks/{task_id}/checkpoints")
+    def task_checkpoints(task_id: str) -> dict[str, Any]:
+        """What can answer a chat: the final adapter (a completed task) and each complete checkpoint."""
+        from ftstudio.checkpoints import is_complete, list_checkpoints, step_of
+
+        task = service.get(task_id)
+        tdir = require_task_dir(service, task_id)
+        found = [p for p in list_checkpoints(tdir.checkpoints) if not p.is_symlink() and is_complete(p)]
+        return {
+            "adapter": task.status == "completed" and (tdir.adapter / "adapter_config.json").is_file(),
+            "checkpoints": [{"name": p.name, "step": step_of(p)} for p in reversed(found)],  # newest first
+        }
+
     @app.post("/api/tasks/{task_id}/chat")
     def task_chat(task_id: str, body: Annotated[dict[str, Any], Body(examples=[CHAT_EXAMPLE])]) -> StreamingResponse:
         """Chat with the task's adapter (or a checkpoint): the reply streamed as server-sent events
         (`worker`, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or `error`)."""
-        events = service.chat(task_id, parse_request(body))
-        first = next(events)  # a busy worker (409) or a missing adapter (404) is refused before the stream
+        reply = service.chat(task_id, parse_request(body))  # no weights (404), a busy worker (409): refused here
         return StreamingResponse(
-            _chat_stream(first, events),
+            _chat_stream(reply),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -464,17 +476,16 @@ CHAT_EXAMPLE = {
 }
 
 
-def _chat_stream(first: dict[str, Any], events: Generator[dict[str, Any], None, None]) -> Iterator[str]:
-    """Server-sent events, one per worker event. A page that goes away closes this generator, and
-    closing `events` stops the generation (ChatWorker.chat)."""
-
-    def sse(event: dict[str, Any]) -> str:
-        name = event.pop("event", "message")
-        return f"event: {name}\ndata: {json.dumps(event)}\n\n"
-
+async def _chat_stream(reply: ChatReply) -> AsyncIterator[str]:
+    """Server-sent events, one per worker event. A page that goes away cancels this generator, and
+    the reply with it: the worker stops generating and takes the next message."""
+    events = iter(reply)
     try:
-        yield sse(first)
-        for event in events:
-            yield sse(event)
+        while True:
+            event = await run_in_threadpool(next, events, None)
+            if event is None:
+                return
+            name = event.pop("event", "message")
+            yield f"event: {name}\ndata: {json.dumps(event)}\n\n"
     finally:
-        events.close()
+        reply.cancel()

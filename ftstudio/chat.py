@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ LOAD_S = 600.0
 """The longest the first answer may wait while the worker loads a model."""
 QUIET_S = 120.0
 """The longest a reply may go without a token before the worker is called stuck and restarted."""
+POLL_S = 0.25
+"""How often a reply's threads look whether it was stopped."""
 BUSY_WAIT_S = 30.0
 """How long a message waits for the one before it to be answered before it is refused."""
 ROLES = ("user", "assistant")
@@ -155,6 +157,29 @@ class _Running:
     lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
 
 
+class ChatReply:
+    """One reply as it streams: iterate it for the events; `cancel()` (any thread) stops it."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cancelled = threading.Event()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            try:
+                event = self.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.cancelled.is_set():
+                    return
+                continue
+            if event is None:
+                return
+            yield event
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
 class ChatWorker:
     """The studio's side of the worker: starts it when a message comes, streams its answer, stops it.
 
@@ -244,19 +269,35 @@ class ChatWorker:
 
     # -- a message -------------------------------------------------------------
 
-    def chat(
-        self, req: ChatRequest, *, base: str, weights: Path, trust_remote_code: bool = False
-    ) -> Generator[dict[str, Any], None, None]:
-        """The reply's events, as the worker sends them (`loading`, `ready`, `token`, `done`, then `end`
-        or `error`). Leaving the loop early (a closed page) stops the generation."""
+    def chat(self, req: ChatRequest, *, base: str, weights: Path, trust_remote_code: bool = False) -> ChatReply:
+        """Start answering `req`; the reply's events come from iterating the result (`worker`, `loading`,
+        `ready`, `token`, `done`, then `end` or `error`). ChatBusy at once when another message is being
+        answered (after BUSY_WAIT_S).
+
+        The reply is pumped by a thread of its own, which holds the worker until the reply has ended or
+        was stopped: a reader that goes away (a closed page, Ctrl-C) only has to `cancel()`, from any
+        thread, and the next message is never left waiting on a reply nobody reads."""
         if not self._lock.acquire(timeout=BUSY_WAIT_S):
             raise ChatBusy("the chat is answering another message; send yours again when that one has finished")
-        try:
-            yield from self._chat(req, base, weights, trust_remote_code)
-        finally:
-            self._lock.release()
+        reply = ChatReply()
 
-    def _chat(self, req: ChatRequest, base: str, weights: Path, trust: bool) -> Generator[dict[str, Any], None, None]:
+        def pump() -> None:
+            try:
+                for event in self._chat(req, base, weights, trust_remote_code, reply.cancelled):
+                    reply.events.put(event)
+            except Exception as e:  # the worker's pipes, not the reply's words: say it and end the reply
+                log.exception("chat reply failed")
+                reply.events.put({"event": "error", "message": f"the chat failed: {e}"})
+            finally:
+                reply.events.put(None)
+                self._lock.release()
+
+        threading.Thread(target=pump, daemon=True, name="chat-reply").start()
+        return reply
+
+    def _chat(
+        self, req: ChatRequest, base: str, weights: Path, trust: bool, cancelled: threading.Event
+    ) -> Generator[dict[str, Any], None, None]:
         running = self._alive()
         self._next += 1
         rid = self._next
@@ -270,17 +311,21 @@ class ChatWorker:
             self._send(running, message)
             yield {"event": "worker", "device": self.device}
             loaded = False
-            while True:
+            quiet_since = time.monotonic()
+            while not cancelled.is_set():
                 try:
-                    item = running.lines.get(timeout=QUIET_S if loaded else LOAD_S)
+                    item = running.lines.get(timeout=POLL_S)
                 except queue.Empty:
-                    self._kill(running)
-                    ended = True
-                    yield {
-                        "event": "error",
-                        "message": "the chat worker stopped answering; it was restarted, send the message again",
-                    }
-                    return
+                    if time.monotonic() - quiet_since > (QUIET_S if loaded else LOAD_S):
+                        self._kill(running)
+                        ended = True
+                        yield {
+                            "event": "error",
+                            "message": "the chat worker stopped answering; it was restarted, send the message again",
+                        }
+                        return
+                    continue
+                quiet_since = time.monotonic()
                 if item is None:
                     ended = True
                     code = running.proc.wait()

@@ -466,7 +466,7 @@ def _chat_reply(events: Any) -> str | None:
         print(flush=True)
         return "".join(own)
     except KeyboardInterrupt:
-        events.close()  # stops the generation; the conversation goes on without this reply
+        events.cancel()  # stops the generation; the conversation goes on without this reply
         print("\n(stopped)", file=sys.stderr, flush=True)
         return None
 

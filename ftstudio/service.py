@@ -13,13 +13,12 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 from ftstudio import __version__, lifecycle, paths, scheduler, taskfiles
 from ftstudio.catalog import Catalog
-from ftstudio.chat import ChatRequest, ChatWorker
+from ftstudio.chat import ChatReply, ChatRequest, ChatWorker
 from ftstudio.config import TrainingConfig
 from ftstudio.control import CANCEL_GRACE_S as CANCEL_GRACE_S  # where callers have looked for it
 from ftstudio.control import Control
@@ -237,7 +236,7 @@ class Service(Launcher, Control, Catalog):
                 self._chat = ChatWorker(self.home.root / "logs" / "chat.log", gpus=self.gpus, busy_gpus=busy_gpus)
             return self._chat
 
-    def chat(self, task_id: str, req: ChatRequest) -> Generator[dict[str, Any], None, None]:
+    def chat(self, task_id: str, req: ChatRequest) -> ChatReply:
         """The reply to `req` from the task's adapter or checkpoint, as the worker streams it."""
         from ftstudio.builtin import resolve_model
         from ftstudio.chat import weights_of

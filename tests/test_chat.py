@@ -145,6 +145,14 @@ def test_a_checkpoint_answers_when_asked_and_a_missing_one_is_a_404(studio: Stud
     assert r.status_code == 422
 
 
+def test_what_can_answer_is_listed_newest_first(studio: Studio, trained: tuple[Path, str]) -> None:
+    _, tid = trained
+    r = studio.http.get(f"/api/tasks/{tid}/checkpoints")
+    assert r.json() == {"adapter": True, "checkpoints": [{"name": "checkpoint-6", "step": 6},
+                                                         {"name": "checkpoint-3", "step": 3}]}  # fmt: skip
+    assert studio.http.get("/api/tasks/20990101-0000-ffffff/checkpoints").status_code == 404
+
+
 def test_a_worker_that_dies_mid_reply_says_so_and_the_next_message_starts_another(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
@@ -170,6 +178,26 @@ def test_a_worker_that_dies_mid_reply_says_so_and_the_next_message_starts_anothe
     assert again[-1][0] == "end" and workers()[0].pid != worker.pid
 
 
+def test_a_page_that_goes_away_mid_reply_frees_the_worker_for_the_next_message(
+    studio: Studio, trained: tuple[Path, str]
+) -> None:
+    _, tid = trained
+    chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
+    with httpx.stream(
+        "POST", f"{studio.url}/api/tasks/{tid}/chat", json={**say("hi"), "max_new_tokens": 4000, "temperature": 1.0},
+        headers=studio.auth, timeout=120,
+    ) as r:  # fmt: skip
+        tokens = 0
+        for line in r.iter_lines():
+            tokens += line == "event: token"
+            if tokens == 3:
+                break  # the page closes: the connection goes
+    started = time.monotonic()
+    again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
+    assert again[-1][0] == "end", again[-2:]
+    assert time.monotonic() - started < 20  # not the 30 s a message waits behind another before a 409
+
+
 def test_the_model_is_unloaded_after_the_idle_time(studio: Studio, trained: tuple[Path, str]) -> None:
     _, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
@@ -185,7 +213,7 @@ def test_a_second_message_while_one_is_answered_is_refused_with_why(tmp_path: Pa
     before, chat_mod.BUSY_WAIT_S = chat_mod.BUSY_WAIT_S, 0.1
     try:
         with pytest.raises(ChatBusy, match="the chat is answering another message"):
-            next(worker.chat(parse_request(say("hi")), base="x", weights=tmp_path))
+            worker.chat(parse_request(say("hi")), base="x", weights=tmp_path)
     finally:
         chat_mod.BUSY_WAIT_S = before
         worker._lock.release()

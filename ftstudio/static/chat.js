@@ -3,7 +3,7 @@
 // POST). "Compare with the base model" shows the base model's answer to the same messages beside it.
 // Every text from the model goes into the page as text, never as HTML.
 
-import { ApiError, taskUrl } from "./api.js";
+import { api, ApiError, taskUrl } from "./api.js";
 import { h } from "./dom.js";
 
 /** Server-sent events from a fetch response body: yields {event, data}. */
@@ -47,6 +47,7 @@ export class ChatPanel {
     this.send = h("button", { type: "submit", id: "chat-send", class: "primary" }, "Send");
     this.stop = h("button", { type: "button", id: "chat-stop", hidden: true }, "Stop");
     const reset = h("button", { type: "button", id: "chat-reset" }, "New conversation");
+    this.weights = h("select", { id: "chat-weights", "aria-label": "Answer with" });
     this.settings = {
       temperature: number("Temperature", "chat-temperature", "0.7", { min: "0", max: "2", step: "0.1" }),
       top_p: number("Top-p", "chat-top-p", "0.9", { min: "0.05", max: "1", step: "0.05" }),
@@ -56,7 +57,15 @@ export class ChatPanel {
       "form",
       { class: "chat-form" },
       this.input,
-      h("div", { class: "chat-controls" }, this.send, this.stop, reset, h("label", {}, this.compare, " Compare with the base model")),
+      h(
+        "div",
+        { class: "chat-controls" },
+        this.send,
+        this.stop,
+        reset,
+        h("label", {}, this.compare, " Compare with the base model"),
+        h("label", {}, "Answer with ", this.weights),
+      ),
       h("details", { class: "chat-settings" }, h("summary", {}, "Settings"), this.system, h("div", { class: "chat-numbers" }, Object.values(this.settings))),
     );
     form.addEventListener("submit", (e) => {
@@ -77,6 +86,22 @@ export class ChatPanel {
       this.status.textContent = "";
     });
     this.el = h("div", { id: "chat" }, this.log, this.status, form);
+  }
+
+  /** Fill "Answer with": the adapter (a completed task) and every complete checkpoint, newest first. */
+  async refresh() {
+    try {
+      const r = await api(taskUrl(this.taskId, "/checkpoints"));
+      const keep = this.weights.value;
+      const options = [
+        ...(r.adapter ? [h("option", { value: "" }, "the adapter (final)")] : []),
+        ...r.checkpoints.map((c) => h("option", { value: c.name }, `checkpoint ${c.step}`)),
+      ];
+      this.weights.replaceChildren(...(options.length ? options : [h("option", { value: "" }, "nothing saved yet")]));
+      if ([...this.weights.options].some((o) => o.value === keep)) this.weights.value = keep;
+    } catch {
+      // The chat itself says what is wrong when a message is sent.
+    }
   }
 
   value(name) {
@@ -115,6 +140,7 @@ export class ChatPanel {
           top_p: this.value("top_p"),
           max_new_tokens: this.value("max_new_tokens"),
           compare,
+          checkpoint: this.weights.value,
         }),
         signal: this.controller.signal,
       });

@@ -61,6 +61,7 @@ export function mountTask(root, taskId) {
   const timeline = new AttemptsTimeline(taskId);
   const configPre = h("pre", { class: "config", id: "task-config", tabindex: "0" });
   const chat = new ChatPanel(taskId);
+  let chatFor = null; // the status the chat's "Answer with" list was filled for
   const chatSection = h("section", { id: "try-it", "aria-labelledby": "chat-title", hidden: true }, h("h2", { id: "chat-title" }, "Try it"), chat.el);
   const artifacts = h("div", { id: "artifacts" }, h("p", { class: "muted" }, "The adapter appears here when training completes."));
 
@@ -231,7 +232,10 @@ export function mountTask(root, taskId) {
     showNotice(t);
     // Weights to talk to: the adapter of a completed task, else a checkpoint it saved (the studio says
     // which answers, or that there is none yet).
-    chatSection.hidden = !CHATTY.has(t.status);
+    const chatty = CHATTY.has(t.status);
+    if (chatty && chatFor !== t.status) chat.refresh();
+    chatFor = chatty ? t.status : null;
+    chatSection.hidden = !chatty;
     timeline.update(t);
     renderActions(t.actions || []);
     if (!configPre.textContent) configPre.textContent = JSON.stringify(typeof t.config === "string" ? safeJson(t.config) : t.config, null, 2);

@@ -20,6 +20,10 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
     page.locator('.badge[data-status="completed"]').wait_for(timeout=180_000)
     section = page.locator("#try-it")
     section.wait_for(state="visible")
+    # The adapter answers unless a checkpoint is picked: "Answer with" lists both, newest first.
+    page.wait_for_function("document.querySelectorAll('#chat-weights option').length >= 2")
+    assert page.locator("#chat-weights option").all_inner_texts()[0] == "the adapter (final)"
+    assert "checkpoint 4" in page.locator("#chat-weights option").all_inner_texts()
 
     # Tokens arrive one by one: the reply grows while the request is still open.
     page.click("#chat .chat-settings summary")  # temperature, top-p, max new tokens, the system prompt
@@ -36,7 +40,8 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
     page.click("#chat-send")
     page.locator("#chat-log .chat-reply[data-done]").wait_for(timeout=120_000)
     answer = page.locator('#chat-log .chat-text[data-who="adapter"]').inner_text()
-    assert answer.strip() and page.locator("#chat-log .error-text").count() == 0
+    errors = page.locator("#chat-log .error-text").all_inner_texts()
+    assert answer.strip() and not errors, errors
     assert len({n for n in lengths if n > 0}) >= 2, lengths  # it grew in steps, not in one piece
     assert page.locator("#chat-log .chat-user").inner_text().endswith("Reverse the word: stone")
 
