@@ -352,7 +352,7 @@ def _use_executor(args: argparse.Namespace) -> None:
             signal=args.slurm_signal,
             extra=tuple(args.sbatch_option),
         )
-        problems = slurm.problems()
+        problems = slurm.problems() + slurm.unworkable()
         if problems:
             raise ValidationError("; ".join(problems))
     print(_service().set_executor(args.executor, slurm))
@@ -582,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--slurm-signal",
         default="B:USR1@120",
-        help="what Slurm sends the job before its time limit or a preemption (sbatch --signal; default B:USR1@120)",
+        help="what Slurm sends the job's runner before its time limit or a preemption (sbatch --signal: B: and "
+        "USR1, TERM or INT, @ seconds before; default B:USR1@120; B:USR1@0: no warning)",
     )
     sp.add_argument(
         "--sbatch-option",

@@ -72,6 +72,9 @@ class Launcher:
         from ftstudio.slurm import SlurmExecutor, check_cluster
 
         executor = SlurmExecutor(slurm)
+        unworkable = slurm.unworkable()
+        if unworkable:
+            raise ValidationError("; ".join(unworkable))
         said = check_cluster(executor, self.home.root) if check else f"Slurm partition {slurm.partition}, not checked"
         with writing(self.home.root):
             self.store.set_setting("slurm", json.dumps(slurm.to_json()))

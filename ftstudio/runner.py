@@ -75,12 +75,19 @@ before it is resumed from. GRACE_ENV overrides it (for `docker stop -t 60`, and 
 GRACE_ENV = "FTSTUDIO_SHUTDOWN_GRACE_S"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FROM_OUTSIDE = "from outside the studio (a shutdown, docker stop or a scheduler)"
+SLURM_WARNING = "from outside the studio (Slurm's warning before the job's time limit or a preemption)"
 MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def log(msg: str) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     print(f"[{stamp}] [ftstudio runner] {msg}", flush=True)
+
+
+def from_outside(signum: int) -> str:
+    """Who sends a stop the studio did not: in a Slurm job SIGUSR1 is Slurm's warning (sbatch --signal=B:USR1),
+    which a shutdown or `docker stop` never sends."""
+    return SLURM_WARNING if signum == PAUSE_SIGNAL and os.environ.get("SLURM_JOB_ID") else FROM_OUTSIDE
 
 
 def processes_of(task: TaskDir) -> int:
@@ -277,7 +284,7 @@ def interrupted_record(
 ) -> dict[str, Any]:
     """Stopped by a SIGTERM (SIGINT, SIGHUP) that was not a person's cancel. `suspended`: the trainer's
     `suspended` event, written once its checkpoint was complete; None when it was killed (or died) first."""
-    who = f"stopped by {signal.Signals(signum).name} {FROM_OUTSIDE}"
+    who = f"stopped by {signal.Signals(signum).name} {from_outside(signum)}"
     source = suspended or progress or {}
     step, total = source.get("step"), source.get("total_steps")
     of_total = f"/{total}" if isinstance(total, int) else ""
@@ -456,7 +463,7 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
         stop.shutdown = signum
         stop.deadline = time.monotonic() + grace
         log(
-            f"received {name} {FROM_OUTSIDE}; saving a checkpoint at the next step boundary, "
+            f"received {name} {from_outside(signum)}; saving a checkpoint at the next step boundary, "
             f"or stopping without one after {grace:g}s"
         )
         pause.requested = True  # the pause's way out: a checkpoint of the next step, every rank at the same one

@@ -69,7 +69,12 @@ REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 TIME_RE = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}|\d+-\d{1,2}|UNLIMITED|INFINITE")
 HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}")
-SIGNAL_RE = re.compile(r"(B:)?(USR1|USR2|TERM|INT)@\d{1,5}")
+SIGNAL_RE = re.compile(r"(B:)?(USR1|USR2|TERM|INT)@(\d{1,5})")
+WARNING_SIGNALS = ("USR1", "TERM", "INT")
+"""The signals the runner turns into a checkpoint and a clean end (USR2 would kill it)."""
+TIME_LIMIT_PASS_S = 30
+"""How often slurmctld looks for jobs past their time limit (its PERIODIC_TIMEOUT). It sends the warning at
+the first look that finds fewer than the warning's seconds + this left: up to this much early."""
 # Extra sbatch options a person may add (`studio start --sbatch-option`): where a job may run and what
 # it is told, never what it runs, where its files go, or who it runs as. Each with a plain value.
 SAFE_SBATCH = frozenset(
@@ -80,6 +85,35 @@ SAFE_SBATCH = frozenset(
     }
 )  # fmt: skip
 OPTION_VALUE_RE = re.compile(r"[A-Za-z0-9_.,:@+\-\[\]|&!*%]{1,200}")
+
+
+def slurm_seconds(value: str) -> int | None:
+    """The seconds in a Slurm time as sbatch --time takes it: minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours, days-hours:minutes or days-hours:minutes:seconds. None: no limit (0, UNLIMITED, INFINITE) or
+    not a time."""
+    days, dash, rest = value.partition("-")
+    if not dash:
+        days, rest = "0", value
+    parts = rest.split(":")
+    if not days.isdigit() or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    numbers = [int(p) for p in parts]
+    if dash:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = [*numbers, 0, 0][:3]
+    else:  # minutes, minutes:seconds or hours:minutes:seconds
+        hours, minutes, seconds = numbers if len(numbers) == 3 else [0, *numbers, 0][:3]
+    total = ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    return total or None
+
+
+def duration_words(seconds: int) -> str:
+    """1 minute, 1 hour 30 minutes, 2 days."""
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {unit}{'' if count == 1 else 's'}")
+    return " ".join(parts) or "0 seconds"
 
 
 class SlurmError(UserError):
@@ -169,6 +203,38 @@ class SlurmSettings:
             elif (eq or name != "--exclusive") and not OPTION_VALUE_RE.fullmatch(value):
                 out.append(f"--sbatch-option: {option[:60]!r} needs a plain value, e.g. {name}=a100")
         return out
+
+    def unworkable(self) -> list[str]:
+        """Settings safe to pass on that could not work, which `studio start` refuses: a warning that misses the
+        runner, one that kills it, or one that comes as soon as every job starts. (A home that kept such settings
+        from before still uses them: `problems` is what a stored setting must pass.)"""
+        found = SIGNAL_RE.fullmatch(self.signal)
+        if found is None:
+            return []
+        batch, name, seconds = found.groups()
+        if name not in WARNING_SIGNALS:
+            return [
+                f"--slurm-signal: {self.signal} would end the job's runner without a checkpoint; use B:USR1, B:TERM "
+                f"or B:INT (e.g. B:USR1@{seconds})"
+            ]
+        if not batch:
+            # The runner is the batch script (exec): a signal without B: goes to the job's steps only (none on one
+            # node; the launchers of several, which would stop their ranks behind the runner's back).
+            return [
+                f"--slurm-signal: {self.signal} would miss the studio's runner: without B: Slurm signals only the "
+                f"job's steps, and the runner is the job's batch script; use B:{self.signal}"
+            ]
+        limit = slurm_seconds(self.time) if self.time and TIME_RE.fullmatch(self.time) else None
+        warn = int(seconds)
+        if not limit or warn == 0 or warn + TIME_LIMIT_PASS_S < limit:
+            return []
+        most = limit - TIME_LIMIT_PASS_S - 1
+        shorter = f"a warning under {most + 1}s (e.g. B:USR1@{most // 2})" if most >= 2 else "no warning (B:USR1@0)"
+        return [
+            f"--slurm-signal: {self.signal} would warn every job as soon as it starts (--time {self.time} gives "
+            f"it {duration_words(limit)}, and Slurm sends the warning up to {TIME_LIMIT_PASS_S}s early), so every "
+            f"attempt would stop at once; use {shorter} or a longer --time"
+        ]
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -446,7 +512,7 @@ class SlurmExecutor:
         if state.state == "CANCELLED":
             return SchedulerWord(True, cancelled=True, reason=f"{job} was cancelled outside the studio (scancel)")
         reasons = {
-            "TIMEOUT": f"{job} reached its time limit ({self.settings.time or 'the partition default'})",
+            "TIMEOUT": f"{job} reached its time limit{self._limit_words()}",
             "PREEMPTED": f"{job} was preempted by Slurm",
             "NODE_FAIL": f"the node running {job} failed",
             "BOOT_FAIL": f"the node for {job} failed to boot",
@@ -457,6 +523,12 @@ class SlurmExecutor:
         if state.state in ("COMPLETED", "FAILED"):
             return SchedulerWord(True)  # its runner ended it: the exit record, or its absence, says how
         return SchedulerWord(True, reason=reasons.get(state.state, f"Slurm ended {job} ({state.state})"))
+
+    def _limit_words(self) -> str:
+        limit = slurm_seconds(self.settings.time) if self.settings.time else None
+        if limit is None:
+            return " (set by the partition)"
+        return f" of {duration_words(limit)} (--time {self.settings.time})"
 
     def signal(self, task: TaskDir, launch: Launch | None, sig: int) -> bool:
         """Send `sig` to the job's runner (the batch step: the runner is its process)."""
@@ -552,9 +624,10 @@ def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None =
                 if seen.exists() and seen.read_text().startswith(token):
                     continue
                 raise SlurmError(
-                    f"the home {home} is not shared with the compute nodes: check job {job} ended "
-                    f"({state.state}) without seeing a file the studio wrote there; put the home (FTSTUDIO_HOME) "
-                    "on a filesystem the studio and the nodes both see"
+                    f"the home {home} is not shared with the compute nodes: Slurm's check job {job} did not see a "
+                    f"file the studio had just written there (the job ended {state.state}); put the home "
+                    "(FTSTUDIO_HOME) on a filesystem the studio and the nodes both see, at the same path, and start "
+                    "again. Nothing was changed: new fine-tunes still run where they did"
                 )
             time.sleep(0.5)
         state = executor.state_fresh(job)

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +170,16 @@ class Studio:
 
 
 def run_cli(
-    home: Path, *args: str, scripted: bool = False, timeout: float = 180, **extra: str
+    home: Path,
+    *args: str,
+    scripted: bool = False,
+    timeout: float = 180,
+    wrapper: Sequence[str] = (),
+    **extra: str,
 ) -> subprocess.CompletedProcess[str]:
+    """`ftstudio ARGS` on `home`; `wrapper`: a command that runs it (its argv follows the wrapper's)."""
     return subprocess.run(
-        [sys.executable, "-m", "ftstudio", *args],
+        [*wrapper, sys.executable, "-m", "ftstudio", *args],
         env=home_env(home, scripted=scripted, **extra),
         capture_output=True,
         text=True,
@@ -186,3 +192,27 @@ def cli_json(home: Path, *args: str, **kw: Any) -> Any:
     r = run_cli(home, *args, "--json", **kw)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def tiny(steps: int, every: int) -> dict[str, Any]:
+    """builtin:tiny, cheap: the real trainer, for tests about what runs it."""
+    return {
+        "preset": "cpu-demo",
+        "data": {"validation": "0", "max_length": 64},
+        "optim": {"max_steps": steps, "batch_size": 4, "seed": 5},
+        "checkpoint": {"every_steps": every},
+        "logging": {"eval_on_start": False},
+    }
+
+
+def submit_tiny(studio: Studio, steps: int, every: int, name: str = "tiny on slurm") -> str:
+    r = studio.http.post("/api/tasks", json={"name": name, "config": tiny(steps, every)})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def progress_steps(studio: Studio, tid: str) -> list[int]:
+    """The step of each progress event the studio keeps, across attempts (a resumed attempt's redone steps
+    replace the earlier ones)."""
+    events = studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
+    return [e["step"] for e in events if e["kind"] == "progress"]

@@ -225,3 +225,25 @@ def test_a_runner_reads_its_attempt_from_the_task_dir_and_refuses_one_that_has_e
     tdir.attempt.write_text("3")  # the studio named the next attempt: it runs, as attempt 3
     assert start_runner(tdir, "--attempt", "from-file").wait(timeout=60) == 0
     assert read_json(tdir.exit)["outcome"] == "completed" and read_json(tdir.exit)["attempt"] == 3
+
+
+def test_slurms_warning_is_named_as_such_and_a_shutdown_as_before(tmp_path, monkeypatch):
+    """In a Slurm job a SIGUSR1 the studio did not send is Slurm's warning (sbatch --signal=B:USR1), never a
+    shutdown or `docker stop`; a SIGTERM keeps the general words (the studio adds Slurm's own reason)."""
+    from ftstudio.runner import interrupted_record
+
+    task = make_task(tmp_path, "scripted")
+    suspended = {"step": 9, "total_steps": 30, "checkpoint": "checkpoint-9"}
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    warned = interrupted_record(signal.SIGUSR1, task, suspended, None)["reason"]
+    assert warned == (
+        "stopped by SIGUSR1 from outside the studio (Slurm's warning before the job's time limit or a preemption) "
+        "at step 9/30 after saving checkpoint-9; it resumes from there"
+    )
+    termed = interrupted_record(signal.SIGTERM, task, suspended, None)["reason"]
+    assert termed.startswith("stopped by SIGTERM from outside the studio (a shutdown, docker stop or a scheduler)")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert (
+        "(a shutdown, docker stop or a scheduler)"
+        in interrupted_record(signal.SIGUSR1, task, suspended, None)["reason"]
+    )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import run_cli
 
 from ftstudio.errors import LaunchError
 from ftstudio.executor import Launch
@@ -37,7 +38,9 @@ from ftstudio.slurm import (
     job_id_in,
     output_path,
     sbatch_options,
+    slurm_seconds,
 )
+from ftstudio.store import Store
 
 TASK = "20261201-0000-abcdef01"
 
@@ -109,6 +112,65 @@ def test_good_settings_pass_and_round_trip() -> None:
     s = SlurmSettings("gpu", account="lab-1", qos="normal", time="2-00:00:00", host="me@login1.cluster.edu")
     assert s.problems() == []
     assert SlurmSettings.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("1", 60),
+        ("90", 5400),
+        ("1:30", 90),
+        ("04:00:00", 14400),
+        ("2-00:00:00", 172800),
+        ("1-12", 129600),
+        ("1-12:30", 131400),
+        ("0", None),
+        ("UNLIMITED", None),
+        ("1:2:3:4", None),
+    ],
+)
+def test_slurm_times_are_read_as_sbatch_reads_them(value: str, seconds: int | None) -> None:
+    assert slurm_seconds(value) == seconds
+
+
+def test_a_warning_signal_must_reach_the_runner_and_leave_the_job_time_to_train(tmp_path: Path) -> None:
+    """The runner is the job's batch script: a signal without B: misses it (Slurm signals only the job's steps
+    then), and one the runner does not turn into a checkpoint (USR2) would kill it. A warning as
+    long as the time limit (Slurm sends it up to 30 s early) would stop every job as soon as it starts.
+    `studio start` refuses each; a home that kept one from before still runs with it."""
+    [problem] = SlurmSettings("debug", signal="USR1@120").unworkable()
+    assert problem == (
+        "--slurm-signal: USR1@120 would miss the studio's runner: without B: Slurm signals only the job's steps, "
+        "and the runner is the job's batch script; use B:USR1@120"
+    )
+    [problem] = SlurmSettings("debug", signal="B:USR2@120").unworkable()
+    assert problem == (
+        "--slurm-signal: B:USR2@120 would end the job's runner without a checkpoint; use B:USR1, B:TERM or B:INT "
+        "(e.g. B:USR1@120)"
+    )
+    [problem] = SlurmSettings("debug", time="1").unworkable()  # the default warning, B:USR1@120
+    assert problem == (
+        "--slurm-signal: B:USR1@120 would warn every job as soon as it starts (--time 1 gives it 1 minute, and "
+        "Slurm sends the warning up to 30s early), so every attempt would stop at once; use a warning under 30s "
+        "(e.g. B:USR1@14) or a longer --time"
+    )
+    assert "use no warning (B:USR1@0) or a longer --time" in SlurmSettings("debug", time="0:30").unworkable()[0]
+    for kept in (SlurmSettings("debug", signal="USR1@120"), SlurmSettings("debug", time="1")):
+        assert kept.problems() == []
+        SlurmExecutor(kept, FakeCommands(listing()))  # as a stored setting: safe to pass on, so still used
+    for fine in (
+        SlurmSettings("debug", time="1", signal="B:USR1@0"),  # no warning: the time limit's SIGTERM stops the job
+        SlurmSettings("debug", time="1", signal="B:USR1@29"),
+        SlurmSettings("debug", time="24:00:00", signal="B:TERM@600"),
+        SlurmSettings("debug", time="UNLIMITED", signal="B:INT@120"),
+    ):
+        assert fine.problems() == [] and fine.unworkable() == [], fine
+    assert "--signal=B:USR1@0" in sbatch_options(SlurmSettings("debug", time="1", signal="B:USR1@0"), {})
+    # `studio start` refuses before it asks Slurm anything, and remembers nothing.
+    home = tmp_path / "home"
+    r = run_cli(home, "studio", "start", "--executor", "slurm", "--partition", "debug", "--time", "1", timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: --slurm-signal: B:USR1@120 would warn every job"), r
+    assert Store(home / "studio.db").setting("executor") is None
 
 
 # -- submit ------------------------------------------------------------------------------------
@@ -302,7 +364,12 @@ def test_the_slurm_executor_keeps_to_the_protocol() -> None:
         ("4242|COMPLETING|None", False, False, ""),
         ("4242|COMPLETED|None", True, False, ""),  # its runner ended it: the exit record says how
         ("4242|CANCELLED|None", True, True, "the Slurm job 4242 was cancelled outside the studio (scancel)"),
-        ("4242|TIMEOUT|TimeLimit", True, False, "the Slurm job 4242 reached its time limit (04:00:00)"),
+        (
+            "4242|TIMEOUT|TimeLimit",
+            True,
+            False,
+            "the Slurm job 4242 reached its time limit of 4 hours (--time 04:00:00)",
+        ),
         ("4242|PREEMPTED|None", True, False, "the Slurm job 4242 was preempted by Slurm"),
         ("4242|NODE_FAIL|None", True, False, "the node running the Slurm job 4242 failed"),
         ("", True, False, "Slurm no longer knows the Slurm job 4242"),
@@ -312,6 +379,13 @@ def test_slurms_word_on_how_a_job_ended(tmp_path: Path, row: str, final: bool, c
     ex = executor(listing(f"{row}|ftstudio-{TASK}") if row else listing(), time="04:00:00")
     word = ex.word(make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242"))
     assert word is not None and (word.final, word.cancelled, word.reason) == (final, cancelled, words)
+
+
+def test_a_time_limit_left_to_the_partition_says_so(tmp_path: Path) -> None:
+    word = executor(listing(f"4242|TIMEOUT|TimeLimit|ftstudio-{TASK}")).word(
+        make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242")
+    )
+    assert word is not None and word.reason == "the Slurm job 4242 reached its time limit (set by the partition)"
 
 
 def test_no_word_is_final_while_slurm_cannot_be_asked(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from slurm_cluster import SlurmCluster
-from support import Studio, home_env, run_cli, wait_for
+from support import Studio, home_env, progress_steps, run_cli, submit_tiny, wait_for
 
 from ftstudio.procs import tagged
 from ftstudio.store import Store
@@ -125,7 +125,7 @@ def test_scancel_outside_the_studio_ends_the_task_naming_slurm(studio: Studio) -
     assert done["attempt"] == 1  # not resumed: a person cancelled it, in Slurm
 
 
-def test_a_studio_on_a_home_slurm_cannot_see_is_refused_with_the_fix(home: Path) -> None:
+def test_a_start_with_a_partition_slurm_lacks_or_an_unsafe_option_is_refused_with_the_fix(home: Path) -> None:
     r = run_cli(home, "studio", "start", "--executor", "slurm", "--partition", "no-such-partition", **slurm_env())
     assert r.returncode != 0
     assert "Slurm has no partition 'no-such-partition'; `sinfo` lists the partitions you can use" in r.stderr
@@ -147,17 +147,6 @@ def test_a_studio_on_a_home_slurm_cannot_see_is_refused_with_the_fix(home: Path)
     assert Store(home / "studio.db").setting("executor") in (None, "local")
 
 
-def tiny(steps: int, every: int) -> dict[str, Any]:
-    """builtin:tiny, cheap: the cluster is what these tests are about."""
-    return {
-        "preset": "cpu-demo",
-        "data": {"validation": "0", "max_length": 64},
-        "optim": {"max_steps": steps, "batch_size": 4, "seed": 5},
-        "checkpoint": {"every_steps": every},
-        "logging": {"eval_on_start": False},
-    }
-
-
 @pytest.fixture
 def real(home: Path) -> Iterator[Studio]:
     """A studio on Slurm whose jobs run the real trainer."""
@@ -166,17 +155,6 @@ def real(home: Path) -> Iterator[Studio]:
     s.stop()
     for tid in os.listdir(home / "tasks") if (home / "tasks").is_dir() else []:
         subprocess.run(["scancel", f"--name=ftstudio-{tid}"], env={**os.environ, **slurm_env()}, check=False)
-
-
-def submit_tiny(studio: Studio, steps: int, every: int) -> str:
-    r = studio.http.post("/api/tasks", json={"name": "tiny on slurm", "config": tiny(steps, every)})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def progress_steps(studio: Studio, tid: str) -> list[int]:
-    events = studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
-    return [e["step"] for e in events if e["kind"] == "progress"]
 
 
 def test_a_real_fine_tune_of_builtin_tiny_completes_as_a_slurm_job_with_its_adapter(real: Studio, home: Path) -> None:
