@@ -12,13 +12,15 @@ Shapes, detected from the columns:
     text       text                                                (plain language modelling)
 
 Every row becomes an `Example`: a list of chat messages (or one text) plus where
-it came from (`data.jsonl line 7`). Held-out prompts (`evaluation.prompts`) are
-read the same way, except that a row needs no answer (`prompts=True`): an alpaca
-row may leave out `output`, a conversation may end with a user turn. Rows of the wrong shape are skipped and
+it came from (`data.jsonl line 7`). Rows of the wrong shape are skipped and
 reported with their line; text that is not valid JSON, a shape that cannot be
 detected, or no usable row at all is a `ValidationError` — raised here, before
 any model is loaded. Nothing here needs a tokenizer, so `inspect_dataset` is
 cheap enough for the studio to call while a person waits.
+
+Held-out prompts (`evaluation.prompts`) are read the same way, except that a row
+needs no answer (`prompts=True`): an alpaca row may leave out `output`, and a
+conversation may end with a user turn.
 """
 
 from __future__ import annotations

@@ -183,8 +183,7 @@ def _dataset(
 ) -> list[Problem]:
     """`prompts`: held-out prompts (evaluation.prompts), in any shape, answers optional."""
     try:
-        path = resolve_dataset(ref, home)
-        inspect_dataset(path, preview_rows=0, format=format, max_row_bytes=max_row_bytes, prompts=prompts)
+        inspect_dataset(resolve_dataset(ref, home), 0, format, max_row_bytes=max_row_bytes, prompts=prompts)
     except ValidationError as e:
         return [Problem(field, p.message) for p in e.problems]
     return []
