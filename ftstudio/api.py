@@ -245,6 +245,12 @@ def create_app(
     def task_metrics(task_id: str, after: int = Query(0, ge=0, le=SEQ_MAX)) -> dict[str, Any]:
         return {"events": service.metrics(task_id, after)}
 
+    @app.get("/api/tasks/{task_id}/samples")
+    def task_samples(task_id: str) -> dict[str, Any]:
+        """The held-out prompts (`evaluation.prompts`) as the fine-tune and the base model answered them:
+        one stage per checkpoint that answered them and one `final`, oldest first."""
+        return {"stages": service.samples(task_id)}
+
     @app.get("/api/tasks/{task_id}/stream")
     async def task_stream(task_id: str, request: Request, after: int = Query(0, ge=0, le=SEQ_MAX)) -> StreamingResponse:
         await run_in_threadpool(service.get, task_id)  # 404 before the stream starts

@@ -68,7 +68,7 @@ MISPLACED: dict[str, str] = {
     "max_seq_length": "data.max_length",
     "cutoff_len": "data.max_length",
     "preset": "preset",
-    **{section: section for section in ("data", "lora", "optim", "checkpoint", "logging")},
+    **{section: section for section in ("data", "lora", "optim", "checkpoint", "logging", "evaluation")},
 }
 
 
@@ -81,7 +81,7 @@ def misplaced(key: str) -> str:
             "settings go inside config (see GET /api/config/fields)"
         )
     *outer, last = path.split(".")
-    inner: str = "{...}" if path in ("model", "data", "lora", "optim", "checkpoint", "logging") else "..."
+    inner: str = "{...}" if path in ("model", "data", "lora", "optim", "checkpoint", "logging", "evaluation") else "..."
     example = f'{{"{last}": {inner}}}'
     for part in reversed(outer):
         example = f'{{"{part}": {example}}}'

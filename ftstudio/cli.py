@@ -31,6 +31,7 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--batch-size", "optim.batch_size", int, "samples per step per device"),
     ("--lora-rank", "lora.rank", int, "LoRA rank"),
     ("--checkpoint-every", "checkpoint.every_steps", int, "checkpoint every N steps"),
+    ("--eval-prompts", "evaluation.prompts", str, "held-out prompts (a file or uploaded dataset) answered at the end"),
     ("--processes", "resources.processes", int, "training processes per node (above 1: torchrun)"),
     ("--nodes", "resources.nodes", int, "machines to spread over, each running --processes (Slurm executor only)"),
     ("--gpus", "resources.gpus", int, "GPUs to lease (default: one per process where there are GPUs; 0: CPU)"),

@@ -125,6 +125,19 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    prompts: str = bounded("", max_len=4096)
+    """Held-out prompts the fine-tune and the base model answer when training ends, shown side by side: a file
+    or an uploaded dataset in any data shape (empty: none). A row's last assistant turn is the expected answer."""
+    max_prompts: int = bounded(20, 1, 200)
+    """Answer at most this many prompts: the first ones in the file."""
+    max_new_tokens: int = bounded(128, 1, 4096, unit="tokens")
+    """Longest answer, in tokens (greedy decoding)."""
+    at_checkpoints: bool = False
+    """Also answer them after every checkpoint, to watch the answers change; training waits while they are written."""
+
+
+@dataclass
 class ResourcesConfig:
     processes: int = bounded(1, 1, 64)
     """Training processes (per node): above 1 runs torchrun, one process per GPU (or CPU processes on gloo)."""
@@ -158,6 +171,7 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     preset: str = bounded("", max_len=256)
@@ -241,6 +255,7 @@ CLI_FLAGS: dict[str, str] = {
     "optim.batch_size": "--batch-size",
     "lora.rank": "--lora-rank",
     "checkpoint.every_steps": "--checkpoint-every",
+    "evaluation.prompts": "--eval-prompts",
     "resources.processes": "--processes",
     "resources.nodes": "--nodes",
     "resources.gpus": "--gpus",

@@ -17,6 +17,10 @@ reported with their line; text that is not valid JSON, a shape that cannot be
 detected, or no usable row at all is a `ValidationError` — raised here, before
 any model is loaded. Nothing here needs a tokenizer, so `inspect_dataset` is
 cheap enough for the studio to call while a person waits.
+
+Held-out prompts (`evaluation.prompts`) are read the same way, except that a row
+needs no answer (`prompts=True`): an alpaca row may leave out `output`, and a
+conversation may end with a user turn.
 """
 
 from __future__ import annotations
@@ -85,18 +89,22 @@ def inspect_dataset(
     split: str | None = None,
     *,
     max_row_bytes: int | None = None,
+    prompts: bool = False,
 ) -> DatasetInfo:
     """Read and check a dataset without a tokenizer; raises ValidationError if nothing can be trained on.
 
     Rows are read one at a time and only counted, so the studio can check a file of any size.
-    `max_row_bytes`: refuse a row larger than this (the studio's limit; None reads any row)."""
-    info, _ = _load(Path(path), format, preview_rows, split, keep=False, max_row_bytes=max_row_bytes)
+    `max_row_bytes`: refuse a row larger than this (the studio's limit; None reads any row).
+    `prompts`: the rows are held-out prompts, whose answers are optional."""
+    info, _ = _load(Path(path), format, preview_rows, split, keep=False, max_row_bytes=max_row_bytes, prompts=prompts)
     return info
 
 
-def load_examples(path: Path, format: str = "auto", split: str | None = None) -> tuple[DatasetInfo, list[Example]]:
+def load_examples(
+    path: Path, format: str = "auto", split: str | None = None, *, prompts: bool = False
+) -> tuple[DatasetInfo, list[Example]]:
     """Every usable row as an Example, with the inspection report. `split`: of a saved DatasetDict."""
-    return _load(Path(path), format, 0, split, keep=True, max_row_bytes=None)
+    return _load(Path(path), format, 0, split, keep=True, max_row_bytes=None, prompts=prompts)
 
 
 def splits(path: Path) -> list[str]:
@@ -109,7 +117,14 @@ def splits(path: Path) -> list[str]:
 
 
 def _load(
-    path: Path, format: str, preview_rows: int, split: str | None, *, keep: bool, max_row_bytes: int | None
+    path: Path,
+    format: str,
+    preview_rows: int,
+    split: str | None,
+    *,
+    keep: bool,
+    max_row_bytes: int | None,
+    prompts: bool = False,
 ) -> tuple[DatasetInfo, list[Example]]:
     name = f"{path.name} ({split} split)" if split else path.name
     shape = None if format == "auto" else format
@@ -120,11 +135,11 @@ def _load(
     for where, row in read_rows(path, split, max_row_bytes=max_row_bytes):
         rows += 1
         if shape is None:
-            shape = detect_format(row, f"{name} {where}")
+            shape = detect_format(row, f"{name} {where}", prompts=prompts)
         if len(first_rows) < preview_rows:
             first_rows.append(row)
         try:
-            example = to_example(row, shape, f"{name} {where}")
+            example = to_example(row, shape, f"{name} {where}", prompts=prompts)
         except ValueError as e:
             skipped += 1
             if len(problems) < MAX_LISTED_PROBLEMS:
@@ -133,8 +148,11 @@ def _load(
         usable += 1
         if keep:
             examples.append(example)
+    what = "prompt" if prompts else "example"
     if not rows or shape is None:
-        raise ValidationError(Problem(FIELD, f"{name} has no rows; add training examples to it"))
+        raise ValidationError(
+            Problem(FIELD, f"{name} has no rows; add {'prompts' if prompts else 'training examples'} to it")
+        )
     info = DatasetInfo(
         path=str(path),
         format=shape,
@@ -147,7 +165,7 @@ def _load(
     if not usable:
         first = f" (first: {problems[0].message})" if problems else ""
         raise ValidationError(
-            Problem(FIELD, f"{name}: none of its {rows} rows is a usable {shape} example{first}; fix the rows")
+            Problem(FIELD, f"{name}: none of its {rows} rows is a usable {shape} {what}{first}; fix the rows")
         )
     return info, examples
 
@@ -211,12 +229,12 @@ def _read_dir(path: Path, split: str | None, max_row_bytes: int | None) -> Itera
             yield f"{rel} {where}", row
 
 
-def detect_format(row: dict[str, Any], where: str) -> str:
+def detect_format(row: dict[str, Any], where: str, *, prompts: bool = False) -> str:
     if "messages" in row:
         return "messages"
     if "conversations" in row:
         return "sharegpt"
-    if "instruction" in row and "output" in row:
+    if "instruction" in row and ("output" in row or prompts):
         return "alpaca"
     if "text" in row:
         return "text"
@@ -232,16 +250,20 @@ def detect_format(row: dict[str, Any], where: str) -> str:
     )
 
 
-def to_example(row: dict[str, Any], shape: str, where: str) -> Example:
-    """One row as an Example; ValueError says what is wrong with it."""
+def to_example(row: dict[str, Any], shape: str, where: str, *, prompts: bool = False) -> Example:
+    """One row as an Example; ValueError says what is wrong with it. `prompts`: an answer is optional
+    (an alpaca row without `output` ends with the user turn)."""
     if shape == "alpaca":
-        instruction, inp, output = _text(row, "instruction"), _text(row, "input", True), _text(row, "output")
+        instruction, inp = _text(row, "instruction"), _text(row, "input", True)
+        output = _text(row, "output", prompts)
         messages = []
         system = _text(row, "system", True)
         if system:
             messages.append({"role": "system", "content": system})
         prompt = f"{instruction}\n\n{inp}" if inp else instruction
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        messages.append({"role": "user", "content": prompt})
+        if output or not prompts:
+            messages.append({"role": "assistant", "content": output})
         return Example(where, messages)
     if shape == "text":
         return Example(where, text=_text(row, "text"))
@@ -265,7 +287,10 @@ def to_example(row: dict[str, Any], shape: str, where: str) -> Example:
         if content is None:
             raise ValueError(f"turn {i} has no text in `{content_key}`")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if prompts:
+        if all(m["role"] == "system" for m in messages):
+            raise ValueError("only system turns: no prompt to answer")
+    elif not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise ValueError("no assistant turn with text: nothing to learn from")
     return Example(where, messages)
 

@@ -13,6 +13,8 @@ Kinds (every event has `kind` and `ts`, unix seconds):
                  tokens_per_s, tokens (real tokens seen so far), eta_s
     eval         step, epoch, eval_loss
     checkpoint   step, path
+    samples      stage ("final" or "checkpoint-N"), step, count, seconds: the held-out prompts of that
+                 stage are answered, in evals/<stage>.json (see ftstudio.evaluation)
     train_end    summary fields (steps, final_loss, best_loss, tokens, tokens_per_s, wall_s)
     suspended    step, total_steps, checkpoint ("checkpoint-N", or null when no step was taken):
                  training stopped for a pause; the next start resumes from that checkpoint
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-KINDS = ("status", "train_begin", "progress", "eval", "checkpoint", "train_end", "suspended", "error")
+KINDS = ("status", "train_begin", "progress", "eval", "checkpoint", "samples", "train_end", "suspended", "error")
 
 
 class EventWriter:

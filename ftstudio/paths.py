@@ -1,7 +1,7 @@
 """Which files a task may read: the root rule.
 
 A request over HTTP names files on the studio's machine (`data.path`, `model.name`,
-`data.validation`, `checkpoint.resume_from`). Whoever can reach the API must not be
+`data.validation`, `evaluation.prompts`, `checkpoint.resume_from`). Whoever can reach the API must not be
 able to make the studio read `~/.ssh` of another user, `/etc/shadow` or a device,
 so such paths must lie under an allowed root: the data home, the user's home
 directory, or a folder the owner allowed with `ftstudio studio start --allow-path`.
@@ -61,6 +61,9 @@ def config_problems(config: TrainingConfig, *, home: Path, policy: Policy, trust
     validation = config.data.validation.strip()
     if validation and validation_fraction(validation) is None and _is_path(validation, home):
         named.append((validation, "data.validation"))
+    prompts = config.evaluation.prompts.strip()
+    if _is_path(prompts, home):
+        named.append((prompts, label("evaluation.prompts")))
     model = config.model.name.strip()
     if _is_path(model, home):
         named.append((model, label("model.name")))
@@ -96,6 +99,7 @@ def anchor(config: TrainingConfig, home: Path) -> None:
     config.data.path = absolute(config.data.path)
     if validation_fraction(config.data.validation) is None:
         config.data.validation = absolute(config.data.validation)
+    config.evaluation.prompts = absolute(config.evaluation.prompts)
     config.model.name = absolute(config.model.name)
 
 

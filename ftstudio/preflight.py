@@ -42,6 +42,10 @@ def check(config: TrainingConfig, home: Path, *, max_row_bytes: int | None = Non
     validation = config.data.validation.strip()
     if validation_fraction(validation) is None:
         problems += _validation(config, validation, home, max_row_bytes)
+    if config.evaluation.prompts.strip():
+        problems += _dataset(
+            config.evaluation.prompts, "auto", home, label("evaluation.prompts"), max_row_bytes, prompts=True
+        )
     problems += _resume(config.checkpoint.resume_from)
     if problems:
         raise ValidationError(problems)
@@ -174,9 +178,12 @@ def _validation(config: TrainingConfig, value: str, home: Path, max_row_bytes: i
     return _dataset(value, config.data.format, home, "data.validation", max_row_bytes)
 
 
-def _dataset(ref: str, format: str, home: Path, field: str, max_row_bytes: int | None) -> list[Problem]:
+def _dataset(
+    ref: str, format: str, home: Path, field: str, max_row_bytes: int | None, *, prompts: bool = False
+) -> list[Problem]:
+    """`prompts`: held-out prompts (evaluation.prompts), in any shape, answers optional."""
     try:
-        inspect_dataset(resolve_dataset(ref, home), preview_rows=0, format=format, max_row_bytes=max_row_bytes)
+        inspect_dataset(resolve_dataset(ref, home), 0, format, max_row_bytes=max_row_bytes, prompts=prompts)
     except ValidationError as e:
         return [Problem(field, p.message) for p in e.problems]
     return []

@@ -7,6 +7,9 @@ evaluation, and marks each checkpoint complete (then prunes old ones) before
 writing its `checkpoint` event, with what the checkpoint cost (`seconds` from the
 start of the save to its marker, `bytes` on disk). Only rank 0 writes anything.
 
+`SamplesCallback` answers the held-out prompts (evaluation.py) after each scheduled
+checkpoint, on rank 0, while the other ranks wait at a barrier.
+
 `PauseCallback` turns a pause request (SIGUSR1, or a shutdown's SIGTERM, see
 `ftstudio.pause`) into a stop at the next optimizer-step boundary, after a checkpoint
 of that step; every rank stops at the same step.
@@ -27,6 +30,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ftstudio import checkpoints
 from ftstudio.errors import TrainingFailed
+from ftstudio.evaluation import HeldOut
 from ftstudio.events import EventWriter
 from ftstudio.pause import PauseRequest
 
@@ -309,3 +313,41 @@ class PauseCallback(TrainerCallback):
         if self.stopped_at is not None:
             # With eval_strategy "epoch" the Trainer would evaluate on the way out of the loop.
             control.should_evaluate = False
+
+
+class SamplesCallback(TrainerCallback):
+    """`evaluation.at_checkpoints`: the held-out prompts answered after each checkpoint of the every_steps
+    schedule, once it is marked complete (StudioCallback.on_save runs first). Not after a checkpoint a pause
+    asked for (a pause should be quick), nor at the last step (the final answers follow at once).
+
+    Rank 0 answers; under torchrun the other ranks wait at a barrier meanwhile, or they would sit in the next
+    step's gradient all-reduce, where a long wait ends in the collective's timeout."""
+
+    def __init__(self, held_out: HeldOut, every_steps: int, pause: PauseCallback) -> None:
+        self.held_out = held_out
+        self.every = every_steps
+        self.pause = pause
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        step = state.global_step
+        if step % self.every or step >= state.max_steps or self.pause.stopped_at is not None:
+            return
+        if state.is_world_process_zero:
+            answer_held_out(self.held_out, kw["model"], f"checkpoint-{step}", step)
+        if args.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def answer_held_out(held_out: HeldOut, model: Any, stage: str, step: int) -> None:
+    """Answer the held-out prompts; a failure to (out of memory while generating, say) is said in the log
+    and costs the run nothing: the answers are a view of the training, not a part of it."""
+    try:
+        held_out.answer(model, stage, step)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc(file=sys.stdout)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"warning: the held-out prompts of {stage} were not answered ({type(e).__name__}: {first})", flush=True)

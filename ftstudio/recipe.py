@@ -10,6 +10,10 @@ with nothing new to save: the resumable state is what it was (the checkpoint thi
 attempt would have resumed from, or none, and the next start begins fresh). Once
 training runs, it stops at the next step boundary after a checkpoint of that step.
 A shutdown's SIGTERM is honoured the same way (see `ftstudio.pause`).
+
+Held-out prompts (`evaluation.prompts`, see `ftstudio.evaluation`) are read with the
+data and answered after the adapter is saved, before `train_end`; with
+`evaluation.at_checkpoints` also after each scheduled checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ftstudio import batches, checkpoints, preflight
+from ftstudio import batches, checkpoints, evaluation, preflight
 from ftstudio.adapters import save_adapter
 from ftstudio.allocator import keep_freed_memory
 from ftstudio.builtin import resolve_dataset, resolve_model
@@ -38,7 +42,9 @@ from ftstudio.progress import (
     CheckpointCost,
     LossGuard,
     PauseCallback,
+    SamplesCallback,
     StudioCallback,
+    answer_held_out,
     checkpoint_disk_full,
     disk_full,
 )
@@ -138,6 +144,8 @@ def run(
     for problem in info.problems:
         print(f"skipping {problem.message}", flush=True)
     train_ex, val_ex, split_info = split_validation(config, examples, home)
+    ev = config.evaluation
+    prompts = evaluation.load_prompts(ev.prompts, home, ev.max_prompts) if ev.prompts.strip() else []
 
     status("loading_model", f"loading {config.model.name}")
     model_ref = resolve_model(config.model.name, home)
@@ -156,11 +164,27 @@ def run(
     resume = resolve_resume(config.checkpoint.resume_from, ckpt_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         tidy_checkpoints(ckpt_dir, resume)
+        evaluation.tidy(out_dir, (checkpoints.step_of(resume) or 0) if resume else None)
     o = config.optim
     per_epoch = batches.steps_per_epoch(len(train_rows), o.batch_size, o.grad_accum, world)
     # The Trainer's own count: max_steps, or whole epochs rounded up.
     total_steps = o.max_steps if o.max_steps > 0 else math.ceil(per_epoch * (o.epochs if o.epochs > 0 else 1.0))
     pause = pause or PauseRequest()
+    held_out = (
+        evaluation.HeldOut(
+            prompts,
+            tokenizer,
+            max_length=config.data.max_length,
+            max_new_tokens=ev.max_new_tokens,
+            batch_size=o.batch_size,
+            out_dir=out_dir,
+            events=events,
+            stop=lambda: pause.requested,
+            fence=fence,
+        )
+        if prompts
+        else None
+    )
 
     def paused_before_training(shutdown: bool) -> Suspended:
         step = (checkpoints.step_of(resume) or 0) if resume else 0
@@ -234,6 +258,11 @@ def run(
             "packing": config.data.packing,
         },
     )
+    extra = (
+        [SamplesCallback(held_out, config.checkpoint.every_steps, pause_callback)]
+        if held_out and ev.at_checkpoints
+        else []
+    )
     trainer = StudioTrainer(
         model=model,
         args=args,
@@ -245,7 +274,7 @@ def run(
             padding_mask=padding_mask_matters(model),
         ),
         processing_class=tokenizer,
-        callbacks=[pause_callback, callback, *(callbacks or [])],
+        callbacks=[pause_callback, callback, *extra, *(callbacks or [])],
         train_sampler=sampler,
         dynamic_shapes=config.model.compile and not config.data.packing,
         checkpoint_cost=callback.cost,
@@ -308,6 +337,11 @@ def run(
     adapter = out_dir / "adapter"
     if trainer.is_world_process_zero():
         adapter = save_adapter(trainer.model, tokenizer, config.to_dict(), summary, out_dir)
+        if held_out is not None and held_out.prompts:
+            status(
+                "answering_prompts", f"answering {len(held_out.prompts)} held-out prompts, fine-tuned and base model"
+            )
+            answer_held_out(held_out, trainer.model, evaluation.FINAL, state.global_step)
         if events is not None:
             events.emit("train_end", adapter=str(adapter), **summary)
         print(

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ftstudio import __version__, lifecycle, paths, scheduler, taskfiles
+from ftstudio import __version__, evaluation, lifecycle, paths, scheduler, taskfiles
 from ftstudio.catalog import Catalog
 from ftstudio.chat import ChatReply, ChatRequest, ChatWorker
 from ftstudio.config import TrainingConfig
@@ -301,6 +301,10 @@ class Service(Launcher, Control, Catalog):
     def metrics(self, task_id: str, after: int = 0) -> list[dict[str, Any]]:
         task = self.get(task_id)
         return self.store.events(task.id, after_seq=after)
+
+    def samples(self, task_id: str) -> list[dict[str, Any]]:
+        """The answers to the task's held-out prompts, one entry a stage, oldest first (evaluation.py)."""
+        return evaluation.stages(require_task_dir(self, task_id).path)
 
     # -- presentation --------------------------------------------------------
 

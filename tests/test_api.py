@@ -77,6 +77,23 @@ def test_a_task_runs_and_every_view_agrees(studio):
     assert listing["total"] == 1 and listing["tasks"][0]["id"] == task["id"]
 
 
+def test_held_out_answers_are_served_stage_by_stage_oldest_first(studio):
+    task = create(studio, "scripted steps=3 delay=0.01 samples=2")
+    studio.wait_status(task["id"], "completed")
+    stages = studio.http.get(f"/api/tasks/{task['id']}/samples").json()["stages"]
+    assert [(s["stage"], s["step"]) for s in stages] == [("checkpoint-1", 1), ("final", 3)]
+    assert stages[-1]["samples"] == [
+        {"prompt": "prompt 0", "reference": "expected 0", "adapter": "<b>tuned 0 at 3</b>", "base": "base 0"},
+        {"prompt": "prompt 1", "reference": None, "adapter": "<b>tuned 1 at 3</b>", "base": "base 1"},
+    ]
+    events = studio.http.get(f"/api/tasks/{task['id']}/metrics").json()["events"]
+    assert [(e["stage"], e["count"]) for e in events if e["kind"] == "samples"] == [("checkpoint-1", 2), ("final", 2)]
+    # A task that answered none has no stages; an unknown one is not found.
+    other = create(studio, "scripted steps=1 delay=0.01")
+    assert studio.http.get(f"/api/tasks/{other['id']}/samples").json() == {"stages": []}
+    assert studio.http.get("/api/tasks/20990101-0000-ffffff/samples").status_code == 404
+
+
 def test_the_stream_resumes_from_the_last_event_id_without_loss_or_duplicates(studio):
     task = create(studio, "scripted steps=40 delay=0.05")
     first = sse_events(studio, task["id"], limit=10)

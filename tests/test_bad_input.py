@@ -77,6 +77,31 @@ def test_a_malformed_jsonl_line_is_named_on_submit(client):
     assert snapshot(client) == before
 
 
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (None, ["no dataset", "check the path"]),
+        ("", ["prompts.jsonl has no rows; add prompts to it"]),
+        ('{"instruction": "Hi?"}\n{not json\n', ["prompts.jsonl line 2: not valid JSON"]),
+        ('{"question": "Hi?"}\n', ["cannot tell the data shape from columns (question)"]),
+        (
+            '{"messages": [{"role": "system", "content": "Be brief."}]}\n',
+            ["none of its 1 rows is a usable messages prompt"],
+        ),
+    ],
+)
+def test_a_held_out_prompts_file_that_cannot_serve_is_refused_on_submit(client, content, needles):
+    prompts = client.service.home.root / "mine" / "prompts.jsonl"  # under the data home: a folder it may read
+    prompts.parent.mkdir()
+    if content is not None:
+        prompts.write_text(content)
+    before = snapshot(client)
+    r = client.post("/api/tasks", json={"config": {"preset": "cpu-demo", "evaluation": {"prompts": str(prompts)}}})
+    body = one_line(r, 422, "evaluation.prompts (--eval-prompts)", *needles)
+    assert [p["field"] for p in body["problems"]] == ["evaluation.prompts (--eval-prompts)"]
+    assert snapshot(client) == before
+
+
 def test_a_malformed_upload_names_the_line_and_is_not_kept(client):
     good = json.dumps({"instruction": "say hi", "output": "hi"}).encode()
     data = good + b"\n" + good + b"\n" + b'{"instruction": "x", "output": \n'
@@ -125,6 +150,7 @@ def test_unknown_task_ids_are_404_everywhere(client, task_id):
         ("DELETE", f"/api/tasks/{task_id}"),
         ("GET", f"/api/tasks/{task_id}/logs"),
         ("GET", f"/api/tasks/{task_id}/metrics"),
+        ("GET", f"/api/tasks/{task_id}/samples"),
     ]:
         r = client.request(method, path)
         assert r.status_code == 404, (method, path, r.text)

@@ -55,6 +55,7 @@ def test_set_and_flags_reach_the_recorded_config(home):
         (["submit", "--set", "optim.nonsense=1"], "optim.nonsense: unknown setting"),
         (["submit", "--set", "noequals"], "--set: expected section.field=value"),
         (["submit", "--config", "/nonexistent.json"], "--config: cannot read"),
+        (["submit", "--eval-prompts", "/no/such/prompts.jsonl"], "evaluation.prompts (--eval-prompts): no dataset"),
         (["submit", "--lr", "nan"], "optim.learning_rate (--lr): must be a finite number"),
         (["submit", "--set", "optim.epochs=inf"], "optim.epochs (--epochs): must be a finite number"),
         (["submit", "--max-steps", str(2**70)], "optim.max_steps (--max-steps): must be at most 1,000,000,000"),

@@ -65,6 +65,7 @@ def tasks(client):
         ({"data": {"path": "x\x00.jsonl"}}, ["data.path (--dataset)"]),
         ({"data": {"validation": "/etc/passwd"}}, ["data.validation: /etc/passwd is outside"]),
         ({"model": {"name": "/etc"}}, ["model.name (--model): /etc is outside"]),
+        ({"evaluation": {"prompts": "/etc/passwd"}}, ["evaluation.prompts (--eval-prompts): /etc/passwd is outside"]),
         (
             {"model": {"name": "/proc/self"}},
             ["model.name (--model): /proc/self (it leads to /proc/", "is in the system folder /proc"],

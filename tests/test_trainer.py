@@ -287,9 +287,14 @@ def test_torchrun_two_processes_only_rank_0_reports(tmp_path: Path) -> None:
     import sys
 
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    # Held-out prompts answered at a checkpoint: rank 0 generates while rank 1 waits, neither hangs.
+    prompts = write_jsonl(tmp_path / "p.jsonl", ALPACA[:2])
+    evaluation = {"prompts": str(prompts), "max_new_tokens": 4, "at_checkpoints": True}
     task = tmp_path / "task"
     spec = write_spec(
-        task, merged(FAST, {"data": {"path": str(data)}, "checkpoint": {"every_steps": 2}}), shared_home()
+        task,
+        merged(FAST, {"data": {"path": str(data)}, "checkpoint": {"every_steps": 2}, "evaluation": evaluation}),
+        shared_home(),
     )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -303,6 +308,8 @@ def test_torchrun_two_processes_only_rank_0_reports(tmp_path: Path) -> None:
     assert [e["step"] for e in events if e["kind"] == "progress"] == [1, 2, 3, 4]
     assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [2, 4]
     assert done.stdout.count("training 4 steps") == 1  # one set of log lines, from rank 0
+    assert [e["stage"] for e in events if e["kind"] == "samples"] == ["checkpoint-2", "final"]
+    assert done.stdout.count("answered 2 held-out prompts") == 2
     assert (task / "adapter" / "adapter_model.safetensors").exists()
 
 

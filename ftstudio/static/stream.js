@@ -11,7 +11,7 @@
 import { FINAL } from "./status.js";
 import { taskUrl } from "./api.js";
 
-const EVENT_KINDS = ["status", "train_begin", "progress", "eval", "checkpoint", "train_end", "suspended", "error"];
+const EVENT_KINDS = ["status", "train_begin", "progress", "eval", "checkpoint", "samples", "train_end", "suspended", "error"];
 
 export class TaskStream {
   /**

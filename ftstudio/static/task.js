@@ -1,8 +1,8 @@
 // One task: progress, where it stands in the queue or why it is paused, a live loss
-// curve from the stored history, its attempts, a log tail, the config, the error, the
-// artifacts, and the actions the API allows now. The event stream keeps it live through
-// studio restarts (see stream.js) and is opened again when a retry, an extend or a
-// resume brings an ended task back.
+// curve from the stored history, the answers to its held-out prompts, its attempts, a
+// log tail, the config, the error, the artifacts, and the actions the API allows now.
+// The event stream keeps it live through studio restarts (see stream.js) and is opened
+// again when a retry, an extend or a resume brings an ended task back.
 
 import { api, ApiError, taskUrl } from "./api.js";
 import { h, setText, isNum, fmtInt, fmtOf, fmtEpoch, fmtLoss, fmtLr, fmtDuration, fmtTime, fmtBytes, progressBar } from "./dom.js";
@@ -15,6 +15,7 @@ import { queueSentence, fmtResource } from "./queue.js";
 import { AttemptsTimeline } from "./attempts.js";
 import { ChatPanel } from "./chat.js";
 import { handoverPanel } from "./handover.js";
+import { HeldOutPanel } from "./heldout.js";
 
 const CHATTY = new Set(["completed", "paused", "interrupted", "failed", "cancelled"]);
 
@@ -60,6 +61,8 @@ export function mountTask(root, taskId) {
   const log = new LogTail(taskId);
   const timeline = new AttemptsTimeline(taskId);
   const configPre = h("pre", { class: "config", id: "task-config", tabindex: "0" });
+  const heldout = new HeldOutPanel(taskId);
+  const heldoutSection = h("section", { id: "held-out", "aria-labelledby": "heldout-title", hidden: true }, h("h2", { id: "heldout-title" }, "Held-out prompts"), heldout.el);
   const chat = new ChatPanel(taskId);
   let chatFor = null; // the status the chat's "Answer with" list was filled for
   const chatSection = h("section", { id: "try-it", "aria-labelledby": "chat-title", hidden: true }, h("h2", { id: "chat-title" }, "Try it"), chat.el);
@@ -80,6 +83,7 @@ export function mountTask(root, taskId) {
       h("div", { class: "actions-row" }, actions, actionNote),
       actionMsg,
       h("section", { "aria-labelledby": "curve-title" }, h("h2", { id: "curve-title" }, "Loss curve"), chart.el),
+      heldoutSection,
       h("section", { "aria-labelledby": "attempts-title" }, h("h2", { id: "attempts-title" }, "Attempts"), timeline.el),
       h("section", { "aria-labelledby": "log-title" }, h("h2", { id: "log-title" }, "Log"), log.el),
       chatSection,
@@ -113,6 +117,7 @@ export function mountTask(root, taskId) {
       // the stream replays whatever the history call missed
     }
     if (destroyed) return;
+    if (!FINAL.has(task.status)) loadSamples(); // an ended task's were asked for when it was shown
     log.start();
     if (FINAL.has(task.status)) {
       log.finish();
@@ -126,7 +131,10 @@ export function mountTask(root, taskId) {
       if (restarted) restartSeen = true;
     },
     onTask: (t) => apply(t),
-    onEvent: (ev) => chart.add(ev),
+    onEvent: (ev) => {
+      chart.add(ev);
+      if (ev.kind === "samples") loadSamples();
+    },
     onState: (state) => connectionState(state),
   };
 
@@ -248,6 +256,7 @@ export function mountTask(root, taskId) {
       if (artifactsFor !== t.status) {
         artifactsFor = t.status;
         loadArtifacts();
+        loadSamples(); // a samples event the stream missed
       }
     }
   }
@@ -338,6 +347,16 @@ export function mountTask(root, taskId) {
     }
   }
 
+  /** The held-out prompts' answers; the section shows once there are any. */
+  async function loadSamples() {
+    try {
+      const n = await heldout.load();
+      if (!destroyed) heldoutSection.hidden = !n;
+    } catch {
+      // kept as it was: the next samples event or the task's end asks again
+    }
+  }
+
   async function loadArtifacts() {
     if (task.status !== "completed") {
       artifacts.replaceChildren(h("p", { class: "muted" }, "No adapter: this fine-tune did not complete."));
@@ -381,6 +400,7 @@ export function mountTask(root, taskId) {
       log.stop();
       chat.destroy();
       chart.destroy();
+      heldout.destroy();
     },
   };
 }

@@ -11,6 +11,7 @@ spec.json, e.g. "scripted steps=30 delay=0.1 exit=1 hang=1":
     huge   write step 2**70 (more than the store can hold) in the progress event of this step
     eval   write an eval event every this many steps (default 0: none)
     scale  multiply every loss by this (default 1), so two runs draw apart
+    samples  answer this many held-out prompts (evaluation.py's files and events) after step 1 and at the end
 
 Each progress event also says how many tokens were seen (1,000 a step), as the real trainer does.
 """
@@ -25,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from ftstudio.evaluation import write_stage
 from ftstudio.events import EventWriter
 
 
@@ -38,6 +40,7 @@ def main() -> int:
     huge = int(opts.get("huge", 0))
     eval_every = int(opts.get("eval", 0))
     scale = float(opts.get("scale", 1))
+    samples = int(opts.get("samples", 0))
     if opts.get("hang") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if opts.get("child") == "1":
@@ -67,6 +70,14 @@ def main() -> int:
             )
             if eval_every and step % eval_every == 0:
                 ev.emit("eval", step=step, epoch=step / steps, eval_loss=scale * 2.5 / step)
+            if samples and step in (1, steps):
+                stage = "final" if step == steps else f"checkpoint-{step}"
+                answers = [
+                    {"prompt": f"prompt {i}", "reference": None if i % 2 else f"expected {i}",
+                     "adapter": f"<b>tuned {i} at {step}</b>", "base": f"base {i}"}
+                    for i in range(samples)
+                ]  # fmt: skip
+                write_stage(task_dir, stage, step, 16, answers, 0.01, ev)
             print(f"step {step}/{steps}", flush=True)
         if code:
             ev.emit("error", message=f"scripted failure with exit code {code}", error_type="Scripted")
