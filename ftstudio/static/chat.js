@@ -90,6 +90,7 @@ export class ChatPanel {
 
   /** Fill "Answer with": the adapter (a completed task) and every complete checkpoint, newest first. */
   async refresh() {
+    // Whether anything can answer: the adapter or a saved checkpoint (false when the studio cannot say).
     try {
       const r = await api(taskUrl(this.taskId, "/checkpoints"));
       const keep = this.weights.value;
@@ -99,8 +100,9 @@ export class ChatPanel {
       ];
       this.weights.replaceChildren(...(options.length ? options : [h("option", { value: "" }, "nothing saved yet")]));
       if ([...this.weights.options].some((o) => o.value === keep)) this.weights.value = keep;
+      return options.length > 0;
     } catch {
-      // The chat itself says what is wrong when a message is sent.
+      return false;
     }
   }
 

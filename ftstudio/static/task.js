@@ -17,8 +17,6 @@ import { ChatPanel } from "./chat.js";
 import { handoverPanel } from "./handover.js";
 import { HeldOutPanel } from "./heldout.js";
 
-const CHATTY = new Set(["completed", "paused", "interrupted", "failed", "cancelled"]);
-
 export function mountTask(root, taskId) {
   let task = null;
   let destroyed = false;
@@ -238,12 +236,14 @@ export function mountTask(root, taskId) {
     }
 
     showNotice(t);
-    // Weights to talk to: the adapter of a completed task, else a checkpoint it saved (the studio says
-    // which answers, or that there is none yet).
-    const chatty = CHATTY.has(t.status);
-    if (chatty && chatFor !== t.status) chat.refresh();
+    // "Try it" whenever something can answer (the adapter of a completed task, a checkpoint another
+    // saved), but not while it trains: the chat would take its CPU.
+    const chatty = !RUNNING.has(t.status);
+    if (chatty && chatFor !== t.status) {
+      chat.refresh().then((any) => (chatSection.hidden = destroyed || !any || RUNNING.has(task.status)));
+    }
+    if (!chatty) chatSection.hidden = true;
     chatFor = chatty ? t.status : null;
-    chatSection.hidden = !chatty;
     timeline.update(t);
     renderActions(t.actions || []);
     if (!configPre.textContent) configPre.textContent = JSON.stringify(typeof t.config === "string" ? safeJson(t.config) : t.config, null, 2);
