@@ -483,15 +483,15 @@ CHAT_EXAMPLE = {
 
 
 async def _chat_stream(reply: ChatReply) -> AsyncIterator[str]:
-    """Server-sent events, one per worker event. A page that goes away cancels this generator, and
-    the reply with it: the worker stops generating and takes the next message."""
-    events = iter(reply)
+    """Server-sent events, one per worker event (those that came together in one write). A page that
+    goes away cancels this generator, and the reply with it: the worker stops and takes the next message."""
+
+    def sse(event: dict[str, Any]) -> str:
+        name = event.pop("event", "message")
+        return f"event: {name}\ndata: {json.dumps(event)}\n\n"
+
     try:
-        while True:
-            event = await run_in_threadpool(next, events, None)
-            if event is None:
-                return
-            name = event.pop("event", "message")
-            yield f"event: {name}\ndata: {json.dumps(event)}\n\n"
+        while (batch := await run_in_threadpool(reply.next_batch)) is not None:
+            yield "".join(sse(event) for event in batch)
     finally:
         reply.cancel()

@@ -6,14 +6,15 @@ Any task with weights can be tried: a completed task answers with its adapter; a
 interrupted, failed or cancelled one with a complete checkpoint ("try checkpoint 400"), the newest
 unless one is named.
 
-The worker runs at the lowest CPU priority (nice 19) and, where there are GPUs, on one no training
-task holds, else on the CPU: chatting never slows a training run by more than the noise
-(bench/bench_chat.py). It is one process, answering one message at a time; it stays loaded between
+The worker runs, where there are GPUs, on one no training task holds, else on the CPU with one
+thread at the lowest priority (SCHED_IDLE): on a small CPU-only machine a chat still costs a
+training run some of its speed (bench/bench_chat.py, docs/benchmarks.md). It is one process, answering one message at a time; it stays loaded between
 messages and exits after `idle_s` without one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -158,23 +159,39 @@ class _Running:
 
 
 class ChatReply:
-    """One reply as it streams: iterate it for the events; `cancel()` (any thread) stops it."""
+    """One reply as it streams: iterate it for the events, or take them in batches; `cancel()` (any
+    thread) stops it."""
 
     def __init__(self) -> None:
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancelled = threading.Event()
+        self._ended = False
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
+    def next_batch(self) -> list[dict[str, Any]] | None:
+        """The next event and every one already behind it (one write to the page for all of them:
+        fewer wake-ups of the studio while a task trains beside the chat); None once the reply ended."""
+        while not self._ended:
             try:
-                event = self.events.get(timeout=POLL_S)
+                first = self.events.get(timeout=POLL_S)
             except queue.Empty:
                 if self.cancelled.is_set():
-                    return
+                    self._ended = True
                 continue
-            if event is None:
-                return
-            yield event
+            batch: list[dict[str, Any]] = []
+            event: dict[str, Any] | None = first
+            while event is not None:
+                batch.append(event)
+                try:
+                    event = self.events.get_nowait()
+                except queue.Empty:
+                    return batch
+            self._ended = True
+            return batch or None
+        return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while (batch := self.next_batch()) is not None:
+            yield from batch
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -214,13 +231,19 @@ class ChatWorker:
         free = [g for g in self.gpus if g not in self.busy_gpus()]
         env = {k: v for k, v in self.env.items() if k not in (TASK_ENV, "FTSTUDIO_ATTEMPT")}
         env.update(PYTHONUNBUFFERED="1", FTSTUDIO_CHAT_WORKER="1", CUDA_VISIBLE_DEVICES=str(free[0]) if free else "")
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FTSTUDIO_CHAT_THREADS="1")
         self.device = f"GPU {free[0]}" if free else "the CPU"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as errors:
             # Not die_with_parent: that fires when the starting *thread* ends (a server's worker thread
             # may). The worker ends when its stdin closes instead, which is when this process goes.
             def child() -> None:
-                os.nice(19)  # training first: the chat takes what CPU training leaves
+                # Training first: the chat takes only CPU time nothing else wants (SCHED_IDLE, and nice
+                # 19 where that policy is missing), and one thread, so it never holds a core that a
+                # training step's threads are waiting to get back.
+                os.nice(19)
+                with contextlib.suppress(AttributeError, OSError):
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
             proc = subprocess.Popen(
                 [sys.executable, "-m", "ftstudio.chatworker", "--idle", f"{self.idle_s:g}"],
