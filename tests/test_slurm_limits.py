@@ -21,6 +21,7 @@ import pytest
 from slurm_cluster import SlurmCluster
 from support import Studio, home_env, progress_steps, run_cli, submit_tiny, wait_for
 
+from ftstudio.checkpoints import MARKER
 from ftstudio.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -52,6 +53,10 @@ def one_minute(home: Path) -> Iterator[Studio]:
         subprocess.run(["scancel", f"--name=ftstudio-{tid}"], env={**os.environ, **slurm_env()}, check=False)
 
 
+STEPS = 60
+"""Long enough that the run cannot end in the moment between checkpoint-3 and the test's SIGSTOP."""
+
+
 def test_a_job_at_its_time_limit_is_ended_by_slurm_and_the_task_resumes_in_a_new_job(
     one_minute: Studio, home: Path
 ) -> None:
@@ -64,12 +69,18 @@ def test_a_job_at_its_time_limit_is_ended_by_slurm_and_the_task_resumes_in_a_new
     left: the run is still going when the limit comes, however fast this machine trains. Slurm's own SIGCONT,
     before its SIGTERM, wakes it."""
     assert CLUSTER is not None
-    tid = submit_tiny(one_minute, 12, 3, name="one minute on slurm")
-    wait_for(lambda: one_minute.task(tid)["step"] > 3, timeout=240, what="a step past checkpoint-3")
-    job = one_minute.task(tid)["slurm"]["job_id"]
-    launch = json.loads((home / "tasks" / tid / "launch.json").read_text())
-    assert launch["attempt"] == 1, f"the first job reached its limit before its 4th step; too slow here: {launch}"
+    tid = submit_tiny(one_minute, STEPS, 3, name="one minute on slurm")
+    tdir = home / "tasks" / tid
+    # Stopped the moment checkpoint-3 is complete, watched on disk: on a quick machine the whole run takes a
+    # few seconds, and a trainer stopped after its last step would rightly end `completed`.
+    launch = wait_for(lambda: tdir.joinpath("launch.json").exists() and json.loads(tdir.joinpath("launch.json").read_text()),
+                      timeout=240, what="the first job's runner")  # fmt: skip
+    assert launch["attempt"] == 1, launch
+    wait_for(lambda: (tdir / "checkpoints" / "checkpoint-3" / MARKER).exists(), timeout=240, interval=0.01,
+             what="checkpoint-3")  # fmt: skip
     os.kill(launch["trainer_pid"], signal.SIGSTOP)
+    assert not (tdir / "exit.json").exists() and not (tdir / "adapter").exists(), "the run ended before its stop"
+    job = one_minute.task(tid)["slurm"]["job_id"]
     assert CLUSTER.wait_final(job, timeout=120) == "TIMEOUT"
     done = one_minute.wait_status(tid, "completed", "failed", "cancelled", "paused", timeout=300)
     assert done["status"] == "completed", done
@@ -83,7 +94,7 @@ def test_a_job_at_its_time_limit_is_ended_by_slurm_and_the_task_resumes_in_a_new
         else:  # SIGKILLed first: the newest periodic checkpoint
             assert resumed["resumed_from_step"] in range(3, ended["end_step"] + 1, 3), attempts
     assert len(attempts) >= 2 and done["slurm"]["job_id"] != job, attempts
-    assert progress_steps(one_minute, tid) == list(range(1, 13))  # each step once, across the jobs
+    assert progress_steps(one_minute, tid) == list(range(1, STEPS + 1))  # each step once, across the jobs
 
 
 def private_mount(seen: Path, home: Path) -> list[str]:
