@@ -100,6 +100,8 @@ def create_app(
     @app.exception_handler(FtstudioError)
     async def _ftstudio_error(_req: Request, exc: FtstudioError) -> JSONResponse:
         body: dict[str, Any] = {"detail": str(exc)}
+        if exc.code:
+            body["code"] = exc.code
         if isinstance(exc, ValidationError):
             body["problems"] = [{"field": p.field, "message": p.message} for p in exc.problems]
         return JSONResponse(body, status_code=exc.http_status)
@@ -279,8 +281,11 @@ def create_app(
     @app.post("/api/tasks/{task_id}/chat")
     def task_chat(task_id: str, body: Annotated[dict[str, Any], Body(examples=[CHAT_EXAMPLE])]) -> StreamingResponse:
         """Chat with the task's adapter (or a checkpoint): the reply streamed as server-sent events
-        (`worker`, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or `error`)."""
-        reply = service.chat(task_id, parse_request(body))  # no weights (404), a busy worker (409): refused here
+        (`worker`, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or `error`). Refused with
+        409 and code `chat_waits_for_training` while training holds every GPU and slot, unless the request
+        says `beside_training`."""
+        # Refused here, before any stream: no weights (404), a busy worker or training's place (409).
+        reply = service.chat(task_id, parse_request(body))
         return StreamingResponse(
             _chat_stream(reply),
             media_type="text/event-stream",
@@ -479,6 +484,7 @@ CHAT_EXAMPLE = {
     "top_p": 0.9,
     "max_new_tokens": 256,
     "compare": False,
+    "beside_training": False,
 }
 
 

@@ -6,10 +6,15 @@ Any task with weights can be tried: a completed task answers with its adapter; a
 interrupted, failed or cancelled one with a complete checkpoint ("try checkpoint 400"), the newest
 unless one is named.
 
-The worker runs, where there are GPUs, on one no training task holds, else on the CPU with one
-thread at the lowest priority (SCHED_IDLE): on a small CPU-only machine a chat still costs a
-training run some of its speed (bench/bench_chat.py, docs/benchmarks.md). It is one process, answering one message at a time; it stays loaded between
-messages and exits after `idle_s` without one.
+The worker has a place of its own beside the queue (`place`): a GPU no training task holds, else
+a training slot none holds (`studio start --slots`), and training always comes first. A chat never
+makes a task wait: the scheduler does not see it, and when a task starts on the chat's GPU or slot
+the worker is stopped before the task's runner starts (or, for a task another process started,
+within a second). When training holds every GPU and slot, a message is refused (409) rather than
+slowing it, unless it asks to answer beside training (`beside_training`): then the worker takes
+only CPU time nothing else wants, one thread under SCHED_IDLE, and training pays for it
+(bench/bench_chat.py, docs/benchmarks.md). It is one process, answering one message at a time; it
+stays loaded between messages and exits after `idle_s` without one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +50,99 @@ POLL_S = 0.25
 """How often a reply's threads look whether it was stopped."""
 BUSY_WAIT_S = 30.0
 """How long a message waits for the one before it to be answered before it is refused."""
+WATCH_S = 1.0
+"""How often a running worker looks whether training has taken its GPU or slot."""
 ROLES = ("user", "assistant")
 CHECKPOINT_RE = re.compile(r"checkpoint-\d{1,12}")
 
 
 class ChatBusy(Conflict):
     """The worker is answering another message (HTTP 409)."""
+
+
+class ChatWaits(Conflict):
+    """Training holds every GPU and slot, and the message did not ask to answer beside it (HTTP 409)."""
+
+    code = "chat_waits_for_training"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What training holds on this machine now, as the chat sees it."""
+
+    gpus: tuple[int, ...] = ()
+    slots: int = 1
+    held: Mapping[str, str] = field(default_factory=dict)
+    """Resource (`gpu:N`, `slot:N`) -> the task holding it."""
+
+    def holders(self, kind: str) -> list[str]:
+        return list(dict.fromkeys(t for r, t in self.held.items() if r.startswith(kind)))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the worker runs: a GPU, or the CPU; `humble`: one thread under SCHED_IDLE, taking only CPU
+    time that training does not want."""
+
+    gpu: int | None = None
+    humble: bool = False
+
+    @property
+    def device(self) -> str:
+        if self.gpu is not None:
+            return f"GPU {self.gpu}"
+        return "the CPU, beside training (lowest priority)" if self.humble else "the CPU"
+
+
+def taken_by(p: Placement, m: Machine, *, beside: bool) -> str | None:
+    """The task that now holds what the worker at `p` needs, or None while `p` is still its to use."""
+    if p.gpu is not None:
+        return m.held.get(f"gpu:{p.gpu}")
+    if not p.humble:
+        return next(iter(m.held.values()), None)  # all of the CPU: only while nothing trains
+    slots = m.holders("slot:")
+    if beside or sum(r.startswith("slot:") for r in m.held) < m.slots:
+        return None
+    return slots[0] if slots else None
+
+
+def place(m: Machine, *, beside: bool, keep: Placement | None = None) -> Placement:
+    """Where the next message is answered: `keep` (the running worker's place) while it is still free
+    and nothing better is; else a free GPU; else the CPU when a training slot is free (all of it when
+    nothing trains, else only its idle time: GPU tasks need a core each to feed their GPU); else, with
+    `beside`, the CPU's idle time. ChatWaits when training holds everything and `beside` is not asked."""
+    fresh: Placement | None = None
+    free = [g for g in m.gpus if f"gpu:{g}" not in m.held]
+    if free:
+        fresh = Placement(gpu=free[0])
+    elif sum(r.startswith("slot:") for r in m.held) < m.slots:
+        fresh = Placement(humble=bool(m.held))
+    elif beside:
+        fresh = Placement(humble=True)
+    if keep is not None and taken_by(keep, m, beside=beside) is None:
+        better = fresh is not None and (
+            (keep.gpu is None and fresh.gpu is not None) or (keep.humble and not fresh.humble)
+        )
+        if not better:
+            return keep
+    if fresh is None:
+        raise ChatWaits(_waiting(m))
+    return fresh
+
+
+def _waiting(m: Machine) -> str:
+    tasks = list(dict.fromkeys(m.held.values()))
+    who = f"task {tasks[0]} is" if len(tasks) == 1 else f"tasks {', '.join(tasks[:3])} are"
+    what = (
+        "every GPU and training slot"
+        if m.gpus
+        else f"this studio's {m.slots} training slot" + ("s" if m.slots != 1 else "")
+    )
+    return (
+        f"{who} training on {what}, and a chat now would slow training: ask again when it has finished or is "
+        'paused, or answer beside training at the lowest priority ("Answer beside training" on the page, '
+        '`ftstudio chat --beside-training`, or "beside_training": true)'
+    )
 
 
 @dataclass
@@ -65,6 +157,9 @@ class ChatRequest:
     checkpoint: str = ""
     """`checkpoint-N` to answer with; empty: the adapter, or the newest complete checkpoint."""
     seed: int | None = None
+    beside_training: bool = False
+    """When training holds every GPU and slot, answer anyway with the CPU time it leaves idle (it slows
+    training some: docs/benchmarks.md), rather than being refused."""
 
 
 def parse_request(body: Any) -> ChatRequest:
@@ -76,7 +171,10 @@ def parse_request(body: Any) -> ChatRequest:
     def bad(field_name: str, message: str) -> None:
         problems.append(Problem(field_name, message))
 
-    known = {"messages", "system", "temperature", "top_p", "max_new_tokens", "compare", "checkpoint", "seed"}
+    known = {
+        "messages", "system", "temperature", "top_p", "max_new_tokens", "compare", "checkpoint", "seed",
+        "beside_training",
+    }  # fmt: skip
     for key in body:
         if key not in known:
             bad(str(key)[:40], f"unknown field; a chat request takes {', '.join(sorted(known))}")
@@ -121,6 +219,9 @@ def parse_request(body: Any) -> ChatRequest:
     compare = body.get("compare", False)
     if not isinstance(compare, bool):
         bad("compare", "must be true or false")
+    beside = body.get("beside_training", False)
+    if not isinstance(beside, bool):
+        bad("beside_training", "must be true or false")
     checkpoint = body.get("checkpoint", "") or ""
     if not isinstance(checkpoint, str) or (checkpoint and not CHECKPOINT_RE.fullmatch(checkpoint)):
         bad("checkpoint", "must be a checkpoint's name, e.g. checkpoint-400")
@@ -131,7 +232,7 @@ def parse_request(body: Any) -> ChatRequest:
         seed = None
     if problems:
         raise ValidationError(problems)
-    return ChatRequest(out, system, temperature, top_p, int(max_new), bool(compare), checkpoint, seed)
+    return ChatRequest(out, system, temperature, top_p, int(max_new), bool(compare), checkpoint, seed, beside is True)
 
 
 def weights_of(task_id: str, status: str, tdir: TaskDir, checkpoint: str = "") -> Path:
@@ -155,7 +256,12 @@ def weights_of(task_id: str, status: str, tdir: TaskDir, checkpoint: str = "") -
 @dataclass
 class _Running:
     proc: subprocess.Popen[bytes]
+    placement: Placement
     lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
+    beside: bool = False
+    """The message being answered asked to answer beside training."""
+    yielded_to: str | None = None
+    """The task the worker was stopped for: training took its GPU or slot."""
 
 
 class ChatReply:
@@ -200,21 +306,19 @@ class ChatReply:
 class ChatWorker:
     """The studio's side of the worker: starts it when a message comes, streams its answer, stops it.
 
-    `gpus`: this machine's GPUs; `busy_gpus()`: those training holds now (the worker takes a free one,
-    else the CPU)."""
+    `machine()`: what training holds now (the store's leases); the worker goes where `place` says, and
+    is stopped when training takes that place (`yield_to`, and a look every WATCH_S)."""
 
     def __init__(
         self,
         log_path: Path,
         *,
-        gpus: Sequence[int] = (),
-        busy_gpus: Any = None,
+        machine: Callable[[], Machine] | None = None,
         idle_s: float | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.log_path = log_path
-        self.gpus = list(gpus)
-        self.busy_gpus = busy_gpus or (lambda: set())
+        self.machine = machine or Machine
         env_idle = os.environ.get("FTSTUDIO_CHAT_IDLE_S", "")
         self.idle_s = idle_s if idle_s is not None else float(env_idle) if env_idle else IDLE_S
         self.env = dict(env if env is not None else os.environ)
@@ -225,25 +329,27 @@ class ChatWorker:
 
     # -- the process ---------------------------------------------------------
 
-    def _start(self) -> _Running:
+    def _start(self, placement: Placement) -> _Running:
         from ftstudio.procs import TASK_ENV
 
-        free = [g for g in self.gpus if g not in self.busy_gpus()]
         env = {k: v for k, v in self.env.items() if k not in (TASK_ENV, "FTSTUDIO_ATTEMPT")}
-        env.update(PYTHONUNBUFFERED="1", FTSTUDIO_CHAT_WORKER="1", CUDA_VISIBLE_DEVICES=str(free[0]) if free else "")
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FTSTUDIO_CHAT_THREADS="1")
-        self.device = f"GPU {free[0]}" if free else "the CPU"
+        gpu = "" if placement.gpu is None else str(placement.gpu)
+        env.update(PYTHONUNBUFFERED="1", FTSTUDIO_CHAT_WORKER="1", CUDA_VISIBLE_DEVICES=gpu)
+        if placement.humble:
+            env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FTSTUDIO_CHAT_THREADS="1")
+        self.device = placement.device
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as errors:
             # Not die_with_parent: that fires when the starting *thread* ends (a server's worker thread
             # may). The worker ends when its stdin closes instead, which is when this process goes.
             def child() -> None:
-                # Training first: the chat takes only CPU time nothing else wants (SCHED_IDLE, and nice
-                # 19 where that policy is missing), and one thread, so it never holds a core that a
-                # training step's threads are waiting to get back.
-                os.nice(19)
-                with contextlib.suppress(AttributeError, OSError):
-                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                # Beside training, training first: the chat takes only CPU time nothing else wants
+                # (SCHED_IDLE, and nice 19 where that policy is missing), and one thread, so it never
+                # holds a core that a training step's threads are waiting to get back.
+                os.nice(19 if placement.humble else 5)
+                if placement.humble:
+                    with contextlib.suppress(AttributeError, OSError):
+                        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
             proc = subprocess.Popen(
                 [sys.executable, "-m", "ftstudio.chatworker", "--idle", f"{self.idle_s:g}"],
@@ -254,10 +360,42 @@ class ChatWorker:
                 preexec_fn=child,
                 close_fds=True,
             )
-        running = _Running(proc)
+        running = _Running(proc, placement)
         threading.Thread(target=self._read, args=(running,), daemon=True, name="chat-worker-reader").start()
+        threading.Thread(target=self._watch, args=(running,), daemon=True, name="chat-worker-watch").start()
         log.info("chat worker started (pid %s) on %s", proc.pid, self.device)
         return running
+
+    def _watch(self, running: _Running) -> None:
+        """Stop the worker once training takes its GPU or slot: a task another process started (the
+        CLI, a second look of the queue) is seen here within WATCH_S."""
+        while running.proc.poll() is None:
+            time.sleep(WATCH_S)
+            try:
+                holder = taken_by(running.placement, self.machine(), beside=running.beside)
+            except Exception:  # a locked or vanished store: look again next time
+                log.debug("chat placement check failed", exc_info=True)
+                continue
+            if holder is not None:
+                self._yield(running, holder)
+
+    def yield_to(self, task_id: str, resources: Sequence[str]) -> None:
+        """Task `task_id` is about to start on `resources`: stop the worker first if they were its place, so
+        the task never starts beside a loaded chat model."""
+        r = self._running
+        if r is None or r.proc.poll() is not None:
+            return
+        m = self.machine()
+        after = Machine(m.gpus, m.slots, {**m.held, **dict.fromkeys(resources, task_id)})
+        if taken_by(r.placement, after, beside=r.beside) is not None:
+            self._yield(r, task_id)
+
+    def _yield(self, running: _Running, task_id: str) -> None:
+        if running.yielded_to is None:
+            running.yielded_to = task_id
+            log.info("chat worker (pid %s) stopped: task %s starts on %s", running.proc.pid, task_id, self.device)
+        with contextlib.suppress(OSError):
+            running.proc.kill()
 
     @staticmethod
     def _read(running: _Running) -> None:
@@ -269,9 +407,12 @@ class ChatWorker:
                 continue
         running.lines.put(None)  # it ended: idle timeout, a crash, or we stopped it
 
-    def _alive(self) -> _Running:
+    def _alive(self, placement: Placement) -> _Running:
+        r = self._running
+        if r is not None and r.proc.poll() is None and (r.placement != placement or r.yielded_to is not None):
+            self.close()  # stopped for training, or a better place is free (a GPU, the whole CPU)
         if self._running is None or self._running.proc.poll() is not None:
-            self._running = self._start()
+            self._running = self._start(placement)
         return self._running
 
     def pid(self) -> int | None:
@@ -302,11 +443,18 @@ class ChatWorker:
         thread, and the next message is never left waiting on a reply nobody reads."""
         if not self._lock.acquire(timeout=BUSY_WAIT_S):
             raise ChatBusy("the chat is answering another message; send yours again when that one has finished")
+        try:
+            r = self._running
+            keep = r.placement if r is not None and r.proc.poll() is None and r.yielded_to is None else None
+            placement = place(self.machine(), beside=req.beside_training, keep=keep)
+        except BaseException:
+            self._lock.release()
+            raise
         reply = ChatReply()
 
         def pump() -> None:
             try:
-                for event in self._chat(req, base, weights, trust_remote_code, reply.cancelled):
+                for event in self._chat(req, placement, base, weights, trust_remote_code, reply.cancelled):
                     reply.events.put(event)
             except Exception as e:  # the worker's pipes, not the reply's words: say it and end the reply
                 log.exception("chat reply failed")
@@ -319,9 +467,10 @@ class ChatWorker:
         return reply
 
     def _chat(
-        self, req: ChatRequest, base: str, weights: Path, trust: bool, cancelled: threading.Event
+        self, req: ChatRequest, placement: Placement, base: str, weights: Path, trust: bool, cancelled: threading.Event
     ) -> Generator[dict[str, Any], None, None]:
-        running = self._alive()
+        running = self._alive(placement)
+        running.beside = req.beside_training
         self._next += 1
         rid = self._next
         ended = False
@@ -352,6 +501,9 @@ class ChatWorker:
                 if item is None:
                     ended = True
                     code = running.proc.wait()
+                    if running.yielded_to is not None:
+                        yield {"event": "error", "message": _yielded(running.yielded_to, running.placement)}
+                        return
                     yield {
                         "event": "error",
                         "message": f"the chat worker stopped unexpectedly (exit code {code}; its log: "
@@ -398,3 +550,11 @@ class ChatWorker:
         running.proc.wait()
         if self._running is running:
             self._running = None
+
+
+def _yielded(task_id: str, placement: Placement) -> str:
+    where = f"GPU {placement.gpu}" if placement.gpu is not None else "the CPU"
+    return (
+        f"the chat stopped: task {task_id} started training on {where}, and training comes first; send the "
+        "message again to answer beside training at the lowest priority, or when the task has finished"
+    )

@@ -404,7 +404,7 @@ CHAT_HELP = "/reset starts the conversation over; /quit or Ctrl-D ends it; Ctrl-
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat in the terminal, through the same worker and code as the page's chat."""
-    from ftstudio.chat import parse_request, weights_of
+    from ftstudio.chat import ChatWaits, parse_request, weights_of
     from ftstudio.service import require_task_dir
 
     service = _service()
@@ -420,6 +420,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "compare": args.compare,
         "checkpoint": weights.name if weights.name != "adapter" else "",
+        "beside_training": args.beside_training,
     }
     try:
         while True:
@@ -438,7 +439,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not text:
                 continue
             req = parse_request({**settings, "messages": [*history, {"role": "user", "content": line}]})
-            reply = _chat_reply(service.chat(task.id, req))
+            try:
+                events = service.chat(task.id, req)
+            except ChatWaits as e:  # training holds the machine: say so, and keep the conversation
+                print(f"error: {printable(e)}", file=sys.stderr, flush=True)
+                continue
+            reply = _chat_reply(events)
             if reply is not None:
                 history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
     finally:
@@ -688,6 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=0.9)
     sp.add_argument("--max-new-tokens", type=int, default=256)
     sp.add_argument("--compare", action="store_true", help="the base model answers too, after the adapter")
+    sp.add_argument(
+        "--beside-training",
+        action="store_true",
+        help="answer even while training holds every GPU and slot, with the CPU time it leaves idle "
+        "(training slows some); without it such a message is refused",
+    )
 
     sp = add("generate", cmd_generate, "generate text with base model + a task's adapter")
     sp.add_argument("task", help="a completed task")

@@ -28,6 +28,9 @@ class FtstudioError(Exception):
 
     http_status = 500
     exit_code = 1
+    code = ""
+    """For a program (the page): which of the refusals that share an HTTP status this is, where it
+    matters; sent as `code` beside `detail`."""
 
 
 class UserError(FtstudioError):

@@ -46,6 +46,9 @@ class Launcher:
     gpus: tuple[int, ...]
     _scheduling: threading.Lock
 
+    def _yield_chat(self, task_id: str, resources: tuple[str, ...]) -> None:
+        """A task is about to start on `resources` (Service stops a chat worker that uses them)."""
+
     def slots(self) -> int:
         """Training slots for tasks without a GPU, as `studio start --slots` last set them in this home."""
         value = self.store.setting("slots")
@@ -137,6 +140,7 @@ class Launcher:
         # Where the studio manages GPUs the task sees exactly its own (none for a CPU task); where it found
         # none (no nvidia-smi), the environment is left alone rather than hiding GPUs it cannot count.
         env = cuda_env(grant.gpu_ids) if self.gpus and not self.executor.cluster else {}
+        self._yield_chat(task.id, grant.resources)  # training first: a chat on its GPU or slot stops now
         try:
             launch = self.executor.submit(tdir, attempt=task.attempt, env=env)
         except LaunchError as e:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ftstudio import __version__, evaluation, lifecycle, paths, scheduler, taskfiles
 from ftstudio.catalog import Catalog
-from ftstudio.chat import ChatReply, ChatRequest, ChatWorker
+from ftstudio.chat import ChatReply, ChatRequest, ChatWorker, Machine
 from ftstudio.config import TrainingConfig
 from ftstudio.control import CANCEL_GRACE_S as CANCEL_GRACE_S  # where callers have looked for it
 from ftstudio.control import Control
@@ -229,12 +229,19 @@ class Service(Launcher, Control, Catalog):
         """The one chat worker of this studio (or CLI command), started with the first message."""
         with self._admit:
             if self._chat is None:
-
-                def busy_gpus() -> set[int]:
-                    return {int(r.resource.split(":")[1]) for r in self.store.leases() if r.resource.startswith("gpu:")}
-
-                self._chat = ChatWorker(self.home.root / "logs" / "chat.log", gpus=self.gpus, busy_gpus=busy_gpus)
+                self._chat = ChatWorker(self.home.root / "logs" / "chat.log", machine=self._chat_machine)
             return self._chat
+
+    def _chat_machine(self) -> Machine:
+        """What training holds on this machine, for the chat's place: the store's leases (the studio's and
+        any other process's tasks). A cluster's tasks train elsewhere: the chat has this machine to itself."""
+        held = {} if self.executor.cluster else {lease.resource: lease.task_id for lease in self.store.leases()}
+        return Machine(self.gpus, self.slots(), held)
+
+    def _yield_chat(self, task_id: str, resources: tuple[str, ...]) -> None:
+        """Launcher.launch's hook: a task is about to start on `resources`; the chat gives them up first."""
+        if self._chat is not None and not self.executor.cluster:
+            self._chat.yield_to(task_id, resources)
 
     def chat(self, task_id: str, req: ChatRequest) -> ChatReply:
         """The reply to `req` from the task's adapter or checkpoint, as the worker streams it."""

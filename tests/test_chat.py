@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from support import Studio, home_env, run_cli, wait_for
+from support import Studio, home_env, run_cli, submit_tiny, wait_for
 
-from ftstudio.chat import ChatBusy, ChatWorker, parse_request
+from ftstudio.chat import ChatBusy, ChatWaits, ChatWorker, Machine, Placement, parse_request, place, taken_by
 from ftstudio.errors import ValidationError
 
 pytestmark = pytest.mark.slow
@@ -47,6 +47,7 @@ def say(text: str) -> dict[str, Any]:
         ({**say("hi"), "max_new_tokens": True}, "max_new_tokens: must be a whole number from 1 to 4096"),
         ({**say("hi"), "checkpoint": "../../etc"}, "checkpoint: must be a checkpoint's name, e.g. checkpoint-400"),
         ({**say("hi"), "compare": "yes"}, "compare: must be true or false"),
+        ({**say("hi"), "beside_training": 1}, "beside_training: must be true or false"),
         ({**say("hi"), "tools": []}, "tools: unknown field"),
         ({"messages": [{"role": "user", "content": "x" * 100_001}]}, "messages: at most 100,000 characters"),
     ],
@@ -62,6 +63,53 @@ def test_a_good_request_keeps_what_it_asks() -> None:
     assert (req.messages, req.system, req.temperature, req.compare, req.seed) == (
         [{"role": "user", "content": "hi"}], "be brief", 0.0, True, 3,
     )  # fmt: skip
+
+
+# -- where the worker runs: training first ---------------------------------------------------------
+
+CPU, HUMBLE = Placement(), Placement(humble=True)
+
+
+@pytest.mark.parametrize(
+    ("machine", "beside", "keep", "want"),
+    [
+        (Machine(), False, None, CPU),  # nothing trains: all of the CPU
+        (Machine(slots=2, held={"slot:0": "t1"}), False, None, HUMBLE),  # a free slot beside a CPU task
+        (Machine(slots=1, held={"slot:0": "t1"}), True, None, HUMBLE),  # asked to answer beside it
+        (Machine((0, 1), held={"gpu:0": "t1"}), False, None, Placement(gpu=1)),  # a GPU nobody holds
+        (Machine((0,), held={"gpu:0": "t1"}), False, None, HUMBLE),  # a GPU task trains: the CPU's idle time
+        (Machine((0, 1), held={"gpu:1": "t1"}), False, None, Placement(gpu=0)),
+        (Machine((0, 1)), False, Placement(gpu=1), Placement(gpu=1)),  # kept: no reload for a lower number
+        (Machine(), False, HUMBLE, CPU),  # training ended: the whole CPU is better
+        (Machine((0,)), False, CPU, Placement(gpu=0)),  # a GPU freed up: better than the CPU
+        (Machine(slots=1, held={"slot:0": "t1"}), True, HUMBLE, HUMBLE),
+    ],
+)  # fmt: skip
+def test_the_chat_goes_where_training_is_not(
+    machine: Machine, beside: bool, keep: Placement | None, want: Placement
+) -> None:
+    assert place(machine, beside=beside, keep=keep) == want
+
+
+def test_a_chat_waits_while_training_holds_every_gpu_and_slot_and_says_what_to_do() -> None:
+    with pytest.raises(ChatWaits) as cpu:
+        place(Machine(slots=1, held={"slot:0": "t1"}), beside=False)
+    with pytest.raises(ChatWaits) as gpus:
+        place(Machine((0, 1), slots=1, held={"gpu:0": "t1", "gpu:1": "t2", "slot:0": "t3"}), beside=False)
+    assert str(cpu.value).startswith("task t1 is training on this studio's 1 training slot, and a chat now would")
+    assert str(gpus.value).startswith("tasks t1, t2, t3 are training on every GPU and training slot")
+    for e in (cpu.value, gpus.value):
+        assert "beside_training" in str(e) and "--beside-training" in str(e) and "\n" not in str(e)
+        assert e.http_status == 409 and e.code == "chat_waits_for_training"
+
+
+def test_training_takes_the_chats_place_back() -> None:
+    assert taken_by(Placement(gpu=0), Machine((0, 1), held={"gpu:0": "t1"}), beside=True) == "t1"
+    assert taken_by(Placement(gpu=1), Machine((0, 1), held={"gpu:0": "t1"}), beside=False) is None
+    assert taken_by(CPU, Machine((0,), held={"gpu:0": "t1"}), beside=False) == "t1"  # all cores: only while idle
+    assert taken_by(HUMBLE, Machine(slots=2, held={"slot:0": "t1"}), beside=False) is None
+    assert taken_by(HUMBLE, Machine(slots=1, held={"slot:0": "t1"}), beside=False) == "t1"
+    assert taken_by(HUMBLE, Machine(slots=1, held={"slot:0": "t1"}), beside=True) is None
 
 
 # -- a real fine-tune to talk to ---------------------------------------------------------------------
@@ -124,11 +172,12 @@ def test_a_reply_streams_token_by_token_and_compare_adds_the_base_models(
     whos = [w for w, _ in tokens]
     assert whos and set(whos) == {"adapter", "base"} and whos == sorted(whos, key=lambda w: w != "adapter")
     assert [d["who"] for n, d in events if n == "done"] == ["adapter", "base"]
-    # The worker is a process of its own, at the lowest priority, and no task's: cancelling or
-    # counting a task's processes never touches it.
+    # The worker is a process of its own, and no task's: cancelling or counting a task's processes never
+    # touches it. Nothing trains, so it has the CPU (its threads, a priority a little under the studio's).
     (worker,) = workers()
-    assert worker.nice() == 19
-    assert "FTSTUDIO_TASK_ID" not in worker.environ()
+    assert events[0][1]["device"] == "the CPU"
+    assert worker.nice() == 5 and os.sched_getscheduler(worker.pid) == os.SCHED_OTHER
+    assert "FTSTUDIO_TASK_ID" not in worker.environ() and "FTSTUDIO_CHAT_THREADS" not in worker.environ()
 
 
 def test_a_checkpoint_answers_when_asked_and_a_missing_one_is_a_404(studio: Studio, trained: tuple[Path, str]) -> None:
@@ -278,3 +327,73 @@ def test_chat_with_a_task_that_has_no_weights_yet_says_why(trained: tuple[Path, 
     )  # fmt: skip
     run_cli(home, "cancel", queued)
     assert r.returncode == 2 and "has no adapter or checkpoint yet; chat works once training has saved one" in r.stderr
+
+
+# -- training first, against a real studio -------------------------------------------------------------
+
+
+def cancel(studio: Studio, task_id: str) -> None:
+    studio.http.post(f"/api/tasks/{task_id}/cancel")
+    studio.wait_status(task_id, "cancelled", "completed", "failed", timeout=120)
+
+
+def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_answers_beside_it(
+    studio: Studio, trained: tuple[Path, str]
+) -> None:
+    home, tid = trained
+    chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
+    (worker,) = workers()
+    training = submit_tiny(studio, 5000, 1000, name="trains beside a chat")
+    try:
+        # Stopped by the launch itself, before the task's runner started (the studio's log says so in order).
+        psutil.wait_procs([worker], timeout=10)
+        assert not worker.is_running()
+        log = (home / "studio.log").read_text()
+        stopped = log.index(f"chat worker (pid {worker.pid}) stopped: task {training} starts on the CPU")
+        assert stopped < log.index(f"task {training} launched")
+
+        refused = studio.http.post(f"/api/tasks/{tid}/chat", json=say("hi"))
+        assert refused.status_code == 409 and refused.json()["code"] == "chat_waits_for_training", refused.text
+        assert refused.json()["detail"].startswith(f"task {training} is training on this studio's 1 training slot")
+        assert not workers()  # refused before anything was loaded
+
+        beside = chat(studio, tid, {**say("hi"), "max_new_tokens": 2, "beside_training": True})
+        assert beside[0][1]["device"] == "the CPU, beside training (lowest priority)" and beside[-1][0] == "end"
+        (humble,) = workers()
+        assert humble.nice() == 19 and os.sched_getscheduler(humble.pid) == os.SCHED_IDLE
+        assert humble.environ()["FTSTUDIO_CHAT_THREADS"] == "1"
+
+        # The terminal's chat says the same and keeps the conversation open.
+        r = subprocess.run(
+            [sys.executable, "-m", "ftstudio", "chat", tid], input="hi\n/quit\n", capture_output=True, text=True,
+            env=home_env(home), timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0 and f"error: task {training} is training on this studio's" in r.stderr, r.stderr
+        assert "--beside-training" in r.stderr
+    finally:
+        cancel(studio, training)
+
+
+def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trained: tuple[Path, str]) -> None:
+    _, tid = trained
+    body = {**say("hi"), "max_new_tokens": 4000, "temperature": 1.0, "seed": 7}
+    training = None
+    events: list[str] = []
+    try:
+        with httpx.stream(
+            "POST", f"{studio.url}/api/tasks/{tid}/chat", json=body, headers=studio.auth, timeout=120
+        ) as r:
+            tokens = 0
+            for line in r.iter_lines():
+                events.append(line)
+                tokens += line == "event: token"
+                if tokens == 3 and training is None:
+                    training = submit_tiny(studio, 5000, 1000, name="starts mid-reply")
+        assert training is not None, events[-5:]
+        assert events[-3:-1] == ["event: error", events[-2]] and "the chat stopped" in events[-2], events[-5:]
+        said = json.loads(events[-2].removeprefix("data: "))["message"]
+        assert said.startswith(f"the chat stopped: task {training} started training on the CPU, and training comes")
+        assert not workers()
+    finally:
+        if training:
+            cancel(studio, training)

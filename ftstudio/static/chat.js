@@ -38,6 +38,7 @@ export class ChatPanel {
   constructor(taskId) {
     this.taskId = taskId;
     this.history = []; // [{role, content}] of the fine-tune's own side of the conversation
+    this.beside = false; // answer even while training holds every GPU and slot (the person said so)
     this.controller = null;
     this.log = h("div", { id: "chat-log", class: "chat-log", role: "log", "aria-live": "polite", "aria-label": "Conversation" });
     this.status = h("p", { id: "chat-status", class: "muted chat-status", "aria-live": "polite" });
@@ -82,6 +83,7 @@ export class ChatPanel {
     reset.addEventListener("click", () => {
       this.controller?.abort();
       this.history = [];
+      this.beside = false;
       this.log.replaceChildren();
       this.status.textContent = "";
     });
@@ -115,9 +117,14 @@ export class ChatPanel {
     const text = this.input.value;
     if (!text.trim() || this.controller) return;
     this.input.value = "";
+    await this.sendText(text);
+  }
+
+  async sendText(text) {
     const compare = this.compare.checked;
     const messages = [...this.history, { role: "user", content: text }];
-    this.log.append(h("div", { class: "chat-msg chat-user" }, h("span", { class: "chat-who" }, "You"), h("p", {}, text)));
+    const said = h("div", { class: "chat-msg chat-user" }, h("span", { class: "chat-who" }, "You"), h("p", {}, text));
+    this.log.append(said);
     const columns = {};
     const reply = h("div", { class: compare ? "chat-reply chat-compare" : "chat-reply" });
     for (const who of compare ? ["adapter", "base"] : ["adapter"]) {
@@ -143,18 +150,21 @@ export class ChatPanel {
           max_new_tokens: this.value("max_new_tokens"),
           compare,
           checkpoint: this.weights.value,
+          beside_training: this.beside,
         }),
         signal: this.controller.signal,
       });
       if (!res.ok) {
         let detail = `The studio answered ${res.status}`;
+        let code = "";
         try {
           const data = await res.json();
           if (typeof data.detail === "string") detail = data.detail;
+          if (typeof data.code === "string") code = data.code;
         } catch {
           // not JSON: keep the status line
         }
-        throw new ApiError(res.status, detail);
+        throw Object.assign(new ApiError(res.status, detail), { code });
       }
       for await (const { event, data } of sseEvents(res)) {
         if (event === "loading") this.status.textContent = "Loading the model (the first message takes longest)…";
@@ -175,6 +185,7 @@ export class ChatPanel {
       else {
         this.status.textContent = "";
         reply.append(h("p", { class: "error-text" }, err.message || String(err)));
+        if (err.code === "chat_waits_for_training") reply.append(this.besideButton(text, said, reply));
       }
     } finally {
       this.controller = null;
@@ -182,6 +193,20 @@ export class ChatPanel {
       this.stop.hidden = true;
       reply.dataset.done = "true";
     }
+  }
+
+  /** Training holds the machine: offer to answer anyway, with the CPU time training leaves idle, for the
+   * rest of this conversation (a new conversation asks again). */
+  besideButton(text, said, reply) {
+    const button = h("button", { type: "button", id: "chat-beside" }, "Answer beside training (it slows training some)");
+    button.addEventListener("click", () => {
+      if (this.controller) return;
+      this.beside = true;
+      said.remove();
+      reply.remove();
+      this.sendText(text);
+    });
+    return button;
   }
 
   destroy() {

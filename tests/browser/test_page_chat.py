@@ -75,3 +75,25 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
     assert page.locator("#chat-log .error-text").count() == 0
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator("#try-it").screenshot(path=str(ARTIFACTS / "task-view-chat.png"))
+
+    # Training first: while a task trains in the only slot, a message waits, and says so, with a way to
+    # answer anyway beside training, which then answers.
+    long = {**config, "optim": {"max_steps": 5000}}
+    trains = studio.api("POST", "/api/tasks", {"name": "trains", "config": long})["id"]
+    try:
+        page.fill("#chat-input", "Are you there?")
+        page.click("#chat-send")
+        page.wait_for_function("document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 5")
+        said = page.locator("#chat-log .chat-reply").last.locator(".error-text").inner_text()
+        assert said.startswith(f"task {trains} is training on this studio's 1 training slot"), said
+        page.click("#chat-beside")
+        page.wait_for_function(
+            "document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 5 && "
+            "!document.querySelector('#chat-beside')", timeout=120_000,
+        )  # fmt: skip
+        last = page.locator("#chat-log .chat-reply").last
+        assert last.locator('.chat-text[data-who="adapter"]').inner_text().strip()
+        assert page.locator("#chat-log .error-text").count() == 0  # the refused message made way for the answer
+        assert page.locator("#chat-log .chat-user").last.inner_text().endswith("Are you there?")
+    finally:
+        studio.api("POST", f"/api/tasks/{trains}/cancel")
