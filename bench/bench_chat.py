@@ -15,14 +15,24 @@ CPU it takes what training leaves.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
-from common import Figure, Studio, add_common_args, bench_env, load_average, median, report, tear_down, wait_for
+from common import (
+    Figure,
+    Studio,
+    add_common_args,
+    bench_env,
+    load_average,
+    median,
+    report,
+    tear_down,
+    trainer_seconds,
+    wait_completed,
+)
 
 CONFIG: dict[str, Any] = {
     "preset": "cpu-demo",
@@ -43,18 +53,8 @@ def finish(studio: Studio, config: dict[str, Any], name: str) -> tuple[str, floa
     r = studio.http.post("/api/tasks", json={"name": name, "config": config})
     r.raise_for_status()
     tid = r.json()["id"]
-    task = wait_for(
-        lambda: (
-            (t := studio.http.get(f"/api/tasks/{tid}").json())["status"] in ("completed", "failed", "cancelled") and t
-        ),
-        timeout=900,
-        what=f"task {tid} to end",
-    )
-    if task["status"] != "completed":
-        raise RuntimeError(f"task {tid} ended {task['status']}: {task['error']}")
-    tdir = studio.home / "tasks" / tid
-    started = json.loads((tdir / "launch.json").read_text())["started_at"]
-    return tid, json.loads((tdir / "exit.json").read_text())["finished_at"] - started
+    wait_completed(studio, tid, timeout=900)
+    return tid, trainer_seconds(studio.home, tid)
 
 
 class Chatter(threading.Thread):

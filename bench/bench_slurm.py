@@ -15,7 +15,6 @@ Needs a Slurm cluster whose nodes see this machine's files (scripts/slurm-dev-cl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -23,7 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import Figure, Studio, add_common_args, bench_env, load_average, median, report, tear_down, wait_for
+from common import (
+    Figure,
+    Studio,
+    add_common_args,
+    bench_env,
+    load_average,
+    median,
+    report,
+    tear_down,
+    trainer_seconds,
+    wait_completed,
+)
 
 CONFIG: dict[str, Any] = {
     "preset": "cpu-demo",
@@ -51,23 +61,11 @@ def one(studio: Studio, side: str) -> Run:
     r = studio.http.post("/api/tasks", json={"name": f"bench {side}", "config": CONFIG})
     r.raise_for_status()
     tid = r.json()["id"]
-    task = wait_for(
-        lambda: (
-            (t := studio.http.get(f"/api/tasks/{tid}").json())["status"] in ("completed", "failed", "cancelled") and t
-        ),
-        timeout=600,
-        interval=0.1,
-        what=f"{side} task {tid} to end",
-    )
+    wait_completed(studio, tid, timeout=600, label=f"{side} task")
     wall = time.time() - t0
-    if task["status"] != "completed":
-        raise RuntimeError(f"{side} task {tid} ended {task['status']}: {task['error']}")
     events = studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
     first = next(e["ts"] for e in events if e["kind"] == "progress")
-    tdir = studio.home / "tasks" / tid
-    launch = json.loads((tdir / "launch.json").read_text())
-    finished = json.loads((tdir / "exit.json").read_text())["finished_at"]
-    return Run(side, first - t0, wall, finished - launch["started_at"])
+    return Run(side, first - t0, wall, trainer_seconds(studio.home, tid))
 
 
 def main() -> int:

@@ -250,6 +250,29 @@ class Studio:
         return r.json()
 
 
+ENDED = ("completed", "failed", "cancelled")
+
+
+def wait_completed(studio: Studio, tid: str, timeout: float, label: str = "task") -> dict[str, Any]:
+    """Wait for the task to end (polling GET /api/tasks/{tid}); its record if it completed, else RuntimeError.
+    `label` names it in the messages (e.g. "slurm task")."""
+    task = wait_for(
+        lambda: (t := studio.http.get(f"/api/tasks/{tid}").json())["status"] in ENDED and t,
+        timeout=timeout,
+        what=f"{label} {tid} to end",
+    )
+    if task["status"] != "completed":
+        raise RuntimeError(f"{label} {tid} ended {task['status']}: {task['error']}")
+    return task
+
+
+def trainer_seconds(home: Path, tid: str) -> float:
+    """The trainer's wall time as the runner recorded it: launch.json `started_at` -> exit.json `finished_at`."""
+    tdir = home / "tasks" / tid
+    started = json.loads((tdir / "launch.json").read_text())["started_at"]
+    return json.loads((tdir / "exit.json").read_text())["finished_at"] - started
+
+
 @dataclass
 class Figure:
     """One row of the results table in docs/benchmarks.md."""

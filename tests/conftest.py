@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from slurm_cluster import NoCluster, SlurmCluster, connect, connect2, in_ci
+from slurm_cluster import NoCluster, SlurmCluster, connect, connect2, in_ci, use
 from support import ROOT, SCRIPTED, Studio, home_env, sweep
 
 
@@ -68,6 +68,13 @@ def _cluster(open_cluster: Callable[[], SlurmCluster], what: str) -> Iterator[Sl
 def slurm() -> Iterator[SlurmCluster]:
     """The Slurm cluster (slurm_cluster.py); skips without one, fails without one in CI."""
     yield from _cluster(connect, "Slurm cluster")
+
+
+@pytest.fixture
+def slurm_now(slurm: SlurmCluster) -> None:
+    """The `slurm` cluster as slurm_cluster.current_cluster(), for module-level helpers (slurm_env(),
+    cancel_tasks()); a module asks for it in every test with pytest.mark.usefixtures("slurm_now")."""
+    use(slurm)
 
 
 @pytest.fixture(scope="session")

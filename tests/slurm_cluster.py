@@ -148,3 +148,30 @@ def connect(conf: Path | None = None, *, nodes: int = 1, up: str = "up") -> Slur
 def connect2() -> SlurmCluster:
     """The emulated two-node cluster (scripts/slurm-dev-cluster up2), both nodes taking jobs."""
     return connect(cluster2_conf(), nodes=2, up="up2")
+
+
+# The cluster of the test running now, for the module-level helpers of the Slurm tests; set by the `slurm_now`
+# fixture (conftest.py), which a test module asks for with pytest.mark.usefixtures("slurm_now").
+_now: SlurmCluster | None = None
+
+
+def use(cluster: SlurmCluster) -> None:
+    global _now
+    _now = cluster
+
+
+def current_cluster() -> SlurmCluster:
+    """The cluster the `slurm_now` fixture set for this test."""
+    assert _now is not None, 'no Slurm cluster: the test module needs pytest.mark.usefixtures("slurm_now")'
+    return _now
+
+
+def slurm_env() -> dict[str, str]:
+    """What a studio or the CLI needs in its environment to reach the current cluster."""
+    return {"SLURM_CONF": str(current_cluster().conf)}
+
+
+def cancel_tasks(home: Path) -> None:
+    """scancel the jobs of every task of `home` (by job name), whatever state they are in."""
+    for tid in os.listdir(home / "tasks") if (home / "tasks").is_dir() else []:
+        subprocess.run(["scancel", f"--name=ftstudio-{tid}"], env={**os.environ, **slurm_env()}, check=False)

@@ -15,32 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slurm_cluster import SlurmCluster
+from slurm_cluster import cancel_tasks, current_cluster, slurm_env
 from support import Studio, home_env, progress_steps, run_cli, submit_tiny, wait_for
 
 from ftstudio.procs import tagged
 from ftstudio.store import Store
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-
-CLUSTER: SlurmCluster | None = None
-
-
-@pytest.fixture(autouse=True)
-def cluster(slurm: SlurmCluster) -> None:
-    """The shared `slurm` fixture (conftest.py): skips without a cluster, fails without one in CI."""
-    global CLUSTER
-    CLUSTER = slurm
-
-
-def slurm_env() -> dict[str, str]:
-    assert CLUSTER is not None
-    return {"SLURM_CONF": str(CLUSTER.conf)}
+# slurm_now (conftest.py): every test skips without a cluster, fails without one in CI.
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_now")]
 
 
 def slurm(*args: str) -> str:
-    assert CLUSTER is not None
-    return CLUSTER.run(*args).stdout
+    return current_cluster().run(*args).stdout
 
 
 def job_of(task_id: str) -> dict[str, str] | None:
@@ -60,8 +46,7 @@ def studio(home: Path) -> Iterator[Studio]:
     s = Studio(home, env)
     yield s
     s.stop()
-    for tid in os.listdir(home / "tasks") if (home / "tasks").is_dir() else []:
-        subprocess.run(["scancel", f"--name=ftstudio-{tid}"], env={**os.environ, **slurm_env()}, check=False)
+    cancel_tasks(home)
 
 
 def submit(studio: Studio, name: str, **config: Any) -> str:
@@ -153,8 +138,7 @@ def real(home: Path) -> Iterator[Studio]:
     s = Studio(home, home_env(home, **slurm_env()))
     yield s.start("--executor", "slurm", "--partition", "debug")
     s.stop()
-    for tid in os.listdir(home / "tasks") if (home / "tasks").is_dir() else []:
-        subprocess.run(["scancel", f"--name=ftstudio-{tid}"], env={**os.environ, **slurm_env()}, check=False)
+    cancel_tasks(home)
 
 
 def test_a_real_fine_tune_of_builtin_tiny_completes_as_a_slurm_job_with_its_adapter(real: Studio, home: Path) -> None:
@@ -210,8 +194,8 @@ def test_restarting_slurmctld_while_a_job_runs_loses_nothing(studio: Studio) -> 
     """The controller goes away (an upgrade, a crash) while the task trains: squeue cannot answer, which
     is "cannot tell", never "dead"; the job keeps running and the studio keeps showing its progress; the
     controller comes back and the task completes in its first attempt."""
-    assert CLUSTER is not None
-    pidfile = CLUSTER.conf.parent / "run" / "slurmctld.pid"
+    cluster = current_cluster()
+    pidfile = cluster.conf.parent / "run" / "slurmctld.pid"
     if not pidfile.is_file():
         pytest.skip(f"no {pidfile}: only the development cluster (scripts/slurm-dev-cluster) can be restarted here")
     script = Path(__file__).resolve().parents[1] / "scripts" / "slurm-dev-cluster"
@@ -220,13 +204,13 @@ def test_restarting_slurmctld_while_a_job_runs_loses_nothing(studio: Studio) -> 
     wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=120, what="progress from the job")
     os.kill(int(pidfile.read_text()), signal.SIGTERM)
     try:
-        wait_for(lambda: CLUSTER.run("squeue", check=False).returncode != 0, timeout=30, what="slurmctld to go")
+        wait_for(lambda: cluster.run("squeue", check=False).returncode != 0, timeout=30, what="slurmctld to go")
         step = studio.task(tid)["step"]
         wait_for(lambda: studio.task(tid)["step"] > step + 20, timeout=60, what="progress while Slurm is away")
         # Training, or even completed: its exit record decides, whether Slurm answers or not.
         assert studio.task(tid)["status"] in ("training", "completed")
     finally:
-        up = subprocess.run([str(script), "up"], env=CLUSTER.env, capture_output=True, text=True, timeout=120)
+        up = subprocess.run([str(script), "up"], env=cluster.env, capture_output=True, text=True, timeout=120)
         assert up.returncode == 0, up.stdout + up.stderr
     done = studio.wait_status(tid, "completed", "failed", "cancelled", "interrupted", timeout=120)
     assert done["status"] == "completed" and done["attempt"] == 1, done
@@ -234,13 +218,13 @@ def test_restarting_slurmctld_while_a_job_runs_loses_nothing(studio: Studio) -> 
 
 
 def test_a_task_waiting_in_slurms_queue_says_why(studio: Studio, tmp_path: Path) -> None:
-    assert CLUSTER is not None
+    cluster = current_cluster()
     studio.start("--executor", "slurm", "--partition", "debug")  # its check job needs a free CPU
-    blocker = CLUSTER.sbatch(
+    blocker = cluster.sbatch(
         f"--cpus-per-task={os.cpu_count()}", "--job-name=blocker", "--wrap=sleep 120", cwd=tmp_path
     )
     try:
-        wait_for(lambda: (CLUSTER.state(blocker) or ("",))[0] == "RUNNING", timeout=30, what="the blocker to run")
+        wait_for(lambda: (cluster.state(blocker) or ("",))[0] == "RUNNING", timeout=30, what="the blocker to run")
         tid = submit(studio, "scripted steps=5 delay=0.05")
         # Just submitted it has no reason yet; then Slurm says why it waits.
         t = wait_for(
@@ -251,7 +235,7 @@ def test_a_task_waiting_in_slurms_queue_says_why(studio: Studio, tmp_path: Path)
         shown = run_cli(studio.home, "show", tid, **slurm_env())
         assert f"slurm job  {t['slurm']['job_id']} (PENDING, reason: Resources)" in shown.stdout, shown.stdout
     finally:
-        CLUSTER.run("scancel", blocker)
+        cluster.run("scancel", blocker)
     assert studio.wait_status(tid, "completed", "failed", timeout=120)["status"] == "completed"
 
 
@@ -261,18 +245,18 @@ def test_a_preemption_by_a_higher_priority_partition_resumes_the_task_in_its_req
     """A real preemption: a job in the `urgent` partition (PriorityTier 2, PreemptMode=REQUEUE) needs every
     CPU; Slurm stops the task's job (SIGTERM) and requeues it. The task is interrupted, naming the requeue,
     and its next attempt runs in the same job once the urgent one is done, each step once."""
-    assert CLUSTER is not None
+    cluster = current_cluster()
     studio.start("--executor", "slurm", "--partition", "debug")
     tid = submit(studio, "scripted steps=300 delay=0.05")
     wait_for(lambda: studio.task(tid)["step"] >= 10, timeout=120, what="progress from the job")
     job = studio.task(tid)["slurm"]["job_id"]
-    urgent = CLUSTER.sbatch(
+    urgent = cluster.sbatch(
         "--partition=urgent", f"--cpus-per-task={os.cpu_count()}", "--job-name=urgent", "--wrap=sleep 5", cwd=tmp_path
     )
     try:
         done = studio.wait_status(tid, "completed", "failed", "cancelled", timeout=300)
     finally:
-        CLUSTER.run("scancel", urgent, check=False)
+        cluster.run("scancel", urgent, check=False)
     assert done["status"] == "completed", done
     assert done["attempt"] == 2 and done["slurm"]["job_id"] == job, done["attempts"]
     assert f"Slurm requeued the Slurm job {job}" in done["attempts"][0]["end_reason"], done["attempts"]

@@ -18,28 +18,16 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster
+from slurm_cluster import cancel_tasks, current_cluster, slurm_env
 from support import Studio, home_env, progress_steps, run_cli, submit_tiny, wait_for
 
 from ftstudio.checkpoints import MARKER
 from ftstudio.store import Store
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+# slurm_now (conftest.py): every test skips without a cluster, fails without one in CI.
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_now")]
 
-CLUSTER: SlurmCluster | None = None
 LIMIT_REACHED = re.compile(r"the Slurm job \d+ reached its time limit of 1 minute \(--time 1\)")
-
-
-@pytest.fixture(autouse=True)
-def cluster(slurm: SlurmCluster) -> None:
-    """The shared `slurm` fixture (conftest.py): skips without a cluster, fails without one in CI."""
-    global CLUSTER
-    CLUSTER = slurm
-
-
-def slurm_env() -> dict[str, str]:
-    assert CLUSTER is not None
-    return {"SLURM_CONF": str(CLUSTER.conf)}
 
 
 @pytest.fixture
@@ -49,8 +37,7 @@ def one_minute(home: Path) -> Iterator[Studio]:
     s = Studio(home, home_env(home, **slurm_env()))
     yield s.start("--executor", "slurm", "--partition", "debug", "--time", "1", "--slurm-signal", "B:USR1@0")
     s.stop()
-    for tid in os.listdir(home / "tasks") if (home / "tasks").is_dir() else []:
-        subprocess.run(["scancel", f"--name=ftstudio-{tid}"], env={**os.environ, **slurm_env()}, check=False)
+    cancel_tasks(home)
 
 
 STEPS = 60
@@ -68,7 +55,7 @@ def test_a_job_at_its_time_limit_is_ended_by_slurm_and_the_task_resumes_in_a_new
     Once the trainer has a checkpoint the test stops it (SIGSTOP), standing for a step longer than the time
     left: the run is still going when the limit comes, however fast this machine trains. Slurm's own SIGCONT,
     before its SIGTERM, wakes it."""
-    assert CLUSTER is not None
+    cluster = current_cluster()
     tid = submit_tiny(one_minute, STEPS, 3, name="one minute on slurm")
     tdir = home / "tasks" / tid
     # Stopped the moment checkpoint-3 is complete, watched on disk: on a quick machine the whole run takes a
@@ -81,7 +68,7 @@ def test_a_job_at_its_time_limit_is_ended_by_slurm_and_the_task_resumes_in_a_new
     os.kill(launch["trainer_pid"], signal.SIGSTOP)
     assert not (tdir / "exit.json").exists() and not (tdir / "adapter").exists(), "the run ended before its stop"
     job = one_minute.task(tid)["slurm"]["job_id"]
-    assert CLUSTER.wait_final(job, timeout=120) == "TIMEOUT"
+    assert cluster.wait_final(job, timeout=120) == "TIMEOUT"
     done = one_minute.wait_status(tid, "completed", "failed", "cancelled", "paused", timeout=300)
     assert done["status"] == "completed", done
     attempts = done["attempts"]
@@ -132,8 +119,7 @@ def test_a_home_the_compute_nodes_cannot_see_is_refused_and_nothing_is_remembere
         "the studio and the nodes both see, at the same path, and start again. Nothing was changed: new "
         "fine-tunes still run where they did"
     )
-    assert CLUSTER is not None
-    ended = CLUSTER.run("squeue", "--noheader", "--states=all", f"--jobs={job}", "--format=%e").stdout.strip()
+    ended = current_cluster().run("squeue", "--noheader", "--states=all", f"--jobs={job}", "--format=%e").stdout.strip()
     assert returned - datetime.fromisoformat(ended).timestamp() < 15, (ended, returned)  # not CHECK_S (120 s)
     # Nothing remembered, and nothing left: the store the studio wrote (in its view of the home) still says
     # local, the probe is gone, and the directory the nodes see was never written.

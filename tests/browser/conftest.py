@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import end_processes, free_port
+from support import end_processes, free_port, home_env
 
 from .livestudio import CHROMIUM, CHROMIUM_ARGS, LiveStudio, task_processes
 
@@ -25,6 +25,20 @@ def studio(tmp_path: Path) -> Iterator[LiveStudio]:
     s = LiveStudio(home, free_port())
     try:
         yield s.start()
+    finally:
+        s.stop()
+        end_processes(task_processes(home))
+
+
+@pytest.fixture
+def scripted(tmp_path: Path) -> Iterator[LiveStudio]:
+    """A studio whose tasks run the scripted trainer (its behaviour is read from the task's name), not yet
+    started: the test starts it with the flags it needs (`scripted.start("--slots", "2")`)."""
+    home = tmp_path / "home"
+    s = LiveStudio(home, free_port())
+    s.env = home_env(home, scripted=True)
+    try:
+        yield s
     finally:
         s.stop()
         end_processes(task_processes(home))

@@ -6,30 +6,16 @@ address that can be bookmarked."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support import end_processes, free_port, home_env, wait_for
+from support import wait_for
 
-from .livestudio import ARTIFACTS, LiveStudio, task_processes
+from .livestudio import ARTIFACTS, LiveStudio
 
 pytestmark = pytest.mark.browser
 
 CPU = {"preset": "cpu-demo"}
-
-
-@pytest.fixture
-def scripted(tmp_path: Path) -> Iterator[LiveStudio]:
-    home = tmp_path / "home"
-    s = LiveStudio(home, free_port())
-    s.env = home_env(home, scripted=True)
-    try:
-        yield s
-    finally:
-        s.stop()
-        end_processes(task_processes(home))
 
 
 def chart_data(page: Any) -> dict[str, str]:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import http.server
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support import end_processes, free_port, home_env, wait_for
+from support import wait_for
 
-from .livestudio import CHROMIUM, CHROMIUM_ARGS, LiveStudio, task_processes
+from .livestudio import CHROMIUM, CHROMIUM_ARGS, LiveStudio
 
 pytestmark = pytest.mark.browser
 LNA_CHECKS = ",".join(
@@ -31,15 +29,9 @@ LNA_CHECKS = ",".join(
 
 
 @pytest.fixture
-def scripted_studio(tmp_path: Path) -> Iterator[LiveStudio]:
-    home = tmp_path / "home"
-    s = LiveStudio(home, free_port())
-    s.env = home_env(home, scripted=True)
-    try:
-        yield s.start()
-    finally:
-        s.stop()
-        end_processes(task_processes(home))
+def scripted_studio(scripted: LiveStudio) -> LiveStudio:
+    """The scripted studio (conftest.py), started with the default flags."""
+    return scripted.start()
 
 
 def csp_violations(page: Any) -> list[str]:
