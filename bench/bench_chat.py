@@ -1,13 +1,19 @@
 """Chat beside training (issue 14): does a person chatting with a finished fine-tune slow a task that
-is training? The same fixed fine-tune of builtin:tiny runs alone, while the page's chat answers a
-message every PACE seconds (a person reading the reply and typing the next: `paced`), and while it
-answers message after message with no pause (`nonstop`, the worst case), in rotating order in the
-same run (POST /api/tasks/{id}/chat, 64 new tokens each, sampled); the trainer's own wall time
-(launch.json `started_at` -> exit.json `finished_at`) is compared.
+is training? The same fixed fine-tune of builtin:tiny runs, in rotating order in one run:
 
-The noise is how far apart the runs of one kind are (the larger spread of the two kinds): a slowdown
-within it cannot be told from the machine's own variation. The chat worker runs at nice 19, so on the
-CPU it takes what training leaves.
+- `alone`;
+- `asks`: a person sends a message every PACE seconds, as the page does by default. While the task
+  trains in the machine's one training slot, the chat has no place of its own and each message is
+  refused at once (409, "the chat waits for training"); the one answered before the task started is
+  stopped by the task's launch;
+- `beside paced`: the same person, having pressed "Answer beside training" (`beside_training`):
+  answered with the CPU time training leaves idle (one thread, SCHED_IDLE);
+- `beside nonstop`: beside training, message after message with no pause (the worst case).
+
+Each message goes through the studio's real POST /api/tasks/{id}/chat (64 new tokens, sampled). The
+figure is the trainer's own wall time (launch.json `started_at` -> exit.json `finished_at`) over the
+alone runs' median; the noise is the spread of the alone runs: a slowdown within it cannot be told
+from the machine's own variation.
 
     PYTHONPATH=$PWD python bench/bench_chat.py [--rounds 2] [--pace 3]
 """
@@ -15,6 +21,7 @@ CPU it takes what training leaves.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import threading
 from pathlib import Path
@@ -58,32 +65,40 @@ def finish(studio: Studio, config: dict[str, Any], name: str) -> tuple[str, floa
 
 
 class Chatter(threading.Thread):
-    """Sends message after message to `task` until stopped; counts the replies and their tokens."""
+    """Sends message after message to `task` until stopped, PACE seconds after each answer or refusal;
+    counts the replies, their tokens, the refusals (the chat waits for training) and the replies that
+    a task's start stopped."""
 
-    def __init__(self, studio: Studio, task: str, pace: float = 0.0) -> None:
+    def __init__(self, studio: Studio, task: str, pace: float = 0.0, *, beside: bool = False) -> None:
         super().__init__(daemon=True)
         self.studio, self.task, self.pace = studio, task, pace
+        self.message = {**MESSAGE, "beside_training": beside}
         self.stop = threading.Event()
-        self.replies = self.tokens = 0
+        self.replies = self.tokens = self.refused = self.stopped = 0
 
     def run(self) -> None:
         """At least one message; more until stopped."""
         while True:
             with httpx.stream(
-                "POST", f"{self.studio.url}/api/tasks/{self.task}/chat", json=MESSAGE, headers=self.studio.auth,
-                timeout=300,
+                "POST", f"{self.studio.url}/api/tasks/{self.task}/chat", json=self.message,
+                headers=self.studio.auth, timeout=300,
             ) as r:  # fmt: skip
-                r.raise_for_status()
-                for line in r.iter_lines():
-                    if line == "event: token":
-                        self.tokens += 1
-                    elif line == "event: end":
-                        self.replies += 1
+                if r.status_code == 409 and json.loads(r.read()).get("code") == "chat_waits_for_training":
+                    self.refused += 1
+                else:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        if line == "event: token":
+                            self.tokens += 1
+                        elif line == "event: end":
+                            self.replies += 1
+                        elif line == "event: error":
+                            self.stopped += 1
             if self.stop.wait(self.pace):
                 return
 
 
-SIDES = ("alone", "paced", "nonstop")
+SIDES = ("alone", "asks", "beside paced", "beside nonstop")
 
 
 def main() -> int:
@@ -103,8 +118,9 @@ def main() -> int:
             warm.stop.set()
             warm.run()
             for i in range(args.rounds):
-                for side in SIDES[i % 3 :] + SIDES[: i % 3]:
-                    chatter = None if side == "alone" else Chatter(studio, target, args.pace if side == "paced" else 0)
+                for side in SIDES[i % len(SIDES) :] + SIDES[: i % len(SIDES)]:
+                    pace = 0 if side == "beside nonstop" else args.pace
+                    chatter = None if side == "alone" else Chatter(studio, target, pace, beside=side != "asks")
                     if chatter:
                         chatter.start()
                     _, wall = finish(studio, CONFIG, f"bench {side}")
@@ -112,23 +128,29 @@ def main() -> int:
                     if chatter:
                         chatter.stop.set()
                         chatter.join(timeout=120)
-                        run.update(replies=chatter.replies, tokens=chatter.tokens)
+                        run.update(
+                            replies=chatter.replies, tokens=chatter.tokens, refused=chatter.refused,
+                            stopped=chatter.stopped,
+                        )  # fmt: skip
                     runs.append(run)
-                    print(f"round {i + 1} {side:7}: trainer {wall:.2f}s {run}  (load {load_average()})", flush=True)
+                    print(f"round {i + 1} {side:14}: trainer {wall:.2f}s {run}  (load {load_average()})", flush=True)
         finally:
             tear_down(studio, home, args.keep)
     by = {side: [r["trainer_s"] for r in runs if r["side"] == side] for side in SIDES}
     alone = median(by["alone"])
     noise = (max(by["alone"]) - min(by["alone"])) / alone if len(by["alone"]) > 1 else float("nan")
-    words = "; ".join(
-        f"{side} {median(by[side]) / alone:.3f} ({sum(r.get('replies', 0) for r in runs if r['side'] == side)} replies)"
-        for side in ("paced", "nonstop")
-    )
+
+    def said(side: str) -> str:
+        mine = [r for r in runs if r["side"] == side]
+        counts = ", ".join(f"{sum(r[k] for r in mine)} {k}" for k in ("replies", "refused", "stopped"))
+        return f"{side} {median(by[side]) / alone:.3f} ({counts})"
+
     figures = [
         Figure(
             "Chat beside training",
-            f"trainer wall with chat / alone ({alone:.2f} s, median of {args.rounds}): {words}; a message every "
-            f"{args.pace:g} s after each reply for paced; noise (spread of the alone runs): {noise:.1%}",
+            f"trainer wall with chat / alone ({alone:.2f} s, median of {args.rounds}): "
+            f"{'; '.join(said(side) for side in SIDES[1:])}; a message {args.pace:g} s after each answer or "
+            f"refusal, none between for nonstop; noise (spread of the alone runs): {noise:.1%}",
             "informational",
             None,
             details={"runs": runs},

@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             if req.get("op") == "stop":
                 worker.stop.set()
             elif req.get("op") == "generate":
+                if busy is not None:
+                    # The studio sends one message at a time, after the last one's `end`: a thread still
+                    # alive here is only finishing (at SCHED_IDLE beside training it may wait seconds for
+                    # the CPU), so wait for it rather than refusing a message nobody else is answering.
+                    busy.join(timeout=60)
                 if busy is not None and busy.is_alive():
                     emit(int(req.get("id", 0)), "error", message="the worker is still answering the last message")
                     continue
