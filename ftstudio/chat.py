@@ -6,15 +6,16 @@ Any task with weights can be tried: a completed task answers with its adapter; a
 interrupted, failed or cancelled one with a complete checkpoint ("try checkpoint 400"), the newest
 unless one is named.
 
-The worker has a place of its own beside the queue (`place`): a GPU no training task holds, else
-a training slot none holds (`studio start --slots`), and training always comes first. A chat never
-makes a task wait: the scheduler does not see it, and when a task starts on the chat's GPU or slot
-the worker is stopped before the task's runner starts (or, for a task another process started,
-within a second). When training holds every GPU and slot, a message is refused (409) rather than
-slowing it, unless it asks to answer beside training (`beside_training`): then the worker takes
-only CPU time nothing else wants, one thread under SCHED_IDLE, and training pays for it
-(bench/bench_chat.py, docs/benchmarks.md). It is one process, answering one message at a time; it
-stays loaded between messages and exits after `idle_s` without one.
+The worker goes where training is not (`place`): a GPU no training task holds, else the CPU while
+a training slot is free (`studio start --slots`). Training always comes first: the chat holds no
+lease, so it never makes a task wait, and a task that starts where the chat is (its GPU, the last
+free slot, or anything while it has the whole CPU) stops the worker before the task's runner starts
+(`yield_to`; a task another process started: within WATCH_S). When training holds every GPU and
+slot, a message is refused (409) rather than slowing it, unless it asks to answer beside training
+(`beside_training`): then the worker takes only CPU time nothing else wants, one thread under
+SCHED_IDLE, and training pays for some (bench/bench_chat.py, docs/benchmarks.md). It is one
+process, answering one message at a time; it stays loaded between messages and exits after
+`idle_s` without one.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class ChatWaits(Conflict):
     """Training holds every GPU and slot, and the message did not ask to answer beside it (HTTP 409)."""
 
     code = "chat_waits_for_training"
+
+
+class _Taken(Exception):
+    """Training took the place a message was given before its worker started."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
 
 
 @dataclass(frozen=True)
@@ -130,18 +139,27 @@ def place(m: Machine, *, beside: bool, keep: Placement | None = None) -> Placeme
     return fresh
 
 
+BESIDE_HOW = (
+    'the page\'s "Answer beside training", /beside in `ftstudio chat` (or --beside-training), '
+    '"beside_training": true in the API'
+)
+
+
 def _waiting(m: Machine) -> str:
     tasks = list(dict.fromkeys(m.held.values()))
-    who = f"task {tasks[0]} is" if len(tasks) == 1 else f"tasks {', '.join(tasks[:3])} are"
+    if len(tasks) == 1:
+        who, end = f"task {tasks[0]} holds", "it has finished or is paused"
+    else:
+        more = f" and {len(tasks) - 3} more" if len(tasks) > 3 else ""
+        who, end = f"tasks {', '.join(tasks[:3])}{more} hold", "one has finished or is paused"
     what = (
         "every GPU and training slot"
         if m.gpus
         else f"this studio's {m.slots} training slot" + ("s" if m.slots != 1 else "")
     )
     return (
-        f"{who} training on {what}, and a chat now would slow training: ask again when it has finished or is "
-        'paused, or answer beside training at the lowest priority ("Answer beside training" on the page, '
-        '`ftstudio chat --beside-training`, or "beside_training": true)'
+        f"{who} {what}, and a chat now would take from its training: try again when {end}, or answer beside "
+        f"training at the lowest priority ({BESIDE_HOW})"
     )
 
 
@@ -322,7 +340,8 @@ class ChatWorker:
         env_idle = os.environ.get("FTSTUDIO_CHAT_IDLE_S", "")
         self.idle_s = idle_s if idle_s is not None else float(env_idle) if env_idle else IDLE_S
         self.env = dict(env if env is not None else os.environ)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one message at a time
+        self._placing = threading.Lock()  # a worker's start, or a launch's look at it: one at a time
         self._running: _Running | None = None
         self._next = 0
         self.device = "cpu"
@@ -380,20 +399,32 @@ class ChatWorker:
                 self._yield(running, holder)
 
     def yield_to(self, task_id: str, resources: Sequence[str]) -> None:
-        """Task `task_id` is about to start on `resources`: stop the worker first if they were its place, so
-        the task never starts beside a loaded chat model."""
-        r = self._running
-        if r is None or r.proc.poll() is not None:
-            return
-        m = self.machine()
-        after = Machine(m.gpus, m.slots, {**m.held, **dict.fromkeys(resources, task_id)})
-        if taken_by(r.placement, after, beside=r.beside) is not None:
-            self._yield(r, task_id)
+        """Task `task_id` is about to start on `resources`: stop the worker first if they were its place, and
+        wait for it to exit (a GPU's memory is free once it has), so the task never starts beside a loaded
+        chat model. Never raises: it runs in the middle of a launch."""
+        with self._placing:  # no worker starts while this looks (see _alive)
+            r = self._running
+            if r is None or r.proc.poll() is not None:
+                return
+            try:
+                m = self.machine()
+                after = Machine(m.gpus, m.slots, {**m.held, **dict.fromkeys(resources, task_id)})
+                clash = taken_by(r.placement, after, beside=r.beside) is not None
+            except Exception:  # the store could not say: training first
+                log.warning("could not tell whether the chat uses task %s's place; stopping it", task_id, exc_info=True)
+                clash = True
+            if clash:
+                self._yield(r, task_id)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    r.proc.wait(timeout=5)
 
     def _yield(self, running: _Running, task_id: str) -> None:
         if running.yielded_to is None:
             running.yielded_to = task_id
-            log.info("chat worker (pid %s) stopped: task %s starts on %s", running.proc.pid, task_id, self.device)
+            log.info(
+                "chat worker (pid %s) stopped: task %s starts on %s",
+                running.proc.pid, task_id, running.placement.device,
+            )  # fmt: skip
         with contextlib.suppress(OSError):
             running.proc.kill()
 
@@ -407,13 +438,21 @@ class ChatWorker:
                 continue
         running.lines.put(None)  # it ended: idle timeout, a crash, or we stopped it
 
-    def _alive(self, placement: Placement) -> _Running:
+    def _alive(self, placement: Placement, beside: bool) -> _Running:
+        """The worker at `placement`, started if need be. _Taken when training took that place since the
+        message was placed: looked at again, under the lock `yield_to` takes, just before a start, so
+        a task launched meanwhile either is seen here or sees the new worker and stops it."""
         r = self._running
         if r is not None and r.proc.poll() is None and (r.placement != placement or r.yielded_to is not None):
             self.close()  # stopped for training, or a better place is free (a GPU, the whole CPU)
-        if self._running is None or self._running.proc.poll() is not None:
-            self._running = self._start(placement)
-        return self._running
+        with self._placing:
+            holder = taken_by(placement, self.machine(), beside=beside)
+            if holder is not None:
+                raise _Taken(holder)
+            if self._running is None or self._running.proc.poll() is not None:
+                self._running = self._start(placement)
+            self._running.beside = beside
+            return self._running
 
     def pid(self) -> int | None:
         r = self._running
@@ -446,7 +485,13 @@ class ChatWorker:
         try:
             r = self._running
             keep = r.placement if r is not None and r.proc.poll() is None and r.yielded_to is None else None
-            placement = place(self.machine(), beside=req.beside_training, keep=keep)
+            machine = self.machine()
+            try:
+                placement = place(machine, beside=req.beside_training, keep=keep)
+            except ChatWaits:
+                if r is not None and taken_by(r.placement, machine, beside=False) is not None:
+                    self.close()  # loaded for an answer beside training, and this one did not ask: unload it
+                raise
         except BaseException:
             self._lock.release()
             raise
@@ -469,8 +514,11 @@ class ChatWorker:
     def _chat(
         self, req: ChatRequest, placement: Placement, base: str, weights: Path, trust: bool, cancelled: threading.Event
     ) -> Generator[dict[str, Any], None, None]:
-        running = self._alive(placement)
-        running.beside = req.beside_training
+        try:
+            running = self._alive(placement, req.beside_training)
+        except _Taken as taken:
+            yield {"event": "error", "message": _yielded(taken.task_id, placement), "code": ChatWaits.code}
+            return
         self._next += 1
         rid = self._next
         ended = False
@@ -502,7 +550,8 @@ class ChatWorker:
                     ended = True
                     code = running.proc.wait()
                     if running.yielded_to is not None:
-                        yield {"event": "error", "message": _yielded(running.yielded_to, running.placement)}
+                        message = _yielded(running.yielded_to, running.placement)
+                        yield {"event": "error", "message": message, "code": ChatWaits.code}
                         return
                     yield {
                         "event": "error",
@@ -555,6 +604,6 @@ class ChatWorker:
 def _yielded(task_id: str, placement: Placement) -> str:
     where = f"GPU {placement.gpu}" if placement.gpu is not None else "the CPU"
     return (
-        f"the chat stopped: task {task_id} started training on {where}, and training comes first; send the "
-        "message again to answer beside training at the lowest priority, or when the task has finished"
+        f"the chat stopped: task {task_id} started training on {where}, and training comes first; try again "
+        f"when it has finished, or answer beside training at the lowest priority ({BESIDE_HOW})"
     )

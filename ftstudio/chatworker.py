@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                     # the CPU), so wait for it rather than refusing a message nobody else is answering.
                     busy.join(timeout=60)
                 if busy is not None and busy.is_alive():
-                    emit(int(req.get("id", 0)), "error", message="the worker is still answering the last message")
+                    emit(
+                        int(req.get("id", 0)), "error",
+                        message="the chat is still finishing the last reply; send yours again in a moment",
+                    )  # fmt: skip
                     continue
                 worker.stop.clear()
                 busy = threading.Thread(target=worker.generate, args=(req,), daemon=True)

@@ -14,7 +14,7 @@ from ftstudio import __version__
 from ftstudio import studio as studio_mod
 from ftstudio.auth import binds_beyond_loopback, load_or_create_token
 from ftstudio.config import CLI_FLAGS, set_path
-from ftstudio.errors import FtstudioError, NotRunning, ValidationError
+from ftstudio.errors import Conflict, FtstudioError, NotRunning, ValidationError
 from ftstudio.home import Home
 from ftstudio.policy import DEFAULT_MAX_PENDING, DEFAULT_MAX_ROW_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from ftstudio.store import Task
@@ -399,12 +399,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_HELP = "/reset starts the conversation over; /quit or Ctrl-D ends it; Ctrl-C stops a reply"
+CHAT_HELP = (
+    "/reset starts the conversation over; /beside answers even while training holds the machine; "
+    "/quit or Ctrl-D ends it; Ctrl-C stops a reply"
+)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat in the terminal, through the same worker and code as the page's chat."""
-    from ftstudio.chat import ChatWaits, parse_request, weights_of
+    from ftstudio.chat import parse_request, weights_of
     from ftstudio.service import require_task_dir
 
     service = _service()
@@ -432,6 +435,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             text = line.strip()
             if text in ("/quit", "/exit"):
                 return 0
+            if text == "/beside":
+                settings["beside_training"] = True
+                print("(answering beside training from now on: training slows some)", file=sys.stderr, flush=True)
+                continue
             if text == "/reset":
                 history = []
                 print("(a new conversation)", file=sys.stderr, flush=True)
@@ -441,7 +448,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             req = parse_request({**settings, "messages": [*history, {"role": "user", "content": line}]})
             try:
                 events = service.chat(task.id, req)
-            except ChatWaits as e:  # training holds the machine: say so, and keep the conversation
+            except Conflict as e:  # training holds the machine, or the last reply is still stopping
                 print(f"error: {printable(e)}", file=sys.stderr, flush=True)
                 continue
             reply = _chat_reply(events)

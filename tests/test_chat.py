@@ -96,11 +96,56 @@ def test_a_chat_waits_while_training_holds_every_gpu_and_slot_and_says_what_to_d
         place(Machine(slots=1, held={"slot:0": "t1"}), beside=False)
     with pytest.raises(ChatWaits) as gpus:
         place(Machine((0, 1), slots=1, held={"gpu:0": "t1", "gpu:1": "t2", "slot:0": "t3"}), beside=False)
-    assert str(cpu.value).startswith("task t1 is training on this studio's 1 training slot, and a chat now would")
-    assert str(gpus.value).startswith("tasks t1, t2, t3 are training on every GPU and training slot")
+    assert str(cpu.value).startswith("task t1 holds this studio's 1 training slot, and a chat now would take from")
+    assert str(gpus.value).startswith("tasks t1, t2, t3 hold every GPU and training slot")
+    assert "try again when one has finished or is paused" in str(gpus.value)
     for e in (cpu.value, gpus.value):
-        assert "beside_training" in str(e) and "--beside-training" in str(e) and "\n" not in str(e)
+        assert all(how in str(e) for how in ("Answer beside training", "/beside", '"beside_training": true'))
+        assert "\n" not in str(e)
         assert e.http_status == 409 and e.code == "chat_waits_for_training"
+
+
+def test_four_tasks_holding_the_machine_are_named_three_and_a_count() -> None:
+    held = {f"gpu:{n}": f"t{n}" for n in range(4)}
+    with pytest.raises(ChatWaits, match=r"^tasks t0, t1, t2 and 1 more hold every GPU"):
+        place(Machine((0, 1, 2, 3), slots=0, held=held), beside=False)
+
+
+def test_a_place_taken_after_the_message_was_placed_is_not_used(tmp_path: Path) -> None:
+    """A task claimed the slot between the message's place and the worker's start: no worker starts."""
+    looks = iter([Machine(), Machine(held={"slot:0": "t9"})])
+    worker = ChatWorker(tmp_path / "chat.log", machine=lambda: next(looks))
+    events = list(worker.chat(parse_request(say("hi")), base="x", weights=tmp_path))
+    assert [e["event"] for e in events] == ["error"] and events[0]["code"] == "chat_waits_for_training"
+    assert events[0]["message"].startswith("the chat stopped: task t9 started training on the CPU")
+    assert worker.pid() is None and not worker._lock.locked()
+
+
+@pytest.mark.parametrize(
+    ("placement", "resources", "machine", "stopped"),
+    [
+        (Placement(), ("slot:0",), Machine, True),  # the whole CPU: any task's start
+        (Placement(gpu=1), ("gpu:0",), lambda: Machine((0, 1)), False),  # another GPU: stays
+        (Placement(gpu=1), ("gpu:1",), lambda: Machine((0, 1)), True),
+        (HUMBLE, ("slot:1",), lambda: Machine(slots=2, held={"slot:0": "t0"}), True),  # the last free slot
+        (Placement(gpu=1), ("gpu:0",), lambda: 1 / 0, True),  # the store cannot say: training first
+    ],
+)  # fmt: skip
+def test_a_task_about_to_start_stops_the_worker_only_where_it_takes_its_place(
+    tmp_path: Path, placement: Placement, resources: tuple[str, ...], machine: Any, stopped: bool
+) -> None:
+    from ftstudio.chat import _Running
+
+    worker = ChatWorker(tmp_path / "chat.log", machine=machine)
+    proc = subprocess.Popen(["sleep", "60"])  # stands for the worker process: only its life matters here
+    worker._running = _Running(proc, placement)
+    try:
+        worker.yield_to("t1", resources)
+        assert (proc.poll() is not None) == stopped
+        assert worker._running.yielded_to == ("t1" if stopped else None)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_training_takes_the_chats_place_back() -> None:
@@ -354,7 +399,7 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
 
         refused = studio.http.post(f"/api/tasks/{tid}/chat", json=say("hi"))
         assert refused.status_code == 409 and refused.json()["code"] == "chat_waits_for_training", refused.text
-        assert refused.json()["detail"].startswith(f"task {training} is training on this studio's 1 training slot")
+        assert refused.json()["detail"].startswith(f"task {training} holds this studio's 1 training slot")
         assert not workers()  # refused before anything was loaded
 
         beside = chat(studio, tid, {**say("hi"), "max_new_tokens": 2, "beside_training": True})
@@ -363,13 +408,13 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
         assert humble.nice() == 19 and os.sched_getscheduler(humble.pid) == os.SCHED_IDLE
         assert humble.environ()["FTSTUDIO_CHAT_THREADS"] == "1"
 
-        # The terminal's chat says the same and keeps the conversation open.
+        # The terminal's chat says the same and keeps the conversation open; /beside answers.
         r = subprocess.run(
-            [sys.executable, "-m", "ftstudio", "chat", tid], input="hi\n/quit\n", capture_output=True, text=True,
-            env=home_env(home), timeout=120,
+            [sys.executable, "-m", "ftstudio", "chat", tid, "--max-new-tokens", "3"], input="hi\n/beside\nhi\n/quit\n",
+            capture_output=True, text=True, env=home_env(home), timeout=120,
         )  # fmt: skip
-        assert r.returncode == 0 and f"error: task {training} is training on this studio's" in r.stderr, r.stderr
-        assert "--beside-training" in r.stderr
+        assert r.returncode == 0 and f"error: task {training} holds this studio's" in r.stderr, r.stderr
+        assert "(answering beside training from now on" in r.stderr and "model> " in r.stdout, (r.stdout, r.stderr)
     finally:
         cancel(studio, training)
 
@@ -391,7 +436,9 @@ def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trai
                     training = submit_tiny(studio, 5000, 1000, name="starts mid-reply")
         assert training is not None, events[-5:]
         assert events[-3:-1] == ["event: error", events[-2]] and "the chat stopped" in events[-2], events[-5:]
-        said = json.loads(events[-2].removeprefix("data: "))["message"]
+        said = json.loads(events[-2].removeprefix("data: "))
+        assert said["code"] == "chat_waits_for_training"  # the page offers to answer beside training
+        said = said["message"]
         assert said.startswith(f"the chat stopped: task {training} started training on the CPU, and training comes")
         assert not workers()
     finally:

@@ -121,6 +121,8 @@ export class ChatPanel {
   }
 
   async sendText(text) {
+    // An offer to answer beside training is for the message it was made for: it goes once another is sent.
+    for (const offer of this.log.querySelectorAll(".chat-beside")) offer.remove();
     const compare = this.compare.checked;
     const messages = [...this.history, { role: "user", content: text }];
     const said = h("div", { class: "chat-msg chat-user" }, h("span", { class: "chat-who" }, "You"), h("p", {}, text));
@@ -175,7 +177,7 @@ export class ChatPanel {
           columns[data.who]?.append(document.createTextNode(data.text));
           if (follow) this.log.scrollTop = this.log.scrollHeight;
         }
-        else if (event === "error") throw new ApiError(500, data.message);
+        else if (event === "error") throw Object.assign(new ApiError(500, data.message), { code: data.code || "" });
         else if (event === "end") finished = true;
       }
       this.status.textContent = finished ? "" : "The reply ended early.";
@@ -198,7 +200,7 @@ export class ChatPanel {
   /** Training holds the machine: offer to answer anyway, with the CPU time training leaves idle, for the
    * rest of this conversation (a new conversation asks again). */
   besideButton(text, said, reply) {
-    const button = h("button", { type: "button", id: "chat-beside" }, "Answer beside training (it slows training some)");
+    const button = h("button", { type: "button", class: "chat-beside" }, "Answer beside training (it slows training some)");
     button.addEventListener("click", () => {
       if (this.controller) return;
       this.beside = true;

@@ -85,11 +85,11 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
         page.click("#chat-send")
         page.wait_for_function("document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 5")
         said = page.locator("#chat-log .chat-reply").last.locator(".error-text").inner_text()
-        assert said.startswith(f"task {trains} is training on this studio's 1 training slot"), said
-        page.click("#chat-beside")
+        assert said.startswith(f"task {trains} holds this studio's 1 training slot"), said
+        page.click("#chat-log .chat-beside")
         page.wait_for_function(
             "document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 5 && "
-            "!document.querySelector('#chat-beside')", timeout=120_000,
+            "!document.querySelector('#chat-log .chat-beside')", timeout=120_000,
         )  # fmt: skip
         last = page.locator("#chat-log .chat-reply").last
         assert last.locator('.chat-text[data-who="adapter"]').inner_text().strip()
