@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ftstudio.checkpoints import find_resume_checkpoint, is_complete
 from ftstudio.errors import Conflict, NotFound, Problem, ValidationError
-from ftstudio.home import TaskDir
+from ftstudio.home import TaskDir, write_json_atomic
 
 log = logging.getLogger("ftstudio.chat")
 
@@ -275,6 +277,8 @@ def weights_of(task_id: str, status: str, tdir: TaskDir, checkpoint: str = "") -
 class _Running:
     proc: subprocess.Popen[bytes]
     placement: Placement
+    task: str = ""
+    """The task whose weights the last message asked for (shown in the queue)."""
     lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
     beside: bool = False
     """The message being answered asked to answer beside training."""
@@ -334,9 +338,11 @@ class ChatWorker:
         machine: Callable[[], Machine] | None = None,
         idle_s: float | None = None,
         env: Mapping[str, str] | None = None,
+        registry: Path | None = None,
     ) -> None:
         self.log_path = log_path
         self.machine = machine or Machine
+        self.registry = registry
         env_idle = os.environ.get("FTSTUDIO_CHAT_IDLE_S", "")
         self.idle_s = idle_s if idle_s is not None else float(env_idle) if env_idle else IDLE_S
         self.env = dict(env if env is not None else os.environ)
@@ -428,17 +434,32 @@ class ChatWorker:
         with contextlib.suppress(OSError):
             running.proc.kill()
 
-    @staticmethod
-    def _read(running: _Running) -> None:
+    def _read(self, running: _Running) -> None:
         assert running.proc.stdout is not None
         for raw in running.proc.stdout:
             try:
                 running.lines.put(json.loads(raw))
             except ValueError:
                 continue
+        if self.registry is not None:
+            (self.registry / f"{running.proc.pid}.json").unlink(missing_ok=True)
         running.lines.put(None)  # it ended: idle timeout, a crash, or we stopped it
 
-    def _alive(self, placement: Placement, beside: bool) -> _Running:
+    def _register(self, running: _Running) -> None:
+        """Say where the worker runs and for which task, in a file the queue reads (`running_chats`): the
+        studio and a terminal's `ftstudio chat` each have their own worker."""
+        if self.registry is None:
+            return
+        try:
+            record = {
+                "pid": running.proc.pid, "create_time": psutil.Process(running.proc.pid).create_time(),
+                "device": running.placement.device, "task": running.task,
+            }  # fmt: skip
+            write_json_atomic(self.registry / f"{running.proc.pid}.json", record)
+        except (OSError, psutil.Error):  # a full disk or a worker already gone: the queue just does not show it
+            log.debug("could not record the chat worker", exc_info=True)
+
+    def _alive(self, placement: Placement, beside: bool, task: str = "") -> _Running:
         """The worker at `placement`, started if need be. _Taken when training took that place since the
         message was placed: looked at again, under the lock `yield_to` takes, just before a start, so
         a task launched meanwhile either is seen here or sees the new worker and stops it."""
@@ -451,8 +472,12 @@ class ChatWorker:
                 raise _Taken(holder)
             if self._running is None or self._running.proc.poll() is not None:
                 self._running = self._start(placement)
-            self._running.beside = beside
-            return self._running
+            running = self._running
+        running.beside = beside
+        if running.task != task:
+            running.task = task
+            self._register(running)
+        return running
 
     def pid(self) -> int | None:
         r = self._running
@@ -472,7 +497,9 @@ class ChatWorker:
 
     # -- a message -------------------------------------------------------------
 
-    def chat(self, req: ChatRequest, *, base: str, weights: Path, trust_remote_code: bool = False) -> ChatReply:
+    def chat(
+        self, req: ChatRequest, *, base: str, weights: Path, trust_remote_code: bool = False, task_id: str = ""
+    ) -> ChatReply:
         """Start answering `req`; the reply's events come from iterating the result (`worker`, `loading`,
         `ready`, `token`, `done`, then `end` or `error`). ChatBusy at once when another message is being
         answered (after BUSY_WAIT_S).
@@ -499,7 +526,7 @@ class ChatWorker:
 
         def pump() -> None:
             try:
-                for event in self._chat(req, placement, base, weights, trust_remote_code, reply.cancelled):
+                for event in self._chat(req, placement, base, weights, trust_remote_code, reply.cancelled, task_id):
                     reply.events.put(event)
             except Exception as e:  # the worker's pipes, not the reply's words: say it and end the reply
                 log.exception("chat reply failed")
@@ -512,10 +539,17 @@ class ChatWorker:
         return reply
 
     def _chat(
-        self, req: ChatRequest, placement: Placement, base: str, weights: Path, trust: bool, cancelled: threading.Event
+        self,
+        req: ChatRequest,
+        placement: Placement,
+        base: str,
+        weights: Path,
+        trust: bool,
+        cancelled: threading.Event,
+        task: str = "",
     ) -> Generator[dict[str, Any], None, None]:
         try:
-            running = self._alive(placement, req.beside_training)
+            running = self._alive(placement, req.beside_training, task)
         except _Taken as taken:
             yield {"event": "error", "message": _yielded(taken.task_id, placement), "code": ChatWaits.code}
             return
@@ -607,3 +641,22 @@ def _yielded(task_id: str, placement: Placement) -> str:
         f"the chat stopped: task {task_id} started training on {where}, and training comes first; try again "
         f"when it has finished, or answer beside training at the lowest priority ({BESIDE_HOW})"
     )
+
+
+def running_chats(registry: Path) -> list[dict[str, Any]]:
+    """The chat workers alive now (the studio's, a terminal's): pid, device, task. A record whose process
+    has gone (a studio that was SIGKILLed) is removed."""
+    found = []
+    for path in sorted(registry.glob("*.json")) if registry.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+            alive = abs(psutil.Process(int(record["pid"])).create_time() - float(record["create_time"])) < 1e-3
+        except (OSError, ValueError, psutil.Error, KeyError, TypeError):  # gone, half-written by hand, or not ours
+            alive = False
+        if not alive:
+            path.unlink(missing_ok=True)
+            continue
+        found.append(
+            {"pid": record["pid"], "device": str(record.get("device", "")), "task": str(record.get("task", ""))}
+        )
+    return found

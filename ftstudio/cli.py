@@ -164,11 +164,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return 0
     gpus = ", ".join(map(str, q["gpus"])) or "none"
     print(f"training slots {q['slots']} (for tasks without a GPU; studio start --slots N), GPUs {gpus}")
-    if not q["running"] and not q["waiting"]:
+    if not q["running"] and not q["waiting"] and not q["chats"]:
         print("nothing running or waiting")
         return 0
     for t in q["running"]:
         print(f"  running  {t['id']:<22} {', '.join(t['resources']) or '-':<12} {printable(t['name'])}")
+    for c in q["chats"]:
+        who = f"chat with task {c['task']}" if c["task"] else "chat"
+        print(f"  chat     pid {c['pid']:<18} {printable(c['device'])}: {who} (gives way when training needs it)")
     for t in q["waiting"]:
         prio = f" priority {t['priority']}" if t["priority"] else ""
         print(f"  #{t['position']:<7} {t['id']:<22} {printable(t['reason'])}{prio}")

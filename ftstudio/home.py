@@ -6,6 +6,7 @@ $FTSTUDIO_HOME/                (default ~/.ftstudio)
   studio.lock / studio.json    held / written by the running studio server
   models/                      built-in models, built locally on first use
   datasets/                    uploaded datasets
+  chats/<pid>.json             a chat worker alive now: its place and task (the queue shows it)
   tasks/<id>/                  one task: see TaskDir
 """
 
@@ -72,6 +73,10 @@ class Home:
     @property
     def datasets(self) -> Path:
         return self.root / "datasets"
+
+    @property
+    def chats(self) -> Path:
+        return self.root / "chats"
 
     def task(self, task_id: str) -> TaskDir:
         if not TASK_ID_RE.fullmatch(task_id):

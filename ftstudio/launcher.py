@@ -184,7 +184,11 @@ class Launcher:
                     "blocked_by": list(wait.blocked_by),
                 }
             )
-        return {"slots": self.slots(), "gpus": list(self.gpus), "running": running, "waiting": waiting}
+        from ftstudio.chat import running_chats
+
+        # The chat workers beside the queue: they hold no lease and give way when training needs their place.
+        chats = running_chats(self.home.chats)
+        return {"slots": self.slots(), "gpus": list(self.gpus), "running": running, "waiting": waiting, "chats": chats}
 
     def _catch_up(self) -> None:
         """With no studio watching (the CLI alone), end what has ended and start what can start."""

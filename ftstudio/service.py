@@ -229,7 +229,9 @@ class Service(Launcher, Control, Catalog):
         """The one chat worker of this studio (or CLI command), started with the first message."""
         with self._admit:
             if self._chat is None:
-                self._chat = ChatWorker(self.home.root / "logs" / "chat.log", machine=self._chat_machine)
+                self._chat = ChatWorker(
+                    self.home.root / "logs" / "chat.log", machine=self._chat_machine, registry=self.home.chats
+                )
             return self._chat
 
     def _chat_machine(self) -> Machine:
@@ -254,7 +256,7 @@ class Service(Launcher, Control, Catalog):
         model = task.config_dict.get("model", {})
         base = str(resolve_model(str(model.get("name", "")), self.home.root))
         return self.chat_worker.chat(
-            req, base=base, weights=weights, trust_remote_code=bool(model.get("trust_remote_code"))
+            req, base=base, weights=weights, trust_remote_code=bool(model.get("trust_remote_code")), task_id=task.id
         )
 
     # -- reading -------------------------------------------------------------

@@ -293,10 +293,31 @@ def test_a_page_that_goes_away_mid_reply_frees_the_worker_for_the_next_message(
 
 
 def test_the_model_is_unloaded_after_the_idle_time(studio: Studio, trained: tuple[Path, str]) -> None:
-    _, tid = trained
+    home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    assert workers()
+    (worker,) = workers()
+    # The queue shows the worker beside the tasks, in the API and in the terminal.
+    assert studio.http.get("/api/queue").json()["chats"] == [{"pid": worker.pid, "device": "the CPU", "task": tid}]
+    shown = run_cli(home, "queue")
+    assert f"chat     pid {worker.pid}" in shown.stdout and f"the CPU: chat with task {tid}" in shown.stdout, shown
     wait_for(lambda: not workers(), timeout=30, what="the idle worker to exit (FTSTUDIO_CHAT_IDLE_S=4)")
+    wait_for(lambda: studio.http.get("/api/queue").json()["chats"] == [], timeout=10, what="the queue to forget it")
+    assert not list((home / "chats").glob("*.json"))
+
+
+def test_a_chat_worker_that_died_with_its_studio_leaves_the_queue(tmp_path: Path) -> None:
+    from ftstudio.chat import running_chats
+    from ftstudio.home import write_json_atomic
+
+    me = psutil.Process()
+    write_json_atomic(tmp_path / f"{me.pid}.json", {"pid": me.pid, "create_time": me.create_time(), "device": "x"})
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    write_json_atomic(tmp_path / f"{gone.pid}.json", {"pid": gone.pid, "create_time": 1.0, "device": "the CPU"})
+    (tmp_path / "99.json").write_text("not json")
+    assert running_chats(tmp_path) == [{"pid": me.pid, "device": "x", "task": ""}]
+    assert [p.name for p in tmp_path.iterdir()] == [f"{me.pid}.json"]
+    assert running_chats(tmp_path / "none") == []
 
 
 def test_a_second_message_while_one_is_answered_is_refused_with_why(tmp_path: Path) -> None:

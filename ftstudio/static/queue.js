@@ -112,6 +112,17 @@ export class QueuePanel {
             ),
           )
         : [h("li", { class: "muted" }, "Nothing is training.")]),
+      // A chat worker holds no lease: it is shown beside the tasks because it uses the machine too.
+      ...(q.chats || []).map((c) =>
+        h(
+          "li",
+          { class: "queue-chat", dataset: { pid: String(c.pid) } },
+          h("span", { class: "lease" }, "chat"),
+          " ",
+          c.task ? link({ id: c.task, name: names.get(c.task) || `task ${c.task}` }) : "a chat",
+          h("span", { class: "muted" }, ` on ${c.device}; it gives way when training needs its place`),
+        ),
+      ),
     );
     this.waiting.replaceChildren(
       ...(waiting.length

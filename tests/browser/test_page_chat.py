@@ -44,6 +44,14 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
     assert answer.strip() and not errors, errors
     assert len({n for n in lengths if n > 0}) >= 2, lengths  # it grew in steps, not in one piece
     assert page.locator("#chat-log .chat-user").inner_text().endswith("Reverse the word: stone")
+    # The task list's queue panel shows the loaded chat beside the tasks, linked to what it answers for.
+    other = page.context.new_page()
+    other.goto(studio.page_url("#/"))
+    shown = other.locator("#queue-running .queue-chat")
+    shown.wait_for()
+    assert "on the CPU; it gives way when training needs its place" in shown.inner_text()
+    assert shown.locator("a").get_attribute("href") == f"#/tasks/{task_id}"
+    other.close()
 
     # Compare: both answers, side by side, to the same conversation.
     page.check("#chat-compare")
