@@ -201,6 +201,9 @@ class Chaos:
 
     def make_studio(self) -> Studio:
         extra = {"FTSTUDIO_BOOT_ID": self.boot} if self.boot else {}
+        if "--slots" in self.flags:
+            # Two trainers at once on two cores: one thread each, not two each fighting for both cores.
+            extra["OMP_NUM_THREADS"] = "1"
         s = Studio(self.home, home_env(self.home, **extra))
         self.studios.append(s)
         return s

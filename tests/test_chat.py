@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from support import Studio, home_env, run_cli, submit_tiny, wait_for
+from support import Studio, home_env, run_cli, wait_for
 
 from ftstudio.chat import ChatBusy, ChatWaits, ChatWorker, Machine, Placement, parse_request, place, taken_by
 from ftstudio.errors import ValidationError
@@ -172,7 +172,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def studio(trained: tuple[Path, str]) -> Iterator[Studio]:
     home, _ = trained
-    s = Studio(home, home_env(home, FTSTUDIO_CHAT_IDLE_S="4")).start()
+    # Tasks submitted here only hold a slot while the chat is tried beside them: the scripted trainer
+    # (a real process, the runner's real leases) stands in for training. The one chatted with is real.
+    s = Studio(home, home_env(home, scripted=True, FTSTUDIO_CHAT_IDLE_S="4")).start()
     yield s
     s.stop()
 
@@ -398,6 +400,15 @@ def test_chat_with_a_task_that_has_no_weights_yet_says_why(trained: tuple[Path, 
 # -- training first, against a real studio -------------------------------------------------------------
 
 
+def hold_the_slot(studio: Studio, what: str) -> str:
+    """A task that trains (the scripted trainer) until cancelled, in the studio's one training slot."""
+    r = studio.http.post(
+        "/api/tasks", json={"name": f"scripted steps=100000 delay=0.05 {what}", "config": {"preset": "cpu-demo"}}
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
 def cancel(studio: Studio, task_id: str) -> None:
     studio.http.post(f"/api/tasks/{task_id}/cancel")
     studio.wait_status(task_id, "cancelled", "completed", "failed", timeout=120)
@@ -409,7 +420,7 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
     home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
     (worker,) = workers()
-    training = submit_tiny(studio, 5000, 1000, name="trains beside a chat")
+    training = hold_the_slot(studio, "trains beside a chat")
     try:
         # Stopped by the launch itself, before the task's runner started (the studio's log says so in order).
         psutil.wait_procs([worker], timeout=10)
@@ -454,7 +465,7 @@ def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trai
                 events.append(line)
                 tokens += line == "event: token"
                 if tokens == 3 and training is None:
-                    training = submit_tiny(studio, 5000, 1000, name="starts mid-reply")
+                    training = hold_the_slot(studio, "starts mid-reply")
         assert training is not None, events[-5:]
         assert events[-3:-1] == ["event: error", events[-2]] and "the chat stopped" in events[-2], events[-5:]
         said = json.loads(events[-2].removeprefix("data: "))

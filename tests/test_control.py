@@ -159,9 +159,11 @@ def test_suspend_frees_the_slot_and_resume_continues_the_same_run(home: Path, st
     """The real trainer: pause checkpoints at the next step and exits; the next queued task gets the slot;
     resume is attempt 2 from that checkpoint, and the history has every step exactly once."""
     studio = studio_factory().start()
-    steps = {"max_steps": 40, "seed": 7}
-    tid = submit(studio, "paused run", optim=steps, checkpoint={"every_steps": 100})
-    other = submit(studio, "short run", optim={"max_steps": 3})
+    # Cheap where it does not matter here (no validation, short rows): the pause's checkpoint is the point.
+    cheap = {"data": {"validation": "0", "max_length": 64}, "logging": {"eval_on_start": False}}
+    steps = {"max_steps": 40, "seed": 7, "batch_size": 4}
+    tid = submit(studio, "paused run", optim=steps, checkpoint={"every_steps": 100}, **cheap)
+    other = submit(studio, "short run", optim={"max_steps": 3, "batch_size": 4}, **cheap)
     wait_for(lambda: studio.task(tid)["step"] >= 4, timeout=180, what="training to start")
     pausing = post(studio, f"/api/tasks/{tid}/pause")
     assert pausing["phase"] == "pausing" and pausing["status"] == "training"

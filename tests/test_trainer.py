@@ -353,6 +353,7 @@ def test_compile_with_packing_trains_and_the_adapter_loads(tmp_path: Path) -> No
 def test_compile_with_length_grouping_compiles_once_for_every_length(tmp_path: Path, monkeypatch) -> None:
     """Without packing, batches change shape every step: one compile for dynamic shapes serves them
     all (a recompile would raise here), and the run trains as usual."""
+    import torch
     import torch._dynamo
 
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
@@ -361,7 +362,27 @@ def test_compile_with_length_grouping_compiles_once_for_every_length(tmp_path: P
         tmp_path / "lengths.jsonl",
         [{"instruction": "Say it " + "again " * n, "input": "", "output": "ok " * (3 * n + 1)} for n in range(16)],
     )
-    config = merged(FAST, {"model": {"compile": True}, "data": {"path": str(data)}, "optim": {"max_steps": 4}})
+    # builtin:tiny cut to one layer: what is proved (one compile for every shape) does not depend on the
+    # depth, and tracing four identical layers was most of the test's time (packing compiles all four).
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ftstudio.builtin import tiny_model_dir
+
+    tiny = tiny_model_dir(shared_home())
+    one_layer = AutoConfig.from_pretrained(tiny)
+    one_layer.num_hidden_layers = 1
+    one_layer.layer_types = one_layer.layer_types[:1]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(one_layer).save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "model")
+    config = merged(
+        FAST,
+        {
+            "model": {"name": str(tmp_path / "model"), "compile": True},
+            "data": {"path": str(data)},
+            "optim": {"max_steps": 4},
+        },
+    )
     try:
         code, events = train(tmp_path / "task", config, shared_home())
     finally:
