@@ -86,8 +86,9 @@ class Machine:
     held: Mapping[str, str] = field(default_factory=dict)
     """Resource (`gpu:N`, `slot:N`) -> the task holding it."""
 
-    def holders(self, kind: str) -> list[str]:
-        return list(dict.fromkeys(t for r, t in self.held.items() if r.startswith(kind)))
+    @property
+    def slot_free(self) -> bool:
+        return sum(r.startswith("slot:") for r in self.held) < self.slots
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,9 @@ def taken_by(p: Placement, m: Machine, *, beside: bool) -> str | None:
         return m.held.get(f"gpu:{p.gpu}")
     if not p.humble:
         return next(iter(m.held.values()), None)  # all of the CPU: only while nothing trains
-    slots = m.holders("slot:")
-    if beside or sum(r.startswith("slot:") for r in m.held) < m.slots:
+    if beside or m.slot_free:
         return None
-    return slots[0] if slots else None
+    return next((t for r, t in m.held.items() if r.startswith("slot:")), None)
 
 
 def place(m: Machine, *, beside: bool, keep: Placement | None = None) -> Placement:
@@ -126,7 +126,7 @@ def place(m: Machine, *, beside: bool, keep: Placement | None = None) -> Placeme
     free = [g for g in m.gpus if f"gpu:{g}" not in m.held]
     if free:
         fresh = Placement(gpu=free[0])
-    elif sum(r.startswith("slot:") for r in m.held) < m.slots:
+    elif m.slot_free:
         fresh = Placement(humble=bool(m.held))
     elif beside:
         fresh = Placement(humble=True)
@@ -350,7 +350,6 @@ class ChatWorker:
         self._placing = threading.Lock()  # a worker's start, or a launch's look at it: one at a time
         self._running: _Running | None = None
         self._next = 0
-        self.device = "cpu"
 
     # -- the process ---------------------------------------------------------
 
@@ -362,7 +361,6 @@ class ChatWorker:
         env.update(PYTHONUNBUFFERED="1", FTSTUDIO_CHAT_WORKER="1", CUDA_VISIBLE_DEVICES=gpu)
         if placement.humble:
             env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FTSTUDIO_CHAT_THREADS="1")
-        self.device = placement.device
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as errors:
             # Not die_with_parent: that fires when the starting *thread* ends (a server's worker thread
@@ -388,7 +386,7 @@ class ChatWorker:
         running = _Running(proc, placement)
         threading.Thread(target=self._read, args=(running,), daemon=True, name="chat-worker-reader").start()
         threading.Thread(target=self._watch, args=(running,), daemon=True, name="chat-worker-watch").start()
-        log.info("chat worker started (pid %s) on %s", proc.pid, self.device)
+        log.info("chat worker started (pid %s) on %s", proc.pid, placement.device)
         return running
 
     def _watch(self, running: _Running) -> None:
@@ -563,7 +561,7 @@ class ChatWorker:
         }  # fmt: skip
         try:
             self._send(running, message)
-            yield {"event": "worker", "device": self.device}
+            yield {"event": "worker", "device": running.placement.device}
             loaded = False
             quiet_since = time.monotonic()
             while not cancelled.is_set():
