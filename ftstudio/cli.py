@@ -171,7 +171,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
         print(f"  running  {t['id']:<22} {', '.join(t['resources']) or '-':<12} {printable(t['name'])}")
     for c in q["chats"]:
         who = f"chat with task {c['task']}" if c["task"] else "chat"
-        print(f"  chat     pid {c['pid']:<18} {printable(c['device'])}: {who} (gives way when training needs it)")
+        print(f"  chat     pid {c['pid']:<18} {printable(c['device'])}: {who}")
     for t in q["waiting"]:
         prio = f" priority {t['priority']}" if t["priority"] else ""
         print(f"  #{t['position']:<7} {t['id']:<22} {printable(t['reason'])}{prio}")

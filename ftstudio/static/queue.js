@@ -120,7 +120,7 @@ export class QueuePanel {
           h("span", { class: "lease" }, "chat"),
           " ",
           c.task ? link({ id: c.task, name: names.get(c.task) || `task ${c.task}` }) : "a chat",
-          h("span", { class: "muted" }, ` on ${c.device}; it gives way when training needs its place`),
+          h("span", { class: "muted" }, ` on ${c.device}`),
         ),
       ),
     );

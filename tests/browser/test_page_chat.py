@@ -49,7 +49,7 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
     other.goto(studio.page_url("#/"))
     shown = other.locator("#queue-running .queue-chat")
     shown.wait_for()
-    assert "on the CPU; it gives way when training needs its place" in shown.inner_text()
+    assert shown.inner_text().endswith("on the CPU")  # where it runs; beside training it would say so
     assert shown.locator("a").get_attribute("href") == f"#/tasks/{task_id}"
     other.close()
 
