@@ -148,7 +148,7 @@ def main() -> int:
         print(f"home {home}; load average {load_average()}")
         # The tiny model is built once here, so neither side pays for it.
         subprocess.run(
-            [PY, "-c", "import sys, pathlib; from ftstudio.builtin import ensure_tiny; ensure_tiny(pathlib.Path(sys.argv[1]))", str(home)],
+            [PY, "-c", "import sys, pathlib; from ftstudio.training.builtin import ensure_tiny; ensure_tiny(pathlib.Path(sys.argv[1]))", str(home)],
             env=env,
             cwd=home,
             check=True,

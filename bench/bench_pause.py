@@ -27,7 +27,7 @@ from typing import Any
 
 from common import Figure, Studio, add_common_args, bench_env, median, report, tear_down, wait_for
 
-from ftstudio.procs import tagged
+from ftstudio.execution.procs import tagged
 
 
 def progress(studio: Studio, task_id: str) -> list[dict[str, Any]]:

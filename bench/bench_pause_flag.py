@@ -27,7 +27,7 @@ def rank_main(iterations: int) -> None:
     from transformers import TrainingArguments
 
     from ftstudio.pause import PauseRequest
-    from ftstudio.progress import PauseCallback
+    from ftstudio.training.progress import PauseCallback
 
     args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, ddp_backend="gloo", report_to="none")
     callback = PauseCallback(PauseRequest())

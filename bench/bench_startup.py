@@ -1,6 +1,6 @@
 """Start-up with 10,000 tasks in the store, 20 of them running (issue 2).
 
-The store is seeded directly through `ftstudio.store.Store`: 20 `training` tasks
+The store is seeded directly through `ftstudio.studio.store.Store`: 20 `training` tasks
 whose process identity (pid, start time, boot id) is that of a real, live runner
 (`python -m ftstudio.runner DIR --module event_emitter`, started here in its own
 session exactly as the local executor starts one, emitting 1 event/s), plus
@@ -49,10 +49,10 @@ from common import (
     wait_for,
 )
 
+from ftstudio.execution.procs import TASK_ENV, boot_id
 from ftstudio.home import Home, write_json_atomic
-from ftstudio.procs import TASK_ENV, boot_id
-from ftstudio.store import Store, new_task_id
-from ftstudio.task import TaskStatus
+from ftstudio.studio.store import Store, new_task_id
+from ftstudio.studio.task import TaskStatus
 
 START_GOAL_S = 1.0
 LIST_GOAL_MS = 50.0
@@ -181,7 +181,7 @@ def time_requests(http: httpx.Client, path: str, n: int) -> list[float]:
 def time_in_process(home: Home, n: int) -> list[float]:
     """The list route's service work alone (store query + task_json for 50 rows), no HTTP: how much of
     the request is the handler and how much the server and the client around it."""
-    from ftstudio.service import Service
+    from ftstudio.studio.service import Service
 
     service = Service(home, in_server=True)
     out = []

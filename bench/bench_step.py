@@ -47,8 +47,8 @@ def grouped_batches(model_dir: Path, data: Path, count: int) -> list[dict[str, t
     """The first `count` batches of an epoch as training sees them: tokenized, length-grouped, padded."""
     from transformers import AutoTokenizer
 
-    from ftstudio import batches
-    from ftstudio.data import load_examples
+    from ftstudio.training import batches
+    from ftstudio.training.data import load_examples
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     batches.prepare_tokenizer(tok)
@@ -65,7 +65,7 @@ def build(model_dir: Path, fused: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     from ftstudio.config import LoraConfig
-    from ftstudio.models import attach_lora, padding_mask_matters
+    from ftstudio.training.models import attach_lora, padding_mask_matters
 
     torch.manual_seed(bt.HP["seed"])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import command_line, load_average  # noqa: E402
 
-from ftstudio.builtin import build_tokenizer  # noqa: E402
+from ftstudio.training.builtin import build_tokenizer  # noqa: E402
 
 # Two ~20M-parameter Qwen2 shapes (18.9M non-embedding parameters each). "narrow" was the
 # first chosen; "wide" has Qwen2-0.5B's ratio of width to depth more nearly (real models are
@@ -257,7 +257,7 @@ def run_ftstudio(
 ) -> dict[str, Any]:
     from ftstudio.config import TrainingConfig
     from ftstudio.events import EventWriter
-    from ftstudio.recipe import run
+    from ftstudio.training.recipe import run
 
     config = TrainingConfig.from_dict(
         {

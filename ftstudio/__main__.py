@@ -1,3 +1,3 @@
-from ftstudio.cli import main
+from ftstudio.cli.main import main
 
 raise SystemExit(main())

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftstudio.errors import LaunchError
-from ftstudio.executor import Launch
+from ftstudio.execution.executor import Launch
+from ftstudio.execution.facts import Liveness, Outcome, SchedulerWord
 from ftstudio.home import TaskDir, read_json, write_json_atomic
-from ftstudio.lifecycle import Liveness, Outcome, SchedulerWord
 
 BOOT = "fake-boot-1"
 

@@ -24,8 +24,8 @@ def api_client(service: Any, **kw: Any) -> Any:
     """An in-process client of the HTTP API over `service` (FastAPI's TestClient), as the page would call it."""
     from fastapi.testclient import TestClient
 
-    from ftstudio.api import create_app
-    from ftstudio.auth import load_or_create_token
+    from ftstudio.web.api import create_app
+    from ftstudio.web.auth import load_or_create_token
 
     headers = {"Authorization": f"Bearer {load_or_create_token(service.home)}"}
     return TestClient(create_app(service, **kw), base_url="http://127.0.0.1:8765", headers=headers)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from trainer_fixtures import ALPACA, FAST, merged, shared_home, train, write_jsonl
 
-from ftstudio.adapters import generate, merge
-from ftstudio.builtin import tiny_model_dir
 from ftstudio.errors import NotFound
+from ftstudio.training.adapters import generate, merge
+from ftstudio.training.builtin import tiny_model_dir
 
 
 @pytest.fixture(scope="module")

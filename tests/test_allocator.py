@@ -10,7 +10,7 @@ import pytest
 # 64 MB in 8 MB blocks, all freed: glibc's defaults hand blocks this big back to the kernel at once.
 SCRIPT = """
 import sys, psutil
-from ftstudio.allocator import keep_freed_memory
+from ftstudio.training.allocator import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 p = psutil.Process()

@@ -7,8 +7,8 @@ import httpx
 import pytest
 from support import wait_for
 
-from ftstudio import lifecycle
-from ftstudio.procs import tagged
+from ftstudio.execution.procs import tagged
+from ftstudio.studio import lifecycle
 
 
 @pytest.fixture
@@ -203,7 +203,7 @@ def test_the_listening_socket_says_tcp_so_responses_are_not_held_back():
     # a delayed ACK (bench/bench_startup.py measured /api/health at 44 ms).
     import socket
 
-    from ftstudio.studio import _bind
+    from ftstudio.web.daemon import _bind
 
     sock = _bind("127.0.0.1", 0)
     try:

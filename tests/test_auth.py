@@ -18,10 +18,10 @@ import httpx
 import pytest
 from support import api_client, run_cli, wait_for
 
-from ftstudio.auth import Guard, host_name, load_or_create_token
 from ftstudio.home import Home
-from ftstudio.policy import Policy
-from ftstudio.service import Service
+from ftstudio.studio.policy import Policy
+from ftstudio.studio.service import Service
+from ftstudio.web.auth import Guard, host_name, load_or_create_token
 
 ORIGIN = "http://127.0.0.1:8765"
 

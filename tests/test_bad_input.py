@@ -11,7 +11,7 @@ import pytest
 from support import api_client
 
 from ftstudio.home import Home
-from ftstudio.service import Service
+from ftstudio.studio.service import Service
 
 INJECTION = 'x"); import os; os.system("touch pwned") #{__import__("os")}'
 

@@ -5,7 +5,7 @@ import pytest
 from support import api_client, wait_for
 
 from ftstudio.home import Home
-from ftstudio.service import Service
+from ftstudio.studio.service import Service
 
 HUGE = 2**70  # past SQLite's 64-bit integers
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from trainer_fixtures import shared_home
 
-from ftstudio import samples
-from ftstudio.builtin import SAMPLE_PATH, ensure_tiny, resolve_dataset, resolve_model, tiny_model_dir
 from ftstudio.errors import ValidationError
+from ftstudio.training import samples
+from ftstudio.training.builtin import SAMPLE_PATH, ensure_tiny, resolve_dataset, resolve_model, tiny_model_dir
 
 
 def _digest(path: Path) -> str:

@@ -39,9 +39,9 @@ import pytest
 from support import Studio, home_env, wait_for
 
 from ftstudio import checkpoints
+from ftstudio.execution.procs import TASK_ENV, tagged
 from ftstudio.home import read_json
-from ftstudio.procs import TASK_ENV, tagged
-from ftstudio.store import Store
+from ftstudio.studio.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -434,7 +434,7 @@ def assert_adapter_loads(adapter: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ftstudio.builtin import tiny_model_dir
+    from ftstudio.training.builtin import tiny_model_dir
 
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir(Path(os.environ["FTSTUDIO_HOME"])))

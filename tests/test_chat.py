@@ -20,7 +20,7 @@ import psutil
 import pytest
 from support import Studio, home_env, run_cli, wait_for
 
-from ftstudio.chat import ChatBusy, ChatWaits, ChatWorker, Machine, Placement, parse_request, place, taken_by
+from ftstudio.chat.process import ChatBusy, ChatWaits, ChatWorker, Machine, Placement, parse_request, place, taken_by
 from ftstudio.errors import ValidationError
 
 pytestmark = pytest.mark.slow
@@ -134,7 +134,7 @@ def test_a_place_taken_after_the_message_was_placed_is_not_used(tmp_path: Path) 
 def test_a_task_about_to_start_stops_the_worker_only_where_it_takes_its_place(
     tmp_path: Path, placement: Placement, resources: tuple[str, ...], machine: Any, stopped: bool
 ) -> None:
-    from ftstudio.chat import _Running
+    from ftstudio.chat.process import _Running
 
     worker = ChatWorker(tmp_path / "chat.log", machine=machine)
     proc = subprocess.Popen(["sleep", "60"])  # stands for the worker process: only its life matters here
@@ -308,7 +308,7 @@ def test_the_model_is_unloaded_after_the_idle_time(studio: Studio, trained: tupl
 
 
 def test_a_chat_worker_that_died_with_its_studio_leaves_the_queue(tmp_path: Path) -> None:
-    from ftstudio.chat import running_chats
+    from ftstudio.chat.process import running_chats
     from ftstudio.home import write_json_atomic
 
     me = psutil.Process()
@@ -325,7 +325,7 @@ def test_a_chat_worker_that_died_with_its_studio_leaves_the_queue(tmp_path: Path
 def test_a_second_message_while_one_is_answered_is_refused_with_why(tmp_path: Path) -> None:
     worker = ChatWorker(tmp_path / "chat.log")
     assert worker._lock.acquire()  # another message is being answered
-    import ftstudio.chat as chat_mod
+    import ftstudio.chat.process as chat_mod
 
     before, chat_mod.BUSY_WAIT_S = chat_mod.BUSY_WAIT_S, 0.1
     try:

@@ -98,7 +98,7 @@ def test_an_enospc_from_the_save_ends_with_one_line_and_keeps_the_previous_check
 ) -> None:
     """The same at the boundary, for machines where no tmpfs can be mounted: the optimizer state of
     checkpoint 4 fails to write after its weights are on disk."""
-    from ftstudio.recipe import StudioTrainer
+    from ftstudio.training.recipe import StudioTrainer
 
     real = StudioTrainer._save_optimizer_and_scheduler
 

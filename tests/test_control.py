@@ -13,8 +13,8 @@ import psutil
 import pytest
 from support import Studio, cli_json, run_cli, wait_for
 
+from ftstudio.execution.procs import tagged
 from ftstudio.home import read_json
-from ftstudio.procs import tagged
 
 
 def submit(studio: Studio, name: str, **config: Any) -> str:

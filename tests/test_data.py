@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from trainer_fixtures import ALPACA, MESSAGES, SHAREGPT, TEXT, shared_home, write_jsonl
 
-from ftstudio import batches
-from ftstudio.builtin import SAMPLE_PATH, tiny_model_dir
-from ftstudio.data import Example, inspect_dataset, load_examples
 from ftstudio.errors import ValidationError
+from ftstudio.training import batches
+from ftstudio.training.builtin import SAMPLE_PATH, tiny_model_dir
+from ftstudio.training.data import Example, inspect_dataset, load_examples
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_a_saved_dataset_dict_trains_on_train_and_validates_on_a_split_by_name(t
     import datasets
 
     from ftstudio.config import TrainingConfig
-    from ftstudio.preflight import check
-    from ftstudio.train import split_validation
+    from ftstudio.training.data import split_validation
+    from ftstudio.training.preflight import check
 
     path = tmp_path / "hfdict"
     datasets.DatasetDict(
@@ -190,7 +190,7 @@ def test_row_order_depends_on_seed_and_epoch_only() -> None:
 def model():
     """builtin:tiny loaded as for training (KV cache off), in eval mode."""
     from ftstudio.config import ModelConfig
-    from ftstudio.models import load_model
+    from ftstudio.training.models import load_model
 
     m = load_model(tiny_model_dir(shared_home()), ModelConfig())
     m.eval()

@@ -3,14 +3,14 @@ opens with the two commands a fresh machine needs."""
 
 from pathlib import Path
 
-from ftstudio import clidoc
-from ftstudio.cli import build_parser
+from ftstudio.cli import doc as clidoc
+from ftstudio.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_reference_is_current():
-    assert clidoc.DOC_PATH.read_text() == clidoc.render(), "run: python -m ftstudio.clidoc"
+    assert clidoc.DOC_PATH.read_text() == clidoc.render(), "run: python -m ftstudio.cli.doc"
 
 
 def test_every_command_and_flag_is_in_the_reference():

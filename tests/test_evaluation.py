@@ -10,11 +10,11 @@ from pathlib import Path
 
 from trainer_fixtures import ALPACA, FAST, merged, shared_home, train, write_jsonl
 
-from ftstudio import evaluation
-from ftstudio.adapters import generate
-from ftstudio.builtin import tiny_model_dir
 from ftstudio.config import LoraConfig, ModelConfig
-from ftstudio.evaluation import HeldOut, load_prompts, stages, tidy
+from ftstudio.training import evaluation
+from ftstudio.training.adapters import generate
+from ftstudio.training.builtin import tiny_model_dir
+from ftstudio.training.evaluation import HeldOut, load_prompts, stages, tidy
 
 HELD_OUT = [
     {"instruction": "What is 5 plus 5?", "input": "", "output": "5 plus 5 is 10."},
@@ -89,7 +89,7 @@ def base_answer(adapter: Path, prompt: str, max_new_tokens: int) -> str:
 
 
 def test_a_pause_while_answering_stops_at_the_next_token_and_writes_nothing(tmp_path: Path) -> None:
-    from ftstudio.models import attach_lora, load_model, load_tokenizer
+    from ftstudio.training.models import attach_lora, load_model, load_tokenizer
 
     ref = tiny_model_dir(shared_home())
     tokenizer = load_tokenizer(ref, ModelConfig())

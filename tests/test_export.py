@@ -12,7 +12,7 @@ import pytest
 import torch
 from trainer_fixtures import ALPACA, FAST, merged, shared_home, train, write_jsonl
 
-from ftstudio.export import ExportError, export, handover, lora_name
+from ftstudio.training.export import ExportError, export, handover, lora_name
 
 TASK = "20261201-0000-exp0rt01"
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from ftstudio import lifecycle, lifecyclejs
 from ftstudio.errors import IllegalTransition
-from ftstudio.lifecycle import (
+from ftstudio.execution.facts import ExitRecord, Liveness, Outcome, SchedulerWord
+from ftstudio.execution.runner import HEARTBEAT_S
+from ftstudio.studio import lifecycle
+from ftstudio.studio.lifecycle import (
     HEARTBEAT_LOST_S,
     HEARTBEAT_RECHECK_S,
     HEARTBEAT_STALLED_S,
@@ -20,18 +22,15 @@ from ftstudio.lifecycle import (
     UNEXPECTED,
     Action,
     Ask,
-    ExitRecord,
     Facts,
-    Liveness,
     Move,
-    Outcome,
     Recovery,
     answer,
     decide,
 )
-from ftstudio.runner import HEARTBEAT_S
-from ftstudio.task import TRANSITIONS
-from ftstudio.task import TaskStatus as S
+from ftstudio.studio.task import TRANSITIONS
+from ftstudio.studio.task import TaskStatus as S
+from ftstudio.web import lifecyclejs
 
 RUNNING = [S.PREPARING, S.TRAINING]
 AT = "step 7/20"  # progress in the facts below
@@ -507,7 +506,7 @@ STATIC = Path(lifecyclejs.__file__).with_name("static")
 
 def test_the_pages_lifecycle_module_is_generated_from_the_lifecycle() -> None:
     assert lifecyclejs.JS_PATH.read_text(encoding="utf-8") == lifecyclejs.render(), (
-        "run: python -m ftstudio.lifecyclejs"
+        "run: python -m ftstudio.web.lifecyclejs"
     )
 
 
@@ -600,13 +599,11 @@ def test_a_retry_by_hand_counts_restarts_from_none() -> None:
 
 # -- a cluster scheduler's word (Slurm) -------------------------------------------------------------
 
-_CANCELLED = lifecycle.SchedulerWord(
-    True, cancelled=True, reason="the Slurm job 17 was cancelled outside the studio (scancel)"
-)
-_TIMEOUT = lifecycle.SchedulerWord(True, reason="the Slurm job 17 reached its time limit (01:00:00)")
-_RUNNING = lifecycle.SchedulerWord(False)
-_REQUEUED = lifecycle.SchedulerWord(False, requeued=True, reason="Slurm requeued the Slurm job 17")
-_STOPPED = lifecycle.ExitRecord(
+_CANCELLED = SchedulerWord(True, cancelled=True, reason="the Slurm job 17 was cancelled outside the studio (scancel)")
+_TIMEOUT = SchedulerWord(True, reason="the Slurm job 17 reached its time limit (01:00:00)")
+_RUNNING = SchedulerWord(False)
+_REQUEUED = SchedulerWord(False, requeued=True, reason="Slurm requeued the Slurm job 17")
+_STOPPED = ExitRecord(
     "interrupted", "stopped by SIGTERM from outside the studio at step 40/300 after saving checkpoint-40"
 )
 
@@ -615,36 +612,36 @@ _STOPPED = lifecycle.ExitRecord(
     ("record", "liveness", "word", "dst", "words"),
     [
         # A SIGTERM from outside: a cancel in Slurm and a preemption look alike until Slurm's final state.
-        (_STOPPED, lifecycle.Liveness.ALIVE, _RUNNING, None, ""),
+        (_STOPPED, Liveness.ALIVE, _RUNNING, None, ""),
         # ... unless the scheduler has already requeued the job: the next attempt runs in it.
         (
             _STOPPED,
-            lifecycle.Liveness.ALIVE,
+            Liveness.ALIVE,
             _REQUEUED,
             "interrupted",
             "Slurm requeued the Slurm job 17; stopped by SIGTERM",
         ),
         (
             _STOPPED,
-            lifecycle.Liveness.DEAD,
+            Liveness.DEAD,
             _CANCELLED,
             "cancelled",
             "cancelled outside the studio (scancel) at step 40/300; `ftstudio retry`",
         ),
-        (_STOPPED, lifecycle.Liveness.DEAD, _TIMEOUT, "interrupted", "time limit (01:00:00); stopped by SIGTERM from"),
+        (_STOPPED, Liveness.DEAD, _TIMEOUT, "interrupted", "time limit (01:00:00); stopped by SIGTERM from"),
         # The job gone without a record: Slurm's state says why.
-        (None, lifecycle.Liveness.DEAD, _CANCELLED, "cancelled", "the Slurm job 17 was cancelled outside the studio"),
+        (None, Liveness.DEAD, _CANCELLED, "cancelled", "the Slurm job 17 was cancelled outside the studio"),
         (
             None,
-            lifecycle.Liveness.DEAD,
+            Liveness.DEAD,
             _TIMEOUT,
             "interrupted",
             "the Slurm job 17 reached its time limit (01:00:00) at step 40/300",
         ),
-        (None, lifecycle.Liveness.UNKNOWN, _RUNNING, None, ""),
+        (None, Liveness.UNKNOWN, _RUNNING, None, ""),
         # What the runner recorded otherwise stands, whatever Slurm says.
-        (lifecycle.ExitRecord("completed", "done"), lifecycle.Liveness.ALIVE, _RUNNING, "completed", "done"),
-        (lifecycle.ExitRecord("failed", "bad data"), lifecycle.Liveness.DEAD, _CANCELLED, "failed", "bad data"),
+        (ExitRecord("completed", "done"), Liveness.ALIVE, _RUNNING, "completed", "done"),
+        (ExitRecord("failed", "bad data"), Liveness.DEAD, _CANCELLED, "failed", "bad data"),
     ],
 )
 def test_a_schedulers_word_tells_a_cancel_in_it_from_an_interruption(record, liveness, word, dst, words):

@@ -14,8 +14,8 @@ from trainer_fixtures import shared_home
 
 from ftstudio.config import LoraConfig as StudioLoraConfig
 from ftstudio.config import ModelConfig
-from ftstudio.lora_linear import FusedLoraLinear
-from ftstudio.models import attach_lora, load_model
+from ftstudio.training.lora_linear import FusedLoraLinear
+from ftstudio.training.models import attach_lora, load_model
 
 
 class Toy(nn.Module):

@@ -16,10 +16,10 @@ import pytest
 from support import ROOT, SCRIPTED
 from trainer_fixtures import FAST, merged, read_events, shared_home
 
-from ftstudio import memlimit
+from ftstudio.execution import memlimit
+from ftstudio.execution.memlimit import Mechanism
+from ftstudio.execution.procs import tagged
 from ftstudio.home import TaskDir, read_json
-from ftstudio.memlimit import Mechanism
-from ftstudio.procs import tagged
 from ftstudio.resources import gib
 
 MIB = 1 << 20
@@ -264,8 +264,8 @@ def test_the_real_trainer_completes_within_a_generous_limit(tmp_path):
 def test_the_watchdog_counts_and_kills_only_its_own_attempt() -> None:
     """A stale runner's watchdog (attempt 1) must not count, nor kill, the processes of the newer attempt
     the studio launched for the same task; its own attempt's it does."""
+    from ftstudio.execution.procs import TASK_ENV
     from ftstudio.fence import ATTEMPT_ENV
-    from ftstudio.procs import TASK_ENV
 
     task_id = f"20260101-0000-fence{os.getpid()}"
 

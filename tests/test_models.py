@@ -10,9 +10,9 @@ import torch
 from trainer_fixtures import shared_home
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ftstudio import batches
-from ftstudio.builtin import tiny_model_dir
-from ftstudio.models import padding_mask_matters
+from ftstudio.training import batches
+from ftstudio.training.builtin import tiny_model_dir
+from ftstudio.training.models import padding_mask_matters
 
 # Small enough to build in milliseconds; the keys each family does not know are ignored.
 TINY = {

@@ -6,7 +6,7 @@ import logging
 from support import run_cli, wait_for
 
 from ftstudio.home import Home
-from ftstudio.service import OneLineFormatter, Service
+from ftstudio.studio.service import OneLineFormatter, Service
 from ftstudio.text import plain, printable
 
 EVIL = "scripted steps=1 \x1b]0;pwned\x07\x1b[31mred\x9b2J\u202egnp.exe\x7f\x00 end"

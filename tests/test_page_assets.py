@@ -6,7 +6,7 @@ import hashlib
 import re
 from pathlib import Path
 
-STATIC = Path(__file__).resolve().parents[1] / "ftstudio" / "static"
+STATIC = Path(__file__).resolve().parents[1] / "ftstudio" / "web" / "static"
 FIRST_LOAD_LIMIT = 300 * 1024
 # Namespace names are identifiers that nothing fetches.
 NAMESPACES = {"http://www.w3.org/2000/svg"}

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from support import api_client
 
-from ftstudio import paths
 from ftstudio.config import TrainingConfig
 from ftstudio.home import Home
-from ftstudio.policy import Policy
-from ftstudio.service import Service
+from ftstudio.studio import paths
+from ftstudio.studio.policy import Policy
+from ftstudio.studio.service import Service
 
 ROW = json.dumps({"instruction": "say hi", "output": "hi"})
 SECRET = "hunter2-s3cr3t"
@@ -176,7 +176,7 @@ def test_task_files_and_the_adapter_never_follow_links(client):
 
 def test_the_trainer_preflight_works_without_the_rule(scripted, tmp_path):
     """The studio decided at submit; the trainer's own preflight reads what it was given."""
-    from ftstudio import preflight
+    from ftstudio.training import preflight
 
     data = tmp_path / "d.jsonl"
     data.write_text(ROW + "\n")

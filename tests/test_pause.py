@@ -20,8 +20,8 @@ from support import ROOT, wait_for
 from trainer_fixtures import ALPACA, FAST, merged, read_events, shared_home, train, write_jsonl, write_spec
 
 from ftstudio.checkpoints import MARKER, is_complete, list_checkpoints, mark_complete
+from ftstudio.execution.procs import tagged
 from ftstudio.home import TaskDir, read_json
-from ftstudio.procs import tagged
 
 
 def _config(data: Path, **over: Any) -> dict[str, Any]:
@@ -177,7 +177,7 @@ def test_a_pause_on_a_scheduled_checkpoint_step_saves_it_once(tmp_path: Path) ->
     from ftstudio.config import TrainingConfig
     from ftstudio.events import EventWriter
     from ftstudio.pause import PauseRequest, Suspended
-    from ftstudio.recipe import run
+    from ftstudio.training.recipe import run
 
     class PauseDuringStep4(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -298,7 +298,7 @@ def test_a_nodes_launcher_passes_a_pause_to_its_ranks_and_torchrun_survives_it(
     node's launcher (ftstudio.node) and torchrun's agent, which would die of it. Here the launcher runs
     without srun and gets the signal the same way, at once with the agent; the ranks still pause. Slurm's
     SIGTERM before a preemption comes the same way: the ranks checkpoint and the launcher waits for them."""
-    from ftstudio.procs import TASK_ENV
+    from ftstudio.execution.procs import TASK_ENV
 
     task = _two_process_task(tmp_path, "20261201-0000-node", steps=8)
     torchrun = [

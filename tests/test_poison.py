@@ -3,7 +3,7 @@ hold (step 2**70) fails its own task, with a reason, and nothing else (real stud
 
 from support import run_cli, wait_for
 
-from ftstudio.procs import tagged
+from ftstudio.execution.procs import tagged
 
 WHY = "the training process wrote a progress record the studio cannot store"
 

@@ -9,7 +9,7 @@ from trainer_fixtures import ALPACA, shared_home, write_jsonl
 
 from ftstudio.config import TrainingConfig
 from ftstudio.errors import ValidationError
-from ftstudio.preflight import check
+from ftstudio.training.preflight import check
 
 
 def _problems(config: dict, home: Path) -> dict[str, str]:

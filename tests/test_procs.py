@@ -5,7 +5,7 @@ import time
 
 import psutil
 
-from ftstudio.procs import Identity, Liveness, boot_id, check
+from ftstudio.execution.procs import Identity, Liveness, boot_id, check
 
 
 def test_a_live_process_is_alive_and_its_marker_is_checked():

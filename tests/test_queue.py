@@ -13,7 +13,7 @@ import pytest
 from support import Studio, cli_json, run_cli, wait_for
 
 from ftstudio.home import read_json
-from ftstudio.store import Store
+from ftstudio.studio.store import Store
 
 
 def submit(studio: Studio, name: str, **resources: Any) -> str:

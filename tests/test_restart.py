@@ -13,9 +13,9 @@ import psutil
 import pytest
 from support import cli_json, home_env, run_cli, wait_for
 
+from ftstudio.execution.procs import tagged
 from ftstudio.home import Home, read_json
-from ftstudio.procs import tagged
-from ftstudio.store import Store
+from ftstudio.studio.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -126,7 +126,7 @@ def test_trainer_state_must_match_the_step(tmp_path: Path) -> None:
 
 
 def test_resume_auto_skips_a_partial_checkpoint(tmp_path: Path) -> None:
-    from ftstudio.train import main
+    from ftstudio.training.trainer import main
 
     ckpts = _checkpointed_run(tmp_path)
     (ckpts / "checkpoint-6" / MARKER).unlink()

@@ -11,8 +11,8 @@ import psutil
 import pytest
 from support import ROOT, SCRIPTED, wait_for
 
+from ftstudio.execution.procs import tagged
 from ftstudio.home import TaskDir, read_json
-from ftstudio.procs import tagged
 
 
 def make_task(tmp_path, name):
@@ -177,7 +177,7 @@ def _ranked_task(tmp_path, rank0_error=None, **others):
 
 
 def test_a_rank_killed_without_a_word_interrupts_the_run(tmp_path):
-    from ftstudio.runner import distributed_outcome
+    from ftstudio.execution.runner import distributed_outcome
 
     task = _ranked_task(tmp_path, {"peer_lost": True})
     record = distributed_outcome(task, 0, 2)
@@ -187,7 +187,7 @@ def test_a_rank_killed_without_a_word_interrupts_the_run(tmp_path):
 
 
 def test_a_rank_that_failed_on_its_own_fails_the_run_with_its_account(tmp_path):
-    from ftstudio.runner import distributed_outcome
+    from ftstudio.execution.runner import distributed_outcome
 
     lost = {"message": "lost its peer", "error_type": "RuntimeError", "peer_lost": True}
     own = {"message": "out of memory: lower optim.batch_size", "error_type": "OutOfMemoryError"}
@@ -197,7 +197,7 @@ def test_a_rank_that_failed_on_its_own_fails_the_run_with_its_account(tmp_path):
 
 
 def test_every_rank_losing_the_others_is_an_interruption_and_no_rank_is_blamed(tmp_path):
-    from ftstudio.runner import distributed_outcome
+    from ftstudio.execution.runner import distributed_outcome
 
     lost = {"message": "lost its peer", "error_type": "RuntimeError", "peer_lost": True}
     task = _ranked_task(tmp_path, {"peer_lost": True}, **{"rank-1": lost})
@@ -207,7 +207,7 @@ def test_every_rank_losing_the_others_is_an_interruption_and_no_rank_is_blamed(t
 
 
 def test_peer_lost_knows_a_vanished_peer_from_a_real_error():
-    from ftstudio.train import peer_lost
+    from ftstudio.training.trainer import peer_lost
 
     gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:63709: Connection reset by peer.")
     assert peer_lost(gloo)
@@ -230,7 +230,7 @@ def test_a_runner_reads_its_attempt_from_the_task_dir_and_refuses_one_that_has_e
 def test_slurms_warning_is_named_as_such_and_a_shutdown_as_before(tmp_path, monkeypatch):
     """In a Slurm job a SIGUSR1 the studio did not send is Slurm's warning (sbatch --signal=B:USR1), never a
     shutdown or `docker stop`; a SIGTERM keeps the general words (the studio adds Slurm's own reason)."""
-    from ftstudio.runner import interrupted_record
+    from ftstudio.execution.runner import interrupted_record
 
     task = make_task(tmp_path, "scripted")
     suspended = {"step": 9, "total_steps": 30, "checkpoint": "checkpoint-9"}

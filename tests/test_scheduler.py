@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ftstudio.resources import Want, cuda_env, gib, machine_gpus, parse_gpu_ids, parse_memory, want_of
-from ftstudio.scheduler import Lease, Waiting, plan
+from ftstudio.studio.scheduler import Lease, Waiting, plan
 
 CPU = Want()
 

@@ -17,8 +17,8 @@ from test_pause import _config, _finish, _progress_steps, _ranks, _start_runner,
 from trainer_fixtures import ALPACA, read_events, shared_home, write_jsonl, write_spec
 
 from ftstudio.checkpoints import find_resume_checkpoint, is_complete
+from ftstudio.execution.procs import tagged
 from ftstudio.home import TaskDir, read_json
-from ftstudio.procs import tagged
 
 OUTSIDE = "stopped by SIGTERM from outside the studio (a shutdown, docker stop or a scheduler)"
 

@@ -19,12 +19,11 @@ import pytest
 from support import run_cli
 
 from ftstudio.errors import LaunchError
-from ftstudio.executor import Launch
-from ftstudio.home import TaskDir
-from ftstudio.lifecycle import SchedulerWord
-from ftstudio.procs import Liveness
-from ftstudio.runner import NotHere, trainer_command, world_of
-from ftstudio.slurm import (
+from ftstudio.execution.executor import Launch
+from ftstudio.execution.facts import SchedulerWord
+from ftstudio.execution.procs import Liveness
+from ftstudio.execution.runner import NotHere, trainer_command, world_of
+from ftstudio.execution.slurm import (
     RETRY_S,
     Commands,
     JobState,
@@ -40,7 +39,8 @@ from ftstudio.slurm import (
     sbatch_options,
     slurm_seconds,
 )
-from ftstudio.store import Store
+from ftstudio.home import TaskDir
+from ftstudio.studio.store import Store
 
 TASK = "20261201-0000-abcdef01"
 
@@ -350,7 +350,7 @@ def test_commands_over_ssh_quote_each_argument_for_the_remote_shell() -> None:
 def test_the_slurm_executor_keeps_to_the_protocol() -> None:
     import inspect
 
-    from ftstudio.executor import Executor
+    from ftstudio.execution.executor import Executor
 
     for name, member in vars(Executor).items():
         if callable(member) and not name.startswith("_"):

@@ -18,8 +18,8 @@ import pytest
 from slurm_cluster import cancel_tasks, current_cluster, slurm_env
 from support import Studio, home_env, progress_steps, run_cli, submit_tiny, wait_for
 
-from ftstudio.procs import tagged
-from ftstudio.store import Store
+from ftstudio.execution.procs import tagged
+from ftstudio.studio.store import Store
 
 # slurm_now (conftest.py): every test skips without a cluster, fails without one in CI.
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_now")]

@@ -22,7 +22,7 @@ from slurm_cluster import cancel_tasks, current_cluster, slurm_env
 from support import Studio, home_env, progress_steps, run_cli, submit_tiny, wait_for
 
 from ftstudio.checkpoints import MARKER
-from ftstudio.store import Store
+from ftstudio.studio.store import Store
 
 # slurm_now (conftest.py): every test skips without a cluster, fails without one in CI.
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_now")]

@@ -16,8 +16,8 @@ import pytest
 from slurm_cluster import FINAL_STATES, SlurmCluster, in_ci
 from support import Studio, home_env, run_cli, sweep, wait_for
 
-from ftstudio.procs import tagged
-from ftstudio.store import Store
+from ftstudio.execution.procs import tagged
+from ftstudio.studio.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

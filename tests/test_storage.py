@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from support import api_client
 
-from ftstudio.auth import load_or_create_token
 from ftstudio.errors import StorageError
 from ftstudio.home import Home
-from ftstudio.service import Service
 from ftstudio.storage import storage_error
+from ftstudio.studio.service import Service
+from ftstudio.web.auth import load_or_create_token
 
 ROWS = b"".join(json.dumps({"instruction": f"q{i}", "output": "a"}).encode() + b"\n" for i in range(50))
 
@@ -137,7 +137,7 @@ def test_an_injected_failure_while_writing_the_task_leaves_no_row(scripted, tmp_
     def full(*_a: object, **_k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("ftstudio.service.write_json_atomic", full)
+    monkeypatch.setattr("ftstudio.studio.service.write_json_atomic", full)
     with api_client(service) as client:
         r = client.post("/api/tasks", json={"name": "scripted steps=1", "config": {"preset": "cpu-demo"}})
     one_line_507(r, "is full")

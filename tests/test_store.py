@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from ftstudio import lifecycle
 from ftstudio.errors import IllegalTransition, NotFound
+from ftstudio.execution import facts
 from ftstudio.home import TASK_ID_RE
-from ftstudio.scheduler import Grant
-from ftstudio.store import SCHEMA_VERSION, Batch, LostRace, Refused, Store, UnstorableEvent, new_task_id
-from ftstudio.task import TaskStatus as S
+from ftstudio.studio import lifecycle
+from ftstudio.studio.scheduler import Grant
+from ftstudio.studio.store import SCHEMA_VERSION, Batch, LostRace, Refused, Store, UnstorableEvent, new_task_id
+from ftstudio.studio.task import TaskStatus as S
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_task_ids_are_path_safe():
 def test_a_colliding_id_is_drawn_again(store, tmp_path, monkeypatch):
     first = make(store, tmp_path)
     draws = iter([first.id, first.id, "20261122-0000-00000001"])
-    monkeypatch.setattr("ftstudio.store.new_task_id", lambda now=None: next(draws))
+    monkeypatch.setattr("ftstudio.studio.store.new_task_id", lambda now=None: next(draws))
     second = make(store, tmp_path)
     assert second.id == "20261122-0000-00000001"
     assert store.get(first.id).name == "t"
@@ -261,7 +262,7 @@ def test_orphan_leases_are_released_and_settings_are_kept(store, tmp_path):
 def test_a_version_1_home_is_migrated_with_its_tasks(tmp_path):
     import sqlite3
 
-    from ftstudio.store import MIGRATIONS
+    from ftstudio.studio.store import MIGRATIONS
 
     conn = sqlite3.connect(tmp_path / "old.db")
     conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
@@ -284,7 +285,7 @@ def test_a_resumed_attempt_replaces_the_steps_past_its_checkpoint(store, tmp_pat
     evs = [{"kind": "progress", "step": s, "ts": float(s), "eta_s": 9.0 - s, "tokens_per_s": 50.0} for s in range(1, 8)]
     store.ingest(a.id, [{"kind": "train_begin", "ts": 0.0}, *evs], new_offset=100, expect_offset=0)
     store.apply(a.id, lifecycle.training_began(S.PREPARING))
-    store.apply(a.id, lifecycle.decide(lifecycle.Facts(S.TRAINING, liveness=lifecycle.Liveness.DEAD, step=7)))
+    store.apply(a.id, lifecycle.decide(lifecycle.Facts(S.TRAINING, liveness=facts.Liveness.DEAD, step=7)))
     [ended] = store.attempts(a.id)
     assert ended["end_step"] == 7
     store.apply(a.id, lifecycle.recover(S.INTERRUPTED, lifecycle.Recovery(checkpoint_step=5, end_steps=(7,))))
@@ -302,7 +303,7 @@ def test_a_resumed_attempt_replaces_the_steps_past_its_checkpoint(store, tmp_pat
 _WRITER = """
 import sys
 from pathlib import Path
-from ftstudio.store import Store
+from ftstudio.studio.store import Store
 store = Store(Path(sys.argv[1]))
 tid = sys.argv[2]
 while True:

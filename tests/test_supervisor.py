@@ -15,10 +15,10 @@ import pytest
 from support import wait_for
 
 from ftstudio.errors import Conflict
+from ftstudio.execution.procs import Liveness, tagged
 from ftstudio.home import Home
-from ftstudio.procs import Liveness, tagged
-from ftstudio.service import Service
-from ftstudio.supervisor import UNEXPECTED, Supervisor
+from ftstudio.studio.service import Service
+from ftstudio.studio.supervisor import UNEXPECTED, Supervisor
 
 
 @pytest.fixture
@@ -197,8 +197,8 @@ def test_train_py_reproduces_the_task_without_user_strings(service):
 def test_a_full_disk_at_submit_is_one_clear_error_and_leaves_nothing(service, monkeypatch):
     import errno
 
-    from ftstudio import service as service_mod
     from ftstudio.errors import StorageError
+    from ftstudio.studio import service as service_mod
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -1,7 +1,7 @@
 import pytest
 
 from ftstudio.errors import IllegalTransition
-from ftstudio.task import FINAL, TRANSITIONS, TaskStatus, check_transition
+from ftstudio.studio.task import FINAL, TRANSITIONS, TaskStatus, check_transition
 
 
 def test_every_state_has_a_row_and_final_states_only_leave_by_retry_or_extend():

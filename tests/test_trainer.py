@@ -23,7 +23,7 @@ from trainer_fixtures import (
     write_spec,
 )
 
-from ftstudio.builtin import tiny_model_dir
+from ftstudio.training.builtin import tiny_model_dir
 
 
 def kinds(events: list[dict]) -> list[str]:
@@ -186,7 +186,7 @@ def test_out_of_memory_names_the_settings_to_lower(
 ) -> None:
     """A step that cannot get its memory: exit 1, one error event that says what to change, no adapter.
     The CPU case is the allocator's own refusal; a CUDA one needs a GPU, so its exception is raised here."""
-    from ftstudio.recipe import StudioTrainer
+    from ftstudio.training.recipe import StudioTrainer
 
     monkeypatch.setattr(StudioTrainer, "training_step", failure)
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
@@ -200,7 +200,7 @@ def test_out_of_memory_names_the_settings_to_lower(
 
 
 def test_out_of_memory_message_recognises_allocation_failures_only() -> None:
-    from ftstudio.train import out_of_memory_message
+    from ftstudio.training.trainer import out_of_memory_message
 
     small = RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 3145728 bytes.")
     assert "(one allocation of 3.0 MiB was refused)" in (out_of_memory_message(small) or "")
@@ -213,7 +213,7 @@ def test_unpacked_batches_reach_the_model_without_a_padding_mask(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """builtin:tiny is a causal decoder: right padding cannot reach a real token, so training leaves the mask out."""
-    from ftstudio.recipe import StudioTrainer
+    from ftstudio.training.recipe import StudioTrainer
 
     seen: list[set[str]] = []
     original = StudioTrainer.compute_loss
@@ -232,7 +232,7 @@ def test_unpacked_batches_reach_the_model_without_a_padding_mask(
 
 
 def test_bare_config_needs_output(tmp_path: Path) -> None:
-    from ftstudio.train import main
+    from ftstudio.training.trainer import main
 
     spec = tmp_path / "config.json"
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
@@ -246,7 +246,7 @@ def test_bare_config_needs_output(tmp_path: Path) -> None:
 
 def test_divergence_guard() -> None:
     from ftstudio.errors import TrainingFailed
-    from ftstudio.progress import LossGuard
+    from ftstudio.training.progress import LossGuard
 
     guard = LossGuard(factor=2.0, patience=3)
     for step in range(1, 30):
@@ -339,7 +339,7 @@ def test_tensorboard_reporting_writes_the_loss_beside_the_task(tmp_path: Path, m
 @pytest.mark.slow
 def test_compile_with_packing_trains_and_the_adapter_loads(tmp_path: Path) -> None:
     """torch.compile for real (inductor builds C++ kernels): one shape, finite losses, a usable adapter."""
-    from ftstudio.adapters import generate
+    from ftstudio.training.adapters import generate
 
     config = merged(FAST, {"model": {"compile": True}, "data": {"packing": True}, "optim": {"max_steps": 3}})
     code, events = train(tmp_path / "task", config, shared_home())
@@ -366,7 +366,7 @@ def test_compile_with_length_grouping_compiles_once_for_every_length(tmp_path: P
     # depth, and tracing four identical layers was most of the test's time (packing compiles all four).
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ftstudio.builtin import tiny_model_dir
+    from ftstudio.training.builtin import tiny_model_dir
 
     tiny = tiny_model_dir(shared_home())
     one_layer = AutoConfig.from_pretrained(tiny)
@@ -399,9 +399,9 @@ def test_the_eta_of_a_resumed_attempt_counts_only_its_own_steps_and_time(tmp_pat
 
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from ftstudio import progress
     from ftstudio.events import EventWriter
-    from ftstudio.progress import LossGuard, StudioCallback
+    from ftstudio.training import progress
+    from ftstudio.training.progress import LossGuard, StudioCallback
 
     clock = [1000.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from support import api_client
 
-from ftstudio import datafiles
-from ftstudio.data import inspect_dataset
 from ftstudio.errors import ValidationError
 from ftstudio.home import Home
-from ftstudio.policy import Policy
-from ftstudio.service import Service
+from ftstudio.studio.policy import Policy
+from ftstudio.studio.service import Service
+from ftstudio.training import datafiles
+from ftstudio.training.data import inspect_dataset
 
 ROW = json.dumps({"instruction": "say hi", "output": "hi"}).encode() + b"\n"
 LIMIT = 64 << 10

@@ -13,20 +13,20 @@ from pathlib import Path
 import pytest
 from fakes import FakeClock, FakeExecutor, FakeRunner
 
-from ftstudio import lifecycle
-from ftstudio.executor import Executor
+from ftstudio.execution.executor import Executor
+from ftstudio.execution.facts import Outcome
 from ftstudio.home import Home
-from ftstudio.lifecycle import (
+from ftstudio.studio import lifecycle
+from ftstudio.studio.lifecycle import (
     HEARTBEAT_LOST_S,
     HEARTBEAT_RECHECK_S,
     HEARTBEAT_STALLED_S,
     LAUNCH_GRACE_S,
     NEVER_STARTED,
     UNEXPECTED,
-    Outcome,
 )
-from ftstudio.service import CANCEL_GRACE_S, Service
-from ftstudio.store import Task
+from ftstudio.studio.service import CANCEL_GRACE_S, Service
+from ftstudio.studio.store import Task
 
 
 @pytest.fixture

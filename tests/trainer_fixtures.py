@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ftstudio.builtin import ensure_tiny
-from ftstudio.train import main
+from ftstudio.training.builtin import ensure_tiny
+from ftstudio.training.trainer import main
 
 _HOME: Path | None = None
 

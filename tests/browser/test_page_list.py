@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from support import free_port
 
-from ftstudio.store import Store
-from ftstudio.task import TaskStatus
+from ftstudio.studio.store import Store
+from ftstudio.studio.task import TaskStatus
 
 from .livestudio import LiveStudio
 

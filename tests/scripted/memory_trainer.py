@@ -22,8 +22,8 @@ from pathlib import Path
 
 import psutil
 
-from ftstudio import memlimit
 from ftstudio.events import EventWriter
+from ftstudio.execution import memlimit
 
 MIB = 1 << 20
 

@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from ftstudio.evaluation import write_stage
 from ftstudio.events import EventWriter
+from ftstudio.training.evaluation import write_stage
 
 
 def main() -> int:

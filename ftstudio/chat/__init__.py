@@ -1,0 +1,1 @@
+"""Chatting with a fine-tune: the request, where the worker runs, and the worker process."""

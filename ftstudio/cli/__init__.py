@@ -1,0 +1,1 @@
+"""`ftstudio`: the command line."""

@@ -1,0 +1,404 @@
+"""The service: the one API that the CLI and the HTTP routes both call.
+
+`Service` is this module (submit, reading, presentation) with the queue's side (launcher.py),
+a person's requests on a task (control.py) and the datasets and models (catalog.py).
+Nothing above this module touches SQLite or processes. Every method either
+returns a result or raises an `ftstudio.errors` exception whose message a
+person can act on; the edges map those to HTTP codes and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from ftstudio import __version__, taskfiles
+from ftstudio.chat.process import ChatReply, ChatRequest, ChatWorker, Machine
+from ftstudio.config import TrainingConfig
+from ftstudio.errors import NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
+from ftstudio.execution.executor import Executor, LocalExecutor
+from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
+from ftstudio.resources import machine_gpus, want_of
+from ftstudio.storage import writing
+from ftstudio.studio import lifecycle, paths, scheduler
+from ftstudio.studio.catalog import Catalog
+from ftstudio.studio.control import CANCEL_GRACE_S as CANCEL_GRACE_S  # where callers have looked for it
+from ftstudio.studio.control import Control
+from ftstudio.studio.launcher import DEFAULT_SLOTS as DEFAULT_SLOTS
+from ftstudio.studio.launcher import Launcher
+from ftstudio.studio.policy import Policy
+from ftstudio.studio.store import Store, Task
+from ftstudio.studio.supervisor import Supervisor, heartbeat_age
+from ftstudio.studio.task import TaskStatus
+from ftstudio.text import plain, printable
+from ftstudio.training import evaluation
+
+log = logging.getLogger("ftstudio")
+
+S = TaskStatus
+
+# `python train.py` in a task dir reproduces the task by hand (`python train.py --resume auto`
+# continues it from its newest complete checkpoint). Nothing from the user is in it: the entry
+# point reads spec.json beside it.
+TRAIN_PY = """\
+import pathlib, sys, ftstudio.train
+sys.exit(ftstudio.train.main([str(pathlib.Path(__file__).with_name("spec.json")), *sys.argv[1:]]))
+"""
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log lines name tasks, models and paths people chose: their control characters are escaped,
+    so `tail studio.log` shows text, never runs an escape sequence (a traceback keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
+def setup_logging(home: Home, *, to_stderr: bool = False) -> None:
+    """studio.log: one line a person understands for every launch, recovery and exit."""
+    logger = logging.getLogger("ftstudio")
+    if any(getattr(h, "_ftstudio", False) for h in logger.handlers):
+        return
+    handler: logging.Handler = logging.FileHandler(home.log, encoding="utf-8")
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler._ftstudio = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    if to_stderr:
+        console = logging.StreamHandler()
+        console.setFormatter(OneLineFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        console._ftstudio = True  # type: ignore[attr-defined]
+        logger.addHandler(console)
+    logger.setLevel(logging.INFO)
+
+
+def choose_executors(store: Store, given: Executor | None) -> tuple[Executor, dict[str, Executor]]:
+    """The executor new tasks go to, and every executor by name: a task is watched by the one that launched
+    it. `given` (tests): that one alone. Otherwise the home's choice (`studio start --executor`), local by
+    default; Slurm's settings are kept in the home so every CLI command and a restarted studio agree."""
+    if given is not None:
+        return given, {given.name: given}
+    local = LocalExecutor()
+    found: dict[str, Executor] = {local.name: local}
+    raw = store.setting("slurm")
+    if raw:
+        from ftstudio.execution.slurm import SlurmExecutor, SlurmSettings
+
+        try:
+            found["slurm"] = SlurmExecutor(SlurmSettings.from_json(json.loads(raw)))
+        except (ValueError, TypeError, UserError) as e:
+            logging.getLogger("ftstudio").error("the home's Slurm settings are not usable (%s); set them again", e)
+    return found.get(store.setting("executor") or local.name, local), found
+
+
+class Service(Launcher, Control, Catalog):
+    def __init__(
+        self,
+        home: Home | None = None,
+        *,
+        executor: Executor | None = None,
+        in_server: bool = False,
+        policy: Policy | None = None,
+    ) -> None:
+        self.home = (home or Home.default()).ensure()
+        self.policy = policy or Policy()
+        self._admit = threading.Lock()
+        self._scheduling = threading.Lock()  # one plan at a time in this process (the store guards the rest)
+        self.gpus: tuple[int, ...] = machine_gpus()
+        self._stopping: set[str] = set()  # tasks whose cancel is under way
+        self._stopping_lock = threading.Lock()
+        self._chat: ChatWorker | None = None
+        setup_logging(self.home)
+        self.store = Store(self.home.db)
+        self.executor, executors = choose_executors(self.store, executor)
+        self.in_server = in_server
+        self.supervisor = Supervisor(
+            self.store, self.home, self.executor, launch_queued=self.launch_queued, executors=executors
+        )
+
+    # -- submit and launch ---------------------------------------------------
+
+    def submit(self, config: dict[str, Any], name: str | None = None, *, trusted: bool = False) -> Task:
+        """Check, record and launch a task. `trusted`: the person at the terminal asked (the CLI), not a
+        request over HTTP, whose reach is limited by the studio's `policy`."""
+        cfg = TrainingConfig.from_dict(config)
+        if cfg.model.trust_remote_code and not trusted and not self.policy.allow_remote_code:
+            raise ValidationError(
+                Problem(
+                    "model.trust_remote_code",
+                    "running a model repository's code is off for requests to this studio; "
+                    "its owner can allow it with `ftstudio studio start --allow-remote-code`, "
+                    "or submit from the terminal with `ftstudio submit --set model.trust_remote_code=true`",
+                )
+            )
+        # Which files this request may read is decided before anything is read, on the paths the trainer will use.
+        paths.anchor(cfg, self.home.root)
+        refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
+        if refused:
+            raise ValidationError(refused)
+        from ftstudio.training import preflight  # the trainer's cheap checks: files exist, data parses
+
+        preflight.check(cfg, self.home.root, max_row_bytes=None if trusted else self.policy.max_row_bytes)
+        self._check_resources(cfg)
+        # A name is text: control characters (terminal commands, bidi overrides) are dropped.
+        name = " ".join(plain(name or "").split())[:200] or plain(f"{cfg.model.name} on {Path(cfg.data.path).name}")
+        # Counted and recorded under one lock, so concurrent requests cannot all slip under the limit.
+        with self._admit, writing(self.home.root):
+            if not trusted:
+                self._check_room()
+            task = self.store.create_task(
+                name=name,
+                model=cfg.model.name,
+                dataset=cfg.data.path,
+                config=cfg.to_dict(),
+                tasks_root=self.home.tasks,
+                priority=cfg.resources.priority,
+            )
+        tdir = task.dir
+        try:
+            with writing(self.home.root):
+                tdir.path.mkdir(parents=True)
+                tdir.checkpoints.mkdir()
+                write_json_atomic(
+                    tdir.spec,
+                    {
+                        "format": 1,
+                        "task_id": task.id,
+                        "name": name,
+                        "config": cfg.to_dict(),
+                        "home": str(self.home.root),
+                    },
+                )
+                tdir.train_py.write_text(TRAIN_PY)
+        except (OSError, StorageError):
+            # Leave nothing half-made behind: no record, no directory.
+            shutil.rmtree(tdir.path, ignore_errors=True)
+            self.store.delete(task.id, only_if={S.QUEUED})
+            raise
+        log.info("task %s submitted: %s", task.id, name)
+        self.schedule()
+        return self.store.get(task.id)
+
+    def _check_resources(self, cfg: TrainingConfig) -> None:
+        """A request this machine can never meet is refused now, not left waiting forever. (On a cluster,
+        the scheduler knows what it has: sbatch refuses what it can never give.)"""
+        if self.executor.cluster:
+            return
+        if cfg.resources.nodes > 1:
+            raise ValidationError(
+                Problem(
+                    "resources.nodes (--nodes)",
+                    f"asks for {cfg.resources.nodes} machines, but this studio runs tasks on this machine; spread a "
+                    "task over nodes from a studio started with --executor slurm, or use --processes here",
+                )
+            )
+        want = want_of(cfg.to_dict()["resources"], len(self.gpus))
+        have = (
+            f"GPUs {', '.join(map(str, self.gpus))}"
+            if self.gpus
+            else "no GPU that ftstudio can see (nvidia-smi lists none)"
+        )
+        missing = [n for n in want.gpu_ids if n not in self.gpus]
+        if missing:
+            raise ValidationError(
+                Problem("resources.gpu_ids (--gpu-ids)", f"GPU {missing[0]} is not on this machine; it has {have}")
+            )
+        if want.gpus > len(self.gpus):
+            fix = (
+                "leave --gpus unset or 0 to train on the CPU" if not self.gpus else f"ask for at most {len(self.gpus)}"
+            )
+            raise ValidationError(
+                Problem("resources.gpus (--gpus)", f"asks for {want.gpus} GPU(s) but this machine has {have}; {fix}")
+            )
+
+    def _check_room(self) -> None:
+        pending = len(self.store.with_status(S.QUEUED, S.PREPARING, S.TRAINING))
+        limit = self.policy.max_pending
+        if pending >= limit:
+            raise TooBusy(
+                f"{pending} fine-tunes are already queued or running, the most this studio takes from requests; "
+                f"wait for one to finish or cancel one (its owner can raise the limit with "
+                f"`ftstudio studio start --max-pending N`)"
+            )
+
+    # -- chat ----------------------------------------------------------------
+
+    @property
+    def chat_worker(self) -> ChatWorker:
+        """The one chat worker of this studio (or CLI command), started with the first message."""
+        with self._admit:
+            if self._chat is None:
+                self._chat = ChatWorker(
+                    self.home.root / "logs" / "chat.log", machine=self._chat_machine, registry=self.home.chats
+                )
+            return self._chat
+
+    def _chat_machine(self) -> Machine:
+        """What training holds on this machine, for the chat's place: the store's leases (the studio's and
+        any other process's tasks). A cluster's tasks train elsewhere: the chat has this machine to itself."""
+        held = {} if self.executor.cluster else {lease.resource: lease.task_id for lease in self.store.leases()}
+        return Machine(self.gpus, self.slots(), held)
+
+    def _yield_chat(self, task_id: str, resources: tuple[str, ...]) -> None:
+        """Launcher.launch's hook: a task is about to start on `resources`; the chat gives them up first."""
+        if self._chat is not None and not self.executor.cluster:
+            self._chat.yield_to(task_id, resources)
+
+    def chat(self, task_id: str, req: ChatRequest) -> ChatReply:
+        """The reply to `req` from the task's adapter or checkpoint, as the worker streams it."""
+        from ftstudio.chat.process import weights_of
+        from ftstudio.training.builtin import resolve_model
+
+        task = self.get(task_id)
+        tdir = require_task_dir(self, task_id)
+        weights = weights_of(task.id, task.status, tdir, req.checkpoint)
+        model = task.config_dict.get("model", {})
+        base = str(resolve_model(str(model.get("name", "")), self.home.root))
+        return self.chat_worker.chat(
+            req, base=base, weights=weights, trust_remote_code=bool(model.get("trust_remote_code")), task_id=task.id
+        )
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        self.home.task(task_id)  # rejects ids that could never be ours (path characters) with a clear error
+        task = self.store.get(task_id)
+        if not self.in_server and task.status_enum.has_process:
+            # No studio may be watching: bring the record up to date ourselves (compare-and-set makes this safe).
+            self.supervisor.sync(task)
+            task = self.store.get(task_id)
+        elif not self.in_server and task.status_enum == S.QUEUED:
+            # It waits for others to end: with no studio watching, nobody else would notice they did.
+            self._catch_up()
+            task = self.store.get(task_id)
+        return task
+
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> tuple[list[Task], int]:
+        if status is not None and status not in {s.value for s in S}:
+            raise ValidationError(f"status: unknown status {status!r}; use one of {', '.join(s.value for s in S)}")
+        if not 1 <= limit <= 1000:
+            raise ValidationError("limit: must be between 1 and 1000")
+        if offset < 0:
+            raise ValidationError("offset: must not be negative")
+        if not self.in_server:
+            self._catch_up()
+        return self.store.list(limit=limit, offset=offset, status=status)
+
+    def logs(self, task_id: str, offset: int = 0, limit: int = 64 << 10) -> dict[str, Any]:
+        """Bytes of training.log from `offset` (negative: the last -offset bytes)."""
+        task = self.get(task_id)
+        path = task.dir.log
+        limit = max(1, min(limit, 1 << 20))
+        # Opened without following a link: a training.log planted as a link to another file is not served.
+        opened = taskfiles.open_inside(path.parent, Path(path.name))
+        if opened is None:
+            size, start, data = 0, 0, b""
+        else:
+            with opened[0] as f:
+                size = f.seek(0, 2)
+                start = max(0, size + offset) if offset < 0 else min(offset, size)
+                f.seek(start)
+                data = f.read(limit)
+        return {
+            "offset": start,
+            "next_offset": start + len(data),
+            "size": size,
+            "text": data.decode("utf-8", "replace"),
+        }
+
+    def metrics(self, task_id: str, after: int = 0) -> list[dict[str, Any]]:
+        task = self.get(task_id)
+        return self.store.events(task.id, after_seq=after)
+
+    def samples(self, task_id: str) -> list[dict[str, Any]]:
+        """The answers to the task's held-out prompts, one entry a stage, oldest first (evaluation.py)."""
+        return evaluation.stages(require_task_dir(self, task_id).path)
+
+    # -- presentation --------------------------------------------------------
+
+    def task_json(self, task: Task, waits: dict[str, scheduler.Wait] | None = None) -> dict[str, Any]:
+        """The task as the API and `--json` show it. `waits`: the queue's plan, when the caller made one for many."""
+        row = dict(task.row)
+        status = task.status_enum
+        now = self.supervisor.clock()
+        started, finished = row.get("started_at"), row.get("finished_at")
+        beat_age = heartbeat_age(task.dir, now) if status.has_process else None
+        attempts = self.store.attempts(task.id)
+        row.update(
+            config=task.config_dict,
+            percent=task.percent,
+            elapsed_s=_elapsed(attempts, started, finished, now, running=status.has_process),
+            reattached=bool(row.get("reattached_at")) and status.has_process,
+            heartbeat_age_s=beat_age,
+            # A fact to show (a live runner that stopped beating), never a status: see lifecycle.stalled.
+            stalled=lifecycle.stalled(status, beat_age),
+            actions=list(lifecycle.actions(status, self._ask(task))),
+            resources=self.store.leases_of(task.id) if status.has_process or row.get("frozen_at") else [],
+            frozen=bool(row.get("frozen_at")),
+            memory_limit=self._memory_limit(task),
+            attempts=attempts,
+            queue=self._queue_place(task, waits),
+        )
+        if row.get("job_id"):
+            row["slurm"] = self._slurm_job(task)
+            if status.has_process and row["slurm"] and row["slurm"]["state"] == "PENDING":
+                why = row["slurm"]["reason"]
+                row["phase"] = f"pending in Slurm (reason: {why})" if why else "pending in Slurm"
+        if status.has_process and row.get("pause_requested_at"):
+            row["phase"] = "pausing"  # the trainer's own status events must not hide that a pause is under way
+        for internal in ("events_offset", "pid_start_time", "boot_id", "cancel_requested_at", "frozen_at"):
+            row.pop(internal, None)
+        return row
+
+    def _slurm_job(self, task: Task) -> dict[str, Any] | None:
+        """The task's Slurm job as Slurm sees it now (one cached `squeue` for all tasks); state None when
+        Slurm cannot be asked."""
+        from ftstudio.execution.slurm import SlurmExecutor
+
+        executor = self.supervisor.executor_for(task)
+        if not isinstance(executor, SlurmExecutor):
+            return {"job_id": task.job_id, "state": None, "reason": None}
+        state = executor.known(task.job_id) if task.status_enum.has_process else None
+        return {
+            "job_id": task.job_id,
+            "state": state.state if state else None,
+            "reason": state.reason if state else None,
+        }
+
+    @staticmethod
+    def _memory_limit(task: Task) -> dict[str, Any] | None:
+        """The limit and the mechanism that enforces it, as the runner recorded them (launch.json, exit.json)."""
+        if not (task.config_dict.get("resources") or {}).get("memory"):
+            return None
+        tdir = task.dir
+        for path in (tdir.exit, tdir.launch):
+            record = read_json(path) or {}
+            if isinstance(record.get("memory_limit"), dict):
+                return record["memory_limit"]
+        return None
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "home": str(self.home.root)}
+
+
+def _elapsed(
+    attempts: list[dict[str, Any]], started: float | None, finished: float | None, now: float, *, running: bool
+) -> float | None:
+    """Training time over every attempt (the time between them, queued or down, is not counted); the last
+    attempt's span where no attempt was recorded (tasks from before attempts were)."""
+    spans = [(a["started_at"], a["ended_at"]) for a in attempts if a["started_at"]]
+    if not spans:
+        return round((finished or now) - started, 1) if started else None
+    total = sum((end if end else (now if running else start)) - start for start, end in spans)
+    return round(total, 1)
+
+
+def require_task_dir(service: Service, task_id: str) -> TaskDir:
+    task = service.get(task_id)
+    tdir = task.dir
+    if not tdir.path.is_dir():
+        raise NotFound(f"the files of task {task_id} are gone from {tdir.path}")
+    return tdir
