@@ -30,11 +30,12 @@ browser:
 demo: setup
 	$(BIN)/ftstudio demo --port $(PORT)
 
-# ruff, then the import boundaries between the parts (import-linter, contracts in pyproject.toml).
+# ruff, the import boundaries between the parts (import-linter) and the types (mypy): settings in pyproject.toml.
 lint: setup
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 # The Slurm tests run against a real one-node cluster on this machine and its login
 # node (an sshd on 127.0.0.1:2222, for --slurm-host), and the multi-node ones against

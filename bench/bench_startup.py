@@ -187,7 +187,7 @@ def time_in_process(home: Home, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        tasks, total = service.list(limit=50)
+        tasks, total = service.page_of_tasks(limit=50)
         json.dumps({"tasks": [service.task_json(t) for t in tasks], "total": total, "limit": 50, "offset": 0})
         out.append(1000.0 * (time.perf_counter() - t0))
     service.store.close()
@@ -234,7 +234,7 @@ def main() -> int:
         t0 = time.monotonic()
         runners = seed_running(store, home, env, args.running)
         n_events = seed_finished(store, home, args.tasks - args.running, args.tasks_with_events)
-        total = store.list(limit=1)[1]
+        total = store.page_of_tasks(limit=1)[1]
         store.close()
         print(f"seeded {total} tasks ({args.running} running), {n_events} events in {time.monotonic() - t0:.1f}s")
         # Every runner has started its emitter (its first event is on disk) before the first start-up.

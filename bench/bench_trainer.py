@@ -253,7 +253,7 @@ def run_baseline(model_dir: Path, data: Path, epochs: float, clock: Clock) -> No
 
 
 def run_ftstudio(
-    model_dir: Path, data: Path, epochs: float, home: Path, compile: bool = False, **data_opts: Any
+    model_dir: Path, data: Path, epochs: float, home: Path, compiled: bool = False, **data_opts: Any
 ) -> dict[str, Any]:
     from ftstudio.config import TrainingConfig
     from ftstudio.events import EventWriter
@@ -261,7 +261,7 @@ def run_ftstudio(
 
     config = TrainingConfig.from_dict(
         {
-            "model": {"name": str(model_dir), "dtype": "float32", "compile": compile},
+            "model": {"name": str(model_dir), "dtype": "float32", "compile": compiled},
             "data": {"path": str(data), "validation": "0", "max_length": HP["max_length"], **data_opts},
             "lora": {"rank": HP["rank"], "alpha": HP["alpha"], "dropout": HP["dropout"]},
             "optim": {
@@ -352,8 +352,8 @@ def main() -> None:
             ("ftstudio, packing", {"packing": True}),
         ]
         if args.compile:
-            variants.append(("ftstudio, length grouping + torch.compile", {"group_by_length": True, "compile": True}))
-            variants.append(("ftstudio, packing + torch.compile", {"packing": True, "compile": True}))
+            variants.append(("ftstudio, length grouping + torch.compile", {"group_by_length": True, "compiled": True}))
+            variants.append(("ftstudio, packing + torch.compile", {"packing": True, "compiled": True}))
         for name, opts in variants:
             runs[name] = run_ftstudio(model_dir, data, args.epochs, tmpdir / "home", **opts)
             peaks.append(matmul_peak())

@@ -79,9 +79,9 @@ class Bounds:
         return ", ".join(parts) + unit
 
 
-def bounded(default: T, min: float | None = None, max: float | None = None, **kw: Any) -> T:
+def bounded(default: T, low: float | None = None, high: float | None = None, **kw: Any) -> T:
     """A dataclass field with a default and its bounds (see `Bounds` for the keywords)."""
-    return field(default=default, metadata={"bounds": Bounds(min, max, **kw)})
+    return field(default=default, metadata={"bounds": Bounds(low, high, **kw)})
 
 
 def list_bounds(*, max_items: int, max_len: int) -> dict[str, Bounds]:

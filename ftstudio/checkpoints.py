@@ -106,8 +106,8 @@ def _safetensors_ok(path: Path) -> bool:
         if n > size - 8:
             return False
         header = json.loads(f.read(n))
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    return 8 + n + max(ends, default=0) == size
+    ends: list[int] = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    return bool(8 + n + max(ends, default=0) == size)
 
 
 def find_resume_checkpoint(checkpoints_dir: Path) -> Path | None:

@@ -394,7 +394,7 @@ def _default_for(path: str) -> Any:
     section, _, name = path.partition(".")
     cls = typing.get_type_hints(TrainingConfig)[section]
     if not name:
-        return cls() if dataclasses.is_dataclass(cls) else _FIELDS[section].default
+        return cls() if isinstance(cls, type) and dataclasses.is_dataclass(cls) else _FIELDS[section].default
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -538,16 +538,15 @@ def describe_fields() -> list[FieldInfo]:
     return out
 
 
-def _info(path: str, hint: Any, default: Any, help: str) -> FieldInfo:
+def _info(path: str, hint: Any, default: Any, text: str) -> FieldInfo:
     flag = CLI_FLAGS.get(path, "")
     if get_origin(hint) is Literal:
-        return FieldInfo(path, "choice", default, help, get_args(hint), flag)
+        return FieldInfo(path, "choice", default, text, get_args(hint), flag)
     b = BOUNDS.get(path, Bounds())
-    limits = {"min": b.min, "max": b.max, "range": b.text() if path in BOUNDS else "", "max_length": b.max_len}
-    if get_origin(hint) in (list, typing.List):  # noqa: UP006
-        return FieldInfo(path, "list", default, help, (), flag, **limits)
-    name = hint.__name__ if isinstance(hint, type) else str(hint)
-    return FieldInfo(path, name, default, help, (), flag, **limits)
+    listed = get_origin(hint) in (list, typing.List)  # noqa: UP006
+    name = "list" if listed else hint.__name__ if isinstance(hint, type) else str(hint)
+    in_words = b.text() if path in BOUNDS else ""
+    return FieldInfo(path, name, default, text, (), flag, b.min, b.max, in_words, b.max_len)
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> None:

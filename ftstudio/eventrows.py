@@ -76,7 +76,9 @@ def progress_of(ev: dict[str, Any]) -> dict[str, Any]:
                 if v not in INT64:
                     raise UnstorableEvent(0, f"{k} is out of range")
                 out[k] = v
-            elif t is float and math.isfinite(v):  # NaN / Infinity read from a file: left out, like a missing value
+            elif (
+                t is float and v is not None and math.isfinite(v)
+            ):  # NaN / Infinity read from a file: left out, like a missing value
                 out[k] = v
     if kind == "status" and isinstance(ev.get("phase"), str):
         out["phase"] = text(ev["phase"][:64])

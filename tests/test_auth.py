@@ -356,7 +356,7 @@ def test_a_burst_of_submits_queues_no_more_than_the_limit(scripted):
         assert codes.count(201) == 3 and codes.count(429) == 9, codes
         detail = answers[-1].json()["detail"]
         assert "3 fine-tunes are already queued or running" in detail and "--max-pending" in detail
-        assert service.store.list(limit=100)[1] == 3
+        assert service.store.page_of_tasks(limit=100)[1] == 3
         # One ends: there is room again. The CLI (the owner at the terminal) is never refused.
         first = answers[0].json()["id"]
         c.post(f"/api/tasks/{first}/cancel").raise_for_status()

@@ -144,11 +144,11 @@ def test_lines_are_stored_as_written(store, tmp_path):
 def test_list_is_paged_newest_first_and_filters(store, tmp_path):
     ids = [make(store, tmp_path, f"t{i}").id for i in range(5)]
     store.transition(ids[0], S.QUEUED, S.CANCELLED)
-    page, total = store.list(limit=2, offset=0)
+    page, total = store.page_of_tasks(limit=2, offset=0)
     assert total == 5 and [t.name for t in page] == ["t4", "t3"]
-    page, _ = store.list(limit=2, offset=4)
+    page, _ = store.page_of_tasks(limit=2, offset=4)
     assert [t.name for t in page] == ["t0"]
-    page, total = store.list(status="cancelled")
+    page, total = store.page_of_tasks(status="cancelled")
     assert total == 1 and page[0].id == ids[0]
 
 

@@ -183,7 +183,7 @@ def test_delete_is_refused_while_running_and_removes_everything_after(service):
     service.cancel(task.id)
     service.delete(task.id)
     assert not task.dir.path.exists()
-    assert service.store.list()[1] == 0
+    assert service.store.page_of_tasks()[1] == 0
 
 
 def test_train_py_reproduces_the_task_without_user_strings(service):
@@ -206,7 +206,7 @@ def test_a_full_disk_at_submit_is_one_clear_error_and_leaves_nothing(service, mo
     monkeypatch.setattr(service_mod, "write_json_atomic", full)
     with pytest.raises(StorageError, match=r"is full: nothing was saved for this request.*free some space"):
         submit(service, "scripted steps=1")
-    assert service.store.list()[1] == 0
+    assert service.store.page_of_tasks()[1] == 0
     assert list(service.home.tasks.iterdir()) == []
 
 

@@ -63,8 +63,8 @@ class Worker:
 
         cuda = torch.cuda.is_available()
         dtype = "auto" if cuda else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust)
-        model = PeftModel.from_pretrained(model, str(path))
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust)
+        model = PeftModel.from_pretrained(base_model, str(path))
         if cuda:
             model = model.to("cuda")
         model.eval()

@@ -141,7 +141,7 @@ def _wait(service: Any, task_id: str, *, quiet: bool = False) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     service = _service()
-    tasks, total = service.list(limit=args.limit, offset=args.offset, status=args.status)
+    tasks, total = service.page_of_tasks(limit=args.limit, offset=args.offset, status=args.status)
     if args.json:
         _print_json({"tasks": [service.task_json(t) for t in tasks], "total": total})
         return 0
@@ -216,7 +216,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         offset = chunk["next_offset"]
         if chunk["next_offset"] < chunk["size"]:
             continue
-        if not args.follow or service.get(args.task).status_enum.is_final:
+        if not args.follow or service.get(args.task).status.is_final:
             return 0
         time.sleep(0.5)
 
@@ -326,10 +326,10 @@ def cmd_studio(args: argparse.Namespace) -> int:
         print(load_or_create_token(home))
         return 0
     if args.action == "url":
-        info = studio_mod.running_server(home)
-        if info is None:
+        running = studio_mod.running_server(home)
+        if running is None:
             raise NotRunning("the studio is not running; start it with `ftstudio studio start` (it prints the URL)")
-        print(info.login_url(load_or_create_token(home)))
+        print(running.login_url(load_or_create_token(home)))
         return 0
     st = studio_mod.status(home)
     if args.json:
@@ -515,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ftstudio {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Any, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+    def add(name: str, func: Any, summary: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=summary, description=summary)
         sp.set_defaults(func=func)
         return sp
 

@@ -27,8 +27,8 @@ from typing import Protocol
 import psutil
 
 from ftstudio.errors import LaunchError
-from ftstudio.execution.facts import SchedulerWord
-from ftstudio.execution.procs import TASK_ENV, Identity, Liveness, boot_id, check, kill_tagged, tagged, wait_gone
+from ftstudio.execution.facts import Liveness, SchedulerWord
+from ftstudio.execution.procs import TASK_ENV, Identity, boot_id, check, kill_tagged, tagged, wait_gone
 from ftstudio.home import TaskDir, read_json
 
 

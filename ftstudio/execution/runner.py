@@ -219,8 +219,9 @@ def last_of(task: TaskDir, since: int, kind: str | None = None) -> dict[str, Any
 def last_error(task: TaskDir, since: int = 0) -> str | None:
     """The trainer's own one-line account of what went wrong in this attempt, if it wrote one."""
     for ev in reversed(attempt_events(task, since)):
-        if ev.get("kind") == "error" and isinstance(ev.get("message"), str):
-            return ev["message"]
+        message = ev.get("message")
+        if ev.get("kind") == "error" and isinstance(message, str):
+            return message
     return None
 
 
@@ -429,12 +430,17 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
     shutil.rmtree(task.ranks, ignore_errors=True)  # the ranks' accounts of an earlier attempt
     log(f"starting training for task {task_id} (attempt {attempt}): {' '.join(argv[1:])}")
     limit = memlimit.start(read_json(task.spec) or {}, task_id, log, attempt)  # memory limit: memlimit.py
+
+    def in_child() -> None:  # between fork and exec: gone with the runner, then inside the limit
+        die_with_parent()
+        limit.in_child()
+
     trainer = subprocess.Popen(
         limit.command(argv),
         cwd=task.path,
         env=env,
         stdin=subprocess.DEVNULL,
-        preexec_fn=lambda: (die_with_parent(), limit.in_child()),
+        preexec_fn=in_child,
         close_fds=True,
     )
     limit.started(trainer.pid)

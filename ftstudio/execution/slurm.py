@@ -37,8 +37,8 @@ from typing import Any
 
 from ftstudio.errors import LaunchError, UserError
 from ftstudio.execution.executor import Launch
-from ftstudio.execution.facts import SchedulerWord
-from ftstudio.execution.procs import TASK_ENV, Liveness
+from ftstudio.execution.facts import Liveness, SchedulerWord
+from ftstudio.execution.procs import TASK_ENV
 from ftstudio.home import TaskDir, read_json
 
 log = logging.getLogger("ftstudio.slurm")
@@ -355,7 +355,7 @@ def sbatch_options(settings: SlurmSettings, config: Mapping[str, Any]) -> list[s
         from ftstudio.resources import parse_memory
 
         # Slurm's --mem in MiB: the limit Slurm enforces on the whole allocation.
-        opts.append(f"--mem={max(1, parse_memory(memory) >> 20)}M")
+        opts.append(f"--mem={max(1, (parse_memory(memory) or 0) >> 20)}M")
     opts += list(settings.extra)
     # Slurm may requeue the job (scontrol requeue, a preemption, a node failure): the studio then runs
     # the task's next attempt in it (SlurmExecutor.submit adopts it), and the runner reads which one.

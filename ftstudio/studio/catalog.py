@@ -1,5 +1,5 @@
 """Datasets and models the studio knows: uploads checked row by row, the bundled ones, recent models.
-Part of `Service` (service.py)."""
+One of the parts the service is composed of (service.py)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ log = logging.getLogger("ftstudio")
 
 
 class Catalog:
-    # Set by Service.__init__ (service.py); declared here for the methods below.
-    home: Home
-    store: Store
-    policy: Policy
+    def __init__(self, home: Home, store: Store, policy: Policy) -> None:
+        self.home = home
+        self.store = store
+        self.policy = policy
 
     def receive_dataset(self) -> Incoming:
         """Start an upload: a side directory under datasets/ that the file streams into (see uploads.py)."""

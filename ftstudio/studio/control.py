@@ -2,7 +2,7 @@
 
 What each request does to a task in its status is lifecycle.answer's decision; this module
 gathers what it needs (`Ask`), sends the signals the answer calls for through the executor, and
-applies the move in the store. Part of `Service` (service.py).
+applies the move in the store. One of the parts the service is composed of (service.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ftstudio import checkpoints
@@ -28,9 +29,7 @@ from ftstudio.studio.supervisor import launch_of
 from ftstudio.studio.task import TaskStatus
 
 if TYPE_CHECKING:
-    from ftstudio.execution.executor import Executor
     from ftstudio.home import Home
-    from ftstudio.studio.policy import Policy
     from ftstudio.studio.store import Store
     from ftstudio.studio.supervisor import Supervisor
 
@@ -41,21 +40,26 @@ CANCEL_GRACE_S = 10.0
 
 
 class Control:
-    # Set by Service.__init__ (service.py); declared here for the methods below.
-    home: Home
-    store: Store
-    executor: Executor
-    supervisor: Supervisor
-    policy: Policy
-    in_server: bool
-    _stopping: set[str]
-    _stopping_lock: threading.Lock
-
-    if TYPE_CHECKING:  # the other parts of Service
-
-        def get(self, task_id: str) -> Task: ...  # service.py
-
-        def schedule(self) -> list[str]: ...  # launcher.py
+    def __init__(
+        self,
+        home: Home,
+        store: Store,
+        supervisor: Supervisor,
+        *,
+        in_server: bool,
+        get: Callable[[str], Task],
+        schedule: Callable[[], list[str]],
+    ) -> None:
+        """`get`: a task as the service reads it (brought up to date where no studio watches);
+        `schedule`: the queue's start of whatever can start now (launcher.py)."""
+        self.home = home
+        self.store = store
+        self.supervisor = supervisor
+        self.in_server = in_server
+        self.get = get
+        self.schedule = schedule
+        self._stopping: set[str] = set()  # tasks whose cancel is under way
+        self._stopping_lock = threading.Lock()
 
     def cancel(self, task_id: str, *, grace: float = CANCEL_GRACE_S, wait: bool | None = None) -> Task:
         """Stop a task: SIGTERM to its runner, SIGKILL to everything tagged with it after `grace` seconds.
@@ -64,7 +68,7 @@ class Control:
         escalation runs in a thread: an HTTP worker must not block for the grace period. The CLI waits,
         since nobody else would finish the job once it exits."""
         task = self.get(task_id)
-        answer = lifecycle.answer(task.status_enum, Action.CANCEL, self._ask(task))
+        answer = lifecycle.answer(task.status, Action.CANCEL, self.ask(task))
         if answer.refused:
             raise Conflict(f"task {task.id} {answer.refused}")
         if answer.move is not None:  # no process to stop, or a frozen one: killed outright, then cancelled
@@ -113,7 +117,7 @@ class Control:
         """Pause a task. Suspend (the default): the trainer saves a checkpoint at its next step and exits,
         freeing its slot or GPUs; a queued task is held. Freeze: SIGSTOP, instant, memory still held."""
         task = self.get(task_id)
-        answer = lifecycle.answer(task.status_enum, Action.FREEZE if freeze else Action.PAUSE, self._ask(task))
+        answer = lifecycle.answer(task.status, Action.FREEZE if freeze else Action.PAUSE, self.ask(task))
         if answer.refused:
             raise Conflict(f"task {task.id} {answer.refused}")
         launch = launch_of(task)
@@ -122,7 +126,7 @@ class Control:
             if launch is None or not task.dir.launch.exists():
                 raise Conflict(f"task {task.id} is still starting its training process; pause it again in a moment")
             with writing(self.home.root):
-                self.store.update(task.id, expect=task.status_enum, pause_requested_at=time.time(), phase="pausing")
+                self.store.update(task.id, expect=task.status, pause_requested_at=time.time(), phase="pausing")
                 write_json_atomic(task.dir.pause_request, {"requested_at": time.time()})
             if not self.supervisor.executor_for(task).signal(task.dir, launch, signal.SIGUSR1):
                 self.store.update(task.id, pause_requested_at=None, phase=task.phase)
@@ -149,7 +153,7 @@ class Control:
     def resume(self, task_id: str) -> Task:
         """Continue a paused task: back into the queue from its checkpoint, or a frozen one thawed in place."""
         task = self.get(task_id)
-        answer = lifecycle.answer(task.status_enum, Action.RESUME, self._ask(task, look=True))
+        answer = lifecycle.answer(task.status, Action.RESUME, self.ask(task, look=True))
         if answer.refused:
             raise Conflict(f"task {task.id} {answer.refused}")
         assert answer.move is not None
@@ -201,7 +205,7 @@ class Control:
 
     def _requeue(self, task_id: str, action: Action, config: dict[str, Any] | None = None) -> Task:
         task = self.get(task_id)
-        answer = lifecycle.answer(task.status_enum, action, self._ask(task, look=True))
+        answer = lifecycle.answer(task.status, action, self.ask(task, look=True))
         if answer.refused:
             raise Conflict(f"task {task.id} {answer.refused}")
         assert answer.move is not None
@@ -221,7 +225,7 @@ class Control:
         self.schedule()
         return self.store.get(task.id)
 
-    def _ask(self, task: Task, *, look: bool = False) -> lifecycle.Ask:
+    def ask(self, task: Task, *, look: bool = False) -> lifecycle.Ask:
         """What the lifecycle needs beside the status; `look`: find the newest complete checkpoint (reads files)."""
         resources = task.config_dict.get("resources") or {}
         step = None
@@ -247,7 +251,7 @@ class Control:
 
     def delete(self, task_id: str) -> None:
         task = self.get(task_id)
-        refused = lifecycle.answer(task.status_enum, Action.DELETE, self._ask(task)).refused
+        refused = lifecycle.answer(task.status, Action.DELETE, self.ask(task)).refused
         if refused:
             raise Conflict(f"task {task.id} {refused}")
         # A runner writes its exit record as its last act; give it a moment to be gone.

@@ -1,14 +1,15 @@
 """The queue's side of the service: slots, the plan, claiming a task with its leases, launching it.
 
-`Service` (service.py) is made of this, `Control` (control.py) and `Catalog` (catalog.py): one
-API for the CLI and the HTTP routes, in modules of one concern each. The decision of who starts
-is scheduler.py's; this module gathers its inputs and acts on its answer.
+One of the parts the service is composed of (service.py), with `Control` (control.py) and
+`Catalog` (catalog.py). The decision of who starts is scheduler.py's; this module gathers its
+inputs and acts on its answer.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ftstudio import checkpoints
@@ -26,9 +27,7 @@ if TYPE_CHECKING:
     from ftstudio.execution.executor import Executor
     from ftstudio.execution.slurm import SlurmSettings
     from ftstudio.home import Home
-    from ftstudio.studio.policy import Policy
     from ftstudio.studio.store import Store
-    from ftstudio.studio.supervisor import Supervisor
 
 log = logging.getLogger("ftstudio")
 
@@ -37,18 +36,24 @@ DEFAULT_SLOTS = 1  # training slots for tasks without a GPU: one at a time, so t
 
 
 class Launcher:
-    # Set by Service.__init__ (service.py); declared here for the methods below.
-    home: Home
-    store: Store
-    executor: Executor
-    supervisor: Supervisor
-    policy: Policy
-    in_server: bool
-    gpus: tuple[int, ...]
-    _scheduling: threading.Lock
-
-    def _yield_chat(self, task_id: str, resources: tuple[str, ...]) -> None:
-        """A task is about to start on `resources` (Service stops a chat worker that uses them)."""
+    def __init__(
+        self,
+        home: Home,
+        store: Store,
+        executor: Executor,
+        gpus: tuple[int, ...],
+        *,
+        yield_chat: Callable[[str, tuple[str, ...]], None] = lambda task_id, resources: None,
+    ) -> None:
+        """`executor`: where new tasks go; `gpus`: this machine's, that the queue hands out;
+        `yield_chat`: called as a task is about to start on its resources (the service stops a chat
+        worker that uses them: training comes first)."""
+        self.home = home
+        self.store = store
+        self.executor = executor
+        self.gpus = gpus
+        self.yield_chat = yield_chat
+        self._scheduling = threading.Lock()  # one plan at a time in this process (the store guards the rest)
 
     def slots(self) -> int:
         """Training slots for tasks without a GPU, as `studio start --slots` last set them in this home."""
@@ -141,7 +146,7 @@ class Launcher:
         # Where the studio manages GPUs the task sees exactly its own (none for a CPU task); where it found
         # none (no nvidia-smi), the environment is left alone rather than hiding GPUs it cannot count.
         env = cuda_env(grant.gpu_ids) if self.gpus and not self.executor.cluster else {}
-        self._yield_chat(task.id, grant.resources)  # training first: a chat on its GPU or slot stops now
+        self.yield_chat(task.id, grant.resources)  # training first: a chat on its GPU or slot stops now
         try:
             launch = self.executor.submit(tdir, attempt=task.attempt, env=env)
         except LaunchError as e:
@@ -163,8 +168,6 @@ class Launcher:
 
     def queue(self) -> dict[str, Any]:
         """What runs, what waits and for what (`ftstudio queue`, `GET /api/queue`)."""
-        if not self.in_server:
-            self._catch_up()
         plan = self.plan()
         running = []
         for task in self.store.with_status(S.PREPARING, S.TRAINING):
@@ -191,15 +194,8 @@ class Launcher:
         chats = running_chats(self.home.chats)
         return {"slots": self.slots(), "gpus": list(self.gpus), "running": running, "waiting": waiting, "chats": chats}
 
-    def _catch_up(self) -> None:
-        """With no studio watching (the CLI alone), end what has ended and start what can start."""
-        for task in self.store.with_status(S.PREPARING, S.TRAINING):
-            self.supervisor.sync(task)
-        self.supervisor.recover_all()
-        self.schedule()
-
-    def _queue_place(self, task: Task, waits: dict[str, scheduler.Wait] | None) -> dict[str, Any] | None:
-        if task.status_enum != S.QUEUED:
+    def queue_place(self, task: Task, waits: dict[str, scheduler.Wait] | None) -> dict[str, Any] | None:
+        if task.status != S.QUEUED:
             return None
         wait = (waits if waits is not None else self.plan().waits).get(task.id)
         if wait is None:  # free to start: the next look of the scheduler starts it

@@ -1,8 +1,9 @@
 """The service: the one API that the CLI and the HTTP routes both call.
 
-`Service` is this module (submit, reading, presentation) with the queue's side (launcher.py),
-a person's requests on a task (control.py) and the datasets and models (catalog.py).
-Nothing above this module touches SQLite or processes. Every method either
+`Service` does submit, reading and presentation itself, and is composed of parts with one concern
+each, which it calls: the queue's side (`Launcher`, launcher.py), a person's requests on a task
+(`Control`, control.py) and the datasets and models (`Catalog`, catalog.py). Its methods are the
+door: nothing above this module touches SQLite, processes or the parts. Every method either
 returns a result or raises an `ftstudio.errors` exception whose message a
 person can act on; the edges map those to HTTP codes and exit codes.
 """
@@ -14,7 +15,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ftstudio import __version__, taskfiles
 from ftstudio.chat.process import ChatReply, ChatRequest, ChatWorker, Machine
@@ -26,16 +27,20 @@ from ftstudio.resources import machine_gpus, want_of
 from ftstudio.storage import writing
 from ftstudio.studio import lifecycle, paths, scheduler
 from ftstudio.studio.catalog import Catalog
-from ftstudio.studio.control import CANCEL_GRACE_S as CANCEL_GRACE_S  # where callers have looked for it
-from ftstudio.studio.control import Control
+from ftstudio.studio.control import CANCEL_GRACE_S, Control
+from ftstudio.studio.incoming import Incoming
 from ftstudio.studio.launcher import DEFAULT_SLOTS as DEFAULT_SLOTS
 from ftstudio.studio.launcher import Launcher
 from ftstudio.studio.policy import Policy
+from ftstudio.studio.scheduler import Plan
 from ftstudio.studio.store import Store, Task
 from ftstudio.studio.supervisor import Supervisor, heartbeat_age
 from ftstudio.studio.task import TaskStatus
 from ftstudio.text import plain, printable
 from ftstudio.training import evaluation
+
+if TYPE_CHECKING:
+    from ftstudio.execution.slurm import SlurmSettings
 
 log = logging.getLogger("ftstudio")
 
@@ -94,7 +99,7 @@ def choose_executors(store: Store, given: Executor | None) -> tuple[Executor, di
     return found.get(store.setting("executor") or local.name, local), found
 
 
-class Service(Launcher, Control, Catalog):
+class Service:
     def __init__(
         self,
         home: Home | None = None,
@@ -106,18 +111,20 @@ class Service(Launcher, Control, Catalog):
         self.home = (home or Home.default()).ensure()
         self.policy = policy or Policy()
         self._admit = threading.Lock()
-        self._scheduling = threading.Lock()  # one plan at a time in this process (the store guards the rest)
         self.gpus: tuple[int, ...] = machine_gpus()
-        self._stopping: set[str] = set()  # tasks whose cancel is under way
-        self._stopping_lock = threading.Lock()
         self._chat: ChatWorker | None = None
         setup_logging(self.home)
         self.store = Store(self.home.db)
         self.executor, executors = choose_executors(self.store, executor)
         self.in_server = in_server
+        self.launcher = Launcher(self.home, self.store, self.executor, self.gpus, yield_chat=self._yield_chat)
         self.supervisor = Supervisor(
-            self.store, self.home, self.executor, launch_queued=self.launch_queued, executors=executors
+            self.store, self.home, self.executor, launch_queued=self.launcher.schedule, executors=executors
         )
+        self.control = Control(
+            self.home, self.store, self.supervisor, in_server=in_server, get=self.get, schedule=self.launcher.schedule
+        )
+        self.catalog = Catalog(self.home, self.store, self.policy)
 
     # -- submit and launch ---------------------------------------------------
 
@@ -224,6 +231,84 @@ class Service(Launcher, Control, Catalog):
                 f"`ftstudio studio start --max-pending N`)"
             )
 
+    # -- the queue (launcher.py) -----------------------------------------------
+
+    def slots(self) -> int:
+        """Training slots for tasks without a GPU (`studio start --slots`)."""
+        return self.launcher.slots()
+
+    def set_slots(self, slots: int) -> None:
+        self.launcher.set_slots(slots)
+
+    def set_executor(self, kind: str, slurm: SlurmSettings | None = None, *, check: bool = True) -> str:
+        """Where new tasks run (`studio start --executor`); a line for the person."""
+        return self.launcher.set_executor(kind, slurm, check=check)
+
+    def plan(self) -> Plan:
+        """Who would start now, and why each other queued task waits."""
+        return self.launcher.plan()
+
+    def schedule(self) -> list[str]:
+        """Start every queued task whose resources are free; the ids started."""
+        return self.launcher.schedule()
+
+    def queue(self) -> dict[str, Any]:
+        """What runs, what waits and for what (`ftstudio queue`, `GET /api/queue`)."""
+        if not self.in_server:
+            self._catch_up()
+        return self.launcher.queue()
+
+    def _catch_up(self) -> None:
+        """With no studio watching (the CLI alone), end what has ended and start what can start."""
+        for task in self.store.with_status(S.PREPARING, S.TRAINING):
+            self.supervisor.sync(task)
+        self.supervisor.recover_all()
+        self.launcher.schedule()
+
+    # -- a person's requests on a task (control.py) ----------------------------
+
+    def cancel(self, task_id: str, *, grace: float = CANCEL_GRACE_S, wait: bool | None = None) -> Task:
+        return self.control.cancel(task_id, grace=grace, wait=wait)
+
+    def pause(self, task_id: str, *, freeze: bool = False) -> Task:
+        return self.control.pause(task_id, freeze=freeze)
+
+    def resume(self, task_id: str) -> Task:
+        return self.control.resume(task_id)
+
+    def retry(self, task_id: str) -> Task:
+        return self.control.retry(task_id)
+
+    def extend(self, task_id: str, *, epochs: float | None = None, steps: int | None = None) -> Task:
+        return self.control.extend(task_id, epochs=epochs, steps=steps)
+
+    def history(self, task_id: str) -> dict[str, Any]:
+        return self.control.history(task_id)
+
+    def delete(self, task_id: str) -> None:
+        self.control.delete(task_id)
+
+    # -- datasets and models (catalog.py) --------------------------------------
+
+    def receive_dataset(self) -> Incoming:
+        """Start an upload: a side directory under datasets/ that the file streams into."""
+        return self.catalog.receive_dataset()
+
+    def add_dataset(self, incoming: Incoming) -> dict[str, Any]:
+        return self.catalog.add_dataset(incoming)
+
+    def upload_dataset(self, filename: str, stream: IO[bytes]) -> dict[str, Any]:
+        return self.catalog.upload_dataset(filename, stream)
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        return self.catalog.dataset(name)
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self.catalog.datasets()
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.catalog.models()
+
     # -- chat ----------------------------------------------------------------
 
     @property
@@ -240,10 +325,10 @@ class Service(Launcher, Control, Catalog):
         """What training holds on this machine, for the chat's place: the store's leases (the studio's and
         any other process's tasks). A cluster's tasks train elsewhere: the chat has this machine to itself."""
         held = {} if self.executor.cluster else {lease.resource: lease.task_id for lease in self.store.leases()}
-        return Machine(self.gpus, self.slots(), held)
+        return Machine(self.gpus, self.launcher.slots(), held)
 
     def _yield_chat(self, task_id: str, resources: tuple[str, ...]) -> None:
-        """Launcher.launch's hook: a task is about to start on `resources`; the chat gives them up first."""
+        """The launcher's hook: a task is about to start on `resources`; the chat gives them up first."""
         if self._chat is not None and not self.executor.cluster:
             self._chat.yield_to(task_id, resources)
 
@@ -266,17 +351,17 @@ class Service(Launcher, Control, Catalog):
     def get(self, task_id: str) -> Task:
         self.home.task(task_id)  # rejects ids that could never be ours (path characters) with a clear error
         task = self.store.get(task_id)
-        if not self.in_server and task.status_enum.has_process:
+        if not self.in_server and task.status.has_process:
             # No studio may be watching: bring the record up to date ourselves (compare-and-set makes this safe).
             self.supervisor.sync(task)
             task = self.store.get(task_id)
-        elif not self.in_server and task.status_enum == S.QUEUED:
+        elif not self.in_server and task.status == S.QUEUED:
             # It waits for others to end: with no studio watching, nobody else would notice they did.
             self._catch_up()
             task = self.store.get(task_id)
         return task
 
-    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> tuple[list[Task], int]:
+    def page_of_tasks(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> tuple[list[Task], int]:
         if status is not None and status not in {s.value for s in S}:
             raise ValidationError(f"status: unknown status {status!r}; use one of {', '.join(s.value for s in S)}")
         if not 1 <= limit <= 1000:
@@ -285,7 +370,7 @@ class Service(Launcher, Control, Catalog):
             raise ValidationError("offset: must not be negative")
         if not self.in_server:
             self._catch_up()
-        return self.store.list(limit=limit, offset=offset, status=status)
+        return self.store.page_of_tasks(limit=limit, offset=offset, status=status)
 
     def logs(self, task_id: str, offset: int = 0, limit: int = 64 << 10) -> dict[str, Any]:
         """Bytes of training.log from `offset` (negative: the last -offset bytes)."""
@@ -321,8 +406,8 @@ class Service(Launcher, Control, Catalog):
 
     def task_json(self, task: Task, waits: dict[str, scheduler.Wait] | None = None) -> dict[str, Any]:
         """The task as the API and `--json` show it. `waits`: the queue's plan, when the caller made one for many."""
-        row = dict(task.row)
-        status = task.status_enum
+        row = task.as_dict()
+        status = task.status
         now = self.supervisor.clock()
         started, finished = row.get("started_at"), row.get("finished_at")
         beat_age = heartbeat_age(task.dir, now) if status.has_process else None
@@ -335,12 +420,12 @@ class Service(Launcher, Control, Catalog):
             heartbeat_age_s=beat_age,
             # A fact to show (a live runner that stopped beating), never a status: see lifecycle.stalled.
             stalled=lifecycle.stalled(status, beat_age),
-            actions=list(lifecycle.actions(status, self._ask(task))),
+            actions=list(lifecycle.actions(status, self.control.ask(task))),
             resources=self.store.leases_of(task.id) if status.has_process or row.get("frozen_at") else [],
             frozen=bool(row.get("frozen_at")),
             memory_limit=self._memory_limit(task),
             attempts=attempts,
-            queue=self._queue_place(task, waits),
+            queue=self.launcher.queue_place(task, waits),
         )
         if row.get("job_id"):
             row["slurm"] = self._slurm_job(task)
@@ -361,7 +446,7 @@ class Service(Launcher, Control, Catalog):
         executor = self.supervisor.executor_for(task)
         if not isinstance(executor, SlurmExecutor):
             return {"job_id": task.job_id, "state": None, "reason": None}
-        state = executor.known(task.job_id) if task.status_enum.has_process else None
+        state = executor.known(task.job_id) if task.job_id and task.status.has_process else None
         return {
             "job_id": task.job_id,
             "state": state.state if state else None,
@@ -375,9 +460,9 @@ class Service(Launcher, Control, Catalog):
             return None
         tdir = task.dir
         for path in (tdir.exit, tdir.launch):
-            record = read_json(path) or {}
-            if isinstance(record.get("memory_limit"), dict):
-                return record["memory_limit"]
+            limit = (read_json(path) or {}).get("memory_limit")
+            if isinstance(limit, dict):
+                return limit
         return None
 
     def health(self) -> dict[str, Any]:
@@ -392,7 +477,7 @@ def _elapsed(
     spans = [(a["started_at"], a["ended_at"]) for a in attempts if a["started_at"]]
     if not spans:
         return round((finished or now) - started, 1) if started else None
-    total = sum((end if end else (now if running else start)) - start for start, end in spans)
+    total: float = sum((end if end else (now if running else start)) - start for start, end in spans)
     return round(total, 1)
 
 

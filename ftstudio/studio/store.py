@@ -14,12 +14,13 @@ handle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,38 +160,87 @@ class Batch:
     lines: list[str] | None = None  # the raw lines of `events`, stored as written
 
 
-@dataclass
+@dataclass(frozen=True)
 class Task:
-    """One row of `tasks`, as the service hands it out."""
+    """One row of `tasks`, as the service hands it out: a snapshot, read again (`Store.get`) to see a change."""
 
-    row: dict[str, Any]
+    id: str
+    name: str
+    status: TaskStatus
+    model: str
+    dataset: str
+    config: str
+    """The TrainingConfig as JSON text (`config_dict` parses it)."""
+    task_dir: str
+    executor: str
+    """The executor that launched it ("local", "slurm"): it is watched by that one."""
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    total_epochs: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    phase: str | None = None
+    error: str | None = None
+    attempt: int = 1
+    pid: int | None = None
+    pid_start_time: float | None = None
+    boot_id: str | None = None
+    pgid: int | None = None
+    events_offset: int = 0
+    """How far into events.jsonl the store has read, in bytes."""
+    events_seq: int = 0
+    reattached_at: float | None = None
+    cancel_requested_at: float | None = None
+    priority: int = 0
+    pause_requested_at: float | None = None
+    frozen_at: float | None = None
+    restarts: int = 0
+    """Automatic restarts after failures of the run itself (resume.max_restarts counts these)."""
+    job_id: str | None = None
+    """The cluster scheduler's job id, for a task it runs."""
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.row[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Task:
+        """A row of `tasks` (sqlite3.Row or a dict); columns a newer schema adds are left out."""
+        values = {name: row[name] for name in _TASK_FIELDS if name in row.keys()}  # noqa: SIM118  (sqlite3.Row)
+        values["status"] = TaskStatus(values["status"])
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row's columns as a dict, for JSON."""
+        return {name: getattr(self, name) for name in _TASK_FIELDS}
+
+    def read_to(self, offset: int, seq: int) -> Task:
+        """This task with its events read up to byte `offset` (event number `seq`), as an ingest left the store."""
+        return Task(**{**self.as_dict(), "events_offset": offset, "events_seq": seq})
 
     @property
     def dir(self) -> TaskDir:
-        return TaskDir(Path(self.row["task_dir"]))
-
-    @property
-    def status_enum(self) -> TaskStatus:
-        return TaskStatus(self.row["status"])
+        return TaskDir(Path(self.task_dir))
 
     @property
     def config_dict(self) -> dict[str, Any]:
-        return json.loads(self.row["config"])
+        config: dict[str, Any] = json.loads(self.config)
+        return config
 
     @property
     def percent(self) -> float | None:
-        total = self.row.get("total_steps")
-        if self.row["status"] == TaskStatus.COMPLETED:
+        if self.status == TaskStatus.COMPLETED:
             return 100.0
-        if not total:
+        if not self.total_steps:
             return None
-        return round(100.0 * min(self.row["step"] or 0, total) / total, 1)
+        return round(100.0 * min(self.step or 0, self.total_steps) / self.total_steps, 1)
+
+
+_TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
 
 
 class Store:
@@ -248,7 +298,8 @@ class Store:
                 c.execute(f"PRAGMA user_version = {number + 1}")
 
     def schema_version(self) -> int:
-        return self._conn().execute("PRAGMA user_version").fetchone()[0]
+        version: int = self._conn().execute("PRAGMA user_version").fetchone()[0]
+        return version
 
     # -- tasks ---------------------------------------------------------------
 
@@ -290,21 +341,21 @@ class Store:
         row = self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:
             raise NotFound(f"no task {task_id!r} (see `ftstudio tasks`)")
-        return Task(dict(row))
+        return Task.from_row(row)
 
-    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> tuple[list[Task], int]:
+    def page_of_tasks(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> tuple[list[Task], int]:
         where, args = ("WHERE status = ?", [status]) if status else ("", [])
         conn = self._conn()
         total = conn.execute(f"SELECT count(*) FROM tasks {where}", args).fetchone()[0]
         rows = conn.execute(
             f"SELECT * FROM tasks {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?", [*args, limit, offset]
         ).fetchall()
-        return [Task(dict(r)) for r in rows], total
+        return [Task.from_row(r) for r in rows], total
 
     def with_status(self, *statuses: TaskStatus) -> list[Task]:
         marks = ",".join("?" * len(statuses))
         rows = self._conn().execute(f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY created_at", statuses)
-        return [Task(dict(r)) for r in rows]
+        return [Task.from_row(r) for r in rows]
 
     def apply(self, task_id: str, move: Move, **fields: Any) -> Task:
         """Make a move the lifecycle decided, with its fields and any of the caller's (a launch's pid)."""

@@ -59,7 +59,7 @@ class Verdict:
 
 
 def launch_of(task: Task) -> Launch | None:
-    if task.row.get("job_id"):
+    if task.job_id:
         return Launch(0, 0.0, "", 0, job_id=task.job_id)
     if task.pid is None or task.pid_start_time is None:
         return None
@@ -116,7 +116,7 @@ class Supervisor:
         self._files: dict[str, tuple[str, str]] = {}  # task dir -> (events.jsonl, exit.json), built once
 
     def executor_for(self, task: Task) -> Executor:
-        return self.executors.get(task.row.get("executor") or "", self.executor)
+        return self.executors.get(task.executor or "", self.executor)
 
     def poke(self) -> None:
         """Look now, not at the next tick (a runner ended, or the studio is stopping). Any thread."""
@@ -132,9 +132,12 @@ class Supervisor:
 
     # -- one task ------------------------------------------------------------
 
-    def ingest(self, tasks: Iterable[Task]) -> set[str]:
-        """Read new events of these tasks into the store; move preparing -> training on the first step."""
+    def ingest(self, tasks: Iterable[Task], current: dict[str, Task] | None = None) -> set[str]:
+        """Read new events of these tasks into the store; move preparing -> training on the first step.
+        `current`: the caller's copies by id, replaced here with what the store now holds, so the watch
+        loop needs no read per tick."""
         changed: set[str] = set()
+        current = {} if current is None else current
         pending = []
         for task in tasks:
             path = self.files(task)[0]
@@ -158,25 +161,24 @@ class Supervisor:
             stored = results[task.id]
             if isinstance(stored, Refused):
                 self._refuse(task, chunk, stored)
+                current[task.id] = self.store.get(task.id)
                 changed.add(task.id)
                 continue
             if not stored and chunk.events:
                 # Someone else (the CLI, another reader) took these bytes first: catch up from the store.
-                task.row.update(self.store.get(task.id).row)
+                current[task.id] = self.store.get(task.id)
                 continue
-            # Keep the caller's copy current so the watch loop needs no read per tick.
-            task.row["events_offset"] = chunk.offset
-            task.row["events_seq"] += len(stored)
+            current[task.id] = task.read_to(chunk.offset, task.events_seq + len(stored))  # as stored: no read
             if not stored:
                 continue
             changed.add(task.id)
             began = any(e["kind"] in ("train_begin", "progress") for e in stored)
-            move = lifecycle.training_began(task.status_enum) if began else None
+            move = lifecycle.training_began(task.status) if began else None
             if move is not None:
                 try:
-                    task.row["status"] = self.store.apply(task.id, move).status
+                    current[task.id] = self.store.apply(task.id, move)
                 except LostRace:
-                    task.row.update(self.store.get(task.id).row)
+                    current[task.id] = self.store.get(task.id)
         return changed
 
     def _refuse(self, task: Task, chunk: events.Chunk, refused: Refused) -> None:
@@ -190,7 +192,7 @@ class Supervisor:
             where = f"events.jsonl after byte {task.events_offset:,}: {refused.what}"
         for _ in range(3):  # a lost race is someone else's move: look again
             current = self.store.get(task.id)
-            move = lifecycle.unstorable_events(current.status_enum, where, current.step or 0, current.total_steps)
+            move = lifecycle.unstorable_events(current.status, where, current.step or 0, current.total_steps)
             if move is None:
                 break
             try:
@@ -202,16 +204,15 @@ class Supervisor:
         # After the move (an exit record the runner writes as it dies must not decide the outcome), and
         # whoever moved it: a process whose records cannot be stored must not go on.
         self.executor_for(task).kill_all(task.id)
-        task.row.update(self.store.get(task.id).row)
 
     def sync(self, task: Task, *, startup: bool = False) -> Verdict | None:
         """Bring one task's record up to date with its directory and process. Returns a verdict if the state moved."""
-        status = task.status_enum
+        status = task.status
         if not status.has_process:
             return None
         task = self.store.get(task.id)  # the caller's copy may predate the launch's pid, or a move
-        if not task.status_enum.has_process:
-            return Verdict(task.id, task.status_enum, task.error or "") if task.status != status else None
+        if not task.status.has_process:
+            return Verdict(task.id, task.status, task.error or "") if task.status != status else None
         tdir = task.dir
         launch = launch_of(task)
         # Liveness before the exit record, and both before the last events are read: a runner that
@@ -222,8 +223,8 @@ class Supervisor:
         record = read_json(tdir.exit)
         self.ingest([task])
         task = self.store.get(task.id)
-        if not task.status_enum.has_process:  # its events failed it (or someone else moved it)
-            return Verdict(task.id, task.status_enum, task.error or "") if task.status != status else None
+        if not task.status.has_process:  # its events failed it (or someone else moved it)
+            return Verdict(task.id, task.status, task.error or "") if task.status != status else None
         word = executor.word(tdir, launch) if launch is not None and executor.cluster else None
         move = lifecycle.decide(self.facts(task, liveness, record, word))
         if move is not None:
@@ -231,7 +232,7 @@ class Supervisor:
         if liveness == Liveness.ALIVE:
             self._doubts.discard(task.id)
             if startup:
-                self.store.update(task.id, expect=task.status_enum, reattached_at=self.clock())
+                self.store.update(task.id, expect=task.status, reattached_at=self.clock())
                 log.info("reattached to task %s, pid %s, %s", task.id, task.pid, progress_text(task))
         elif liveness == Liveness.UNKNOWN and task.id not in self._doubts:
             log.warning(
@@ -255,7 +256,7 @@ class Supervisor:
         beat = last_beat(task.dir)
         age = None if beat is None else max(0.0, now - beat)
         return Facts(
-            status=task.status_enum,
+            status=task.status,
             liveness=liveness,
             exit=ExitRecord.from_json(record) if record is not None else None,
             since_launch_s=now - task.started_at if task.started_at else None,
@@ -323,8 +324,8 @@ class Supervisor:
         return sum(self.recover(task) is not None for task in self.store.with_status(TaskStatus.INTERRUPTED))
 
     def recover(self, task: Task) -> Move | None:
-        config = (task.config_dict.get("resume") or {}) if task.status_enum == TaskStatus.INTERRUPTED else {}
-        if not config.get("auto", True) or task.status_enum != TaskStatus.INTERRUPTED:
+        config = (task.config_dict.get("resume") or {}) if task.status == TaskStatus.INTERRUPTED else {}
+        if not config.get("auto", True) or task.status != TaskStatus.INTERRUPTED:
             return None
         newest = checkpoints.find_resume_checkpoint(task.dir.checkpoints)
         attempts = self.store.attempts(task.id)
@@ -336,7 +337,7 @@ class Supervisor:
             checkpoint_step=checkpoints.step_of(newest) if newest else None,
             end_steps=tuple(a["end_step"] for a in attempts if a["end_step"] is not None),
         )
-        move = lifecycle.recover(task.status_enum, facts)
+        move = lifecycle.recover(task.status, facts)
         if move is None:
             return None
         try:
@@ -348,7 +349,7 @@ class Supervisor:
 
     def run(self, stop: threading.Event) -> None:
         """The watch loop; returns when `stop` is set."""
-        watched: list[Task] = []
+        watched: dict[str, Task] = {}  # by id: the store's copy, kept current by ingest
         last_scan = last_ingest = last_liveness = 0.0
         while not stop.is_set():
             self._wake.clear()
@@ -360,28 +361,29 @@ class Supervisor:
                     if self.launch_queued:
                         self.launch_queued()
                     last_scan = now
-                    watched = self.watched()
-                    self._files = {t.task_dir: self.files(t) for t in watched}  # forget ended tasks
+                    watched = {t.id: t for t in self.watched()}
+                    self._files = {t.task_dir: self.files(t) for t in watched.values()}  # forget ended tasks
                 # Every task's events reach the store every INGEST_S; a streamed task's every tick, since
                 # its latency is what a person sees. Tailing all 20 busy tasks every tick, one small
                 # batch each, was most of the studio's CPU (bench/bench_supervisor.py).
                 streamed = self.streamed()
                 if now - last_ingest >= INGEST_S:
                     last_ingest = now
-                    changed = self.ingest(watched)
+                    changed = self.ingest(list(watched.values()), watched)
                 else:
-                    changed = self.ingest([t for t in watched if t.id in streamed]) if streamed else set()
+                    chosen = [t for t in watched.values() if t.id in streamed]
+                    changed = self.ingest(chosen, watched) if streamed else set()
                 full = now - last_liveness >= LIVENESS_S
                 if full:
                     last_liveness = now
                 moved = False
-                for task in watched:
+                for task in list(watched.values()):
                     # The exit record every pass: one stat a task.
                     if (os.path.exists(self.files(task)[1]) or (full and not self._alive(task))) and self.sync(task):
                         changed.add(task.id)
                         moved = True
                 if moved:
-                    watched = self.watched()
+                    watched = {t.id: t for t in self.watched()}
                 if changed:
                     self.notify(changed)
             except Exception:  # the loop must outlive any one bad task or a locked database

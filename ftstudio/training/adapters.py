@@ -54,7 +54,8 @@ def base_model_ref(adapter: Path, home: Path | None = None) -> str | Path:
         return Path(path)
     if base.get("name"):
         return resolve_model(base["name"], home or home_dir())
-    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    named: str = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return named
 
 
 def _load(task_dir_or_adapter: Path, home: Path | None) -> tuple[Any, Any]:
@@ -111,4 +112,5 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    answer: str = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answer.strip()

@@ -59,7 +59,8 @@ class Tokenized:
 
 def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return text
     except Exception as e:  # a template's own raise_exception (e.g. "roles must alternate") is a bad row
         raise ValueError(f"the model's chat template refuses this conversation ({e})") from None
 
@@ -68,7 +69,7 @@ def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
     """Token ids and labels for one example; ValueError when nothing trainable survives truncation."""
     eos = tokenizer.eos_token_id
     if not example.messages:
-        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
+        ids: list[int] = tokenizer(example.text, add_special_tokens=True)["input_ids"]
         if eos is not None and (not ids or ids[-1] != eos):
             ids = [*ids, eos]
         ids = ids[:max_length]
@@ -77,7 +78,7 @@ def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized:
         return Tokenized(ids, list(ids))
     text, spans = _assistant_spans(tokenizer, example.messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
+    ids = enc["input_ids"]
     labels = [IGNORE] * len(ids)
     for i, (start, _end) in enumerate(enc["offset_mapping"]):
         if any(a <= start < b for a, b in spans):

@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.training.samples import SAMPLE_PATH
@@ -32,7 +33,7 @@ TINY_VERSION = 2
 TINY_SEED = 0
 _MARKER = "ftstudio-builtin.json"
 # Small enough that the demo trains in about a minute on two CPU cores.
-TINY_SHAPE = {
+TINY_SHAPE: dict[str, Any] = {
     "hidden_size": 256,
     "intermediate_size": 512,
     "num_hidden_layers": 4,

@@ -89,7 +89,7 @@ class DatasetInfo:
 def inspect_dataset(
     path: Path,
     preview_rows: int = 5,
-    format: str = "auto",
+    data_format: str = "auto",
     split: str | None = None,
     *,
     max_row_bytes: int | None = None,
@@ -100,15 +100,17 @@ def inspect_dataset(
     Rows are read one at a time and only counted, so the studio can check a file of any size.
     `max_row_bytes`: refuse a row larger than this (the studio's limit; None reads any row).
     `prompts`: the rows are held-out prompts, whose answers are optional."""
-    info, _ = _load(Path(path), format, preview_rows, split, keep=False, max_row_bytes=max_row_bytes, prompts=prompts)
+    info, _ = _load(
+        Path(path), data_format, preview_rows, split, keep=False, max_row_bytes=max_row_bytes, prompts=prompts
+    )
     return info
 
 
 def load_examples(
-    path: Path, format: str = "auto", split: str | None = None, *, prompts: bool = False
+    path: Path, data_format: str = "auto", split: str | None = None, *, prompts: bool = False
 ) -> tuple[DatasetInfo, list[Example]]:
     """Every usable row as an Example, with the inspection report. `split`: of a saved DatasetDict."""
-    return _load(Path(path), format, 0, split, keep=True, max_row_bytes=None, prompts=prompts)
+    return _load(Path(path), data_format, 0, split, keep=True, max_row_bytes=None, prompts=prompts)
 
 
 def splits(path: Path) -> list[str]:
@@ -122,7 +124,7 @@ def splits(path: Path) -> list[str]:
 
 def _load(
     path: Path,
-    format: str,
+    data_format: str,
     preview_rows: int,
     split: str | None,
     *,
@@ -131,7 +133,7 @@ def _load(
     prompts: bool = False,
 ) -> tuple[DatasetInfo, list[Example]]:
     name = f"{path.name} ({split} split)" if split else path.name
-    shape = None if format == "auto" else format
+    shape = None if data_format == "auto" else data_format
     first_rows: list[dict[str, Any]] = []
     examples: list[Example] = []
     problems: list[Problem] = []
@@ -317,7 +319,7 @@ def _content(value: Any) -> str | None:
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
         texts = [p.get("text") for p in value if p.get("type") == "text"]
         if texts and all(isinstance(t, str) for t in texts):
-            return "".join(texts)  # type: ignore[arg-type]
+            return "".join(t for t in texts if isinstance(t, str))
     return None
 
 

@@ -85,7 +85,10 @@ class FusedLoraLinear(PeftLoraLinear):
         dropout = self.lora_dropout[name]
         dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
         weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
-        return _LoraMatmul.apply(x, dropped, base.weight, base.bias, weight_a, weight_b, float(self.scaling[name]))
+        out: torch.Tensor = _LoraMatmul.apply(
+            x, dropped, base.weight, base.bias, weight_a, weight_b, float(self.scaling[name])
+        )
+        return out
 
     def _plain_adapter(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The one active adapter when this call can take the fused path, else None."""
@@ -93,7 +96,7 @@ class FusedLoraLinear(PeftLoraLinear):
             return None
         if len(self.active_adapters) != 1 or type(self.base_layer) is not nn.Linear:
             return None
-        name = self.active_adapters[0]
+        name: str = self.active_adapters[0]
         if name not in self.lora_A or name in self.lora_variant:
             return None
         if torch.is_autocast_enabled(x.device.type):

@@ -179,11 +179,11 @@ def _validation(config: TrainingConfig, value: str, home: Path, max_row_bytes: i
 
 
 def _dataset(
-    ref: str, format: str, home: Path, field: str, max_row_bytes: int | None, *, prompts: bool = False
+    ref: str, data_format: str, home: Path, field: str, max_row_bytes: int | None, *, prompts: bool = False
 ) -> list[Problem]:
     """`prompts`: held-out prompts (evaluation.prompts), in any shape, answers optional."""
     try:
-        inspect_dataset(resolve_dataset(ref, home), 0, format, max_row_bytes=max_row_bytes, prompts=prompts)
+        inspect_dataset(resolve_dataset(ref, home), 0, data_format, max_row_bytes=max_row_bytes, prompts=prompts)
     except ValidationError as e:
         return [Problem(field, p.message) for p in e.problems]
     return []

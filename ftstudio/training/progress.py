@@ -189,9 +189,8 @@ class StudioCallback(TrainerCallback):
             f"{self.begin_fields.get('trainable_params', 0):,} trainable parameters{resumed}"
         )
 
-    def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict[str, float], **kw: Any
-    ) -> None:
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        logs: dict[str, float] = kw.get("logs") or {}
         step = state.global_step
         epoch = round(state.epoch or 0.0, 4)
         if "eval_loss" in logs:
@@ -249,7 +248,7 @@ class StudioCallback(TrainerCallback):
             dist.barrier()
         if not state.is_world_process_zero:
             return
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        path = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
         try:
             size = checkpoints.mark_complete(path, ranks=args.world_size)
         except OSError as e:
@@ -262,7 +261,7 @@ class StudioCallback(TrainerCallback):
         cost.saved += 1
         cost.seconds += seconds
         cost.bytes += size
-        checkpoints.prune(Path(args.output_dir), self.keep)
+        checkpoints.prune(Path(args.output_dir or "."), self.keep)
         self.emit("checkpoint", step=state.global_step, path=str(path), seconds=round(seconds, 3), bytes=size)
         self.say(f"checkpoint saved: {path} ({size / 2**20:,.1f} MiB in {seconds:.2f}s)")
 

@@ -37,7 +37,8 @@ from ftstudio.training import batches, evaluation, preflight
 from ftstudio.training.adapters import save_adapter
 from ftstudio.training.allocator import keep_freed_memory
 from ftstudio.training.builtin import resolve_dataset, resolve_model
-from ftstudio.training.data import FIELD, load_examples, split_validation
+from ftstudio.training.data import load_examples, split_validation
+from ftstudio.training.datafiles import FIELD
 from ftstudio.training.models import attach_lora, load_model, load_tokenizer, padding_mask_matters, pick_dtype
 from ftstudio.training.progress import (
     CheckpointCost,
@@ -84,7 +85,7 @@ class StudioTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as e:
-            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            path = Path(self.args.output_dir or ".") / f"checkpoint-{self.state.global_step}"
             if not disk_full(e, path.parent):
                 raise
             raise checkpoint_disk_full(path) from e

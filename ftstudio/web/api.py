@@ -184,7 +184,7 @@ def create_app(
         offset: int = Query(0, ge=0, le=OFFSET_MAX),
         status: str | None = Query(None, max_length=64),
     ) -> dict[str, Any]:
-        tasks, total = service.list(limit=limit, offset=offset, status=status)
+        tasks, total = service.page_of_tasks(limit=limit, offset=offset, status=status)
         waits = service.plan().waits if any(t.status == "queued" for t in tasks) else {}
         return {
             "tasks": [service.task_json(t, waits) for t in tasks],
@@ -426,7 +426,7 @@ async def _stream(
             if sent_task is None or _changed(sent_task, view):
                 sent_task = view
                 yield f"event: task\ndata: {json.dumps(view)}\n\n"
-            if task.status_enum.is_final and len(batch) < 1000:
+            if task.status.is_final and len(batch) < 1000:
                 return
             if await request.is_disconnected():
                 return

@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 import psutil
 
 from ftstudio.errors import FtstudioError, StudioAlreadyRunning, ValidationError
-from ftstudio.execution.procs import Identity, Liveness, check
+from ftstudio.execution.facts import Liveness
+from ftstudio.execution.procs import Identity, check
 from ftstudio.home import Home, read_json, write_json_atomic
 from ftstudio.studio.policy import MAX_SLOTS, Policy
 from ftstudio.web.auth import Guard, binds_beyond_loopback, ip, load_or_create_token
@@ -361,7 +362,7 @@ def _answers(info: ServerInfo) -> bool:
         context.verify_mode = ssl.CERT_NONE
     try:
         with urllib.request.urlopen(f"{info.url}api/health", timeout=2, context=context) as r:
-            return r.status == 200
+            return bool(r.status == 200)
     except (urllib.error.URLError, OSError):
         return False
 

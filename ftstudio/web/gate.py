@@ -176,7 +176,7 @@ def _cookie(header: str | None, name: str) -> str | None:
 
 def _from_loopback(scope: Scope) -> bool:
     client = scope.get("client")
-    return bool(client) and is_loopback(str(client[0]))
+    return client is not None and is_loopback(str(client[0]))
 
 
 def _content_type_problem(path: str, headers: dict[str, str]) -> str | None:
