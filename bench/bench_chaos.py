@@ -1,5 +1,5 @@
 """The chaos figures of issue 12: tests/test_chaos.py, run with more rounds of its seeded random
-schedule, and its figures printed as docs/reliability.md shows them.
+schedule, and its figures printed for docs/benchmarks.md ("Chaos and recovery").
 
 Every scenario of the suite runs once (real studios, runners and trainers of builtin:tiny, killed on
 purpose); the random schedule runs `--rounds` rounds. The figures: scenarios run, kills delivered,
