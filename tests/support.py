@@ -96,9 +96,10 @@ def sweep(home: Path) -> None:
 class Studio:
     """A real studio server (`python -m ftstudio studio serve`) in a subprocess."""
 
-    def __init__(self, home: Path, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, home: Path, env: dict[str, str], port: int | None = None, cwd: Path | None = None) -> None:
         self.home = home
         self.env = env
+        self.cwd = cwd  # where it runs; `python -m` puts this folder first on sys.path
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
@@ -113,6 +114,7 @@ class Studio:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            cwd=self.cwd,
         )
         out.close()
         wait_for(self._ready, timeout=60, what="the studio to answer")
