@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -122,6 +123,39 @@ def _nvidia_smi() -> tuple[int, ...]:
     except (OSError, subprocess.SubprocessError):
         return ()
     return tuple(int(line) for line in out.split() if line.strip().isdigit())
+
+
+def gpu_usage() -> list[dict[str, Any]]:
+    """The GPUs the studio hands out (`machine_gpus`, so FTSTUDIO_GPUS and CUDA_VISIBLE_DEVICES count),
+    with their name and memory from nvidia-smi where it answers; no torch import (it would slow start-up)."""
+    ids = machine_gpus()
+    if not ids:
+        return []
+    found: dict[int, dict[str, Any]] = {}
+    exe = shutil.which("nvidia-smi")
+    out = ""
+    if exe is not None:
+        try:
+            out = subprocess.run(
+                [exe, "--query-gpu=index,name,memory.total,memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4 and parts[0].isdigit() and parts[2].isdigit() and parts[3].isdigit():
+            found[int(parts[0])] = {
+                "index": int(parts[0]),
+                "name": parts[1],
+                "memory_total": int(parts[2]) << 20,
+                "memory_used": int(parts[3]) << 20,
+            }
+    # A GPU named by FTSTUDIO_GPUS that nvidia-smi does not describe is still one the studio hands out.
+    return [found.get(i, {"index": i, "name": "", "memory_total": None, "memory_used": None}) for i in ids]
 
 
 def cuda_env(gpu_ids: tuple[int, ...]) -> dict[str, str]:

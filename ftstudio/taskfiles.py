@@ -24,6 +24,17 @@ from ftstudio.home import TaskDir
 CHUNK = 1 << 20
 
 
+# Files of a finished task that may be downloaded one by one, and the folder each is in (nothing else
+# in the task dir is served).
+DOWNLOADABLE = {
+    "training_config.json": "adapter",
+    "summary.json": "adapter",
+    "adapter_config.json": "adapter",
+    "spec.json": ".",
+    "training.log": ".",
+}
+
+
 def open_inside(top: Path, rel: Path) -> tuple[IO[bytes], int] | None:
     """`top/rel` opened for reading, with its size, or None if it is missing, not a regular file,
     or reached through a symbolic link (any part of `rel`)."""

@@ -14,17 +14,20 @@ import json
 import logging
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ftstudio import __version__, taskfiles
+import psutil
+
+from ftstudio import __version__, checkpoints, taskfiles
 from ftstudio.chat.process import ChatReply, ChatRequest, ChatWorker, Machine
-from ftstudio.config import TrainingConfig
+from ftstudio.config import PRESETS, TrainingConfig, describe_fields
 from ftstudio.errors import NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
 from ftstudio.execution.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
-from ftstudio.resources import machine_gpus, want_of
-from ftstudio.storage import writing
+from ftstudio.resources import gpu_usage, machine_gpus, want_of
+from ftstudio.storage import storage_error, writing
 from ftstudio.studio import lifecycle, paths, scheduler
 from ftstudio.studio.catalog import Catalog
 from ftstudio.studio.control import CANCEL_GRACE_S, Control
@@ -125,6 +128,10 @@ class Service:
             self.home, self.store, self.supervisor, in_server=in_server, get=self.get, schedule=self.launcher.schedule
         )
         self.catalog = Catalog(self.home, self.store, self.policy)
+        if in_server:
+            # psutil measures CPU use since its previous call: a first call answers 0 %, so make it now and
+            # the page's first look at the system panel shows the load since the studio started.
+            psutil.cpu_percent(interval=None, percpu=True)
 
     # -- submit and launch ---------------------------------------------------
 
@@ -467,6 +474,117 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "home": str(self.home.root)}
+
+    # -- what the page and the API read (web/routes) ---------------------------
+
+    def system(self) -> dict[str, Any]:
+        """The machine as the page's system panel shows it: CPUs, memory, the GPUs the studio hands out."""
+        mem = psutil.virtual_memory()
+        return {
+            "version": __version__,
+            "home": str(self.home.root),
+            "cpu_count": psutil.cpu_count(),
+            "cpu_percent": psutil.cpu_percent(interval=None, percpu=True),
+            "memory": {"total": mem.total, "used": mem.total - mem.available},
+            "gpus": gpu_usage(),
+        }
+
+    @staticmethod
+    def config_fields() -> list[dict[str, Any]]:
+        """Every setting with its type, default, help, flag and bounds (the page's form, `docs/config.md`)."""
+        return [
+            {
+                "path": f.path,
+                "type": f.type,
+                "default": f.default,
+                "help": f.help,
+                "choices": list(f.choices),
+                "flag": f.flag,
+                "min": f.min,
+                "max": f.max,
+                "range": f.range,
+                "max_length": f.max_length,
+            }
+            for f in describe_fields()
+        ]
+
+    @staticmethod
+    def presets() -> dict[str, Any]:
+        return PRESETS
+
+    @staticmethod
+    def statuses() -> dict[str, Any]:
+        """The lifecycle's own table of statuses and actions, so clients keep no copy."""
+        return lifecycle.describe()
+
+    def task_page(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> dict[str, Any]:
+        """A page of tasks as the API shows them, newest first, with their place in the queue."""
+        tasks, total = self.page_of_tasks(limit=limit, offset=offset, status=status)
+        waits = self.plan().waits if any(t.status == S.QUEUED for t in tasks) else {}
+        return {"tasks": [self.task_json(t, waits) for t in tasks], "total": total, "limit": limit, "offset": offset}
+
+    def current(self, task_id: str) -> Task:
+        """The task as the store holds it now, without bringing it up to date first (`get` may): the
+        stream's look, once per change, while the supervisor keeps the store current."""
+        return self.store.get(task_id)
+
+    def events_after(self, task_id: str, after: int, limit: int) -> list[dict[str, Any]]:
+        """Stored events after seq `after`, oldest first: the stream's read, without a look at the task."""
+        return self.store.events(task_id, after_seq=after, limit=limit)
+
+    def checkpoints(self, task_id: str) -> dict[str, Any]:
+        """What can answer a chat: the final adapter (a completed task) and each complete checkpoint, newest first."""
+        task = self.get(task_id)
+        tdir = require_task_dir(self, task_id)
+        found = [
+            p
+            for p in checkpoints.list_checkpoints(tdir.checkpoints)
+            if not p.is_symlink() and checkpoints.is_complete(p)
+        ]
+        return {
+            "adapter": task.status == S.COMPLETED and (tdir.adapter / "adapter_config.json").is_file(),
+            "checkpoints": [{"name": p.name, "step": checkpoints.step_of(p)} for p in reversed(found)],
+        }
+
+    def artifacts(self, task_id: str) -> list[dict[str, Any]]:
+        """The files of the task's adapter, with their sizes."""
+        tdir = require_task_dir(self, task_id)
+        return [{"name": p.name, "size": size} for p, size in taskfiles.adapter_files(tdir)]
+
+    def adapter_archive(self, task_id: str) -> Iterator[bytes]:
+        """The adapter as a .tar.gz, streamed; NotFound before the first byte when there is none yet."""
+        tdir = require_task_dir(self, task_id)
+        files = taskfiles.adapter_files(tdir)
+        if not any(p.name == "adapter_config.json" for p, _ in files):
+            raise NotFound(f"task {task_id} has no adapter yet; it is written when training completes")
+        return taskfiles.adapter_tarball(files, f"{task_id}-adapter")
+
+    def open_file(self, task_id: str, name: str) -> tuple[IO[bytes], int]:
+        """One of the task's downloadable files (taskfiles.DOWNLOADABLE), opened without following a link."""
+        tdir = require_task_dir(self, task_id)
+        where = taskfiles.DOWNLOADABLE.get(name)
+        opened = taskfiles.open_inside(tdir.path, Path(where) / name) if where else None
+        if opened is None:
+            raise NotFound(f"task {task_id} has no file {name!r}; available: {', '.join(taskfiles.DOWNLOADABLE)}")
+        return opened
+
+    def handover(self, task_id: str) -> dict[str, str]:
+        """Ready-to-copy ways to load a completed task's result: peft, vLLM, Ollama, `ftstudio export`."""
+        from ftstudio.training.export import handover
+
+        task = self.get(task_id)
+        tdir = require_task_dir(self, task_id)
+        if task.status != S.COMPLETED or not (tdir.adapter / "adapter_config.json").is_file():
+            raise NotFound(f"task {task_id} has no adapter yet; it is written when training completes")
+        return handover(task.id, task.name, tdir.adapter, self.home.root)
+
+    def upload_limit(self) -> int:
+        """The most one dataset upload may carry, in bytes (`studio start --max-upload-mb`)."""
+        return self.policy.max_upload_bytes
+
+    def storage_problem(self, exc: BaseException) -> StorageError | None:
+        """A database error that is a full or read-only data home, as the error a person can act on; else None."""
+        return storage_error(exc, self.home.root)
 
 
 def _elapsed(

@@ -1,0 +1,91 @@
+"""Datasets and models: an upload parsed as it streams, straight to disk and bounded all the way,
+and the datasets and models the studio knows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from ftstudio.studio.incoming import too_large
+from ftstudio.studio.service import Service
+from ftstudio.web.context import ServiceDep
+from ftstudio.web.uploads import MULTIPART_OVERHEAD, MultipartFile
+
+router = APIRouter(prefix="/api")
+
+UPLOAD_WRITE_BYTES = 1 << 20
+# The upload route parses its body itself (to bound it as it streams), so FastAPI cannot infer
+# its schema; this keeps /openapi.json describing it as a form with one file field.
+UPLOAD_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The dataset: .jsonl, .json, .csv or .parquet",
+                        }
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "413": {"description": "Larger than the studio's upload limit (`studio start --max-upload-mb`)"},
+        "422": {"description": "Not a dataset file, or a row that cannot be trained on (named by line)"},
+        "507": {"description": "The data home is full or read-only"},
+    },
+}
+
+
+@router.post("/datasets", status_code=201, openapi_extra=UPLOAD_SCHEMA)
+async def upload_dataset(request: Request, service: ServiceDep) -> dict[str, Any]:
+    """Upload a dataset file (.jsonl, .json, .csv, .parquet) as the multipart field `file`."""
+    return await _receive_upload(service, request)
+
+
+@router.get("/datasets")
+def list_datasets(service: ServiceDep) -> dict[str, Any]:
+    return {"datasets": service.datasets()}
+
+
+@router.get("/datasets/{name}")
+def show_dataset(name: str, service: ServiceDep) -> dict[str, Any]:
+    return service.dataset(name)
+
+
+@router.get("/models")
+def list_models(service: ServiceDep) -> dict[str, Any]:
+    return {"models": service.models()}
+
+
+async def _receive_upload(service: Service, request: Request) -> dict[str, Any]:
+    """Parse the multipart body as it arrives, the file part going straight to disk, bounded all the way."""
+    limit = service.upload_limit()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+        raise too_large(limit)  # before a byte of the body is read
+    incoming = await run_in_threadpool(service.receive_dataset)
+    try:
+        form = MultipartFile(request.headers.get("content-type", ""), incoming)
+        received, pending = 0, bytearray()
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit + MULTIPART_OVERHEAD:
+                raise too_large(limit)
+            pending += chunk
+            if len(pending) >= UPLOAD_WRITE_BYTES:  # one trip to a worker thread per MB, not per packet
+                await run_in_threadpool(form.feed, bytes(pending))
+                pending.clear()
+        await run_in_threadpool(form.feed, bytes(pending))
+        form.finish()
+        return await run_in_threadpool(service.add_dataset, incoming)
+    finally:
+        await run_in_threadpool(incoming.discard)

@@ -1,0 +1,96 @@
+"""A task's results: the checkpoints and adapter that can answer a chat, the chat itself, the adapter's
+files and archive, the ways to load it elsewhere, and the task's downloadable files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from ftstudio import taskfiles
+from ftstudio.chat.process import ChatReply, parse_request
+from ftstudio.web.context import ServiceDep
+
+router = APIRouter(prefix="/api")
+
+CHAT_EXAMPLE = {
+    "messages": [{"role": "user", "content": "Reverse the word: stone"}],
+    "system": "",
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "max_new_tokens": 256,
+    "compare": False,
+    "beside_training": False,
+}
+
+
+@router.get("/tasks/{task_id}/checkpoints")
+def task_checkpoints(task_id: str, service: ServiceDep) -> dict[str, Any]:
+    """What can answer a chat: the final adapter (a completed task) and each complete checkpoint."""
+    return service.checkpoints(task_id)
+
+
+@router.post("/tasks/{task_id}/chat")
+def task_chat(
+    task_id: str, service: ServiceDep, body: Annotated[dict[str, Any], Body(examples=[CHAT_EXAMPLE])]
+) -> StreamingResponse:
+    """Chat with the task's adapter (or a checkpoint): the reply streamed as server-sent events
+    (`worker`, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or `error`). Refused with
+    409 and code `chat_waits_for_training` while training holds every GPU and slot, unless the request
+    says `beside_training`."""
+    # Refused here, before any stream: no weights (404), a busy worker or training's place (409).
+    reply = service.chat(task_id, parse_request(body))
+    return StreamingResponse(
+        _chat_stream(reply),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _chat_stream(reply: ChatReply) -> AsyncIterator[str]:
+    """Server-sent events, one per worker event (those that came together in one write). A page that
+    goes away cancels this generator, and the reply with it: the worker stops and takes the next message."""
+
+    def sse(event: dict[str, Any]) -> str:
+        name = event.pop("event", "message")
+        return f"event: {name}\ndata: {json.dumps(event)}\n\n"
+
+    try:
+        while (batch := await run_in_threadpool(reply.next_batch)) is not None:
+            yield "".join(sse(event) for event in batch)
+    finally:
+        reply.cancel()
+
+
+@router.get("/tasks/{task_id}/artifacts")
+def task_artifacts(task_id: str, service: ServiceDep) -> dict[str, Any]:
+    return {"files": service.artifacts(task_id)}
+
+
+@router.get("/tasks/{task_id}/adapter.tar.gz")
+def task_adapter(task_id: str, service: ServiceDep) -> StreamingResponse:
+    return StreamingResponse(
+        service.adapter_archive(task_id),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{task_id}-adapter.tar.gz"'},
+    )
+
+
+@router.get("/tasks/{task_id}/handover")
+def task_handover(task_id: str, service: ServiceDep) -> dict[str, str]:
+    """Ready-to-copy ways to load a completed task's result: peft, vLLM, Ollama, `ftstudio export`."""
+    return service.handover(task_id)
+
+
+@router.get("/tasks/{task_id}/files/{name}")
+def task_file(task_id: str, name: str, service: ServiceDep) -> StreamingResponse:
+    f, size = service.open_file(task_id, name)
+    return StreamingResponse(
+        taskfiles.chunks(f),
+        media_type="text/plain; charset=utf-8" if name.endswith(".log") else "application/json",
+        headers={"Content-Disposition": f'attachment; filename="{name}"', "Content-Length": str(size)},
+    )
