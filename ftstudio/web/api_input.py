@@ -12,13 +12,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ftstudio.bounds import shown
+from ftstudio.errors import Problem, ValidationError
 
 MAX_NAME_CHARS = 1000  # names are cut to 200 characters at submit; far longer is not a name
 SEQ_MAX = 2**62  # event sequence numbers and byte offsets: far past any real task, inside SQLite's range
 OFFSET_MAX = 1_000_000_000  # tasks to skip when paging
+
+
+MAX_DIGITS = 64  # far past any bound here (2**64 has 20 digits)
+NUMBER_PARAMS = ("limit", "offset", "after")
+
+
+def short_numbers(request: Request) -> None:
+    """The integer query parameters, refused by their length before they are read: `000…0` of 5,000
+    characters is 0 to int() and in range, but it is no number anyone means, and reading it costs time.
+    A router-wide dependency, so it runs before the parameters are parsed."""
+    for name in NUMBER_PARAMS:
+        value = request.query_params.get(name)
+        if value is not None and len(value) > MAX_DIGITS:
+            raise ValidationError(
+                Problem(name, f"must be a whole number of at most {MAX_DIGITS} digits (got {len(value):,} characters)")
+            )
 
 
 class TaskCreate(BaseModel):

@@ -11,17 +11,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psutil
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ftstudio import __version__
 from ftstudio.studio.service import Service
-from ftstudio.web.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, TaskExtend, last_event_id
+from ftstudio.web.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, TaskExtend, last_event_id, short_numbers
 from ftstudio.web.broker import Broker
 from ftstudio.web.context import BrokerDep, ServiceDep, StartedAt
 
-router = APIRouter(prefix="/api")
+router = APIRouter(prefix="/api", dependencies=[Depends(short_numbers)])
 
 PING_S = 15.0
 SSE_NAME = re.compile(r"[a-z_]{1,32}")
