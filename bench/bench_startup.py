@@ -200,7 +200,7 @@ def time_imports(env: dict[str, str], repeats: int) -> list[float]:
     for _ in range(repeats):
         t0 = time.monotonic()
         subprocess.run(
-            [PY, "-c", "import uvicorn, ftstudio.api, ftstudio.service, ftstudio.cli"],
+            [PY, "-c", "import uvicorn, ftstudio.web.api, ftstudio.studio.service, ftstudio.cli.main"],
             env=env,
             cwd=env["FTSTUDIO_HOME"],  # the cwd is first on sys.path: it must not shadow --product
             check=True,
