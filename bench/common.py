@@ -210,8 +210,9 @@ class Studio:
         """--max-pending (--max-running before the queue) and --slots for a benchmark that runs more tasks at once
         than the product allows by default; a product from before a flag has no such limit and gets no flag."""
         product = Path(self.env.get("PYTHONPATH", str(ROOT)).split(os.pathsep)[0])
-        cli = product / "ftstudio" / "cli.py"
-        text = cli.read_text() if cli.exists() else ""
+        # The CLI's source: one module in older products, a folder of them since the parts were split out.
+        sources = [product / "ftstudio" / "cli.py", *sorted((product / "ftstudio" / "cli").glob("*.py"))]
+        text = "".join(path.read_text() for path in sources if path.exists())
         out = []
         if self.max_running and "--max-pending" in text:
             out += ["--max-pending", str(self.max_running)]
