@@ -18,7 +18,7 @@ from ftstudio.config import set_path
 from ftstudio.errors import NotRunning, ValidationError
 from ftstudio.home import Home
 from ftstudio.studio.task import TaskStatus
-from ftstudio.text import printable
+from ftstudio.text import last_redraw, printable, printable_log
 from ftstudio.web import daemon as studio_mod
 from ftstudio.web.auth import binds_beyond_loopback, load_or_create_token
 
@@ -186,16 +186,24 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    """training.log as text (`printable_log`): always, not only on a terminal, since the log holds what
+    datasets and model repositories print, and a pipe into `less -R` or a file shown later reaches a
+    terminal all the same. The bytes as written stay in TASK_DIR/training.log."""
     service = open_service()
-    offset = 0
+    offset, partial = 0, ""
     while True:
         chunk = service.logs(args.task, offset)
-        sys.stdout.write(chunk["text"])
-        sys.stdout.flush()
+        # Whole lines only: a line still being written (a progress bar between redraws) waits for its end.
+        lines, newline, partial = (partial + chunk["text"]).rpartition("\n")
+        if newline:
+            sys.stdout.write(printable_log(lines) + "\n")
+            sys.stdout.flush()
+        partial = last_redraw(partial)
         offset = chunk["next_offset"]
         if chunk["next_offset"] < chunk["size"]:
             continue
         if not args.follow or service.get(args.task).status.is_final:
+            sys.stdout.write(printable_log(partial))  # the last line, unended, as the log has it
             return 0
         time.sleep(0.5)
 

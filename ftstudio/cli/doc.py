@@ -35,7 +35,8 @@ def render() -> str:
             "",
             "Every command exits 0 on success and non-zero with a one-line `error: ...` on stderr otherwise "
             "(2 for a bad request, 3 when a studio is already running or, for `studio status`, not running). "
-            "Read commands take `--json` and work while the studio is down.",
+            "Read commands take `--json` and work while the studio is down. Output piped into a reader that "
+            "stops early (`| head`, `| grep -m1`) ends the command quietly, with status 141 as SIGPIPE would.",
             "",
             "```",
             parser.format_help().rstrip(),

@@ -5,6 +5,7 @@ went wrong into a one-line message and an exit code, here and nowhere else."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -13,6 +14,9 @@ from ftstudio.cli.chat import cmd_chat
 from ftstudio.cli.parser import build_parser
 from ftstudio.errors import FtstudioError
 from ftstudio.text import printable
+
+# The exit status a shell shows for a program that SIGPIPE ended (128 + 13), as `yes | head` gives.
+BROKEN_PIPE = 141
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "studio": commands.cmd_studio,
@@ -40,7 +44,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        code = int(COMMANDS[args.command](args) or 0)
+        sys.stdout.flush()  # now, while a reader that went away can still be answered quietly
+        return code
+    except BrokenPipeError:
+        # The reader stopped early (`| head`, `| grep -m1`, `q` in less): not an error, and no traceback.
+        # Whatever is still buffered would fail again when Python flushes stdout at exit: send it nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     except FtstudioError as e:
         # Messages quote what was sent (a name, a path): it must reach the terminal as text.
         print(f"error: {printable(e)}", file=sys.stderr)

@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("queue", "what is running, what waits and for what, in the order it will start")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = add("logs", "print a task's training.log")
+    sp = add(
+        "logs",
+        "print a task's training.log as text: control characters escaped, colours dropped, a progress bar at its last state",
+    )
     sp.add_argument("task", help="task id")
     sp.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
 
