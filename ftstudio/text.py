@@ -30,3 +30,24 @@ def printable(text: object) -> str:
 def _escape(m: re.Match[str]) -> str:
     code = ord(m.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+# A CSI sequence (ESC [ parameters final-byte): colour, cursor moves, line clears. Layout, never text.
+CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# Every control character but the tab, which moves the cursor right and nothing else.
+CONTROL_BUT_TAB = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def last_redraw(line: str) -> str:
+    """What a terminal shows last of a line redrawn with carriage returns (a progress bar): the text after
+    the last one. A carriage return that ends the line (CRLF, a bar's final redraw) is kept: the line may
+    go on in text not read yet."""
+    return line[line.rstrip("\r").rfind("\r") + 1 :]
+
+
+def printable_log(text: str) -> str:
+    """A process's output (training.log) as lines to print: each line's last redraw, its colour and cursor
+    sequences dropped and every other control character escaped (`printable`); newlines and tabs kept."""
+    return "\n".join(
+        CONTROL_BUT_TAB.sub(_escape, last_redraw(CSI.sub("", line)).rstrip("\r")) for line in text.split("\n")
+    )

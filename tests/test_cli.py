@@ -1,9 +1,14 @@
 """The `ftstudio` command as a user runs it (subprocesses, scripted trainer)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from support import cli_json, run_cli, wait_for
+from support import cli_json, home_env, run_cli, wait_for
+
+from ftstudio.home import Home
 
 
 def test_submit_show_tasks_logs_with_the_studio_down(home):
@@ -79,3 +84,27 @@ def test_studio_lifecycle_commands(home):
     assert "already running" in again.stdout
     assert "studio stopped" in run_cli(home, "studio", "stop").stdout
     assert run_cli(home, "studio", "stop").stdout.strip() == "studio is not running"
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(home):
+    task_id = run_cli(home, "submit", "--name", "scripted steps=1", scripted=True).stdout.strip()
+    wait_for(lambda: cli_json(home, "show", task_id)["status"] == "completed", what="completed")
+    command = [sys.executable, "-m", "ftstudio"]
+    for args in (["tasks", "--json"], ["show", task_id, "--json"]):
+        # The reader is gone before the command writes a byte (`| head -c0`).
+        read, write = os.pipe()
+        p = subprocess.Popen([*command, *args], stdout=write, stderr=subprocess.PIPE, env=home_env(home), text=True)
+        os.close(write)
+        os.close(read)
+        _, err = p.communicate(timeout=60)
+        assert (p.returncode, err) == (141, ""), args
+    # A reader that stops mid-stream (`| head -n1`), the log far longer than a pipe holds.
+    with Home(home).task(task_id).log.open("a") as f:
+        f.write("a line of the log\n" * 100_000)
+    p = subprocess.Popen(
+        [*command, "logs", task_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=home_env(home)
+    )
+    assert p.stdout is not None and p.stdout.readline()
+    p.stdout.close()
+    _, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (141, b"")

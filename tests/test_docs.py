@@ -4,7 +4,7 @@ opens with the two commands a fresh machine needs."""
 from pathlib import Path
 
 from ftstudio.cli import doc as clidoc
-from ftstudio.cli.main import build_parser
+from ftstudio.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 

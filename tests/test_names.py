@@ -3,11 +3,11 @@
 import json
 import logging
 
-from support import run_cli, wait_for
+from support import cli_json, run_cli, wait_for
 
 from ftstudio.home import Home
 from ftstudio.studio.service import OneLineFormatter, Service
-from ftstudio.text import plain, printable
+from ftstudio.text import last_redraw, plain, printable, printable_log
 
 EVIL = "scripted steps=1 \x1b]0;pwned\x07\x1b[31mred\x9b2J\u202egnp.exe\x7f\x00 end"
 CONTROL_BYTES = (b"\x1b", b"\x07", b"\x9b", "\x9b".encode(), "\u202e".encode(), b"\x7f", b"\x00")
@@ -22,6 +22,16 @@ def test_text_helpers():
     assert plain(EVIL) == "scripted steps=1 ]0;pwned[31mred2Jgnp.exe end"
     assert printable("a\x1b[31mb\u202ec\n") == "a\\x1b[31mb\\u202ec\\x0a"
     assert printable("naïve 日本語 العربية") == "naïve 日本語 العربية"
+
+
+def test_a_log_prints_as_lines_of_text():
+    bar = "Map:   0%|    | 0/8\rMap:  50%|##  | 4/8\rMap: 100%|####| 8/8\r"
+    assert printable_log(f"{bar}\nnext\r\n") == "Map: 100%|####| 8/8\nnext\n"  # each line's last state
+    assert printable_log("\x1b[1;31mred\x1b[0m\tcell") == "red\tcell"  # colour is layout; a tab is harmless
+    assert printable_log(EVIL) == "scripted steps=1 \\x1b]0;pwned\\x07red\\x9b2J\\u202egnp.exe\\x7f\\x00 end"
+    assert clean(printable_log(EVIL))
+    # A line cut where the log was read so far keeps a carriage return at its end: more of it may follow.
+    assert last_redraw("a\rb\rc") == "c" and last_redraw("a\rb\r") == "b\r" and last_redraw("plain") == "plain"
 
 
 def test_a_name_loses_its_control_characters_at_submit(scripted):
@@ -56,3 +66,22 @@ def test_studio_log_lines_escape_what_they_quote():
     record = logging.LogRecord("ftstudio", logging.INFO, __file__, 1, "task %s: %s", ("t1", EVIL), None)
     line = formatter.format(record)
     assert clean(line) and "\\x1b]0;pwned\\x07" in line and "\n" not in line
+
+
+def test_logs_print_the_trainers_output_as_text(home):
+    task_id = run_cli(home, "submit", "--name", "scripted steps=1", scripted=True).stdout.strip()
+    wait_for(lambda: cli_json(home, "show", task_id)["status"] == "completed", what="completed")
+    log = Home(home).task(task_id).log
+    with log.open("a") as f:
+        # The progress bar below straddles the 64 KiB that `logs` reads at a time.
+        f.write("x" * (65536 - log.stat().st_size - 20) + "\n")
+        f.write("Map:   0%|          | 0/8\rMap:  50%|#####     | 4/8\rMap: 100%|##########| 8/8\n")
+        f.write("\x1b[31mred\x1b[0m\tcell\r\n")
+        f.write(f"{EVIL}\n")
+        f.write("half a line")
+    out = run_cli(home, "logs", task_id).stdout
+    assert clean(out) and "\r" not in out, out[-500:]
+    assert "\nMap: 100%|##########| 8/8\n" in out and "50%" not in out and " 0%" not in out
+    assert "training completed" in out and "\nred\tcell\n" in out
+    assert "\\x1b]0;pwned\\x07" in out  # visible, so a person sees what was sent
+    assert out.endswith("\nhalf a line")

@@ -586,6 +586,72 @@ class Service:
         """A database error that is a full or read-only data home, as the error a person can act on; else None."""
         return storage_error(exc, self.home.root)
 
+    # -- results: generate, merge, export (the CLI) ----------------------------
+
+    def _result_of(self, task_id: str, what: str) -> tuple[Task, TaskDir]:
+        """A completed task and its folder, whose adapter `what` (a command) works on; why not, otherwise."""
+        task = self.get(task_id)
+        if task.status != S.COMPLETED:
+            need = "needs" if " and " not in what else "need"
+            raise ValidationError(f"task {task_id} is {task.status}; {what} {need} a completed task (its adapter)")
+        return task, require_task_dir(self, task_id)
+
+    def generate(self, task_id: str, prompt: str, *, max_new_tokens: int = 64) -> str:
+        """The base model with the task's adapter answering one prompt (`ftstudio generate`), loaded here."""
+        from ftstudio.training import adapters  # torch and transformers: only commands that use them pay for them
+
+        _, tdir = self._result_of(task_id, "merge and generate")
+        return adapters.generate(tdir.adapter, prompt, max_new_tokens=max_new_tokens, home=self.home.root)
+
+    def merge(self, task_id: str, out: Path | None = None) -> Path:
+        """Base model + the task's adapter folded into one model at `out` (default: TASK_DIR/merged); the folder."""
+        from ftstudio.training import adapters
+
+        _, tdir = self._result_of(task_id, "merge and generate")
+        return adapters.merge(tdir.adapter, out or tdir.path / "merged", home=self.home.root)
+
+    def export(self, task_id: str, fmt: str = "adapter", out: Path | None = None) -> Path:
+        """The task's result as a folder that stands on its own, with a model card (`ftstudio export`): `out`,
+        which must not exist yet (default: ./NAME-FORMAT in the current folder, the CLI's)."""
+        from ftstudio.training import export
+
+        task, tdir = self._result_of(task_id, "export")
+        out = out or Path.cwd() / f"{export.lora_name(task.name, task.id)}-{fmt}"
+        wall = self.task_json(task).get("elapsed_s")  # every attempt's training time, not only the last one's
+        return export.export(task.id, task.name, tdir.path, out, fmt, self.home.root, wall_s=wall)
+
+    def chat_weights(self, task_id: str, checkpoint: str = "") -> str:
+        """What a chat with the task answers with: "adapter" or a checkpoint's name (the one asked for, else
+        the newest complete one); NotFound says why there is none yet."""
+        from ftstudio.chat.process import weights_of
+
+        task = self.get(task_id)
+        return weights_of(task.id, task.status, require_task_dir(self, task.id), checkpoint).name
+
+    def chat_message(self, task_id: str, body: dict[str, Any]) -> ChatReply:
+        """`chat` for a request as the page's JSON has it (messages, system, temperature, ...), checked here."""
+        from ftstudio.chat.process import parse_request
+
+        return self.chat(task_id, parse_request(body))
+
+    def close_chat(self) -> None:
+        """End this service's chat worker (and the model it holds), if one started."""
+        if self._chat is not None:
+            self._chat.close()
+
+    def use_executor(self, kind: str, slurm: dict[str, Any] | None = None) -> str:
+        """`studio start --executor KIND`: `set_executor` with Slurm's settings as the flags give them
+        (SlurmSettings' fields), each problem with them named at once; a line for the person."""
+        settings = None
+        if kind == "slurm":
+            from ftstudio.execution.slurm import SlurmSettings
+
+            settings = SlurmSettings(**{"partition": "", **(slurm or {})})
+            problems = settings.problems() + settings.unworkable()
+            if problems:
+                raise ValidationError("; ".join(problems))
+        return self.set_executor(kind, settings)
+
 
 def _elapsed(
     attempts: list[dict[str, Any]], started: float | None, finished: float | None, now: float, *, running: bool

@@ -1,0 +1,376 @@
+"""One function per `ftstudio` command: the parsed flags, a call to the service, what it printed.
+
+The service is the one API that the HTTP routes call too (`ftstudio.studio.service`), so read commands
+work while the studio is down; the studio server itself is started and stopped by `web.daemon`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftstudio.cli.parser import SUBMIT_FLAGS
+from ftstudio.config import set_path
+from ftstudio.errors import NotRunning, ValidationError
+from ftstudio.home import Home
+from ftstudio.studio.task import TaskStatus
+from ftstudio.text import last_redraw, printable, printable_log
+from ftstudio.web import daemon as studio_mod
+from ftstudio.web.auth import binds_beyond_loopback, load_or_create_token
+
+if TYPE_CHECKING:
+    from ftstudio.studio.service import Service
+
+
+def open_service() -> Service:
+    """The service on the home: the same one the studio serves, opened by this command alone."""
+    # Imported here: `ftstudio --help` and `studio status` need none of the core.
+    from ftstudio.studio.service import Service
+
+    return Service(Home.default())
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _progress(task: dict[str, Any]) -> str:
+    step = f"{task['step']}/{task['total_steps']}" if task.get("total_steps") else str(task.get("step") or 0)
+    loss = f"{task['loss']:.4f}" if isinstance(task.get("loss"), float) else "-"
+    return f"step {step}  loss {loss}  eta {_fmt_duration(task.get('eta_s'))}"
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    config: dict[str, Any] = {}
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            raise ValidationError(f"--config: cannot read {args.config}: {e}") from None
+    for flag, path, _typ, _help in SUBMIT_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            set_path(config, path, value)
+    if args.share_gpu:
+        set_path(config, "resources.share_gpu", True)
+    if args.no_auto_resume:
+        set_path(config, "resume.auto", False)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"--set: expected section.field=value, got {item!r}")
+        set_path(config, key.strip(), _parse_value(value))
+    service = open_service()
+    task = service.submit(config, args.name, trusted=True)
+    if args.json:
+        _print_json(service.task_json(task))
+    else:
+        print(task.id)
+    if args.wait:
+        return _wait(service, task.id, quiet=args.json)
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    """`--set lora.target_modules=q_proj,v_proj` or `--set optim.seed=7`: JSON if it parses, else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _wait(service: Service, task_id: str, *, quiet: bool = False) -> int:
+    """Follow a task to its end, with a progress bar on a terminal."""
+    tty = sys.stderr.isatty() and not quiet
+    while True:
+        task = service.task_json(service.get(task_id))
+        if tty:
+            pct = task.get("percent") or 0
+            bar = "#" * int(pct / 100 * 30)
+            sys.stderr.write(f"\r{task['status']:<11} [{bar:<30}] {pct:5.1f}%  {_progress(task)}   ")
+            sys.stderr.flush()
+        status = TaskStatus(task["status"])
+        if status == TaskStatus.PAUSED:
+            if tty:
+                sys.stderr.write("\n")
+            if not quiet:
+                print(f"task {task_id} is paused; continue it with `ftstudio resume {task_id}`", file=sys.stderr)
+            return 1
+        if status.is_final:
+            if tty:
+                sys.stderr.write("\n")
+            if status == TaskStatus.FAILED and not quiet:
+                print(f"task {task_id} failed: {printable(task['error'])}", file=sys.stderr)
+            return 0 if status == TaskStatus.COMPLETED else 1
+        time.sleep(0.5)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    service = open_service()
+    tasks, total = service.page_of_tasks(limit=args.limit, offset=args.offset, status=args.status)
+    if args.json:
+        _print_json({"tasks": [service.task_json(t) for t in tasks], "total": total})
+        return 0
+    if not tasks:
+        print("no tasks yet; start one with `ftstudio submit --preset cpu-demo`")
+        return 0
+    print(f"{'ID':<22} {'STATUS':<11} {'PROGRESS':<32} NAME")
+    for t in tasks:
+        view = service.task_json(t)
+        print(f"{t.id:<22} {t.status:<11} {_progress(view):<32} {printable(t.name)}")
+    if total > len(tasks) + args.offset:
+        print(f"... {total - len(tasks) - args.offset} more (--offset {args.offset + len(tasks)})")
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    q = open_service().queue()
+    if args.json:
+        _print_json(q)
+        return 0
+    gpus = ", ".join(map(str, q["gpus"])) or "none"
+    print(f"training slots {q['slots']} (for tasks without a GPU; studio start --slots N), GPUs {gpus}")
+    if not q["running"] and not q["waiting"] and not q["chats"]:
+        print("nothing running or waiting")
+        return 0
+    for t in q["running"]:
+        print(f"  running  {t['id']:<22} {', '.join(t['resources']) or '-':<12} {printable(t['name'])}")
+    for c in q["chats"]:
+        who = f"chat with task {c['task']}" if c["task"] else "chat"
+        print(f"  chat     pid {c['pid']:<18} {printable(c['device'])}: {who}")
+    for t in q["waiting"]:
+        prio = f" priority {t['priority']}" if t["priority"] else ""
+        print(f"  #{t['position']:<7} {t['id']:<22} {printable(t['reason'])}{prio}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    service = open_service()
+    view = service.task_json(service.get(args.task))
+    if args.json:
+        _print_json(view)
+        return 0
+    for key in ("id", "name", "status", "model", "dataset", "attempt", "pid", "task_dir"):
+        print(f"{key:<10} {printable(view.get(key))}")
+    print(f"{'progress':<10} {_progress(view)}  epoch {view.get('epoch') or 0}/{view.get('total_epochs') or '?'}")
+    if view.get("queue"):
+        print(f"{'queue':<10} #{view['queue']['position']}: {printable(view['queue']['reason'])}")
+    if view.get("resources"):
+        print(f"{'holds':<10} {', '.join(view['resources'])}")
+    if view.get("slurm"):
+        job = view["slurm"]
+        reason = f", reason: {job['reason']}" if job.get("reason") else ""
+        now = f" ({job['state']}{reason})" if job.get("state") else ""
+        print(f"{'slurm job':<10} {printable(job['job_id'])}{printable(now)}")
+    if view.get("reattached"):
+        print(f"{'note':<10} the studio restarted and reattached to this training")
+    if view.get("stalled"):
+        age = view["heartbeat_age_s"]
+        print(f"{'note':<10} no heartbeat for {age:.0f}s: the training process is alive but not reporting")
+    if view.get("error"):
+        print(f"{'error':<10} {printable(view['error'])}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """training.log as text (`printable_log`): always, not only on a terminal, since the log holds what
+    datasets and model repositories print, and a pipe into `less -R` or a file shown later reaches a
+    terminal all the same. The bytes as written stay in TASK_DIR/training.log."""
+    service = open_service()
+    offset, partial = 0, ""
+    while True:
+        chunk = service.logs(args.task, offset)
+        # Whole lines only: a line still being written (a progress bar between redraws) waits for its end.
+        lines, newline, partial = (partial + chunk["text"]).rpartition("\n")
+        if newline:
+            sys.stdout.write(printable_log(lines) + "\n")
+            sys.stdout.flush()
+        partial = last_redraw(partial)
+        offset = chunk["next_offset"]
+        if chunk["next_offset"] < chunk["size"]:
+            continue
+        if not args.follow or service.get(args.task).status.is_final:
+            sys.stdout.write(printable_log(partial))  # the last line, unended, as the log has it
+            return 0
+        time.sleep(0.5)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    service = open_service()
+    task = service.cancel(args.task)
+    print(f"task {task.id} {task.status}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    task = open_service().pause(args.task, freeze=args.freeze)
+    if task.status == TaskStatus.PAUSED:
+        print(f"task {task.id} paused ({task.phase or 'held'})")
+    else:
+        print(f"task {task.id} pausing: it saves a checkpoint at its next step, then stops (ftstudio show {task.id})")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    task = open_service().resume(args.task)
+    print(f"task {task.id} {task.status} (attempt {task.attempt})")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    task = open_service().retry(args.task)
+    print(f"task {task.id} {task.status} (attempt {task.attempt})")
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    task = open_service().extend(args.task, epochs=args.epochs, steps=args.steps)
+    print(f"task {task.id} {task.status} (attempt {task.attempt})")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    history = open_service().history(args.task)
+    if args.json:
+        _print_json(history)
+        return 0
+    for a in history["attempts"]:
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["started_at"])) if a["started_at"] else "-"
+        end = f"ended after {_fmt_duration(a['ended_at'] - a['started_at'])}" if a["ended_at"] else "running"
+        resumed = f", resumed from step {a['resumed_from_step']}" if a["resumed_from_step"] else ""
+        why = f": {printable(a['end_reason'])}" if a["end_reason"] else ""
+        print(f"attempt {a['attempt']}  started {start}{resumed}, {end}{why}")
+    for t in history["transitions"]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(t["ts"]))
+        print(f"  {stamp}  {t['src'] or '-':>11} -> {t['dst']:<11} {printable(t['reason'] or '')}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    open_service().delete(args.task)
+    print(f"task {args.task} deleted")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # No studio, no home: the trainer itself in this process, by the entry point every task's train.py calls.
+    from ftstudio import train
+
+    return train.main([args.spec, *(["--output", args.output] if args.output else [])])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    home = Home.default()
+    info = studio_mod.start(home, _server_options(args))
+    service = open_service()
+    task = service.submit({"preset": "cpu-demo"}, "demo: builtin:tiny on builtin:sample", trusted=True)
+    print(f"studio:  {info.login_url(load_or_create_token(home))}")
+    print(f"task:    {task.id}  (ftstudio show {task.id}; ftstudio logs -f {task.id})")
+    if args.wait or (sys.stderr.isatty() and not args.no_wait):
+        print("training... (Ctrl-C stops watching; the training keeps running)", file=sys.stderr)
+        try:
+            return _wait(service, task.id)
+        except KeyboardInterrupt:
+            print(f"\nstill training; watch it at {info.url}", file=sys.stderr)
+    return 0
+
+
+def cmd_studio(args: argparse.Namespace) -> int:
+    home = Home.default()
+    if args.action in ("start", "restart", "serve") and args.executor:
+        _use_executor(args)
+    if args.action == "serve":
+        return studio_mod.serve(home, _server_options(args))
+    if args.action in ("stop", "restart"):
+        stopped = studio_mod.stop(home)
+        if args.action == "stop":
+            print(f"studio stopped (pid {stopped.pid}); training keeps running" if stopped else "studio is not running")
+            return 0
+    if args.action in ("start", "restart"):
+        options = _server_options(args)
+        if options.slots is not None:  # remembered now, so a studio already running uses it at its next look
+            open_service().set_slots(options.slots)
+        already = studio_mod.running_server(home)
+        info = studio_mod.start(home, _server_options(args))
+        token = load_or_create_token(home)
+        print(f"studio {'already running' if already else 'running'} at {info.login_url(token)} (pid {info.pid})")
+        if binds_beyond_loopback(info.host):
+            print(f"warning: {studio_mod.exposure_warning(info.host, info.port, info.scheme)}", file=sys.stderr)
+        return 0
+    if args.action == "token":
+        print(load_or_create_token(home))
+        return 0
+    if args.action == "url":
+        running = studio_mod.running_server(home)
+        if running is None:
+            raise NotRunning("the studio is not running; start it with `ftstudio studio start` (it prints the URL)")
+        print(running.login_url(load_or_create_token(home)))
+        return 0
+    st = studio_mod.status(home)
+    if args.json:
+        _print_json(st)
+    elif st["running"]:
+        print(f"studio running at {st['url']} (pid {st['pid']}, up {_fmt_duration(st['uptime_s'])}), home {st['home']}")
+    else:
+        print(f"studio is not running (home {st['home']}); start it with `ftstudio studio start`")
+    return 0 if st["running"] or args.action != "status" else 3
+
+
+def _use_executor(args: argparse.Namespace) -> None:
+    """--executor and Slurm's flags: checked against the cluster, then remembered in the home."""
+    slurm = {
+        "partition": args.partition or "",
+        "account": args.account,
+        "qos": args.qos,
+        "time": args.time,
+        "host": args.slurm_host,
+        "signal": args.slurm_signal,
+        "extra": tuple(args.sbatch_option),
+    }
+    print(open_service().use_executor(args.executor, slurm if args.executor == "slurm" else None))
+
+
+def _server_options(args: argparse.Namespace) -> studio_mod.ServerOptions:
+    """The studio's flags as one value; `start` hands them on to the background `serve` unchanged."""
+    return studio_mod.ServerOptions.checked(
+        host=args.host,
+        port=args.port,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        allow_remote_code=args.allow_remote_code,
+        allow_paths=args.allow_path,
+        allow_hosts=args.allow_host,
+        allow_origins=args.allow_origin,
+        max_upload_mb=args.max_upload_mb,
+        max_row_kb=args.max_row_kb,
+        max_pending=args.max_pending,
+        slots=getattr(args, "slots", None),
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    print(open_service().merge(args.task, Path(args.out) if args.out else None))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    print(open_service().export(args.task, args.format, Path(args.out) if args.out else None))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    print(open_service().generate(args.task, args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
