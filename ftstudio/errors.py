@@ -15,7 +15,7 @@
     └── LaunchError               the training process could not be started
 
 Exceptions are mapped to HTTP status codes and exit codes only at the edges
-(`api.py`, `cli.py`); everything below raises these.
+(`web/api.py`, `cli/main.py`); everything below raises these.
 """
 
 from __future__ import annotations
