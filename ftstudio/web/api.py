@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +33,7 @@ from ftstudio.web import apidoc
 from ftstudio.web.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, TaskExtend, last_event_id, request_problems
 from ftstudio.web.auth import Guard, load_or_create_token, token_path
 from ftstudio.web.broker import Broker
+from ftstudio.web.eventstream import EventStream
 from ftstudio.web.gate import Gate
 from ftstudio.web.uploads import MULTIPART_OVERHEAD, MultipartFile
 
@@ -289,11 +290,7 @@ def create_app(
         says `beside_training`."""
         # Refused here, before any stream: no weights (404), a busy worker or training's place (409).
         reply = service.chat(task_id, parse_request(body))
-        return StreamingResponse(
-            _chat_stream(reply),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStream(_chat_stream(reply), on_close=reply.cancel)
 
     @app.get("/api/tasks/{task_id}/artifacts")
     def task_artifacts(task_id: str) -> dict[str, Any]:
@@ -491,16 +488,14 @@ CHAT_EXAMPLE = {
 }
 
 
-async def _chat_stream(reply: ChatReply) -> AsyncIterator[str]:
+async def _chat_stream(reply: ChatReply) -> AsyncGenerator[str, None]:
     """Server-sent events, one per worker event (those that came together in one write). A page that
-    goes away cancels this generator, and the reply with it: the worker stops and takes the next message."""
+    goes away ends the response, and the reply with it (the route's EventStream cancels it): the worker
+    stops and takes the next message."""
 
     def sse(event: dict[str, Any]) -> str:
         name = event.pop("event", "message")
         return f"event: {name}\ndata: {json.dumps(event)}\n\n"
 
-    try:
-        while (batch := await run_in_threadpool(reply.next_batch)) is not None:
-            yield "".join(sse(event) for event in batch)
-    finally:
-        reply.cancel()
+    while (batch := await run_in_threadpool(reply.next_batch)) is not None:
+        yield "".join(sse(event) for event in batch)
