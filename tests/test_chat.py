@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from support import Studio, home_env, run_cli, wait_for
 
 from ftstudio.chat.process import (
     ChatBusy,
+    ChatReply,
     ChatWaits,
     ChatWorker,
     Machine,
@@ -408,6 +410,23 @@ def test_a_second_message_while_one_is_answered_is_refused_with_why(tmp_path: Pa
         chat_mod.BUSY_WAIT_S = before
         worker._lock.release()
     assert ChatBusy.http_status == 409 and worker.pid() is None  # refused before anything started
+
+
+def test_a_message_after_a_stop_waits_for_the_stopped_reply_to_wind_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ftstudio.chat.process as chat_mod
+
+    monkeypatch.setattr(chat_mod, "BUSY_WAIT_S", 0.2)
+    worker = ChatWorker(tmp_path / "chat.log")
+    assert worker._lock.acquire()
+    worker._answering = stopped = ChatReply()
+    stopped.cancel()  # Stop was pressed; the worker has yet to end the reply (beside training it may take a while)
+    threading.Timer(1.0, worker._lock.release).start()
+    started = time.monotonic()
+    assert worker._take_turn()  # waited past BUSY_WAIT_S for it: not refused
+    assert time.monotonic() - started >= 0.9
+    worker._lock.release()
 
 
 # -- `ftstudio chat` in a terminal ---------------------------------------------------------------------
