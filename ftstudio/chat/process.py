@@ -597,8 +597,8 @@ class ChatWorker:
                     ended = True
                     code = running.proc.wait()
                     if running.yielded_to is not None:
-                        message = _yielded(running.yielded_to, running.placement)
-                        yield {"event": "error", "message": message, "code": ChatWaits.code}
+                        why = _yielded(running.yielded_to, running.placement)
+                        yield {"event": "error", "message": why, "code": ChatWaits.code}
                         return
                     yield {
                         "event": "error",
