@@ -100,8 +100,10 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
         page.fill("#chat-input", "Are you there?")
         page.click("#chat-send")
         page.wait_for_function("document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 5")
-        said = page.locator("#chat-log .chat-reply").last.locator(".error-text").inner_text()
+        refused = page.locator("#chat-log .chat-reply").last
+        said = refused.locator(".error-text").inner_text()
         assert said.startswith(f"task {trains} holds this studio's 1 training slot"), said
+        assert refused.locator(".chat-msg").count() == 0  # the reason alone, no empty "Fine-tuned" box above it
         page.click("#chat-log .chat-beside")
         page.wait_for_function(
             "document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 5 && "
