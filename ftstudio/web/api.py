@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -263,11 +263,7 @@ def create_app(
         # A header that is not one of our ids is ignored, as if the page had sent none.
         header = last_event_id(request.headers.get("last-event-id", ""))
         last = header if header is not None else after
-        return StreamingResponse(
-            _stream(service, broker, task_id, last, request, started_at),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStream(_stream(service, broker, task_id, last, request, started_at))
 
     @app.get("/api/tasks/{task_id}/checkpoints")
     def task_checkpoints(task_id: str) -> dict[str, Any]:
@@ -401,9 +397,10 @@ async def _receive_upload(service: Service, request: Request) -> dict[str, Any]:
 
 async def _stream(
     service: Service, broker: Broker, task_id: str, last: int, request: Request, started_at: float
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Server-sent events: the task on connect and on change, every stored event after `last`
-    with its seq as the event id, until the task is final and everything is sent."""
+    with its seq as the event id, until the task is final and everything is sent. A page that goes
+    away ends the response, which closes this generator (EventStream), and its wake-ups with it."""
     wake = broker.subscribe(task_id)
     studio = {"started_at": started_at, "pid": psutil.Process().pid, "version": __version__}
     try:
