@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,23 @@ import psutil
 import pytest
 from support import Studio, home_env, run_cli, wait_for
 
-from ftstudio.chat.process import ChatBusy, ChatWaits, ChatWorker, Machine, Placement, parse_request, place, taken_by
+from ftstudio.chat.process import (
+    ChatBusy,
+    ChatReply,
+    ChatWaits,
+    ChatWorker,
+    Machine,
+    Placement,
+    parse_request,
+    place,
+    taken_by,
+)
 from ftstudio.errors import ValidationError
 
 pytestmark = pytest.mark.slow
+
+STOP_ROUNDS = int(os.environ.get("FTSTUDIO_CHAT_STOP_ROUNDS", "5"))
+"""How many times in a row a reply is stopped and the next message answered (issue 20 asks for 50 under load)."""
 
 
 # -- what a message may ask ------------------------------------------------------------------------
@@ -196,11 +210,12 @@ def chat(studio: Studio, task_id: str, body: dict[str, Any], timeout: float = 18
     return out
 
 
-def workers() -> list[psutil.Process]:
+def workers(home: Path) -> list[psutil.Process]:
+    """The chat workers of this home's studio or CLI: other test runs on the machine have their own."""
     found = []
     for p in psutil.process_iter():
         try:
-            if "ftstudio.chatworker" in p.cmdline():
+            if "ftstudio.chatworker" in p.cmdline() and p.environ().get("FTSTUDIO_HOME") == str(home):
                 found.append(p)
         except psutil.Error:
             continue
@@ -210,7 +225,7 @@ def workers() -> list[psutil.Process]:
 def test_a_reply_streams_token_by_token_and_compare_adds_the_base_models(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
-    _, tid = trained
+    home, tid = trained
     events = chat(studio, tid, {**say("Reverse the word: stone"), "max_new_tokens": 12, "compare": True, "seed": 1})
     names = [n for n, _ in events]
     assert names[0] == "worker" and names[-1] == "end", names
@@ -221,7 +236,7 @@ def test_a_reply_streams_token_by_token_and_compare_adds_the_base_models(
     assert [d["who"] for n, d in events if n == "done"] == ["adapter", "base"]
     # The worker is a process of its own, and no task's: cancelling or counting a task's processes never
     # touches it. Nothing trains, so it has the CPU (its threads, a priority a little under the studio's).
-    (worker,) = workers()
+    (worker,) = workers(home)
     assert events[0][1]["device"] == "the CPU"
     assert worker.nice() == 5 and os.sched_getscheduler(worker.pid) == os.SCHED_OTHER
     assert "FTSTUDIO_TASK_ID" not in worker.environ() and "FTSTUDIO_CHAT_THREADS" not in worker.environ()
@@ -252,9 +267,9 @@ def test_what_can_answer_is_listed_newest_first(studio: Studio, trained: tuple[P
 def test_a_worker_that_dies_mid_reply_says_so_and_the_next_message_starts_another(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
-    _, tid = trained
+    home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
-    (worker,) = workers()
+    (worker,) = workers(home)
     got: list[tuple[str, dict[str, Any]]] = []
     with httpx.stream(
         "POST", f"{studio.url}/api/tasks/{tid}/chat", json={**say("hi"), "max_new_tokens": 4000, "temperature": 1.0},
@@ -271,7 +286,7 @@ def test_a_worker_that_dies_mid_reply_says_so_and_the_next_message_starts_anothe
     assert got[-1][0] == "error" and "the chat worker stopped unexpectedly" in got[-1][1]["message"], got[-3:]
     assert studio.http.get("/api/health").status_code == 200  # the studio did not notice beyond that
     again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    assert again[-1][0] == "end" and workers()[0].pid != worker.pid
+    assert again[-1][0] == "end" and workers(home)[0].pid != worker.pid
 
 
 def test_a_page_that_goes_away_mid_reply_frees_the_worker_for_the_next_message(
@@ -294,15 +309,75 @@ def test_a_page_that_goes_away_mid_reply_frees_the_worker_for_the_next_message(
     assert time.monotonic() - started < 20  # not the 30 s a message waits behind another before a 409
 
 
+LONG = {**say("Tell me a long story"), "max_new_tokens": 4000, "temperature": 1.0}
+
+
+def first_tokens(r: httpx.Response, n: int = 3) -> None:
+    """Read a streamed reply until its `n`th token."""
+    assert r.status_code == 200, r.read()
+    tokens = 0
+    for line in r.iter_lines():
+        tokens += line == "event: token"
+        if tokens == n:
+            return
+
+
+def drop_a_long_reply(studio: Studio, task_id: str) -> None:
+    """Ask for a long reply and go away after its first tokens, as the page does on Stop."""
+    url = f"{studio.url}/api/tasks/{task_id}/chat"
+    with httpx.stream("POST", url, json=LONG, headers=studio.auth, timeout=120) as r:
+        first_tokens(r)
+
+
+@pytest.mark.timeout(120 + 30 * STOP_ROUNDS)
+def test_a_reply_dropped_mid_way_ends_in_the_worker_and_the_next_message_is_answered_every_time(
+    studio: Studio, trained: tuple[Path, str]
+) -> None:
+    """Issue 20: the stream's generator was left suspended when the client went away while a chunk was on
+    its way, so the reply went on in the worker for nobody, and the next message waited 30 s for it and
+    was refused (409, "answering another message")."""
+    home, tid = trained
+    chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
+    (worker,) = workers(home)
+    for i in range(STOP_ROUNDS):
+        drop_a_long_reply(studio, tid)
+        started = time.monotonic()
+        again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # a 409 fails here, with its reason
+        took = time.monotonic() - started
+        assert again[-1][0] == "end", (i, again[-2:])
+        assert took < 20, f"round {i + 1}: {took:.1f} s, as if the dropped reply had run on"
+    # Each dropped reply was ended by the worker when told to stop: none had to be killed.
+    assert [p.pid for p in workers(home)] == [worker.pid]
+
+
+def test_a_message_whose_page_went_away_while_it_waited_its_turn_is_not_answered_for_nobody(
+    studio: Studio, trained: tuple[Path, str]
+) -> None:
+    """Stop pressed while "Sending…": the message's reply starts once the one before it ends, to a client
+    that has gone, and must be stopped at once rather than hold the worker for its 4000 tokens."""
+    _, tid = trained
+    url = f"{studio.url}/api/tasks/{tid}/chat"
+    chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
+    with httpx.stream("POST", url, json=LONG, headers=studio.auth, timeout=120) as first:
+        first_tokens(first)
+        # The second waits for its turn behind the first; its client gives up and closes the connection.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=LONG, headers=studio.auth, timeout=httpx.Timeout(30, read=1.0))
+    started = time.monotonic()  # the first is dropped now too: both are to be stopped
+    again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
+    assert again[-1][0] == "end", again[-2:]
+    assert time.monotonic() - started < 20
+
+
 def test_the_model_is_unloaded_after_the_idle_time(studio: Studio, trained: tuple[Path, str]) -> None:
     home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    (worker,) = workers()
+    (worker,) = workers(home)
     # The queue shows the worker beside the tasks, in the API and in the terminal.
     assert studio.http.get("/api/queue").json()["chats"] == [{"pid": worker.pid, "device": "the CPU", "task": tid}]
     shown = run_cli(home, "queue")
     assert f"chat     pid {worker.pid}" in shown.stdout and f"the CPU: chat with task {tid}" in shown.stdout, shown
-    wait_for(lambda: not workers(), timeout=30, what="the idle worker to exit (FTSTUDIO_CHAT_IDLE_S=4)")
+    wait_for(lambda: not workers(home), timeout=30, what="the idle worker to exit (FTSTUDIO_CHAT_IDLE_S=4)")
     wait_for(lambda: studio.http.get("/api/queue").json()["chats"] == [], timeout=10, what="the queue to forget it")
     assert not list((home / "chats").glob("*.json"))
 
@@ -335,6 +410,23 @@ def test_a_second_message_while_one_is_answered_is_refused_with_why(tmp_path: Pa
         chat_mod.BUSY_WAIT_S = before
         worker._lock.release()
     assert ChatBusy.http_status == 409 and worker.pid() is None  # refused before anything started
+
+
+def test_a_message_after_a_stop_waits_for_the_stopped_reply_to_wind_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ftstudio.chat.process as chat_mod
+
+    monkeypatch.setattr(chat_mod, "BUSY_WAIT_S", 0.2)
+    worker = ChatWorker(tmp_path / "chat.log")
+    assert worker._lock.acquire()
+    worker._answering = stopped = ChatReply()
+    stopped.cancel()  # Stop was pressed; the worker has yet to end the reply (beside training it may take a while)
+    threading.Timer(1.0, worker._lock.release).start()
+    started = time.monotonic()
+    assert worker._take_turn()  # waited past BUSY_WAIT_S for it: not refused
+    assert time.monotonic() - started >= 0.9
+    worker._lock.release()
 
 
 # -- `ftstudio chat` in a terminal ---------------------------------------------------------------------
@@ -382,8 +474,7 @@ def test_ftstudio_chat_in_a_real_terminal(trained: tuple[Path, str]) -> None:
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
-    wait_for(lambda: not [w for w in workers() if w.environ().get("FTSTUDIO_HOME") == str(home)], timeout=15,
-             what="the terminal's worker to end with it")  # fmt: skip
+    wait_for(lambda: not workers(home), timeout=15, what="the terminal's worker to end with it")
 
 
 def test_chat_with_a_task_that_has_no_weights_yet_says_why(trained: tuple[Path, str]) -> None:
@@ -419,7 +510,7 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
 ) -> None:
     home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    (worker,) = workers()
+    (worker,) = workers(home)
     training = hold_the_slot(studio, "trains beside a chat")
     try:
         # Stopped by the launch itself, before the task's runner started (the studio's log says so in order).
@@ -432,11 +523,11 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
         refused = studio.http.post(f"/api/tasks/{tid}/chat", json=say("hi"))
         assert refused.status_code == 409 and refused.json()["code"] == "chat_waits_for_training", refused.text
         assert refused.json()["detail"].startswith(f"task {training} holds this studio's 1 training slot")
-        assert not workers()  # refused before anything was loaded
+        assert not workers(home)  # refused before anything was loaded
 
         beside = chat(studio, tid, {**say("hi"), "max_new_tokens": 2, "beside_training": True})
         assert beside[0][1]["device"] == "the CPU, beside training (lowest priority)" and beside[-1][0] == "end"
-        (humble,) = workers()
+        (humble,) = workers(home)
         assert humble.nice() == 19 and os.sched_getscheduler(humble.pid) == os.SCHED_IDLE
         assert humble.environ()["FTSTUDIO_CHAT_THREADS"] == "1"
 
@@ -452,7 +543,7 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
 
 
 def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trained: tuple[Path, str]) -> None:
-    _, tid = trained
+    home, tid = trained
     body = {**say("hi"), "max_new_tokens": 4000, "temperature": 1.0, "seed": 7}
     training = None
     events: list[str] = []
@@ -472,7 +563,7 @@ def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trai
         assert said["code"] == "chat_waits_for_training"  # the page offers to answer beside training
         said = said["message"]
         assert said.startswith(f"the chat stopped: task {training} started training on the CPU, and training comes")
-        assert not workers()
+        assert not workers(home)
     finally:
         if training:
             cancel(studio, training)

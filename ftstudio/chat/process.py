@@ -53,6 +53,8 @@ POLL_S = 0.25
 """How often a reply's threads look whether it was stopped."""
 BUSY_WAIT_S = 30.0
 """How long a message waits for the one before it to be answered before it is refused."""
+STOP_S = 30.0
+"""How long the worker has to end a stopped reply before it is killed (and started again for the next)."""
 WATCH_S = 1.0
 """How often a running worker looks whether training has taken its GPU or slot."""
 ROLES = ("user", "assistant")
@@ -349,6 +351,7 @@ class ChatWorker:
         self._lock = threading.Lock()  # one message at a time
         self._placing = threading.Lock()  # a worker's start, or a launch's look at it: one at a time
         self._running: _Running | None = None
+        self._answering: ChatReply | None = None  # the reply holding `_lock`
         self._next = 0
 
     # -- the process ---------------------------------------------------------
@@ -505,7 +508,7 @@ class ChatWorker:
         The reply is pumped by a thread of its own, which holds the worker until the reply has ended or
         was stopped: a reader that goes away (a closed page, Ctrl-C) only has to `cancel()`, from any
         thread, and the next message is never left waiting on a reply nobody reads."""
-        if not self._lock.acquire(timeout=BUSY_WAIT_S):
+        if not self._take_turn():
             raise ChatBusy("the chat is answering another message; send yours again when that one has finished")
         try:
             r = self._running
@@ -520,7 +523,7 @@ class ChatWorker:
         except BaseException:
             self._lock.release()
             raise
-        reply = ChatReply()
+        reply = self._answering = ChatReply()
 
         def pump() -> None:
             try:
@@ -531,10 +534,22 @@ class ChatWorker:
                 reply.events.put({"event": "error", "message": f"the chat failed: {e}"})
             finally:
                 reply.events.put(None)
+                self._answering = None
                 self._lock.release()
 
         threading.Thread(target=pump, daemon=True, name="chat-reply").start()
         return reply
+
+    def _take_turn(self) -> bool:
+        """Wait for the reply before this message to end; False: it is still being answered for someone
+        after BUSY_WAIT_S. A reply that was stopped (Stop, a closed page) is waited for until it has wound
+        down, which takes the worker at most STOP_S before it is killed (beside training, at the lowest
+        priority, it may need seconds of CPU to get there): the message typed after a Stop must not be
+        refused for the reply it stopped (issue 20)."""
+        if self._lock.acquire(timeout=BUSY_WAIT_S):
+            return True
+        before = self._answering
+        return before is not None and before.cancelled.is_set() and self._lock.acquire(timeout=2 * STOP_S)
 
     def _chat(
         self,
@@ -614,9 +629,9 @@ class ChatWorker:
 
     def _stop(self, running: _Running, rid: int) -> None:
         """The reader went away mid-reply: stop generating, and wait for its end so the next message
-        starts clean (a worker that does not stop within 30 s is killed)."""
+        starts clean (a worker that does not stop within STOP_S is killed)."""
         self._send(running, {"op": "stop", "id": rid})
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + STOP_S
         while time.monotonic() < deadline:
             try:
                 item = running.lines.get(timeout=max(0.1, deadline - time.monotonic()))

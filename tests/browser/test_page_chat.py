@@ -1,16 +1,24 @@
 """Chat in the page: a completed fine-tune of builtin:tiny answers, token by token, in the task
 view; compare mode shows the base model's answer beside it; Stop ends a reply and the next one
-comes."""
+comes, however many times in a row (FTSTUDIO_CHAT_STOP_ROUNDS, default 5; issue 20 asks for 50 under
+load)."""
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from support import end_processes, free_port, run_cli
 
-from .livestudio import ARTIFACTS, LiveStudio
+from .livestudio import ARTIFACTS, LiveStudio, task_processes
 
 pytestmark = pytest.mark.browser
+
+STOP_ROUNDS = int(os.environ.get("FTSTUDIO_CHAT_STOP_ROUNDS", "5"))
 
 
 def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(studio: LiveStudio, page: Any) -> None:
@@ -92,8 +100,10 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
         page.fill("#chat-input", "Are you there?")
         page.click("#chat-send")
         page.wait_for_function("document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 5")
-        said = page.locator("#chat-log .chat-reply").last.locator(".error-text").inner_text()
+        refused = page.locator("#chat-log .chat-reply").last
+        said = refused.locator(".error-text").inner_text()
         assert said.startswith(f"task {trains} holds this studio's 1 training slot"), said
+        assert refused.locator(".chat-msg").count() == 0  # the reason alone, no empty "Fine-tuned" box above it
         page.click("#chat-log .chat-beside")
         page.wait_for_function(
             "document.querySelectorAll('#chat-log .chat-reply[data-done]').length === 5 && "
@@ -105,3 +115,67 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
         assert page.locator("#chat-log .chat-user").last.inner_text().endswith("Are you there?")
     finally:
         studio.api("POST", f"/api/tasks/{trains}/cancel")
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> Iterator[tuple[LiveStudio, str]]:
+    """A studio whose home holds one completed fine-tune of builtin:tiny, trained by the CLI before the
+    studio starts (the page's training is the test above's)."""
+    home = tmp_path / "home"
+    r = run_cli(home, "submit", "--preset", "cpu-demo", "--max-steps", "2", "--wait")
+    assert r.returncode == 0, r.stderr
+    s = LiveStudio(home, free_port())
+    try:
+        yield s.start(), r.stdout.strip().splitlines()[0]
+    finally:
+        s.stop()
+        end_processes(task_processes(home))
+
+
+@pytest.mark.timeout(120 + 30 * STOP_ROUNDS)
+def test_after_stop_the_next_message_is_answered_every_time(trained: tuple[LiveStudio, str], page: Any) -> None:
+    """Issue 20: Stop on a long reply, then a new message, again and again. The stopped reply used to go on
+    in the worker, unread, and the next message was refused after 30 s ("answering another message")."""
+    studio, task_id = trained
+    page.goto(studio.page_url(f"#/tasks/{task_id}"))
+    page.locator("#try-it").wait_for(state="visible")
+    page.click("#chat .chat-settings summary")
+    page.fill("#chat-temperature", "1")
+    stopped, tries, waits = 0, 0, []
+    while stopped < STOP_ROUNDS:
+        tries += 1
+        # At temperature 1 the model may end a reply by itself before Stop is pressed: such a try
+        # stopped nothing, and another is made (at most as many again, and five).
+        assert tries <= 2 * STOP_ROUNDS + 5, f"only {stopped} of {tries - 1} long replies were still going at Stop"
+        replies = page.locator("#chat-log .chat-reply").count()
+        page.fill("#chat-max-tokens", "4000")
+        page.fill("#chat-input", f"Tell me a long story ({tries})")
+        page.click("#chat-send")
+        page.wait_for_function(
+            f"""() => {{ const r = document.querySelectorAll('#chat-log .chat-reply')[{replies}];
+                        return r && (r.dataset.done || r.textContent.length > 20); }}""",
+            timeout=120_000,
+        )
+        # Pressed only while the reply is still under way, in one step of the page (a check, then a
+        # Playwright click, could find the button hidden again in between).
+        pressed = page.evaluate(
+            "() => { const b = document.querySelector('#chat-stop'); if (b.hidden) return false; b.click(); return true; }"
+        )
+        if pressed:
+            page.locator("#chat-status", has_text="Stopped.").wait_for()
+            stopped += 1
+        page.fill("#chat-max-tokens", "8")
+        page.fill("#chat-input", f"Short, please ({tries})")
+        sent = time.monotonic()
+        page.click("#chat-send")
+        # Answered in full, and not after the minute the stopped reply's 4000 tokens would have taken.
+        page.wait_for_function(
+            f"document.querySelectorAll('#chat-log .chat-reply[data-done]').length === {replies + 2}", timeout=60_000
+        )
+        waits.append(time.monotonic() - sent)
+        last = page.locator("#chat-log .chat-reply").last
+        errors = page.locator("#chat-log .error-text").all_inner_texts()
+        assert not errors, f"after {stopped} of {STOP_ROUNDS} stops: {errors}"
+        assert last.locator('.chat-text[data-who="adapter"]').inner_text().strip(), f"after {stopped} stops"
+        assert page.locator("#chat-status").inner_text() == ""  # finished: not "Stopped." nor "ended early"
+    print(f"{stopped} stops in {tries} tries; the next answer came in at most {max(waits):.1f} s")

@@ -4,7 +4,7 @@ files and archive, the ways to load it elsewhere, and the task's downloadable fi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
@@ -12,8 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ftstudio import taskfiles
-from ftstudio.chat.process import ChatReply, parse_request
+from ftstudio.chat.process import ChatReply
 from ftstudio.web.context import ServiceDep
+from ftstudio.web.eventstream import EventStream
 
 router = APIRouter(prefix="/api")
 
@@ -37,33 +38,27 @@ def task_checkpoints(task_id: str, service: ServiceDep) -> dict[str, Any]:
 @router.post("/tasks/{task_id}/chat")
 def task_chat(
     task_id: str, service: ServiceDep, body: Annotated[dict[str, Any], Body(examples=[CHAT_EXAMPLE])]
-) -> StreamingResponse:
+) -> EventStream:
     """Chat with the task's adapter (or a checkpoint): the reply streamed as server-sent events
     (`worker`, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or `error`). Refused with
     409 and code `chat_waits_for_training` while training holds every GPU and slot, unless the request
     says `beside_training`."""
     # Refused here, before any stream: no weights (404), a busy worker or training's place (409).
-    reply = service.chat(task_id, parse_request(body))
-    return StreamingResponse(
-        _chat_stream(reply),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    reply = service.chat_message(task_id, body)
+    return EventStream(_chat_stream(reply), on_close=reply.cancel)
 
 
-async def _chat_stream(reply: ChatReply) -> AsyncIterator[str]:
+async def _chat_stream(reply: ChatReply) -> AsyncGenerator[str, None]:
     """Server-sent events, one per worker event (those that came together in one write). A page that
-    goes away cancels this generator, and the reply with it: the worker stops and takes the next message."""
+    goes away ends the response, and the reply with it (the route's EventStream cancels it): the worker
+    stops and takes the next message."""
 
     def sse(event: dict[str, Any]) -> str:
         name = event.pop("event", "message")
         return f"event: {name}\ndata: {json.dumps(event)}\n\n"
 
-    try:
-        while (batch := await run_in_threadpool(reply.next_batch)) is not None:
-            yield "".join(sse(event) for event in batch)
-    finally:
-        reply.cancel()
+    while (batch := await run_in_threadpool(reply.next_batch)) is not None:
+        yield "".join(sse(event) for event in batch)
 
 
 @router.get("/tasks/{task_id}/artifacts")

@@ -7,19 +7,19 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import psutil
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 
 from ftstudio import __version__
 from ftstudio.studio.service import Service
 from ftstudio.web.api_input import OFFSET_MAX, SEQ_MAX, TaskCreate, TaskExtend, last_event_id, short_numbers
 from ftstudio.web.broker import Broker
 from ftstudio.web.context import BrokerDep, ServiceDep, StartedAt
+from ftstudio.web.eventstream import EventStream
 
 router = APIRouter(prefix="/api", dependencies=[Depends(short_numbers)])
 
@@ -124,23 +124,20 @@ async def task_stream(
     broker: BrokerDep,
     started_at: StartedAt,
     after: int = Query(0, ge=0, le=SEQ_MAX),
-) -> StreamingResponse:
+) -> EventStream:
     await run_in_threadpool(service.get, task_id)  # 404 before the stream starts
     # A header that is not one of our ids is ignored, as if the page had sent none.
     header = last_event_id(request.headers.get("last-event-id", ""))
     last = header if header is not None else after
-    return StreamingResponse(
-        _stream(service, broker, task_id, last, request, started_at),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(_stream(service, broker, task_id, last, request, started_at))
 
 
 async def _stream(
     service: Service, broker: Broker, task_id: str, last: int, request: Request, started_at: float
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Server-sent events: the task on connect and on change, every stored event after `last`
-    with its seq as the event id, until the task is final and everything is sent."""
+    with its seq as the event id, until the task is final and everything is sent. A page that goes
+    away ends the response, which closes this generator (EventStream), and its wake-ups with it."""
     wake = broker.subscribe(task_id)
     studio = {"started_at": started_at, "pid": psutil.Process().pid, "version": __version__}
     try:

@@ -186,6 +186,9 @@ export class ChatPanel {
       if (err.name === "AbortError") this.status.textContent = "Stopped.";
       else {
         this.status.textContent = "";
+        // A refused or failed message shows its reason alone: a box that got no words (the "Fine-tuned"
+        // made ready before the studio answered) would read as an empty answer.
+        for (const body of Object.values(columns)) if (!body.textContent) body.parentElement.remove();
         reply.append(h("p", { class: "error-text" }, err.message || String(err)));
         if (err.code === "chat_waits_for_training") reply.append(this.besideButton(text, said, reply));
       }
