@@ -23,9 +23,6 @@ from support import Studio, home_env, run_cli, wait_for
 from ftstudio.chat.process import ChatBusy, ChatWaits, ChatWorker, Machine, Placement, parse_request, place, taken_by
 from ftstudio.errors import ValidationError
 
-pytestmark = pytest.mark.slow
-
-
 # -- what a message may ask ------------------------------------------------------------------------
 
 
@@ -121,6 +118,7 @@ def test_a_place_taken_after_the_message_was_placed_is_not_used(tmp_path: Path) 
     assert worker.pid() is None and not worker._lock.locked()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("placement", "resources", "machine", "stopped"),
     [
@@ -196,17 +194,20 @@ def chat(studio: Studio, task_id: str, body: dict[str, Any], timeout: float = 18
     return out
 
 
-def workers() -> list[psutil.Process]:
+def workers(home: Path) -> list[psutil.Process]:
+    """The chat workers of `home`'s studio: none of another test's (another xdist worker's, a browser test's)."""
     found = []
     for p in psutil.process_iter():
         try:
-            if "ftstudio.chatworker" in p.cmdline():
+            if "ftstudio.chatworker" in p.cmdline() and p.environ().get("FTSTUDIO_HOME") == str(home):
                 found.append(p)
         except psutil.Error:
             continue
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_reply_streams_token_by_token_and_compare_adds_the_base_models(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
@@ -221,12 +222,14 @@ def test_a_reply_streams_token_by_token_and_compare_adds_the_base_models(
     assert [d["who"] for n, d in events if n == "done"] == ["adapter", "base"]
     # The worker is a process of its own, and no task's: cancelling or counting a task's processes never
     # touches it. Nothing trains, so it has the CPU (its threads, a priority a little under the studio's).
-    (worker,) = workers()
+    (worker,) = workers(studio.home)
     assert events[0][1]["device"] == "the CPU"
     assert worker.nice() == 5 and os.sched_getscheduler(worker.pid) == os.SCHED_OTHER
     assert "FTSTUDIO_TASK_ID" not in worker.environ() and "FTSTUDIO_CHAT_THREADS" not in worker.environ()
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_checkpoint_answers_when_asked_and_a_missing_one_is_a_404(studio: Studio, trained: tuple[Path, str]) -> None:
     _, tid = trained
     events = chat(studio, tid, {**say("hi"), "checkpoint": "checkpoint-3", "max_new_tokens": 4})
@@ -241,6 +244,8 @@ def test_a_checkpoint_answers_when_asked_and_a_missing_one_is_a_404(studio: Stud
     assert r.status_code == 422
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_what_can_answer_is_listed_newest_first(studio: Studio, trained: tuple[Path, str]) -> None:
     _, tid = trained
     r = studio.http.get(f"/api/tasks/{tid}/checkpoints")
@@ -249,12 +254,14 @@ def test_what_can_answer_is_listed_newest_first(studio: Studio, trained: tuple[P
     assert studio.http.get("/api/tasks/20990101-0000-ffffff/checkpoints").status_code == 404
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_worker_that_dies_mid_reply_says_so_and_the_next_message_starts_another(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
     _, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
-    (worker,) = workers()
+    (worker,) = workers(studio.home)
     got: list[tuple[str, dict[str, Any]]] = []
     with httpx.stream(
         "POST", f"{studio.url}/api/tasks/{tid}/chat", json={**say("hi"), "max_new_tokens": 4000, "temperature": 1.0},
@@ -271,9 +278,11 @@ def test_a_worker_that_dies_mid_reply_says_so_and_the_next_message_starts_anothe
     assert got[-1][0] == "error" and "the chat worker stopped unexpectedly" in got[-1][1]["message"], got[-3:]
     assert studio.http.get("/api/health").status_code == 200  # the studio did not notice beyond that
     again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    assert again[-1][0] == "end" and workers()[0].pid != worker.pid
+    assert again[-1][0] == "end" and workers(studio.home)[0].pid != worker.pid
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_page_that_goes_away_mid_reply_frees_the_worker_for_the_next_message(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
@@ -294,19 +303,22 @@ def test_a_page_that_goes_away_mid_reply_frees_the_worker_for_the_next_message(
     assert time.monotonic() - started < 20  # not the 30 s a message waits behind another before a 409
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_the_model_is_unloaded_after_the_idle_time(studio: Studio, trained: tuple[Path, str]) -> None:
     home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    (worker,) = workers()
+    (worker,) = workers(studio.home)
     # The queue shows the worker beside the tasks, in the API and in the terminal.
     assert studio.http.get("/api/queue").json()["chats"] == [{"pid": worker.pid, "device": "the CPU", "task": tid}]
     shown = run_cli(home, "queue")
     assert f"chat     pid {worker.pid}" in shown.stdout and f"the CPU: chat with task {tid}" in shown.stdout, shown
-    wait_for(lambda: not workers(), timeout=30, what="the idle worker to exit (FTSTUDIO_CHAT_IDLE_S=4)")
+    wait_for(lambda: not workers(studio.home), timeout=30, what="the idle worker to exit (FTSTUDIO_CHAT_IDLE_S=4)")
     wait_for(lambda: studio.http.get("/api/queue").json()["chats"] == [], timeout=10, what="the queue to forget it")
     assert not list((home / "chats").glob("*.json"))
 
 
+@pytest.mark.process
 def test_a_chat_worker_that_died_with_its_studio_leaves_the_queue(tmp_path: Path) -> None:
     from ftstudio.chat.process import running_chats
     from ftstudio.home import write_json_atomic
@@ -358,6 +370,8 @@ def read_until(fd: int, needle: bytes, timeout: float = 120) -> bytes:
     return seen
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_ftstudio_chat_in_a_real_terminal(trained: tuple[Path, str]) -> None:
     home, tid = trained
     pid, fd = pty.fork()
@@ -382,10 +396,12 @@ def test_ftstudio_chat_in_a_real_terminal(trained: tuple[Path, str]) -> None:
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
-    wait_for(lambda: not [w for w in workers() if w.environ().get("FTSTUDIO_HOME") == str(home)], timeout=15,
+    wait_for(lambda: not workers(home), timeout=15,
              what="the terminal's worker to end with it")  # fmt: skip
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_chat_with_a_task_that_has_no_weights_yet_says_why(trained: tuple[Path, str]) -> None:
     home, _ = trained
     queued = run_cli(home, "submit", "--name", "scripted steps=400 delay=0.05", scripted=True).stdout.strip()
@@ -414,12 +430,14 @@ def cancel(studio: Studio, task_id: str) -> None:
     studio.wait_status(task_id, "cancelled", "completed", "failed", timeout=120)
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_answers_beside_it(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
     home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    (worker,) = workers()
+    (worker,) = workers(studio.home)
     training = hold_the_slot(studio, "trains beside a chat")
     try:
         # Stopped by the launch itself, before the task's runner started (the studio's log says so in order).
@@ -432,11 +450,11 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
         refused = studio.http.post(f"/api/tasks/{tid}/chat", json=say("hi"))
         assert refused.status_code == 409 and refused.json()["code"] == "chat_waits_for_training", refused.text
         assert refused.json()["detail"].startswith(f"task {training} holds this studio's 1 training slot")
-        assert not workers()  # refused before anything was loaded
+        assert not workers(studio.home)  # refused before anything was loaded
 
         beside = chat(studio, tid, {**say("hi"), "max_new_tokens": 2, "beside_training": True})
         assert beside[0][1]["device"] == "the CPU, beside training (lowest priority)" and beside[-1][0] == "end"
-        (humble,) = workers()
+        (humble,) = workers(studio.home)
         assert humble.nice() == 19 and os.sched_getscheduler(humble.pid) == os.SCHED_IDLE
         assert humble.environ()["FTSTUDIO_CHAT_THREADS"] == "1"
 
@@ -451,6 +469,8 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
         cancel(studio, training)
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trained: tuple[Path, str]) -> None:
     _, tid = trained
     body = {**say("hi"), "max_new_tokens": 4000, "temperature": 1.0, "seed": 7}
@@ -472,7 +492,7 @@ def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trai
         assert said["code"] == "chat_waits_for_training"  # the page offers to answer beside training
         said = said["message"]
         assert said.startswith(f"the chat stopped: task {training} started training on the CPU, and training comes")
-        assert not workers()
+        assert not workers(studio.home)
     finally:
         if training:
             cancel(studio, training)
