@@ -1,17 +1,93 @@
 """Fixtures shared by the core tests: a temporary data home, real studio servers
 as subprocesses, a sweep that leaves no training process of a test alive
 (terminate -> wait -> kill, always), and the Slurm cluster. Helpers live in
-support.py and slurm_cluster.py."""
+support.py and slurm_cluster.py.
+
+The tests come in two tiers. The fast tier (`make check`) starts no process, browser or
+cluster: logic over real files and SQLite, with the in-memory executor
+(ftstudio.execution.inmemory) where a task must "run". Everything else is marked
+`process` (and `browser`, `slurm`) from the fixtures it uses, below, or by hand where its
+body starts a process itself; a test left unmarked that starts one fails, saying so, so
+the fast tier stays free of them.
+"""
 
 from __future__ import annotations
 
+import _posixsubprocess
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from slurm_cluster import NoCluster, SlurmCluster, connect, connect2, in_ci, use
 from support import ROOT, SCRIPTED, Studio, home_env, sweep
+
+# Fixtures that start something: a test that asks for one (directly or through another) is marked for it.
+PROCESS_FIXTURES = frozenset({"scripted", "studio_factory", "studio", "scripted_studio", "chaos", "seeded"})
+BROWSER_FIXTURES = frozenset({"browser", "page"})
+SLURM_FIXTURES = frozenset({"slurm", "slurm2", "slurm_now"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (--dist loadgroup)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test for what it starts, from its fixtures: `browser`, `slurm`, and `process` for all of them;
+    and keep together, on one pytest-xdist worker, the tests that must not run beside each other."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+        if used & SLURM_FIXTURES:
+            item.add_marker(pytest.mark.slurm)
+        if used & PROCESS_FIXTURES or any(item.get_closest_marker(m) for m in ("browser", "slurm")):
+            item.add_marker(pytest.mark.process)
+        group = xdist_group_of(item, used)
+        if group and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def xdist_group_of(item: pytest.Item, used: set[str]) -> str | None:
+    """Where `make test` (-n 2 --dist loadgroup) keeps a test with others, on one worker, one at a time:
+
+    - every job on the one-node Slurm cluster, and every one on the two-node cluster: a cluster's jobs wait
+      for each other's CPUs, and a test that waits on a job would count another worker's as its own delay;
+    - the tests that share a module-scoped fixture (a trained model, a studio, the chaos suite's figures):
+      built once, on one worker, instead of once on each.
+    """
+    if "slurm2" in used:
+        return "slurm2"
+    if used & SLURM_FIXTURES or item.get_closest_marker("slurm"):
+        return "slurm"
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for name in used:
+        defs = definitions.get(name)
+        if defs and defs[-1].scope in ("module", "class", "package") and isinstance(item, pytest.Function):
+            return f"module:{item.module.__name__}"
+    return None
+
+
+class StartsAProcess(Exception):
+    """A test outside the `process` tier started a process."""
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked `process` may not start one (subprocess, multiprocessing, fork, posix_spawn): it would
+    slow the fast tier down and make it depend on the machine. The message says how to mark it."""
+    if request.node.get_closest_marker("process"):
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise StartsAProcess(
+            f"{request.node.nodeid} starts a process but is not marked `process`: mark it "
+            "(pytest.mark.process) or use the in-memory executor (ftstudio.execution.inmemory)"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", refuse)
+    for name in ("fork", "posix_spawn", "posix_spawnp"):
+        monkeypatch.setattr(os, name, refuse)
 
 
 @pytest.fixture

@@ -20,6 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTED = ROOT / "tests" / "scripted"
 
 
+def in_memory(home: Path, *, on_submit: Callable[[Any], None] | None = None, **kw: Any) -> Any:
+    """A studio service on `home` whose tasks "run" in the in-memory executor (no process): the fast tier's
+    stand-in for a studio. `on_submit(runner)` says what every new runner does (e.g. `runner.complete(3)`);
+    `service.executor.runner(task_id)` is a task's runner, for the test to drive. `kw` go to Service."""
+    from ftstudio.execution.inmemory import InMemoryExecutor
+    from ftstudio.home import Home
+    from ftstudio.studio.service import Service
+
+    executor = InMemoryExecutor(on_submit=on_submit)
+    service = Service(Home(home), executor=executor, **kw)
+    service.supervisor.clock = executor.clock
+    return service
+
+
 def api_client(service: Any, **kw: Any) -> Any:
     """An in-process client of the HTTP API over `service` (FastAPI's TestClient), as the page would call it."""
     from fastapi.testclient import TestClient

@@ -13,6 +13,8 @@ from ftstudio.errors import NotFound
 from ftstudio.training.adapters import generate, merge
 from ftstudio.training.builtin import tiny_model_dir
 
+pytestmark = pytest.mark.slow  # one real fine-tune of builtin:tiny serves the module
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:

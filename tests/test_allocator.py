@@ -26,6 +26,7 @@ def retained_mb(mode: str) -> float:
     return int(out) / (1 << 20)
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_step_memory_stays_in_the_process() -> None:
     assert retained_mb("default") < 16

@@ -1,19 +1,43 @@
-"""The HTTP API against a real studio server process (scripted trainer)."""
+"""The HTTP API: what a route answers, in this process over the in-memory executor (the fast tier), and
+what needs a real studio server process and real runners (scripted trainer): a run end to end, the live
+stream, cancel reaching every process, a second server, the descriptors a runner inherits."""
 
 import json
 import time
 
 import httpx
 import pytest
-from support import wait_for
+from support import api_client, in_memory, wait_for
 
 from ftstudio.execution.procs import tagged
 from ftstudio.studio import lifecycle
+from ftstudio.training.evaluation import write_stage
 
 
 @pytest.fixture
 def studio(studio_factory):
     return studio_factory(scripted=True).start()
+
+
+@pytest.fixture
+def client(home):
+    """The app over a service whose tasks "run" in the in-memory executor, in this process."""
+    service = in_memory(home, in_server=True)
+    with api_client(service) as c:
+        c.service = service
+        yield c
+
+
+def posted(client, name, **config):
+    r = client.post("/api/tasks", json={"name": name, "config": {"preset": "cpu-demo", **config}})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def synced(client, task_id):
+    """The task after the supervisor's look (no watch loop runs in this process)."""
+    client.service.supervisor.sync(client.service.store.get(task_id))
+    return client.get(f"/api/tasks/{task_id}").json()
 
 
 def create(studio, name, **config):
@@ -48,17 +72,17 @@ def sse_events(studio, task_id, *, last_event_id=None, after=None, limit=None, t
     return out
 
 
-def test_health_openapi_and_the_page(studio):
-    h = studio.http.get("/api/health").json()
-    assert h["status"] == "ok" and h["home"] == str(studio.home)
-    paths = studio.http.get("/openapi.json").json()["paths"]
+def test_health_openapi_and_the_page(client):
+    h = client.get("/api/health").json()
+    assert h["status"] == "ok" and h["home"] == str(client.service.home.root)
+    paths = client.get("/openapi.json").json()["paths"]
     for route in ("/api/tasks", "/api/tasks/{task_id}", "/api/tasks/{task_id}/cancel", "/api/tasks/{task_id}/logs",
                   "/api/tasks/{task_id}/metrics", "/api/tasks/{task_id}/stream", "/api/datasets", "/api/health",
                   "/api/statuses"):  # fmt: skip
         assert route in paths
-    assert studio.http.get("/").status_code == 200
+    assert client.get("/").status_code == 200
     # The lifecycle's table, the one the page's lifecycle.js is generated from.
-    assert studio.http.get("/api/statuses").json() == lifecycle.describe()
+    assert client.get("/api/statuses").json() == lifecycle.describe()
 
 
 def test_a_task_runs_and_every_view_agrees(studio):
@@ -77,21 +101,30 @@ def test_a_task_runs_and_every_view_agrees(studio):
     assert listing["total"] == 1 and listing["tasks"][0]["id"] == task["id"]
 
 
-def test_held_out_answers_are_served_stage_by_stage_oldest_first(studio):
-    task = create(studio, "scripted steps=3 delay=0.01 samples=2")
-    studio.wait_status(task["id"], "completed")
-    stages = studio.http.get(f"/api/tasks/{task['id']}/samples").json()["stages"]
+def test_held_out_answers_are_served_stage_by_stage_oldest_first(client):
+    task = posted(client, "answers held-out prompts")
+    runner = client.service.executor.runner(task["id"])
+    for step, stage in ((1, "checkpoint-1"), (3, "final")):  # as the trainer writes them (evaluation.py)
+        answers = [
+            {"prompt": f"prompt {i}", "reference": None if i % 2 else f"expected {i}",
+             "adapter": f"<b>tuned {i} at {step}</b>", "base": f"base {i}"}
+            for i in range(2)
+        ]  # fmt: skip
+        write_stage(runner.task.path, stage, step, 16, answers, 0.01, runner)
+    runner.complete(steps=3)
+    assert synced(client, task["id"])["status"] == "completed"
+    stages = client.get(f"/api/tasks/{task['id']}/samples").json()["stages"]
     assert [(s["stage"], s["step"]) for s in stages] == [("checkpoint-1", 1), ("final", 3)]
     assert stages[-1]["samples"] == [
         {"prompt": "prompt 0", "reference": "expected 0", "adapter": "<b>tuned 0 at 3</b>", "base": "base 0"},
         {"prompt": "prompt 1", "reference": None, "adapter": "<b>tuned 1 at 3</b>", "base": "base 1"},
     ]
-    events = studio.http.get(f"/api/tasks/{task['id']}/metrics").json()["events"]
+    events = client.get(f"/api/tasks/{task['id']}/metrics").json()["events"]
     assert [(e["stage"], e["count"]) for e in events if e["kind"] == "samples"] == [("checkpoint-1", 2), ("final", 2)]
     # A task that answered none has no stages; an unknown one is not found.
-    other = create(studio, "scripted steps=1 delay=0.01")
-    assert studio.http.get(f"/api/tasks/{other['id']}/samples").json() == {"stages": []}
-    assert studio.http.get("/api/tasks/20990101-0000-ffffff/samples").status_code == 404
+    other = posted(client, "answers none")
+    assert client.get(f"/api/tasks/{other['id']}/samples").json() == {"stages": []}
+    assert client.get("/api/tasks/20990101-0000-ffffff/samples").status_code == 404
 
 
 def test_the_stream_resumes_from_the_last_event_id_without_loss_or_duplicates(studio):
@@ -136,14 +169,15 @@ def test_cancel_of_a_trainer_ignoring_sigterm_returns_at_once_and_ends_it(studio
     assert tagged(task["id"]) == []
 
 
-def test_delete_refused_while_running(studio):
-    task = create(studio, "scripted steps=1000 delay=0.05")
-    r = studio.http.delete(f"/api/tasks/{task['id']}")
+def test_delete_refused_while_running(client):
+    task = posted(client, "runs long")
+    r = client.delete(f"/api/tasks/{task['id']}")
     assert r.status_code == 409 and "cancel it before deleting" in r.json()["detail"]
-    studio.http.post(f"/api/tasks/{task['id']}/cancel")
-    studio.wait_status(task["id"], "cancelled", timeout=30)
-    assert studio.http.delete(f"/api/tasks/{task['id']}").status_code == 204
-    assert studio.http.get(f"/api/tasks/{task['id']}").status_code == 404
+    client.post(f"/api/tasks/{task['id']}/cancel")
+    wait_for(lambda: synced(client, task["id"])["status"] == "cancelled", timeout=30, what="cancelled")
+    assert client.delete(f"/api/tasks/{task['id']}").status_code == 204
+    assert client.get(f"/api/tasks/{task['id']}").status_code == 404
+    assert not (client.service.home.tasks / task["id"]).exists()
 
 
 @pytest.mark.parametrize(
@@ -158,20 +192,22 @@ def test_delete_refused_while_running(studio):
         ("/api/tasks?status=bogus", 422),
     ],
 )
-def test_bad_reads_get_clear_errors(studio, path, status):
-    r = studio.http.get(path)
+def test_bad_reads_get_clear_errors(client, path, status):
+    r = client.get(path)
     assert r.status_code == status
     if r.headers.get("content-type", "").startswith("application/json"):
         detail = r.json()["detail"]
         assert isinstance(detail, str) and "\n" not in detail
 
 
-def test_how_to_use_a_result_is_only_for_a_completed_task(studio):
-    task = create(studio, "scripted steps=400 delay=0.05")
-    r = studio.http.get(f"/api/tasks/{task['id']}/handover")
+def test_how_to_use_a_result_is_only_for_a_completed_task(client):
+    task = posted(client, "runs long")
+    r = client.get(f"/api/tasks/{task['id']}/handover")
     assert r.status_code == 404
     assert r.json()["detail"] == f"task {task['id']} has no adapter yet; it is written when training completes"
-    studio.http.post(f"/api/tasks/{task['id']}/cancel")
+    client.service.executor.runner(task["id"]).complete(steps=2)
+    assert synced(client, task["id"])["status"] == "completed"
+    assert client.get(f"/api/tasks/{task['id']}/handover").status_code == 200
 
 
 def test_a_second_server_on_the_same_home_refuses(studio, studio_factory):

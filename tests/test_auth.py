@@ -1,9 +1,9 @@
 """Who may talk to the studio: the token, the Host and Origin checks, the login URL,
 the security headers, and trust_remote_code as the owner's decision.
 
-The in-process tests (FastAPI's TestClient over the real app and service) cover
-every rule; the subprocess tests check the same against a real server and the
-real CLI, as a person at the machine uses them."""
+The in-process tests (FastAPI's TestClient over the real app and service, its tasks
+in the in-memory executor) cover every rule; the subprocess tests check the same
+against a real server and the real CLI, as a person at the machine uses them."""
 
 from __future__ import annotations
 
@@ -16,25 +16,25 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from support import api_client, run_cli, wait_for
+from support import api_client, in_memory, run_cli, wait_for
 
+from ftstudio.cli.main import main
 from ftstudio.home import Home
 from ftstudio.studio.policy import Policy
-from ftstudio.studio.service import Service
 from ftstudio.web.auth import Guard, host_name, load_or_create_token
 
 ORIGIN = "http://127.0.0.1:8765"
 
 
 @pytest.fixture
-def service(scripted):
-    return Service(Home(scripted), in_server=True)
+def service(home):
+    return in_memory(home, in_server=True)
 
 
 @pytest.fixture
 def client(service):
     with api_client(service) as c:
-        r = c.post("/api/tasks", json={"name": "scripted steps=2 delay=0.01", "config": {"preset": "cpu-demo"}})
+        r = c.post("/api/tasks", json={"name": "existing", "config": {"preset": "cpu-demo"}})
         assert r.status_code == 201, r.text
         c.task_id = r.json()["id"]
         c.token = load_or_create_token(service.home)
@@ -268,15 +268,16 @@ def test_trust_remote_code_over_http_is_refused_unless_the_owner_allowed_it(clie
     assert snapshot(client) == before and not mark.exists()
 
 
-def test_allow_remote_code_lets_a_request_set_it(scripted, tmp_path):
-    service = Service(Home(scripted), in_server=True, policy=Policy(allow_remote_code=True))
+def test_allow_remote_code_lets_a_request_set_it(home, tmp_path):
+    service = in_memory(home, in_server=True, policy=Policy(allow_remote_code=True))
     with api_client(service) as c:
-        r = c.post("/api/tasks", json={"name": "scripted steps=1", "config": {"model": {"trust_remote_code": True}}})
+        r = c.post("/api/tasks", json={"name": "allowed", "config": {"model": {"trust_remote_code": True}}})
         assert r.status_code == 201, r.text
         assert r.json()["config"]["model"]["trust_remote_code"] is True
 
 
 def test_the_cli_may_set_trust_remote_code(scripted):
+    """The real command: it submits as the person at the terminal (trusted), whom no studio policy limits."""
     r = run_cli(
         scripted, "submit", "--name", "scripted steps=1", "--set", "model.trust_remote_code=true", scripted=True
     )
@@ -297,6 +298,7 @@ def started(home, *args):
         run_cli(home, "studio", "stop")
 
 
+@pytest.mark.process
 def test_studio_start_prints_a_login_url_that_opens_the_page(home):
     r = run_cli(home, "studio", "start", "--port", "0")
     try:
@@ -320,11 +322,13 @@ def test_studio_start_prints_a_login_url_that_opens_the_page(home):
         run_cli(home, "studio", "stop")
 
 
+@pytest.mark.process
 def test_studio_url_without_a_studio_says_how_to_start_one(home):
     r = run_cli(home, "studio", "url")
     assert r.returncode == 3 and "ftstudio studio start" in r.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("bind", "shown", "warns"),
     [("0.0.0.0", "127.0.0.1", True), ("::", "[::1]", True), ("0", "127.0.0.1", True), ("127.1", "127.0.0.1", False)],
@@ -345,28 +349,29 @@ def test_every_bind_prints_a_url_that_answers_and_warns_beyond_loopback(home, bi
 # -- a request cannot exhaust the machine ----------------------------------------------------------
 
 
-def test_a_burst_of_submits_queues_no_more_than_the_limit(scripted):
-    service = Service(Home(scripted), in_server=True, policy=Policy(max_pending=3))
+def test_a_burst_of_submits_queues_no_more_than_the_limit(home):
+    service = in_memory(home, in_server=True, policy=Policy(max_pending=3))
     with api_client(service) as c:
         answers = [
-            c.post("/api/tasks", json={"name": "scripted steps=100000 delay=0.05", "config": {"preset": "cpu-demo"}})
-            for _ in range(12)
+            c.post("/api/tasks", json={"name": "runs long", "config": {"preset": "cpu-demo"}}) for _ in range(12)
         ]
         codes = [r.status_code for r in answers]
         assert codes.count(201) == 3 and codes.count(429) == 9, codes
         detail = answers[-1].json()["detail"]
         assert "3 fine-tunes are already queued or running" in detail and "--max-pending" in detail
         assert service.store.page_of_tasks(limit=100)[1] == 3
-        # One ends: there is room again. The CLI (the owner at the terminal) is never refused.
+        # One ends: there is room again.
         first = answers[0].json()["id"]
         c.post(f"/api/tasks/{first}/cancel").raise_for_status()
         wait_for(lambda: service.store.get(first).status == "cancelled", timeout=30, what="the cancel to finish")
-        r = c.post("/api/tasks", json={"name": "scripted steps=1", "config": {"preset": "cpu-demo"}})
+        r = c.post("/api/tasks", json={"name": "one more", "config": {"preset": "cpu-demo"}})
         assert r.status_code == 201, r.text
-    r = run_cli(scripted, "submit", "--name", "scripted steps=1", "--preset", "cpu-demo", scripted=True)
-    assert r.returncode == 0, r.stderr
+    # The owner at the terminal is never refused: the CLI submits trusted (test_the_cli_may_set_trust_remote_code
+    # runs the real command).
+    assert service.submit({"preset": "cpu-demo"}, "from the terminal", trusted=True).status == "queued"
 
 
+@pytest.mark.process
 def test_https_with_certfile_and_keyfile(home, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     made = subprocess.run(
@@ -425,6 +430,7 @@ def test_racing_token_creators_agree_and_the_home_is_private(tmp_path):
     assert sorted(p.name for p in home.root.iterdir()) == ["datasets", "models", "tasks", "token"]
 
 
+@pytest.mark.process
 def test_a_body_sent_to_a_public_path_is_not_waited_for(home):
     r = run_cli(home, "studio", "start", "--port", "0")
     try:
@@ -456,8 +462,10 @@ def test_a_body_sent_to_a_public_path_is_not_waited_for(home):
         (["--keyfile", "/etc/hostname"], "--certfile and --keyfile: give both, or neither"),
     ],
 )
-def test_bad_studio_flags_are_one_line_and_start_nothing(home, args, needle):
-    r = run_cli(home, "studio", "start", *args)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert run_cli(home, "studio", "status").returncode == 3
+def test_bad_studio_flags_are_one_line_and_start_nothing(home, args, needle, capsys):
+    """In this process: were anything started, the fast tier's guard (conftest.py) would fail the test. The real
+    command's exit code and one line: test_studio_url_without_a_studio_says_how_to_start_one."""
+    assert main(["studio", "start", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert main(["studio", "status"]) == 3

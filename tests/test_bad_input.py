@@ -8,21 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
-from support import api_client
-
-from ftstudio.home import Home
-from ftstudio.studio.service import Service
+from support import api_client, in_memory
 
 INJECTION = 'x"); import os; os.system("touch pwned") #{__import__("os")}'
 
 
 @pytest.fixture
-def client(scripted, tmp_path, monkeypatch):
+def client(home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    service = Service(Home(scripted), in_server=True)
+    service = in_memory(home, in_server=True)  # its tasks "run" in memory: the routes are the point here
     with api_client(service) as c:
-        # One finished task that every bad request must leave alone.
-        r = c.post("/api/tasks", json={"name": "scripted steps=2 delay=0.01", "config": {"preset": "cpu-demo"}})
+        # One task that every bad request must leave alone.
+        r = c.post("/api/tasks", json={"name": "existing", "config": {"preset": "cpu-demo"}})
         assert r.status_code == 201
         c.existing = r.json()["id"]
         c.service = service
@@ -113,7 +110,7 @@ def test_a_malformed_upload_names_the_line_and_is_not_kept(client):
     assert "bad.jsonl" not in names
 
 
-def test_a_good_upload_is_listed_and_trains_by_name(client):
+def test_a_good_upload_is_listed_and_a_task_takes_it_by_name(client):
     rows = b"\n".join(
         json.dumps({"instruction": f"count to {i}", "output": " ".join(map(str, range(i)))}).encode()
         for i in range(1, 30)
@@ -123,7 +120,7 @@ def test_a_good_upload_is_listed_and_trains_by_name(client):
     up = r.json()
     assert up["name"] == "evil-name.jsonl" and up["rows"] == 29 and up["format"] == "alpaca"
     assert Path(up["path"]).parent == client.service.home.datasets
-    r = client.post("/api/tasks", json={"name": "scripted steps=1", "config": {"data": {"path": up["name"]}}})
+    r = client.post("/api/tasks", json={"name": "by name", "config": {"data": {"path": up["name"]}}})
     assert r.status_code == 201, r.text
 
 

@@ -2,24 +2,23 @@
 field and its limit, and changes nothing (never a 500, never an OverflowError from SQLite)."""
 
 import pytest
-from support import api_client, wait_for
-
-from ftstudio.home import Home
-from ftstudio.studio.service import Service
+from support import api_client, in_memory
 
 HUGE = 2**70  # past SQLite's 64-bit integers
 
 
 @pytest.fixture
-def client(scripted):
-    service = Service(Home(scripted), in_server=True)
+def client(home):
+    # Every task trains 3 steps and completes in the in-memory executor: the routes read what a run leaves.
+    service = in_memory(home, on_submit=lambda runner: runner.complete(steps=3), in_server=True)
     with api_client(service) as c:
-        r = c.post("/api/tasks", json={"name": "scripted steps=3 delay=0.01", "config": {"preset": "cpu-demo"}})
+        r = c.post("/api/tasks", json={"name": "three steps", "config": {"preset": "cpu-demo"}})
         assert r.status_code == 201, r.text
         c.existing = r.json()["id"]
         c.service = service
         # Finished, so a stream of it ends once everything is sent (no supervisor runs in-process).
-        wait_for(lambda: service.supervisor.sync(service.store.get(c.existing)) or service.store.get(c.existing).status == "completed", what="completed")  # fmt: skip
+        service.supervisor.sync(service.store.get(c.existing))
+        assert service.store.get(c.existing).status == "completed"
         yield c
 
 

@@ -34,8 +34,6 @@ from ftstudio.chat.process import (
 )
 from ftstudio.errors import ValidationError
 
-pytestmark = pytest.mark.slow
-
 STOP_ROUNDS = int(os.environ.get("FTSTUDIO_CHAT_STOP_ROUNDS", "5"))
 """How many times in a row a reply is stopped and the next message answered (issue 20 asks for 50 under load)."""
 
@@ -135,6 +133,7 @@ def test_a_place_taken_after_the_message_was_placed_is_not_used(tmp_path: Path) 
     assert worker.pid() is None and not worker._lock.locked()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("placement", "resources", "machine", "stopped"),
     [
@@ -211,7 +210,7 @@ def chat(studio: Studio, task_id: str, body: dict[str, Any], timeout: float = 18
 
 
 def workers(home: Path) -> list[psutil.Process]:
-    """The chat workers of this home's studio or CLI: other test runs on the machine have their own."""
+    """The chat workers of `home`'s studio: none of another test's (another xdist worker's, a browser test's)."""
     found = []
     for p in psutil.process_iter():
         try:
@@ -222,10 +221,12 @@ def workers(home: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_reply_streams_token_by_token_and_compare_adds_the_base_models(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
-    home, tid = trained
+    _, tid = trained
     events = chat(studio, tid, {**say("Reverse the word: stone"), "max_new_tokens": 12, "compare": True, "seed": 1})
     names = [n for n, _ in events]
     assert names[0] == "worker" and names[-1] == "end", names
@@ -236,12 +237,14 @@ def test_a_reply_streams_token_by_token_and_compare_adds_the_base_models(
     assert [d["who"] for n, d in events if n == "done"] == ["adapter", "base"]
     # The worker is a process of its own, and no task's: cancelling or counting a task's processes never
     # touches it. Nothing trains, so it has the CPU (its threads, a priority a little under the studio's).
-    (worker,) = workers(home)
+    (worker,) = workers(studio.home)
     assert events[0][1]["device"] == "the CPU"
     assert worker.nice() == 5 and os.sched_getscheduler(worker.pid) == os.SCHED_OTHER
     assert "FTSTUDIO_TASK_ID" not in worker.environ() and "FTSTUDIO_CHAT_THREADS" not in worker.environ()
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_checkpoint_answers_when_asked_and_a_missing_one_is_a_404(studio: Studio, trained: tuple[Path, str]) -> None:
     _, tid = trained
     events = chat(studio, tid, {**say("hi"), "checkpoint": "checkpoint-3", "max_new_tokens": 4})
@@ -256,6 +259,8 @@ def test_a_checkpoint_answers_when_asked_and_a_missing_one_is_a_404(studio: Stud
     assert r.status_code == 422
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_what_can_answer_is_listed_newest_first(studio: Studio, trained: tuple[Path, str]) -> None:
     _, tid = trained
     r = studio.http.get(f"/api/tasks/{tid}/checkpoints")
@@ -264,12 +269,14 @@ def test_what_can_answer_is_listed_newest_first(studio: Studio, trained: tuple[P
     assert studio.http.get("/api/tasks/20990101-0000-ffffff/checkpoints").status_code == 404
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_worker_that_dies_mid_reply_says_so_and_the_next_message_starts_another(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
-    home, tid = trained
+    _, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
-    (worker,) = workers(home)
+    (worker,) = workers(studio.home)
     got: list[tuple[str, dict[str, Any]]] = []
     with httpx.stream(
         "POST", f"{studio.url}/api/tasks/{tid}/chat", json={**say("hi"), "max_new_tokens": 4000, "temperature": 1.0},
@@ -286,9 +293,11 @@ def test_a_worker_that_dies_mid_reply_says_so_and_the_next_message_starts_anothe
     assert got[-1][0] == "error" and "the chat worker stopped unexpectedly" in got[-1][1]["message"], got[-3:]
     assert studio.http.get("/api/health").status_code == 200  # the studio did not notice beyond that
     again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    assert again[-1][0] == "end" and workers(home)[0].pid != worker.pid
+    assert again[-1][0] == "end" and workers(studio.home)[0].pid != worker.pid
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_page_that_goes_away_mid_reply_frees_the_worker_for_the_next_message(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
@@ -336,9 +345,9 @@ def test_a_reply_dropped_mid_way_ends_in_the_worker_and_the_next_message_is_answ
     """Issue 20: the stream's generator was left suspended when the client went away while a chunk was on
     its way, so the reply went on in the worker for nobody, and the next message waited 30 s for it and
     was refused (409, "answering another message")."""
-    home, tid = trained
+    _, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
-    (worker,) = workers(home)
+    (worker,) = workers(studio.home)
     for i in range(STOP_ROUNDS):
         drop_a_long_reply(studio, tid)
         started = time.monotonic()
@@ -347,7 +356,7 @@ def test_a_reply_dropped_mid_way_ends_in_the_worker_and_the_next_message_is_answ
         assert again[-1][0] == "end", (i, again[-2:])
         assert took < 20, f"round {i + 1}: {took:.1f} s, as if the dropped reply had run on"
     # Each dropped reply was ended by the worker when told to stop: none had to be killed.
-    assert [p.pid for p in workers(home)] == [worker.pid]
+    assert [p.pid for p in workers(studio.home)] == [worker.pid]
 
 
 def test_a_message_whose_page_went_away_while_it_waited_its_turn_is_not_answered_for_nobody(
@@ -372,16 +381,17 @@ def test_a_message_whose_page_went_away_while_it_waited_its_turn_is_not_answered
 def test_the_model_is_unloaded_after_the_idle_time(studio: Studio, trained: tuple[Path, str]) -> None:
     home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    (worker,) = workers(home)
+    (worker,) = workers(studio.home)
     # The queue shows the worker beside the tasks, in the API and in the terminal.
     assert studio.http.get("/api/queue").json()["chats"] == [{"pid": worker.pid, "device": "the CPU", "task": tid}]
     shown = run_cli(home, "queue")
     assert f"chat     pid {worker.pid}" in shown.stdout and f"the CPU: chat with task {tid}" in shown.stdout, shown
-    wait_for(lambda: not workers(home), timeout=30, what="the idle worker to exit (FTSTUDIO_CHAT_IDLE_S=4)")
+    wait_for(lambda: not workers(studio.home), timeout=30, what="the idle worker to exit (FTSTUDIO_CHAT_IDLE_S=4)")
     wait_for(lambda: studio.http.get("/api/queue").json()["chats"] == [], timeout=10, what="the queue to forget it")
     assert not list((home / "chats").glob("*.json"))
 
 
+@pytest.mark.process
 def test_a_chat_worker_that_died_with_its_studio_leaves_the_queue(tmp_path: Path) -> None:
     from ftstudio.chat.process import running_chats
     from ftstudio.home import write_json_atomic
@@ -450,6 +460,8 @@ def read_until(fd: int, needle: bytes, timeout: float = 120) -> bytes:
     return seen
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_ftstudio_chat_in_a_real_terminal(trained: tuple[Path, str]) -> None:
     home, tid = trained
     pid, fd = pty.fork()
@@ -474,9 +486,12 @@ def test_ftstudio_chat_in_a_real_terminal(trained: tuple[Path, str]) -> None:
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
-    wait_for(lambda: not workers(home), timeout=15, what="the terminal's worker to end with it")
+    wait_for(lambda: not workers(home), timeout=15,
+             what="the terminal's worker to end with it")  # fmt: skip
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_chat_with_a_task_that_has_no_weights_yet_says_why(trained: tuple[Path, str]) -> None:
     home, _ = trained
     queued = run_cli(home, "submit", "--name", "scripted steps=400 delay=0.05", scripted=True).stdout.strip()
@@ -505,12 +520,14 @@ def cancel(studio: Studio, task_id: str) -> None:
     studio.wait_status(task_id, "cancelled", "completed", "failed", timeout=120)
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_answers_beside_it(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
     home, tid = trained
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
-    (worker,) = workers(home)
+    (worker,) = workers(studio.home)
     training = hold_the_slot(studio, "trains beside a chat")
     try:
         # Stopped by the launch itself, before the task's runner started (the studio's log says so in order).
@@ -523,11 +540,11 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
         refused = studio.http.post(f"/api/tasks/{tid}/chat", json=say("hi"))
         assert refused.status_code == 409 and refused.json()["code"] == "chat_waits_for_training", refused.text
         assert refused.json()["detail"].startswith(f"task {training} holds this studio's 1 training slot")
-        assert not workers(home)  # refused before anything was loaded
+        assert not workers(studio.home)  # refused before anything was loaded
 
         beside = chat(studio, tid, {**say("hi"), "max_new_tokens": 2, "beside_training": True})
         assert beside[0][1]["device"] == "the CPU, beside training (lowest priority)" and beside[-1][0] == "end"
-        (humble,) = workers(home)
+        (humble,) = workers(studio.home)
         assert humble.nice() == 19 and os.sched_getscheduler(humble.pid) == os.SCHED_IDLE
         assert humble.environ()["FTSTUDIO_CHAT_THREADS"] == "1"
 
@@ -542,8 +559,10 @@ def test_a_task_that_starts_stops_the_loaded_chat_and_a_message_then_waits_or_an
         cancel(studio, training)
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trained: tuple[Path, str]) -> None:
-    home, tid = trained
+    _, tid = trained
     body = {**say("hi"), "max_new_tokens": 4000, "temperature": 1.0, "seed": 7}
     training = None
     events: list[str] = []
@@ -563,7 +582,7 @@ def test_a_reply_under_way_when_a_task_starts_ends_with_why(studio: Studio, trai
         assert said["code"] == "chat_waits_for_training"  # the page offers to answer beside training
         said = said["message"]
         assert said.startswith(f"the chat stopped: task {training} started training on the CPU, and training comes")
-        assert not workers(home)
+        assert not workers(studio.home)
     finally:
         if training:
             cancel(studio, training)

@@ -49,6 +49,7 @@ def _checkpoint_events(task: Path) -> list[dict[str, Any]]:
     return [e for e in read_events(task) if e["kind"] == "checkpoint"]
 
 
+@pytest.mark.slow
 def test_each_checkpoint_reports_its_seconds_and_bytes_and_the_summary_the_totals(tmp_path: Path) -> None:
     task = tmp_path / "task"
     code, evs = train(task, _config(write_jsonl(tmp_path / "d.jsonl", ALPACA)), shared_home())
@@ -82,6 +83,8 @@ def _assert_disk_full_kept_the_previous(task: Path, code: int) -> str:
     return message
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_disk_that_fills_during_a_save_ends_with_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """checkpoints/ on a real tmpfs with room for one checkpoint (about 0.9 MB on tiny), not two."""
     task = tmp_path / "task"
@@ -93,6 +96,7 @@ def test_a_disk_that_fills_during_a_save_ends_with_one_line_and_keeps_the_previo
     print(f"real full tmpfs: {message}")
 
 
+@pytest.mark.slow
 def test_an_enospc_from_the_save_ends_with_one_line_and_keeps_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,6 +118,7 @@ def test_an_enospc_from_the_save_ends_with_one_line_and_keeps_the_previous_check
     _assert_disk_full_kept_the_previous(task, code)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated weights", "no marker"])
 def test_a_checkpoint_damaged_mid_write_is_never_resumed_from(tmp_path: Path, damage: str) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)

@@ -1,4 +1,5 @@
-"""The `ftstudio` command as a user runs it (subprocesses, scripted trainer)."""
+"""The `ftstudio` command as a user runs it (subprocesses, scripted trainer); what it refuses, in this
+process (the fast tier: the conftest guard fails a test here that starts anything)."""
 
 import json
 import os
@@ -8,9 +9,11 @@ import sys
 import pytest
 from support import cli_json, home_env, run_cli, wait_for
 
+from ftstudio.cli.main import main
 from ftstudio.home import Home
 
 
+@pytest.mark.process
 def test_submit_show_tasks_logs_with_the_studio_down(home):
     r = run_cli(home, "submit", "--preset", "cpu-demo", "--name", "scripted steps=8 delay=0.02", scripted=True)
     assert r.returncode == 0, r.stderr
@@ -26,18 +29,21 @@ def test_submit_show_tasks_logs_with_the_studio_down(home):
     assert task_id in human.stdout and "completed" in human.stdout
 
 
+@pytest.mark.process
 def test_logs_follow_ends_with_the_task(home):
     task_id = run_cli(home, "submit", "--name", "scripted steps=20 delay=0.05", scripted=True).stdout.strip()
     r = run_cli(home, "logs", "-f", task_id, timeout=60)
     assert r.returncode == 0 and "training completed" in r.stdout
 
 
+@pytest.mark.process
 def test_submit_wait_returns_the_outcome(home):
     r = run_cli(home, "submit", "--name", "scripted steps=3 delay=0.01 exit=1", "--wait", scripted=True)
     assert r.returncode == 1
     assert "failed: scripted failure with exit code 1" in r.stderr
 
 
+@pytest.mark.process
 def test_set_and_flags_reach_the_recorded_config(home):
     r = run_cli(
         home, "submit", "--preset", "cpu-demo", "--lr", "5e-4", "--lora-rank", "4", "--set", "lora.alpha=8",
@@ -66,14 +72,25 @@ def test_set_and_flags_reach_the_recorded_config(home):
         (["submit", "--max-steps", str(2**70)], "optim.max_steps (--max-steps): must be at most 1,000,000,000"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_changes_nothing(home, args, message):
-    r = run_cli(home, *args, scripted=True)
+def test_bad_input_is_one_clear_line_and_changes_nothing(home, args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main(["tasks", "--json"]) == 0 and json.loads(capsys.readouterr().out)["total"] == 0
+
+
+@pytest.mark.process
+def test_bad_input_from_the_real_command_is_exit_2_and_one_line(home):
+    """The same through `python -m ftstudio`, as a person runs it (every case in this process above)."""
+    r = run_cli(home, "submit", "--lr", "-0.1", scripted=True)
     assert r.returncode == 2
-    assert r.stderr.startswith("error: ") and message in r.stderr
+    assert r.stderr.startswith("error: ") and "optim.learning_rate (--lr): must be positive" in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert cli_json(home, "tasks")["total"] == 0
 
 
+@pytest.mark.process
 def test_studio_lifecycle_commands(home):
     assert run_cli(home, "studio", "status").returncode == 3
     r = run_cli(home, "studio", "start", "--port", "0")

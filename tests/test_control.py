@@ -1,5 +1,6 @@
-"""Pause, resume, retry and extend with real processes through a real studio (a scripted trainer
-under the real runner; the suspend checkpoint of the real trainer has its own tests)."""
+"""Pause, resume, retry and extend: their logic over the in-memory executor (the fast tier), and with real
+processes through a real studio (a scripted trainer under the real runner; the suspend checkpoint of the
+real trainer has its own tests)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 
 import psutil
 import pytest
-from support import Studio, cli_json, run_cli, wait_for
+from support import Studio, cli_json, in_memory, run_cli, wait_for
 
+from ftstudio.errors import Conflict, ValidationError
 from ftstudio.execution.procs import tagged
 from ftstudio.home import read_json
 
@@ -86,29 +88,65 @@ def test_a_frozen_task_is_cancelled_with_every_process_and_frees_its_slot(home: 
     assert studio.wait_status(nxt, "completed", "failed")["status"] == "completed"
 
 
-@pytest.mark.timeout(300)
-def test_a_queued_task_can_be_held_and_released(home: Path, studio_factory: Any) -> None:
-    studio = studio_factory(scripted=True).start()
-    first = submit(studio, "scripted steps=30 delay=0.1")
-    held = submit(studio, "scripted steps=3 delay=0.05")
-    third = submit(studio, "scripted steps=3 delay=0.05")
-    paused = post(studio, f"/api/tasks/{held}/pause")
+def test_a_queued_task_can_be_held_and_released(home: Path) -> None:
+    service = in_memory(home)
+    first, held, third = (service.submit({"preset": "cpu-demo"}, name).id for name in ("first", "held", "third"))
+    paused = service.task_json(service.pause(held))
     assert (
         paused["status"] == "paused"
         and paused["phase"] == "held"
         and paused["actions"] == ["resume", "cancel", "delete"]
     )
-    assert studio.task(third)["queue"]["position"] == 1  # the held task gave up its place
-    post(studio, f"/api/tasks/{first}/cancel")
-    assert studio.wait_status(third, "completed", "failed")["status"] == "completed"
-    assert studio.task(held)["status"] == "paused"  # held: the free slot did not start it
-    back = post(studio, f"/api/tasks/{held}/resume")
-    assert back["attempt"] == 1  # it never ran: the same first attempt
-    assert studio.wait_status(held, "completed", "failed")["status"] == "completed"
+    assert service.task_json(service.get(third))["queue"]["position"] == 1  # the held task gave up its place
+    assert service.cancel(first, wait=True).status == "cancelled"
+    assert service.get(third).status == "preparing"  # the free slot went to the next one
+    service.executor.runner(third).complete(steps=3)
+    assert service.get(third).status == "completed"
+    assert service.get(held).status == "paused"  # held: the free slot did not start it
+    back = service.resume(held)
+    assert back.attempt == 1 and back.status == "preparing"  # it never ran: the same first attempt
+    service.executor.runner(held).complete(steps=3)
+    assert service.get(held).status == "completed"
 
 
-@pytest.mark.timeout(300)
 def test_retry_and_extend_are_new_attempts_of_the_same_task(home: Path) -> None:
+    """Through the service over the in-memory executor (the real command and runner:
+    test_a_retry_from_the_cli_continues_from_the_newest_checkpoint)."""
+    service = in_memory(home)
+    runner = service.executor.runner
+    tid = service.submit({"preset": "cpu-demo"}, "fails").id
+    runner(tid).train(2, total_steps=3)
+    runner(tid).fail("scripted failure with exit code 3", exit_code=3)
+    assert service.get(tid).status == "failed"
+    retried = service.retry(tid)
+    assert (retried.attempt, retried.status) == (2, "preparing") and runner(tid).attempt == 2
+    runner(tid).complete(steps=3)
+    done = service.task_json(service.get(tid))
+    assert done["status"] == "completed" and [a["attempt"] for a in done["attempts"]] == [1, 2]
+    first, second = done["attempts"]
+    assert first["end_reason"] == "scripted failure with exit code 3" and first["ended_at"] <= second["started_at"]
+
+    oid = service.submit({"preset": "cpu-demo"}, "completes").id
+    runner(oid).complete(steps=3)
+    with pytest.raises(ValidationError, match="extend it with --epochs N instead"):
+        service.extend(oid, steps=5)
+    with pytest.raises(ValidationError, match="give either --epochs N or --steps N"):
+        service.extend(oid)
+    extended = service.extend(oid, epochs=2)
+    assert extended.attempt == 2 and runner(oid).attempt == 2
+    assert service.get(oid).config_dict["optim"]["epochs"] == 6.0  # cpu-demo's 4, and 2 more
+    assert read_json(home / "tasks" / oid / "spec.json")["config"]["optim"]["epochs"] == 6.0
+    with pytest.raises(Conflict, match="only a failed, cancelled or interrupted task can be retried"):
+        service.retry(oid)
+    reasons = [t["reason"] for t in service.history(oid)["transitions"]]
+    assert any("extended on request; attempt 2" in (r or "") for r in reasons), reasons
+
+
+@pytest.mark.process
+@pytest.mark.timeout(300)
+def test_a_retry_from_the_cli_continues_from_the_newest_checkpoint(home: Path) -> None:
+    """The real command and runner: a failed task retried is attempt 2, and its runner starts the trainer with
+    `--resume auto` (the logic of retry and extend: test_retry_and_extend_are_new_attempts_of_the_same_task)."""
     failed = run_cli(
         home, "submit", "--preset", "cpu-demo", "--name", "scripted steps=3 exit=3", "--wait", scripted=True
     )
@@ -120,28 +158,13 @@ def test_retry_and_extend_are_new_attempts_of_the_same_task(home: Path) -> None:
         lambda: (t := cli_json(home, "show", tid, scripted=True))["status"] in ("failed", "completed") and t
     )
     assert done["attempt"] == 2 and [a["attempt"] for a in done["attempts"]] == [1, 2]
-    first, second = done["attempts"]
-    assert first["end_reason"] == "scripted failure with exit code 3" and first["ended_at"] <= second["started_at"]
     # Runner arguments: a later attempt continues from the newest complete checkpoint.
     assert read_json(home / "tasks" / tid / "launch.json")["argv"][-2:] == ["--resume", "auto"]
-
-    ok = run_cli(home, "submit", "--preset", "cpu-demo", "--name", "scripted steps=3", "--wait", scripted=True)
-    oid = ok.stdout.strip()
-    r = run_cli(home, "extend", oid, "--steps", "5", scripted=True)
-    assert r.returncode == 2 and "extend it with --epochs N instead" in r.stderr
-    r = run_cli(home, "extend", oid, scripted=True)
-    assert r.returncode == 2 and "give either --epochs N or --steps N" in r.stderr
-    r = run_cli(home, "extend", oid, "--epochs", "2", scripted=True)
-    assert r.returncode == 0 and "(attempt 2)" in r.stdout
-    extended = cli_json(home, "show", oid, scripted=True)
-    assert extended["config"]["optim"]["epochs"] == 6.0  # cpu-demo's 4, and 2 more
-    assert read_json(home / "tasks" / oid / "spec.json")["config"]["optim"]["epochs"] == 6.0
-    r = run_cli(home, "retry", oid, scripted=True)
-    assert r.returncode == 2 and "only a failed, cancelled or interrupted task can be retried" in r.stderr
-    text = run_cli(home, "history", oid, scripted=True).stdout
-    assert "attempt 1" in text and "extended on request; attempt 2" in text
+    text = run_cli(home, "history", tid, scripted=True).stdout
+    assert "attempt 1" in text and "attempt 2" in text
 
 
+@pytest.mark.process
 def test_the_task_says_which_mechanism_enforces_its_memory_limit(home: Path) -> None:
     r = run_cli(
         home, "submit", "--preset", "cpu-demo", "--name", "scripted steps=2", "--memory", "2G", "--wait", scripted=True
@@ -187,6 +210,7 @@ def test_suspend_frees_the_slot_and_resume_continues_the_same_run(home: Path, st
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.timeout(600)
 def test_a_two_process_task_from_the_studio_is_cancelled_with_every_rank(home: Path) -> None:
     """--processes 2: torchrun under the runner (gloo on the CPU); cancel reaches the agent and both ranks."""

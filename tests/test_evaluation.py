@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from trainer_fixtures import ALPACA, FAST, merged, shared_home, train, write_jsonl
 
 from ftstudio.config import LoraConfig, ModelConfig
@@ -23,6 +24,7 @@ HELD_OUT = [
 ]
 
 
+@pytest.mark.slow
 def test_the_fine_tune_and_the_base_model_answer_every_held_out_prompt(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", ALPACA)
     prompts = write_jsonl(tmp_path / "held-out.jsonl", HELD_OUT)

@@ -14,6 +14,8 @@ from trainer_fixtures import ALPACA, FAST, merged, shared_home, train, write_jso
 
 from ftstudio.training.export import ExportError, export, handover, lora_name
 
+pytestmark = pytest.mark.slow  # one real fine-tune of builtin:tiny serves the module
+
 TASK = "20261201-0000-exp0rt01"
 
 

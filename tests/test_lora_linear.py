@@ -147,6 +147,7 @@ def test_autocast_is_left_to_peft() -> None:
     torch.testing.assert_close(out_f, out_p)
 
 
+@pytest.mark.slow
 def test_builtin_model_trains_the_same_with_fused_layers() -> None:
     """The real model: attach_lora fuses every adapted layer, and a forward and backward on it
     give what peft's layers give (fp32, so a tolerance for the different summation order)."""

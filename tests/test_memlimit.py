@@ -190,6 +190,7 @@ def unavailable(mechanism: Mechanism) -> str | None:
     return None
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("mechanism", list(Mechanism))
 def test_a_task_past_its_limit_fails_and_a_task_beside_it_completes(tmp_path, mechanism):
@@ -240,6 +241,7 @@ def memlimit_dirs() -> list[Path]:
     return [] if isinstance(found, str) else [p for p in found.iterdir() if p.is_dir()]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_the_real_trainer_completes_within_a_generous_limit(tmp_path):
     config = merged(FAST, {"optim": {"max_steps": 2}, "resources": {"memory": "6G"}})
@@ -261,6 +263,7 @@ def test_the_real_trainer_completes_within_a_generous_limit(tmp_path):
         stop_all([runner], [tdir])
 
 
+@pytest.mark.process
 def test_the_watchdog_counts_and_kills_only_its_own_attempt() -> None:
     """A stale runner's watchdog (attempt 1) must not count, nor kill, the processes of the newer attempt
     the studio launched for the same task; its own attempt's it does."""

@@ -68,6 +68,7 @@ def _mask_changes_nothing(model: Any) -> None:
         torch.testing.assert_close(grads_nm[name], grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["default", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dropping_the_mask_changes_nothing_for_real_tokens(family: str, attention: str) -> None:
@@ -76,6 +77,7 @@ def test_dropping_the_mask_changes_nothing_for_real_tokens(family: str, attentio
     _mask_changes_nothing(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "window"),
     [("mistral", {"sliding_window": 8}), ("gemma2", {"sliding_window": 8}), ("qwen2", {"use_sliding_window": True})],
@@ -86,6 +88,7 @@ def test_sliding_window_attention_shorter_than_the_rows(family: str, window: dic
     _mask_changes_nothing(model)
 
 
+@pytest.mark.slow
 def test_router_loss_keeps_the_mask_because_it_counts_pads() -> None:
     model = _model("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
     assert padding_mask_matters(model)

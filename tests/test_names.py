@@ -3,7 +3,8 @@
 import json
 import logging
 
-from support import cli_json, run_cli, wait_for
+import pytest
+from support import cli_json, in_memory, run_cli, wait_for
 
 from ftstudio.home import Home
 from ftstudio.studio.service import OneLineFormatter, Service
@@ -34,14 +35,17 @@ def test_a_log_prints_as_lines_of_text():
     assert last_redraw("a\rb\rc") == "c" and last_redraw("a\rb\r") == "b\r" and last_redraw("plain") == "plain"
 
 
-def test_a_name_loses_its_control_characters_at_submit(scripted):
-    service = Service(Home(scripted))
+def test_a_name_loses_its_control_characters_at_submit(home):
+    """In the in-memory executor (the real runner and trainer with this name: the CLI test below)."""
+    service = in_memory(home)
     task = service.submit({"preset": "cpu-demo"}, EVIL)
     assert task.name == "scripted steps=1 ]0;pwned[31mred2Jgnp.exe end"
     assert json.loads((task.dir.spec).read_text())["name"] == task.name
-    wait_for(lambda: service.get(task.id).status == "completed", what="completed")
+    service.executor.runner(task.id).complete(steps=1)
+    assert service.get(task.id).status == "completed"
 
 
+@pytest.mark.process
 def test_the_cli_and_studio_log_print_user_data_as_text(home):
     r = run_cli(home, "submit", "--preset", "cpu-demo", "--name", EVIL.replace("\x00", ""), scripted=True)
     assert r.returncode == 0, r.stderr

@@ -10,29 +10,27 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from support import api_client
+from support import api_client, in_memory
 
 from ftstudio.config import TrainingConfig
-from ftstudio.home import Home
 from ftstudio.studio import paths
 from ftstudio.studio.policy import Policy
-from ftstudio.studio.service import Service
 
 ROW = json.dumps({"instruction": "say hi", "output": "hi"})
 SECRET = "hunter2-s3cr3t"
 
 
 @pytest.fixture
-def client(scripted, tmp_path, monkeypatch):
+def client(home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    service = Service(Home(scripted), in_server=True)
+    service = in_memory(home, in_server=True)  # its tasks "run" in memory: which files they may read is the point
     with api_client(service) as c:
         c.service = service
         yield c
 
 
 def submit(client, **sections):
-    return client.post("/api/tasks", json={"name": "scripted steps=1", "config": {"preset": "cpu-demo", **sections}})
+    return client.post("/api/tasks", json={"name": "reads files", "config": {"preset": "cpu-demo", **sections}})
 
 
 def refused(r, *needles):
@@ -96,25 +94,25 @@ def test_a_link_inside_a_root_that_leads_out_is_refused(client):
     assert submit(client, data={"path": str(folder)}).status_code == 201
 
 
-def test_the_owner_can_allow_a_folder(scripted, tmp_path):
+def test_the_owner_can_allow_a_folder(home, tmp_path):
     outside = tmp_path / "shared"
     outside.mkdir()
     (outside / "d.jsonl").write_text(ROW + "\n")
     cfg = TrainingConfig.from_dict({"data": {"path": str(outside / "d.jsonl")}})
-    problems = paths.config_problems(cfg, home=scripted, policy=Policy(), trusted=False)
+    problems = paths.config_problems(cfg, home=home, policy=Policy(), trusted=False)
     assert [p.field for p in problems] == ["data.path (--dataset)"]
-    assert f"the data home {scripted.resolve()}" in problems[0].message
+    assert f"the data home {home.resolve()}" in problems[0].message
     allowed = Policy(allow_paths=(outside.resolve(),))
-    assert paths.config_problems(cfg, home=scripted, policy=allowed, trusted=False) == []
+    assert paths.config_problems(cfg, home=home, policy=allowed, trusted=False) == []
     # The CLI may read any folder but the system ones.
-    assert paths.config_problems(cfg, home=scripted, policy=Policy(), trusted=True) == []
+    assert paths.config_problems(cfg, home=home, policy=Policy(), trusted=True) == []
     system = TrainingConfig.from_dict({"data": {"path": "/proc/1/environ"}})
-    assert paths.config_problems(system, home=scripted, policy=allowed, trusted=True)
+    assert paths.config_problems(system, home=home, policy=allowed, trusted=True)
 
 
-def test_hub_ids_split_names_and_uploads_are_not_paths(scripted):
+def test_hub_ids_split_names_and_uploads_are_not_paths(home):
     cfg = TrainingConfig.from_dict({"model": {"name": "Qwen/Qwen2.5-0.5B"}, "data": {"validation": "test"}})
-    assert paths.config_problems(cfg, home=scripted, policy=Policy(), trusted=False) == []
+    assert paths.config_problems(cfg, home=home, policy=Policy(), trusted=False) == []
 
 
 def test_errors_never_quote_a_file(client):
@@ -174,23 +172,23 @@ def test_task_files_and_the_adapter_never_follow_links(client):
     assert client.get(f"/api/tasks/{task_id}/files/adapter_config.json").status_code == 404
 
 
-def test_the_trainer_preflight_works_without_the_rule(scripted, tmp_path):
+def test_the_trainer_preflight_works_without_the_rule(home, tmp_path):
     """The studio decided at submit; the trainer's own preflight reads what it was given."""
     from ftstudio.training import preflight
 
     data = tmp_path / "d.jsonl"
     data.write_text(ROW + "\n")
-    preflight.check(TrainingConfig.from_dict({"data": {"path": str(data)}}), Path(scripted))
+    preflight.check(TrainingConfig.from_dict({"data": {"path": str(data)}}), Path(home))
 
 
-def test_relative_paths_are_made_absolute_at_submit(scripted, tmp_path, monkeypatch):
+def test_relative_paths_are_made_absolute_at_submit(home, tmp_path, monkeypatch):
     """The root rule checks a path from the studio's directory and the trainer reads it from the task's:
     both must see the same file, so the spec holds the absolute path."""
     here = tmp_path / "work"
     here.mkdir()
     (here / "x.jsonl").write_text('{"instruction": "q", "output": "a"}\n' * 4)
     monkeypatch.chdir(here)
-    service = Service(Home(scripted), in_server=True)
+    service = in_memory(home, in_server=True)
     task = service.submit({"preset": "cpu-demo", "data": {"path": "./x.jsonl"}}, "scripted steps=1", trusted=True)
     assert task.config_dict["data"]["path"] == str(here / "x.jsonl")
     spec = json.loads(task.dir.spec.read_text())

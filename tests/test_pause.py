@@ -90,6 +90,7 @@ def _pause_after(runner: subprocess.Popen[bytes], task: Path, step: int) -> tupl
     return seen, sent
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_pause_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     home = shared_home()
@@ -147,6 +148,7 @@ def test_pause_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path: 
     assert _progress_steps(task) == list(range(1, 13))  # no step reported twice across the attempts
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_pause_before_the_first_step_exits_clean_and_resume_starts_fresh(tmp_path: Path) -> None:
     home = shared_home()
@@ -170,6 +172,7 @@ def test_pause_before_the_first_step_exits_clean_and_resume_starts_fresh(tmp_pat
     assert begin["resumed_from_step"] == 0 and _progress_steps(task) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_pause_on_a_scheduled_checkpoint_step_saves_it_once(tmp_path: Path) -> None:
     """The signal lands during step 4 and every_steps is 4: one checkpoint-4, written once."""
     from transformers import TrainerCallback
@@ -219,6 +222,7 @@ def _ranks(task: Path) -> list[psutil.Process]:
     ]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_two_processes_pause_with_every_rank_in_the_checkpoint_then_resume_to_the_end(tmp_path: Path) -> None:
     task = _two_process_task(tmp_path, "20261122-0000-pause2", steps=8)
@@ -256,6 +260,7 @@ def test_two_processes_pause_with_every_rank_in_the_checkpoint_then_resume_to_th
     assert (task / "adapter" / "adapter_model.safetensors").exists() and tagged(task.name) == []
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_two_processes_stopped_runner_leaves_no_process_of_the_task(tmp_path: Path, sig: int) -> None:
@@ -289,6 +294,7 @@ def test_two_processes_stopped_runner_leaves_no_process_of_the_task(tmp_path: Pa
         assert not TaskDir(task).exit.exists()  # no record: the supervisor calls it dead
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["pause", "preemption"])
 def test_a_nodes_launcher_passes_a_pause_to_its_ranks_and_torchrun_survives_it(

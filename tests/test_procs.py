@@ -4,10 +4,12 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from ftstudio.execution.procs import Identity, Liveness, boot_id, check
 
 
+@pytest.mark.process
 def test_a_live_process_is_alive_and_its_marker_is_checked():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker-abc"])
     try:
@@ -24,6 +26,7 @@ def test_a_live_process_is_alive_and_its_marker_is_checked():
         proc.wait()
 
 
+@pytest.mark.process
 def test_a_zombie_is_not_alive():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     ident = Identity.of(proc.pid)

@@ -1,6 +1,8 @@
-"""The persistent queue with real processes: a scripted trainer under the real runner, a real
-studio server that is SIGKILLed while tasks wait, and GPU leases against a fake device list
-(FTSTUDIO_GPUS; these machines have no GPU)."""
+"""The persistent queue. Its logic over the in-memory executor (the fast tier): GPU leases against a
+fake device list (FTSTUDIO_GPUS; these machines have no GPU), why each task waits, held tasks, requests
+the machine cannot meet. With real processes: a scripted trainer under the real runner, a real studio
+server that is SIGKILLed while tasks wait, the GPUs each trainer sees, and the CLI running the queue
+alone."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Studio, cli_json, run_cli, wait_for
+from support import Studio, cli_json, in_memory, run_cli, wait_for
 
+from ftstudio.cli.main import main
 from ftstudio.home import read_json
 from ftstudio.studio.store import Store
 
@@ -69,58 +72,108 @@ def test_one_slot_runs_tasks_one_after_another_through_a_studio_sigkill(home: Pa
 
 
 @pytest.mark.timeout(300)
-def test_slots_are_remembered_and_gpus_are_leased_one_task_each(home: Path, studio_factory: Any) -> None:
+def test_each_trainer_sees_its_own_gpu_and_slots_are_remembered(home: Path, studio_factory: Any) -> None:
+    """The real runner hands the trainer the GPUs the queue granted (the queue's choice itself, with every
+    reason a task waits: test_gpus_are_leased_one_task_each_and_the_waiting_say_for_what)."""
     studio = studio_factory(scripted=True, FTSTUDIO_GPUS="0,1").start("--slots", "2")
-    cpu = [submit(studio, f"scripted steps=40 delay=0.1 cpu{i}", gpus=0) for i in range(2)]
-    gpu = [submit(studio, f"scripted steps=40 delay=0.1 gpu{i}", gpus=1) for i in range(3)]
-    pinned = submit(studio, "scripted steps=2 delay=0.1 pinned", gpu_ids="1")
-    for task_id in [*cpu, *gpu[:2]]:
-        assert studio.task(task_id)["status"] in ("preparing", "training")
-    held = {tuple(studio.task(t)["resources"]) for t in gpu[:2]}
-    assert held == {("gpu:0",), ("gpu:1",)}
-    third, waits_for_1 = studio.task(gpu[2]), studio.task(pinned)
-    assert third["status"] == "queued" and third["queue"]["position"] == 1
-    assert third["queue"]["reason"].startswith("waiting for 1 GPU (none free; GPUs 0, 1 held by tasks")
-    holder_of_1 = next(t for t in gpu[:2] if studio.task(t)["resources"] == ["gpu:1"])
-    assert (
-        waits_for_1["queue"]["reason"] == f"waiting behind task {gpu[2]} for GPU 1"
-        or waits_for_1["queue"]["reason"] == f"waiting for GPU 1, held by task {holder_of_1}"
-    )
-
-    # Each trainer sees exactly its own GPU, numbered the way nvidia-smi numbers them; CPU tasks see none.
-    wait_for(lambda: all(Store(home / "studio.db").events(t, kinds=("status",)) for t in [*cpu, *gpu[:2]]))
-    seen = {first_status_event(home, t)["cuda_visible_devices"] for t in gpu[:2]}
-    assert seen == {"0", "1"}
-    assert first_status_event(home, gpu[0])["cuda_device_order"] == "PCI_BUS_ID"
-    assert {first_status_event(home, t)["cuda_visible_devices"] for t in cpu} == {""}
-
-    for task_id in [*cpu, *gpu, pinned]:
+    cpu = submit(studio, "scripted steps=3 delay=0.05 cpu", gpus=0)
+    gpu = [submit(studio, f"scripted steps=3 delay=0.05 gpu{i}", gpus=1) for i in range(2)]
+    for task_id in [cpu, *gpu]:
         assert studio.wait_status(task_id, "completed", "failed", timeout=180)["status"] == "completed"
-    assert first_status_event(home, pinned)["cuda_visible_devices"] == "1"
+    # Each trainer saw exactly its own GPU, numbered the way nvidia-smi numbers them; a CPU task sees none.
+    assert {first_status_event(home, t)["cuda_visible_devices"] for t in gpu} == {"0", "1"}
+    assert first_status_event(home, gpu[0])["cuda_device_order"] == "PCI_BUS_ID"
+    assert first_status_event(home, cpu)["cuda_visible_devices"] == ""
     studio.stop()
     # --slots was written into the home: the next studio and the CLI read it without the flag.
     assert cli_json(home, "queue", FTSTUDIO_GPUS="0,1")["slots"] == 2
 
 
-def test_requests_this_machine_cannot_meet_are_refused_at_submit(home: Path) -> None:
-    r = run_cli(home, "submit", "--preset", "cpu-demo", "--gpus", "1", scripted=True, FTSTUDIO_GPUS="none")
-    assert r.returncode == 2
-    assert "resources.gpus (--gpus): asks for 1 GPU(s) but this machine has no GPU" in r.stderr
-    assert "leave --gpus unset or 0 to train on the CPU" in r.stderr
-    r = run_cli(home, "submit", "--preset", "cpu-demo", "--gpu-ids", "0,5", scripted=True, FTSTUDIO_GPUS="0,1")
-    assert r.returncode == 2 and "GPU 5 is not on this machine; it has GPUs 0, 1" in r.stderr
-    r = run_cli(home, "submit", "--preset", "cpu-demo", "--memory", "lots", scripted=True)
-    assert r.returncode == 2 and "resources.memory (--memory): must be a size such as 8G" in r.stderr
-    r = run_cli(home, "submit", "--preset", "cpu-demo", "--nodes", "2", scripted=True)
-    assert r.returncode == 2
-    assert "resources.nodes (--nodes): asks for 2 machines, but this studio runs tasks on this machine" in r.stderr
-    r = run_cli(home, "submit", "--preset", "cpu-demo", "--nodes", "0", scripted=True)
-    assert r.returncode == 2 and "resources.nodes (--nodes)" in r.stderr
-    r = run_cli(home, "studio", "start", "--slots", "0")
-    assert r.returncode == 2 and "--slots: must be between 1 and 256 (got 0)" in r.stderr
-    assert cli_json(home, "tasks")["total"] == 0  # nothing was recorded
+def test_gpus_are_leased_one_task_each_and_the_waiting_say_for_what(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTSTUDIO_GPUS", "0,1")
+    service = in_memory(home)
+    service.set_slots(2)
+
+    def queued(name: str, **resources: Any) -> str:
+        return service.submit({"preset": "cpu-demo", "resources": resources}, name).id
+
+    cpu = [queued(f"cpu{i}", gpus=0) for i in range(2)]
+    gpu = [queued(f"gpu{i}", gpus=1) for i in range(3)]
+    pinned = queued("pinned", gpu_ids="1")
+    view = {t: service.task_json(service.get(t)) for t in [*cpu, *gpu, pinned]}
+    for task_id in [*cpu, *gpu[:2]]:
+        assert view[task_id]["status"] == "preparing"
+    assert {tuple(view[t]["resources"]) for t in cpu} == {("slot:0",), ("slot:1",)}
+    assert {tuple(view[t]["resources"]) for t in gpu[:2]} == {("gpu:0",), ("gpu:1",)}
+    third, waits_for_1 = view[gpu[2]], view[pinned]
+    assert third["status"] == "queued" and third["queue"]["position"] == 1
+    assert third["queue"]["reason"] == f"waiting for 1 GPU (none free; GPUs 0, 1 held by tasks {gpu[0]}, {gpu[1]})"
+    assert waits_for_1["queue"]["reason"] == f"waiting for GPU 1, held by task {gpu[1]}"
+    # What each runner was handed: its own GPU, numbered the way nvidia-smi numbers them; CPU tasks none.
+    runner = service.executor.runner
+    assert [runner(t).env for t in gpu[:2]] == [
+        {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0"},
+        {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "1"},
+    ]
+    assert {runner(t).env["CUDA_VISIBLE_DEVICES"] for t in cpu} == {""}
+
+    # GPU 1 frees: the next GPU task takes it, and the pinned one waits on behind it for GPU 1 alone.
+    runner(gpu[1]).complete(steps=2)
+    assert service.get(gpu[1]).status == "completed"
+    assert service.get(gpu[2]).status == "preparing" and runner(gpu[2]).env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert service.task_json(service.get(pinned))["queue"]["reason"] == f"waiting for GPU 1, held by task {gpu[2]}"
+    runner(gpu[0]).complete(steps=2)  # GPU 0 frees: the pinned task still waits for GPU 1
+    assert service.get(pinned).status == "queued"
+    runner(gpu[2]).complete(steps=2)
+    assert service.get(pinned).status == "preparing" and runner(pinned).env["CUDA_VISIBLE_DEVICES"] == "1"
+    for task_id in [*cpu, pinned]:
+        runner(task_id).complete(steps=2)
+        assert service.get(task_id).status == "completed"
+    assert service.store.leases() == []
+    assert service.queue()["slots"] == 2
 
 
+def test_one_slot_starts_the_next_task_when_the_one_before_ends(home: Path) -> None:
+    service = in_memory(home)
+    ids = [service.submit({"preset": "cpu-demo"}, f"q{i}").id for i in range(3)]
+    runner = service.executor.runner
+    for i, task_id in enumerate(ids):
+        assert [service.get(t).status for t in ids[i:]] == ["preparing"] + ["queued"] * (len(ids) - i - 1)
+        assert [r.task_id for r in service.executor.alive()] == [task_id]  # never two at once
+        runner(task_id).complete(steps=1)
+    assert [service.get(t).status for t in ids] == ["completed"] * 3 and service.store.leases() == []
+
+
+def test_requests_this_machine_cannot_meet_are_refused_at_submit(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command in this process (its exit code as a process: test_cli.py)."""
+
+    def refused(*args: str, gpus: str | None = None) -> str:
+        if gpus is None:
+            monkeypatch.delenv("FTSTUDIO_GPUS", raising=False)
+        else:
+            monkeypatch.setenv("FTSTUDIO_GPUS", gpus)
+        assert main(list(args)) == 2
+        return capsys.readouterr().err
+
+    err = refused("submit", "--preset", "cpu-demo", "--gpus", "1", gpus="none")
+    assert "resources.gpus (--gpus): asks for 1 GPU(s) but this machine has no GPU" in err
+    assert "leave --gpus unset or 0 to train on the CPU" in err
+    err = refused("submit", "--preset", "cpu-demo", "--gpu-ids", "0,5", gpus="0,1")
+    assert "GPU 5 is not on this machine; it has GPUs 0, 1" in err
+    err = refused("submit", "--preset", "cpu-demo", "--memory", "lots")
+    assert "resources.memory (--memory): must be a size such as 8G" in err
+    err = refused("submit", "--preset", "cpu-demo", "--nodes", "2")
+    assert "resources.nodes (--nodes): asks for 2 machines, but this studio runs tasks on this machine" in err
+    assert "resources.nodes (--nodes)" in refused("submit", "--preset", "cpu-demo", "--nodes", "0")
+    assert "--slots: must be between 1 and 256 (got 0)" in refused("studio", "start", "--slots", "0")
+    assert main(["tasks", "--json"]) == 0 and '"total": 0' in capsys.readouterr().out  # nothing was recorded
+
+
+@pytest.mark.process
 @pytest.mark.timeout(300)
 def test_the_cli_alone_runs_the_queue_when_no_studio_is_up(home: Path) -> None:
     """No studio: `submit` starts what fits, and the commands that read (here `show`) start the

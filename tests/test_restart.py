@@ -17,7 +17,7 @@ from ftstudio.execution.procs import tagged
 from ftstudio.home import Home, read_json
 from ftstudio.studio.store import Store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 def submit(studio, steps, **extra):

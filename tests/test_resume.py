@@ -31,6 +31,7 @@ def _config(data: Path) -> dict:
     )
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_sigkill_then_auto_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     home = shared_home()
@@ -94,6 +95,7 @@ def _checkpointed_run(tmp_path: Path) -> Path:
     return tmp_path / "task" / "checkpoints"
 
 
+@pytest.mark.slow
 def test_partial_checkpoints_are_skipped(tmp_path: Path) -> None:
     ckpts = _checkpointed_run(tmp_path)
     assert [p.name for p in list_checkpoints(ckpts)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
@@ -116,6 +118,7 @@ def test_partial_checkpoints_are_skipped(tmp_path: Path) -> None:
     assert find_resume_checkpoint(ckpts) is None
 
 
+@pytest.mark.slow
 def test_trainer_state_must_match_the_step(tmp_path: Path) -> None:
     ckpts = _checkpointed_run(tmp_path)
     state_path = ckpts / "checkpoint-6" / "trainer_state.json"
@@ -125,6 +128,7 @@ def test_trainer_state_must_match_the_step(tmp_path: Path) -> None:
     assert not is_complete(ckpts / "checkpoint-6")
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_a_partial_checkpoint(tmp_path: Path) -> None:
     from ftstudio.training.trainer import main
 
@@ -138,6 +142,7 @@ def test_resume_auto_skips_a_partial_checkpoint(tmp_path: Path) -> None:
     assert is_complete(ckpts / "checkpoint-6")  # rewritten by the resumed run, and complete this time
 
 
+@pytest.mark.slow
 def test_prune_keeps_the_newest_complete(tmp_path: Path) -> None:
     ckpts = _checkpointed_run(tmp_path)
     (ckpts / "checkpoint-6" / MARKER).unlink()

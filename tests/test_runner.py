@@ -35,6 +35,7 @@ def start_runner(tdir, *extra):
         )
 
 
+@pytest.mark.process
 def test_runner_records_launch_heartbeat_and_exit(tmp_path):
     tdir = make_task(tmp_path, "scripted steps=5 delay=0.01")
     runner = start_runner(tdir)
@@ -48,6 +49,7 @@ def test_runner_records_launch_heartbeat_and_exit(tmp_path):
     assert "training completed" in tdir.log.read_text()
 
 
+@pytest.mark.process
 def test_a_failing_trainer_gives_its_own_reason(tmp_path):
     tdir = make_task(tmp_path, "scripted steps=2 delay=0.01 exit=1")
     assert start_runner(tdir).wait(timeout=60) == 0
@@ -57,6 +59,7 @@ def test_a_failing_trainer_gives_its_own_reason(tmp_path):
     assert record["exit_code"] == 1
 
 
+@pytest.mark.process
 def test_a_second_runner_for_the_same_task_refuses(tmp_path):
     tdir = make_task(tmp_path, "scripted steps=100 delay=0.05")
     first = start_runner(tdir)
@@ -71,6 +74,7 @@ def test_a_second_runner_for_the_same_task_refuses(tmp_path):
         first.wait()
 
 
+@pytest.mark.process
 def test_sigterm_with_a_cancel_request_is_forwarded_and_recorded_as_cancelled(tmp_path):
     tdir = make_task(tmp_path, "scripted steps=1000 delay=0.05 child=1")
     runner = start_runner(tdir)
@@ -86,6 +90,7 @@ def test_sigterm_with_a_cancel_request_is_forwarded_and_recorded_as_cancelled(tm
         p.kill()
 
 
+@pytest.mark.process
 def test_killing_the_runner_takes_the_trainer_down(tmp_path):
     tdir = make_task(tmp_path, "scripted steps=1000 delay=0.05")
     runner = start_runner(tdir)
@@ -100,6 +105,7 @@ def test_killing_the_runner_takes_the_trainer_down(tmp_path):
     assert not tdir.exit.exists()  # no exit record: the supervisor must call this one dead
 
 
+@pytest.mark.process
 def test_a_runner_of_another_attempt_refuses_to_start(tmp_path):
     tdir = make_task(tmp_path, "scripted steps=5 delay=0.01")
     tdir.attempt.write_text("2")  # the studio launched attempt 2; this is a late attempt 1
@@ -112,6 +118,7 @@ def test_a_runner_of_another_attempt_refuses_to_start(tmp_path):
     assert read_json(tdir.exit)["outcome"] == "completed"
 
 
+@pytest.mark.process
 def test_a_stale_runner_stops_its_own_processes_and_writes_nothing(tmp_path):
     """The studio gave up on attempt 1 and launched attempt 2 while attempt 1's runner still ran: at its
     next heartbeat it finds the attempt file changed, SIGKILLs its trainer and the trainer's child, and
@@ -146,6 +153,7 @@ def test_a_stale_runner_stops_its_own_processes_and_writes_nothing(tmp_path):
             p.kill()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("bad", ["os;rm", "../x", "a b"])
 def test_runner_accepts_only_module_names(tmp_path, bad):
     tdir = make_task(tmp_path, "scripted")
@@ -214,6 +222,7 @@ def test_peer_lost_knows_a_vanished_peer_from_a_real_error():
     assert not peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
+@pytest.mark.process
 def test_a_runner_reads_its_attempt_from_the_task_dir_and_refuses_one_that_has_ended(tmp_path):
     """A Slurm job's runner takes the attempt the task dir names (a requeued job runs the next one); started
     again before the studio named the next attempt, it refuses to run the ended one again."""

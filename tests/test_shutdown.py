@@ -20,6 +20,8 @@ from ftstudio.checkpoints import find_resume_checkpoint, is_complete
 from ftstudio.execution.procs import tagged
 from ftstudio.home import TaskDir, read_json
 
+pytestmark = pytest.mark.process  # every test here starts the real runner
+
 OUTSIDE = "stopped by SIGTERM from outside the studio (a shutdown, docker stop or a scheduler)"
 
 

@@ -133,6 +133,7 @@ def test_slurm_times_are_read_as_sbatch_reads_them(value: str, seconds: int | No
     assert slurm_seconds(value) == seconds
 
 
+@pytest.mark.process
 def test_a_warning_signal_must_reach_the_runner_and_leave_the_job_time_to_train(tmp_path: Path) -> None:
     """The runner is the job's batch script: a signal without B: misses it (Slurm signals only the job's steps
     then), and one the runner does not turn into a checkpoint (USR2) would kill it. A warning as
@@ -194,6 +195,7 @@ def test_submit_passes_checked_options_and_a_script_that_only_starts_the_runner(
     assert last[4:] == [str(task.path), "--attempt", "from-file"]  # a requeued job runs the next attempt
 
 
+@pytest.mark.process
 def test_the_script_runs_as_written_even_with_odd_characters_in_values(tmp_path: Path) -> None:
     task = make_task(tmp_path)
     text = batch_script(task, 1, "ftstudio.train", {"ODD": 'it\'s $(rm -rf ~) `x` "y"'})
@@ -422,6 +424,7 @@ def test_a_requeued_job_of_the_task_is_adopted_by_its_next_attempt(tmp_path: Pat
 # -- over ssh: what reaches the remote shell, sbatch's file names, the job's environment ------------
 
 
+@pytest.mark.process
 def test_each_argument_reaches_the_command_on_the_login_node_as_it_was(tmp_path: Path) -> None:
     """ssh hands the remote shell one string; a real sh parses it back into the same arguments."""
     odd = tmp_path / "lab's home $HOME `id` 100%j"
@@ -497,6 +500,7 @@ def test_the_job_id_is_the_last_line_sbatch_printed() -> None:
             job_id_in(bad)
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client here")
 def test_a_login_node_ssh_cannot_reach_is_doubt_for_a_look_and_a_launch_error_for_a_submit(tmp_path: Path) -> None:
     """The real ssh client, against a host that does not resolve: exit 255 is ssh's own failure."""

@@ -14,10 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from support import api_client
+from support import api_client, in_memory
 
 from ftstudio.errors import StorageError
-from ftstudio.home import Home
 from ftstudio.storage import storage_error
 from ftstudio.studio.service import Service
 from ftstudio.web.auth import load_or_create_token
@@ -82,17 +81,18 @@ def state(service: Service) -> tuple[list[tuple[str, str]], list[str], list[str]
     )
 
 
-def test_a_full_disk_gives_507_and_leaves_nothing(scripted, tmp_path, monkeypatch):
+@pytest.mark.process  # mount and umount
+def test_a_full_disk_gives_507_and_leaves_nothing(home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    scripted.mkdir()
-    with mounted("tmpfs", scripted):
-        service = Service(Home(scripted), in_server=True)
+    home.mkdir()
+    with mounted("tmpfs", home):
+        service = in_memory(home, in_server=True)
         with api_client(service) as client:
             queued = service.store.create_task(
                 name="waiting", model="builtin:tiny", dataset="builtin:sample", config={}, tasks_root=service.home.tasks
             )
             queued.dir.path.mkdir()
-            filler = scripted / "filler"
+            filler = home / "filler"
             with open(filler, "wb") as f, pytest.raises(OSError):
                 while True:  # fill the disk to the last byte
                     f.write(b"\0" * 65536)
@@ -100,7 +100,7 @@ def test_a_full_disk_gives_507_and_leaves_nothing(scripted, tmp_path, monkeypatc
             before = state(service)
             r = client.post("/api/datasets", files={"file": ("d.jsonl", io.BytesIO(ROWS * 200), "application/jsonl")})
             one_line_507(r, "is full")
-            r = client.post("/api/tasks", json={"name": "scripted steps=1", "config": {"preset": "cpu-demo"}})
+            r = client.post("/api/tasks", json={"name": "refused", "config": {"preset": "cpu-demo"}})
             one_line_507(r, "is full")
             assert state(service) == before
             filler.unlink()
@@ -108,30 +108,31 @@ def test_a_full_disk_gives_507_and_leaves_nothing(scripted, tmp_path, monkeypatc
             assert r.status_code == 201, r.text
 
 
-def test_a_read_only_home_gives_507_and_changes_nothing(scripted, tmp_path, monkeypatch):
+@pytest.mark.process  # mount and umount
+def test_a_read_only_home_gives_507_and_changes_nothing(home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    service = Service(Home(scripted), in_server=True)
+    service = in_memory(home, in_server=True)
     queued = service.store.create_task(
         name="waiting", model="builtin:tiny", dataset="builtin:sample", config={}, tasks_root=service.home.tasks
     )
     queued.dir.path.mkdir()
     load_or_create_token(service.home)  # made at the studio's first start, before the home went read-only
-    with mounted("bind", scripted):
-        if not _mount("-o", "remount,ro,bind", str(scripted)):
+    with mounted("bind", home):
+        if not _mount("-o", "remount,ro,bind", str(home)):
             pytest.skip("cannot remount read-only here")
         with api_client(service) as client:
             before = state(service)
             one_line_507(client.post("/api/datasets", files={"file": ("d.jsonl", io.BytesIO(ROWS))}), "is read-only")
-            r = client.post("/api/tasks", json={"name": "scripted steps=1", "config": {"preset": "cpu-demo"}})
+            r = client.post("/api/tasks", json={"name": "refused", "config": {"preset": "cpu-demo"}})
             one_line_507(r, "is read-only")
             one_line_507(client.post(f"/api/tasks/{queued.id}/cancel"), "is read-only")
             assert state(service) == before
     assert service.store.get(queued.id).status == "queued"
 
 
-def test_an_injected_failure_while_writing_the_task_leaves_no_row(scripted, tmp_path, monkeypatch):
+def test_an_injected_failure_while_writing_the_task_leaves_no_row(home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    service = Service(Home(scripted), in_server=True)
+    service = in_memory(home, in_server=True)
     before = state(service)
 
     def full(*_a: object, **_k: object) -> None:
@@ -139,7 +140,7 @@ def test_an_injected_failure_while_writing_the_task_leaves_no_row(scripted, tmp_
 
     monkeypatch.setattr("ftstudio.studio.service.write_json_atomic", full)
     with api_client(service) as client:
-        r = client.post("/api/tasks", json={"name": "scripted steps=1", "config": {"preset": "cpu-demo"}})
+        r = client.post("/api/tasks", json={"name": "refused", "config": {"preset": "cpu-demo"}})
     one_line_507(r, "is full")
     assert state(service) == before
     monkeypatch.setattr(os, "rename", full)

@@ -315,6 +315,7 @@ while True:
 """
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_the_store_survives_a_kill_in_the_middle_of_a_write_with_nothing_committed_lost(tmp_path):
     """SIGKILL a process while it commits batch after batch (WAL, synchronous=NORMAL): every batch it

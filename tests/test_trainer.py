@@ -30,6 +30,7 @@ def kinds(events: list[dict]) -> list[str]:
     return [e["kind"] for e in events]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("rows", "shape"), [(ALPACA, "alpaca"), (SHAREGPT, "sharegpt"), (MESSAGES, "messages"), (TEXT, "text")]
 )
@@ -43,6 +44,7 @@ def test_each_data_shape_trains(tmp_path: Path, rows, shape) -> None:
     assert (tmp_path / "task" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_event_sequence_and_summary(tmp_path: Path) -> None:
     config = merged(FAST, {"optim": {"max_steps": 6}, "checkpoint": {"every_steps": 3}, "logging": {"every_steps": 2}})
     config["data"]["validation"] = "0.2"
@@ -80,6 +82,7 @@ def test_event_sequence_and_summary(tmp_path: Path) -> None:
     assert (adapter / "tokenizer.json").exists() and (adapter / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_packing_trains(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     code, events = train(tmp_path / "task", merged(FAST, {"data": {"path": str(data), "packing": True}}), shared_home())
@@ -137,6 +140,7 @@ def test_empty_dataset_is_refused(tmp_path: Path) -> None:
     assert code == 2 and "has no rows" in events[-1]["message"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     """A model whose weights hold NaN: the guard stops at the first step and keeps no bad checkpoint."""
     broken = tmp_path / "broken-model"
@@ -171,6 +175,7 @@ def _cuda_out_of_memory(*args: object, **kwargs: object) -> None:
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("failure", "message"),
     [
@@ -209,6 +214,7 @@ def test_out_of_memory_message_recognises_allocation_failures_only() -> None:
     assert out_of_memory_message(ValueError("DefaultCPUAllocator: can't allocate memory")) is None
 
 
+@pytest.mark.slow
 def test_unpacked_batches_reach_the_model_without_a_padding_mask(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,6 +237,7 @@ def test_unpacked_batches_reach_the_model_without_a_padding_mask(
     assert all("attention_mask" not in keys and {"input_ids", "labels"} <= keys for keys in seen)
 
 
+@pytest.mark.slow
 def test_bare_config_needs_output(tmp_path: Path) -> None:
     from ftstudio.training.trainer import main
 
@@ -260,6 +267,7 @@ def test_divergence_guard() -> None:
         LossGuard(0, 1).check(1, 1.0, float("inf"))
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_and_chosen_modules(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     config = merged(
@@ -280,6 +288,7 @@ def test_gradient_checkpointing_and_chosen_modules(tmp_path: Path) -> None:
     assert code == 2 and events[-1]["message"].startswith("lora.target_modules")
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_torchrun_two_processes_only_rank_0_reports(tmp_path: Path) -> None:
     import os
@@ -313,6 +322,7 @@ def test_torchrun_two_processes_only_rank_0_reports(tmp_path: Path) -> None:
     assert (task / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_validation_from_a_file(tmp_path: Path) -> None:
     train_file = write_jsonl(tmp_path / "train.jsonl", ALPACA)
     val_file = write_jsonl(tmp_path / "val.jsonl", MESSAGES[:5])
@@ -324,6 +334,7 @@ def test_validation_from_a_file(tmp_path: Path) -> None:
     assert [e["step"] for e in events if e["kind"] == "eval"] == [2]
 
 
+@pytest.mark.slow
 def test_tensorboard_reporting_writes_the_loss_beside_the_task(tmp_path: Path, monkeypatch) -> None:
     # Unset for this test and unset again after it (the trainer sets it in its own process; this runs in ours).
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "unset-below")
@@ -421,6 +432,7 @@ def test_the_eta_of_a_resumed_attempt_counts_only_its_own_steps_and_time(tmp_pat
     assert progress_events[-1]["eta_s"] == 36.0  # 18 steps left at 2 s each
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_stale_trainer_stops_at_its_next_write_and_writes_nothing_more(tmp_path: Path) -> None:
     """Fencing, the trainer's half: a trainer of attempt 1 finds the task at attempt 2 (the studio gave up

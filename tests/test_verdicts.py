@@ -1,20 +1,18 @@
-"""The supervisor's verdicts, through the real service, store (SQLite) and supervisor, with the fake
-executor and a fake clock: each scenario of DESIGN.md's reconcile table in milliseconds.
+"""The supervisor's verdicts, through the real service, store (SQLite) and supervisor, with the in-memory
+executor and a manual clock: each scenario of DESIGN.md's reconcile table in milliseconds.
 
 The real LocalExecutor plays the same scenarios with real processes in test_supervisor.py.
 """
 
 from __future__ import annotations
 
-import inspect
 import signal
 from pathlib import Path
 
 import pytest
-from fakes import FakeClock, FakeExecutor, FakeRunner
 
-from ftstudio.execution.executor import Executor
 from ftstudio.execution.facts import Outcome
+from ftstudio.execution.inmemory import InMemoryExecutor, InMemoryRunner, ManualClock
 from ftstudio.home import Home
 from ftstudio.studio import lifecycle
 from ftstudio.studio.lifecycle import (
@@ -30,26 +28,28 @@ from ftstudio.studio.store import Task
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def fake(clock: FakeClock) -> FakeExecutor:
-    return FakeExecutor(clock)
+def executor(clock: ManualClock) -> InMemoryExecutor:
+    return InMemoryExecutor(clock)
 
 
 @pytest.fixture
-def service(tmp_path: Path, fake: FakeExecutor, clock: FakeClock) -> Service:
-    service = Service(Home(tmp_path / "home"), executor=fake, in_server=True)
+def service(tmp_path: Path, executor: InMemoryExecutor, clock: ManualClock) -> Service:
+    service = Service(Home(tmp_path / "home"), executor=executor, in_server=True)
     service.supervisor.clock = clock
     return service
 
 
-def training(service: Service, fake: FakeExecutor, *, step: int = 4, total: int = 10) -> tuple[Task, FakeRunner]:
+def training(
+    service: Service, executor: InMemoryExecutor, *, step: int = 4, total: int = 10
+) -> tuple[Task, InMemoryRunner]:
     """A submitted task whose runner has reported `step` of `total` (so: training)."""
-    task = service.submit({"preset": "cpu-demo"}, "fake")
-    runner = fake.runner(task.id)
+    task = service.submit({"preset": "cpu-demo"}, "in memory")
+    runner = executor.runner(task.id)
     for s in range(1, step + 1):
         runner.progress(s, total)
     sync(service, task)
@@ -66,7 +66,7 @@ def status(service: Service, task: Task) -> str:
 
 
 def assert_resumed(service: Service, task: Task, reason: str) -> None:
-    """Interrupted with `reason`, then back through the queue as attempt 2 (the fake executor starts it)."""
+    """Interrupted with `reason`, then back through the queue as attempt 2 (the in-memory executor starts it)."""
     got = service.store.get(task.id)
     assert got.attempt == 2 and got.status == "preparing" and got.error is None
     moves = [(h["dst"], h["reason"]) for h in service.store.history(task.id)]
@@ -90,8 +90,10 @@ def assert_resumed(service: Service, task: Task, reason: str) -> None:
         (Outcome.FAILED, "CUDA out of memory", "failed"),
     ],
 )
-def test_an_exit_record_decides_the_end(service: Service, fake: FakeExecutor, outcome: Outcome, reason: str, dst: str):
-    task, runner = training(service, fake)
+def test_an_exit_record_decides_the_end(
+    service: Service, executor: InMemoryExecutor, outcome: Outcome, reason: str, dst: str
+):
+    task, runner = training(service, executor)
     runner.progress(5, 10)  # its last steps, written before the record: stored, not lost
     runner.finish(outcome, reason)
     sync(service, task)
@@ -101,26 +103,28 @@ def test_an_exit_record_decides_the_end(service: Service, fake: FakeExecutor, ou
     assert got.error == (reason if dst == "failed" else None)
 
 
-def test_pause_on_request_ends_paused_from_the_runners_record(service: Service, fake: FakeExecutor):
-    task, runner = training(service, fake)
+def test_pause_on_request_ends_paused_from_the_runners_record(service: Service, executor: InMemoryExecutor):
+    task, runner = training(service, executor)
     assert service.pause(task.id).phase == "pausing"
     assert runner.signals == [signal.SIGUSR1]
     sync(service, task)
     assert status(service, task) == "paused"
 
 
-def test_cancel_of_a_runner_that_stops_on_sigterm(service: Service, fake: FakeExecutor, clock: FakeClock):
-    task, runner = training(service, fake)
+def test_cancel_of_a_runner_that_stops_on_sigterm(service: Service, executor: InMemoryExecutor, clock: ManualClock):
+    task, runner = training(service, executor)
     before = clock()
     got = service.cancel(task.id, wait=True)
     assert got.status == "cancelled"
     assert runner.signals == [signal.SIGTERM]
-    assert fake.stops == [(task.id, CANCEL_GRACE_S)]
+    assert executor.stops == [(task.id, CANCEL_GRACE_S)]
     assert clock() == before  # it stopped at once: no grace waited
 
 
-def test_cancel_escalates_to_sigkill_when_sigterm_is_ignored(service: Service, fake: FakeExecutor, clock: FakeClock):
-    task, runner = training(service, fake)
+def test_cancel_escalates_to_sigkill_when_sigterm_is_ignored(
+    service: Service, executor: InMemoryExecutor, clock: ManualClock
+):
+    task, runner = training(service, executor)
     runner.ignore_sigterm()
     before = clock()
     got = service.cancel(task.id, grace=7.0, wait=True)
@@ -131,8 +135,8 @@ def test_cancel_escalates_to_sigkill_when_sigterm_is_ignored(service: Service, f
     assert service.store.history(task.id)[-1]["reason"] == "cancelled on request"
 
 
-def test_a_hung_runner_is_killed_on_cancel(service: Service, fake: FakeExecutor):
-    task, runner = training(service, fake)
+def test_a_hung_runner_is_killed_on_cancel(service: Service, executor: InMemoryExecutor):
+    task, runner = training(service, executor)
     runner.hang()
     assert service.cancel(task.id, grace=1.0, wait=True).status == "cancelled"
     assert runner.signals == [signal.SIGTERM, signal.SIGKILL] and not runner.alive
@@ -141,49 +145,49 @@ def test_a_hung_runner_is_killed_on_cancel(service: Service, fake: FakeExecutor)
 # -- process identity ------------------------------------------------------------
 
 
-def test_a_sigterm_nobody_asked_for_is_an_interruption_resumed(service: Service, fake: FakeExecutor):
-    task, runner = training(service, fake)
+def test_a_sigterm_nobody_asked_for_is_an_interruption_resumed(service: Service, executor: InMemoryExecutor):
+    task, runner = training(service, executor)
     runner.finish(Outcome.INTERRUPTED, "stopped by SIGTERM from outside the studio at step 4/10")
     sync(service, task)
     assert_resumed(service, task, "stopped by SIGTERM from outside the studio at step 4/10")
 
 
-def test_dead_without_a_record_is_interrupted_with_the_reason_and_resumed(service: Service, fake: FakeExecutor):
-    task, runner = training(service, fake)
+def test_dead_without_a_record_is_interrupted_with_the_reason_and_resumed(service: Service, executor: InMemoryExecutor):
+    task, runner = training(service, executor)
     runner.die()
     sync(service, task)
     assert_resumed(service, task, f"{UNEXPECTED} at step 4/10")
 
 
-def test_restarts_run_out_and_the_same_step_twice_fails(tmp_path: Path, fake: FakeExecutor, clock: FakeClock):
-    service = Service(Home(tmp_path / "home"), executor=fake, in_server=True)
+def test_restarts_run_out_and_the_same_step_twice_fails(tmp_path: Path, executor: InMemoryExecutor, clock: ManualClock):
+    service = Service(Home(tmp_path / "home"), executor=executor, in_server=True)
     service.supervisor.clock = clock
-    task = service.submit({"preset": "cpu-demo", "resume": {"max_restarts": 1}}, "fake")
-    fake.runner(task.id).progress(3, 10)
+    task = service.submit({"preset": "cpu-demo", "resume": {"max_restarts": 1}}, "in memory")
+    executor.runner(task.id).progress(3, 10)
     sync(service, task)
-    fake.runner(task.id).die()
+    executor.runner(task.id).die()
     sync(service, task)
     assert service.store.get(task.id).attempt == 2  # restart 1 of 1
-    fake.runner(task.id).progress(6, 10)
+    executor.runner(task.id).progress(6, 10)
     sync(service, task)
-    fake.runner(task.id).die()
+    executor.runner(task.id).die()
     sync(service, task)
     got = service.store.get(task.id)
     assert got.status == "failed" and got.error.startswith("interrupted again; the 1 automatic restart")
     # With restarts left but no progress between two interruptions, it fails too: the run, not the machine.
     retried = service.retry(task.id)
     assert retried.attempt == 3 and retried.restarts == 0
-    fake.runner(task.id).die()  # at step 6 again, before a new step
+    executor.runner(task.id).die()  # at step 6 again, before a new step
     sync(service, task)
     got = service.store.get(task.id)
     assert got.status == "failed" and got.error.startswith("interrupted twice in a row at step 6")
 
 
-def test_resume_auto_off_waits_for_a_person(service: Service, fake: FakeExecutor):
-    task = service.submit({"preset": "cpu-demo", "resume": {"auto": False}}, "fake")
-    fake.runner(task.id).progress(2, 10)
+def test_resume_auto_off_waits_for_a_person(service: Service, executor: InMemoryExecutor):
+    task = service.submit({"preset": "cpu-demo", "resume": {"auto": False}}, "in memory")
+    executor.runner(task.id).progress(2, 10)
     sync(service, task)
-    fake.runner(task.id).die()
+    executor.runner(task.id).die()
     sync(service, task)
     service.supervisor.recover_all()
     got = service.store.get(task.id)
@@ -191,7 +195,7 @@ def test_resume_auto_off_waits_for_a_person(service: Service, fake: FakeExecutor
     assert service.task_json(got)["actions"] == ["retry", "cancel", "delete"]
 
 
-def test_claimed_but_never_launched_is_resumed_after_the_grace(service: Service, clock: FakeClock):
+def test_claimed_but_never_launched_is_resumed_after_the_grace(service: Service, clock: ManualClock):
     # The studio stopped between the claim and the executor's submit: a claimed task, no process.
     task = service.store.create_task(
         name="orphan", model="builtin:tiny", dataset="builtin:sample", config={}, tasks_root=service.home.tasks
@@ -205,9 +209,9 @@ def test_claimed_but_never_launched_is_resumed_after_the_grace(service: Service,
     assert_resumed(service, task, NEVER_STARTED)
 
 
-def test_after_a_reboot_the_task_is_not_adopted(service: Service, fake: FakeExecutor, clock: FakeClock):
-    task, _ = training(service, fake)
-    fake.reboot()
+def test_after_a_reboot_the_task_is_not_adopted(service: Service, executor: InMemoryExecutor, clock: ManualClock):
+    task, _ = training(service, executor)
+    executor.reboot()
     clock.advance(120)
     verdicts = service.supervisor.reconcile_all()  # the studio starts again
     assert [(v.task_id, v.status) for v in verdicts] == [(task.id, "interrupted")]
@@ -218,9 +222,9 @@ def test_after_a_reboot_the_task_is_not_adopted(service: Service, fake: FakeExec
 
 
 def test_alive_with_a_stale_heartbeat_is_shown_stalled_never_moved(
-    service: Service, fake: FakeExecutor, clock: FakeClock
+    service: Service, executor: InMemoryExecutor, clock: ManualClock
 ):
-    task, runner = training(service, fake)
+    task, runner = training(service, executor)
     assert service.task_json(service.get(task.id))["stalled"] is False
     runner.stop_beating()  # a full disk: training goes on, beats do not
     clock.advance(HEARTBEAT_STALLED_S + 1)
@@ -236,8 +240,10 @@ def test_alive_with_a_stale_heartbeat_is_shown_stalled_never_moved(
     assert service.task_json(service.get(task.id))["stalled"] is False
 
 
-def test_unknown_identity_with_a_fresh_heartbeat_is_left_alone(service: Service, fake: FakeExecutor, clock: FakeClock):
-    task, runner = training(service, fake)
+def test_unknown_identity_with_a_fresh_heartbeat_is_left_alone(
+    service: Service, executor: InMemoryExecutor, clock: ManualClock
+):
+    task, runner = training(service, executor)
     runner.hide()
     for _ in range(40):  # 400 s of looks, past the lost threshold, the runner beating between them
         clock.advance(10.0)
@@ -247,9 +253,9 @@ def test_unknown_identity_with_a_fresh_heartbeat_is_left_alone(service: Service,
 
 
 def test_unknown_identity_with_a_lost_heartbeat_is_the_dead_move(
-    service: Service, fake: FakeExecutor, clock: FakeClock
+    service: Service, executor: InMemoryExecutor, clock: ManualClock
 ):
-    task, runner = training(service, fake)
+    task, runner = training(service, executor)
     runner.hide()
     runner.stop_beating()
     clock.advance(HEARTBEAT_LOST_S + 1)
@@ -264,9 +270,9 @@ def test_unknown_identity_with_a_lost_heartbeat_is_the_dead_move(
 
 
 def test_unknown_identity_after_the_laptop_slept_waits_for_the_next_beat(
-    service: Service, fake: FakeExecutor, clock: FakeClock
+    service: Service, executor: InMemoryExecutor, clock: ManualClock
 ):
-    task, runner = training(service, fake)
+    task, runner = training(service, executor)
     runner.hide()
     runner.stop_beating()  # everything sleeps an hour...
     clock.advance(3600)
@@ -280,9 +286,9 @@ def test_unknown_identity_after_the_laptop_slept_waits_for_the_next_beat(
 
 
 def test_unknown_identity_lost_while_cancel_was_asked_ends_cancelled(
-    service: Service, fake: FakeExecutor, clock: FakeClock
+    service: Service, executor: InMemoryExecutor, clock: ManualClock
 ):
-    task, runner = training(service, fake)
+    task, runner = training(service, executor)
     runner.hide()  # so the studio's SIGTERM cannot be sent: it cannot tell the process is its own
     runner.stop_beating()
     service.cancel(task.id, grace=1.0, wait=True)
@@ -293,13 +299,3 @@ def test_unknown_identity_lost_while_cancel_was_asked_ends_cancelled(
     got = service.store.get(task.id)
     assert (got.status, service.store.history(task.id)[-1]["reason"]) == ("cancelled", "cancelled on request")
     assert runner.signals == [signal.SIGKILL]  # no SIGTERM to a process it cannot check; the kill after the grace
-
-
-def test_the_fake_executor_keeps_to_the_protocol() -> None:
-    """The fake is only worth its tests while it takes and returns what the real protocol does."""
-    methods = [(n, m) for n, m in vars(Executor).items() if callable(m) and not n.startswith("_")]
-    assert {n for n, _ in methods} == {"submit", "poll", "signal", "kill_all", "signal_all", "stop", "word"}
-    for name, member in methods:
-        assert inspect.signature(getattr(FakeExecutor, name)) == inspect.signature(member), name
-    fake = FakeExecutor(FakeClock())
-    assert isinstance(fake.name, str) and fake.on_exit is None

@@ -13,7 +13,6 @@ a step, which it reaches every step anyway.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger("ftstudio")
@@ -27,11 +26,10 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim the heap top only past 
 
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc for repeated same-size allocations; False where there is no glibc (nothing changes)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
+        # The symbols already loaded into this process, the C library's among them: no search for it by name
+        # (ctypes.util.find_library runs `ldconfig -p`, a process of its own, at every training start).
+        libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt), or no C library to load
         return False

@@ -1,12 +1,26 @@
-"""In-memory stand-ins for the studio's I/O boundaries, for unit tests (`from fakes import ...`).
+"""An executor without processes, for tests: a testing aid shipped with the package, as httpx ships
+`MockTransport`, so logic above the executor (the store, lifecycle, queue, supervisor, service and the
+HTTP routes) is tested in milliseconds, with no process, no sleep and no wait.
 
-`FakeExecutor` implements the `Executor` protocol without processes: each submit makes a
-`FakeRunner` that writes what the real runner writes into the task dir (launch.json, heartbeat,
-events.jsonl, exit.json), so the real store and supervisor read real files, while the test says
-what the "process" does: finish, die without a record, hang, ignore SIGTERM, stop beating, hide
-its identity. One fake runner stands for the runner and its trainer: SIGUSR1 pauses it (a paused
-exit record), SIGSTOP/SIGCONT to the group sparing the runner freeze and thaw its trainer. `FakeClock` is the time the supervisor reads; advancing it makes live runners beat,
-so a stalled or lost heartbeat is a runner told to stop beating and the clock moved past it.
+`InMemoryExecutor` implements the `Executor` protocol (executor.py). Each `submit` makes an
+`InMemoryRunner` that writes into the task dir what the real runner writes (launch.json, heartbeat,
+events.jsonl, training.log, exit.json), so the real store and supervisor read real files, while the test
+says what the "process" does: report progress, finish, die without a record, hang, ignore SIGTERM, stop
+beating, hide its identity. One in-memory runner stands for the runner and its trainer: SIGTERM stops it
+as cancelled, SIGUSR1 pauses it (a paused exit record), SIGSTOP/SIGCONT to the task's processes but the
+runner freeze and thaw its trainer.
+
+`ManualClock` is the time the runners stamp and the supervisor reads; advancing it makes live runners
+beat, so a stalled or lost heartbeat is a runner told to stop beating and the clock moved past it::
+
+    clock = ManualClock()
+    executor = InMemoryExecutor(clock, on_submit=lambda runner: runner.complete(steps=3))
+    service = Service(home, executor=executor)
+    service.supervisor.clock = clock
+
+`on_submit`, like MockTransport's handler, is called with every new runner: a test that needs every task
+to end the same way says so once. The product never imports this module (import-linter checks it); what
+it stands in for, the real runner's processes, has its own tests with real processes.
 """
 
 from __future__ import annotations
@@ -21,14 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftstudio.errors import LaunchError
-from ftstudio.execution.executor import Launch
+from ftstudio.execution.executor import Executor, Launch
 from ftstudio.execution.facts import Liveness, Outcome, SchedulerWord
 from ftstudio.home import TaskDir, read_json, write_json_atomic
 
-BOOT = "fake-boot-1"
+BOOT = "in-memory-boot-1"
+COMPLETED = "training finished and the adapter was saved"  # the real runner's reason for a clean end
 
 
-class FakeClock:
+class ManualClock:
     """Wall-clock seconds that move only when the test says (`Supervisor(clock=...)`)."""
 
     def __init__(self, start: float | None = None) -> None:
@@ -50,10 +65,10 @@ class FakeClock:
 
 
 @dataclass
-class FakeRunner:
-    """One fake runner process: alive until the test (or a signal) ends it."""
+class InMemoryRunner:
+    """One runner "process" and its trainer: alive until the test (or a signal) ends it."""
 
-    executor: FakeExecutor
+    executor: InMemoryExecutor
     task: TaskDir
     attempt: int
     pid: int
@@ -69,6 +84,7 @@ class FakeRunner:
     """`poll` cannot tell (a permission error, an executor whose pids mean nothing here); signals
     go only to a runner known to be ours, but `kill_all` still reaches it, as a cluster's cancel would."""
     signals: list[int] = field(default_factory=list)
+    """Every signal delivered to it, in order."""
 
     @property
     def task_id(self) -> str:
@@ -76,11 +92,44 @@ class FakeRunner:
 
     # -- what the test makes it do -------------------------------------------
 
-    def progress(self, step: int, total_steps: int) -> None:
-        """Append a progress event, as the trainer would (the first one makes the task training)."""
-        event = {"kind": "progress", "ts": self.executor.clock(), "step": step, "total_steps": total_steps}
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Append an event to events.jsonl as the trainer would, stamped with the clock's time."""
+        event = {"kind": kind, "ts": round(self.executor.clock(), 3), **fields}
         with open(self.task.events, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
+            f.write(json.dumps(event, separators=(",", ":")) + "\n")
+
+    def log(self, text: str) -> None:
+        """Append a line to training.log, where the real runner sends its trainer's output."""
+        with open(self.task.log, "a", encoding="utf-8") as f:
+            f.write(text.rstrip("\n") + "\n")
+
+    def progress(self, step: int, total_steps: int, **fields: Any) -> None:
+        """A progress event (the first one makes the task training)."""
+        self.emit("progress", step=step, total_steps=total_steps, **fields)
+
+    def train(self, steps: int, *, total_steps: int | None = None, start: int = 1) -> None:
+        """Steps `start`..`steps` as the trainer reports them: a progress event (epoch, loss, tokens) and a
+        log line each; `total_steps` defaults to `steps`."""
+        total = total_steps or steps
+        for step in range(start, steps + 1):
+            self.progress(step, total, epoch=step / total, total_epochs=1, loss=2.0 / step, lr=1e-3, tokens=1000 * step)
+            self.log(f"step {step}/{total}")
+
+    def complete(self, steps: int = 0) -> None:
+        """Train `steps` steps (none: only the end), save the adapter and end completed, as a clean run does."""
+        if steps:
+            self.emit("train_begin", total_steps=steps, total_epochs=1)
+            self.train(steps)
+        self.task.adapter.mkdir(exist_ok=True)
+        (self.task.adapter / "adapter_config.json").write_text("{}")
+        if steps:
+            self.emit("train_end", step=steps, total_steps=steps)
+        self.finish(Outcome.COMPLETED, COMPLETED)
+
+    def fail(self, reason: str, exit_code: int = 1) -> None:
+        """End failed the way a trainer that exits non-zero does: an error event, then the runner's record."""
+        self.emit("error", message=reason, error_type="InMemory")
+        self.finish(Outcome.FAILED, reason, exit_code=exit_code)
 
     def finish(self, outcome: Outcome, reason: str = "", *, exit_code: int | None = 0) -> None:
         """End with an exit record, written atomically like the runner's, then exit."""
@@ -114,7 +163,7 @@ class FakeRunner:
         self.hidden = True
 
     def beat(self) -> None:
-        """Touch the heartbeat at the fake clock's time (the supervisor reads its mtime)."""
+        """Touch the heartbeat at the clock's time (the supervisor reads its mtime)."""
         now = self.executor.clock()
         self.task.heartbeat.write_text(f"{now:.3f}\n")
         os.utime(self.task.heartbeat, (now, now))
@@ -142,25 +191,37 @@ class FakeRunner:
             self.executor.on_exit()
 
 
-class FakeExecutor:
-    """The `Executor` protocol in memory; `runner(task_id)` is the task's latest fake runner."""
+class InMemoryExecutor:
+    """The `Executor` protocol in memory; `runner(task_id)` is the task's latest runner."""
 
-    name = "fake"
+    name = "in-memory"
     cluster = ""
 
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
+    def __init__(
+        self, clock: ManualClock | None = None, *, on_submit: Callable[[InMemoryRunner], None] | None = None
+    ) -> None:
+        self.clock = clock or ManualClock()
+        self.on_submit = on_submit
+        """Called with every runner `submit` makes, once its launch.json and first beat are written."""
         self.on_exit: Callable[[], None] | None = None
         self.boot_id = BOOT
-        self.runners: dict[int, FakeRunner] = {}  # by pid
+        self.runners: dict[int, InMemoryRunner] = {}  # by pid
         self.refuse: str | None = None
         """When set, the next submit raises LaunchError with this message."""
         self.stops: list[tuple[str, float]] = []  # (task id, grace) of every `stop`
         self._pids = itertools.count(40_000)
-        clock.listen(self._tick)
+        self.clock.listen(self._tick)
 
-    def runner(self, task_id: str) -> FakeRunner:
-        return [r for r in self.runners.values() if r.task_id == task_id][-1]
+    def runner(self, task_id: str) -> InMemoryRunner:
+        """The task's latest runner (KeyError: none was submitted)."""
+        found = [r for r in self.runners.values() if r.task_id == task_id]
+        if not found:
+            raise KeyError(f"no runner was submitted for task {task_id}")
+        return found[-1]
+
+    def alive(self) -> list[InMemoryRunner]:
+        """The runners not yet ended, in the order they were submitted."""
+        return [r for r in self.runners.values() if r.alive]
 
     def reboot(self) -> None:
         """The machine restarted: every runner is gone without a record, and the boot id changed."""
@@ -180,12 +241,22 @@ class FakeExecutor:
             message, self.refuse = self.refuse, None
             raise LaunchError(message)
         pid, now = next(self._pids), self.clock()
-        runner = FakeRunner(self, task, attempt, pid, now, env=dict(env or {}))
+        runner = InMemoryRunner(self, task, attempt, pid, now, env=dict(env or {}))
         self.runners[pid] = runner
         write_json_atomic(
-            task.launch, {"pid": pid, "start_time": now, "boot_id": self.boot_id, "pgid": pid, "attempt": attempt}
+            task.launch,
+            {
+                "pid": pid,
+                "start_time": now,
+                "boot_id": self.boot_id,
+                "pgid": pid,
+                "attempt": attempt,
+                "started_at": now,
+            },
         )
         runner.beat()
+        if self.on_submit is not None:
+            self.on_submit(runner)
         return Launch(pid, now, self.boot_id, pid)
 
     def word(self, task: TaskDir, launch: Launch) -> SchedulerWord | None:
@@ -231,10 +302,16 @@ class FakeExecutor:
         return count
 
     def stop(self, task: TaskDir, launch: Launch | None, task_id: str, *, grace: float) -> int:
-        """LocalExecutor.stop's escalation, with the grace passed on the fake clock instead of slept."""
+        """LocalExecutor.stop's escalation, with the grace passed on the clock instead of slept."""
         self.stops.append((task_id, grace))
         self.signal(task, launch, signal.SIGTERM)
         if not any(r.task_id == task_id and r.alive for r in self.runners.values()):
             return 0
         self.clock.advance(grace)
         return self.kill_all(task_id)
+
+
+def _keeps_to_the_protocol(executor: InMemoryExecutor) -> Executor:
+    """Never called: mypy checks here that an InMemoryExecutor is an `Executor` (tests/test_inmemory.py checks
+    the signatures at run time)."""
+    return executor
