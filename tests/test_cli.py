@@ -103,6 +103,7 @@ def test_studio_lifecycle_commands(home):
     assert run_cli(home, "studio", "stop").stdout.strip() == "studio is not running"
 
 
+@pytest.mark.process
 def test_a_reader_that_stops_early_ends_the_command_quietly(home):
     task_id = run_cli(home, "submit", "--name", "scripted steps=1", scripted=True).stdout.strip()
     wait_for(lambda: cli_json(home, "show", task_id)["status"] == "completed", what="completed")

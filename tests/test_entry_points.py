@@ -20,7 +20,7 @@ ENTRY_POINTS = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.parametrize(("module", "usage"), ENTRY_POINTS)
 def test_every_recorded_entry_point_still_runs(module: str, usage: str) -> None:
     args = [] if module == "ftstudio.node" else ["--help"]  # the node launcher has no --help: no args shows usage

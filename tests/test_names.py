@@ -72,6 +72,7 @@ def test_studio_log_lines_escape_what_they_quote():
     assert clean(line) and "\\x1b]0;pwned\\x07" in line and "\n" not in line
 
 
+@pytest.mark.process
 def test_logs_print_the_trainers_output_as_text(home):
     task_id = run_cli(home, "submit", "--name", "scripted steps=1", scripted=True).stdout.strip()
     wait_for(lambda: cli_json(home, "show", task_id)["status"] == "completed", what="completed")
