@@ -281,12 +281,20 @@ def create_app(
     @app.post("/api/tasks/{task_id}/chat")
     def task_chat(task_id: str, body: Annotated[dict[str, Any], Body(examples=[CHAT_EXAMPLE])]) -> StreamingResponse:
         """Chat with the task's adapter (or a checkpoint): the reply streamed as server-sent events
-        (`worker`, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or `error`). Refused with
+        (`worker` {device, reply}, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or
+        `error`); `reply` is the number that `chat/stop` takes. Refused with
         409 and code `chat_waits_for_training` while training holds every GPU and slot, unless the request
         says `beside_training`."""
         # Refused here, before any stream: no weights (404), a busy worker or training's place (409).
         reply = service.chat(task_id, parse_request(body))
         return EventStream(_chat_stream(reply), on_close=reply.cancel)
+
+    @app.post("/api/tasks/{task_id}/chat/stop")
+    def task_chat_stop(task_id: str, reply: int = Query(ge=1, le=SEQ_MAX)) -> dict[str, bool]:
+        """Stop a reply of the task's chat: `reply` is the number its `worker` event gave. `stopped` is
+        false when it had already ended. The page says this on *Stop* before it sends anything else, so
+        that its next message waits for the stopped reply to wind down and is never refused for it."""
+        return {"stopped": service.stop_chat(task_id, reply)}
 
     @app.get("/api/tasks/{task_id}/artifacts")
     def task_artifacts(task_id: str) -> dict[str, Any]:
