@@ -8,6 +8,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -338,7 +339,7 @@ def drop_a_long_reply(studio: Studio, task_id: str) -> None:
         first_tokens(r)
 
 
-@pytest.mark.timeout(120 + 30 * STOP_ROUNDS)
+@pytest.mark.timeout(120 + 60 * STOP_ROUNDS)
 def test_a_reply_dropped_mid_way_ends_in_the_worker_and_the_next_message_is_answered_every_time(
     studio: Studio, trained: tuple[Path, str]
 ) -> None:
@@ -354,9 +355,34 @@ def test_a_reply_dropped_mid_way_ends_in_the_worker_and_the_next_message_is_answ
         again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # a 409 fails here, with its reason
         took = time.monotonic() - started
         assert again[-1][0] == "end", (i, again[-2:])
-        assert took < 20, f"round {i + 1}: {took:.1f} s, as if the dropped reply had run on"
+        assert took < 60, f"round {i + 1}: {took:.1f} s, as if the dropped reply had run on"
     # Each dropped reply was ended by the worker when told to stop: none had to be killed.
     assert [p.pid for p in workers(studio.home)] == [worker.pid]
+
+
+def test_stop_names_the_reply_and_the_next_message_is_answered_while_its_connection_is_still_open(
+    studio: Studio, trained: tuple[Path, str]
+) -> None:
+    """The page's Stop says which reply to stop before its next message: a closed connection may reach the
+    studio only later (Chromium drains an aborted response for up to 5 s; on a loaded machine the studio
+    saw it 19 s after Stop), and the next message must not wait for a reply nobody had stopped."""
+    _, tid = trained
+    url = f"{studio.url}/api/tasks/{tid}/chat"
+    chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
+    with httpx.stream("POST", url, json=LONG, headers=studio.auth, timeout=120) as long:
+        lines = long.iter_lines()
+        assert next(lines) == "event: worker"
+        number = json.loads(next(lines).removeprefix("data: "))["reply"]
+        assert "event: token" in lines  # reads up to the first token: the reply is under way
+        stop = studio.http.post(f"/api/tasks/{tid}/chat/stop", params={"reply": number})
+        assert stop.json() == {"stopped": True}
+        again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # the long one's connection is still open
+        assert again[-1][0] == "end" and again[0][1]["reply"] == number + 1, again[-2:]
+        assert "event: end" not in list(lines)  # the stopped reply's stream ends without one
+    # A reply that has ended is not stopped again, nor one of another task; a task that is not there is a 404.
+    assert studio.http.post(f"/api/tasks/{tid}/chat/stop", params={"reply": number}).json() == {"stopped": False}
+    assert studio.http.post("/api/tasks/20990101-0000-ffffff/chat/stop", params={"reply": 1}).status_code == 404
+    assert studio.http.post(f"/api/tasks/{tid}/chat/stop", params={"reply": 0}).status_code == 422
 
 
 def test_a_message_whose_page_went_away_while_it_waited_its_turn_is_not_answered_for_nobody(
@@ -369,13 +395,21 @@ def test_a_message_whose_page_went_away_while_it_waited_its_turn_is_not_answered
     chat(studio, tid, {**say("hi"), "max_new_tokens": 2})  # loaded
     with httpx.stream("POST", url, json=LONG, headers=studio.auth, timeout=120) as first:
         first_tokens(first)
-        # The second waits for its turn behind the first; its client gives up and closes the connection.
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json=LONG, headers=studio.auth, timeout=httpx.Timeout(30, read=1.0))
+        # The second waits for its turn behind the first (unless that one ended by itself meanwhile); its
+        # client closes the connection a second later, whatever it got by then.
+        body = json.dumps(LONG).encode()
+        with socket.create_connection(("127.0.0.1", studio.port)) as second:
+            second.sendall(
+                f"POST /api/tasks/{tid}/chat HTTP/1.1\r\nHost: 127.0.0.1:{studio.port}\r\n"
+                f"Authorization: Bearer {studio.token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(1)
     started = time.monotonic()  # the first is dropped now too: both are to be stopped
     again = chat(studio, tid, {**say("hi"), "max_new_tokens": 2})
     assert again[-1][0] == "end", again[-2:]
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60
 
 
 def test_the_model_is_unloaded_after_the_idle_time(studio: Studio, trained: tuple[Path, str]) -> None:

@@ -292,7 +292,10 @@ class ChatReply:
     """One reply as it streams: iterate it for the events, or take them in batches; `cancel()` (any
     thread) stops it."""
 
-    def __init__(self) -> None:
+    def __init__(self, number: int = 0, task: str = "") -> None:
+        self.number = number
+        """Which reply of this worker's it is: its `worker` event says it, and `ChatWorker.stop` takes it."""
+        self.task = task
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancelled = threading.Event()
         self._ended = False
@@ -501,9 +504,9 @@ class ChatWorker:
     def chat(
         self, req: ChatRequest, *, base: str, weights: Path, trust_remote_code: bool = False, task_id: str = ""
     ) -> ChatReply:
-        """Start answering `req`; the reply's events come from iterating the result (`worker`, `loading`,
-        `ready`, `token`, `done`, then `end` or `error`). ChatBusy at once when another message is being
-        answered (after BUSY_WAIT_S).
+        """Start answering `req`; the reply's events come from iterating the result (`worker` {device,
+        reply}, `loading`, `ready`, `token`, `done`, then `end` or `error`). ChatBusy when another message
+        is still being answered after BUSY_WAIT_S.
 
         The reply is pumped by a thread of its own, which holds the worker until the reply has ended or
         was stopped: a reader that goes away (a closed page, Ctrl-C) only has to `cancel()`, from any
@@ -523,11 +526,12 @@ class ChatWorker:
         except BaseException:
             self._lock.release()
             raise
-        reply = self._answering = ChatReply()
+        self._next += 1
+        reply = self._answering = ChatReply(self._next, task_id)
 
         def pump() -> None:
             try:
-                for event in self._chat(req, placement, base, weights, trust_remote_code, reply.cancelled, task_id):
+                for event in self._chat(req, placement, base, weights, trust_remote_code, reply, task_id):
                     reply.events.put(event)
             except Exception as e:  # the worker's pipes, not the reply's words: say it and end the reply
                 log.exception("chat reply failed")
@@ -539,6 +543,17 @@ class ChatWorker:
 
         threading.Thread(target=pump, daemon=True, name="chat-reply").start()
         return reply
+
+    def stop(self, number: int, task_id: str) -> bool:
+        """Stop reply `number` of task `task_id` if it is still being answered (False: it had ended). A
+        page's Stop says this before its next message is sent: a closed connection alone may reach the
+        studio only after that message (seconds later on a loaded machine, after Chromium has drained
+        the response for a while), which would then wait for a reply nobody had stopped (issue 20)."""
+        reply = self._answering
+        if reply is None or reply.number != number or reply.task != task_id:
+            return False
+        reply.cancel()
+        return True
 
     def _take_turn(self) -> bool:
         """Wait for the reply before this message to end; False: it is still being answered for someone
@@ -558,7 +573,7 @@ class ChatWorker:
         base: str,
         weights: Path,
         trust: bool,
-        cancelled: threading.Event,
+        reply: ChatReply,
         task: str = "",
     ) -> Generator[dict[str, Any], None, None]:
         try:
@@ -566,8 +581,7 @@ class ChatWorker:
         except _Taken as taken:
             yield {"event": "error", "message": _yielded(taken.task_id, placement), "code": ChatWaits.code}
             return
-        self._next += 1
-        rid = self._next
+        rid, cancelled = reply.number, reply.cancelled  # the worker's id for the request: the reply's number
         ended = False
         message = {
             "op": "generate", "id": rid, "base": base, "weights": str(weights), "trust_remote_code": trust,
@@ -576,7 +590,7 @@ class ChatWorker:
         }  # fmt: skip
         try:
             self._send(running, message)
-            yield {"event": "worker", "device": running.placement.device}
+            yield {"event": "worker", "device": running.placement.device, "reply": rid}
             loaded = False
             quiet_since = time.monotonic()
             while not cancelled.is_set():

@@ -353,6 +353,11 @@ class Service:
             req, base=base, weights=weights, trust_remote_code=bool(model.get("trust_remote_code")), task_id=task.id
         )
 
+    def stop_chat(self, task_id: str, reply: int) -> bool:
+        """Stop the task's chat reply `reply` (its `worker` event's number); False when it had ended."""
+        self.get(task_id)  # NotFound for a task that is not there
+        return self._chat is not None and self._chat.stop(reply, task_id)
+
     # -- reading -------------------------------------------------------------
 
     def get(self, task_id: str) -> Task:

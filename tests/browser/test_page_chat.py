@@ -132,10 +132,12 @@ def trained(tmp_path: Path) -> Iterator[tuple[LiveStudio, str]]:
         end_processes(task_processes(home))
 
 
-@pytest.mark.timeout(120 + 30 * STOP_ROUNDS)
+@pytest.mark.timeout(300 + 60 * STOP_ROUNDS)
 def test_after_stop_the_next_message_is_answered_every_time(trained: tuple[LiveStudio, str], page: Any) -> None:
     """Issue 20: Stop on a long reply, then a new message, again and again. The stopped reply used to go on
     in the worker, unread, and the next message was refused after 30 s ("answering another message")."""
+    # On a loaded 2-core machine a round takes up to half a minute (the worker runs at a lower priority
+    # than the load), whence the generous limits; what must never happen is an error.
     studio, task_id = trained
     page.goto(studio.page_url(f"#/tasks/{task_id}"))
     page.locator("#try-it").wait_for(state="visible")
@@ -168,9 +170,9 @@ def test_after_stop_the_next_message_is_answered_every_time(trained: tuple[LiveS
         page.fill("#chat-input", f"Short, please ({tries})")
         sent = time.monotonic()
         page.click("#chat-send")
-        # Answered in full, and not after the minute the stopped reply's 4000 tokens would have taken.
+        # Answered in full: a stopped reply that ran on would have it refused after 30 s (an error below).
         page.wait_for_function(
-            f"document.querySelectorAll('#chat-log .chat-reply[data-done]').length === {replies + 2}", timeout=60_000
+            f"document.querySelectorAll('#chat-log .chat-reply[data-done]').length === {replies + 2}", timeout=180_000
         )
         waits.append(time.monotonic() - sent)
         last = page.locator("#chat-log .chat-reply").last

@@ -7,12 +7,13 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ftstudio import taskfiles
 from ftstudio.chat.process import ChatReply
+from ftstudio.web.api_input import SEQ_MAX
 from ftstudio.web.context import ServiceDep
 from ftstudio.web.eventstream import EventStream
 
@@ -40,7 +41,8 @@ def task_chat(
     task_id: str, service: ServiceDep, body: Annotated[dict[str, Any], Body(examples=[CHAT_EXAMPLE])]
 ) -> EventStream:
     """Chat with the task's adapter (or a checkpoint): the reply streamed as server-sent events
-    (`worker`, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or `error`). Refused with
+    (`worker` {device, reply}, `loading`, `ready`, `token` {who, text}, `done` {who}, then `end` or
+    `error`); `reply` is the number that `chat/stop` takes. Refused with
     409 and code `chat_waits_for_training` while training holds every GPU and slot, unless the request
     says `beside_training`."""
     # Refused here, before any stream: no weights (404), a busy worker or training's place (409).
@@ -59,6 +61,16 @@ async def _chat_stream(reply: ChatReply) -> AsyncGenerator[str, None]:
 
     while (batch := await run_in_threadpool(reply.next_batch)) is not None:
         yield "".join(sse(event) for event in batch)
+
+
+@router.post("/tasks/{task_id}/chat/stop")
+def task_chat_stop(
+    task_id: str, service: ServiceDep, reply: Annotated[int, Query(ge=1, le=SEQ_MAX)]
+) -> dict[str, bool]:
+    """Stop a reply of the task's chat: `reply` is the number its `worker` event gave. `stopped` is
+    false when it had already ended. The page says this on *Stop* before it sends anything else, so
+    that its next message waits for the stopped reply to wind down and is never refused for it."""
+    return {"stopped": service.stop_chat(task_id, reply)}
 
 
 @router.get("/tasks/{task_id}/artifacts")

@@ -140,6 +140,7 @@ export class ChatPanel {
     this.stop.hidden = false;
     this.status.textContent = "Sending…";
     let finished = false;
+    let number = 0; // which reply of the studio's chat this is (its first event says), for Stop
     try {
       const res = await fetch(taskUrl(this.taskId, "/chat"), {
         method: "POST",
@@ -169,7 +170,8 @@ export class ChatPanel {
         throw Object.assign(new ApiError(res.status, detail), { code });
       }
       for await (const { event, data } of sseEvents(res)) {
-        if (event === "loading") this.status.textContent = "Loading the model (the first message takes longest)…";
+        if (event === "worker") number = data.reply || 0;
+        else if (event === "loading") this.status.textContent = "Loading the model (the first message takes longest)…";
         else if (event === "ready") this.status.textContent = `Answering with ${data.weights === "adapter" ? "the adapter" : data.weights.replace("-", " ")}…`;
         else if (event === "token") {
           // Follow the reply down, unless the person scrolled up to read.
@@ -183,8 +185,13 @@ export class ChatPanel {
       this.status.textContent = finished ? "" : "The reply ended early.";
       if (finished) this.history = [...messages, { role: "assistant", content: columns.adapter.textContent }];
     } catch (err) {
-      if (err.name === "AbortError") this.status.textContent = "Stopped.";
-      else {
+      if (err.name === "AbortError") {
+        // Tell the studio before Send is back: the closed connection alone may reach it only after the
+        // next message, which would then wait behind a reply nobody had stopped.
+        this.status.textContent = "Stopping…";
+        if (number) await api(taskUrl(this.taskId, `/chat/stop?reply=${number}`), { method: "POST" }).catch(() => {});
+        this.status.textContent = "Stopped.";
+      } else {
         this.status.textContent = "";
         // A refused or failed message shows its reason alone: a box that got no words (the "Fine-tuned"
         // made ready before the studio answered) would read as an empty answer.
