@@ -348,6 +348,7 @@ def test_tensorboard_reporting_writes_the_loss_beside_the_task(tmp_path: Path, m
 
 
 @pytest.mark.slow
+@pytest.mark.process  # torch.compile (inductor) starts compiler processes
 def test_compile_with_packing_trains_and_the_adapter_loads(tmp_path: Path) -> None:
     """torch.compile for real (inductor builds C++ kernels): one shape, finite losses, a usable adapter."""
     from ftstudio.training.adapters import generate
@@ -361,6 +362,7 @@ def test_compile_with_packing_trains_and_the_adapter_loads(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.process  # torch.compile (inductor) starts compiler processes
 def test_compile_with_length_grouping_compiles_once_for_every_length(tmp_path: Path, monkeypatch) -> None:
     """Without packing, batches change shape every step: one compile for dynamic shapes serves them
     all (a recompile would raise here), and the run trains as usual."""

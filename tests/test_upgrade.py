@@ -173,6 +173,8 @@ def studios():
         s.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.timeout(900)  # ~2-3 min on an idle 2-core machine; torch slows many-fold when the cores are shared
 def test_an_upgrade_mid_fine_tune_reattaches_pauses_resumes_and_keeps_every_record(home, tmp_path, studios):
     old = extract_old_release(tmp_path / "old")
