@@ -61,6 +61,22 @@ def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+TRAINERS = ("ftstudio.train", "paced_trainer")
+"""The module names a trainer runs as (`python -m NAME`): the product's, and the tests' paced one."""
+
+
+def is_trainer(cmdline: list[str]) -> bool:
+    """A trainer process (a torchrun rank included), by its command line; not torchrun's agent, nor the
+    runner (whose command line names the trainer module it starts)."""
+    return any(name in cmdline for name in TRAINERS) and not {"torch.distributed.run", "ftstudio.runner"} & set(cmdline)
+
+
+def paced(**extra: str) -> dict[str, str]:
+    """Environment for a studio whose trainers are the real one with a floor on each step's length
+    (tests/scripted/paced_trainer.py): for tests that act on a run midway."""
+    return {"FTSTUDIO_TRAINER_MODULE": "paced_trainer", **extra}
+
+
 def home_env(home: Path, *, scripted: bool = False, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTSTUDIO_")}
     env["FTSTUDIO_HOME"] = str(home)

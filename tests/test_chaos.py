@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 import pytest
-from support import Studio, home_env, wait_for
+from support import Studio, home_env, is_trainer, paced, wait_for
 
 from ftstudio import checkpoints
 from ftstudio.execution.procs import TASK_ENV, tagged
@@ -153,9 +153,7 @@ class Watch:
         for proc in psutil.process_iter(["cmdline"]):
             try:
                 cmd = proc.info["cmdline"] or []
-                if "torch.distributed.run" in cmd:
-                    continue
-                kind = runners if "ftstudio.runner" in cmd else trainers if "ftstudio.train" in cmd else None
+                kind = runners if "ftstudio.runner" in cmd else trainers if is_trainer(cmd) else None
                 if kind is None or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
                 env = proc.environ()
@@ -204,7 +202,7 @@ class Chaos:
         if "--slots" in self.flags:
             # Two trainers at once on two cores: one thread each, not two each fighting for both cores.
             extra["OMP_NUM_THREADS"] = "1"
-        s = Studio(self.home, home_env(self.home, **extra))
+        s = Studio(self.home, home_env(self.home, **paced(**extra)))
         self.studios.append(s)
         return s
 
@@ -502,7 +500,7 @@ def test_one_torchrun_rank_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -
     chaos.start()
     tid = chaos.submit(processes=2)
     chaos.wait_step(tid, EVERY + 2)
-    ranks = [p for p in tagged(tid) if "ftstudio.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+    ranks = [p for p in tagged(tid) if is_trainer(p.cmdline())]
     assert len(ranks) == 2, ranks
     chaos.kill(next(p for p in ranks if p.environ().get("RANK") == "1"))
     done = chaos.verify()[tid]

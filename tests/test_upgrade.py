@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 from slurm_cluster import in_ci
-from support import ROOT, Studio, cli_json, home_env, run_cli, wait_for
+from support import ROOT, SCRIPTED, Studio, cli_json, home_env, is_trainer, paced, run_cli, wait_for
 
 from ftstudio import checkpoints
 from ftstudio.execution.procs import tagged
@@ -91,7 +91,7 @@ def processes(tid, attempt):
     """The runner of the task and the trainer of one attempt, by the task's process tag (the runner carries
     the task's; the trainer also its attempt's, which the runner sets)."""
     runners = [p for p in tagged(tid) if "ftstudio.runner" in p.cmdline()]
-    trainers = [p for p in tagged(tid, attempt) if "ftstudio.train" in p.cmdline()]
+    trainers = [p for p in tagged(tid, attempt) if is_trainer(p.cmdline())]
     return runners, trainers
 
 
@@ -178,8 +178,11 @@ def studios():
 @pytest.mark.timeout(900)  # ~2-3 min on an idle 2-core machine; torch slows many-fold when the cores are shared
 def test_an_upgrade_mid_fine_tune_reattaches_pauses_resumes_and_keeps_every_record(home, tmp_path, studios):
     old = extract_old_release(tmp_path / "old")
-    old_env = home_env(home, PYTHONPATH=str(old))
-    new_env = home_env(home)
+    # Both releases' trainers with a floor on each step: the steps below act on the run midway, and on a
+    # fast machine 40 steps of builtin:tiny end in the time it takes to restart a studio.
+    pace = paced(FTSTUDIO_TEST_PACE_S="0.3")
+    old_env = home_env(home, PYTHONPATH=os.pathsep.join([str(old), str(SCRIPTED)]), **pace)
+    new_env = home_env(home, **pace)
     elsewhere = tmp_path / "cwd"  # the new studio runs in a neutral folder: it imports the installed package
     elsewhere.mkdir()
     assert package_of(old_env, old) == old / "ftstudio"
