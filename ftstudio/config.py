@@ -160,7 +160,9 @@ class ResumeConfig:
     auto: bool = True
     """After a crash, reboot or shutdown, resume by itself from the newest complete checkpoint."""
     max_restarts: int = bounded(3, 0, 1000)
-    """Automatic restarts allowed (a retry by hand counts from none again); past them the task fails."""
+    """Automatic restarts after failures of the run itself (a crashed or OOM-killed trainer; a retry by hand
+    counts from none again); past them the task fails. What the machine does (reboots, shutdowns,
+    preemptions) is never counted."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ftstudio.errors import IllegalTransition
-from ftstudio.execution.facts import ExitRecord, Liveness, Outcome, SchedulerWord
+from ftstudio.execution.facts import Cause, ExitRecord, Liveness, Outcome, SchedulerWord
 from ftstudio.execution.runner import HEARTBEAT_S
 from ftstudio.studio import lifecycle
 from ftstudio.studio.lifecycle import (
@@ -590,6 +590,63 @@ def test_recover(name: str, r: Recovery, dst: S | None, reason: str) -> None:
     for status in S:
         if status != S.INTERRUPTED:
             assert lifecycle.recover(status, r) is None  # only an interrupted task is recovered
+
+
+MACHINE = "resuming by itself after an interruption by the machine (not counted against resume.max_restarts)"
+
+
+@pytest.mark.parametrize(
+    ("name", "r", "reason"),
+    [
+        ("a reboot, restarts used up", Recovery(cause=Cause.MACHINE, restarts=3, attempt=4), f"{MACHINE}; attempt 5 starts from the beginning"),
+        ("no restarts allowed", Recovery(cause=Cause.MACHINE, max_restarts=0, checkpoint_step=10), f"{MACHINE}; attempt 2 continues from step 10"),
+        ("the same step as the run's last failure", Recovery(cause=Cause.MACHINE, restarts=1, attempt=2, end_steps=(27, 27)), f"{MACHINE}; attempt 3 starts from the beginning"),
+        ("one stalled attempt", Recovery(cause=Cause.MACHINE, stalled=1, since_end_s=0.0), f"{MACHINE}; attempt 2 starts from the beginning"),
+        ("three stalled, waited", Recovery(cause=Cause.MACHINE, stalled=3, since_end_s=31.0), f"{MACHINE}; waited 30s, as the machine stopped 3 attempts in a row before they progressed; attempt 2 starts from the beginning"),
+    ],
+)  # fmt: skip
+def test_what_the_machine_does_is_resumed_and_not_counted(name: str, r: Recovery, reason: str) -> None:
+    move = lifecycle.recover(S.INTERRUPTED, r)
+    assert move is not None and (move.dst, move.reason) == (S.QUEUED, reason), name
+    assert "restarts" not in move.fields, name  # the run's budget is untouched
+
+
+@pytest.mark.parametrize(("stalled", "wait"), [(0, 0), (1, 0), (2, 15), (3, 30), (6, 300), (7, 600), (50, 600)])
+def test_attempts_the_machine_keeps_stopping_wait_longer_and_never_fail(stalled: int, wait: float) -> None:
+    assert lifecycle.machine_wait_s(stalled) == wait
+    if wait:
+        early = Recovery(cause=Cause.MACHINE, stalled=stalled, since_end_s=wait - 1)
+        assert lifecycle.recover(S.INTERRUPTED, early) is None  # waits: neither requeued nor failed
+        unknown = Recovery(cause=Cause.MACHINE, stalled=stalled, since_end_s=None)
+        assert lifecycle.recover(S.INTERRUPTED, unknown) is None
+    late = lifecycle.recover(S.INTERRUPTED, Recovery(cause=Cause.MACHINE, stalled=stalled, since_end_s=wait))
+    assert late is not None and late.dst == S.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("record", "cause"),
+    [
+        ({"outcome": "interrupted", "reason": "stopped by SIGTERM from outside the studio", "cause": "machine"}, Cause.MACHINE),
+        ({"outcome": "interrupted", "reason": "the training process was killed by SIGKILL", "cause": "run"}, Cause.RUN),
+        # Runners from before causes were written: told by their wording.
+        ({"outcome": "interrupted", "reason": "the training process was killed by SIGKILL (often ...)"}, Cause.RUN),
+        ({"outcome": "interrupted", "reason": "training process rank 1 of 2 was killed by a signal"}, Cause.RUN),
+        ({"outcome": "interrupted", "reason": "stopped by SIGTERM from outside the studio at step 3"}, Cause.MACHINE),
+        ({"outcome": "cancelled", "reason": "stopped on request (SIGTERM)"}, Cause.MACHINE),
+        ({"outcome": "interrupted", "reason": "x", "cause": "the moon"}, Cause.MACHINE),
+    ],
+)  # fmt: skip
+def test_an_exit_records_cause_decides_what_the_interruption_counts_as(record: dict[str, str], cause: Cause) -> None:
+    parsed = ExitRecord.from_json(record)
+    assert parsed.cause == cause
+    move = lifecycle.decide(lifecycle.Facts(S.TRAINING, exit=parsed))
+    assert move is not None and move.dst == S.INTERRUPTED and move.cause == cause
+
+
+def test_a_runner_gone_without_a_record_is_the_machines_doing() -> None:
+    for liveness in (Liveness.DEAD, Liveness.REBOOTED, Liveness.REUSED):
+        move = lifecycle.decide(lifecycle.Facts(S.TRAINING, liveness=liveness, step=3))
+        assert move is not None and (move.dst, move.cause) == (S.INTERRUPTED, Cause.MACHINE), liveness
 
 
 def test_a_retry_by_hand_counts_restarts_from_none() -> None:

@@ -189,7 +189,7 @@ def test_a_rank_killed_without_a_word_interrupts_the_run(tmp_path):
 
     task = _ranked_task(tmp_path, {"peer_lost": True})
     record = distributed_outcome(task, 0, 2)
-    assert record["outcome"] == "interrupted"
+    assert (record["outcome"], record["cause"]) == ("interrupted", "run")  # counted against resume.max_restarts
     assert record["reason"].startswith("training process rank 1 of 2 was killed by a signal nobody here sent")
     assert "at step 7" in record["reason"] and "starts from the beginning" in record["reason"]
 
@@ -210,7 +210,7 @@ def test_every_rank_losing_the_others_is_an_interruption_and_no_rank_is_blamed(t
     lost = {"message": "lost its peer", "error_type": "RuntimeError", "peer_lost": True}
     task = _ranked_task(tmp_path, {"peer_lost": True}, **{"rank-1": lost})
     record = distributed_outcome(task, 0, 2)
-    assert record["outcome"] == "interrupted"
+    assert (record["outcome"], record["cause"]) == ("interrupted", "machine")
     assert record["reason"].startswith("the 2 training processes lost contact with each other at step 7")
 
 
@@ -249,6 +249,7 @@ def test_slurms_warning_is_named_as_such_and_a_shutdown_as_before(tmp_path, monk
         "stopped by SIGUSR1 from outside the studio (Slurm's warning before the job's time limit or a preemption) "
         "at step 9/30 after saving checkpoint-9; it resumes from there"
     )
+    assert interrupted_record(signal.SIGTERM, task, suspended, None)["cause"] == "machine"
     termed = interrupted_record(signal.SIGTERM, task, suspended, None)["reason"]
     assert termed.startswith("stopped by SIGTERM from outside the studio (a shutdown, docker stop or a scheduler)")
     monkeypatch.delenv("SLURM_JOB_ID")

@@ -210,7 +210,7 @@ def test_a_claim_takes_the_task_and_its_leases_in_one_transaction(store, tmp_pat
     assert store.get(a.id).status == S.PREPARING and store.leases_of(a.id) == ["gpu:0", "gpu:1"]
     assert store.attempts(a.id) == [
         {"attempt": 1, "started_at": store.get(a.id).started_at, "ended_at": None, "end_reason": None,
-         "resumed_from_step": None, "end_step": None}
+         "end_cause": None, "resumed_from_step": None, "end_step": None}
     ]  # fmt: skip
     # The GPU went to `a` after `b`'s plan was made: b's claim changes nothing, not even its status.
     with pytest.raises(LostRace, match="gpu:1 was taken by task"):
@@ -273,7 +273,7 @@ def test_a_version_1_home_is_migrated_with_its_tasks(tmp_path):
     conn.commit()
     conn.close()
     store = Store(tmp_path / "old.db")
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 5
     task = store.get("20261101-0000-aaaaaaaa")
     assert task.status == "training" and task.priority == 0 and task.frozen_at is None
     assert store.leases() == [] and store.attempts(task.id) == []
@@ -287,7 +287,7 @@ def test_a_resumed_attempt_replaces_the_steps_past_its_checkpoint(store, tmp_pat
     store.apply(a.id, lifecycle.training_began(S.PREPARING))
     store.apply(a.id, lifecycle.decide(lifecycle.Facts(S.TRAINING, liveness=facts.Liveness.DEAD, step=7)))
     [ended] = store.attempts(a.id)
-    assert ended["end_step"] == 7
+    assert (ended["end_step"], ended["end_cause"]) == (7, "machine")  # its runner vanished: not the run's doing
     store.apply(a.id, lifecycle.recover(S.INTERRUPTED, lifecycle.Recovery(checkpoint_step=5, end_steps=(7,))))
     store.claim(a.id, lifecycle.claim(), Grant(a.id, ("slot:0",)), resumed_from_step=5)
     # Steps 6 and 7 will be done again by attempt 2: the dead attempt's records of them are gone.

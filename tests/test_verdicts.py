@@ -7,6 +7,7 @@ The real LocalExecutor plays the same scenarios with real processes in test_supe
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -65,19 +66,29 @@ def status(service: Service, task: Task) -> str:
     return service.store.get(task.id).status
 
 
-def assert_resumed(service: Service, task: Task, reason: str) -> None:
-    """Interrupted with `reason`, then back through the queue as attempt 2 (the in-memory executor starts it)."""
+MACHINE_RESUMED = (
+    "resuming by itself after an interruption by the machine (not counted against resume.max_restarts);"
+    " attempt 2 starts from the beginning"
+)
+RUN_RESUMED = "resuming by itself (restart 1 of 3); attempt 2 starts from the beginning"
+
+
+def assert_resumed(service: Service, task: Task, reason: str, cause: str = "machine") -> None:
+    """Interrupted with `reason`, then back through the queue as attempt 2 (the in-memory executor starts it);
+    counted against resume.max_restarts only when the run itself (`cause`), not the machine, stopped it."""
     got = service.store.get(task.id)
     assert got.attempt == 2 and got.status == "preparing" and got.error is None
+    assert got.restarts == (1 if cause == "run" else 0)
     moves = [(h["dst"], h["reason"]) for h in service.store.history(task.id)]
     assert moves[-3:] == [
         ("interrupted", reason),
-        ("queued", "resuming by itself (restart 1 of 3); attempt 2 starts from the beginning"),
+        ("queued", RUN_RESUMED if cause == "run" else MACHINE_RESUMED),
         ("preparing", "launching"),
     ]
     first = [a for a in service.store.attempts(task.id) if a["attempt"] == 1]
     if first:  # (a task claimed by hand in a test has no record of attempt 1)
         assert first[0]["end_reason"] == reason and first[0]["ended_at"] is not None
+        assert first[0]["end_cause"] == cause
 
 
 # -- exit records ----------------------------------------------------------------
@@ -165,22 +176,64 @@ def test_restarts_run_out_and_the_same_step_twice_fails(tmp_path: Path, executor
     task = service.submit({"preset": "cpu-demo", "resume": {"max_restarts": 1}}, "in memory")
     executor.runner(task.id).progress(3, 10)
     sync(service, task)
-    executor.runner(task.id).die()
+    executor.runner(task.id).trainer_killed()
     sync(service, task)
     assert service.store.get(task.id).attempt == 2  # restart 1 of 1
     executor.runner(task.id).progress(6, 10)
     sync(service, task)
-    executor.runner(task.id).die()
+    executor.runner(task.id).trainer_killed()
     sync(service, task)
     got = service.store.get(task.id)
     assert got.status == "failed" and got.error.startswith("interrupted again; the 1 automatic restart")
     # With restarts left but no progress between two interruptions, it fails too: the run, not the machine.
     retried = service.retry(task.id)
     assert retried.attempt == 3 and retried.restarts == 0
-    executor.runner(task.id).die()  # at step 6 again, before a new step
+    executor.runner(task.id).trainer_killed()  # at step 6 again, before a new step
     sync(service, task)
     got = service.store.get(task.id)
     assert got.status == "failed" and got.error.startswith("interrupted twice in a row at step 6")
+
+
+def test_what_the_machine_does_never_fails_a_run(tmp_path: Path, executor: InMemoryExecutor, clock: ManualClock):
+    """Ten machine faults in a row (runners gone: a reboot, a kill from outside; a shutdown's SIGTERM), most
+    before the attempt made a step: never failed, never counted; it waits longer while attempts stall."""
+    service = Service(Home(tmp_path / "home"), executor=executor, in_server=True)
+    service.supervisor.clock = clock
+    task = service.submit({"preset": "cpu-demo", "resume": {"max_restarts": 1}}, "in memory")
+    executor.runner(task.id).progress(3, 10)
+    sync(service, task)
+    waited = []
+    for fault in range(10):
+        runner = executor.runner(task.id)
+        if fault % 3 == 2:
+            runner.finish(Outcome.INTERRUPTED, "stopped by SIGTERM from outside the studio at step 3/10")
+        else:
+            runner.die()
+        sync(service, task)
+        # The store stamps ended_at with the real clock: the manual one starts from it at each fault.
+        clock.now = t0 = time.time()
+        while service.store.get(task.id).status == "interrupted":
+            got = service.store.get(task.id)
+            assert got.attempt == fault + 1 and got.error, got
+            clock.advance(5)
+            service.supervisor.recover_all()
+            service.schedule()
+        waited.append(clock() - t0)
+        got = service.store.get(task.id)
+        assert got.status == "preparing" and got.attempt == fault + 2 and got.restarts == 0, got
+    assert waited[0] == 0 and waited == sorted(waited) and waited[-1] >= 300, waited
+    causes = {a["end_cause"] for a in service.store.attempts(task.id) if a["ended_at"] is not None}
+    assert causes == {"machine"}
+    # One step of progress and the wait is gone again; a failure of the run itself still counts.
+    executor.runner(task.id).progress(4, 10)
+    sync(service, task)
+    executor.runner(task.id).die()
+    sync(service, task)
+    assert service.store.get(task.id).attempt == 12
+    executor.runner(task.id).trainer_killed()
+    sync(service, task)
+    got = service.store.get(task.id)
+    assert (got.status, got.attempt, got.restarts) == ("preparing", 13, 1), got
 
 
 def test_resume_auto_off_waits_for_a_person(service: Service, executor: InMemoryExecutor):

@@ -182,6 +182,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{'note':<10} no heartbeat for {age:.0f}s: the training process is alive but not reporting")
     if view.get("error"):
         print(f"{'error':<10} {printable(view['error'])}")
+    causes = [a.get("end_cause") for a in view.get("attempts") or []]
+    if "machine" in causes or "run" in causes:
+        budget = (view.get("config") or {}).get("resume", {}).get("max_restarts", 3)
+        print(
+            f"{'stopped':<10} {causes.count('machine')} time(s) by the machine (a reboot, a shutdown, a preemption:"
+            f" never counted), {causes.count('run')} by the run itself ({view.get('restarts') or 0} of"
+            f" {budget} automatic restarts used)"
+        )
     return 0
 
 
@@ -242,6 +250,12 @@ def cmd_extend(args: argparse.Namespace) -> int:
     return 0
 
 
+CAUSES = {
+    "machine": " (stopped by the machine: not counted against resume.max_restarts)",
+    "run": " (stopped by the run itself: counted against resume.max_restarts)",
+}
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     history = open_service().history(args.task)
     if args.json:
@@ -252,7 +266,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         end = f"ended after {_fmt_duration(a['ended_at'] - a['started_at'])}" if a["ended_at"] else "running"
         resumed = f", resumed from step {a['resumed_from_step']}" if a["resumed_from_step"] else ""
         why = f": {printable(a['end_reason'])}" if a["end_reason"] else ""
-        print(f"attempt {a['attempt']}  started {start}{resumed}, {end}{why}")
+        by = CAUSES.get(a.get("end_cause") or "", "")
+        print(f"attempt {a['attempt']}  started {start}{resumed}, {end}{by}{why}")
     for t in history["transitions"]:
         stamp = time.strftime("%H:%M:%S", time.localtime(t["ts"]))
         print(f"  {stamp}  {t['src'] or '-':>11} -> {t['dst']:<11} {printable(t['reason'] or '')}")

@@ -45,6 +45,21 @@ class Outcome(enum.StrEnum):
     runner's grace, else it was killed; the record's `checkpoint` is the newest complete one (null: none)."""
 
 
+class Cause(enum.StrEnum):
+    """Who stopped an interrupted attempt: what decides whether it counts against the run's restart budget."""
+
+    MACHINE = "machine"
+    """What the machine did to a healthy run: a reboot, a shutdown's or a scheduler's SIGTERM, a preemption,
+    a killed studio or runner. Never counted: the task resumes after each, however many there are."""
+    RUN = "run"
+    """The run itself: its trainer crashed or was killed (the OOM killer's way). Counted against
+    `resume.max_restarts` and the same-step rule."""
+
+
+RUN_KILLED = ("the training process was killed", "training process rank", "training processes ranks")
+"""How a runner that did not write `cause` began the reason of a trainer killed under it (a run's end)."""
+
+
 @dataclass(frozen=True)
 class ExitRecord:
     """The parts of exit.json a decision needs."""
@@ -54,6 +69,8 @@ class ExitRecord:
     reason: str = ""
     attempt: int | None = None
     """The attempt that wrote it; None in records that do not say (they count as the current one)."""
+    cause: Cause = Cause.MACHINE
+    """Who stopped it, for an interrupted one: the trainer's own death (`run`), or the machine."""
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> ExitRecord:
@@ -62,10 +79,15 @@ class ExitRecord:
         attempt = record.get("attempt")
         if "attempt" in record and (not isinstance(attempt, int) or isinstance(attempt, bool)):
             attempt = 0  # unreadable: attempts count from 1, so it belongs to no attempt
+        reason = str(record.get("reason") or "")
+        cause = record.get("cause")
+        if cause not in tuple(Cause):  # written by a runner from before causes: told by its wording
+            cause = Cause.RUN if reason.startswith(RUN_KILLED) else Cause.MACHINE
         return cls(
             outcome=outcome if isinstance(outcome, str) else "",
-            reason=str(record.get("reason") or ""),
+            reason=reason,
             attempt=attempt,
+            cause=Cause(cause),
         )
 
 

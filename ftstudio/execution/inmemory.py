@@ -36,7 +36,7 @@ from typing import Any
 
 from ftstudio.errors import LaunchError
 from ftstudio.execution.executor import Executor, Launch
-from ftstudio.execution.facts import Liveness, Outcome, SchedulerWord
+from ftstudio.execution.facts import Cause, Liveness, Outcome, SchedulerWord
 from ftstudio.home import TaskDir, read_json, write_json_atomic
 
 BOOT = "in-memory-boot-1"
@@ -145,7 +145,25 @@ class InMemoryRunner:
         self._end()
 
     def die(self) -> None:
-        """Vanish without an exit record (SIGKILL, the OOM killer)."""
+        """Vanish without an exit record (a SIGKILL from outside, a reboot): the machine's doing."""
+        self._end()
+
+    def trainer_killed(self, signum: int = signal.SIGKILL) -> None:
+        """Its trainer was killed by a signal nobody here sent (the OOM killer's way), and the runner says so:
+        interrupted by the run itself, as the real runner's record of a trainer's negative exit code."""
+        name = signal.Signals(signum).name
+        write_json_atomic(
+            self.task.exit,
+            {
+                "outcome": Outcome.INTERRUPTED.value,
+                "reason": f"the training process was killed by {name}; see training.log",
+                "exit_code": -signum,
+                "signal": None,
+                "attempt": self.attempt,
+                "finished_at": self.executor.clock(),
+                "cause": Cause.RUN.value,
+            },
+        )
         self._end()
 
     def hang(self) -> None:

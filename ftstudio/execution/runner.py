@@ -59,7 +59,7 @@ import psutil
 
 from ftstudio import checkpoints, events
 from ftstudio.execution import memlimit
-from ftstudio.execution.facts import Outcome
+from ftstudio.execution.facts import Cause, Outcome
 from ftstudio.execution.procs import TASK_ENV, boot_id
 from ftstudio.fence import ATTEMPT_ENV, EXIT_STALE, named_attempt
 from ftstudio.home import TaskDir, read_json, write_json_atomic
@@ -265,6 +265,8 @@ def distributed_outcome(task: TaskDir, since: int, processes: int) -> dict[str, 
         "outcome": Outcome.INTERRUPTED,
         "reason": f"{who}{cause}{at} and the others stopped with it; {then}; see training.log",
         "checkpoint": newest.name if newest else None,
+        # A rank killed is the run's (the OOM killer's way); ranks that only lost each other, the machine's.
+        "cause": Cause.RUN if silent else Cause.MACHINE,
     }
 
 
@@ -310,7 +312,14 @@ def interrupted_record(
             f"it resumes from {checkpoint}" if checkpoint else "nothing was saved yet, so it starts from the beginning"
         )
         reason = f"{who}{after} before it could save a checkpoint; {then}"
-    return {"outcome": Outcome.INTERRUPTED, "reason": reason, "step": step, "checkpoint": checkpoint, "saved": saved}
+    return {
+        "outcome": Outcome.INTERRUPTED,
+        "reason": reason,
+        "step": step,
+        "checkpoint": checkpoint,
+        "saved": saved,
+        "cause": Cause.MACHINE,
+    }
 
 
 def outcome_of(
@@ -368,6 +377,7 @@ def outcome_of(
             "outcome": Outcome.INTERRUPTED,
             "reason": f"the training process was killed by {name}{hint}{at}; {then}; see training.log",
             "checkpoint": newest.name if newest else None,
+            "cause": Cause.RUN,
         }
     return {
         "outcome": Outcome.FAILED,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftstudio.errors import IllegalTransition
-from ftstudio.execution.facts import ExitRecord, Liveness, Outcome, SchedulerWord
+from ftstudio.execution.facts import Cause, ExitRecord, Liveness, Outcome, SchedulerWord
 from ftstudio.studio.task import TaskStatus, check_transition
 
 S = TaskStatus
@@ -106,7 +106,7 @@ class Facts:
     has_complete_checkpoint: bool | None = None
     """Whether a complete checkpoint exists; None when not looked at."""
     max_restarts: int = 0
-    """Automatic restarts allowed after an interruption."""
+    """Automatic restarts allowed after failures of the run itself."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ class Move:
     """Kill whatever is still tagged with the task once the move is made (orphans of a dead runner)."""
     keep_resources: bool = False
     """Keep the task's slot or GPUs and its attempt open although it leaves a running status (a frozen pause)."""
+    cause: Cause | None = None
+    """Who ended the attempt, for a move to interrupted (kept with the attempt: `recover` counts by it)."""
 
     @property
     def releases(self) -> bool:
@@ -225,18 +227,22 @@ def decide(facts: Facts) -> Move | None:
     if record is not None and record.attempt in (None, facts.attempt):
         if word is not None and record.outcome in STOPPED_FROM_OUTSIDE and not facts.cancel_requested:
             if word.requeued:  # the scheduler will run the job again: the next attempt runs in it
-                return _interrupted(facts.status, f"{word.reason}; {record.reason or 'stopped by a signal'}")
+                return _interrupted(
+                    facts.status, f"{word.reason}; {record.reason or 'stopped by a signal'}", Cause.MACHINE
+                )
             if not word.final:
                 return None  # a cancel in the scheduler and a preemption look alike until its final word
             if word.cancelled:
                 return _cancelled_outside(facts, word)
             if word.reason:  # why the scheduler stopped it (a time limit, a preemption), then the runner's account
-                return _interrupted(facts.status, f"{word.reason}; {record.reason or 'stopped by a signal'}")
+                return _interrupted(
+                    facts.status, f"{word.reason}; {record.reason or 'stopped by a signal'}", Cause.MACHINE
+                )
         return _finished(facts, record)
     liveness = facts.liveness
     if liveness is None:
         if facts.since_launch_s is not None and facts.since_launch_s > LAUNCH_GRACE_S:
-            return _interrupted(status, NEVER_STARTED)
+            return _interrupted(status, NEVER_STARTED, Cause.MACHINE)
         return None
     if liveness == Liveness.ALIVE or (liveness == Liveness.UNKNOWN and not heartbeat_lost(facts)):
         return None
@@ -248,7 +254,7 @@ def decide(facts: Facts) -> Move | None:
         return _cancelled_outside(facts, word)
     at = progress_text(facts.step, facts.total_steps)
     if word is not None and word.reason:
-        return _interrupted(status, f"{word.reason} at {at}", stop_processes=True)
+        return _interrupted(status, f"{word.reason} at {at}", Cause.MACHINE, stop_processes=True)
     if liveness == Liveness.REBOOTED:
         reason = f"{UNEXPECTED}: the machine restarted at {at}"
     elif liveness == Liveness.REUSED:
@@ -258,7 +264,8 @@ def decide(facts: Facts) -> Move | None:
         reason = f"{UNEXPECTED}: no heartbeat for {minutes:.0f} minutes (its process cannot be checked) at {at}"
     else:
         reason = f"{UNEXPECTED} at {at}"
-    return _interrupted(status, reason, stop_processes=True)
+    # The runner itself is gone (a reboot, a kill from outside, the machine): not the run's doing.
+    return _interrupted(status, reason, Cause.MACHINE, stop_processes=True)
 
 
 def heartbeat_lost(facts: Facts) -> bool:
@@ -283,7 +290,7 @@ def _finished(facts: Facts, record: ExitRecord) -> Move:
     if facts.cancel_requested:
         return Move(facts.status, S.CANCELLED, record.reason or "cancelled on request")
     if record.outcome in (Outcome.INTERRUPTED, Outcome.CANCELLED):
-        return _interrupted(facts.status, record.reason or "stopped by a signal the studio did not send")
+        return _interrupted(facts.status, record.reason or "stopped by a signal the studio did not send", record.cause)
     return _failed(facts.status, record.reason or "training failed; see training.log")
 
 
@@ -297,8 +304,9 @@ def _cancelled_outside(facts: Facts, word: SchedulerWord) -> Move:
     return Move(facts.status, S.CANCELLED, reason, {"error": reason}, stop_processes=True)
 
 
-def _interrupted(src: TaskStatus, reason: str, *, stop_processes: bool = False) -> Move:
-    return Move(src, S.INTERRUPTED, reason, {"error": reason, "phase": None}, stop_processes=stop_processes)
+def _interrupted(src: TaskStatus, reason: str, cause: Cause, *, stop_processes: bool = False) -> Move:
+    fields = {"error": reason, "phase": None}
+    return Move(src, S.INTERRUPTED, reason, fields, stop_processes=stop_processes, cause=cause)
 
 
 # -- after an interruption -----------------------------------------------------
@@ -318,15 +326,44 @@ class Recovery:
     checkpoint_step: int | None = None
     """The newest complete checkpoint's step; None: none (the next attempt starts from the beginning)."""
     end_steps: tuple[int, ...] = ()
-    """The step each attempt ended at, oldest first."""
+    """The step each attempt that the run itself stopped (cause `run`) ended at, oldest first."""
+    cause: Cause = Cause.RUN
+    """Who ended the attempt that was just interrupted."""
+    stalled: int = 0
+    """How many attempts in a row, newest first, the machine stopped before they made any progress."""
+    since_end_s: float | None = None
+    """Seconds since the last attempt ended; None when unknown."""
+
+
+MACHINE_WAIT_S = (0.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+"""How long an interrupted task waits before its next attempt, by how many attempts in a row the machine
+stopped before they progressed (`Recovery.stalled`; the last figure from then on). Never a failure: a
+machine that reboots faster than an attempt can load its model is waited out, not given up on."""
+
+
+def machine_wait_s(stalled: int) -> float:
+    return MACHINE_WAIT_S[min(max(stalled - 1, 0), len(MACHINE_WAIT_S) - 1)]
 
 
 def recover(status: TaskStatus, r: Recovery) -> Move | None:
     """The move for an interrupted task: its next attempt, from its newest complete checkpoint, while its
-    policy allows; failed when restarts are used up or two attempts in a row ended at the same step
-    (something in the run itself, not the machine, is stopping it); None when it waits for a person."""
+    policy allows; None when it waits (for a person, or out a machine that keeps stopping it).
+
+    What the machine does (`Cause.MACHINE`) never fails a run: it resumes after each, waiting longer
+    (MACHINE_WAIT_S) while attempts are stopped before they progress. Failures of the run itself
+    (`Cause.RUN`) count: failed when `resume.max_restarts` are used up, or when two of them in a row
+    ended at the same step (something in the run, not the machine, stops it there)."""
     if status != S.INTERRUPTED or not r.auto:
         return None
+    ask = Ask(attempt=r.attempt, checkpoint_step=r.checkpoint_step)
+    if r.cause == Cause.MACHINE:
+        wait = machine_wait_s(r.stalled)
+        if wait and (r.since_end_s is None or r.since_end_s < wait):
+            return None
+        why = "resuming by itself after an interruption by the machine (not counted against resume.max_restarts)"
+        if wait:
+            why += f"; waited {wait:.0f}s, as the machine stopped {r.stalled} attempts in a row before they progressed"
+        return _requeue(status, ask, why)
     retry = "see training.log, then `ftstudio retry TASK` continues it from its newest checkpoint"
     if r.restarts >= r.max_restarts:
         used = f"the {r.max_restarts} automatic restart{'s' if r.max_restarts != 1 else ''}"
@@ -334,7 +371,6 @@ def recover(status: TaskStatus, r: Recovery) -> Move | None:
     if len(r.end_steps) >= 2 and r.end_steps[-1] == r.end_steps[-2]:
         at = f"step {r.end_steps[-1]}" if r.end_steps[-1] else "the start"
         return _failed(status, f"interrupted twice in a row at {at} with no progress between; {retry}")
-    ask = Ask(attempt=r.attempt, checkpoint_step=r.checkpoint_step)
     why = f"resuming by itself (restart {r.restarts + 1} of {r.max_restarts})"
     move = _requeue(status, ask, why)
     return Move(move.src, move.dst, move.reason, {**move.fields, "restarts": r.restarts + 1})

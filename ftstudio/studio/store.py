@@ -129,6 +129,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE tasks ADD COLUMN job_id TEXT;
     """,
+    # 5: who ended an interrupted attempt, the machine or the run (lifecycle.recover counts only the run's)
+    """
+    ALTER TABLE attempts ADD COLUMN end_cause TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -362,7 +366,13 @@ class Store:
         if not isinstance(move, Move) or move.src is None:
             raise TypeError(f"apply takes a lifecycle Move from a status, not {move!r}")
         return self.transition(
-            task_id, move.src, move.dst, reason=move.reason, _release=move.releases, **{**move.fields, **fields}
+            task_id,
+            move.src,
+            move.dst,
+            reason=move.reason,
+            _release=move.releases,
+            _cause=move.cause,
+            **{**move.fields, **fields},
         )
 
     def transition(
@@ -373,6 +383,7 @@ class Store:
         *,
         reason: str = "",
         _release: bool | None = None,
+        _cause: str | None = None,
         **fields: Any,
     ) -> Task:
         """Move src -> dst (compare-and-set), writing `fields` and the history row in the same transaction.
@@ -408,9 +419,9 @@ class Store:
                 # in the same transaction as the move, so no lease outlives the task that held it.
                 c.execute("DELETE FROM leases WHERE task_id = ?", (task_id,))
                 c.execute(
-                    "UPDATE attempts SET ended_at = ?, end_reason = ?, end_step = (SELECT step FROM tasks WHERE id = ?)"
-                    " WHERE task_id = ? AND ended_at IS NULL",
-                    (now, reason, task_id, task_id),
+                    "UPDATE attempts SET ended_at = ?, end_reason = ?, end_cause = ?,"
+                    " end_step = (SELECT step FROM tasks WHERE id = ?) WHERE task_id = ? AND ended_at IS NULL",
+                    (now, reason, None if _cause is None else str(_cause), task_id, task_id),
                 )
         return self.get(task_id)
 
@@ -491,7 +502,7 @@ class Store:
 
     def attempts(self, task_id: str) -> list[dict[str, Any]]:
         rows = self._conn().execute(
-            "SELECT attempt, started_at, ended_at, end_reason, resumed_from_step, end_step FROM attempts"
+            "SELECT attempt, started_at, ended_at, end_reason, end_cause, resumed_from_step, end_step FROM attempts"
             " WHERE task_id = ? ORDER BY attempt",
             (task_id,),
         )

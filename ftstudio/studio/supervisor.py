@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ftstudio import checkpoints, events
 from ftstudio.execution import facts
 from ftstudio.execution.executor import Executor, Launch
-from ftstudio.execution.facts import ExitRecord, Liveness
+from ftstudio.execution.facts import Cause, ExitRecord, Liveness
 from ftstudio.home import Home, TaskDir, read_json
 from ftstudio.studio import lifecycle
 from ftstudio.studio.lifecycle import UNEXPECTED as UNEXPECTED  # where the tests and older callers look for it
@@ -64,6 +65,18 @@ def launch_of(task: Task) -> Launch | None:
     if task.pid is None or task.pid_start_time is None:
         return None
     return Launch(task.pid, task.pid_start_time, task.boot_id or "", task.pgid or task.pid)
+
+
+def stalled_attempts(attempts: list[dict[str, Any]]) -> int:
+    """How many attempts in a row, newest first, the machine stopped before they made progress: the task's
+    step where the one before left it (an attempt's step stays there until its own first step)."""
+    n = 0
+    for i in range(len(attempts) - 1, -1, -1):
+        before = attempts[i - 1]["end_step"] if i else 0
+        if attempts[i]["end_cause"] != Cause.MACHINE or (attempts[i]["end_step"] or 0) != (before or 0):
+            break
+        n += 1
+    return n
 
 
 def progress_text(task: Task) -> str:
@@ -329,13 +342,20 @@ class Supervisor:
             return None
         newest = checkpoints.find_resume_checkpoint(task.dir.checkpoints)
         attempts = self.store.attempts(task.id)
+        last = attempts[-1] if attempts else {}
         facts = lifecycle.Recovery(
             auto=True,
             max_restarts=int(config.get("max_restarts", 3)),
             restarts=task.restarts or 0,
             attempt=task.attempt,
             checkpoint_step=checkpoints.step_of(newest) if newest else None,
-            end_steps=tuple(a["end_step"] for a in attempts if a["end_step"] is not None),
+            # Attempts ended before causes were kept (end_cause NULL) count as neither.
+            end_steps=tuple(
+                a["end_step"] for a in attempts if a["end_cause"] == Cause.RUN and a["end_step"] is not None
+            ),
+            cause=Cause.RUN if last.get("end_cause") == Cause.RUN else Cause.MACHINE,
+            stalled=stalled_attempts(attempts),
+            since_end_s=self.clock() - last["ended_at"] if last.get("ended_at") else None,
         )
         move = lifecycle.recover(task.status, facts)
         if move is None:

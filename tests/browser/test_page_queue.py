@@ -9,7 +9,7 @@ from typing import Any
 
 import psutil
 import pytest
-from support import wait_for
+from support import run_cli, wait_for
 
 from .livestudio import ARTIFACTS, LiveStudio, task_processes
 
@@ -152,3 +152,38 @@ def test_retry_and_extend_run_attempt_2_and_the_chart_keeps_each_step_once(scrip
     assert mark.inner_text() == "attempt 2" and mark.is_visible()
     page.locator("#attempts-title").scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "task-view-attempts.png"), full_page=True)
+
+
+def test_the_page_says_who_stopped_each_attempt_and_only_the_run_counts(scripted: LiveStudio, page: Any) -> None:
+    """A runner killed from outside is the machine's doing: resumed, never counted. A trainer that kills
+    itself at the same step every attempt is the run's: counted, and failed the second time there."""
+    studio = scripted.start("--slots", "2")
+    crashing = submit(studio, "crashing scripted steps=6 delay=0.05 killed=3")
+    healthy = submit(studio, "healthy scripted steps=30 delay=0.1")
+    tagged_runner = lambda: [p for p in task_processes(studio.home, healthy) if "ftstudio.runner" in p.cmdline()]  # noqa: E731
+    wait_for(
+        lambda: studio.task(healthy)["step"] >= 3 and tagged_runner(), timeout=60, what="the healthy run at step 3"
+    )
+    for runner in tagged_runner():
+        runner.kill()  # from outside, as a person's kill -9 or a crashed machine would
+    failed = studio.wait_status(crashing, "failed", timeout=60)
+    assert failed["error"].startswith("interrupted twice in a row at step 3"), failed["error"]
+    done = studio.wait_status(healthy, "completed", timeout=120)
+    assert [a["end_cause"] for a in failed["attempts"]] == ["run", "run"], failed["attempts"]
+    assert done["attempts"][0]["end_cause"] == "machine" and done["restarts"] == 0, done["attempts"]
+    # The CLI says the same.
+    history = run_cli(studio.home, "history", healthy).stdout
+    assert "attempt 1 " in history and "(stopped by the machine: not counted against resume.max_restarts)" in history
+    shown = run_cli(studio.home, "show", crashing).stdout
+    assert "0 time(s) by the machine" in shown and "2 by the run itself (1 of 3 automatic restarts used)" in shown, (
+        shown
+    )
+
+    page.goto(studio.page_url(f"#/tasks/{healthy}"))
+    first = page.locator('#attempts-rows tr[data-attempt="1"]')
+    first.locator(".cause-machine").wait_for()
+    assert "by the machine" in first.inner_text()
+    assert "resume.max_restarts" in (first.locator(".cause").get_attribute("title") or "")
+    page.goto(studio.page_url(f"#/tasks/{crashing}"))
+    page.locator('#attempts-rows tr[data-attempt="2"] .cause-run').wait_for()
+    assert page.locator("#attempts-rows .cause-run").count() == 2

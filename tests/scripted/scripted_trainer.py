@@ -12,6 +12,7 @@ spec.json, e.g. "scripted steps=30 delay=0.1 exit=1 hang=1":
     eval   write an eval event every this many steps (default 0: none)
     scale  multiply every loss by this (default 1), so two runs draw apart
     samples  answer this many held-out prompts (evaluation.py's files and events) after step 1 and at the end
+    killed   SIGKILL itself after this step, every attempt (a run that dies by itself, the OOM killer's way)
 
 Each progress event also says how many tokens were seen (1,000 a step), as the real trainer does.
 """
@@ -41,6 +42,7 @@ def main() -> int:
     eval_every = int(opts.get("eval", 0))
     scale = float(opts.get("scale", 1))
     samples = int(opts.get("samples", 0))
+    killed = int(opts.get("killed", 0))
     if opts.get("hang") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if opts.get("child") == "1":
@@ -79,6 +81,8 @@ def main() -> int:
                 ]  # fmt: skip
                 write_stage(task_dir, stage, step, 16, answers, 0.01, ev)
             print(f"step {step}/{steps}", flush=True)
+            if step == killed:
+                os.kill(os.getpid(), signal.SIGKILL)
         if code:
             ev.emit("error", message=f"scripted failure with exit code {code}", error_type="Scripted")
             return code

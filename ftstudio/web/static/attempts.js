@@ -71,7 +71,7 @@ export class AttemptsTimeline {
       h("td", {}, isNum(a.ended_at) ? time(a.ended_at) : "–"),
       h("td", { class: "num" }, ran),
       h("td", {}, isNum(a.resumed_from_step) && a.resumed_from_step > 0 ? `step ${fmtInt(a.resumed_from_step)}` : "the start"),
-      h("td", { class: "why" }, word),
+      h("td", { class: "why" }, CAUSES[a.end_cause] ? h("span", { class: `cause cause-${a.end_cause}`, title: CAUSES[a.end_cause][1] }, CAUSES[a.end_cause][0]) : null, word),
     );
   }
 
@@ -94,6 +94,12 @@ export class AttemptsTimeline {
     }
   }
 }
+
+/** Who stopped an interrupted attempt: the tag shown before its reason, and what it means for the run. */
+const CAUSES = {
+  machine: ["by the machine", "a reboot, a shutdown, a preemption or a killed process: the task resumes by itself, and this never counts against resume.max_restarts"],
+  run: ["by the run", "the training process itself crashed or was killed (often out of memory): this counts against resume.max_restarts"],
+};
 
 /** To the second on the same day (attempts can be short), as fmtTime does otherwise. */
 function fmtClock(ts) {
