@@ -352,3 +352,14 @@ def test_unknown_identity_lost_while_cancel_was_asked_ends_cancelled(
     got = service.store.get(task.id)
     assert (got.status, service.store.history(task.id)[-1]["reason"]) == ("cancelled", "cancelled on request")
     assert runner.signals == [signal.SIGKILL]  # no SIGTERM to a process it cannot check; the kill after the grace
+
+
+def test_a_stopping_studio_requeues_but_launches_nothing(service: Service, executor: InMemoryExecutor):
+    """In a machine's shutdown the runners get the studio's SIGTERM too: an attempt launched while the
+    studio winds down would only be lost, so the interrupted task waits in the queue for the next studio."""
+    task, runner = training(service, executor)
+    service.supervisor.stopping.set()
+    runner.finish(Outcome.INTERRUPTED, "stopped by SIGTERM from outside the studio at step 4/10")
+    sync(service, task)
+    got = service.store.get(task.id)
+    assert (got.status, got.attempt) == ("queued", 2) and executor.runner(task.id) is runner

@@ -126,6 +126,9 @@ class Supervisor:
         # task id -> (its last beat, when a look first found that beat lost): see lifecycle.HEARTBEAT_RECHECK_S.
         self._lost: dict[str, tuple[float, float]] = {}
         self._wake = threading.Event()
+        # Set once the studio is stopping (`run`'s stop): from then on no attempt is launched. In a machine's
+        # shutdown the runners get the same SIGTERM as the studio, and an attempt started then is only lost.
+        self.stopping = threading.Event()
         self._files: dict[str, tuple[str, str]] = {}  # task dir -> (events.jsonl, exit.json), built once
 
     def executor_for(self, task: Task) -> Executor:
@@ -306,7 +309,7 @@ class Supervisor:
         self._lost.pop(task.id, None)
         if move.dst == TaskStatus.INTERRUPTED:
             self.recover(self.store.get(task.id))  # back in the queue now, where its policy allows
-        if move.releases and self.launch_queued:
+        if move.releases and self.launch_queued and not self.stopping.is_set():
             # Its slot or GPUs are free now: the next queued task starts at once, not at the next scan.
             self.launch_queued()
         return Verdict(task.id, move.dst, move.reason)
@@ -369,6 +372,7 @@ class Supervisor:
 
     def run(self, stop: threading.Event) -> None:
         """The watch loop; returns when `stop` is set."""
+        self.stopping = stop
         watched: dict[str, Task] = {}  # by id: the store's copy, kept current by ingest
         last_scan = last_ingest = last_liveness = 0.0
         while not stop.is_set():
@@ -378,7 +382,7 @@ class Supervisor:
             try:
                 if now - last_scan >= SCAN_S:
                     self.recover_all()
-                    if self.launch_queued:
+                    if self.launch_queued and not stop.is_set():
                         self.launch_queued()
                     last_scan = now
                     watched = {t.id: t for t in self.watched()}

@@ -279,6 +279,12 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
         ssl_keyfile=options.keyfile,
     )
     server = QuietServer(config)
+
+    def stop_supervising() -> None:
+        stop.set()
+        service.supervisor.poke()
+
+    server.on_exit = stop_supervising
     try:
         server.run(sockets=[sock])
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -19,6 +20,10 @@ class QuietServer(uvicorn.Server):
 
     _wake: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+    on_exit: Callable[[], None] | None = None
+    """Called from the signal handler when a stop signal arrives, before the graceful shutdown: the studio
+    stops its supervisor there, so no attempt is launched while the server winds down (in a machine's
+    shutdown the runners get the same SIGTERM, and relaunching them then only loses the attempt)."""
 
     async def main_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -29,6 +34,8 @@ class QuietServer(uvicorn.Server):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
         super().handle_exit(sig, frame)
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
