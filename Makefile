@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 PORT ?= 8765
 LINT_PATHS := $(wildcard ftstudio tests bench)
 SLURM_CLUSTER := scripts/slurm-dev-cluster
+# pytest-xdist workers for `make test` (tests/conftest.py keeps together what must not run side by side).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test check lint setup browser clean bench slurm-up slurm-down slurm2-up slurm2-down
 
@@ -70,7 +72,7 @@ test: setup browser lint
 	else \
 	  echo "make test: no two-node Slurm cluster here (see above); the two-node tests will skip" >&2; \
 	fi; \
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 slurm-up:
 	$(SLURM_CLUSTER) up

@@ -24,6 +24,13 @@ import pytest
 from slurm_cluster import NoCluster, SlurmCluster, connect, connect2, in_ci, use
 from support import ROOT, SCRIPTED, Studio, home_env, sweep
 
+# One thread for torch in every test process and every trainer the tests start (they inherit it): on two cores
+# shared with a second test worker (make test runs two), or with anything else, two OpenMP threads per trainer
+# spin against each other and a step takes several times as long (28-56 s against 13.5 s for the same 30
+# steps of cpu-demo on this 2-core machine at load 6); one each, as the chaos suite already gave its two
+# trainers, proves the same things. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Fixtures that start something: a test that asks for one (directly or through another) is marked for it.
 PROCESS_FIXTURES = frozenset({"scripted", "studio_factory", "studio", "scripted_studio", "chaos", "seeded"})
 BROWSER_FIXTURES = frozenset({"browser", "page"})

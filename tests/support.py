@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -43,6 +44,14 @@ def api_client(service: Any, **kw: Any) -> Any:
 
     headers = {"Authorization": f"Bearer {load_or_create_token(service.home)}"}
     return TestClient(create_app(service, **kw), base_url="http://127.0.0.1:8765", headers=headers)
+
+
+def own_id(task_id: str) -> str:
+    """`task_id` made this test's own ("20261122-0000-stop2" -> "20261122-0000-stop2-1a2b3c4d"): a task's
+    processes are found by the id they are tagged with (procs.tagged, kill_tagged) and its cgroup is named
+    for it, across the whole machine, so two tests that start processes for one fixed id (on two xdist
+    workers, or in two test runs on one machine) would see, and kill, each other's."""
+    return f"{task_id}-{secrets.token_hex(4)}"
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from support import ROOT, SCRIPTED
+from support import ROOT, SCRIPTED, own_id
 from trainer_fixtures import FAST, merged, read_events, shared_home
 
 from ftstudio.execution import memlimit
@@ -148,6 +148,7 @@ def test_systemd_wraps_the_trainer_in_a_scope_with_the_limit():
 
 
 def make_task(tmp_path: Path, task_id: str, name: str, config: dict | None = None) -> TaskDir:
+    task_id = own_id(task_id)
     tdir = TaskDir(tmp_path / task_id)
     tdir.path.mkdir()
     spec = {"format": 1, "task_id": task_id, "name": name, "config": config or {}, "home": str(shared_home())}
@@ -230,7 +231,7 @@ def test_a_task_past_its_limit_fails_and_a_task_beside_it_completes(tmp_path, me
         took = f"{record['finished_at'] - over[0]['ts']:.2f} s" if over else "(no step saw it)"
         print(f"\n{mechanism}: {len(steps)} steps, stopped {took} after crossing, peak {gib(peak) if peak else '?'}")
         if mechanism is Mechanism.CGROUP:
-            assert not any(p.name.startswith("ftstudio-20260101-0000-hoghog") for p in memlimit_dirs())
+            assert not any(p.name.startswith(f"ftstudio-{hog.path.name}") for p in memlimit_dirs())
         assert not tagged(hog.path.name), "every process of the stopped task is gone"
     finally:
         stop_all(runners, [hog, calm])

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from support import ROOT, wait_for
+from support import ROOT, own_id, wait_for
 from trainer_fixtures import ALPACA, FAST, merged, read_events, shared_home, train, write_jsonl, write_spec
 
 from ftstudio.checkpoints import MARKER, is_complete, list_checkpoints, mark_complete
@@ -100,7 +100,7 @@ def test_pause_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path: 
     assert code == 0
     straight_end = straight[-1]
 
-    task = tmp_path / "20261122-0000-pause1"
+    task = tmp_path / own_id("20261122-0000-pause1")
     write_spec(task, config, home)
     runner = _start_runner(task)
     seen, sent = _pause_after(runner, task, 5)
@@ -153,7 +153,7 @@ def test_pause_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path: 
 def test_pause_before_the_first_step_exits_clean_and_resume_starts_fresh(tmp_path: Path) -> None:
     home = shared_home()
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
-    task = tmp_path / "20261122-0000-pause0"
+    task = tmp_path / own_id("20261122-0000-pause0")
     write_spec(task, _config(data, optim={"max_steps": 3}), home)
     runner = _start_runner(task)
     wait_for(lambda: TaskDir(task).launch.exists(), what="the launch record")
@@ -206,7 +206,7 @@ def test_a_pause_on_a_scheduled_checkpoint_step_saves_it_once(tmp_path: Path) ->
 
 def _two_process_task(tmp_path: Path, name: str, steps: int) -> Path:
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
-    task = tmp_path / name
+    task = tmp_path / own_id(name)
     write_spec(
         task,
         _config(data, optim={"max_steps": steps, "batch_size": 2, "grad_accum": 1}, resources={"processes": 2}),

@@ -9,14 +9,14 @@ import time
 
 import psutil
 import pytest
-from support import ROOT, SCRIPTED, wait_for
+from support import ROOT, SCRIPTED, own_id, wait_for
 
 from ftstudio.execution.procs import tagged
 from ftstudio.home import TaskDir, read_json
 
 
 def make_task(tmp_path, name):
-    tdir = TaskDir(tmp_path / "20261122-0000-abcdef")
+    tdir = TaskDir(tmp_path / own_id("20261122-0000-abcdef"))
     tdir.path.mkdir()
     tdir.spec.write_text(json.dumps({"format": 1, "task_id": tdir.path.name, "name": name, "config": {}}))
     return tdir
@@ -230,7 +230,7 @@ def test_a_runner_reads_its_attempt_from_the_task_dir_and_refuses_one_that_has_e
     tdir.attempt.write_text("2")
     tdir.exit.write_text(json.dumps({"outcome": "interrupted", "attempt": 2}))
     assert start_runner(tdir, "--attempt", "from-file").wait(timeout=60) == 77
-    assert "attempt 2 of task 20261122-0000-abcdef has ended (interrupted); this run refuses" in tdir.log.read_text()
+    assert f"attempt 2 of task {tdir.path.name} has ended (interrupted); this run refuses" in tdir.log.read_text()
     tdir.attempt.write_text("3")  # the studio named the next attempt: it runs, as attempt 3
     assert start_runner(tdir, "--attempt", "from-file").wait(timeout=60) == 0
     assert read_json(tdir.exit)["outcome"] == "completed" and read_json(tdir.exit)["attempt"] == 3

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import wait_for
+from support import own_id, wait_for
 from test_pause import _config, _finish, _progress_steps, _ranks, _start_runner, _two_process_task
 from trainer_fixtures import ALPACA, read_events, shared_home, write_jsonl, write_spec
 
@@ -26,7 +26,7 @@ OUTSIDE = "stopped by SIGTERM from outside the studio (a shutdown, docker stop o
 
 
 def _task(tmp_path: Path, name: str, **over: object) -> Path:
-    task = tmp_path / name
+    task = tmp_path / own_id(name)
     write_spec(task, _config(write_jsonl(tmp_path / "d.jsonl", ALPACA), optim={"max_steps": 60}, **over), shared_home())
     return task
 

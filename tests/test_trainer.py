@@ -347,6 +347,7 @@ def test_tensorboard_reporting_writes_the_loss_beside_the_task(tmp_path: Path, m
     assert b"train/loss" in files[0].read_bytes()  # the scalar's tag, in the TFRecord summary
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.process  # torch.compile (inductor) starts compiler processes
 def test_compile_with_packing_trains_and_the_adapter_loads(tmp_path: Path) -> None:
@@ -361,6 +362,7 @@ def test_compile_with_packing_trains_and_the_adapter_loads(tmp_path: Path) -> No
     assert isinstance(generate(tmp_path / "task", "What is 1 plus 2?", max_new_tokens=4), str)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.process  # torch.compile (inductor) starts compiler processes
 def test_compile_with_length_grouping_compiles_once_for_every_length(tmp_path: Path, monkeypatch) -> None:
