@@ -27,6 +27,28 @@ from ftstudio.errors import NotFound
 TASK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
 
 
+PRIVATE_UMASK = 0o077
+"""The umask of every ftstudio process (the studio, the CLI, runners, trainers, chat workers): what they
+create is their user's alone, folders 0700 and files 0600, whoever made the home and whatever the
+shell's umask. On a shared machine datasets, configs, logs and adapters are read through the token or
+not at all."""
+
+
+def keep_private() -> None:
+    """Set PRIVATE_UMASK for this process and the processes it starts. Each entry point calls it first."""
+    os.umask(PRIVATE_UMASK)
+
+
+@dataclass(frozen=True)
+class Tightened:
+    """What `Home.tighten` changed: the home's mode before, and how many entries it made private."""
+
+    mode: int
+    changed: int
+    failed: tuple[str, ...] = ()
+    """Entries it could not change (another user's file): named in the studio's warning."""
+
+
 def home_dir() -> Path:
     return Path(os.environ.get("FTSTUDIO_HOME") or Path.home() / ".ftstudio").expanduser().resolve()
 
@@ -43,8 +65,28 @@ class Home:
         # Yours alone: datasets, logs and adapters are read through the token or not at all.
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sub in (self.tasks, self.models, self.datasets):
-            sub.mkdir(exist_ok=True)
+            sub.mkdir(mode=0o700, exist_ok=True)
         return self
+
+    def tighten(self) -> Tightened | None:
+        """A home others can enter (made by `mkdir -p` before the first start, or an older release) is made its
+        user's alone: every folder 0700, every file its owner's bits only. None when it already was: the
+        home's own mode guards everything below it, so only that is looked at."""
+        mode = self.root.stat().st_mode & 0o777
+        if not mode & 0o077:
+            return None
+        changed, failed = 0, []
+        for top, _dirs, files in os.walk(self.root):
+            for name in (top, *(os.path.join(top, f) for f in files)):  # each folder is a `top` in its turn
+                try:
+                    st = os.lstat(name)
+                    if not st.st_mode & 0o077 or os.path.islink(name):
+                        continue  # private already; a link's own mode means nothing
+                    os.chmod(name, st.st_mode & 0o700)
+                    changed += 1
+                except OSError:
+                    failed.append(name)
+        return Tightened(mode, changed, tuple(sorted(set(failed))))
 
     @property
     def db(self) -> Path:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftstudio.home import keep_private
+
 _out_lock = threading.Lock()
 
 
@@ -147,6 +149,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_private()
     parser = argparse.ArgumentParser(prog="python -m ftstudio.chatworker", description=__doc__.splitlines()[0])
     parser.add_argument("--idle", type=float, default=600.0, help="exit after this many seconds without a request")
     args = parser.parse_args(argv)

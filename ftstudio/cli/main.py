@@ -13,6 +13,7 @@ from ftstudio.cli import commands
 from ftstudio.cli.chat import cmd_chat
 from ftstudio.cli.parser import build_parser
 from ftstudio.errors import FtstudioError
+from ftstudio.home import keep_private
 from ftstudio.text import printable
 
 # The exit status a shell shows for a program that SIGPIPE ended (128 + 13), as `yes | head` gives.
@@ -42,6 +43,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_private()  # the studio it may start, and every file a command writes into the home
     args = build_parser().parse_args(argv)
     try:
         code = int(COMMANDS[args.command](args) or 0)

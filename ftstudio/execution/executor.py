@@ -105,7 +105,7 @@ class LocalExecutor:
             argv += ["--module", self.trainer_module]
         env = {**os.environ, **(env or {}), TASK_ENV: task.path.name}  # the runner is tagged too
         try:
-            log_fd = os.open(task.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            log_fd = os.open(task.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 pid = os.posix_spawn(
                     sys.executable,

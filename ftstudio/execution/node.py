@@ -27,13 +27,14 @@ import sys
 from pathlib import Path
 
 from ftstudio.execution.runner import PauseForwarder, log, processes_of, ready_file
-from ftstudio.home import TaskDir
+from ftstudio.home import TaskDir, keep_private
 from ftstudio.pause import PAUSE_SIGNAL
 
 WAIT_S = 0.2
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_private()
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 3 or args[1] != "--":
         print("usage: python -m ftstudio.node TASK_DIR -- TORCHRUN_COMMAND...", file=sys.stderr)

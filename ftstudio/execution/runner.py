@@ -62,7 +62,7 @@ from ftstudio.execution import memlimit
 from ftstudio.execution.facts import Cause, Outcome
 from ftstudio.execution.procs import TASK_ENV, boot_id
 from ftstudio.fence import ATTEMPT_ENV, EXIT_STALE, named_attempt
-from ftstudio.home import TaskDir, read_json, write_json_atomic
+from ftstudio.home import TaskDir, keep_private, read_json, write_json_atomic
 from ftstudio.parent import die_with_parent
 from ftstudio.pause import EXIT_SUSPENDED, PAUSE_SIGNAL, catches_pause
 
@@ -409,7 +409,7 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
             "it refuses to start"
         )
         return EXIT_STALE
-    lock_fd = os.open(task.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    lock_fd = os.open(task.lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -662,6 +662,7 @@ def _beat(task: TaskDir) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_private()
     parser = argparse.ArgumentParser(prog="python -m ftstudio.runner", description=__doc__.splitlines()[0])
     parser.add_argument("task_dir", type=Path)
     parser.add_argument("--module", default="ftstudio.train", help="trainer module (tests substitute a scripted one)")

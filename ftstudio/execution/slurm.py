@@ -460,7 +460,7 @@ class SlurmExecutor:
             script.write_text(
                 batch_script(task, attempt, self.trainer_module, {**carried_env(os.environ), **(env or {})})
             )
-            script.chmod(0o755)
+            script.chmod(0o700)
         except OSError as e:
             raise LaunchError(f"could not write the Slurm job script {script}: {e}") from e
         args = [

@@ -39,7 +39,7 @@ from ftstudio.config import TrainingConfig
 from ftstudio.errors import FtstudioError, Problem, UserError, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.fence import Fence
-from ftstudio.home import home_dir, write_json_atomic
+from ftstudio.home import home_dir, keep_private, write_json_atomic
 from ftstudio.pause import EXIT_SUSPENDED, PauseRequest, Suspended
 
 OOM_FIX = (
@@ -106,6 +106,7 @@ def read_spec(spec_path: Path, output: Path | None) -> Job:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_private()  # also when run by hand (a task dir's train.py), not only under a runner
     parser = argparse.ArgumentParser(prog="python -m ftstudio.train", description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path, help="a task's spec.json, or a TrainingConfig JSON with --output")
     parser.add_argument("--output", type=Path, default=None, help="output directory for a bare config")

@@ -201,7 +201,7 @@ def running_server(home: Home) -> ServerInfo | None:
 
 
 def _take_lock(home: Home) -> int:
-    fd = os.open(home.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(home.lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -227,6 +227,18 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
 
     home.ensure()
     setup_logging(home, to_stderr=sys.stderr.isatty())
+    tightened = home.tighten()
+    if tightened is not None:
+        left = (
+            f"; could not change {len(tightened.failed)} (not yours?): {', '.join(tightened.failed[:3])}"
+            if tightened.failed
+            else ""
+        )
+        log.warning(
+            "the data home %s was open to other users (mode %o): made it yours alone, folders 0700 and files 0600"
+            " (%d changed)%s",
+            home.root, tightened.mode, tightened.changed, left,
+        )  # fmt: skip
     lock_fd = _take_lock(home)
     token = load_or_create_token(home)
     sock = _bind(host, port)
