@@ -45,6 +45,8 @@ def test_a_home_open_to_others_is_made_private_and_a_private_one_is_left_alone(t
         (root, 0o755),
         (root / "datasets", 0o775),
         (root / "datasets" / "mine.jsonl", 0o644),
+        (root / "tasks", 0o755),
+        (script.parent, 0o750),
         (script, 0o755),
     ):
         path.chmod(mode)
