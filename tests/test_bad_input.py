@@ -164,3 +164,52 @@ def test_a_dataset_can_be_previewed_by_name(client):
 def test_the_page_is_never_served_stale(client):
     assert client.get("/").headers["cache-control"] == "no-cache"
     assert client.get("/static/app.js").headers["cache-control"] == "no-cache"
+
+
+def _special_files(root: Path) -> dict[str, Path]:
+    """A named pipe, a Unix socket and (as root) a character device like /dev/zero, under the data home."""
+    import socket
+    import stat
+
+    root.mkdir(exist_ok=True)
+    made = {"FIFO": root / "pipe.jsonl", "socket": root / "sock.jsonl"}
+    os.mkfifo(made["FIFO"])
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(made["socket"]))
+    if os.geteuid() == 0:
+        made["character device"] = root / "zero.jsonl"
+        os.mknod(made["character device"], 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+    return made
+
+
+def test_a_path_that_is_not_a_regular_file_is_refused_at_once_and_blocks_no_thread(client):
+    """A FIFO would block a plain open() until someone writes to it: every such submit held a worker thread
+    forever, and 41 of them starved the API. Each kind now gets a 4xx at once, naming what it is."""
+    import time
+
+    before = snapshot(client)
+    for kind, path in _special_files(client.service.home.root / "odd").items():
+        t0 = time.monotonic()
+        r = client.post("/api/tasks", json={"config": {"data": {"path": str(path)}}})
+        took = time.monotonic() - t0
+        body = one_line(r, 422, "data.path (--dataset)", path.name, "not a dataset file")
+        assert kind in body["detail"], body
+        assert took < 1.0, (kind, took)
+    assert snapshot(client) == before
+
+
+def test_uploads_of_one_name_at_once_each_get_their_own_dataset(client):
+    """16 uploads named alike, at once: 16 datasets, none replaced, no name handed out twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    row = lambda n: json.dumps({"instruction": f"upload {n}", "output": "ok"}).encode() + b"\n"  # noqa: E731
+
+    def upload(n: int) -> dict:
+        return client.service.upload_dataset("same.jsonl", io.BytesIO(row(n) * 3))
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(upload, range(16)))
+    names = [g["name"] for g in got]
+    assert len(set(names)) == 16 and "same.jsonl" in names, names
+    contents = {(client.service.home.datasets / n).read_bytes() for n in names}
+    assert contents == {row(n) * 3 for n in range(16)}  # each upload is in its own file, none overwritten

@@ -3,6 +3,7 @@ One of the parts the service is composed of (service.py)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -42,8 +43,7 @@ class Catalog:
         except ValidationError as e:  # the upload is the `file` field, not a data.path
             raise ValidationError([Problem("file", p.message) for p in e.problems]) from None
         with writing(self.home.root):
-            target = self._free_name(incoming.path.name)
-            os.rename(incoming.path, target)
+            target = self._place(incoming.path)
         log.info("dataset %s uploaded (%d rows, %s, %d bytes)", target.name, info.rows, info.format, incoming.size)
         return {
             "name": target.name,
@@ -65,13 +65,29 @@ class Catalog:
         finally:
             incoming.discard()
 
-    def _free_name(self, name: str) -> Path:
-        """datasets/<name>, or <stem>-2<suffix>, -3, ... when taken (in any letter case)."""
-        taken = {p.name.lower() for p in self.home.datasets.iterdir()}
+    def _place(self, received: Path) -> Path:
+        """Move a checked upload in among the datasets as datasets/<name>, or <stem>-2<suffix>, -3, ... when
+        that is taken (in any letter case). Never replaces and never hands one name out twice: the choice is
+        made under a lock on the folder (other studios' and CLIs' uploads too), and the file is linked in,
+        which fails rather than replace a file that appeared some other way."""
+        name = received.name
         stem, dot, suffix = name.rpartition(".")
-        candidate, n = name, 2
-        while candidate.lower() in taken:
-            candidate, n = f"{stem}-{n}{dot}{suffix}", n + 1
+        folder = os.open(self.home.datasets, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            taken = {p.name.lower() for p in self.home.datasets.iterdir()}
+            candidate, n = name, 2
+            while True:
+                if candidate.lower() not in taken:
+                    try:
+                        os.link(received, self.home.datasets / candidate)
+                        break
+                    except FileExistsError:
+                        taken.add(candidate.lower())
+                candidate, n = f"{stem}-{n}{dot}{suffix}", n + 1
+        finally:
+            os.close(folder)  # and with it the lock
+        os.unlink(received)
         return self.home.datasets / candidate
 
     def dataset(self, name: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ conversation may end with a user turn.
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftstudio.config import validation_fraction
 from ftstudio.errors import Problem, ValidationError
-from ftstudio.training.datafiles import FIELD, preview, read_csv, read_json, read_jsonl, read_parquet
+from ftstudio.training.datafiles import FIELD, not_regular, preview, read_csv, read_json, read_jsonl, read_parquet
 
 if TYPE_CHECKING:
     from ftstudio.config import TrainingConfig
@@ -185,6 +186,9 @@ def read_rows(
     if path.is_dir():
         yield from _read_dir(path, split, max_row_bytes)
         return
+    mode = path.stat().st_mode  # a stat never waits, even on a named pipe
+    if not stat.S_ISREG(mode):
+        raise not_regular(path, mode)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from read_jsonl(path, max_row_bytes)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -41,8 +43,42 @@ PREVIEW_DEPTH = 8
 UNREADABLE = "holds a number with too many digits or nesting too deep to read; fix it"
 
 
+KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def not_regular(path: Path, mode: int) -> ValidationError:
+    kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return _bad(path, "", f"is {kind}, not a dataset file; give the path of a .jsonl, .json, .csv or .parquet file")
+
+
+def open_regular(path: Path, mode: str = "rb", **text: Any) -> IO[Any]:
+    """Open a dataset file for reading, refusing anything but a regular file without ever waiting on it: a
+    named pipe would block a plain open() until someone writes to it (a worker thread of the studio, held
+    forever), and a device or socket is not a dataset. Opened non-blocking and checked on the open file
+    itself, so a path swapped for a pipe after a check cannot block either."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _bad(path, "", f"cannot be opened ({e.strerror}); check the path and its permissions") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(path, st.st_mode)
+        os.set_blocking(fd, True)
+        return open(fd, mode, closefd=True, **text)  # the caller's `with` closes it
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_jsonl(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for n, text in _lines(f, path, max_row_bytes):
             if not text.strip():
                 continue
@@ -59,7 +95,7 @@ def read_jsonl(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dic
 
 def read_json(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
     """A list of rows (streamed), an object holding one list of rows, or JSON lines in a .json file."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(4096).removeprefix(BOM).lstrip()
     if head.startswith(b"["):
         yield from _json_list(path, max_row_bytes or UNBOUNDED_ROW_BYTES)
@@ -108,7 +144,7 @@ def read_json(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict
 
 
 def read_csv(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         reader = csv.DictReader(text for _, text in _lines(f, path, max_row_bytes))
         try:
             for row in reader:
@@ -121,28 +157,29 @@ def read_csv(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict[
 def read_parquet(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.ParquetFile(path)
-    except Exception:  # pyarrow raises several types for a damaged file; their text may quote it
-        raise _bad(path, "", "not a readable parquet file; re-export it") from None
-    if max_row_bytes is not None:
-        meta = table.metadata
-        biggest = max((meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)), default=0)
-        if biggest > MAX_ROW_GROUP_BYTES:
-            raise _bad(
-                path,
-                "",
-                f"a row group of {_mb(biggest)} is too big to check here (the limit is {_mb(MAX_ROW_GROUP_BYTES)}); "
-                "write it with smaller row groups (pyarrow: row_group_size=10000)",
-            )
-    n = 0
-    try:
-        for batch in table.iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                n += 1
-                yield f"row {n}", row
-    except (OSError, ValueError, ArithmeticError):  # pyarrow's errors derive from these
-        raise _bad(path, f"row {n + 1}", "cannot be read (a damaged parquet file); re-export it") from None
+    with open_regular(path) as source:  # pyarrow reads the checked file, not the path again
+        try:
+            table = pq.ParquetFile(source)
+        except Exception:  # pyarrow raises several types for a damaged file; their text may quote it
+            raise _bad(path, "", "not a readable parquet file; re-export it") from None
+        if max_row_bytes is not None:
+            meta = table.metadata
+            biggest = max((meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)), default=0)
+            if biggest > MAX_ROW_GROUP_BYTES:
+                raise _bad(
+                    path,
+                    "",
+                    f"a row group of {_mb(biggest)} is too big to check here (the limit is {_mb(MAX_ROW_GROUP_BYTES)}); "
+                    "write it with smaller row groups (pyarrow: row_group_size=10000)",
+                )
+        n = 0
+        try:
+            for batch in table.iter_batches(batch_size=1024):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield f"row {n}", row
+        except (OSError, ValueError, ArithmeticError):  # pyarrow's errors derive from these
+            raise _bad(path, f"row {n + 1}", "cannot be read (a damaged parquet file); re-export it") from None
 
 
 def _lines(f: IO[bytes], path: Path, max_row_bytes: int | None) -> Iterator[tuple[int, str]]:
@@ -166,7 +203,7 @@ def _lines(f: IO[bytes], path: Path, max_row_bytes: int | None) -> Iterator[tupl
 def _json_list(path: Path, limit: int) -> Iterator[tuple[str, dict[str, Any]]]:
     """The items of a JSON list, decoded one at a time from a window of the file."""
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8-sig", errors="strict") as f:
+    with open_regular(path, "r", encoding="utf-8-sig", errors="strict") as f:
         buf, pos, eof, n = "", 0, False, 0
         want_item, closed_ok = True, True  # after `[`: an item or `]`; after an item: `,` or `]`
 
