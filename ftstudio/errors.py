@@ -83,6 +83,10 @@ class IllegalTransition(FtstudioError):
     http_status = 409
 
 
+class DamagedFile(FtstudioError):
+    """One of the home's own files (studio.db, studio.json) cannot be read; the message names it and the fix."""
+
+
 class StudioAlreadyRunning(FtstudioError):
     http_status = 409
     exit_code = 3

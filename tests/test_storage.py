@@ -143,7 +143,7 @@ def test_an_injected_failure_while_writing_the_task_leaves_no_row(home, tmp_path
         r = client.post("/api/tasks", json={"name": "refused", "config": {"preset": "cpu-demo"}})
     one_line_507(r, "is full")
     assert state(service) == before
-    monkeypatch.setattr(os, "rename", full)
+    monkeypatch.setattr(os, "link", full)  # how an upload takes its final name
     with api_client(service) as client:
         r = client.post("/api/datasets", files={"file": ("d.jsonl", io.BytesIO(ROWS))})
     one_line_507(r, "is full")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ftstudio.errors import IllegalTransition, NotFound
+from ftstudio.errors import DamagedFile, IllegalTransition, NotFound
 from ftstudio.execution import facts
 from ftstudio.home import TASK_ID_RE
 from ftstudio.studio import lifecycle
@@ -35,7 +35,7 @@ def test_schema_is_versioned_and_wal(store, tmp_path):
 def test_a_newer_schema_is_refused(tmp_path):
     s = Store(tmp_path / "x.db")
     s._conn().execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(RuntimeError, match="upgrade ftstudio"):
+    with pytest.raises(DamagedFile, match="upgrade ftstudio"):
         Store(tmp_path / "x.db")
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 from ftstudio.execution.facts import Outcome
 from ftstudio.execution.inmemory import InMemoryExecutor, InMemoryRunner, ManualClock
@@ -363,3 +364,24 @@ def test_a_stopping_studio_requeues_but_launches_nothing(service: Service, execu
     sync(service, task)
     got = service.store.get(task.id)
     assert (got.status, got.attempt) == ("queued", 2) and executor.runner(task.id) is runner
+
+
+def test_a_cancel_that_comes_while_the_runner_is_being_launched_still_stops_it(
+    service: Service, executor: InMemoryExecutor
+):
+    """The launcher claims the task (preparing), clears the last attempt's request files, starts the runner,
+    then records its pid. A cancel in between found no pid to signal and its request file deleted, and the
+    run trained to the end ("completed"). Now the cancel waits for the pid and stops the runner it names."""
+    cancels: list[Task] = []
+
+    def cancel_mid_launch(runner: InMemoryRunner) -> None:  # inside submit: claimed, pid not yet recorded
+        assert service.store.get(runner.task_id).pid is None
+        cancels.append(service.cancel(runner.task_id))
+
+    executor.on_submit = cancel_mid_launch
+    task = service.submit({"preset": "cpu-demo"}, "in memory")
+    runner = executor.runner(task.id)
+    assert cancels and cancels[0].phase == "cancelling"
+    got = wait_for(lambda: service.store.get(task.id).status == "cancelled" and service.store.get(task.id), timeout=10)
+    assert runner.signals[:1] == [signal.SIGTERM] and not runner.alive, runner.signals
+    assert got.error is None or "cancel" in got.error

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftstudio.cli.parser import SUBMIT_FLAGS
 from ftstudio.config import set_path
-from ftstudio.errors import NotRunning, ValidationError
+from ftstudio.errors import NotRunning, UserError, ValidationError
 from ftstudio.home import Home
 from ftstudio.studio.task import TaskStatus
 from ftstudio.text import last_redraw, printable, printable_log
@@ -327,6 +327,12 @@ def cmd_studio(args: argparse.Namespace) -> int:
         return 0
     if args.action == "token":
         print(load_or_create_token(home))
+        return 0
+    if args.action == "backup":
+        if not args.dir:
+            raise UserError("studio backup needs a folder: `ftstudio studio backup DIR` writes DIR/studio.db")
+        made = open_service().backup(Path(args.dir))
+        print(f"backed up {made['tasks']} task(s) to {made['path']} ({made['bytes'] / 1e6:.1f} MB)")
         return 0
     if args.action == "url":
         running = studio_mod.running_server(home)

@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("studio", "start, stop, restart or check the studio server (training is never touched)")
     sp.add_argument(
         "action",
-        choices=["start", "stop", "restart", "status", "serve", "token", "url"],
-        help="token: print the token that every API request needs; url: print the login URL of the running studio",
+        choices=["start", "stop", "restart", "status", "serve", "token", "url", "backup"],
+        help="token: print the token that every API request needs; url: print the login URL of the running studio; "
+        "backup DIR: a consistent copy of the task index (studio.db) in DIR, safe while tasks train",
     )
+    sp.add_argument("dir", nargs="?", help="backup: the folder to write studio.db into (it must not hold one yet)")
     server_flags(sp)
     sp.add_argument(
         "--executor",

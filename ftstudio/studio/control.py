@@ -96,8 +96,22 @@ class Control:
             stopper.join()
         return self.store.get(task.id)
 
+    def _launched(self, task: Task) -> Task:
+        """The task once its runner is recorded. A cancel can come between the launcher's claim (the task is
+        preparing) and its record of the runner's pid: there is nothing to signal yet, and the launcher has
+        just cleared the task's request files for the new attempt. Wait for the pid, then ask again in the
+        file, so the runner it started is stopped as a cancel, not left to train to the end."""
+        deadline = time.monotonic() + lifecycle.LAUNCH_GRACE_S
+        while launch_of(task) is None and task.status == TaskStatus.PREPARING and time.monotonic() < deadline:
+            time.sleep(0.1)
+            task = self.store.get(task.id)
+        if launch_of(task) is not None and not task.dir.cancel_request.exists():
+            write_json_atomic(task.dir.cancel_request, {"requested_at": task.cancel_requested_at or time.time()})
+        return task
+
     def _stop(self, task: Task, grace: float) -> None:
         try:
+            task = self._launched(task)
             killed = self.supervisor.executor_for(task).stop(task.dir, launch_of(task), task.id, grace=grace)
             if killed:
                 log.warning(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import psutil
 from ftstudio import __version__, checkpoints, taskfiles
 from ftstudio.chat.process import ChatReply, ChatRequest, ChatWorker, Machine
 from ftstudio.config import PRESETS, TrainingConfig, describe_fields
-from ftstudio.errors import NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
+from ftstudio.errors import Conflict, NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
 from ftstudio.execution.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
 from ftstudio.resources import gpu_usage, machine_gpus, want_of
@@ -237,6 +238,29 @@ class Service:
                 f"wait for one to finish or cancel one (its owner can raise the limit with "
                 f"`ftstudio studio start --max-pending N`)"
             )
+
+    # -- the index -------------------------------------------------------------
+
+    def backup(self, folder: Path) -> dict[str, Any]:
+        """`ftstudio studio backup DIR`: a consistent copy of studio.db in DIR (SQLite's online backup, safe
+        while the studio serves and tasks train). Never overwrites: DIR/studio.db must not exist yet."""
+        folder = folder.expanduser().absolute()
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            dest = folder / "studio.db"
+            os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise Conflict(
+                f"{folder / 'studio.db'} exists already; a backup never replaces one: give another folder"
+            ) from None
+        except OSError as e:
+            raise UserError(f"cannot write a backup in {folder}: {e.strerror}; give a folder you can write") from None
+        try:
+            tasks = self.store.backup(dest)
+        except BaseException:
+            dest.unlink(missing_ok=True)  # no half-made copy that looks like a backup
+            raise
+        return {"path": str(dest), "tasks": tasks, "bytes": dest.stat().st_size}
 
     # -- the queue (launcher.py) -----------------------------------------------
 

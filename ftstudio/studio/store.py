@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftstudio.errors import IllegalTransition, NotFound
+from ftstudio.errors import DamagedFile, IllegalTransition, NotFound
 from ftstudio.eventrows import INT64, UnstorableEvent, latest_progress, num, text
 from ftstudio.home import TaskDir
 from ftstudio.studio.lifecycle import Move, submitted
@@ -252,7 +252,14 @@ class Store:
         self.path = path
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._migrate()
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as e:  # not a database, or a damaged one ("malformed", "not a database")
+            self.close()
+            raise DamagedFile(
+                f"{path} is damaged ({e}); restore a copy made with `ftstudio studio backup DIR` over it, or move it "
+                f"aside to start with an empty task list (the task folders in {path.parent / 'tasks'} are kept)"
+            ) from None
 
     # -- connections ---------------------------------------------------------
 
@@ -291,7 +298,7 @@ class Store:
         with self.tx() as c:
             version = c.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
+                raise DamagedFile(
                     f"{self.path} has schema version {version}, newer than this ftstudio knows ({SCHEMA_VERSION}); "
                     "upgrade ftstudio"
                 )
@@ -300,6 +307,23 @@ class Store:
                     if stmt.strip():
                         c.execute(stmt)
                 c.execute(f"PRAGMA user_version = {number + 1}")
+
+    def checkpoint(self) -> None:
+        """Write the write-ahead log into studio.db and empty it: after a stop, studio.db alone is complete (a
+        backup that copies only that file keeps everything)."""
+        self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
+    def backup(self, dest: Path) -> int:
+        """A consistent copy of the store at `dest` through SQLite's online backup API, while others read and
+        write; returns how many tasks it holds. `dest` must not exist: a backup never overwrites."""
+        target = sqlite3.connect(f"file:{dest}?mode=rwc", uri=True)
+        try:
+            self._conn().backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")  # first: one self-contained file, no -wal beside it
+            (tasks,) = target.execute("SELECT count(*) FROM tasks").fetchone()
+        finally:
+            target.close()
+        return int(tasks)
 
     def schema_version(self) -> int:
         version: int = self._conn().execute("PRAGMA user_version").fetchone()[0]

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from ftstudio.errors import FtstudioError, StudioAlreadyRunning, ValidationError
+from ftstudio.errors import DamagedFile, FtstudioError, StudioAlreadyRunning, ValidationError
 from ftstudio.execution.facts import Liveness
 from ftstudio.execution.procs import Identity, check
 from ftstudio.home import Home, read_json, write_json_atomic
@@ -186,18 +187,43 @@ def reachable_host(bind_host: str) -> str:
 
 
 def running_server(home: Home) -> ServerInfo | None:
-    """The live server of this home, if there is one (identity-checked, not a bare pid)."""
-    data = read_json(home.server_info)
-    if not data:
-        return None
+    """The live server of this home, if there is one (identity-checked, not a bare pid). A damaged record is
+    stale when no studio holds the lock (the next start writes a new one); while one does, it is an error
+    that says what to do, since that studio cannot be found or stopped by it."""
     try:
+        data = read_json(home.server_info)
         known = ServerInfo.__dataclass_fields__
-        info = ServerInfo(**{k: v for k, v in data.items() if k in known})
-    except TypeError:
+        info = ServerInfo(**{k: v for k, v in (data or {}).items() if k in known}) if data else None
+        if info is not None and not (isinstance(info.pid, int) and isinstance(info.port, int)):
+            raise ValueError("its pid and port are not numbers")
+    except (ValueError, TypeError, AttributeError, OSError) as e:  # not JSON, not an object, wrong fields
+        if not _lock_held(home):
+            return None
+        why = "not valid JSON" if isinstance(e, json.JSONDecodeError) else "not what a studio writes"
+        raise DamagedFile(
+            f"{home.server_info}, the running studio's address, is damaged ({why}); stop that studio (its process "
+            f"runs `ftstudio studio serve` with FTSTUDIO_HOME={home.root}) and start it again: it writes a new one"
+        ) from None
+    if info is None:
         return None
     if check(Identity(info.pid, info.start_time, info.boot_id), marker="studio") != Liveness.ALIVE:
         return None
     return info
+
+
+def _lock_held(home: Home) -> bool:
+    """Whether a studio holds this home's lock now (asked without taking it for more than a moment)."""
+    try:
+        fd = os.open(home.lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file: no studio ever ran here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock, if it was taken
 
 
 def _take_lock(home: Home) -> int:
@@ -303,6 +329,10 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
         stop.set()
         service.supervisor.poke()
         watcher.join(timeout=5)
+        try:
+            service.store.checkpoint()  # studio.db alone is complete once the studio has stopped
+        except Exception:  # a busy or read-only database: the WAL stays beside it, and SQLite reads both
+            log.warning("could not fold the write-ahead log into %s; keep studio.db-wal beside it", home.db)
         if (read_json(home.server_info) or {}).get("pid") == me.pid:
             home.server_info.unlink(missing_ok=True)
         log.info("studio stopped (pid %s); training processes keep running", me.pid)

@@ -37,5 +37,11 @@ class QuietServer(uvicorn.Server):
         if self.on_exit is not None:
             self.on_exit()
         super().handle_exit(sig, frame)
+        # uvicorn raises the signal again once it has shut down, so that the process dies of it: that would
+        # skip the studio's own shutdown after the server's (fold the WAL into studio.db, remove studio.json,
+        # log "studio stopped"). The studio exits by itself once that is done.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import wait_for
+from support import paced, wait_for
 
 from .livestudio import ARTIFACTS, LiveStudio, task_processes
 
@@ -30,6 +31,11 @@ def progress(page: Any) -> float:
 
 
 def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: LiveStudio, page: Any) -> None:
+    # The real trainer with a floor of half a second a step: on a fast idle machine 30 steps end in the
+    # seconds a studio restart takes, and the run must still be training when the studio comes back.
+    studio.kill(signal.SIGTERM)
+    studio.env.update(paced(FTSTUDIO_TEST_PACE_S="0.5"))
+    studio.start()
     started = time.monotonic()
     page.goto(studio.page_url("#/new"))
     page.get_by_label("Name").fill("browser e2e")
