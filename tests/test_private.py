@@ -148,3 +148,51 @@ def test_another_user_can_read_nothing_and_take_no_lock_on_a_pre_created_open_ho
     again.stop()
     warnings = [line for line in (shared_home / "studio.log").read_text().splitlines() if "open to other users" in line]
     assert len(warnings) == 1
+
+
+@pytest.mark.process
+def test_another_users_process_that_claims_a_task_is_not_the_tasks(home: Path) -> None:
+    """A process is a task's only if it is ours: another user's process carrying FTSTUDIO_TASK_ID of a task
+    neither holds its DELETE at 409 nor receives the signals of a cancel."""
+    if os.geteuid() != 0:
+        if in_ci():
+            pytest.fail("CI runs the tests as root, to act as another user", pytrace=False)
+        pytest.skip("acting as another user takes root")
+    import signal
+    import time
+
+    from ftstudio.execution.procs import TASK_ENV, tagged
+
+    studio = Studio(home, home_env(home, scripted=True)).start()
+    impostor = None
+    try:
+        r = studio.http.post(
+            "/api/tasks", json={"name": "scripted steps=400 delay=0.05", "config": {"preset": "cpu-demo"}}
+        )
+        tid = r.json()["id"]
+        studio.wait_status(tid, "training", timeout=60)
+
+        def drop() -> None:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        impostor = subprocess.Popen(
+            [python, "-I", "-c", "import time; time.sleep(120)"],
+            env={"PATH": "/usr/bin:/bin", TASK_ENV: tid},
+            preexec_fn=drop,
+        )
+        time.sleep(0.3)
+        ours = tagged(tid)
+        assert ours and impostor.pid not in [p.pid for p in ours]
+        studio.http.post(f"/api/tasks/{tid}/cancel").raise_for_status()
+        studio.wait_status(tid, "cancelled", timeout=60)
+        r = studio.http.delete(f"/api/tasks/{tid}")
+        assert r.status_code == 204, r.text  # not 409 "still has processes": the impostor is not one of them
+        assert impostor.poll() is None, "the cancel signalled another user's process"
+    finally:
+        if impostor is not None:
+            impostor.send_signal(signal.SIGKILL)
+            impostor.wait(timeout=10)
+        studio.stop()

@@ -78,12 +78,16 @@ def check(ident: Identity, *, marker: str | None = None) -> Liveness:
 
 
 def tagged(task_id: str, attempt: int | None = None) -> list[psutil.Process]:
-    """Every live process whose environment carries FTSTUDIO_TASK_ID=task_id (the runner tags all descendants);
-    with `attempt`, only the training processes of that attempt (FTSTUDIO_ATTEMPT, set by its runner)."""
+    """Every live process of ours whose environment carries FTSTUDIO_TASK_ID=task_id (the runner tags all
+    descendants); with `attempt`, only the training processes of that attempt (FTSTUDIO_ATTEMPT, set by its
+    runner). Ours: run by this process's user. Anyone can set an environment variable, so another user's
+    process that claims a task is never counted (it would hold DELETE at 409) nor signalled by a cancel or
+    a freeze, which a studio run as root could otherwise do to it."""
     found = []
-    for proc in psutil.process_iter(["pid"]):
+    me = os.getuid()
+    for proc in psutil.process_iter(["pid", "uids"]):
         try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
+            if proc.info["uids"] is None or proc.info["uids"].real != me or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             env = proc.environ()
             if env.get(TASK_ENV) == task_id and (attempt is None or env.get(ATTEMPT_ENV) == str(attempt)):
