@@ -245,12 +245,19 @@ class Task:
 
 
 _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+SWEEP_S = 5.0
+"""How often a use of the store closes the connections of threads that have ended."""
 
 
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        # Every thread's connection, to close those of threads that have ended: a thread-local alone leaves
+        # them to the garbage collector, and the API's short-lived worker threads piled up open files.
+        self._conns: dict[threading.Thread, sqlite3.Connection] = {}
+        self._conns_lock = threading.Lock()
+        self._next_sweep = 0.0
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._migrate()
@@ -265,15 +272,32 @@ class Store:
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
+        if self._conns and time.monotonic() >= self._next_sweep:
+            self._close_ended()
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
+            # Used only by the thread that opened it; closed by another once that thread has ended.
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
+            with self._conns_lock:
+                self._conns[threading.current_thread()] = conn
         return conn
+
+    def _close_ended(self) -> None:
+        self._next_sweep = time.monotonic() + SWEEP_S
+        with self._conns_lock:
+            ended = [t for t in self._conns if not t.is_alive()]
+            for thread in ended:
+                self._conns.pop(thread).close()
+
+    def open_connections(self) -> int:
+        """Connections open now (ended threads' are closed first): for the tests and the benchmarks."""
+        self._close_ended()
+        return len(self._conns)
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -293,6 +317,8 @@ class Store:
         if conn is not None:
             conn.close()
             self._local.conn = None
+            with self._conns_lock:
+                self._conns.pop(threading.current_thread(), None)
 
     def _migrate(self) -> None:
         with self.tx() as c:

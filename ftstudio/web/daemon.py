@@ -249,6 +249,7 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
     from ftstudio.studio.service import Service, setup_logging
     from ftstudio.web.api import create_app
     from ftstudio.web.broker import Broker
+    from ftstudio.web.connections import GuardedH11Protocol, NoiseFilter, limits_for
     from ftstudio.web.server import QuietServer
 
     home.ensure()
@@ -307,8 +308,12 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
     watcher = threading.Thread(target=service.supervisor.run, args=(stop,), name="supervisor", daemon=True)
     watcher.start()
     app = create_app(service, broker, started_at=started_at, guard=guard)
+    limit, waiting = limits_for()
+    GuardedH11Protocol.waiting_limit = waiting
     config = uvicorn.Config(
         app,
+        http=GuardedH11Protocol,  # headers within 10 s; silent connections evict each other (web/connections.py)
+        limit_concurrency=limit,  # a 503 before the process runs out of open files
         log_level="warning",
         access_log=False,
         lifespan="off",
@@ -316,6 +321,7 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
         ssl_certfile=options.certfile,
         ssl_keyfile=options.keyfile,
     )
+    logging.getLogger("uvicorn.error").addFilter(NoiseFilter())  # after Config, which sets uvicorn's logging up
     server = QuietServer(config)
 
     def stop_supervising() -> None:
