@@ -666,3 +666,71 @@ def _try_start(studio: Studio, flags: tuple[str, ...]) -> Studio | None:
         return studio.start(*flags)
     except AssertionError:
         return None
+
+
+@pytest.mark.timeout(900)
+def test_ten_machine_faults_on_one_task_end_completed_and_count_against_nothing(chaos: Chaos) -> None:
+    """Issue 21: what the machine does never fails a run. Ten faults on one task, reboots, shutdowns and
+    runners killed from outside, four of them before the attempt made a step (faster than an attempt can
+    load its model): it ends completed, with every interruption kept as the machine's and none of its
+    restart budget used. (Two stalled attempts in a row make the next one wait 15 s: lifecycle.recover.)"""
+    chaos.start()
+    tid = chaos.submit(steps=4 * STEPS, name="ten machine faults")
+    assert chaos.studio is not None
+
+    def running(n: int) -> None:
+        """Wait for attempt n's runner to run (each fault ends one attempt, so fault n finds attempt n)."""
+
+        def found() -> bool:
+            t = chaos.task(tid)
+            if t["status"] in FINAL:
+                raise AssertionError(f"task {tid} ended before fault {n}:\n{chaos.explain(tid)}")
+            return t["attempt"] == n and t["pid"] is not None and psutil.pid_exists(t["pid"])
+
+        chaos.waiting(found, 240, f"the runner of attempt {n}", tid)
+
+    def progressed() -> None:
+        """Wait until this attempt trains past where the last one ended."""
+        t = chaos.task(tid)
+        ended = max([0, *(a["end_step"] or 0 for a in t["attempts"] if a["ended_at"] is not None)])
+        chaos.wait_step(tid, ended + 1)
+
+    def shutdown() -> None:
+        assert chaos.studio is not None and chaos.studio.proc is not None
+        procs = [psutil.Process(chaos.studio.proc.pid), *tagged(tid)]
+        for p in procs:
+            chaos.kill(p, signal.SIGTERM)
+        psutil.wait_procs(procs, timeout=30)
+        chaos.start()
+
+    def reboot() -> None:
+        chaos.reboot()
+        chaos.start()
+
+    def kill_runner() -> None:
+        for p in [p for p in tagged(tid) if "ftstudio.runner" in p.cmdline()]:
+            chaos.kill(p)
+
+    schedule = [
+        (reboot, True),
+        (reboot, False),  # at once, before the next attempt's first step
+        (kill_runner, True),
+        (shutdown, True),
+        (shutdown, False),
+        (kill_runner, False),  # the second stalled attempt in a row: the next one waits 15 s
+        (reboot, True),
+        (kill_runner, True),
+        (reboot, False),
+        (shutdown, True),
+    ]
+    for n, (fault, after_progress) in enumerate(schedule, 1):
+        running(n)
+        if after_progress:
+            progressed()
+        chaos.note(f"fault {n}: {fault.__name__}{'' if after_progress else ' before a step'}")
+        fault()
+    done = chaos.verify()
+    t = done[tid]
+    assert t["status"] == "completed" and t["restarts"] == 0, t
+    ended = [a for a in t["attempts"] if a["end_cause"] is not None]
+    assert len(ended) >= 10 and {a["end_cause"] for a in ended} == {"machine"}, t["attempts"]
