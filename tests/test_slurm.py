@@ -524,3 +524,23 @@ def test_slurm_commands_that_fail_on_the_login_node_are_named_at_the_check(tmp_p
     ex = executor(lambda args: LoginUnreachable("cannot reach the login node login1 over ssh (...)"), host="login1")
     with pytest.raises(SlurmError, match=r"^cannot reach the login node login1 over ssh \(\.\.\.\)$"):
         check_cluster(ex, tmp_path)
+
+
+def test_studio_start_with_the_settings_already_checked_runs_no_check_job(tmp_path, monkeypatch):
+    """Issue 21: after a crash, `studio start --executor slurm --partition P` again must not wait for a check
+    job behind the task's own job; changed settings are checked again."""
+    from ftstudio.execution import slurm as slurm_mod
+    from ftstudio.execution.inmemory import InMemoryExecutor
+    from ftstudio.home import Home
+    from ftstudio.studio.service import Service
+
+    checks = []
+    monkeypatch.setattr(slurm_mod, "check_cluster", lambda ex, home: checks.append(ex.settings.partition) or "checked")
+    service = Service(Home(tmp_path / "home"), executor=InMemoryExecutor(), in_server=True)
+    assert service.use_executor("slurm", {"partition": "debug"}) == "checked"
+    again = service.use_executor("slurm", {"partition": "debug"})
+    assert checks == ["debug"] and "unchanged; not checked again" in again, again
+    assert service.use_executor("slurm", {"partition": "debug", "time": "01:00:00"}) == "checked"  # changed
+    assert service.use_executor("slurm", {"partition": "gpu"}) == "checked"
+    assert checks == ["debug", "debug", "gpu"]
+    assert "not checked again" in service.use_executor("slurm", {"partition": "gpu"})

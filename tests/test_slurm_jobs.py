@@ -292,3 +292,25 @@ def test_scontrol_requeue_resumes_the_task_from_its_checkpoint_in_the_same_job(r
     assert second["resumed_from_step"] == first["end_step"], done["attempts"]  # it checkpointed at the next step
     assert done["slurm"]["job_id"] == job  # the same job, run again by Slurm
     assert progress_steps(real, tid) == list(range(1, 61))
+
+
+def test_the_same_start_command_after_a_crash_serves_at_once_while_the_job_fills_the_partition(studio: Studio) -> None:
+    """Issue 21: the studio is SIGKILLed while its task's job runs; the same `--executor slurm --partition`
+    command brings it back within seconds (the settings were checked already: no check job waits behind the
+    task's job), and it keeps showing the task advance."""
+    # --exclusive: the job takes the whole node, as a job that asks for no --mem takes all its memory.
+    flags = ("--executor", "slurm", "--partition", "debug", "--sbatch-option=--exclusive")
+    studio.start(*flags)
+    tid = submit(studio, "scripted steps=600 delay=0.1")
+    wait_for(lambda: (studio.task(tid).get("slurm") or {}).get("state") == "RUNNING", timeout=120, what="the job")
+    wait_for(lambda: studio.task(tid)["step"] >= 3, timeout=120, what="progress from the job")
+    studio.kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    studio.start(*flags)
+    took = time.monotonic() - t0
+    assert took < 5, f"the studio took {took:.1f}s to serve again"
+    assert "not checked again" in (studio.home / "studio.log").read_text() + studio.log_tail()
+    at = studio.task(tid)["step"]
+    wait_for(lambda: studio.task(tid)["step"] >= at + 5, timeout=60, what="the task to keep advancing")
+    studio.http.post(f"/api/tasks/{tid}/cancel").raise_for_status()
+    studio.wait_status(tid, "cancelled", timeout=120)

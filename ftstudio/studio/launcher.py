@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -84,10 +85,22 @@ class Launcher:
         unworkable = slurm.unworkable()
         if unworkable:
             raise ValidationError("; ".join(unworkable))
-        said = check_cluster(executor, self.home.root) if check else f"Slurm partition {slurm.partition}, not checked"
+        wanted = json.dumps(slurm.to_json(), sort_keys=True)
+        checked = self.store.setting("slurm_checked")
+        if check and checked is not None and json.loads(checked).get("settings") == wanted:
+            # The same settings a check job already passed with: `studio start` again after a crash, while
+            # the task's own job may fill the partition, must not wait for a check job to be scheduled.
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(json.loads(checked).get("at", 0)))
+            said = f"Slurm partition {slurm.partition}: the settings checked on {when}, unchanged; not checked again"
+        elif check:
+            said = check_cluster(executor, self.home.root)
+        else:
+            said = f"Slurm partition {slurm.partition}, not checked"
         with writing(self.home.root):
             self.store.set_setting("slurm", json.dumps(slurm.to_json()))
             self.store.set_setting("executor", "slurm")
+            if check:
+                self.store.set_setting("slurm_checked", json.dumps({"settings": wanted, "at": time.time()}))
         return said
 
     def plan(self) -> Plan:
