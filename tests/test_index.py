@@ -5,11 +5,12 @@ damaged studio.db or studio.json gets one line naming the file and the fix, neve
 from __future__ import annotations
 
 import shutil
+import signal
 import sqlite3
 from pathlib import Path
 
 import pytest
-from support import Studio, cli_json, home_env, run_cli
+from support import Studio, cli_json, home_env, run_cli, wait_for
 
 from ftstudio.errors import DamagedFile
 from ftstudio.studio.store import SCHEMA_VERSION, Store
@@ -114,3 +115,84 @@ def _tasks(listed: object) -> list[dict]:
 
 def test_backup_needs_a_folder(home: Path) -> None:
     one_line_error(run_cli(home, "studio", "backup"), "studio backup needs a folder")
+
+
+def listing(studio: Studio) -> dict[str, dict]:
+    tasks = studio.http.get("/api/tasks", params={"limit": 100}).json()
+    return {t["id"]: t for t in _tasks(tasks)}
+
+
+def test_an_emptied_index_is_rebuilt_from_the_task_folders_and_running_tasks_are_reattached(home: Path) -> None:
+    """Issue 21: truncate studio.db while 10 tasks exist, 2 running: after a start all 10 are listed with
+    their history, and the 2 running ones are reattached (same runner). Then a damaged studio.db, and
+    `ftstudio studio repair`."""
+    studio = Studio(home, home_env(home, scripted=True)).start("--slots", "2")
+    names = [f"done {n} scripted steps=3 delay=0.01" for n in range(6)] + ["failing scripted steps=2 exit=3"]
+    ids = [
+        studio.http.post("/api/tasks", json={"name": n, "config": {"preset": "cpu-demo"}}).json()["id"] for n in names
+    ]
+    for tid in ids:
+        studio.wait_status(tid, "completed", "failed", timeout=60)
+    held = studio.http.post(
+        "/api/tasks", json={"name": "cancelled scripted steps=2000 delay=0.05", "config": {"preset": "cpu-demo"}}
+    ).json()["id"]
+    studio.wait_status(held, "training", timeout=60)
+    studio.http.post(f"/api/tasks/{held}/cancel").raise_for_status()
+    studio.wait_status(held, "cancelled", timeout=60)
+    running = [
+        studio.http.post(
+            "/api/tasks", json={"name": f"running {n} scripted steps=3000 delay=0.05", "config": {"preset": "cpu-demo"}}
+        ).json()["id"]
+        for n in range(2)
+    ]
+    for tid in running:
+        wait_for(lambda tid=tid: studio.task(tid)["step"] >= 3, timeout=60, what="training")
+    before = listing(studio)
+    histories = {tid: studio.http.get(f"/api/tasks/{tid}/history").json() for tid in before}
+    assert len(before) == 10
+    studio.kill(signal.SIGKILL)  # the training keeps running
+    for suffix in ("-wal", "-shm"):
+        (home / f"studio.db{suffix}").unlink(missing_ok=True)
+    (home / "studio.db").write_bytes(b"")  # emptied: a valid, empty database
+
+    studio.start("--slots", "2")
+    after = listing(studio)
+    assert sorted(after) == sorted(before)
+    for tid, was in before.items():
+        now = after[tid]
+        assert (now["name"], now["config"], now["attempt"]) == (was["name"], was["config"], was["attempt"]), tid
+        if tid in running:
+            assert now["status"] == "training" and now["reattached"] is True and now["pid"] == was["pid"], now
+        else:
+            assert (now["status"], now["step"], now["error"]) == (was["status"], was["step"], was["error"]), (was, now)
+        old, new = histories[tid], studio.http.get(f"/api/tasks/{tid}/history").json()
+        assert [(t["src"], t["dst"]) for t in new["transitions"]] == [(t["src"], t["dst"]) for t in old["transitions"]][
+            : len(new["transitions"])
+        ]
+        assert len(new["transitions"]) == len(old["transitions"]), (tid, old["transitions"], new["transitions"])
+        assert [(a["attempt"], a["end_cause"]) for a in new["attempts"]] == [
+            (a["attempt"], a["end_cause"]) for a in old["attempts"]
+        ]
+    assert "studio.db did not know 10 task folder(s)" in (home / "studio.log").read_text()
+    at = studio.task(running[0])["step"]
+    wait_for(lambda: studio.task(running[0])["step"] > at + 3, timeout=60, what="the reattached task to advance")
+
+    # A damaged index: `studio repair` moves it aside and rebuilds it; the next start finds all ten.
+    studio.stop()
+    (home / "studio.db").write_bytes(b"garbage" * 1000)
+    for suffix in ("-wal", "-shm"):
+        (home / f"studio.db{suffix}").unlink(missing_ok=True)
+    one_line_error(run_cli(home, "tasks"), "is damaged", "studio backup DIR")
+    fixed = run_cli(home, "studio", "repair")
+    assert fixed.returncode == 0, fixed.stderr
+    assert (
+        "moved aside to" in fixed.stdout and "rebuilt 10 task(s) from their folders; the index holds 10" in fixed.stdout
+    )
+    studio = Studio(home, home_env(home, scripted=True)).start("--slots", "2")
+    again = listing(studio)
+    assert sorted(again) == sorted(before) and all(again[t]["status"] == "training" for t in running)
+    for tid in running:
+        studio.http.post(f"/api/tasks/{tid}/cancel").raise_for_status()
+    for tid in running:
+        studio.wait_status(tid, "cancelled", timeout=60)
+    studio.stop()

@@ -24,8 +24,9 @@ STATUS_SQL = re.compile(
     r"\bSET\b(?:(?!\bWHERE\b).)*\bstatus\s*=|\bINSERT\s+(?:OR\s+\w+\s+)?INTO\s+(?:tasks|transitions)\b",
     re.IGNORECASE | re.DOTALL,
 )
-# Where the store writes a status: applying a move, a claim (a move with its leases), and a new task's first.
-STORE_WRITERS = {"transition", "claim", "create_task"}
+# Where the store writes a status: applying a move, a claim (a move with its leases), a new task's first, and a
+# task put back from its folder (`restore`: the moves its journal recorded, or lifecycle.rebuilt's status).
+STORE_WRITERS = {"transition", "claim", "create_task", "restore"}
 
 
 def _called(node: ast.Call) -> str:

@@ -328,6 +328,22 @@ def cmd_studio(args: argparse.Namespace) -> int:
     if args.action == "token":
         print(load_or_create_token(home))
         return 0
+    if args.action == "repair":
+        running = studio_mod.running_server(home)
+        if running is not None:
+            raise UserError(
+                f"the studio is running (pid {running.pid}); stop it first with `ftstudio studio stop` (training "
+                "keeps running). A start re-indexes the folders studio.db does not know by itself"
+            )
+        from ftstudio.studio.service import Service as TheService  # imported here, as in open_service
+
+        done = TheService.repair(home)
+        if done["moved_aside"]:
+            print(f"studio.db could not be opened: moved aside to {done['moved_aside']}")
+        print(f"rebuilt {len(done['rebuilt'])} task(s) from their folders; the index holds {done['tasks']}")
+        for line in done["skipped"]:
+            print(f"left out: {printable(line)}")
+        return 0
     if args.action == "backup":
         if not args.dir:
             raise UserError("studio backup needs a folder: `ftstudio studio backup DIR` writes DIR/studio.db")

@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("studio", "start, stop, restart or check the studio server (training is never touched)")
     sp.add_argument(
         "action",
-        choices=["start", "stop", "restart", "status", "serve", "token", "url", "backup"],
+        choices=["start", "stop", "restart", "status", "serve", "token", "url", "backup", "repair"],
         help="token: print the token that every API request needs; url: print the login URL of the running studio; "
-        "backup DIR: a consistent copy of the task index (studio.db) in DIR, safe while tasks train",
+        "backup DIR: a consistent copy of the task index (studio.db) in DIR, safe while tasks train; "
+        "repair: rebuild the index from the task folders (a damaged studio.db is moved aside first)",
     )
     sp.add_argument("dir", nargs="?", help="backup: the folder to write studio.db into (it must not hold one yet)")
     server_flags(sp)

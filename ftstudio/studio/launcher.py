@@ -18,7 +18,7 @@ from ftstudio.errors import LaunchError, ValidationError
 from ftstudio.home import write_json_atomic
 from ftstudio.resources import Want, cuda_env, want_of
 from ftstudio.storage import writing
-from ftstudio.studio import lifecycle, scheduler
+from ftstudio.studio import journal, lifecycle, scheduler
 from ftstudio.studio.policy import MAX_SLOTS
 from ftstudio.studio.scheduler import Grant, Plan, Waiting
 from ftstudio.studio.store import LostRace, Task
@@ -173,6 +173,9 @@ class Launcher:
             pgid=launch.pgid,
             job_id=launch.job_id,
             executor=self.executor.name,
+        )
+        journal.append(
+            tdir.path, {"kind": "launched", "ts": time.time(), "executor": self.executor.name, "job_id": launch.job_id}
         )
         held = ", ".join(grant.resources) or "no lease"
         where = f"Slurm job {launch.job_id}" if launch.job_id else f"runner pid {launch.pid}"

@@ -380,6 +380,28 @@ def _failed(src: TaskStatus, reason: str, *, stop_processes: bool = False) -> Mo
     return Move(src, S.FAILED, reason, {"error": reason}, stop_processes=stop_processes)
 
 
+REBUILT = "rebuilt from its folder, where its end was not recorded"
+
+
+def rebuilt(outcome: str | None, reason: str, *, launched: bool, alive: bool) -> tuple[TaskStatus, str | None]:
+    """The status (and error) of a task put back in the index from a folder without a journal (one from before
+    the journal was kept): its last attempt's exit record, else whether its runner still runs. Nothing the
+    folder cannot show starts again by itself: an end other than completed or paused is failed, and
+    `ftstudio retry` continues it from its newest checkpoint."""
+    retry = "`ftstudio retry` continues it from its newest checkpoint"
+    if outcome == Outcome.COMPLETED:
+        return S.COMPLETED, None
+    if outcome == Outcome.PAUSED:
+        return S.PAUSED, None
+    if outcome:
+        return S.FAILED, f"{reason or outcome} ({REBUILT}); {retry}"
+    if alive:
+        return S.TRAINING, None  # the start-up look reattaches it
+    if launched:
+        return S.FAILED, f"{REBUILT}: it had stopped; {retry}"
+    return S.QUEUED, None
+
+
 def progress_text(step: int, total_steps: int | None) -> str:
     if total_steps:
         return f"step {step}/{total_steps}"

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ import psutil
 from ftstudio import __version__, checkpoints, taskfiles
 from ftstudio.chat.process import ChatReply, ChatRequest, ChatWorker, Machine
 from ftstudio.config import PRESETS, TrainingConfig, describe_fields
-from ftstudio.errors import Conflict, NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
+from ftstudio.errors import Conflict, DamagedFile, NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
 from ftstudio.execution.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
 from ftstudio.resources import gpu_usage, machine_gpus, want_of
@@ -36,6 +37,7 @@ from ftstudio.studio.incoming import Incoming
 from ftstudio.studio.launcher import DEFAULT_SLOTS as DEFAULT_SLOTS
 from ftstudio.studio.launcher import Launcher
 from ftstudio.studio.policy import Policy
+from ftstudio.studio.repair import Reindexed, reindex
 from ftstudio.studio.scheduler import Plan
 from ftstudio.studio.store import Store, Task
 from ftstudio.studio.supervisor import Supervisor, heartbeat_age
@@ -240,6 +242,34 @@ class Service:
             )
 
     # -- the index -------------------------------------------------------------
+
+    def reindex(self) -> Reindexed:
+        """Put back every task folder the index does not know (the studio does it at each start)."""
+        with writing(self.home.root):
+            return reindex(self.store, self.home)
+
+    @staticmethod
+    def repair(home: Home) -> dict[str, Any]:
+        """`ftstudio studio repair` (no studio running): a studio.db that cannot be opened is moved aside, and
+        the index is rebuilt from the task folders, every one it does not know."""
+        moved = None
+        try:
+            Store(home.db).close()
+        except DamagedFile:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            moved = home.root / f"studio.db.damaged-{stamp}"
+            for suffix in ("", "-wal", "-shm"):
+                src = home.root / f"studio.db{suffix}"
+                if src.exists():
+                    src.rename(home.root / f"studio.db.damaged-{stamp}{suffix}")
+        service = Service(home)
+        found = service.reindex()
+        return {
+            "moved_aside": str(moved) if moved else None,
+            "rebuilt": found.rebuilt,
+            "skipped": found.skipped,
+            "tasks": len(service.store.ids()),
+        }
 
     def backup(self, folder: Path) -> dict[str, Any]:
         """`ftstudio studio backup DIR`: a consistent copy of studio.db in DIR (SQLite's online backup, safe

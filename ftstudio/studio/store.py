@@ -29,6 +29,7 @@ from typing import Any
 from ftstudio.errors import DamagedFile, IllegalTransition, NotFound
 from ftstudio.eventrows import INT64, UnstorableEvent, latest_progress, num, text
 from ftstudio.home import TaskDir
+from ftstudio.studio import journal
 from ftstudio.studio.lifecycle import Move, submitted
 from ftstudio.studio.scheduler import Grant, Lease
 from ftstudio.studio.task import TaskStatus, check_transition
@@ -245,6 +246,8 @@ class Task:
 
 
 _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+JOURNALED = ("error", "restarts", "cancel_requested_at", "pause_requested_at", "frozen_at", "phase")
+"""A move's own fields that the task folder's journal keeps with it (for `studio.repair`)."""
 SWEEP_S = 5.0
 """How often a use of the store closes the connections of threads that have ended."""
 
@@ -391,6 +394,42 @@ class Store:
                 continue  # id collision: draw again
         raise RuntimeError("could not draw a free task id in 10 tries")
 
+    def restore(
+        self,
+        row: Mapping[str, Any],
+        transitions: list[tuple[float, str | None, str, str]],
+        attempts: list[dict[str, Any]],
+    ) -> bool:
+        """Put back a task the index lost, from what its folder holds (`studio.repair`): its row, its status
+        history (ts, src, dst, reason) and its attempts, in one transaction. False: the id is known already
+        (nothing changed). Its events are read back with `ingest`, as the supervisor reads them."""
+        cols = [k for k in row if k in _TASK_FIELDS]
+        try:
+            with self.tx() as c:
+                c.execute(
+                    f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    [row[k] for k in cols],
+                )
+                c.executemany(
+                    "INSERT INTO transitions (task_id, ts, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
+                    [(row["id"], *t) for t in transitions],
+                )
+                c.executemany(
+                    "INSERT OR REPLACE INTO attempts (task_id, attempt, started_at, ended_at, end_reason, end_cause,"
+                    " resumed_from_step, end_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (row["id"], a["attempt"], a.get("started_at"), a.get("ended_at"), a.get("end_reason"),
+                         a.get("end_cause"), a.get("resumed_from_step"), a.get("end_step"))
+                        for a in attempts
+                    ],
+                )  # fmt: skip
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def ids(self) -> set[str]:
+        return {r[0] for r in self._conn().execute("SELECT id FROM tasks")}
+
     def get(self, task_id: str) -> Task:
         row = self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:
@@ -473,7 +512,17 @@ class Store:
                     " end_step = (SELECT step FROM tasks WHERE id = ?) WHERE task_id = ? AND ended_at IS NULL",
                     (now, reason, None if _cause is None else str(_cause), task_id, task_id),
                 )
-        return self.get(task_id)
+                released = True
+            else:
+                released = False
+        task = self.get(task_id)
+        kept = {k: getattr(task, k) for k in JOURNALED if k in fields}
+        journal.append(
+            task.task_dir,
+            {"kind": "move", "ts": now, "src": src, "dst": dst, "reason": reason, "cause": _cause,
+             "released": released, "attempt": task.attempt, "step": task.step, **kept},
+        )  # fmt: skip
+        return task
 
     # -- the queue -----------------------------------------------------------
 
@@ -517,7 +566,13 @@ class Store:
                 # unknown until its first steps. (The step stays until then: where the last attempt ended is
                 # what `lifecycle.recover` compares when this one dies before a step.)
                 c.execute("UPDATE tasks SET eta_s = NULL, tokens_per_s = NULL WHERE id = ?", (task_id,))
-        return self.get(task_id)
+        task = self.get(task_id)
+        journal.append(
+            task.task_dir,
+            {"kind": "claim", "ts": now, "src": move.src, "dst": move.dst, "reason": move.reason,
+             "attempt": task.attempt, "resumed_from_step": resumed_from_step},
+        )  # fmt: skip
+        return task
 
     def leases(self) -> list[Lease]:
         rows = self._conn().execute("SELECT resource, task_id, shared FROM leases ORDER BY resource, since")

@@ -291,6 +291,15 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
 
     if options.slots is not None:
         service.set_slots(options.slots)
+    # Folders the index does not know (an emptied or replaced studio.db): back in it before anything is decided.
+    found = service.reindex()
+    if found.rebuilt:
+        shown = ", ".join(found.rebuilt[:5]) + (f" and {len(found.rebuilt) - 5} more" if len(found.rebuilt) > 5 else "")
+        log.warning(
+            "studio.db did not know %d task folder(s); rebuilt them from the folders: %s", len(found.rebuilt), shown
+        )
+    for line in found.skipped:
+        log.warning("not re-indexed: %s", line)
     verdicts = service.supervisor.reconcile_all()  # before the API answers anything
     released = service.store.release_orphans()  # leases of tasks that ended while no studio watched
     if released:
