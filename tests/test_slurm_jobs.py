@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from slurm_cluster import cancel_tasks, current_cluster, slurm_env
 from support import Studio, home_env, progress_steps, run_cli, submit_tiny, wait_for
@@ -208,7 +209,8 @@ def test_restarting_slurmctld_while_a_job_runs_loses_nothing(studio: Studio) -> 
     studio.start("--executor", "slurm", "--partition", "debug")
     tid = submit(studio, "scripted steps=400 delay=0.05")
     wait_for(lambda: studio.task(tid)["step"] >= 5, timeout=120, what="progress from the job")
-    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    ctld = int(pidfile.read_text())
+    os.kill(ctld, signal.SIGTERM)
     try:
         wait_for(lambda: cluster.run("squeue", check=False).returncode != 0, timeout=30, what="slurmctld to go")
         step = studio.task(tid)["step"]
@@ -216,8 +218,12 @@ def test_restarting_slurmctld_while_a_job_runs_loses_nothing(studio: Studio) -> 
         # Training, or even completed: its exit record decides, whether Slurm answers or not.
         assert studio.task(tid)["status"] in ("training", "completed")
     finally:
+        # Gone, not going: `up` leaves a slurmctld it finds still running alone, and the one shutting down
+        # would then leave the next tests with no controller ("Unable to contact slurm controller").
+        wait_for(lambda: not psutil.pid_exists(ctld), timeout=60, what="the old slurmctld to exit")
         up = subprocess.run([str(script), "up"], env=cluster.env, capture_output=True, text=True, timeout=120)
         assert up.returncode == 0, up.stdout + up.stderr
+        wait_for(lambda: cluster.run("squeue", check=False).returncode == 0, timeout=60, what="slurmctld to answer")
     done = studio.wait_status(tid, "completed", "failed", "cancelled", "interrupted", timeout=120)
     assert done["status"] == "completed" and done["attempt"] == 1, done
     if done["slurm"]["state"] is not None:
@@ -300,6 +306,9 @@ def test_the_same_start_command_after_a_crash_serves_at_once_while_the_job_fills
     task's job), and it keeps showing the task advance."""
     # --exclusive: the job takes the whole node, as a job that asks for no --mem takes all its memory.
     flags = ("--executor", "slurm", "--partition", "debug", "--sbatch-option=--exclusive")
+    # The first start runs its check job, which with --exclusive needs the node to itself: let the jobs of
+    # the tests before this one finish first (they are cancelled at their end, and take a moment to go).
+    wait_for(lambda: slurm("squeue", "--noheader").strip() == "", timeout=120, what="the node to be free")
     studio.start(*flags)
     tid = submit(studio, "scripted steps=600 delay=0.1")
     wait_for(lambda: (studio.task(tid).get("slurm") or {}).get("state") == "RUNNING", timeout=120, what="the job")
