@@ -150,7 +150,8 @@ class Watch:
     def look(self) -> None:
         runners: Counter[str] = Counter()
         trainers: Counter[str] = Counter()  # per task and rank: torchrun's agent is not a trainer, its ranks are
-        for proc in psutil.process_iter(["cmdline"]):
+        found: dict[int, tuple[str, str, int]] = {}  # pid -> (kind, key, parent pid)
+        for proc in psutil.process_iter(["cmdline", "ppid"]):
             try:
                 cmd = proc.info["cmdline"] or []
                 kind = runners if "ftstudio.runner" in cmd else trainers if is_trainer(cmd) else None
@@ -161,7 +162,15 @@ class Watch:
             except (psutil.Error, OSError):
                 continue
             if tid in self.tasks:
-                kind[tid if kind is runners else f"{tid} rank {env.get('RANK', '0')}"] += 1
+                key = tid if kind is runners else f"{tid} rank {env.get('RANK', '0')}"
+                found[proc.pid] = ("runners" if kind is runners else "trainers", key, proc.info["ppid"])
+        for what, key, parent in found.values():
+            # A child of a runner (or trainer) of the same task that still looks like its parent is the parent's
+            # own fork, between fork and exec (the runner starts its trainer with a preexec_fn) or a worker of
+            # it: not a second one.
+            if parent in found and found[parent][:2] == (what, key):
+                continue
+            (runners if what == "runners" else trainers)[key] += 1
         self.polls += 1
         for what, counts in (("runners", runners), ("trainers", trainers)):
             for tid, n in counts.items():
