@@ -11,6 +11,7 @@ it gone and decides, as after any studio crash.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from ftstudio.execution import procs
 from ftstudio.execution.facts import Liveness
 from ftstudio.home import TASK_ID_RE, Home, TaskDir, read_json
 from ftstudio.studio import journal, lifecycle
-from ftstudio.studio.store import Batch, Store
+from ftstudio.studio.store import JOURNALED, Batch, Store
 from ftstudio.studio.task import TaskStatus
 
 
@@ -90,7 +91,7 @@ def rebuild(tdir: TaskDir) -> tuple[dict[str, Any], list[tuple[float, str | None
             attempts[number].update(
                 ended_at=ts, end_reason=r.get("reason"), end_cause=r.get("cause"), end_step=r.get("step")
             )
-        for key in ("error", "restarts", "cancel_requested_at", "pause_requested_at", "frozen_at", "phase"):
+        for key in JOURNALED:
             if key in r:
                 row[key] = r[key]
     if not records:
@@ -108,7 +109,7 @@ def rebuild(tdir: TaskDir) -> tuple[dict[str, Any], list[tuple[float, str | None
     last = transitions[-1][0]
     row.update(
         id=tdir.path.name, name=str(spec.get("name") or tdir.path.name)[:200], status=status, model=str(model),
-        dataset=str(dataset), config=_json(config), task_dir=str(tdir.path), executor=row.get("executor") or "local",
+        dataset=str(dataset), config=json.dumps(config), task_dir=str(tdir.path), executor=row.get("executor") or "local",
         created_at=created, updated_at=last, priority=int(priority) if isinstance(priority, int) else 0,
         finished_at=last if status.is_final else None,
     )  # fmt: skip
@@ -152,9 +153,3 @@ def _read(path: Path) -> Any:
         return read_json(path)
     except (ValueError, OSError):
         return None
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value)

@@ -503,7 +503,8 @@ class Store:
                 "INSERT INTO transitions (task_id, ts, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
                 (task_id, now, src, dst, reason),
             )
-            if _release if _release is not None else not dst.has_process:
+            released = _release if _release is not None else not dst.has_process
+            if released:
                 # The task's processes are gone: its slot or GPUs are free, and its attempt has ended,
                 # in the same transaction as the move, so no lease outlives the task that held it.
                 c.execute("DELETE FROM leases WHERE task_id = ?", (task_id,))
@@ -512,9 +513,6 @@ class Store:
                     " end_step = (SELECT step FROM tasks WHERE id = ?) WHERE task_id = ? AND ended_at IS NULL",
                     (now, reason, None if _cause is None else str(_cause), task_id, task_id),
                 )
-                released = True
-            else:
-                released = False
         task = self.get(task_id)
         kept = {k: getattr(task, k) for k in JOURNALED if k in fields}
         journal.append(
