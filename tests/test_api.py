@@ -239,9 +239,9 @@ def test_the_listening_socket_says_tcp_so_responses_are_not_held_back():
     # a delayed ACK (bench/bench_startup.py measured /api/health at 44 ms).
     import socket
 
-    from ftstudio.web.daemon import _bind
+    from ftstudio.web.daemon import _bind_one
 
-    sock = _bind("127.0.0.1", 0)
+    sock = _bind_one("127.0.0.1", 0)
     try:
         assert sock.proto == socket.IPPROTO_TCP
     finally:

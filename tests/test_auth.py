@@ -7,11 +7,15 @@ against a real server and the real CLI, as a person at the machine uses them."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
+import secrets
 import socket
 import stat
 import subprocess
+import time
 from contextlib import contextmanager
 
 import httpx
@@ -22,8 +26,44 @@ from ftstudio.cli.main import main
 from ftstudio.home import Home
 from ftstudio.studio.policy import Policy
 from ftstudio.web.auth import Guard, host_name, load_or_create_token
+from ftstudio.web.signing import Nonces, login_code, page_key, request_signature, server_proof
 
 ORIGIN = "http://127.0.0.1:8765"
+HOST = "127.0.0.1:8765"
+
+
+class Page:
+    """Signs requests as the studio's page does (static/api.js): logs in with the code, says hello, signs."""
+
+    def __init__(self, client, code: str | None = None) -> None:
+        self.client = client
+        r = client.post("/api/login", headers={"Authorization": "", "X-Ftstudio-Login": code or self.code()})
+        assert r.status_code == 200, r.text
+        assert r.headers["cache-control"] == "no-store" and "set-cookie" not in r.headers
+        data = r.json()
+        self.key = base64.urlsafe_b64decode(data["key"] + "=" * (-len(data["key"]) % 4))
+        self.epoch = data["epoch"]
+
+    def code(self) -> str:
+        r = self.client.get("/api/hello?challenge=" + "c" * 20, headers={"Authorization": ""})
+        return login_code(self.client.token, r.json()["epoch"])
+
+    def auth(self, method: str, target: str, content: bytes = b"", *, ts: float | None = None, **over: str) -> str:
+        fields = {
+            "epoch": self.epoch,
+            "ts": str(int(time.time() if ts is None else ts)),
+            "nonce": secrets.token_urlsafe(12),
+            "body": hashlib.sha256(content).hexdigest(),
+        }
+        fields.update(over)
+        sig = request_signature(self.key, method=method, host=HOST, target=target, **fields)
+        return "ftstudio " + ", ".join(f"{k}={v}" for k, v in {**fields, "sig": sig}.items())
+
+    def request(self, method: str, target: str, content: bytes = b"", **over: str):
+        headers = {"Authorization": self.auth(method, target, content, **over)}
+        if content:
+            headers["Content-Type"] = "application/json"
+        return self.client.request(method, target, content=content, headers=headers)
 
 
 @pytest.fixture
@@ -161,22 +201,88 @@ def test_a_foreign_origin_changes_nothing(client, origin):
     assert snapshot(client) == before
 
 
-def test_the_cookie_changes_nothing_without_the_studios_own_origin(client):
-    cookie = {"Cookie": f"ftstudio-token-8765={client.token}", "Authorization": ""}
-    assert client.get("/api/tasks", headers=cookie).status_code == 200  # reads are fine
+def test_a_signed_request_is_good_once_for_this_run_and_this_body_only(client):
+    page = Page(client)
+    assert page.key == page_key(client.token)
+    assert page.request("GET", "/api/tasks").status_code == 200
     before = snapshot(client)
-    r = client.post(f"/api/tasks/{client.task_id}/cancel", headers=cookie)
-    assert r.status_code == 403 and "studio's own page" in r.json()["detail"]
-    assert snapshot(client) == before
-    r = client.post("/api/tasks", json={"config": {"preset": "cpu-demo"}}, headers={**cookie, "Origin": ORIGIN})
-    assert r.status_code == 201
-    r = client.post(
-        "/api/tasks", json={"config": {"preset": "cpu-demo"}}, headers={**cookie, "Sec-Fetch-Site": "same-origin"}
+    body = json.dumps({"config": {"preset": "cpu-demo"}}).encode()
+    auth = page.auth("POST", "/api/tasks", body)
+    headers = {"Authorization": auth, "Content-Type": "application/json"}
+    assert client.post("/api/tasks", content=body, headers=headers).status_code == 201
+    again = client.post("/api/tasks", content=body, headers=headers)  # caught and sent once more
+    assert again.status_code == 401 and again.json()["code"] == "replayed"
+    other = json.dumps({"config": {"preset": "cpu-demo"}, "name": "swapped"}).encode()
+    swapped = client.post(
+        "/api/tasks", content=other, headers={**headers, "Authorization": page.auth("POST", "/api/tasks", body)}
     )
-    assert r.status_code == 201
-    # The cookie of another port (another studio, another home) is not this studio's.
-    other = {"Cookie": f"ftstudio-token-8766={client.token}", "Authorization": ""}
-    assert client.get("/api/tasks", headers=other).status_code == 401
+    assert swapped.status_code == 401 and swapped.json()["code"] == "signature"
+    assert len(snapshot(client)[0]) == len(before[0]) + 1
+    # Another run of the studio, a clock far off, another key, another path: refused, each saying which.
+    assert page.request("GET", "/api/tasks", epoch="x" * 22).json()["code"] == "session"
+    assert page.request("GET", "/api/tasks", ts=time.time() - 600).json()["code"] == "session"
+    stranger = Page.__new__(Page)
+    stranger.__dict__.update(page.__dict__, key=b"k" * 32)
+    assert stranger.request("GET", "/api/tasks").json()["code"] == "signature"
+    moved = client.get("/api/datasets", headers={"Authorization": page.auth("GET", "/api/tasks")})
+    assert moved.status_code == 401 and moved.json()["code"] == "signature"
+    # A body left unsigned is taken for an upload only; a GET says its body is empty.
+    cancel = f"/api/tasks/{client.task_id}/cancel"
+    r = client.post(cancel, headers={"Authorization": page.auth("POST", cancel, body="-")})
+    assert r.status_code == 401 and r.json()["code"] == "signature"
+    assert page.request("GET", "/api/tasks", body="0" * 64).json()["code"] == "signature"
+    for bad in ("ftstudio epoch=a", "ftstudio epoch=a, ts=1, nonce=n, body=b, sig=s, sig=t", "ftstudio a=b=c"):
+        assert client.get("/api/tasks", headers={"Authorization": bad}).status_code == 401
+    assert client.service.store.get(client.task_id).status != "cancelled"
+
+
+def test_a_signed_address_downloads_once(client):
+    page = Page(client)
+    target = "/api/tasks?limit=5"
+    auth = page.auth("GET", target)
+    fields = dict(part.strip().split("=", 1) for part in auth.removeprefix("ftstudio ").split(","))
+    signed = f"{target}&_auth={fields['epoch']}.{fields['ts']}.{fields['nonce']}.{fields['sig']}"
+    assert client.get(signed, headers={"Authorization": ""}).status_code == 200
+    assert client.get(signed, headers={"Authorization": ""}).json()["code"] == "replayed"
+    assert client.get(signed.replace("limit=5", "limit=6"), headers={"Authorization": ""}).status_code == 401
+    moved = f"/api/tasks?_auth={fields['epoch']}.{fields['ts']}.{fields['nonce']}.{fields['sig']}&limit=5"
+    assert client.get(moved, headers={"Authorization": ""}).status_code == 401  # the signature must come last
+    post = client.post(f"/api/tasks/{client.task_id}/cancel?_auth=a.1.n.s", headers={"Authorization": ""})
+    assert post.status_code == 401  # a change is never signed in its address
+
+
+def test_nonces_are_taken_once_and_their_memory_is_bounded():
+    nonces = Nonces(cap=3)
+    assert nonces.take("a", 0) is True and nonces.take("a", 1) is False
+    assert nonces.take("b", 0) and nonces.take("c", 0)
+    assert nonces.take("d", 1) is None  # full of nonces still inside the clock window: refused, not forgotten
+    assert nonces.take("d", 1000) is True and nonces.take("a", 1000) is True  # the old ones made room
+
+
+def test_the_login_code_and_the_hello(client):
+    no = {"Authorization": ""}
+    hello = client.get("/api/hello?challenge=" + "a" * 16, headers=no)
+    assert hello.status_code == 200 and hello.headers["cache-control"] == "no-store"
+    data = hello.json()
+    assert data["proof"] == server_proof(page_key(client.token), "a" * 16, data["epoch"], data["time"])
+    assert client.token not in hello.text
+    for bad in ("", "short", "a" * 129, "a" * 15 + "!", "a" * 16 + "%0a"):
+        assert client.get(f"/api/hello?challenge={bad}", headers=no).status_code == 400, bad
+    assert client.post("/api/hello?challenge=" + "a" * 16, headers=no).status_code == 405
+    wrong = client.post("/api/login", headers={**no, "X-Ftstudio-Login": login_code(client.token, "another-run")})
+    assert wrong.status_code == 401 and "ftstudio studio url" in wrong.json()["detail"]
+    assert client.post("/api/login", headers=no).status_code == 401
+    assert client.get("/api/login", headers=no).status_code == 405
+    foreign = client.post(
+        "/api/login", headers={**no, "X-Ftstudio-Login": Page(client).code(), "Origin": "http://evil.example"}
+    )
+    assert foreign.status_code == 403
+    assert client.post("/api/login", headers={**no, "Host": "evil.example"}).status_code == 403
+    # The cookie and the `?token=` link of earlier releases are no credential any more.
+    old = client.get(f"/?token={client.token}", headers=no, follow_redirects=False)
+    assert old.status_code == 200 and "set-cookie" not in old.headers
+    cookie = {"Cookie": f"ftstudio-token-8765={client.token}", "Authorization": ""}
+    assert client.get("/api/tasks", headers=cookie).status_code == 401
 
 
 @pytest.mark.parametrize(
@@ -210,18 +316,6 @@ def test_a_json_body_is_bounded(client):
 
 
 # -- the login URL and the headers --------------------------------------------------------------
-
-
-def test_the_login_url_sets_a_strict_cookie_and_drops_the_token(client):
-    r = client.get(f"/?token={client.token}", headers={"Authorization": ""}, follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"] == "/"
-    cookie = r.headers["set-cookie"]
-    assert cookie.startswith(f"ftstudio-token-8765={client.token};")
-    for part in ("HttpOnly", "SameSite=Strict", "Path=/"):
-        assert part in cookie
-    r = client.get("/?token=wrong", headers={"Authorization": ""}, follow_redirects=False)
-    assert r.status_code == 401 and "ftstudio studio url" in r.json()["detail"]
-    assert "set-cookie" not in r.headers
 
 
 def test_security_headers_and_no_cors(client):
@@ -303,9 +397,10 @@ def test_studio_start_prints_a_login_url_that_opens_the_page(home):
     r = run_cli(home, "studio", "start", "--port", "0")
     try:
         assert r.returncode == 0, r.stderr
-        url = re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", r.stdout).group(1)
+        url = re.search(r"(http://127\.0\.0\.1:\d+/\?login=\S+)", r.stdout).group(1)
         token = (home / "token").read_text().strip()
-        assert url.endswith(f"?token={token}")
+        epoch = json.loads((home / "studio.json").read_text())["epoch"]
+        assert url.endswith(f"?login={login_code(token, epoch)}") and token not in url
         assert run_cli(home, "studio", "url").stdout.strip() == url
         assert run_cli(home, "studio", "token").stdout.strip() == token
         base = url.split("?")[0]
@@ -314,10 +409,19 @@ def test_studio_start_prints_a_login_url_that_opens_the_page(home):
             assert (
                 refused.status_code == 401 and str(home / "token") in refused.json()["detail"]
             )  # said on this machine
-            assert browser.get(url, follow_redirects=False).status_code == 303
-            assert browser.get("/api/tasks").status_code == 200  # the cookie now
+            assert browser.get(url).status_code == 200  # the page, which trades the code for its key
+            key = browser.post("/api/login", headers={"X-Ftstudio-Login": url.split("login=")[1]}).json()["key"]
+            assert key and token not in key
             assert browser.get(base, headers={"Host": "evil.example"}).status_code == 403
         assert token not in (home / "studio.log").read_text()
+        # A restart is a new run: the old link is worth nothing, `studio url` prints the new one.
+        run_cli(home, "studio", "stop")
+        assert run_cli(home, "studio", "start", "--port", base.rsplit(":", 1)[1].rstrip("/")).returncode == 0
+        again = run_cli(home, "studio", "url").stdout.strip()
+        assert again != url
+        with httpx.Client(base_url=base) as browser:
+            assert browser.post("/api/login", headers={"X-Ftstudio-Login": url.split("login=")[1]}).status_code == 401
+            assert browser.post("/api/login", headers={"X-Ftstudio-Login": again.split("login=")[1]}).status_code == 200
     finally:
         run_cli(home, "studio", "stop")
 
@@ -335,15 +439,46 @@ def test_studio_url_without_a_studio_says_how_to_start_one(home):
 )
 def test_every_bind_prints_a_url_that_answers_and_warns_beyond_loopback(home, bind, shown, warns):
     with started(home, "--host", bind, "--port", "0") as r:
-        assert re.search(rf"running at http://{re.escape(shown)}:\d+/\?token=", r.stdout), r.stdout
+        assert re.search(rf"running at http://{re.escape(shown)}:\d+/\?login=", r.stdout), r.stdout
         assert ("warning:" in r.stderr) == warns, r.stderr
         if warns:
             assert "unencrypted" in r.stderr and "--certfile" in r.stderr
             wait_for(lambda: "unencrypted" in (home / "studio.log").read_text(), what="the warning in studio.log")
-        url = re.search(r"(http://\S+)/\?token=", r.stdout).group(1)
+        url = re.search(r"(http://\S+)/\?login=", r.stdout).group(1)
         token = (home / "token").read_text().strip()
         assert httpx.get(f"{url}/api/tasks", headers={"Authorization": f"Bearer {token}"}).status_code == 200
         assert httpx.get(f"{url}/api/tasks").status_code == 401
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.process
+def test_localhost_is_both_loopbacks_and_a_twin_taken_by_another_program_stops_the_start(home):
+    """A browser may reach 127.0.0.1 or ::1 for `localhost:PORT`: the studio holds both, so nobody else can
+    take the other and receive what the owner's tab sends there."""
+    if not ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    with started(home, "--host", "localhost", "--port", "0") as r:
+        url = re.search(r"(http://localhost:\d+)/\?login=", r.stdout).group(1)
+        port = int(url.rsplit(":", 1)[1])
+        token = (home / "token").read_text().strip()
+        for base in (f"http://127.0.0.1:{port}", f"http://[::1]:{port}"):
+            answer = httpx.get(f"{base}/api/tasks", headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200, base
+    with socket.socket(socket.AF_INET6) as twin:
+        twin.bind(("::1", port))
+        twin.listen()
+        r = run_cli(home, "studio", "start", "--host", "localhost", "--port", str(port))
+        assert r.returncode != 0 and f"port {port} on [::1] is in use by another program" in r.stderr, r.stderr
+        assert "--port" in r.stderr and "Traceback" not in r.stderr
+    assert run_cli(home, "studio", "url").returncode == 3  # nothing started
 
 
 # -- a request cannot exhaust the machine ----------------------------------------------------------
@@ -384,12 +519,12 @@ def test_https_with_certfile_and_keyfile(home, tmp_path):
     r = run_cli(home, "studio", "start", "--port", "0", "--certfile", str(cert), "--keyfile", str(key))
     try:
         assert r.returncode == 0, r.stderr
-        url = re.search(r"(https://127\.0\.0\.1:\d+/\?token=\S+)", r.stdout).group(1)
+        url = re.search(r"(https://127\.0\.0\.1:\d+/\?login=\S+)", r.stdout).group(1)
         assert "unencrypted" not in r.stderr
         with httpx.Client(verify=False) as browser:
-            login = browser.get(url, follow_redirects=False)
-            assert login.status_code == 303 and "Secure" in login.headers["set-cookie"]
-            assert browser.get(url.split("?")[0] + "api/tasks").status_code == 200
+            assert browser.get(url).status_code == 200
+            login = browser.post(url.split("?")[0] + "api/login", headers={"X-Ftstudio-Login": url.split("login=")[1]})
+            assert login.status_code == 200 and login.json()["key"]
     finally:
         run_cli(home, "studio", "stop")
     bad = run_cli(home, "studio", "start", "--certfile", str(cert))
@@ -399,13 +534,11 @@ def test_https_with_certfile_and_keyfile(home, tmp_path):
 # -- what the review found -------------------------------------------------------------------------
 
 
-def test_the_login_link_survives_extra_fields_and_other_cookies(client):
+def test_the_login_link_survives_extra_fields(client):
+    code = Page(client).code()
     fields = "&".join(f"utm_{i}=x" for i in range(20))
-    r = client.get(f"/?{fields}&token={client.token}", headers={"Authorization": ""}, follow_redirects=False)
-    assert r.status_code == 303
-    # Other programs on localhost set cookies the standard library's parser gives up on.
-    noisy = f'mlflow-user={{"a": 1}}; theme=dark mode; a="x; ftstudio-token-8765={client.token}; path=/'
-    assert client.get("/api/tasks", headers={"Cookie": noisy, "Authorization": ""}).status_code == 200
+    assert client.get(f"/?{fields}&login={code}", headers={"Authorization": ""}).status_code == 200
+    Page(client, code)  # the code still buys the key
 
 
 def test_the_api_docs_pages_are_off_and_the_document_behind_the_token(client):

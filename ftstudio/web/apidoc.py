@@ -28,8 +28,8 @@ ERROR_SCHEMA: dict[str, Any] = {
     },
 }
 GATE_ANSWERS = {
-    "401": "No token, or a wrong one (see `ftstudio studio url`)",
-    "403": "A foreign Host or Origin, or a change made with the cookie from another page",
+    "401": "No token, a wrong one, or a page's signature that does not hold (see `ftstudio studio url`)",
+    "403": "A foreign Host or Origin",
 }
 CHANGE_ANSWERS = {
     "413": "The request body is too large",

@@ -1,21 +1,20 @@
 """Who may talk to the studio: the token, and the Host and Origin checks.
 
 The studio can start processes and read files as the person who started it, so
-everything under `/api` (but `GET /api/health`) needs the token kept in
-`$FTSTUDIO_HOME/token` (mode 0600), sent as `Authorization: Bearer TOKEN` or as
-the HttpOnly, SameSite=Strict cookie that the login URL (`/?token=...`) sets.
+everything under `/api` (but `GET /api/health` and the page's login and hello)
+needs the token kept in `$FTSTUDIO_HOME/token` (mode 0600): sent as
+`Authorization: Bearer TOKEN` by scripts and the CLI, or proved by the page with a
+signature made with a key derived from it (`signing.py`), never sent by a browser.
 
 Two more checks stop what a token alone does not:
 
 - **Host** must be a loopback name or address, a name the owner allowed
   (`--allow-host`), or, when the owner bound beyond loopback, an IP address. A web
   page that rebinds its own DNS name to 127.0.0.1 still sends its own name as
-  Host, so it is refused even if it somehow had the cookie.
-- **Origin** on a state change (POST/PUT/PATCH/DELETE) authenticated by the
-  cookie must be the studio's own (or `Sec-Fetch-Site: same-origin`): the cookie
-  is sent by the browser whoever made the page, the Bearer header is not. A
-  foreign Origin is refused whatever the credential; no CORS header is ever sent,
-  so no other origin can read an answer or send the Authorization header.
+  Host, so it is refused even if it somehow had a credential.
+- **Origin**, when a request carries one, must be the studio's own: a foreign
+  Origin is refused whatever the credential; no CORS header is ever sent, so no
+  other origin can read an answer or send the Authorization header.
 """
 
 from __future__ import annotations
@@ -27,14 +26,14 @@ import os
 import secrets
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ftstudio.home import Home
 from ftstudio.storage import writing
+from ftstudio.web.signing import new_epoch, page_key
 
-COOKIE_PREFIX = "ftstudio-token-"
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -78,11 +77,6 @@ def read_token(home: Home) -> str:
     if len(token) < 16:
         raise ValueError(f"{path} holds no usable token; delete it and start the studio again to make a new one")
     return token
-
-
-def cookie_name(port: int) -> str:
-    """One cookie per port: browsers share cookies across ports, and two studios (two homes) may run side by side."""
-    return f"{COOKIE_PREFIX}{port}"
 
 
 def same_token(given: str | None, token: str) -> bool:
@@ -156,7 +150,7 @@ def binds_beyond_loopback(bind_host: str) -> bool:
 
 @dataclass(frozen=True)
 class Guard:
-    """The checks of one studio: its token and which Host names it answers to."""
+    """The checks of one studio: its token, this run's epoch, and which Host names it answers to."""
 
     token: str
     port: int
@@ -164,10 +158,11 @@ class Guard:
     remote: bool = False  # bound beyond loopback: IP-literal hosts are the owner's own addresses
     scheme: str = "http"
     allow_origins: tuple[str, ...] = ()  # e.g. https://box.lan, the page's origin behind a TLS proxy
+    epoch: str = field(default_factory=new_epoch)  # this run: login codes and signatures are good for it only
 
     @property
-    def cookie(self) -> str:
-        return cookie_name(self.port)
+    def page_key(self) -> bytes:
+        return page_key(self.token)
 
     def host_ok(self, host_header: str | None) -> bool:
         name = host_name(host_header or "")
@@ -198,13 +193,8 @@ class Guard:
         req_port = _header_port(host_header or "") or default
         return parts.hostname.lower().rstrip(".") == want and (port or default) == req_port
 
-    def credential(self, authorization: str | None, cookie: str | None) -> str | None:
-        """Which credential proved the token: "bearer", "cookie", or None."""
-        if same_token(bearer(authorization), self.token):
-            return "bearer"
-        if same_token(cookie, self.token):
-            return "cookie"
-        return None
+    def bearer_ok(self, authorization: str | None) -> bool:
+        return same_token(bearer(authorization), self.token)
 
 
 def _header_port(host_header: str) -> int | None:

@@ -39,6 +39,7 @@ from ftstudio.execution.procs import Identity, check
 from ftstudio.home import Home, read_json, write_json_atomic
 from ftstudio.studio.policy import MAX_SLOTS, Policy
 from ftstudio.web.auth import Guard, binds_beyond_loopback, ip, load_or_create_token
+from ftstudio.web.signing import login_code
 
 log = logging.getLogger("ftstudio")
 
@@ -164,6 +165,7 @@ class ServerInfo:
     port: int
     started_at: float
     scheme: str = "http"
+    epoch: str = ""  # this run of the studio: its login code is made from it (web/signing.py)
 
     @property
     def url(self) -> str:
@@ -171,8 +173,11 @@ class ServerInfo:
         return f"{self.scheme}://{reachable_host(self.host)}:{self.port}/"
 
     def login_url(self, token: str) -> str:
-        """The URL that logs a browser in (the page then drops the token from the address bar)."""
-        return f"{self.url}?token={token}"
+        """The URL that logs a browser in: a code good for this run of the studio only, which the page trades
+        for its signing key and then drops from the address bar. The token itself never goes to a browser."""
+        if not self.epoch:  # a studio of an earlier release, still running: its own cookie login
+            return f"{self.url}?token={token}"
+        return f"{self.url}?login={login_code(token, self.epoch)}"
 
 
 def reachable_host(bind_host: str) -> str:
@@ -268,8 +273,8 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
         )  # fmt: skip
     lock_fd = _take_lock(home)
     token = load_or_create_token(home)
-    sock = _bind(host, port)
-    port = sock.getsockname()[1]  # --port 0 asks for any free port
+    socks = bind(host, port)
+    port = socks[0].getsockname()[1]  # --port 0 asks for any free port
     scheme = "https" if options.certfile else "http"
     remote = binds_beyond_loopback(host)
     guard = Guard(
@@ -310,7 +315,9 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
         os.getpid(), host, port, watched, len(verdicts),
     )  # fmt: skip
     me = psutil.Process()
-    info = ServerInfo(me.pid, me.create_time(), Identity.of(me.pid).boot_id, host, port, started_at, scheme)
+    info = ServerInfo(
+        me.pid, me.create_time(), Identity.of(me.pid).boot_id, host, port, started_at, scheme, guard.epoch
+    )
     write_json_atomic(home.server_info, info.__dict__)
 
     stop = threading.Event()
@@ -339,7 +346,7 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
 
     server.on_exit = stop_supervising
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=socks)
     finally:
         stop.set()
         service.supervisor.poke()
@@ -355,22 +362,57 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
     return 0
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets for `--host`. `localhost` is both 127.0.0.1 and ::1 on one port: a browser may
+    reach either for `localhost:PORT`, and a twin left free is one another user can take, to receive what the
+    owner's tab sends there. Without IPv6 on the machine, 127.0.0.1 alone."""
+    if host.strip("[]").lower() != "localhost":
+        return [_bind_one(host, port)]
+    for _ in range(20 if port == 0 else 1):  # --port 0: a free v4 port may be taken on v6; pick again
+        v4 = _bind_one("127.0.0.1", port)
+        chosen = v4.getsockname()[1]
+        try:
+            return [v4, _bind_one("::1", chosen)]
+        except _NoIPv6:
+            log.info("this machine has no IPv6 loopback; listening on 127.0.0.1 only")
+            return [v4]
+        except FtstudioError:
+            v4.close()
+            if port != 0:
+                raise
+    raise FtstudioError("found no port free on both 127.0.0.1 and ::1; pick one with --port")
+
+
+class _NoIPv6(Exception):
+    pass
+
+
+def _bind_one(host: str, port: int) -> socket.socket:
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
     # without it every keep-alive request waited ~40 ms (Nagle vs delayed ACK; bench/bench_startup.py).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except OSError as e:
+        if family == socket.AF_INET6 and e.errno == errno.EAFNOSUPPORT:
+            raise _NoIPv6 from None
+        raise
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
+        shown = f"[{host}]" if ":" in host else host
         if e.errno == errno.EADDRINUSE:
             raise FtstudioError(
-                f"port {port} on {host} is in use by another program; pick another with --port"
+                f"port {port} on {shown} is in use by another program; pick another with --port"
             ) from None
-        raise FtstudioError(f"cannot listen on {host}:{port}: {e.strerror}; check --host") from None
+        if family == socket.AF_INET6 and host == "::1" and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            raise _NoIPv6 from None
+        raise FtstudioError(f"cannot listen on {shown}:{port}: {e.strerror}; check --host") from None
     sock.listen(128)
     return sock
 

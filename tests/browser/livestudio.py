@@ -3,12 +3,15 @@ processes it starts for training (tagged with FTSTUDIO_TASK_ID by the runner).""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import psutil
 from support import Studio, home_env
+
+from ftstudio.web.signing import login_code
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -44,8 +47,10 @@ class LiveStudio(Studio):
         super().__init__(home, home_env(home), port)
 
     def page_url(self, fragment: str = "") -> str:
-        """The login URL, as `ftstudio studio url` prints it, landing on `fragment` (the redirect keeps it)."""
-        return f"{self.url}/?token={self.token}{fragment}"
+        """The login URL, as `ftstudio studio url` prints it (a code for this run of the studio), landing on
+        `fragment`."""
+        epoch = json.loads((self.home / "studio.json").read_text())["epoch"]
+        return f"{self.url}/?login={login_code(self.token, epoch)}{fragment}"
 
     def api(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
         r = self.http.request(method, path, json=body, timeout=timeout)

@@ -5,6 +5,8 @@ import { mountNew } from "./new.js";
 import { mountTask } from "./task.js";
 import { mountCompare } from "./compare.js";
 import { mountSystem } from "./system.js";
+import { loginFromAddress } from "./api.js";
+import { h } from "./dom.js";
 
 const main = document.getElementById("main");
 let view = null;
@@ -40,6 +42,11 @@ function route() {
 }
 let routed = false;
 
-window.addEventListener("hashchange", route);
-mountSystem(document.getElementById("system"));
-route();
+// A login URL's code is traded for the page's key before any view asks the studio anything.
+loginFromAddress()
+  .catch((err) => main.before(h("p", { id: "login-problem", class: "error-text", role: "alert" }, err.message || String(err))))
+  .finally(() => {
+    window.addEventListener("hashchange", route);
+    mountSystem(document.getElementById("system"));
+    route();
+  });

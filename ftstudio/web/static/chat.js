@@ -3,32 +3,9 @@
 // POST). "Compare with the base model" shows the base model's answer to the same messages beside it.
 // Every text from the model goes into the page as text, never as HTML.
 
-import { api, ApiError, taskUrl } from "./api.js";
+import { api, ApiError, authFetch, taskUrl } from "./api.js";
 import { h } from "./dom.js";
-
-/** Server-sent events from a fetch response body: yields {event, data}. */
-async function* sseEvents(res) {
-  const reader = res.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      let event = "message";
-      let data = "";
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event: ")) event = line.slice(7);
-        else if (line.startsWith("data: ")) data += line.slice(6);
-      }
-      yield { event, data: data ? JSON.parse(data) : {} };
-    }
-  }
-}
+import { sseEvents } from "./sse.js";
 
 function number(label, id, value, attrs) {
   return h("label", { class: "chat-setting" }, label, h("input", { id, type: "number", value, ...attrs }));
@@ -142,7 +119,7 @@ export class ChatPanel {
     let finished = false;
     let number = 0; // which reply of the studio's chat this is (its first event says), for Stop
     try {
-      const res = await fetch(taskUrl(this.taskId, "/chat"), {
+      const res = await authFetch(taskUrl(this.taskId, "/chat"), {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
         body: JSON.stringify({

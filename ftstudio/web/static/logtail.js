@@ -1,7 +1,7 @@
 // Follows training.log by byte offset, like `tail -f`: pausing stops the
 // polling and the scrolling; resuming picks up exactly where it stopped.
 
-import { api, taskUrl } from "./api.js";
+import { api, downloadLink, taskUrl } from "./api.js";
 import { h } from "./dom.js";
 
 const KEEP_CHARS = 200_000; // what the page keeps on screen
@@ -18,7 +18,7 @@ export class LogTail {
     this.pre = h("pre", { class: "log", tabindex: "0", "aria-label": "Training log" });
     this.note = h("span", { class: "muted log-note", "aria-live": "polite" });
     this.button = h("button", { type: "button", class: "secondary", "aria-pressed": "false", onclick: () => this.toggle() }, "Pause log");
-    const full = h("a", { href: taskUrl(taskId, "/files/training.log"), download: "training.log" }, "Download the whole log");
+    const full = downloadLink(taskUrl(taskId, "/files/training.log"), "training.log", "Download the whole log");
     this.el = h("div", { class: "log-box" }, h("div", { class: "log-tools" }, this.button, full, this.note), this.pre);
   }
 

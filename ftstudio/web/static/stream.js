@@ -1,17 +1,16 @@
-// The live connection to one task: server-sent events with ids.
+// The live connection to one task: server-sent events with ids, read over a signed fetch().
 //
-// The browser's EventSource reconnects by itself and sends Last-Event-ID, so
-// after a studio restart the stream resumes right after the last event seen:
-// nothing lost, nothing twice (events are also de-duplicated by seq here).
-// If the browser gives up (readyState CLOSED, e.g. the studio answered 503
-// while starting), we open a new one ourselves with ?after=<last seq>.
-// A `studio` event starts every connection; a different started_at or pid
-// than last time means the studio process restarted underneath us.
+// After a studio restart (or any cut) the stream is opened again with ?after=<last seq seen>, so it
+// resumes right after the last event shown: nothing lost, nothing twice (events are also de-duplicated
+// by seq here). Each new connection first has the studio prove itself (api.js), so a program that took
+// the port while the studio was down is sent nothing. A `studio` event starts every connection; a
+// different started_at or pid than last time means the studio process restarted underneath us.
 
 import { FINAL } from "./status.js";
-import { taskUrl } from "./api.js";
+import { authFetch, forgetSession, taskUrl } from "./api.js";
+import { sseEvents } from "./sse.js";
 
-const EVENT_KINDS = ["status", "train_begin", "progress", "eval", "checkpoint", "samples", "train_end", "suspended", "error"];
+const EVENT_KINDS = new Set(["status", "train_begin", "progress", "eval", "checkpoint", "samples", "train_end", "suspended", "error"]);
 
 export class TaskStream {
   /**
@@ -23,7 +22,7 @@ export class TaskStream {
     this.taskId = taskId;
     this.lastSeq = afterSeq || 0;
     this.handlers = handlers;
-    this.es = null;
+    this.controller = null;
     this.studio = null;
     this.connections = 0;
     this.stopped = false;
@@ -39,67 +38,59 @@ export class TaskStream {
   stop() {
     this.stopped = true;
     clearTimeout(this.retryTimer);
-    if (this.es) this.es.close();
-    this.es = null;
+    this.controller?.abort();
+    this.controller = null;
     this.handlers.onState?.("closed");
   }
 
-  open() {
+  async open() {
     if (this.stopped) return;
-    const es = new EventSource(taskUrl(this.taskId, `/stream?after=${this.lastSeq}`));
-    this.es = es;
+    const controller = new AbortController();
+    this.controller = controller;
     this.handlers.onState?.("connecting");
-    es.onopen = () => {
-      this.retryDelay = 1000;
-      this.handlers.onState?.("live");
-    };
-    es.addEventListener("studio", (e) => {
-      const info = parse(e.data);
-      if (!info) return;
+    try {
+      const res = await authFetch(taskUrl(this.taskId, `/stream?after=${this.lastSeq}`), {
+        headers: { Accept: "text/event-stream" },
+        signal: controller.signal,
+      });
+      if (res.ok) {
+        this.retryDelay = 1000;
+        this.handlers.onState?.("live");
+        for await (const { event, id, data } of sseEvents(res)) {
+          if (controller !== this.controller) return;
+          this.dispatch(event, id, data);
+        }
+      }
+    } catch {
+      // cut off, refused, or the studio could not prove itself: try again below
+    }
+    if (this.stopped || controller !== this.controller) return;
+    forgetSession(); // the studio may have stopped, and something else may hold its port by the next try
+    // The studio went away or refused: resume after the last seq we have, backing off to 8 s.
+    this.handlers.onState?.("reconnecting");
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => this.open(), this.retryDelay);
+    this.retryDelay = Math.min(this.retryDelay * 2, 8000);
+  }
+
+  dispatch(event, id, data) {
+    if (event === "studio") {
       this.connections += 1;
       const prev = this.studio;
-      this.studio = info;
-      const restarted = !!prev && (prev.started_at !== info.started_at || prev.pid !== info.pid);
-      this.handlers.onStudio?.(info, restarted);
-    });
-    es.addEventListener("task", (e) => {
-      const task = parse(e.data);
-      if (!task) return;
-      this.handlers.onTask?.(task);
-      // The studio closes the stream after a final task; without this the browser would reconnect forever.
-      if (FINAL.has(task.status)) this.stop();
-    });
-    for (const kind of EVENT_KINDS) {
-      es.addEventListener(kind, (e) => {
-        if (kind === "error" && !(e instanceof MessageEvent)) return this.onConnectionError(es);
-        const ev = parse(e.data);
-        if (!ev) return;
-        const seq = Number.isFinite(ev.seq) ? ev.seq : Number(e.lastEventId);
-        if (Number.isFinite(seq)) {
-          if (seq <= this.lastSeq) return;
-          this.lastSeq = seq;
-        }
-        this.handlers.onEvent?.(ev);
-      });
+      this.studio = data;
+      const restarted = !!prev && (prev.started_at !== data.started_at || prev.pid !== data.pid);
+      this.handlers.onStudio?.(data, restarted);
+    } else if (event === "task") {
+      this.handlers.onTask?.(data);
+      // The studio closes the stream after a final task; without this we would reconnect forever.
+      if (FINAL.has(data.status)) this.stop();
+    } else if (EVENT_KINDS.has(event)) {
+      const seq = Number.isFinite(data.seq) ? data.seq : Number(id);
+      if (Number.isFinite(seq)) {
+        if (seq <= this.lastSeq) return;
+        this.lastSeq = seq;
+      }
+      this.handlers.onEvent?.(data);
     }
-  }
-
-  onConnectionError(es) {
-    if (this.stopped || es !== this.es) return;
-    this.handlers.onState?.("reconnecting");
-    if (es.readyState === EventSource.CLOSED) {
-      // The browser will not retry this one; we do, resuming after the last seq we have.
-      clearTimeout(this.retryTimer);
-      this.retryTimer = setTimeout(() => this.open(), this.retryDelay);
-      this.retryDelay = Math.min(this.retryDelay * 2, 8000);
-    }
-  }
-}
-
-function parse(text) {
-  try {
-    return JSON.parse(text);
-  } catch {
-    return null;
   }
 }

@@ -4,7 +4,7 @@
 // The event stream keeps it live through studio restarts (see stream.js) and is opened
 // again when a retry, an extend or a resume brings an ended task back.
 
-import { api, ApiError, taskUrl } from "./api.js";
+import { api, ApiError, downloadLink, taskUrl } from "./api.js";
 import { h, setText, isNum, fmtInt, fmtOf, fmtEpoch, fmtLoss, fmtLr, fmtDuration, fmtTime, fmtBytes, progressBar } from "./dom.js";
 import { STATUSES, RUNNING, FINAL, ACTIONS, statusBadge, setBadge, isPausing } from "./status.js";
 import { LossChart } from "./chart.js";
@@ -367,12 +367,12 @@ export function mountTask(root, taskId) {
       if (destroyed) return;
       const files = (r && r.files) || [];
       const total = files.reduce((a, f) => a + (f.size || 0), 0);
-      const fileLink = (name) => h("a", { href: taskUrl(taskId, `/files/${encodeURIComponent(name)}`), download: name }, name);
+      const fileLink = (name) => downloadLink(taskUrl(taskId, `/files/${encodeURIComponent(name)}`), name, name);
       artifacts.replaceChildren(
         h(
           "p",
           {},
-          h("a", { class: "button", id: "download-adapter", href: taskUrl(taskId, "/adapter.tar.gz"), download: `${taskId}-adapter.tar.gz` }, "Download adapter (.tar.gz)"),
+          downloadLink(taskUrl(taskId, "/adapter.tar.gz"), `${taskId}-adapter.tar.gz`, "Download adapter (.tar.gz)", { class: "button", id: "download-adapter" }),
           ` ${files.length} files, ${fmtBytes(total)}`,
         ),
         h(
