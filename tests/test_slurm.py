@@ -219,14 +219,45 @@ def test_sbatch_refusing_is_a_launch_error_with_its_words(tmp_path: Path) -> Non
 
 def test_options_follow_the_task_resources() -> None:
     plain = sbatch_options(SlurmSettings("debug"), {})
-    assert plain == ["--partition=debug", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--requeue",
-                     "--signal=B:USR1@120"]  # fmt: skip
+    # builtin:tiny, one process: the runtime's share alone, never the whole node (footprint.py).
+    assert plain == ["--partition=debug", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--mem=1024M",
+                     "--requeue", "--signal=B:USR1@120"]  # fmt: skip
     settings = SlurmSettings("gpu", account="lab", time="2-00:00:00", extra=("--constraint=a100",))
     big = sbatch_options(settings, {"resources": {"processes": 4, "nodes": 2, "gpus": 4, "memory": "64G"}})
     # One task per node (the runner on the first, a launcher on each under srun), the node's ranks its CPUs.
     assert big == ["--partition=gpu", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=4", "--account=lab",
                    "--time=2-00:00:00", "--gpus-per-node=4", "--mem=65536M", "--constraint=a100", "--requeue",
                    "--signal=B:USR1@120"]  # fmt: skip
+
+
+def test_a_job_asks_for_the_memory_its_model_needs_never_the_whole_node(tmp_path: Path, monkeypatch) -> None:
+    from ftstudio.footprint import CUDA_RUNTIME_BYTES, RUNTIME_BYTES, UNKNOWN_BYTES, GiB, job_memory
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\0" * (10 << 20))
+    (model / "config.json").write_text("{}")
+    local = job_memory({"model": {"name": str(model)}, "resources": {"processes": 2}}, None)
+    # Loading takes the weights twice, training on the CPU once more; the runtime comes on top, per process.
+    assert local.bytes == 2 * (RUNTIME_BYTES + 3 * (10 << 20)) and "10 MiB of weights" in local.basis
+    on_gpu = job_memory({"model": {"name": str(model)}, "resources": {"gpus": 1}}, None)
+    assert on_gpu.bytes == RUNTIME_BYTES + CUDA_RUNTIME_BYTES + 2 * (10 << 20)
+    # A hub id is sized from the local Hugging Face cache, never downloaded; one not there gets a fixed amount.
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--name" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model-00001-of-00002.safetensors").write_bytes(b"\0" * (1 << 20))
+    (snapshot / "model-00002-of-00002.safetensors").write_bytes(b"\0" * (1 << 20))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert job_memory({"model": {"name": "org/name"}}, None).bytes == RUNTIME_BYTES + 3 * (2 << 20)
+    unknown = job_memory({"model": {"name": "org/elsewhere"}, "resources": {"processes": 2}}, None)
+    assert unknown.bytes == 2 * UNKNOWN_BYTES and "--memory" in unknown.basis
+    for odd in ("../etc", "a/b/c", "/", "org/.."):
+        assert job_memory({"model": {"name": odd}}, None).bytes == UNKNOWN_BYTES, odd
+    # The task's own --memory wins; a person's --mem-per-cpu replaces the ask (sbatch takes one of them).
+    assert job_memory({}, 3 * GiB).sbatch_mem == "3072M"
+    per_cpu = sbatch_options(SlurmSettings("debug", extra=("--mem-per-cpu=2G",)), {})
+    assert not any(o.startswith("--mem=") for o in per_cpu) and "--mem-per-cpu=2G" in per_cpu
 
 
 def test_a_task_over_several_nodes_runs_srun_torchrun_meeting_on_the_first_node(
@@ -526,21 +557,47 @@ def test_slurm_commands_that_fail_on_the_login_node_are_named_at_the_check(tmp_p
         check_cluster(ex, tmp_path)
 
 
-def test_studio_start_with_the_settings_already_checked_runs_no_check_job(tmp_path, monkeypatch):
+def test_changed_settings_are_checked_while_the_studio_serves_and_unchanged_ones_not_again(tmp_path, monkeypatch):
     """Issue 21: after a crash, `studio start --executor slurm --partition P` again must not wait for a check
-    job behind the task's own job; changed settings are checked again."""
+    job behind the task's own job; changed settings are checked by the serving studio, and new fine-tunes keep
+    the executor they had (or wait, on their way from this machine to Slurm) until the check passes."""
     from ftstudio.execution import slurm as slurm_mod
     from ftstudio.execution.inmemory import InMemoryExecutor
     from ftstudio.home import Home
     from ftstudio.studio.service import Service
 
-    checks = []
-    monkeypatch.setattr(slurm_mod, "check_cluster", lambda ex, home: checks.append(ex.settings.partition) or "checked")
+    jobs: list[str] = []
+    verdict = {"debug": "ok", "gpu": "ok", "broken": "the home is not shared"}
+
+    def check_job(ex, home, **kw):
+        jobs.append(ex.settings.partition)
+        if verdict[ex.settings.partition] != "ok":
+            raise SlurmError(verdict[ex.settings.partition])
+        return f"checked {ex.settings.partition}"
+
+    monkeypatch.setattr(slurm_mod, "check_commands", lambda ex: None)
+    monkeypatch.setattr(slurm_mod, "check_job", check_job)
     service = Service(Home(tmp_path / "home"), executor=InMemoryExecutor(), in_server=True)
-    assert service.use_executor("slurm", {"partition": "debug"}) == "checked"
+    said = service.use_executor("slurm", {"partition": "debug"})
+    assert "runs a check job" in said and "new fine-tunes wait in the queue" in said, said
+    assert jobs == [] and service.store.setting("executor") in (None, "local")  # nothing changed yet
+    queued = service.submit({"preset": "cpu-demo"}, "waits for the check", trusted=True)
+    assert service.store.get(queued.id).status == "queued"
+    assert "waits for the check of Slurm partition debug" in service.launcher.plan().waits[queued.id].reason
+    assert service.executor_state()["pending"]["partition"] == "debug"
+    assert service.check_pending_executor() == (True, "checked debug")
+    assert service.executor.name == "slurm" and service.launcher.executor is service.executor
+    assert service.launcher.held() is None and service.executor_state()["last_check"]["passed"] is True
     again = service.use_executor("slurm", {"partition": "debug"})
-    assert checks == ["debug"] and "unchanged; not checked again" in again, again
-    assert service.use_executor("slurm", {"partition": "debug", "time": "01:00:00"}) == "checked"  # changed
-    assert service.use_executor("slurm", {"partition": "gpu"}) == "checked"
-    assert checks == ["debug", "debug", "gpu"]
+    assert "unchanged; not checked again" in again and service.launcher.pending() is None, again
+    # Changed settings: the old ones serve until the new pass; a failed check changes nothing.
+    said = service.use_executor("slurm", {"partition": "broken"})
+    assert "go to Slurm with the settings checked before" in said and service.launcher.held() is None
+    assert service.check_pending_executor() == (False, "the home is not shared")
+    state = service.executor_state()
+    assert state["partition"] == "debug" and "pending" not in state and state["last_check"]["passed"] is False
+    service.use_executor("slurm", {"partition": "gpu"})
+    assert service.check_pending_executor() == (True, "checked gpu")
+    assert service.executor_state()["partition"] == "gpu" and jobs == ["debug", "broken", "gpu"]
     assert "not checked again" in service.use_executor("slurm", {"partition": "gpu"})
+    assert service.check_pending_executor() is None  # nothing pending: no job

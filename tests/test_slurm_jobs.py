@@ -7,6 +7,7 @@ Skipped, with the reason, where no cluster answers; in CI (CI=true) a missing cl
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -323,3 +324,31 @@ def test_the_same_start_command_after_a_crash_serves_at_once_while_the_job_fills
     wait_for(lambda: studio.task(tid)["step"] >= at + 5, timeout=60, what="the task to keep advancing")
     studio.http.post(f"/api/tasks/{tid}/cancel").raise_for_status()
     studio.wait_status(tid, "cancelled", timeout=120)
+
+
+def test_each_job_asks_for_the_memory_its_task_needs_so_a_second_runs_beside_the_first(studio: Studio) -> None:
+    """Issue 21: a job that asks for no --mem may take a whole node's memory (the partition's default), and
+    the next task waits for the node although it had room. Each job asks for its estimate (footprint.py):
+    builtin:tiny's one process, 1 GiB; or the task's own --memory."""
+    wait_for(lambda: slurm("squeue", "--noheader").strip() == "", timeout=120, what="the node to be free")
+    studio.start("--executor", "slurm", "--partition", "debug", "--slots", "2")
+    first = submit(studio, "scripted steps=600 delay=0.1")
+    second = submit(studio, "scripted steps=600 delay=0.1", resources={"memory": "700M"})
+    for tid in (first, second):
+        wait_for(lambda t=tid: (job_of(t) or {}).get("state") == "RUNNING", timeout=120, what=f"job of {tid}")
+    asked = {}
+    for tid in (first, second):
+        job = job_of(tid)
+        assert job is not None
+        shown = slurm("scontrol", "show", "job", job["id"])
+        asked[tid] = re.search(r"MinMemoryNode=(\S+)", shown).group(1)  # type: ignore[union-attr]
+    assert asked == {first: "1G", second: "700M"}, asked
+    node = slurm("scontrol", "show", "node")
+    real = int(re.search(r"RealMemory=(\d+)", node).group(1))  # type: ignore[union-attr]
+    alloc = int(re.search(r"AllocMem=(\d+)", node).group(1))  # type: ignore[union-attr]
+    assert alloc == 1024 + 700 < real, (alloc, real)  # both run at once, and the node keeps the rest
+    assert "asking --mem=1024M" in (studio.home / "studio.log").read_text()
+    for tid in (first, second):
+        studio.http.post(f"/api/tasks/{tid}/cancel").raise_for_status()
+    for tid in (first, second):
+        studio.wait_status(tid, "cancelled", timeout=120)

@@ -78,8 +78,13 @@ def test_a_studio_on_a_login_node_runs_and_cancels_slurm_jobs_over_ssh(
     studio = Studio(odd_home, env)
     try:
         studio.start("--executor", "slurm", "--partition", "debug", "--slurm-host", login)
-        said = (odd_home.parent / "studio-stdout.log").read_text()
-        assert "Slurm partition debug is ready: job" in said and f"sees the home {odd_home}" in said, said
+        # The studio serves at once and runs its check job beside it; new fine-tunes go to Slurm once it passed.
+        said = wait_for(
+            lambda: "Slurm partition debug is ready: job" in (t := (odd_home / "studio.log").read_text()) and t,
+            timeout=120,
+            what="the check job to pass",
+        )
+        assert f"sees the home {odd_home}; new fine-tunes go to Slurm from now on" in said, said
         assert Store(odd_home / "studio.db").setting("executor") == "slurm"
 
         tid = submit(studio, "scripted steps=20 delay=0.1")

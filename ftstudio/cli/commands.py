@@ -357,13 +357,42 @@ def cmd_studio(args: argparse.Namespace) -> int:
         print(running.login_url(load_or_create_token(home)))
         return 0
     st = studio_mod.status(home)
+    if home.db.exists():
+        st["executor"] = open_service().executor_state()
     if args.json:
         _print_json(st)
-    elif st["running"]:
-        print(f"studio running at {st['url']} (pid {st['pid']}, up {_fmt_duration(st['uptime_s'])}), home {st['home']}")
     else:
-        print(f"studio is not running (home {st['home']}); start it with `ftstudio studio start`")
+        if st["running"]:
+            up = _fmt_duration(st["uptime_s"])
+            print(f"studio running at {st['url']} (pid {st['pid']}, up {up}), home {st['home']}")
+        else:
+            print(f"studio is not running (home {st['home']}); start it with `ftstudio studio start`")
+        for line in executor_lines(st.get("executor")):
+            print(line)
     return 0 if st["running"] or args.action != "status" else 3
+
+
+def executor_lines(state: dict[str, Any] | None) -> list[str]:
+    """Where new fine-tunes go, and the check of changed Slurm settings: pending, or how the last one went."""
+    if not state:
+        return []
+    where = f"Slurm partition {state.get('partition')}" if state.get("kind") == "slurm" else "this machine"
+    lines = [f"new fine-tunes: {where}"]
+    pending = state.get("pending")
+    if pending:
+        since = time.strftime("%H:%M", time.localtime(pending.get("since") or 0))
+        meanwhile = (
+            "they wait in the queue until it passes" if state.get("held") else f"they go to {where} until it passes"
+        )
+        lines.append(
+            f"Slurm partition {pending.get('partition')}: its check job has been waiting since {since}; {meanwhile}"
+        )
+    check = state.get("last_check")
+    if check and not pending:
+        at = time.strftime("%Y-%m-%d %H:%M", time.localtime(check.get("at") or 0))
+        said = "passed" if check.get("passed") else "failed, nothing changed"
+        lines.append(f"last Slurm check ({at}): {said}: {printable(str(check.get('line') or ''))}")
+    return lines
 
 
 def _use_executor(args: argparse.Namespace) -> None:

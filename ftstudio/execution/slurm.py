@@ -39,7 +39,9 @@ from ftstudio.errors import LaunchError, UserError
 from ftstudio.execution.executor import Launch
 from ftstudio.execution.facts import Liveness, SchedulerWord
 from ftstudio.execution.procs import TASK_ENV
+from ftstudio.footprint import Footprint, job_memory
 from ftstudio.home import TaskDir, read_json
+from ftstudio.resources import parse_memory
 
 log = logging.getLogger("ftstudio.slurm")
 
@@ -328,6 +330,13 @@ def batch_script(task: TaskDir, attempt: int, module: str, env: Mapping[str, str
     return "\n".join(lines) + "\n"
 
 
+def job_footprint(config: Mapping[str, Any]) -> Footprint:
+    """The memory a task's job asks for, and how that amount was reached."""
+    resources = config.get("resources", {}) if isinstance(config, Mapping) else {}
+    memory = str(resources.get("memory") or "")
+    return job_memory(config if isinstance(config, Mapping) else {}, parse_memory(memory) if memory else None)
+
+
 def sbatch_options(settings: SlurmSettings, config: Mapping[str, Any]) -> list[str]:
     """sbatch's options for one task: the studio's settings and the task's resources."""
     resources = config.get("resources", {}) if isinstance(config, Mapping) else {}
@@ -350,12 +359,11 @@ def sbatch_options(settings: SlurmSettings, config: Mapping[str, Any]) -> list[s
         opts.append(f"--time={settings.time}")
     if gpus > 0:
         opts.append(f"--gpus-per-node={gpus}")
-    memory = str(resources.get("memory") or "")
-    if memory:
-        from ftstudio.resources import parse_memory
-
-        # Slurm's --mem in MiB: the limit Slurm enforces on the whole allocation.
-        opts.append(f"--mem={max(1, (parse_memory(memory) or 0) >> 20)}M")
+    # Slurm's --mem (per node, MiB): the task's --memory, or an estimate (footprint.py). Without one a job gets
+    # the partition's default, on most clusters the whole node's memory, which no other job can then use.
+    # Left to the person when they chose --mem-per-cpu or --mem-per-gpu (sbatch takes only one of the three).
+    if not any(o.startswith(("--mem-per-cpu", "--mem-per-gpu")) for o in settings.extra):
+        opts.append(f"--mem={job_footprint(config).sbatch_mem}")
     opts += list(settings.extra)
     # Slurm may requeue the job (scontrol requeue, a preemption, a node failure): the studio then runs
     # the task's next attempt in it (SlurmExecutor.submit adopts it), and the runner reads which one.
@@ -483,7 +491,11 @@ class SlurmExecutor:
             job_id = job_id_in(out)
         except SlurmError as e:
             raise LaunchError(str(e)) from e
-        log.info("task %s submitted to Slurm as job %s (attempt %s)", task.path.name, job_id, attempt)
+        ask = job_footprint(spec.get("config", {}))
+        log.info(
+            "task %s submitted to Slurm as job %s (attempt %s), asking --mem=%s: %s",
+            task.path.name, job_id, attempt, ask.sbatch_mem, ask.basis,
+        )  # fmt: skip
         with self._lock:
             self._listing.ok = False  # the next look must see the new job
         return Launch(pid=0, start_time=time.time(), boot_id="", pgid=0, job_id=job_id)
@@ -580,6 +592,10 @@ class SlurmExecutor:
 
 
 CHECK_S = 120.0
+CHECK_MEM = "64M"
+BACKGROUND_CHECK_S = 3600.0
+"""How long a serving studio waits for the check job of changed settings: the old executor serves meanwhile,
+so there is no hurry, and a partition full of the person's own jobs may take a while to run it."""
 """How long `studio start --executor slurm` waits for its check job to run."""
 
 
@@ -587,6 +603,12 @@ def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None =
     """Before the studio submits to Slurm: its commands answer, the partition exists, and a tiny job on a
     compute node sees a file the studio wrote in the home (the task directories must be shared). Returns
     a line for the person; raises SlurmError naming the problem and the fix."""
+    check_commands(executor)
+    return check_job(executor, home, wait_s=wait_s)
+
+
+def check_commands(executor: SlurmExecutor) -> None:
+    """Slurm's commands answer (here or on the login node) and the partition exists: seconds, at most."""
     settings = executor.settings
     try:
         out = executor.commands.run("sinfo", "--noheader", f"--partition={settings.partition}", "--format=%P|%a")
@@ -597,13 +619,24 @@ def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None =
         raise SlurmError(f"cannot run Slurm's commands{where} ({e}); is Slurm installed and slurmctld up?") from e
     if not out.strip():
         raise SlurmError(f"Slurm has no partition {settings.partition!r}; `sinfo` lists the partitions you can use")
+
+
+def check_job(
+    executor: SlurmExecutor, home: Path, *, wait_s: float | None = None, stop: threading.Event | None = None
+) -> str:
+    """A tiny job on a compute node sees a file the studio just wrote in the home. Waits for Slurm to run it
+    (up to `wait_s`, CHECK_S by default, or until `stop` is set); the job is cancelled whatever happens."""
+    settings = executor.settings
     probe_dir = home / "slurm-check"
     probe_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(8)
     probe, seen = probe_dir / f"{token}.probe", probe_dir / f"{token}.seen"
     probe.write_text(token + "\n")  # a line of its own: the node's name follows it in the answer
     command = f"cat {shlex.quote(str(probe))} > {shlex.quote(str(seen))} && hostname >> {shlex.quote(str(seen))}"
-    opts = [o for o in sbatch_options(settings, {}) if not o.startswith("--signal")]
+    # The check job only reads a file: it asks for little memory, so it can start beside a running task's job.
+    opts = [o for o in sbatch_options(settings, {}) if not o.startswith(("--signal", "--mem="))]
+    if not any(o.startswith("--mem") for o in opts):
+        opts.append(f"--mem={CHECK_MEM}")
     try:
         job = job_id_in(
             executor.commands.run(
@@ -612,9 +645,12 @@ def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None =
         )
     except (TimeoutError, OSError) as e:
         raise SlurmError(f"could not submit the check job: {e}") from e
-    deadline = time.monotonic() + (CHECK_S if wait_s is None else wait_s)
+    limit = CHECK_S if wait_s is None else wait_s
+    deadline = time.monotonic() + limit
     try:
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise SlurmError(f"the studio stopped before check job {job} ran; it is checked at the next start")
             if seen.exists() and seen.read_text().startswith(token):
                 node = seen.read_text().splitlines()[-1].strip()
                 return f"Slurm partition {settings.partition} is ready: job {job} on {node} sees the home {home}"
@@ -633,7 +669,7 @@ def check_cluster(executor: SlurmExecutor, home: Path, *, wait_s: float | None =
         state = executor.state_fresh(job)
         why = f" (reason: {state.reason})" if state is not None and state.reason else ""
         raise SlurmError(
-            f"check job {job} did not run within {CHECK_S:g}s{why}, so the shared home could not be confirmed; "
+            f"check job {job} did not run within {limit:g}s{why}, so the shared home could not be confirmed; "
             "start again when the partition has room"
         )
     finally:

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ftstudio import checkpoints
-from ftstudio.errors import LaunchError, ValidationError
+from ftstudio.errors import LaunchError, UserError, ValidationError
 from ftstudio.home import write_json_atomic
 from ftstudio.resources import Want, cuda_env, want_of
 from ftstudio.storage import writing
 from ftstudio.studio import journal, lifecycle, scheduler
 from ftstudio.studio.policy import MAX_SLOTS
-from ftstudio.studio.scheduler import Grant, Plan, Waiting
+from ftstudio.studio.scheduler import Grant, Plan, Wait, Waiting
 from ftstudio.studio.store import LostRace, Task
 from ftstudio.studio.task import TaskStatus
 
@@ -56,6 +56,10 @@ class Launcher:
         self.yield_chat = yield_chat
         self._scheduling = threading.Lock()  # one plan at a time in this process (the store guards the rest)
 
+    def scheduling(self) -> threading.Lock:
+        """Held while a plan is made and carried out: the executor is swapped only between plans."""
+        return self._scheduling
+
     def slots(self) -> int:
         """Training slots for tasks without a GPU, as `studio start --slots` last set them in this home."""
         value = self.store.setting("slots")
@@ -69,17 +73,23 @@ class Launcher:
 
     def set_executor(self, kind: str, slurm: SlurmSettings | None = None, *, check: bool = True) -> str:
         """`studio start --executor`: where new tasks run, remembered in the home (tasks already launched stay
-        with the executor that launched them). Slurm's settings are tried first: its commands answer, the
-        partition exists, and a job on a compute node sees the home. Returns a line for the person."""
+        with the executor that launched them). Returns a line for the person.
+
+        Slurm's settings are tried first. Its commands must answer and the partition exist (seconds: refused at
+        once). Settings a check job already passed with take effect at once: `studio start` again after a crash,
+        while the task's own job may fill the partition, must not wait for a check job to be scheduled. Changed
+        settings are remembered as *pending*: the studio runs their check job while it serves (`finish_check`),
+        and the executor in use stays as it was until that job has seen the home from a compute node."""
         import json
 
         if kind == "local":
             with writing(self.home.root):
                 self.store.set_setting("executor", "local")
+                self.store.set_setting("executor_pending", "")
             return "new fine-tunes run on this machine"
         if kind != "slurm" or slurm is None:
             raise ValidationError(f"--executor: {kind!r} is not one of local, slurm")
-        from ftstudio.execution.slurm import SlurmExecutor, check_cluster
+        from ftstudio.execution.slurm import SlurmExecutor, check_commands
 
         executor = SlurmExecutor(slurm)
         unworkable = slurm.unworkable()
@@ -87,27 +97,116 @@ class Launcher:
             raise ValidationError("; ".join(unworkable))
         wanted = json.dumps(slurm.to_json(), sort_keys=True)
         checked = self.store.setting("slurm_checked")
-        if check and checked is not None and json.loads(checked).get("settings") == wanted:
-            # The same settings a check job already passed with: `studio start` again after a crash, while
-            # the task's own job may fill the partition, must not wait for a check job to be scheduled.
+        if not check:
+            said = f"Slurm partition {slurm.partition}, not checked"
+        elif checked is not None and json.loads(checked).get("settings") == wanted:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(json.loads(checked).get("at", 0)))
             said = f"Slurm partition {slurm.partition}: the settings checked on {when}, unchanged; not checked again"
-        elif check:
-            said = check_cluster(executor, self.home.root)
         else:
-            said = f"Slurm partition {slurm.partition}, not checked"
+            check_commands(executor)
+            with writing(self.home.root):
+                pending = {"settings": slurm.to_json(), "since": time.time()}
+                self.store.set_setting("executor_pending", json.dumps(pending))
+            before = self._in_use()
+            return (
+                f"Slurm partition {slurm.partition} answers; the studio now runs a check job to confirm that its "
+                f"nodes see the home {self.home.root}. Until it passes, {before}; `ftstudio studio status` says how "
+                "it went"
+            )
+        self._use_slurm(slurm, checked=check)
+        return said
+
+    def _use_slurm(self, slurm: SlurmSettings, *, checked: bool) -> None:
+        import json
+
         with writing(self.home.root):
             self.store.set_setting("slurm", json.dumps(slurm.to_json()))
-            self.store.set_setting("executor", "slurm")
-            if check:
+            if checked:
+                wanted = json.dumps(slurm.to_json(), sort_keys=True)
                 self.store.set_setting("slurm_checked", json.dumps({"settings": wanted, "at": time.time()}))
-        return said
+            self.store.set_setting("executor", "slurm")
+            self.store.set_setting("executor_pending", "")
+
+    def _in_use(self) -> str:
+        """What new fine-tunes do while a check is pending, in the person's words."""
+        if (self.store.setting("executor") or "local") != "slurm":
+            return "new fine-tunes wait in the queue (they would run on this machine otherwise)"
+        return "new fine-tunes go to Slurm with the settings checked before"
+
+    def pending(self) -> dict[str, Any] | None:
+        """Slurm settings waiting for their check job: {"settings", "since"}; None when there are none."""
+        import json
+
+        raw = self.store.setting("executor_pending")
+        try:
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) and isinstance(value.get("settings"), dict) else None
+
+    def finish_check(self, stop: threading.Event | None = None) -> tuple[bool, str] | None:
+        """Run the check job of the pending settings (the serving studio does, in a thread of its own): on a pass
+        they are the executor's from now on. Returns (passed, line), or None when nothing was pending. A studio
+        that stops first leaves them pending, to be checked at its next start."""
+        import json
+
+        from ftstudio.execution.slurm import BACKGROUND_CHECK_S, SlurmError, SlurmExecutor, SlurmSettings, check_job
+
+        pending = self.pending()
+        if pending is None:
+            return None
+        try:
+            settings = SlurmSettings.from_json(pending["settings"])
+            line = check_job(SlurmExecutor(settings), self.home.root, wait_s=BACKGROUND_CHECK_S, stop=stop)
+            passed = True
+        except (SlurmError, ValueError, TypeError, UserError, OSError) as e:
+            if stop is not None and stop.is_set():
+                return None
+            passed, line = False, str(e)
+        with writing(self.home.root):
+            if self.pending() != pending:
+                return None  # newer settings came while this one ran: theirs is the check that counts
+            if passed:
+                self._use_slurm(settings, checked=True)
+            else:
+                self.store.set_setting("executor_pending", "")
+            result = {
+                "passed": passed,
+                "line": line,
+                "at": time.time(),
+                "partition": pending["settings"].get("partition"),
+            }
+            self.store.set_setting("executor_check", json.dumps(result))
+        return passed, line
+
+    def last_check(self) -> dict[str, Any] | None:
+        import json
+
+        raw = self.store.setting("executor_check")
+        try:
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def held(self) -> str | None:
+        """Why no new task starts now: a pending check that would move new fine-tunes from this machine to Slurm
+        (a person who asked for Slurm does not want them on a login node meanwhile)."""
+        pending = self.pending()
+        if pending is None or self.executor.cluster:
+            return None
+        since = time.strftime("%H:%M", time.localtime(pending.get("since") or 0))
+        partition = str(pending["settings"].get("partition") or "")[:64]
+        return f"waits for the check of Slurm partition {partition} (started {since}; `ftstudio studio status`)"
 
     def plan(self) -> Plan:
         """Who would start now, and why each other queued task waits."""
         waiting = [
             Waiting(t.id, self._want(t), t.priority or 0, t.created_at) for t in self.store.with_status(S.QUEUED)
         ]
+        held = self.held()
+        if held is not None:
+            return Plan(waits={w.task_id: Wait(n, held) for n, w in enumerate(scheduler.order(waiting), 1)})
         if self.executor.cluster:
             # The cluster's scheduler queues and places jobs: every queued task is submitted (up to the
             # studio's pending limit, checked at submit), and waits in its queue, not ours.

@@ -546,6 +546,7 @@ class Service:
             "cpu_percent": psutil.cpu_percent(interval=None, percpu=True),
             "memory": {"total": mem.total, "used": mem.total - mem.available},
             "gpus": gpu_usage(),
+            "executor": self.executor_state(),
         }
 
     @staticmethod
@@ -697,6 +698,37 @@ class Service:
         """End this service's chat worker (and the model it holds), if one started."""
         if self._chat is not None:
             self._chat.close()
+
+    def check_pending_executor(self, stop: threading.Event | None = None) -> tuple[bool, str] | None:
+        """The serving studio's part of `studio start --executor slurm` with changed settings: run their check
+        job, and on a pass send new fine-tunes to Slurm from now on, without a restart."""
+        done = self.launcher.finish_check(stop)
+        if done is not None and done[0]:
+            self._switch_to(choose_executors(self.store, None)[0])
+        return done
+
+    def _switch_to(self, executor: Executor) -> None:
+        """New tasks go to `executor` from now on; every task already launched stays with its own."""
+        with self.launcher.scheduling():
+            self.executor = executor
+            self.launcher.executor = executor
+            self.supervisor.executor = executor
+            self.supervisor.executors[executor.name] = executor
+        self.supervisor.poke()  # queued tasks held for the check may start now
+
+    def executor_state(self) -> dict[str, Any]:
+        """Where new fine-tunes run, and how the last check of Slurm settings went (page, `studio status`)."""
+        state: dict[str, Any] = {"kind": self.executor.name, "held": self.launcher.held()}
+        settings = getattr(self.executor, "settings", None)
+        if settings is not None:
+            state["partition"] = settings.partition
+        pending = self.launcher.pending()
+        if pending is not None:
+            state["pending"] = {"partition": pending["settings"].get("partition"), "since": pending.get("since")}
+        check = self.launcher.last_check()
+        if check is not None:
+            state["last_check"] = check
+        return state
 
     def use_executor(self, kind: str, slurm: dict[str, Any] | None = None) -> str:
         """`studio start --executor KIND`: `set_executor` with Slurm's settings as the flags give them

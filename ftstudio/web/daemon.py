@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import psutil
@@ -38,6 +38,9 @@ from ftstudio.execution.facts import Liveness
 from ftstudio.execution.procs import Identity, check
 from ftstudio.home import Home, read_json, write_json_atomic
 from ftstudio.studio.policy import MAX_SLOTS, Policy
+
+if TYPE_CHECKING:
+    from ftstudio.studio.service import Service
 from ftstudio.web.auth import Guard, binds_beyond_loopback, ip, load_or_create_token
 from ftstudio.web.signing import login_code
 
@@ -323,6 +326,8 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
     stop = threading.Event()
     watcher = threading.Thread(target=service.supervisor.run, args=(stop,), name="supervisor", daemon=True)
     watcher.start()
+    checker = threading.Thread(target=_check_executor, args=(service, stop), name="executor-check", daemon=True)
+    checker.start()
     app = create_app(service, broker, started_at=started_at, guard=guard)
     limit, waiting = limits_for()
     GuardedH11Protocol.waiting_limit = waiting
@@ -351,6 +356,7 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
         stop.set()
         service.supervisor.poke()
         watcher.join(timeout=5)
+        checker.join(timeout=10)  # its check job is cancelled on the way out
         try:
             service.store.checkpoint()  # studio.db alone is complete once the studio has stopped
         except Exception:  # a busy or read-only database: the WAL stays beside it, and SQLite reads both
@@ -360,6 +366,27 @@ def serve(home: Home, options: ServerOptions | None = None) -> int:
         log.info("studio stopped (pid %s); training processes keep running", me.pid)
         os.close(lock_fd)
     return 0
+
+
+def _check_executor(service: Service, stop: threading.Event) -> None:
+    """Changed Slurm settings (`studio start --executor slurm ...`) are checked here while the studio serves:
+    the executor in use keeps serving until their check job has seen the home from a compute node."""
+    while not stop.is_set():
+        if service.launcher.pending() is not None:
+            log.info("checking the new Slurm settings with a check job; new fine-tunes keep their executor meanwhile")
+            try:
+                done = service.check_pending_executor(stop)
+            except Exception:  # the checker must outlive any one check; the person reads why in the log
+                log.exception("the check of the new Slurm settings failed unexpectedly; trying again in a minute")
+                stop.wait(60.0)
+                continue
+            if done is not None:
+                passed, line = done
+                if passed:
+                    log.info("%s; new fine-tunes go to Slurm from now on", line)
+                else:
+                    log.warning("the new Slurm settings were not taken: %s", line)
+        stop.wait(2.0)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:

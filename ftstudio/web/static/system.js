@@ -60,9 +60,27 @@ export function mountSystem(root) {
     } else {
       rows.push(h("p", { class: "muted", id: "no-gpu" }, "No GPU found: training runs on the CPU."));
     }
+    const executor = executorLines(sys.executor);
+    if (executor.length) rows.push(h("div", { id: "studio-executor" }, executor.map(([text, cls]) => h("p", { class: cls }, text))));
     body.replaceChildren(...rows);
   }
 
   load();
   return { destroy: () => clearTimeout(timer) };
+}
+
+/** Where new fine-tunes go, and the check of changed Slurm settings (pending, or how the last one went). */
+function executorLines(state) {
+  if (!state) return [];
+  const where = state.kind === "slurm" ? `Slurm partition ${state.partition}` : "this machine";
+  const out = [[`New fine-tunes run on ${where}.`, "muted"]];
+  const hhmm = (t) => new Date((t || 0) * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (state.pending) {
+    const meanwhile = state.held ? "new fine-tunes wait in the queue until it passes" : `they go to ${where} until it passes`;
+    out.push([`Checking Slurm partition ${state.pending.partition}: its check job has waited since ${hhmm(state.pending.since)}; ${meanwhile}.`, "notice"]);
+  } else if (state.last_check && Date.now() / 1000 - state.last_check.at < 24 * 3600) {
+    const c = state.last_check;
+    out.push([c.passed ? `Slurm check passed at ${hhmm(c.at)}.` : `Slurm check failed at ${hhmm(c.at)}, nothing changed: ${c.line}`, c.passed ? "muted" : "error-text"]);
+  }
+  return out;
 }
