@@ -5,7 +5,7 @@ from the model's weights on disk. Here real fine-tunes run on this machine (the 
 trainer is the same process a job runs) and the trainer's resident memory is sampled every 50 ms:
 
 - builtin:tiny (the demo's model), cpu-demo preset;
-- a ~60M-parameter Qwen2 model saved to a local folder (random weights, fp32: ~240 MB on disk).
+- a ~50M-parameter Qwen2 model saved to a local folder (random weights, fp32: ~200 MB on disk).
 
 Printed per run: the trainer's peak RSS, the job's ask, and the ratio ask / peak, which must stay over
 1 (the job is not killed for memory) and under 4 (it does not hold memory that other jobs could use).
@@ -102,7 +102,7 @@ def main() -> None:
     try:
         studio.start()
         figures.append(run(studio, home, {"preset": "cpu-demo"}, "builtin:tiny"))
-        model = home / "models" / "qwen2-60m"
+        model = home / "models" / "qwen2-50m"
         save_model(model)
         config = {
             "preset": "cpu-demo",
@@ -110,7 +110,7 @@ def main() -> None:
             "optim": {"max_steps": 6},
             "data": {"max_length": 256},
         }
-        figures.append(run(studio, home, config, "qwen2-60m (local folder)"))
+        figures.append(run(studio, home, config, "qwen2-50m (local folder)"))
     finally:
         tear_down(studio, home, args.keep)
     report(figures, args.json_out)

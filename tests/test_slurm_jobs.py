@@ -66,7 +66,7 @@ def submit(studio: Studio, name: str, **config: Any) -> str:
 def test_a_task_runs_as_a_slurm_job_and_completes(studio: Studio) -> None:
     studio.start("--executor", "slurm", "--partition", "debug", "--sbatch-option=--comment=from-ftstudio")
     tid = submit(studio, "scripted steps=40 delay=0.1")
-    task = wait_for(lambda: (t := studio.task(tid))["slurm"] and t, what="the task's Slurm job")
+    task = wait_for(lambda: (t := studio.task(tid)).get("slurm") and t, what="the task's Slurm job")
     job = job_of(tid)
     assert job is not None and job["id"] == task["slurm"]["job_id"], (job, task["slurm"])
     assert task["executor"] == "slurm"

@@ -216,6 +216,9 @@ def test_what_the_machine_does_never_fails_a_run(tmp_path: Path, executor: InMem
         while service.store.get(task.id).status == "interrupted":
             got = service.store.get(task.id)
             assert got.attempt == fault + 1 and got.error, got
+            # The page and `show` say when the next attempt starts while the machine is waited out.
+            resumes = service.task_json(got)["resumes"]
+            assert resumes is not None and resumes["stalled"] >= 2 and resumes["at"] > clock() - 5, resumes
             clock.advance(5)
             service.supervisor.recover_all()
             service.schedule()

@@ -182,6 +182,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{'note':<10} no heartbeat for {age:.0f}s: the training process is alive but not reporting")
     if view.get("error"):
         print(f"{'error':<10} {printable(view['error'])}")
+    if view.get("resumes"):
+        at = time.strftime("%H:%M:%S", time.localtime(view["resumes"]["at"]))
+        print(
+            f"{'waiting':<10} the machine stopped {view['resumes']['stalled']} attempts in a row before they progressed;"
+            f" the next starts by itself at {at} (not counted against the restart budget)"
+        )
     causes = [a.get("end_cause") for a in view.get("attempts") or []]
     if "machine" in causes or "run" in causes:
         budget = (view.get("config") or {}).get("resume", {}).get("max_restarts", 3)

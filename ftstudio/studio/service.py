@@ -201,8 +201,9 @@ class Service:
 
     def _check_resources(self, cfg: TrainingConfig) -> None:
         """A request this machine can never meet is refused now, not left waiting forever. (On a cluster,
-        the scheduler knows what it has: sbatch refuses what it can never give.)"""
-        if self.executor.cluster:
+        the scheduler knows what it has: sbatch refuses what it can never give; and a task waiting for the
+        check of Slurm settings is headed there.)"""
+        if self.executor.cluster or self.launcher.held() is not None:
             return
         if cfg.resources.nodes > 1:
             raise ValidationError(
@@ -493,6 +494,8 @@ class Service:
             attempts=attempts,
             queue=self.launcher.queue_place(task, waits),
         )
+        if status == TaskStatus.INTERRUPTED:
+            row["resumes"] = self.supervisor.resumes_at(task, attempts)
         if row.get("job_id"):
             row["slurm"] = self._slurm_job(task)
             if status.has_process and row["slurm"] and row["slurm"]["state"] == "PENDING":

@@ -339,6 +339,19 @@ class Supervisor:
         """Every interrupted task: its next attempt, or failed, as `lifecycle.recover` says. Returns how many moved."""
         return sum(self.recover(task) is not None for task in self.store.with_status(TaskStatus.INTERRUPTED))
 
+    def resumes_at(self, task: Task, attempts: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """When an interrupted task waits out a machine that keeps stopping it (lifecycle.MACHINE_WAIT_S): the time
+        its next attempt starts and how many attempts in a row the machine stopped, for the page and `show`."""
+        config = task.config_dict.get("resume") or {}
+        if task.status != TaskStatus.INTERRUPTED or not config.get("auto", True) or not attempts:
+            return None
+        last = attempts[-1]
+        if last.get("end_cause") == Cause.RUN or not last.get("ended_at"):
+            return None
+        stalled = stalled_attempts(attempts)
+        wait = lifecycle.machine_wait_s(stalled)
+        return {"at": last["ended_at"] + wait, "stalled": stalled} if wait else None
+
     def recover(self, task: Task) -> Move | None:
         config = (task.config_dict.get("resume") or {}) if task.status == TaskStatus.INTERRUPTED else {}
         if not config.get("auto", True) or task.status != TaskStatus.INTERRUPTED:

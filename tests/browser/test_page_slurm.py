@@ -29,6 +29,10 @@ def test_the_task_view_names_its_slurm_job_and_cancel_ends_it(tmp_path: Path, sl
         meta.filter(has_text="(running)").wait_for(timeout=60_000)
         job = studio.api("GET", f"/api/tasks/{task['id']}")["slurm"]["job_id"]
         assert f"Slurm job {job} (running)" in meta.inner_text()
+        # The system panel says where new fine-tunes go, and that the check of these settings passed.
+        executor = page.locator("#studio-executor")
+        executor.filter(has_text="Slurm check passed").wait_for(timeout=30_000)
+        assert "New fine-tunes run on Slurm partition debug." in executor.inner_text()
         page.screenshot(path=str(ARTIFACTS / "task-view-slurm.png"), full_page=True)
         # Freeze stops processes in place: on a cluster that is the operator's, so the page does not offer it.
         assert page.locator("#task-actions button").all_inner_texts() == ["Pause", "Cancel"]

@@ -176,6 +176,6 @@ async def _stream(
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     keys = (
         "status", "step", "phase", "error", "reattached", "stalled", "loss", "eval_loss", "pid", "total_steps",
-        "queue", "attempt", "attempts", "actions", "frozen", "resources", "slurm",
+        "queue", "attempt", "attempts", "actions", "frozen", "resources", "slurm", "resumes",
     )  # fmt: skip
     return any(old.get(k) != new.get(k) for k in keys)

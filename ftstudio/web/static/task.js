@@ -294,8 +294,16 @@ export function mountTask(root, taskId) {
     } else if (isPausing(t)) {
       kind = "pausing";
       body = [h("strong", {}, "Pausing: "), "saving a checkpoint at the next step; the training stops once it is written."];
+    } else if (t.status === "interrupted" && t.resumes && isNum(t.resumes.at)) {
+      // A machine that keeps stopping attempts before they progress is waited out, never counted as a failure.
+      kind = "waiting";
+      body = [
+        h("strong", {}, "Waiting out the machine: "),
+        `it stopped ${fmtInt(t.resumes.stalled)} attempts in a row before they made progress (reboots, shutdowns, killed runners). `,
+        `The next attempt starts by itself at ${fmtTime(t.resumes.at)}, from the newest checkpoint; this is not counted against the restart budget.`,
+      ];
     }
-    const key = JSON.stringify([kind, t.queue, holds, t.step]);
+    const key = JSON.stringify([kind, t.queue, holds, t.step, t.resumes]);
     if (notice.dataset.key === key) return;
     notice.dataset.key = key;
     notice.dataset.kind = kind;
