@@ -414,6 +414,21 @@ def test_slurms_word_on_how_a_job_ended(tmp_path: Path, row: str, final: bool, c
     assert word is not None and (word.final, word.cancelled, word.reason) == (final, cancelled, words)
 
 
+def test_an_ended_attempt_is_called_requeued_only_on_a_fresh_look(tmp_path: Path) -> None:
+    """A listing taken while the new job was still PENDING, read after it ran and was cancelled within one
+    look: the exit record is there, so the word is asked of Slurm again (a CI run read it as a requeue)."""
+    rows = [f"4242|PENDING|None|ftstudio-{TASK}"]
+    ex = executor(lambda args: "\n".join(rows) if args[0] == "squeue" else "")
+    task = make_task(tmp_path)
+    launch = Launch(0, 0, "", 0, job_id="4242")
+    assert ex.word(task, launch).requeued  # type: ignore[union-attr]  # no exit record: still waiting to run
+    rows[0] = f"4242|CANCELLED|None|ftstudio-{TASK}"
+    assert ex.word(task, launch).requeued  # type: ignore[union-attr]  # the cached listing, within LOOK_S
+    task.exit.write_text('{"outcome": "interrupted"}')
+    word = ex.word(task, launch)
+    assert word is not None and word.cancelled and not word.requeued, word
+
+
 def test_a_time_limit_left_to_the_partition_says_so(tmp_path: Path) -> None:
     word = executor(listing(f"4242|TIMEOUT|TimeLimit|ftstudio-{TASK}")).word(
         make_task(tmp_path), Launch(0, 0, "", 0, job_id="4242")

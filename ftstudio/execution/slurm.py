@@ -513,6 +513,11 @@ class SlurmExecutor:
         if not launch.job_id:
             return None
         state = self.state(launch.job_id)
+        if state is not None and state.state in REQUEUED_STATES and task.exit.exists():
+            # The attempt ran and ended, and the listing says the job waits to run: either Slurm requeued it, or
+            # the listing is older than the run (taken while the new job was still PENDING; a job that ran and
+            # was cancelled within one LOOK_S). Only a fresh look may call it a requeue.
+            state = self.state_fresh(launch.job_id)
         if state is None:
             return SchedulerWord(final=False)
         if state.state in REQUEUED_STATES:
