@@ -167,6 +167,10 @@ class ResumeConfig:
 
 @dataclass
 class TrainingConfig:
+    method: Literal["sft", "pretrain"] = "sft"
+    """`sft`: supervised fine-tuning on instructions or conversations, the loss on the answers only. `pretrain`:
+    continued pre-training on raw text (a `text` column, or .txt files), no chat template, the loss on every
+    token, packing on unless set off."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -203,7 +207,7 @@ class TrainingConfig:
                 )
             else:
                 base = _merge({}, PRESETS[preset])
-        merged = _merge(base, data)
+        merged = _method_defaults(_merge(base, data))
         kwargs: dict[str, Any] = {}
         hints = typing.get_type_hints(cls)
         for key, value in merged.items():
@@ -229,6 +233,18 @@ class TrainingConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+
+
+def _method_defaults(merged: dict[str, Any]) -> dict[str, Any]:
+    """What a method changes in the defaults, where the config leaves a setting out: continued pre-training reads
+    raw text (`data.format` auto means text there) and packs it (short documents fill whole rows)."""
+    if merged.get("method") != "pretrain" or not isinstance(merged.get("data", {}), dict):
+        return merged
+    data = dict(merged.get("data") or {})
+    if data.get("format", "auto") == "auto":
+        data["format"] = "text"
+    data.setdefault("packing", True)
+    return {**merged, "data": data}
 
 
 def _bounds_table() -> dict[str, Bounds]:
@@ -268,6 +284,7 @@ CLI_FLAGS: dict[str, str] = {
     "resume.auto": "--no-auto-resume",
     "resume.max_restarts": "--max-restarts",
     "preset": "--preset",
+    "method": "--method",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -421,6 +438,12 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
             bad(path, f"must be a finite number (got {shown(value)})")
     if not cfg.model.name.strip():
         bad("model.name", "is empty; give a hub id (org/name), a local directory or builtin:tiny")
+    if cfg.method == "pretrain" and cfg.data.format not in ("text", "auto"):
+        bad(
+            "data.format",
+            f"is {cfg.data.format}, but method pretrain trains on raw text (format text: a `text` column or .txt "
+            "files); use method sft for instructions and conversations",
+        )
     if not cfg.data.path.strip():
         bad("data.path", "is empty; give builtin:sample, an uploaded dataset or a file path")
     fraction = validation_fraction(cfg.data.validation)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest.nodeid import coerce_node_id
 from slurm_cluster import NoCluster, SlurmCluster, connect, connect2, in_ci, use
 from support import ROOT, SCRIPTED, Studio, home_env, sweep
 
@@ -52,6 +53,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = xdist_group_of(item, used)
         if group and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
+        if getattr(config.option, "loadgroup", False):  # a pytest-xdist worker under --dist loadgroup
+            keep_grouped(item)
+
+
+def keep_grouped(item: pytest.Item) -> None:
+    """Put the item's xdist_group in its node id (`path::test@group`), which is how pytest-xdist's scheduler
+    tells groups apart. pytest-xdist 3.8 writes it to `item._nodeid`, which pytest 9.2 no longer reads (the
+    id lives in `item._id`): without this every test was scheduled alone, and two Slurm tests ran side by side
+    (one restarting slurmctld while the other waited on its job's progress)."""
+    names = sorted(
+        {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+    )
+    nodeid = item.nodeid
+    if names and nodeid.rfind("@") <= nodeid.rfind("]"):
+        item._id = coerce_node_id(f"{nodeid}@{'_'.join(names)}")  # type: ignore[attr-defined]
 
 
 def xdist_group_of(item: pytest.Item, used: set[str]) -> str | None:

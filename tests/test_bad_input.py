@@ -127,7 +127,7 @@ def test_a_good_upload_is_listed_and_a_task_takes_it_by_name(client):
 @pytest.mark.parametrize("name", ["data.exe", "data.py", "noext"])
 def test_uploads_other_than_datasets_are_refused(client, name):
     r = client.post("/api/datasets", files={"file": (name, io.BytesIO(b"{}"), "application/octet-stream")})
-    one_line(r, 422, "upload .json, .jsonl, .csv or .parquet")
+    one_line(r, 422, "upload .json, .jsonl, .csv, .parquet or .txt")
 
 
 def test_requests_that_are_not_json_get_one_line(client):

@@ -70,6 +70,8 @@ def test_set_and_flags_reach_the_recorded_config(home):
         (["submit", "--lr", "nan"], "optim.learning_rate (--lr): must be a finite number"),
         (["submit", "--set", "optim.epochs=inf"], "optim.epochs (--epochs): must be a finite number"),
         (["submit", "--max-steps", str(2**70)], "optim.max_steps (--max-steps): must be at most 1,000,000,000"),
+        (["submit", "--method", "dance"], "method (--method): must be one of sft, pretrain"),
+        (["submit", "--method", "pretrain", "--set", "data.format=alpaca"], "method pretrain trains on raw text"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_changes_nothing(home, args, message, capsys):

@@ -133,7 +133,7 @@ def test_a_second_upload_of_the_same_name_in_any_case_gets_its_own(client):
 
 @pytest.mark.parametrize("name", ["", ".jsonl", "...", "noext", "data.exe"])
 def test_names_that_are_not_datasets_are_refused(client, name):
-    one_line(upload(client, name, ROW), 422, "upload .json, .jsonl, .csv or .parquet")
+    one_line(upload(client, name, ROW), 422, "upload .json, .jsonl, .csv, .parquet or .txt")
     assert leftovers(client) == []
 
 

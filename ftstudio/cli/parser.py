@@ -32,6 +32,7 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--priority", "resources.priority", int, "queue priority: higher starts first (default 0)"),
     ("--max-restarts", "resume.max_restarts", int, "automatic restarts after a crash or reboot (default 3)"),
     ("--preset", "preset", str, "start from a preset: cpu-demo, single-gpu-24gb, low-memory"),
+    ("--method", "method", str, "sft (default: instructions, conversations) or pretrain (raw text, .txt files)"),
 ]
 assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)
 assert CLI_FLAGS["resources.share_gpu"] == "--share-gpu"  # switches, added beside SUBMIT_FLAGS

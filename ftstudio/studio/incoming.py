@@ -12,8 +12,8 @@ from typing import IO
 
 from ftstudio.errors import TooLarge, ValidationError
 from ftstudio.storage import writing
+from ftstudio.training.datafiles import DATASET_SUFFIXES
 
-DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_NAME_CHARS = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -64,7 +64,9 @@ class Incoming:
         name = safe_name(filename)
         if not is_dataset_name(name):
             shown = filename[:80] + ("…" if len(filename) > 80 else "")
-            raise ValidationError(f"file: {shown!r} is not a dataset file; upload .json, .jsonl, .csv or .parquet")
+            raise ValidationError(
+                f"file: {shown!r} is not a dataset file; upload .json, .jsonl, .csv, .parquet or .txt"
+            )
         self.filename, self.path = filename, self.dir / name
         with writing(self.home):
             self._file = open(self.path, "wb")  # noqa: SIM115  (closed by close() or discard())

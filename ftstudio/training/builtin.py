@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ftstudio.errors import Problem, ValidationError
+from ftstudio.training.datafiles import DATASET_SUFFIXES
 from ftstudio.training.samples import SAMPLE_PATH
 
 BUILTIN_MODELS = ("builtin:tiny",)
 BUILTIN_DATASETS = ("builtin:sample",)
-DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 # Bump when the recipe below changes: an older build on disk is then replaced.
 TINY_VERSION = 2

@@ -34,7 +34,17 @@ from typing import TYPE_CHECKING, Any
 
 from ftstudio.config import validation_fraction
 from ftstudio.errors import Problem, ValidationError
-from ftstudio.training.datafiles import FIELD, not_regular, preview, read_csv, read_json, read_jsonl, read_parquet
+from ftstudio.training.datafiles import (
+    DATASET_SUFFIXES,
+    FIELD,
+    not_regular,
+    preview,
+    read_csv,
+    read_json,
+    read_jsonl,
+    read_parquet,
+    read_text,
+)
 
 if TYPE_CHECKING:
     from ftstudio.config import TrainingConfig
@@ -198,10 +208,14 @@ def read_rows(
         yield from read_csv(path, max_row_bytes)
     elif suffix == ".parquet":
         yield from read_parquet(path, max_row_bytes)
+    elif suffix == ".txt":
+        yield from read_text(path, max_row_bytes)
     else:
         raise ValidationError(
             Problem(
-                FIELD, f"{path.name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv or .parquet"
+                FIELD,
+                f"{path.name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv, .parquet or "
+                ".txt (raw text, for method pretrain)",
             )
         )
 
@@ -226,12 +240,12 @@ def _read_dir(path: Path, split: str | None, max_row_bytes: int | None) -> Itera
         for n, row in enumerate(ds, 1):
             yield f"row {n}", dict(row)
         return
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet")
-    )
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATASET_SUFFIXES)
     if not files:
         raise ValidationError(
-            Problem(FIELD, f"{path.name}: a directory with no .jsonl/.json/.csv/.parquet files and no saved dataset")
+            Problem(
+                FIELD, f"{path.name}: a directory with no .jsonl/.json/.csv/.parquet/.txt files and no saved dataset"
+            )
         )
     for file in files:
         rel = file.relative_to(path)

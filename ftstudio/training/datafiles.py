@@ -25,6 +25,8 @@ from typing import IO, Any
 from ftstudio.errors import Problem, ValidationError
 
 FIELD = "data.path (--dataset)"
+DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+"""The files read as datasets (.txt: raw text, a paragraph per row, for continued pre-training)."""
 BOM = b"\xef\xbb\xbf"
 # A .json file that is one object (`{"rows": [...]}`) is parsed whole; in the studio only up to this size.
 MAX_WHOLE_JSON_BYTES = 8 << 20
@@ -54,7 +56,9 @@ KINDS = {
 
 def not_regular(path: Path, mode: int) -> ValidationError:
     kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
-    return _bad(path, "", f"is {kind}, not a dataset file; give the path of a .jsonl, .json, .csv or .parquet file")
+    return _bad(
+        path, "", f"is {kind}, not a dataset file; give the path of a .jsonl, .json, .csv, .parquet or .txt file"
+    )
 
 
 def open_regular(path: Path, mode: str = "rb", **text: Any) -> IO[Any]:
@@ -91,6 +95,26 @@ def read_jsonl(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dic
             if not isinstance(row, dict):
                 raise _bad(path, f"line {n}", f"expected a JSON object, got {type(row).__name__}")
             yield f"line {n}", row
+
+
+def read_text(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Plain text for continued pre-training: each paragraph (lines up to a blank one) is a row `{"text": ...}`,
+    named by the line it starts on. A paragraph over the row limit is refused like a long row."""
+    with open_regular(path) as f:
+        start, lines, size = 0, [], 0
+        for n, line in _lines(f, path, max_row_bytes):
+            if line.strip():
+                start = start or n
+                lines.append(line)
+                size += len(line)
+                if max_row_bytes and size > max_row_bytes:
+                    raise _too_long(path, f"the paragraph at line {start}", max_row_bytes)
+                continue
+            if lines:
+                yield f"line {start}", {"text": "".join(lines).strip()}
+            start, lines, size = 0, [], 0
+        if lines:
+            yield f"line {start}", {"text": "".join(lines).strip()}
 
 
 def read_json(path: Path, max_row_bytes: int | None) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -196,7 +196,8 @@ class StudioCallback(TrainerCallback):
         if "eval_loss" in logs:
             loss = float(logs["eval_loss"])
             self.stats.eval_losses.append((step, loss))
-            self.emit("eval", step=step, epoch=epoch, eval_loss=loss)
+            # Perplexity, exp(loss): the figure continued pre-training is judged by (capped: exp overflows past ~709).
+            self.emit("eval", step=step, epoch=epoch, eval_loss=loss, perplexity=math.exp(min(loss, 50.0)))
             self.say(f"eval  step {step}/{self.total_steps}  epoch {epoch:.2f}  eval_loss {loss:.4f}")
             return
         if "loss" not in logs:

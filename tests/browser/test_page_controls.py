@@ -62,6 +62,23 @@ def test_validation_errors_appear_next_to_their_fields(studio: LiveStudio, page:
     assert studio.api("GET", "/api/tasks")["total"] == 0
 
 
+def test_the_method_is_chosen_in_the_form_and_its_data_rule_is_shown_at_its_field(
+    studio: LiveStudio, page: Any
+) -> None:
+    page.goto(studio.page_url("#/new"))
+    method = page.locator("#method")
+    method.locator("option[value='pretrain']").wait_for(state="attached")
+    assert method.locator("option").all_inner_texts()[1].startswith("Continued pre-training")
+    method.select_option("pretrain")
+    page.locator("#advanced > summary").click()
+    page.locator("#cfg-data-format").select_option("alpaca")  # a conversation shape: not raw text
+    page.get_by_role("button", name="Start fine-tune").click()
+    error = page.locator("#cfg-data-format-error")
+    error.wait_for(state="visible")
+    assert "method pretrain trains on raw text" in error.inner_text()
+    assert studio.api("GET", "/api/tasks")["total"] == 0
+
+
 def test_cancel_from_the_page_ends_the_process_then_delete_asks_first(studio: LiveStudio, page: Any) -> None:
     task = studio.api(
         "POST",

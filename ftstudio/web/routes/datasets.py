@@ -30,7 +30,7 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "The dataset: .jsonl, .json, .csv or .parquet",
+                            "description": "The dataset: .jsonl, .json, .csv, .parquet, or .txt (raw text)",
                         }
                     },
                 }
@@ -47,7 +47,8 @@ UPLOAD_SCHEMA: dict[str, Any] = {
 
 @router.post("/datasets", status_code=201, openapi_extra=UPLOAD_SCHEMA)
 async def upload_dataset(request: Request, service: ServiceDep) -> dict[str, Any]:
-    """Upload a dataset file (.jsonl, .json, .csv, .parquet) as the multipart field `file`."""
+    """Upload a dataset file (.jsonl, .json, .csv, .parquet, or .txt for continued pre-training) as the multipart
+    field `file`."""
     return await _receive_upload(service, request)
 
 

@@ -6,9 +6,14 @@ import { api, ApiError } from "./api.js";
 import { h, fmtInt, fmtBytes, isNum } from "./dom.js";
 
 export const MAX_UPLOAD_BYTES = 512 * 1024 * 1024;
-const UPLOAD_TYPES = [".json", ".jsonl", ".csv", ".parquet"];
+const UPLOAD_TYPES = [".json", ".jsonl", ".csv", ".parquet", ".txt"];
 // Shown in the main section, so not repeated under Advanced.
-const MAIN_FIELDS = new Set(["model.name", "data.path", "preset"]);
+const MAIN_FIELDS = new Set(["model.name", "data.path", "preset", "method"]);
+// What each training method is, in the form's words (the choices themselves come from the config's fields).
+const METHOD_WORDS = {
+  sft: "Supervised fine-tuning: instructions or conversations, trained on the answers",
+  pretrain: "Continued pre-training: raw text (a text column or .txt files), trained on every token",
+};
 
 const fieldId = (path) => `cfg-${path.replace(/[^a-zA-Z0-9_-]/g, "-")}`;
 
@@ -55,6 +60,8 @@ export function mountNew(root) {
   const uploadError = h("p", { id: "upload-error", class: "error-text", role: "alert", hidden: true });
   const preview = h("div", { id: "dataset-preview", class: "preview" });
 
+  const methodSelect = h("select", { id: "method", name: "method" }, h("option", { value: "sft" }, METHOD_WORDS.sft));
+
   // preset
   const presetSelect = h("select", { id: "preset", name: "preset", onchange: () => applyPreset() }, h("option", { value: "" }, "none (defaults)"));
 
@@ -75,17 +82,27 @@ export function mountNew(root) {
     "model.name": errFor("model-name"),
     "data.path": errFor("dataset-name"),
     preset: errFor("preset"),
+    method: errFor("method"),
   };
   nameInput.setAttribute("aria-describedby", "task-name-error");
   modelInput.setAttribute("aria-describedby", "model-name-help model-name-error");
   dataInput.setAttribute("aria-describedby", "dataset-name-help dataset-name-error");
   presetSelect.setAttribute("aria-describedby", "preset-help preset-error");
+  methodSelect.setAttribute("aria-describedby", "method-help method-error");
 
   const form = h(
     "form",
     { id: "new-form", novalidate: true, onsubmit: (e) => (e.preventDefault(), start()) },
     summary,
     h("div", { class: "field" }, h("label", { for: "task-name" }, "Name"), nameInput, mainErrors.name),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "method" }, "Method"),
+      methodSelect,
+      h("p", { class: "help", id: "method-help" }, "What the run learns from its data. Continued pre-training packs raw text and needs no chat template."),
+      mainErrors.method,
+    ),
     h(
       "fieldset",
       {},
@@ -104,7 +121,7 @@ export function mountNew(root) {
       h("label", { for: "dataset-name" }, "Dataset"),
       dataInput,
       dataList,
-      h("p", { class: "help", id: "dataset-name-help" }, "builtin:sample, an uploaded dataset, or a .json/.jsonl/.csv/.parquet path on the studio's machine."),
+      h("p", { class: "help", id: "dataset-name-help" }, "builtin:sample, an uploaded dataset, or a .json/.jsonl/.csv/.parquet (or .txt, for pretrain) path on the studio's machine."),
       dataPicks,
       mainErrors["data.path"],
       h("label", { for: "dataset-file" }, `Upload a file (${UPLOAD_TYPES.join(", ")}; up to ${fmtBytes(MAX_UPLOAD_BYTES)})`),
@@ -153,6 +170,8 @@ export function mountNew(root) {
     if (d.status === "fulfilled") fillDatasets(d.value?.datasets || []);
     if (f.status === "fulfilled") {
       fields = Array.isArray(f.value) ? f.value : f.value?.fields || [];
+      const methods = fields.find((x) => x.path === "method")?.choices || [];
+      if (methods.length) methodSelect.replaceChildren(...methods.map((m) => h("option", { value: m }, METHOD_WORDS[m] || m)));
       buildAdvanced();
       applyPreset();
     } else {
@@ -359,6 +378,7 @@ export function mountNew(root) {
   function payload() {
     const config = {};
     if (presetSelect.value) config.preset = presetSelect.value;
+    if (methodSelect.value && methodSelect.value !== "sft") config.method = methodSelect.value;
     const set = (path, v) => {
       const parts = path.split(".");
       let o = config;
@@ -392,7 +412,7 @@ export function mountNew(root) {
       let target = null;
       let errEl = mainErrors[path];
       if (errEl) {
-        target = { name: nameInput, "model.name": modelInput, "data.path": dataInput, preset: presetSelect }[path];
+        target = { name: nameInput, "model.name": modelInput, "data.path": dataInput, preset: presetSelect, method: methodSelect }[path];
       } else if (controls.has(path)) {
         const c = controls.get(path);
         errEl = c.error;
