@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
-from support import Studio, cli_json, in_memory, run_cli, wait_for
+from support import Studio, cli_json, in_memory, paced, run_cli, wait_for
 
 from ftstudio.errors import Conflict, ValidationError
 from ftstudio.execution.procs import tagged
@@ -181,7 +181,8 @@ def test_the_task_says_which_mechanism_enforces_its_memory_limit(home: Path) -> 
 def test_suspend_frees_the_slot_and_resume_continues_the_same_run(home: Path, studio_factory: Any) -> None:
     """The real trainer: pause checkpoints at the next step and exits; the next queued task gets the slot;
     resume is attempt 2 from that checkpoint, and the history has every step exactly once."""
-    studio = studio_factory().start()
+    # Paced (0.2 s a step at least): a fast machine trains 40 steps of builtin:tiny before the pause arrives.
+    studio = studio_factory(**paced()).start()
     # Cheap where it does not matter here (no validation, short rows): the pause's checkpoint is the point.
     cheap = {"data": {"validation": "0", "max_length": 64}, "logging": {"eval_on_start": False}}
     steps = {"max_steps": 40, "seed": 7, "batch_size": 4}
