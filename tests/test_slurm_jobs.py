@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 from slurm_cluster import cancel_tasks, current_cluster, slurm_env
-from support import Studio, home_env, progress_steps, run_cli, submit_tiny, wait_for
+from support import Studio, home_env, paced, progress_steps, run_cli, submit_tiny, wait_for
 
 from ftstudio.execution.procs import tagged
 from ftstudio.studio.store import Store
@@ -142,8 +142,9 @@ def test_a_start_with_a_partition_slurm_lacks_or_an_unsafe_option_is_refused_wit
 
 @pytest.fixture
 def real(home: Path) -> Iterator[Studio]:
-    """A studio on Slurm whose jobs run the real trainer."""
-    s = Studio(home, home_env(home, **slurm_env()))
+    """A studio on Slurm whose jobs run the real trainer, paced (0.2 s a step at least): the tests act on a run
+    midway (a pause, Slurm's warning, a requeue at step 12 of 60), which a fast machine would have finished."""
+    s = Studio(home, home_env(home, **slurm_env(), **paced()))
     yield s.start("--executor", "slurm", "--partition", "debug")
     s.stop()
     cancel_tasks(home)
