@@ -7,6 +7,7 @@ inputs and acts on its answer.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -80,8 +81,6 @@ class Launcher:
         while the task's own job may fill the partition, must not wait for a check job to be scheduled. Changed
         settings are remembered as *pending*: the studio runs their check job while it serves (`finish_check`),
         and the executor in use stays as it was until that job has seen the home from a compute node."""
-        import json
-
         if kind == "local":
             with writing(self.home.root):
                 self.store.set_setting("executor", "local")
@@ -117,8 +116,6 @@ class Launcher:
         return said
 
     def _use_slurm(self, slurm: SlurmSettings, *, checked: bool) -> None:
-        import json
-
         with writing(self.home.root):
             self.store.set_setting("slurm", json.dumps(slurm.to_json()))
             if checked:
@@ -133,23 +130,24 @@ class Launcher:
             return "new fine-tunes wait in the queue (they would run on this machine otherwise)"
         return "new fine-tunes go to Slurm with the settings checked before"
 
-    def pending(self) -> dict[str, Any] | None:
-        """Slurm settings waiting for their check job: {"settings", "since"}; None when there are none."""
-        import json
-
-        raw = self.store.setting("executor_pending")
+    def _object_setting(self, key: str) -> dict[str, Any] | None:
+        """A setting kept as a JSON object; None when unset, emptied or not an object."""
+        raw = self.store.setting(key)
         try:
             value = json.loads(raw) if raw else None
         except ValueError:
             return None
-        return value if isinstance(value, dict) and isinstance(value.get("settings"), dict) else None
+        return value if isinstance(value, dict) else None
+
+    def pending(self) -> dict[str, Any] | None:
+        """Slurm settings waiting for their check job: {"settings", "since"}; None when there are none."""
+        value = self._object_setting("executor_pending")
+        return value if value is not None and isinstance(value.get("settings"), dict) else None
 
     def finish_check(self, stop: threading.Event | None = None) -> tuple[bool, str] | None:
         """Run the check job of the pending settings (the serving studio does, in a thread of its own): on a pass
         they are the executor's from now on. Returns (passed, line), or None when nothing was pending. A studio
         that stops first leaves them pending, to be checked at its next start."""
-        import json
-
         from ftstudio.execution.slurm import BACKGROUND_CHECK_S, SlurmError, SlurmExecutor, SlurmSettings, check_job
 
         pending = self.pending()
@@ -180,14 +178,8 @@ class Launcher:
         return passed, line
 
     def last_check(self) -> dict[str, Any] | None:
-        import json
-
-        raw = self.store.setting("executor_check")
-        try:
-            value = json.loads(raw) if raw else None
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        """How the last check of changed Slurm settings went: {"passed", "line", "at", "partition"}."""
+        return self._object_setting("executor_check")
 
     def held(self) -> str | None:
         """Why no new task starts now: a pending check that would move new fine-tunes from this machine to Slurm
