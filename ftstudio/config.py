@@ -47,8 +47,9 @@ class ModelConfig:
 class DataConfig:
     path: str = bounded("builtin:sample", max_len=4096)
     """Training data: `builtin:sample`, an uploaded dataset name, or a .json/.jsonl/.csv/.parquet file or dataset dir."""
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
-    """Row shape; `auto` detects it from the columns."""
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "unpaired"] = "auto"
+    """Row shape; `auto` detects it from the columns. `preference`: prompt, chosen and rejected (dpo, orpo, kto);
+    `unpaired`: prompt, completion and a true/false label (kto)."""
     validation: str = bounded("0.1", max_len=4096)
     """Validation split: a fraction of the data (e.g. 0.1), a file path, a split of a saved DatasetDict
     (e.g. validation), or 0 for none."""
@@ -100,6 +101,21 @@ class OptimConfig:
     """Stop with an error when the smoothed loss stays above this multiple of its best value (0 disables)."""
     divergence_patience: int = bounded(20, 1, 1_000_000_000)
     """Steps the smoothed loss may stay above divergence_factor x best before training stops."""
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float = bounded(0.1, 0, 100, min_excluded=True)
+    """How far training may move from the reference model (dpo, kto), or the weight of the odds-ratio term (orpo),
+    or SimPO's reward scale. 0.1 is usual; with loss simpo it is 2.0 unless set (SimPO works with 2 to 10)."""
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """The dpo variant: `sigmoid` is DPO, `ipo` is IPO, `simpo` is SimPO (no reference model; length-normalised)."""
+    simpo_gamma: float = bounded(0.5, 0, 100)
+    """SimPO's target reward margin (loss simpo only)."""
+    desirable_weight: float = bounded(1.0, 0, 100, min_excluded=True)
+    """kto: the weight of good completions' loss; raise it when good ones are fewer."""
+    undesirable_weight: float = bounded(1.0, 0, 100, min_excluded=True)
+    """kto: the weight of bad completions' loss; raise it when bad ones are fewer."""
 
 
 @dataclass
@@ -167,14 +183,17 @@ class ResumeConfig:
 
 @dataclass
 class TrainingConfig:
-    method: Literal["sft", "pretrain"] = "sft"
+    method: Literal["sft", "pretrain", "dpo", "orpo", "kto"] = "sft"
     """`sft`: supervised fine-tuning on instructions or conversations, the loss on the answers only. `pretrain`:
     continued pre-training on raw text (a `text` column, or .txt files), no chat template, the loss on every
-    token, packing on unless set off."""
+    token, packing on unless set off. `dpo`: preference tuning on chosen/rejected pairs against the model as it
+    started (the variant is preference.loss: DPO, IPO or SimPO). `orpo`: preference tuning and SFT in one loss, no
+    reference model. `kto`: preference tuning from completions labelled good or bad, paired or not."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -237,13 +256,23 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
 
 def _method_defaults(merged: dict[str, Any]) -> dict[str, Any]:
     """What a method changes in the defaults, where the config leaves a setting out: continued pre-training reads
-    raw text (`data.format` auto means text there) and packs it (short documents fill whole rows)."""
-    if merged.get("method") != "pretrain" or not isinstance(merged.get("data", {}), dict):
+    raw text (`data.format` auto means text there) and packs it (short documents fill whole rows); the preference
+    methods train on `builtin:preferences`, and dpo and orpo read pairs; SimPO starts from its own beta."""
+    method = merged.get("method")
+    preference = merged.get("preference")
+    if method == "dpo" and isinstance(preference, dict) and preference.get("loss") == "simpo":
+        # SimPO's rewards are length-normalised log-probabilities, much smaller than DPO's: its beta is larger.
+        merged = {**merged, "preference": {"beta": SIMPO_BETA, **preference}}
+    if method not in ("pretrain", *PREFERENCE_METHODS) or not isinstance(merged.get("data", {}), dict):
         return merged
     data = dict(merged.get("data") or {})
-    if data.get("format", "auto") == "auto":
-        data["format"] = "text"
-    data.setdefault("packing", True)
+    if method in PREFERENCE_METHODS:
+        data.setdefault("path", PREFERENCE_DATASET)  # the demo's data, as builtin:sample is SFT's
+    if data.get("format", "auto") == "auto" and len(METHOD_FORMATS[method]) == 1:
+        # The one shape the method takes, so a row missing a field is named as such, not taken for another shape.
+        data["format"] = METHOD_FORMATS[method][0]
+    if method == "pretrain":
+        data.setdefault("packing", True)
     return {**merged, "data": data}
 
 
@@ -285,7 +314,44 @@ CLI_FLAGS: dict[str, str] = {
     "resume.max_restarts": "--max-restarts",
     "preset": "--preset",
     "method": "--method",
+    "preference.beta": "--beta",
+    "preference.loss": "--loss",
 }
+
+# The data shapes each method trains on (the single table: the config, the preflight and the page read it).
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("alpaca", "sharegpt", "messages", "text"),
+    "pretrain": ("text",),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+    "kto": ("unpaired", "preference"),
+}
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+SIMPO_BETA = 2.0
+PREFERENCE_DATASET = "builtin:preferences"
+_SHAPE_WORDS = {
+    "alpaca": "instructions",
+    "sharegpt": "conversations",
+    "messages": "conversations",
+    "text": "raw text",
+    "preference": "preference pairs (prompt/chosen/rejected)",
+    "unpaired": "labelled completions (prompt/completion/label)",
+}
+
+
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def format_problem(method: str, shape: str) -> str | None:
+    """Why `method` cannot train on data of `shape` (and what would), or None when it can."""
+    if shape in METHOD_FORMATS[method]:
+        return None
+    takes = _either(list(dict.fromkeys(_SHAPE_WORDS[f] for f in METHOD_FORMATS[method])))
+    fits = [m for m, shapes in METHOD_FORMATS.items() if shape in shapes and m != "pretrain"]
+    use = f"; use method {_either(fits)} for it" if fits else ""
+    return f"method {method} trains on {takes}, but this data holds {_SHAPE_WORDS.get(shape, shape)}{use}"
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": {
@@ -438,11 +504,15 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
             bad(path, f"must be a finite number (got {shown(value)})")
     if not cfg.model.name.strip():
         bad("model.name", "is empty; give a hub id (org/name), a local directory or builtin:tiny")
-    if cfg.method == "pretrain" and cfg.data.format not in ("text", "auto"):
+    if cfg.data.format != "auto" and (problem := format_problem(cfg.method, cfg.data.format)):
+        bad("data.format", f"is {cfg.data.format}: {problem}")
+    if cfg.method in PREFERENCE_METHODS and cfg.data.packing:
+        bad("data.packing", f"method {cfg.method} compares whole replies, which packing would cut apart; set it off")
+    if cfg.method == "kto" and cfg.optim.batch_size < 2:
         bad(
-            "data.format",
-            f"is {cfg.data.format}, but method pretrain trains on raw text (format text: a `text` column or .txt "
-            "files); use method sft for instructions and conversations",
+            "optim.batch_size",
+            "method kto needs at least 2 per batch: it measures drift from the reference model on the batch's "
+            "completions paired with other prompts",
         )
     if not cfg.data.path.strip():
         bad("data.path", "is empty; give builtin:sample, an uploaded dataset or a file path")

@@ -37,6 +37,7 @@ from typing import Any
 import psutil
 import pytest
 from support import Studio, home_env, is_trainer, paced, wait_for
+from trainer_fixtures import assert_adapter_loads
 
 from ftstudio import checkpoints
 from ftstudio.execution.procs import TASK_ENV, tagged
@@ -58,11 +59,12 @@ FINAL = ("completed", "failed", "cancelled")
 RUNNING = ("preparing", "training")
 
 
-def config(steps: int = STEPS, processes: int = 1) -> dict[str, Any]:
+def config(steps: int = STEPS, processes: int = 1, method: str = "sft") -> dict[str, Any]:
     """cpu-demo, made cheaper where it does not matter here (no validation, shorter rows, smaller batches):
     the faults are what the suite tests, and it must fit in a few minutes on two shared cores."""
     return {
         "preset": "cpu-demo",
+        "method": method,
         "data": {"validation": "0", "max_length": 64},
         "optim": {"max_steps": steps, "seed": SEED, "batch_size": 4},
         "checkpoint": {"every_steps": EVERY},
@@ -247,9 +249,9 @@ class Chaos:
             return False
         return True
 
-    def submit(self, steps: int = STEPS, name: str = "chaos", processes: int = 1) -> str:
+    def submit(self, steps: int = STEPS, name: str = "chaos", processes: int = 1, method: str = "sft") -> str:
         assert self.studio is not None
-        r = self.studio.http.post("/api/tasks", json={"name": name, "config": config(steps, processes)})
+        r = self.studio.http.post("/api/tasks", json={"name": name, "config": config(steps, processes, method)})
         assert r.status_code == 201, r.text
         tid = r.json()["id"]
         self.tids.append(tid)
@@ -426,29 +428,13 @@ class Chaos:
             seqs = [e["seq"] for e in events]
             assert seqs == sorted(set(seqs))
             assert [e["step"] for e in events if e["kind"] == "progress"] == list(range(1, steps + 1))
-            assert_adapter_loads(self.home / "tasks" / tid / "adapter")
+            assert_adapter_loads(self.home / "tasks" / tid / "adapter", self.home)
         return done
 
     def close(self) -> None:
         self.watch.stop()
         for s in self.studios:
             s.stop()
-
-
-def assert_adapter_loads(adapter: Path) -> None:
-    """The final adapter loads with peft on the built-in tiny base and changes its output shape not at all."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from ftstudio.training.builtin import tiny_model_dir
-
-    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir(Path(os.environ["FTSTUDIO_HOME"])))
-    model = PeftModel.from_pretrained(base, adapter)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
-    assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
 
 
 @pytest.fixture
@@ -501,6 +487,28 @@ def test_trainer_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:
     # From a checkpoint, at most one interval back (a checkpoint's step is reported before its save completes).
     resumed = second["resumed_from_step"]
     assert resumed % EVERY == 0 and resumed >= EVERY and 0 <= first["end_step"] - resumed <= EVERY, done["attempts"]
+
+
+def test_a_dpo_run_survives_its_trainer_sigkilled_and_then_a_reboot(chaos: Chaos) -> None:
+    """Preference tuning keeps every promise SFT keeps: a killed trainer resumes from its checkpoint, and so does
+    a reboot later in the same run; each step is in the history once, and the adapter loads."""
+    chaos.start()
+    tid = chaos.submit(method="dpo", name="dpo through faults")
+    chaos.wait_step(tid, EVERY + 2)
+    chaos.kill(chaos.launch(tid)["trainer_pid"])
+    chaos.hold(tid, 2 * EVERY)
+    chaos.reboot()
+    chaos.start()
+    done = chaos.verify()[tid]
+    first, second, third = done["attempts"]
+    resumed = second["resumed_from_step"]
+    assert resumed % EVERY == 0 and resumed >= EVERY and 0 <= first["end_step"] - resumed <= EVERY, done["attempts"]
+    assert "the machine restarted at step" in second["end_reason"], second
+    assert third["resumed_from_step"] == 2 * EVERY, done["attempts"]
+    assert chaos.studio is not None
+    events = chaos.studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
+    progress = [e for e in events if e["kind"] == "progress"]
+    assert all("rewards/accuracies" in e["metrics"] for e in progress), progress[-1]
 
 
 def test_one_torchrun_rank_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:

@@ -23,7 +23,18 @@ def test_cpu_demo_targets_the_tiny_model() -> None:
 
 def test_round_trip_keeps_the_nested_shape() -> None:
     data = TrainingConfig().to_dict()
-    sections = {"model", "data", "lora", "optim", "checkpoint", "logging", "evaluation", "resources", "resume"}
+    sections = {
+        "model",
+        "data",
+        "lora",
+        "optim",
+        "preference",
+        "checkpoint",
+        "logging",
+        "evaluation",
+        "resources",
+        "resume",
+    }
     assert set(data) == {*sections, "preset", "method"}
     assert TrainingConfig.from_dict(data) == TrainingConfig()
 

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ftstudio.training.builtin import ensure_tiny
+from ftstudio.training.builtin import ensure_tiny, tiny_model_dir
 from ftstudio.training.trainer import main
 
 _HOME: Path | None = None
@@ -97,3 +97,17 @@ MESSAGES = [
     for r in ALPACA
 ]
 TEXT = [{"text": f"{r['instruction']} {r['output']}"} for r in ALPACA]
+
+
+def assert_adapter_loads(adapter: Path, home: Path) -> None:
+    """The final adapter loads with peft on the built-in tiny base (in `home`) and gives finite logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir(home))
+    model = PeftModel.from_pretrained(base, adapter)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()

@@ -16,7 +16,7 @@ from ftstudio.web.daemon import DEFAULT_HOST, DEFAULT_PORT
 # Flags of `submit` that map onto config fields: (flag, field path, type, help).
 SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--model", "model.name", str, "base model: hub id, local directory or builtin:tiny"),
-    ("--dataset", "data.path", str, "dataset: builtin:sample, an uploaded name or a file path"),
+    ("--dataset", "data.path", str, "dataset: builtin:sample, builtin:preferences, an uploaded name or a file path"),
     ("--epochs", "optim.epochs", float, "passes over the data"),
     ("--lr", "optim.learning_rate", float, "peak learning rate"),
     ("--max-steps", "optim.max_steps", int, "stop after this many steps"),
@@ -32,7 +32,15 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--priority", "resources.priority", int, "queue priority: higher starts first (default 0)"),
     ("--max-restarts", "resume.max_restarts", int, "automatic restarts after a crash or reboot (default 3)"),
     ("--preset", "preset", str, "start from a preset: cpu-demo, single-gpu-24gb, low-memory"),
-    ("--method", "method", str, "sft (default: instructions, conversations) or pretrain (raw text, .txt files)"),
+    (
+        "--method",
+        "method",
+        str,
+        "sft (default: instructions, conversations), pretrain (raw text, .txt files), or dpo, orpo, kto "
+        "(preference pairs; builtin:preferences unless --dataset)",
+    ),
+    ("--beta", "preference.beta", float, "dpo, orpo, kto: how far from the starting model (default 0.1)"),
+    ("--loss", "preference.loss", str, "dpo's variant: sigmoid (DPO, the default), ipo or simpo"),
 ]
 assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)
 assert CLI_FLAGS["resources.share_gpu"] == "--share-gpu"  # switches, added beside SUBMIT_FLAGS

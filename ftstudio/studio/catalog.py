@@ -109,7 +109,9 @@ class Catalog:
         }
 
     def datasets(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"name": "builtin:sample", "builtin": True}]
+        from ftstudio.training.builtin import BUILTIN_DATASETS
+
+        out: list[dict[str, Any]] = [{"name": name, "builtin": True} for name in BUILTIN_DATASETS]
         for path in sorted(self.home.datasets.iterdir()):
             # Links are not listed: an upload is always a plain file, and a planted link must not be served.
             if (

@@ -6,7 +6,9 @@ ChatML chat template. It is built once into `$FTSTUDIO_HOME/models/tiny/`: into
 a temporary directory first, renamed into place when complete, so a crash never
 leaves half a model. The build is deterministic: same weights, same tokenizer.
 
-`builtin:sample` is `ftstudio/data/sample.jsonl` (see `ftstudio.training.samples`).
+`builtin:sample` is `ftstudio/data/sample.jsonl` (see `ftstudio.training.samples`), instructions for SFT;
+`builtin:preferences` is `ftstudio/data/preferences.jsonl` (see `ftstudio.training.preference_samples`), preference
+pairs for dpo, orpo and kto.
 
 `resolve_model` / `resolve_dataset` turn what a user wrote into something to load.
 """
@@ -23,10 +25,13 @@ from typing import Any
 
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.training.datafiles import DATASET_SUFFIXES
+from ftstudio.training.preference_samples import PREFERENCES_PATH
 from ftstudio.training.samples import SAMPLE_PATH
 
 BUILTIN_MODELS = ("builtin:tiny",)
-BUILTIN_DATASETS = ("builtin:sample",)
+# Each made here by a fixed recipe (samples.py, preference_samples.py), small, shipped in ftstudio/data.
+BUILTIN_DATA_FILES = {"builtin:sample": SAMPLE_PATH, "builtin:preferences": PREFERENCES_PATH}
+BUILTIN_DATASETS = tuple(BUILTIN_DATA_FILES)
 
 # Bump when the recipe below changes: an older build on disk is then replaced.
 TINY_VERSION = 2
@@ -198,7 +203,7 @@ def uploaded_dataset(ref: str, home: Path) -> Path | None:
 
 
 def resolve_dataset(ref: str, home: Path) -> Path:
-    """The file or directory to load: `builtin:sample`, an uploaded dataset's name, or a local path."""
+    """The file or directory to load: a built-in dataset, an uploaded dataset's name, or a local path."""
     ref = ref.strip()
     field = "data.path (--dataset)"
     if ref.startswith("builtin:"):
@@ -206,7 +211,7 @@ def resolve_dataset(ref: str, home: Path) -> Path:
             raise ValidationError(
                 Problem(field, f"unknown built-in dataset {ref!r}; built-in: {', '.join(BUILTIN_DATASETS)}")
             )
-        return SAMPLE_PATH
+        return BUILTIN_DATA_FILES[ref]
     uploaded = uploaded_dataset(ref, home)
     if uploaded is not None:
         return uploaded

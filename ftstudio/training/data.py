@@ -10,6 +10,14 @@ Shapes, detected from the columns:
     sharegpt   conversations: [{from: human|gpt|system, value}]
     messages   messages: [{role: system|user|assistant, content}]   (OpenAI style)
     text       text                                                (plain language modelling)
+    preference prompt (optional), chosen, rejected                 (DPO, ORPO, SimPO, KTO)
+    unpaired   prompt, completion, label (true: a good completion) (KTO)
+
+Preference pairs come in the shapes people publish them in: `prompt`, `chosen` and
+`rejected` as text; `chosen` and `rejected` as whole conversations that share every
+turn but the last (UltraFeedback's shape, with or without a `prompt` column); or
+Anthropic HH's two transcripts, "\n\nHuman: ... \n\nAssistant: ...", with no prompt.
+`prompt` may also be a list of messages, and a completion a one-turn list.
 
 Every row becomes an `Example`: a list of chat messages (or one text) plus where
 it came from (`data.jsonl line 7`). Rows of the wrong shape are skipped and
@@ -26,6 +34,7 @@ conversation may end with a user turn.
 from __future__ import annotations
 
 import json
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,7 +58,7 @@ from ftstudio.training.datafiles import (
 if TYPE_CHECKING:
     from ftstudio.config import TrainingConfig
 
-FORMATS = ("alpaca", "sharegpt", "messages", "text")
+FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference", "unpaired")
 # Bad rows are listed up to this many; the count covers all of them.
 MAX_LISTED_PROBLEMS = 20
 
@@ -66,6 +75,14 @@ class Example:
     """The conversation (role, content); empty for the text shape."""
     text: str = ""
     """The text, for the text shape."""
+    chosen: str = ""
+    """The preferred reply, for the preference shape (`messages` is then the prompt)."""
+    rejected: str = ""
+    """The reply not preferred, for the preference shape."""
+    completion: str = ""
+    """The reply, for the unpaired shape (`messages` is then the prompt)."""
+    label: bool = False
+    """For the unpaired shape: whether `completion` is a good one."""
 
 
 @dataclass
@@ -254,6 +271,11 @@ def _read_dir(path: Path, split: str | None, max_row_bytes: int | None) -> Itera
 
 
 def detect_format(row: dict[str, Any], where: str, *, prompts: bool = False) -> str:
+    # Before `messages`: UltraFeedback's pairs carry a `messages` column beside `chosen` and `rejected`.
+    if "chosen" in row and "rejected" in row:
+        return "preference"
+    if "completion" in row and "label" in row:
+        return "unpaired"
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -269,7 +291,8 @@ def detect_format(row: dict[str, Any], where: str, *, prompts: bool = False) -> 
         Problem(
             FIELD,
             f"{where}: cannot tell the data shape from columns ({cols}); use alpaca (instruction/output), "
-            "sharegpt (conversations), messages, or text",
+            "sharegpt (conversations), messages, text, or for preference methods prompt/chosen/rejected "
+            "or prompt/completion/label",
         )
     )
 
@@ -291,6 +314,10 @@ def to_example(row: dict[str, Any], shape: str, where: str, *, prompts: bool = F
         return Example(where, messages)
     if shape == "text":
         return Example(where, text=_text(row, "text"))
+    if shape == "preference":
+        return _preference(row, where, prompts=prompts)
+    if shape == "unpaired":
+        return _unpaired(row, where, prompts=prompts)
     key, role_key, content_key = (
         ("conversations", "from", "value") if shape == "sharegpt" else ("messages", "role", "content")
     )
@@ -311,6 +338,124 @@ def to_example(row: dict[str, Any], shape: str, where: str, *, prompts: bool = F
         if content is None:
             raise ValueError(f"turn {i} has no text in `{content_key}`")
         messages.append({"role": role, "content": content})
+    return _conversation_checked(where, messages, prompts=prompts)
+
+
+def _turns(value: Any, key: str) -> list[dict[str, str]]:
+    """A list of chat messages (role/content, or ShareGPT's from/value) as role/content dicts; ValueError names the
+    turn that is not one."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"`{key}` must be text or a non-empty list of messages")
+    out = []
+    for i, turn in enumerate(value, 1):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i} of `{key}` is not an object")
+        sharegpt = "role" not in turn and "from" in turn
+        raw_role = turn.get("from") if sharegpt else turn.get("role")
+        role = _SHAREGPT_ROLES.get(str(raw_role).lower()) if sharegpt else raw_role
+        if role not in _MESSAGE_ROLES:
+            raise ValueError(f"turn {i} of `{key}` has a role that is not one; use one of {', '.join(_MESSAGE_ROLES)}")
+        content = _content(turn.get("value") if sharegpt else turn.get("content"))
+        if content is None:
+            raise ValueError(f"turn {i} of `{key}` has no text")
+        out.append({"role": role, "content": content})
+    return out
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_turns(text: str, key: str) -> list[dict[str, str]]:
+    """Anthropic HH's transcript ("\n\nHuman: ...\n\nAssistant: ...") as messages."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError(
+            f"`{key}` is text but there is no `prompt`; give a prompt column, or write `{key}` as an HH transcript "
+            "(Human: / Assistant: turns) or a list of messages"
+        )
+    return [
+        {"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+        for who, said in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def _prompt_turns(row: dict[str, Any]) -> list[dict[str, str]]:
+    value = row.get("prompt")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("`prompt` is empty")
+        return [{"role": "user", "content": value}]
+    return _turns(value, "prompt")
+
+
+def _reply(value: Any, key: str) -> str:
+    """A completion given as text, or as a list whose last turn is the assistant's reply."""
+    if value is None:
+        raise ValueError(f"`{key}` is missing")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"`{key}` is empty")
+        return value
+    turns = _turns(value, key)
+    if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+        raise ValueError(f"`{key}` must end with an assistant turn with text")
+    return turns[-1]["content"]
+
+
+def _preference(row: dict[str, Any], where: str, *, prompts: bool) -> Example:
+    """One preference pair: the shared prompt turns, the chosen and the rejected reply."""
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise ValueError(f"`{key}` is missing; a preference pair needs prompt, chosen and rejected")
+    chosen, rejected = row["chosen"], row["rejected"]
+    has_prompt = row.get("prompt") is not None
+    if not has_prompt or (isinstance(chosen, list) and isinstance(rejected, list)):
+        # Whole conversations (or HH transcripts): the prompt is every turn they share.
+        a = _turns(chosen, "chosen") if isinstance(chosen, list) else _hh_turns(_text(row, "chosen"), "chosen")
+        b = (
+            _turns(rejected, "rejected")
+            if isinstance(rejected, list)
+            else _hh_turns(_text(row, "rejected"), "rejected")
+        )
+        shared = 0
+        while shared < min(len(a), len(b)) - 1 and a[shared] == b[shared]:
+            shared += 1
+        if len(a) != shared + 1 or len(b) != shared + 1 or a[-1]["role"] != "assistant" or b[-1]["role"] != "assistant":
+            raise ValueError("`chosen` and `rejected` must share every turn but a last assistant reply")
+        prompt = a[:shared] if shared else (_prompt_turns(row) if has_prompt else [])
+        if not prompt:
+            raise ValueError("no prompt: give a `prompt` column, or conversations that start with a user turn")
+        good, bad = a[-1]["content"], b[-1]["content"]
+    else:
+        prompt = _prompt_turns(row)
+        good, bad = _reply(chosen, "chosen"), _reply(rejected, "rejected")
+    if not good.strip() or not bad.strip():
+        raise ValueError(f"`{'chosen' if not good.strip() else 'rejected'}` is empty")
+    if prompts:  # a held-out prompt: the chosen reply is the expected answer
+        return _conversation_checked(where, [*prompt, {"role": "assistant", "content": good}], prompts=True)
+    if good.strip() == bad.strip():
+        raise ValueError("`chosen` and `rejected` are the same reply: nothing to prefer")
+    return Example(where, prompt, chosen=good, rejected=bad)
+
+
+def _unpaired(row: dict[str, Any], where: str, *, prompts: bool) -> Example:
+    """One unpaired completion (KTO): the prompt turns, the completion, and whether it is a good one."""
+    if row.get("prompt") is None:
+        raise ValueError("`prompt` is missing; an unpaired example needs prompt, completion and label")
+    prompt = _prompt_turns(row)
+    completion = _reply(row.get("completion"), "completion")
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # a CSV cell
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise ValueError("`label` must be true (a good completion) or false (a bad one)")
+    if prompts:
+        messages = [*prompt, {"role": "assistant", "content": completion}] if label else prompt
+        return _conversation_checked(where, messages, prompts=True)
+    return Example(where, prompt, completion=completion, label=label)
+
+
+def _conversation_checked(where: str, messages: list[dict[str, str]], *, prompts: bool) -> Example:
     if prompts:
         if all(m["role"] == "system" for m in messages):
             raise ValueError("only system turns: no prompt to answer")

@@ -75,7 +75,7 @@ class _LoraMatmul(torch.autograd.Function):
 
 class FusedLoraLinear(PeftLoraLinear):
     """peft's LoRA `Linear`, with `_LoraMatmul` for the common case. Registered with
-    `LoraConfig._register_custom_module({nn.Linear: FusedLoraLinear})` (see models.attach_lora)."""
+    `LoraConfig._register_custom_module({nn.Linear: FusedLoraLinear})` (see models.lora_config)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self._plain_adapter(x, args, kwargs)

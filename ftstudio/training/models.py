@@ -9,8 +9,11 @@ the user asked for it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,9 @@ class AdapterReport:
     """Parameters that train (adapters plus modules_to_save)."""
     total_params: int
     """All parameters of the model, frozen ones included."""
+
+    def fields(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def pick_dtype(requested: str) -> torch.dtype:
@@ -129,15 +135,13 @@ def load_model(ref: str | Path, cfg: ModelConfig) -> Any:
     return model
 
 
-def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True) -> tuple[Any, AdapterReport]:
-    """Wrap the model with LoRA adapters and say exactly what got them.
+def lora_config(cfg: LoraConfig, fused: bool = True) -> Any:
+    """The peft LoraConfig for `cfg`.
 
     `fused`: plain linear layers get `FusedLoraLinear` (lora_linear.py), the same adapter
     computed with fewer passes over the activations. Not for quantized models: bitsandbytes'
     layers are `nn.Linear` subclasses too, and must get peft's own bnb LoRA layers."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from peft.tuners.lora import LoraLayer
 
     targets: str | list[str] = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
     peft_config = PeftLoraConfig(
@@ -153,6 +157,13 @@ def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True) -> tuple[Any, A
         from ftstudio.training.lora_linear import FusedLoraLinear
 
         peft_config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    return peft_config
+
+
+@contextlib.contextmanager
+def adapters_attached() -> Iterator[None]:
+    """Around the call that wraps a model with its adapter (here, or inside a TRL trainer): peft names a module it
+    cannot find in a ValueError, passed on with the fix."""
     try:
         with warnings.catch_warnings():
             # peft asks transformers for a property transformers now calls deprecated: noise in
@@ -160,18 +171,33 @@ def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True) -> tuple[Any, A
             warnings.filterwarnings(
                 "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
             )
-            peft_model = get_peft_model(model, peft_config)
+            yield
     except ValueError as e:
-        # peft names the modules it could not find; pass that on with the fix.
+        if "target modules" not in str(e).lower() and "target_modules" not in str(e):
+            raise
         raise ValidationError(
             Problem("lora.target_modules", f"{str(e).splitlines()[0]}; use all-linear or names from the model")
         ) from None
+
+
+def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True) -> tuple[Any, AdapterReport]:
+    """Wrap the model with LoRA adapters (see `lora_config`) and say exactly what got them."""
+    from peft import get_peft_model
+
+    with adapters_attached():
+        peft_model = get_peft_model(model, lora_config(cfg, fused))
+    return peft_model, adapter_report(peft_model)
+
+
+def adapter_report(peft_model: Any) -> AdapterReport:
+    """What got an adapter, and how many parameters train."""
+    from peft.tuners.lora import LoraLayer
+
     layers = [name for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)]
     trainable, total = peft_model.get_nb_trainable_parameters()
-    report = AdapterReport(
+    return AdapterReport(
         target_modules=sorted({name.rsplit(".", 1)[-1] for name in layers}),
         adapted_layers=len(layers),
         trainable_params=int(trainable),
         total_params=int(total),
     )
-    return peft_model, report

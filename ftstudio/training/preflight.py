@@ -14,7 +14,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from ftstudio.config import TrainingConfig, label, validation_fraction
+from ftstudio.config import TrainingConfig, format_problem, label, validation_fraction
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.training.builtin import BUILTIN_MODELS, looks_like_hub_id, resolve_dataset
 from ftstudio.training.data import inspect_dataset, splits
@@ -37,7 +37,9 @@ def check(config: TrainingConfig, home: Path, *, max_row_bytes: int | None = Non
                 "install one (apt-get install g++) or set model.compile=false",
             )
         )
-    problems += _dataset(config.data.path, config.data.format, home, label("data.path"), max_row_bytes)
+    problems += _dataset(
+        config.data.path, config.data.format, home, label("data.path"), max_row_bytes, method=config.method
+    )
     problems += _reporting(config.logging.report_to)
     validation = config.data.validation.strip()
     if validation_fraction(validation) is None:
@@ -175,18 +177,27 @@ def _validation(config: TrainingConfig, value: str, home: Path, max_row_bytes: i
         except ValidationError as e:
             return [Problem("data.validation", p.message) for p in e.problems]
         return []
-    return _dataset(value, config.data.format, home, "data.validation", max_row_bytes)
+    return _dataset(value, config.data.format, home, "data.validation", max_row_bytes, method=config.method)
 
 
 def _dataset(
-    ref: str, data_format: str, home: Path, field: str, max_row_bytes: int | None, *, prompts: bool = False
+    ref: str,
+    data_format: str,
+    home: Path,
+    field: str,
+    max_row_bytes: int | None,
+    *,
+    prompts: bool = False,
+    method: str | None = None,
 ) -> list[Problem]:
-    """`prompts`: held-out prompts (evaluation.prompts), in any shape, answers optional."""
+    """`prompts`: held-out prompts (evaluation.prompts), in any shape, answers optional. `method`: the data must be
+    of a shape it trains on."""
     try:
-        inspect_dataset(resolve_dataset(ref, home), 0, data_format, max_row_bytes=max_row_bytes, prompts=prompts)
+        info = inspect_dataset(resolve_dataset(ref, home), 0, data_format, max_row_bytes=max_row_bytes, prompts=prompts)
     except ValidationError as e:
         return [Problem(field, p.message) for p in e.problems]
-    return []
+    problem = format_problem(method, info.format) if method else None
+    return [Problem(field, f"{Path(info.path).name}: {problem}")] if problem else []
 
 
 def _resume(value: str) -> list[Problem]:

@@ -133,6 +133,11 @@ class RunStats:
         return (self.tokens - self.first_tokens) / elapsed if elapsed > 0 else 0.0
 
 
+def _said(metrics: dict[str, float]) -> str:
+    """A method's figures for a log line: `  rewards/accuracies 0.75` reads as `  accuracies 0.750`."""
+    return "".join(f"  {k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in metrics.items())
+
+
 class StudioCallback(TrainerCallback):
     def __init__(
         self,
@@ -144,8 +149,10 @@ class StudioCallback(TrainerCallback):
         begin_fields: dict[str, Any],
         out: TextIO = sys.stdout,
         pause: PauseCallback | None = None,
+        metrics: tuple[str, ...] = (),
     ) -> None:
         self.events = events
+        self.metrics = metrics
         self.pause = pause
         self.every = every_steps
         self.guard = guard
@@ -158,6 +165,7 @@ class StudioCallback(TrainerCallback):
         self.total_steps = 0
         self.total_epochs = 0.0
         self._window: list[float] = []
+        self._metric_window: dict[str, list[float]] = {}
         self._last_emit = (time.monotonic(), 0)
 
     def say(self, line: str) -> None:
@@ -196,9 +204,11 @@ class StudioCallback(TrainerCallback):
         if "eval_loss" in logs:
             loss = float(logs["eval_loss"])
             self.stats.eval_losses.append((step, loss))
+            measured = {k: float(logs[f"eval_{k}"]) for k in self.metrics if f"eval_{k}" in logs}
+            extra = {"metrics": measured} if measured else {}
             # Perplexity, exp(loss): the figure continued pre-training is judged by (capped: exp overflows past ~709).
-            self.emit("eval", step=step, epoch=epoch, eval_loss=loss, perplexity=math.exp(min(loss, 50.0)))
-            self.say(f"eval  step {step}/{self.total_steps}  epoch {epoch:.2f}  eval_loss {loss:.4f}")
+            self.emit("eval", step=step, epoch=epoch, eval_loss=loss, perplexity=math.exp(min(loss, 50.0)), **extra)
+            self.say(f"eval  step {step}/{self.total_steps}  epoch {epoch:.2f}  eval_loss {loss:.4f}{_said(measured)}")
             return
         if "loss" not in logs:
             return
@@ -209,6 +219,9 @@ class StudioCallback(TrainerCallback):
         s.losses.append(loss)
         s.step, s.epoch, s.tokens = step, epoch, state.num_input_tokens_seen
         self._window.append(loss)
+        for key in self.metrics:
+            if key in logs:
+                self._metric_window.setdefault(key, []).append(float(logs[key]))
         # The step a pause stops at is always reported: it is where the person will see the task wait.
         pausing = self.pause is not None and self.pause.stopped_at == step
         if step % self.every and step != self.total_steps and not pausing:
@@ -221,6 +234,10 @@ class StudioCallback(TrainerCallback):
         eta = (now - s.started) / done * (self.total_steps - step) if done > 0 else None
         mean_loss = sum(self._window) / len(self._window)
         self._window = []
+        # The method's own figures (preference.METRICS), averaged over the same steps as the loss.
+        measured = {k: round(sum(v) / len(v), 6) for k, v in self._metric_window.items() if v}
+        self._metric_window = {}
+        extra = {"metrics": measured} if measured else {}
         lr = float(logs.get("learning_rate", 0.0))
         self.emit(
             "progress",
@@ -234,11 +251,12 @@ class StudioCallback(TrainerCallback):
             tokens_per_s=round(tokens_per_s, 1),
             tokens=s.tokens,
             eta_s=None if eta is None else round(eta, 1),
+            **extra,
         )
         eta_text = f"{eta:.0f}s" if eta is not None else "?"
         self.say(
             f"step {step}/{self.total_steps}  epoch {epoch:.2f}/{self.total_epochs:g}  loss {mean_loss:.4f}  "
-            f"lr {lr:.2e}  tok/s {tokens_per_s:,.0f}  eta {eta_text}"
+            f"lr {lr:.2e}  tok/s {tokens_per_s:,.0f}  eta {eta_text}{_said(measured)}"
         )
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:

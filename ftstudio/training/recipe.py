@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from ftstudio import checkpoints
-from ftstudio.config import TrainingConfig
+from ftstudio.config import PREFERENCE_METHODS, TrainingConfig
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.pause import PauseRequest, Suspended
@@ -37,78 +37,25 @@ from ftstudio.training import batches, evaluation, preflight
 from ftstudio.training.adapters import save_adapter
 from ftstudio.training.allocator import keep_freed_memory
 from ftstudio.training.builtin import resolve_dataset, resolve_model
-from ftstudio.training.data import load_examples, split_validation
+from ftstudio.training.data import Example, load_examples, split_validation
 from ftstudio.training.datafiles import FIELD
-from ftstudio.training.models import attach_lora, load_model, load_tokenizer, padding_mask_matters, pick_dtype
+from ftstudio.training.models import (
+    adapter_report,
+    attach_lora,
+    load_model,
+    load_tokenizer,
+    padding_mask_matters,
+    pick_dtype,
+)
 from ftstudio.training.progress import (
-    CheckpointCost,
     LossGuard,
     PauseCallback,
     SamplesCallback,
     StudioCallback,
     answer_held_out,
-    checkpoint_disk_full,
-    disk_full,
 )
 from ftstudio.training.resume import resolve_resume, tidy_checkpoints
-
-
-class StudioTrainer(Trainer):
-    """The HF Trainer with ftstudio's row order and an exact count of real (non-pad) tokens.
-
-    `dynamic_shapes`: with `model.compile`, compile for dynamic shapes from the first step.
-    Length-grouped batches change shape every step; by default torch.compile specialises on
-    the first shape, recompiles when the second arrives, and only then goes dynamic.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        train_sampler: batches.EpochSampler,
-        dynamic_shapes: bool = False,
-        checkpoint_cost: CheckpointCost | None = None,
-        fence: Callable[[], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._studio_dynamic_shapes = dynamic_shapes  # read by _build_accelerator_args, from Trainer.__init__
-        super().__init__(*args, **kwargs)
-        self._studio_sampler = train_sampler
-        self._studio_cost = checkpoint_cost
-        self._studio_fence = fence
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        if self._studio_fence is not None:
-            self._studio_fence()  # a stale attempt's checkpoint-N would be written over a newer attempt's
-        # The clock starts here, before the Trainer writes a byte; StudioCallback.on_save stops it at the marker.
-        if self._studio_cost is not None:
-            self._studio_cost.started = time.monotonic()
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as e:
-            path = Path(self.args.output_dir or ".") / f"checkpoint-{self.state.global_step}"
-            if not disk_full(e, path.parent):
-                raise
-            raise checkpoint_disk_full(path) from e
-
-    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
-        args = super()._build_accelerator_args(**kwargs)
-        plugin = args.get("dynamo_plugin")
-        if plugin is not None and self._studio_dynamic_shapes:
-            plugin.dynamic = True
-        return args
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> batches.EpochSampler:
-        return self._studio_sampler
-
-    def compute_loss(
-        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-    ) -> Any:
-        real = inputs.pop("num_real_tokens", None)
-        if real is not None and model.training:
-            if self.args.world_size > 1:
-                real = self.accelerator.gather(real.reshape(1)).sum()
-            self.state.num_input_tokens_seen += int(real)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+from ftstudio.training.trainers import StudioTrainer
 
 
 def run(
@@ -153,14 +100,34 @@ def run(
     model_ref = resolve_model(config.model.name, home)
     tokenizer = load_tokenizer(model_ref, config.model)
     batches.prepare_tokenizer(tokenizer)
-    train_items = _tokenize_all(train_ex, tokenizer, config.data.max_length)
-    val_items = _tokenize_all(val_ex, tokenizer, config.data.max_length, required=False)
-    if config.data.packing:
-        train_rows = batches.pack(train_items, config.data.max_length)
+    preferring = config.method in PREFERENCE_METHODS
+    train_rows: list[Any]  # each method's own kind of row: batches.Row, or preference.py's dicts
+    val_rows: list[Any]
+    if preferring:
+        from ftstudio.training import preference  # TRL, imported only for the methods built on it
+
+        def rows(ex: Example) -> list[Any]:
+            return preference.rows_for(config.method, ex, tokenizer, config.data.max_length)
+
+        train_rows = _tokenize_all(train_ex, rows)
+        val_rows = sorted(_tokenize_all(val_ex, rows, required=False), key=preference.length)
+        lengths = [preference.length(r) for r in train_rows]
+        n_examples = len(train_rows)
     else:
-        train_rows = [batches.Row(t.input_ids, t.labels) for t in train_items]
-    # Evaluation is never packed, so eval loss means the same with packing on or off.
-    val_rows = sorted((batches.Row(t.input_ids, t.labels) for t in val_items), key=len)
+
+        def item(ex: Example) -> list[Any]:
+            return [batches.tokenize(ex, tokenizer, config.data.max_length)]
+
+        train_items = _tokenize_all(train_ex, item)
+        val_items = _tokenize_all(val_ex, item, required=False)
+        if config.data.packing:
+            train_rows = batches.pack(train_items, config.data.max_length)
+        else:
+            train_rows = [batches.Row(t.input_ids, t.labels) for t in train_items]
+        # Evaluation is never packed, so eval loss means the same with packing on or off.
+        val_rows = sorted((batches.Row(t.input_ids, t.labels) for t in val_items), key=len)
+        lengths = [len(r) for r in train_rows]
+        n_examples = len(train_items)
 
     ckpt_dir = out_dir / "checkpoints"
     resume = resolve_resume(config.checkpoint.resume_from, ckpt_dir)
@@ -198,7 +165,8 @@ def run(
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
-    model, report = attach_lora(model, config.lora, fused=config.model.quantization == "none")
+    if not preferring:  # the preference trainers attach the adapter themselves (see preference.py)
+        model, report = attach_lora(model, config.lora, fused=config.model.quantization == "none")
 
     dtype = pick_dtype(config.model.dtype)
     has_eval = bool(val_rows)
@@ -207,7 +175,7 @@ def run(
         # Beside the task's other files, where a person finds them (`tensorboard --logdir <task>/tensorboard`),
         # not under checkpoints/; a directory the person chose themselves wins.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out_dir / "tensorboard"))
-    args = TrainingArguments(
+    arguments: dict[str, Any] = dict(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=o.batch_size,
         per_device_eval_batch_size=o.batch_size,
@@ -240,7 +208,7 @@ def run(
         torch_compile=config.model.compile,
         ddp_backend=("gloo" if not torch.cuda.is_available() else "nccl") if world > 1 else None,
     )
-    sampler = batches.EpochSampler([len(r) for r in train_rows], o.batch_size, o.seed, config.data.group_by_length)
+    sampler = batches.EpochSampler(lengths, o.batch_size, o.seed, config.data.group_by_length)
     pause_callback = PauseCallback(pause)
     callback = StudioCallback(
         pause=pause_callback,
@@ -249,13 +217,11 @@ def run(
         guard=LossGuard(o.divergence_factor, o.divergence_patience),
         keep=config.checkpoint.keep,
         steps_per_epoch=per_epoch,
+        metrics=preference.METRICS[config.method] if preferring else (),
         begin_fields={
-            "trainable_params": report.trainable_params,
-            "total_params": report.total_params,
-            "target_modules": report.target_modules,
-            "adapted_layers": report.adapted_layers,
+            "method": config.method,
             "train_rows": len(train_rows),
-            "train_examples": len(train_items),
+            "train_examples": n_examples,
             **split_info,
             "packing": config.data.packing,
         },
@@ -265,23 +231,33 @@ def run(
         if held_out and ev.at_checkpoints
         else []
     )
-    trainer = StudioTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_rows,
-        eval_dataset=val_rows or None,
-        data_collator=batches.Collator(
-            tokenizer.pad_token_id,
-            shape=(o.batch_size, config.data.max_length) if config.model.compile and config.data.packing else None,
-            padding_mask=padding_mask_matters(model),
-        ),
-        processing_class=tokenizer,
-        callbacks=[pause_callback, callback, *extra, *(callbacks or [])],
-        train_sampler=sampler,
-        dynamic_shapes=config.model.compile and not config.data.packing,
-        checkpoint_cost=callback.cost,
-        fence=fence,
-    )
+    studio: dict[str, Any] = {
+        "callbacks": [pause_callback, callback, *extra, *(callbacks or [])],
+        "train_sampler": sampler,
+        "checkpoint_cost": callback.cost,
+        "fence": fence,
+    }
+    trainer: StudioTrainer
+    if preferring:
+        trainer = preference.build(config, model, tokenizer, arguments, train_rows, val_rows, **studio)
+        model = trainer.model
+        report = adapter_report(model)
+    else:
+        trainer = StudioTrainer(
+            model=model,
+            args=TrainingArguments(**arguments),
+            train_dataset=train_rows,
+            eval_dataset=val_rows or None,
+            data_collator=batches.Collator(
+                tokenizer.pad_token_id,
+                shape=(o.batch_size, config.data.max_length) if config.model.compile and config.data.packing else None,
+                padding_mask=padding_mask_matters(model),
+            ),
+            processing_class=tokenizer,
+            dynamic_shapes=config.model.compile and not config.data.packing,
+            **studio,
+        )
+    callback.begin_fields |= report.fields()
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; StudioCallback writes readable lines
@@ -332,7 +308,7 @@ def run(
         "total_params": report.total_params,
         "target_modules": report.target_modules,
         "adapted_layers": report.adapted_layers,
-        "train_examples": len(train_items),
+        "train_examples": n_examples,
         "skipped_rows": info.skipped_rows,
         **split_info,
     }
@@ -356,12 +332,14 @@ def run(
     return adapter
 
 
-def _tokenize_all(examples: list[Any], tokenizer: Any, max_length: int, required: bool = True) -> list[Any]:
-    items = []
+def _tokenize_all(examples: list[Example], rows: Callable[[Example], list[Any]], required: bool = True) -> list[Any]:
+    """Every example's rows (`rows` says what they are for the method); an example that cannot train is skipped and
+    said, and too few left is an error that names the fix."""
+    items: list[Any] = []
     dropped: list[str] = []
     for ex in examples:
         try:
-            items.append(batches.tokenize(ex, tokenizer, max_length))
+            items.extend(rows(ex))
         except ValueError as e:
             dropped.append(f"{ex.where}: {e}")
     for line in dropped[:20]:
@@ -369,6 +347,6 @@ def _tokenize_all(examples: list[Any], tokenizer: Any, max_length: int, required
     if required and not items:
         first = dropped[0] if dropped else "no examples"
         raise ValidationError(Problem(FIELD, f"no example fits for training ({first})"))
-    if required and len(items) < max(1, math.ceil(len(examples) * 0.5)):
+    if required and len(dropped) > len(examples) * 0.5:
         print(f"warning: {len(dropped)} of {len(examples)} examples skipped; raise data.max_length", flush=True)
     return items

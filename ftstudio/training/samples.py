@@ -19,7 +19,7 @@ SAMPLE_PATH = Path(__file__).parents[1] / "data" / "sample.jsonl"
 ROWS = 400
 SEED = 1234
 
-_CAPITALS = {
+CAPITALS = {
     "France": "Paris",
     "Germany": "Berlin",
     "Italy": "Rome",
@@ -37,7 +37,7 @@ _CAPITALS = {
     "Greece": "Athens",
     "Ireland": "Dublin",
 }
-_COLORS = {
+COLORS = {
     "the sky": "blue",
     "grass": "green",
     "snow": "white",
@@ -47,7 +47,7 @@ _COLORS = {
     "an orange": "orange",
     "a plum": "purple",
 }
-_FRENCH = {
+FRENCH = {
     "cat": "chat",
     "dog": "chien",
     "house": "maison",
@@ -63,32 +63,32 @@ _WORDS = ["red", "fox", "quick", "lazy", "river", "stone", "light", "green", "cl
 
 
 def _capital(rng: random.Random) -> dict[str, str]:
-    country = rng.choice(sorted(_CAPITALS))
+    country = rng.choice(sorted(CAPITALS))
     q = rng.choice(
         ["What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?"]
     )
     return {
         "instruction": q.format(c=country),
         "input": "",
-        "output": f"The capital of {country} is {_CAPITALS[country]}.",
+        "output": f"The capital of {country} is {CAPITALS[country]}.",
     }
 
 
 def _color(rng: random.Random) -> dict[str, str]:
-    thing = rng.choice(sorted(_COLORS))
+    thing = rng.choice(sorted(COLORS))
     return {
         "instruction": f"What color is {thing}?",
         "input": "",
-        "output": f"{thing.capitalize()} is {_COLORS[thing]}.",
+        "output": f"{thing.capitalize()} is {COLORS[thing]}.",
     }
 
 
 def _french(rng: random.Random) -> dict[str, str]:
-    word = rng.choice(sorted(_FRENCH))
+    word = rng.choice(sorted(FRENCH))
     return {
         "instruction": "Translate the word into French.",
         "input": word,
-        "output": f"In French, {word} is {_FRENCH[word]}.",
+        "output": f"In French, {word} is {FRENCH[word]}.",
     }
 
 
