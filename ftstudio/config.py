@@ -327,6 +327,15 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "kto": ("unpaired", "preference"),
 }
 PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+# Settings only some methods read (every other setting applies to all): the page shows them for those alone.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "data.packing": ("sft", "pretrain"),
+    "preference.beta": PREFERENCE_METHODS,
+    "preference.loss": ("dpo",),
+    "preference.simpo_gamma": ("dpo",),
+    "preference.desirable_weight": ("kto",),
+    "preference.undesirable_weight": ("kto",),
+}
 SIMPO_BETA = 2.0
 PREFERENCE_DATASET = "builtin:preferences"
 _SHAPE_WORDS = {
@@ -583,6 +592,7 @@ class FieldInfo:
     max: int | float | None = None
     range: str = ""  # the bounds in words: "1 to 4,096", "up to 4,096 characters"
     max_length: int | None = None  # text fields and each entry of a list
+    methods: tuple[str, ...] = ()  # the methods that read it; empty: all of them
 
 
 def _docstrings(cls: type) -> dict[str, str]:
@@ -635,13 +645,14 @@ def describe_fields() -> list[FieldInfo]:
 
 def _info(path: str, hint: Any, default: Any, text: str) -> FieldInfo:
     flag = CLI_FLAGS.get(path, "")
+    methods = METHOD_FIELDS.get(path, ())
     if get_origin(hint) is Literal:
-        return FieldInfo(path, "choice", default, text, get_args(hint), flag)
+        return FieldInfo(path, "choice", default, text, get_args(hint), flag, methods=methods)
     b = BOUNDS.get(path, Bounds())
     listed = get_origin(hint) in (list, typing.List)  # noqa: UP006
     name = "list" if listed else hint.__name__ if isinstance(hint, type) else str(hint)
     in_words = b.text() if path in BOUNDS else ""
-    return FieldInfo(path, name, default, text, (), flag, b.min, b.max, in_words, b.max_len)
+    return FieldInfo(path, name, default, text, (), flag, b.min, b.max, in_words, b.max_len, methods)
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> None:

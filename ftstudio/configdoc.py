@@ -40,7 +40,8 @@ def render() -> str:
         kind = f.type if not f.choices else " \\| ".join(map(str, f.choices))
         default = json.dumps(f.default)
         flag = f"`{f.flag}`" if f.flag else ""
-        lines.append(f"| `{f.path}` | {kind} | `{default}` | {f.range} | {flag} | {f.help} |")
+        only = f" (method {', '.join(f.methods)} only)" if f.methods else ""
+        lines.append(f"| `{f.path}` | {kind} | `{default}` | {f.range} | {flag} | {f.help}{only} |")
     lines += ["", "## Presets", "", "A preset fills these values first; anything you set wins.", ""]
     for name, values in PRESETS.items():
         lines += [f"### `{name}`", "", "```json", json.dumps(values, indent=2), "```", ""]

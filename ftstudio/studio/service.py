@@ -567,6 +567,7 @@ class Service:
                 "max": f.max,
                 "range": f.range,
                 "max_length": f.max_length,
+                "methods": list(f.methods),
             }
             for f in describe_fields()
         ]

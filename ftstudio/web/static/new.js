@@ -13,7 +13,13 @@ const MAIN_FIELDS = new Set(["model.name", "data.path", "preset", "method"]);
 const METHOD_WORDS = {
   sft: "Supervised fine-tuning: instructions or conversations, trained on the answers",
   pretrain: "Continued pre-training: raw text (a text column or .txt files), trained on every token",
+  dpo: "DPO (or IPO, SimPO): preference pairs, the chosen reply made likelier than the rejected one",
+  orpo: "ORPO: preference pairs, SFT and preference in one loss, no reference model",
+  kto: "KTO: replies labelled good or bad, paired or not",
 };
+// The data each method starts from, unless the person picked other data: the built-in set of its shape.
+const METHOD_DATA = { dpo: "builtin:preferences", orpo: "builtin:preferences", kto: "builtin:preferences" };
+const DEFAULT_DATA = "builtin:sample";
 
 const fieldId = (path) => `cfg-${path.replace(/[^a-zA-Z0-9_-]/g, "-")}`;
 
@@ -51,8 +57,8 @@ export function mountNew(root) {
     required: true,
     autocomplete: "off",
     spellcheck: "false",
-    value: "builtin:sample",
-    oninput: () => showDatasetInfo(),
+    value: DEFAULT_DATA,
+    oninput: () => ((dataInput.dataset.touched = "1"), showDatasetInfo()),
   });
   const dataPicks = h("div", { class: "chips", role: "group", "aria-label": "Datasets you can pick" });
   const fileInput = h("input", { id: "dataset-file", type: "file", accept: UPLOAD_TYPES.join(","), onchange: () => upload() });
@@ -60,7 +66,7 @@ export function mountNew(root) {
   const uploadError = h("p", { id: "upload-error", class: "error-text", role: "alert", hidden: true });
   const preview = h("div", { id: "dataset-preview", class: "preview" });
 
-  const methodSelect = h("select", { id: "method", name: "method" }, h("option", { value: "sft" }, METHOD_WORDS.sft));
+  const methodSelect = h("select", { id: "method", name: "method", onchange: () => methodChanged() }, h("option", { value: "sft" }, METHOD_WORDS.sft));
 
   // preset
   const presetSelect = h("select", { id: "preset", name: "preset", onchange: () => applyPreset() }, h("option", { value: "" }, "none (defaults)"));
@@ -100,7 +106,7 @@ export function mountNew(root) {
       { class: "field" },
       h("label", { for: "method" }, "Method"),
       methodSelect,
-      h("p", { class: "help", id: "method-help" }, "What the run learns from its data. Continued pre-training packs raw text and needs no chat template."),
+      h("p", { class: "help", id: "method-help" }, "What the run learns from its data. Continued pre-training packs raw text and needs no chat template; DPO, ORPO and KTO learn which of two replies is better (builtin:preferences is a small set to try)."),
       mainErrors.method,
     ),
     h(
@@ -174,6 +180,7 @@ export function mountNew(root) {
       if (methods.length) methodSelect.replaceChildren(...methods.map((m) => h("option", { value: m }, METHOD_WORDS[m] || m)));
       buildAdvanced();
       applyPreset();
+      methodChanged();
     } else {
       advanced.replaceChildren(h("p", { class: "error-text" }, `Could not load the settings: ${f.reason.message}`));
     }
@@ -196,7 +203,7 @@ export function mountNew(root) {
     dataList.replaceChildren(...list.map((d) => h("option", { value: d.name }, describe(d))));
     dataPicks.replaceChildren(
       ...list.slice(0, 12).map((d) =>
-        h("button", { type: "button", class: "chip", title: describe(d), onclick: () => ((dataInput.value = d.name), showDatasetInfo(), dataInput.focus()) }, d.name),
+        h("button", { type: "button", class: "chip", title: describe(d), onclick: () => ((dataInput.value = d.name), (dataInput.dataset.touched = "1"), showDatasetInfo(), dataInput.focus()) }, d.name),
       ),
     );
     showDatasetInfo();
@@ -241,6 +248,7 @@ export function mountNew(root) {
       if (destroyed) return;
       uploadStatus.textContent = `Uploaded ${r.name}.`;
       dataInput.value = r.name;
+      dataInput.dataset.touched = "1";
       renderPreview(r);
       api("/api/datasets").then((d) => !destroyed && fillDatasets(d.datasets || []), () => {});
     } catch (err) {
@@ -302,6 +310,23 @@ export function mountNew(root) {
     );
   }
 
+  /** Show only the settings the chosen method reads (a field's `methods`; none listed: every method), and a
+   * section only while one of its settings shows. The data set follows the method while nobody picked one. */
+  function methodChanged() {
+    const method = methodSelect.value || "sft";
+    for (const entry of controls.values()) {
+      const only = entry.field.methods || [];
+      entry.row.hidden = only.length > 0 && !only.includes(method);
+    }
+    for (const set of advanced.querySelectorAll("fieldset.section")) {
+      set.hidden = [...set.querySelectorAll(".field")].every((el) => el.hidden);
+    }
+    if (!dataInput.dataset.touched) {
+      dataInput.value = METHOD_DATA[method] || DEFAULT_DATA;
+      showDatasetInfo();
+    }
+  }
+
   function fieldControl(f) {
     const id = fieldId(f.path);
     const name = f.path.split(".").pop();
@@ -332,7 +357,8 @@ export function mountNew(root) {
     });
     controls.set(f.path, entry);
     const label = h("label", { for: id }, h("code", {}, name), f.flag ? h("span", { class: "muted" }, ` ${f.flag}`) : null);
-    return h("div", { class: `field ${f.type === "bool" ? "check" : ""}`, dataset: { path: f.path } }, label, input, help, error);
+    entry.row = h("div", { class: `field ${f.type === "bool" ? "check" : ""}`, dataset: { path: f.path } }, label, input, help, error);
+    return entry.row;
   }
 
   function baselineValue(path, fallback) {

@@ -26,6 +26,8 @@ export class Plot {
    * @param {(v: number) => string} o.fmtX   the x value in the read-out
    * @param {(v: number) => string} o.fmtY   a loss value on its axis and in the read-out
    * @param {boolean} [o.lrAxis]     a right axis for the learning rate (scale "lr")
+   * @param {string} [o.yLabel]      the left axis (default "loss")
+   * @param {boolean} [o.logToggle]  offer the log scale (default true: losses; not for values that go negative)
    * @param {(u: object) => void} [o.onBuild] once uPlot is made (again, after a log switch or a theme change)
    * @param {(u: object) => void} [o.onDraw]  after every draw (positions of marks over the plot)
    * @param {(on: boolean) => void} [o.onLog] the log scale was switched
@@ -48,7 +50,7 @@ export class Plot {
     this.tools = h(
       "div",
       { class: "chart-tools" },
-      h("label", {}, logBox, " Log scale for loss"),
+      o.logToggle === false ? null : h("label", {}, logBox, " Log scale for loss"),
       this.resetButton,
       h("span", { class: "muted small" }, "Drag across the chart to zoom in; double-click to zoom out."),
     );
@@ -137,7 +139,7 @@ export class Plot {
       {
         ...axis,
         scale: "loss",
-        label: "loss",
+        label: o.yLabel || "loss",
         size: 56,
         values: (_u, ticks) => {
           const shown = ticks.map((t) => (t == null ? "" : String(Number(t.toPrecision(6)))));

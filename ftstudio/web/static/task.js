@@ -8,6 +8,7 @@ import { api, ApiError, downloadLink, taskUrl } from "./api.js";
 import { h, setText, isNum, fmtInt, fmtOf, fmtEpoch, fmtLoss, fmtLr, fmtDuration, fmtTime, fmtBytes, progressBar } from "./dom.js";
 import { STATUSES, RUNNING, FINAL, ACTIONS, statusBadge, setBadge, isPausing } from "./status.js";
 import { LossChart } from "./chart.js";
+import { MetricsChart } from "./metrics.js";
 import { LogTail } from "./logtail.js";
 import { TaskStream } from "./stream.js";
 import { confirmDialog, extendDialog } from "./dialog.js";
@@ -56,6 +57,7 @@ export function mountTask(root, taskId) {
   );
   const meta = h("p", { class: "muted meta" });
   const chart = new LossChart();
+  const metrics = new MetricsChart();
   const log = new LogTail(taskId);
   const timeline = new AttemptsTimeline(taskId);
   const configPre = h("pre", { class: "config", id: "task-config", tabindex: "0" });
@@ -80,7 +82,7 @@ export function mountTask(root, taskId) {
       stats,
       h("div", { class: "actions-row" }, actions, actionNote),
       actionMsg,
-      h("section", { "aria-labelledby": "curve-title" }, h("h2", { id: "curve-title" }, "Loss curve"), chart.el),
+      h("section", { "aria-labelledby": "curve-title" }, h("h2", { id: "curve-title" }, "Loss curve"), chart.el, metrics.el),
       heldoutSection,
       h("section", { "aria-labelledby": "attempts-title" }, h("h2", { id: "attempts-title" }, "Attempts"), timeline.el),
       h("section", { "aria-labelledby": "log-title" }, h("h2", { id: "log-title" }, "Log"), log.el),
@@ -107,6 +109,7 @@ export function mountTask(root, taskId) {
         const events = (r && r.events) || [];
         for (const ev of events) {
           chart.add(ev);
+          metrics.add(ev);
           if (isNum(ev.seq)) after = historySeq = Math.max(after, ev.seq);
         }
         if (!events.length || destroyed) break;
@@ -131,6 +134,7 @@ export function mountTask(root, taskId) {
     onTask: (t) => apply(t),
     onEvent: (ev) => {
       chart.add(ev);
+      metrics.add(ev);
       if (ev.kind === "samples") loadSamples();
     },
     onState: (state) => connectionState(state),
@@ -408,6 +412,7 @@ export function mountTask(root, taskId) {
       log.stop();
       chat.destroy();
       chart.destroy();
+      metrics.destroy();
       heldout.destroy();
     },
   };

@@ -1,0 +1,59 @@
+"""The page's training methods: the New fine-tune form shows only the settings a method reads and picks the
+method's built-in data, and a DPO run's task view charts its own figures (rewards, margin, accuracy) live."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from .livestudio import LiveStudio
+
+pytestmark = pytest.mark.browser
+
+
+def test_a_dpo_fine_tune_from_the_form_charts_its_rewards(studio: LiveStudio, page: Any) -> None:
+    page.goto(studio.page_url("#/new"))
+    page.locator("#advanced > summary").click()
+    beta = page.locator("#cfg-preference-beta")
+    packing = page.locator("#cfg-data-packing")
+    packing.wait_for(state="visible")  # the settings arrive from the API
+    assert page.locator("#method").input_value() == "sft"
+    assert beta.is_hidden() and packing.is_visible()  # SFT reads no preference setting
+    assert page.locator("#dataset-name").input_value() == "builtin:sample"
+
+    page.locator("#method").select_option("dpo")
+    assert beta.is_visible() and page.locator("#cfg-preference-loss").is_visible()
+    assert page.locator("#cfg-preference-desirable_weight").is_hidden()  # kto's alone
+    assert packing.is_hidden()  # a preference run never packs
+    assert page.locator("#dataset-name").input_value() == "builtin:preferences"
+    page.locator("#method").select_option("kto")
+    assert (
+        page.locator("#cfg-preference-desirable_weight").is_visible()
+        and page.locator("#cfg-preference-loss").is_hidden()
+    )
+    page.locator("#method").select_option("dpo")
+
+    page.get_by_label("Name").fill("dpo from the page")
+    page.locator("#cfg-optim-max_steps").fill("12")
+    page.locator("#cfg-optim-batch_size").fill("4")
+    page.locator("#cfg-data-max_length").fill("64")
+    page.locator("#cfg-logging-eval_every_steps").fill("6")
+    page.get_by_role("button", name="Start fine-tune").click()
+    page.wait_for_url(re.compile(r"#/tasks/[\w-]+$"))
+    task_id = page.url.rsplit("/", 1)[1]
+    config = studio.task(task_id)["config"]
+    assert (config["method"], config["data"]["path"], config["data"]["format"]) == (
+        "dpo",
+        "builtin:preferences",
+        "preference",
+    )
+
+    chart = page.locator("#method-metrics")
+    chart.wait_for(state="visible", timeout=180_000)
+    assert "rewards/accuracies" in (chart.locator("div.chart").get_attribute("data-metrics") or "")
+    page.locator('.badge[data-status="completed"]').wait_for(timeout=300_000)
+    caption = chart.locator("figcaption").inner_text()
+    assert "accuracy (chosen reply wins)" in caption and "eval" in caption, caption
+    assert int(chart.locator("div.chart").get_attribute("data-points") or 0) >= 12
