@@ -238,8 +238,12 @@ def test_each_preference_method_trains_to_an_adapter_with_its_own_metrics(
     method: str, preference: dict[str, Any], metrics: tuple[str, ...], tmp_path: Path
 ) -> None:
     config = merged(PREFERENCE_FAST, {"method": method, "preference": preference, "data": {"validation": "0.1"}})
+    # Held-out prompts from the pairs themselves: the chosen reply is the expected answer.
+    config["evaluation"] = {"prompts": str(PREFERENCES_PATH), "max_prompts": 2, "max_new_tokens": 4}
     code, events = train(tmp_path / "task", config, shared_home())
     assert code == 0, events[-1]
+    samples = [e for e in events if e["kind"] == "samples"]
+    assert samples and samples[-1]["count"] == 2
     begin = next(e for e in events if e["kind"] == "train_begin")
     assert begin["method"] == method and begin["adapted_layers"] > 0
     progress = [e for e in events if e["kind"] == "progress"]
