@@ -119,6 +119,19 @@ class PreferenceConfig:
 
 
 @dataclass
+class GrpoConfig:
+    generations: int = bounded(4, 2, 256)
+    """Completions sampled per prompt; each is scored against the others of its group. optim.batch_size x
+    optim.grad_accum must be a multiple of it."""
+    max_completion_length: int = bounded(64, 1, 65_536, unit="tokens")
+    """Longest completion sampled, in tokens."""
+    temperature: float = bounded(1.0, 0, 10, min_excluded=True)
+    """Sampling temperature of the completions: lower samples more alike, and leaves less to learn from."""
+    beta: float = bounded(0.0, 0, 100)
+    """Weight of the KL penalty against the model as it started (0: none, and no reference pass: faster)."""
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = bounded(100, 1, 1_000_000_000)
     """Save a resumable checkpoint every N steps."""
@@ -183,17 +196,22 @@ class ResumeConfig:
 
 @dataclass
 class TrainingConfig:
-    method: Literal["sft", "pretrain", "dpo", "orpo", "kto"] = "sft"
+    method: Literal["sft", "pretrain", "dpo", "orpo", "kto", "grpo"] = "sft"
     """`sft`: supervised fine-tuning on instructions or conversations, the loss on the answers only. `pretrain`:
     continued pre-training on raw text (a `text` column, or .txt files), no chat template, the loss on every
     token, packing on unless set off. `dpo`: preference tuning on chosen/rejected pairs against the model as it
     started (the variant is preference.loss: DPO, IPO or SimPO). `orpo`: preference tuning and SFT in one loss, no
-    reference model. `kto`: preference tuning from completions labelled good or bad, paired or not."""
+    reference model. `kto`: preference tuning from completions labelled good or bad, paired or not. `grpo`:
+    reinforcement learning on prompts, each completion scored by the `rewards` (builtin:math unless told)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    rewards: list[str] = field(default_factory=list, metadata=list_bounds(max_items=32, max_len=1024))
+    """grpo: reward functions scoring each completion, `NAME[:ARG]`: exact, numeric (both against the data's
+    `answer`, or an example's last assistant turn), regex:PATTERN, length:TOKENS, json. `numeric` unless set."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -257,17 +275,25 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
 def _method_defaults(merged: dict[str, Any]) -> dict[str, Any]:
     """What a method changes in the defaults, where the config leaves a setting out: continued pre-training reads
     raw text (`data.format` auto means text there) and packs it (short documents fill whole rows); the preference
-    methods train on `builtin:preferences`, and dpo and orpo read pairs; SimPO starts from its own beta."""
+    methods train on `builtin:preferences`, and dpo and orpo read pairs; SimPO starts from its own beta; grpo
+    trains on `builtin:math` with the `numeric` reward and no validation split."""
     method = merged.get("method")
     preference = merged.get("preference")
     if method == "dpo" and isinstance(preference, dict) and preference.get("loss") == "simpo":
         # SimPO's rewards are length-normalised log-probabilities, much smaller than DPO's: its beta is larger.
         merged = {**merged, "preference": {"beta": SIMPO_BETA, **preference}}
-    if method not in ("pretrain", *PREFERENCE_METHODS) or not isinstance(merged.get("data", {}), dict):
+    if method == "grpo" and "rewards" not in merged:
+        merged = {**merged, "rewards": list(GRPO_REWARDS)}
+    if method not in ("pretrain", "grpo", *PREFERENCE_METHODS) or not isinstance(merged.get("data", {}), dict):
         return merged
     data = dict(merged.get("data") or {})
     if method in PREFERENCE_METHODS:
         data.setdefault("path", PREFERENCE_DATASET)  # the demo's data, as builtin:sample is SFT's
+    if method == "grpo":
+        data.setdefault("path", GRPO_DATASET)
+        # Evaluating a grpo run means sampling and scoring completions for every held-out prompt: asked for, not
+        # a default.
+        data.setdefault("validation", "0")
     if data.get("format", "auto") == "auto" and len(METHOD_FORMATS[method]) == 1:
         # The one shape the method takes, so a row missing a field is named as such, not taken for another shape.
         data["format"] = METHOD_FORMATS[method][0]
@@ -316,6 +342,7 @@ CLI_FLAGS: dict[str, str] = {
     "method": "--method",
     "preference.beta": "--beta",
     "preference.loss": "--loss",
+    "rewards": "--reward",
 }
 
 # The data shapes each method trains on (the single table: the config, the preflight and the page read it).
@@ -325,8 +352,10 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "dpo": ("preference",),
     "orpo": ("preference",),
     "kto": ("unpaired", "preference"),
+    "grpo": ("prompts", "alpaca", "sharegpt", "messages"),
 }
 PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+TRL_METHODS = (*PREFERENCE_METHODS, "grpo")
 # Settings only some methods read (every other setting applies to all): the page shows them for those alone.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "data.packing": ("sft", "pretrain"),
@@ -335,9 +364,16 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "preference.simpo_gamma": ("dpo",),
     "preference.desirable_weight": ("kto",),
     "preference.undesirable_weight": ("kto",),
+    "grpo.generations": ("grpo",),
+    "grpo.max_completion_length": ("grpo",),
+    "grpo.temperature": ("grpo",),
+    "grpo.beta": ("grpo",),
+    "rewards": ("grpo",),
 }
 SIMPO_BETA = 2.0
 PREFERENCE_DATASET = "builtin:preferences"
+GRPO_DATASET = "builtin:math"
+GRPO_REWARDS = ["numeric"]
 _SHAPE_WORDS = {
     "alpaca": "instructions",
     "sharegpt": "conversations",
@@ -345,7 +381,17 @@ _SHAPE_WORDS = {
     "text": "raw text",
     "preference": "preference pairs (prompt/chosen/rejected)",
     "unpaired": "labelled completions (prompt/completion/label)",
+    "prompts": "prompts (prompt, and an optional answer)",
 }
+
+
+def custom_reward(spec: str) -> tuple[str, str] | None:
+    """(PATH, FUNC) of a custom reward, `python:PATH:FUNC`; None for a built-in one."""
+    kind, _, rest = spec.partition(":")
+    if kind.strip() != "python":
+        return None
+    path, _, func = rest.rpartition(":")
+    return path, func
 
 
 def _either(words: list[str]) -> str:
@@ -488,7 +534,10 @@ def _default_for(path: str) -> Any:
     section, _, name = path.partition(".")
     cls = typing.get_type_hints(TrainingConfig)[section]
     if not name:
-        return cls() if isinstance(cls, type) and dataclasses.is_dataclass(cls) else _FIELDS[section].default
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            return cls()
+        top = _FIELDS[section]
+        return top.default_factory() if top.default_factory is not dataclasses.MISSING else top.default
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -517,6 +566,24 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
         bad("data.format", f"is {cfg.data.format}: {problem}")
     if cfg.method in PREFERENCE_METHODS and cfg.data.packing:
         bad("data.packing", f"method {cfg.method} compares whole replies, which packing would cut apart; set it off")
+    if cfg.method == "grpo":
+        if cfg.data.packing:
+            bad("data.packing", "method grpo samples whole completions; set it off")
+        if not cfg.rewards:
+            bad(
+                "rewards",
+                "method grpo needs at least one reward (--reward NAME[:ARG]): exact, numeric, "
+                "regex:PATTERN, length:TOKENS or json",
+            )
+        group = cfg.optim.batch_size * cfg.optim.grad_accum
+        if group % cfg.grpo.generations:
+            bad(
+                "optim.batch_size",
+                f"method grpo scores completions in groups of grpo.generations ({cfg.grpo.generations}): "
+                f"batch_size x grad_accum ({group}) must be a multiple of it",
+            )
+    elif cfg.rewards:
+        bad("rewards", f"only method grpo uses rewards, and this is method {cfg.method}; set method grpo or drop them")
     if cfg.method == "kto" and cfg.optim.batch_size < 2:
         bad(
             "optim.batch_size",

@@ -70,6 +70,8 @@ def config(steps: int = STEPS, processes: int = 1, method: str = "sft") -> dict[
         "checkpoint": {"every_steps": EVERY},
         "logging": {"eval_on_start": False},
         "resources": {"processes": processes},
+        # Short completions: a grpo step samples a group of them for every prompt.
+        **({"grpo": {"max_completion_length": 16}} if method == "grpo" else {}),
     }
 
 
@@ -489,11 +491,14 @@ def test_trainer_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:
     assert resumed % EVERY == 0 and resumed >= EVERY and 0 <= first["end_step"] - resumed <= EVERY, done["attempts"]
 
 
-def test_a_dpo_run_survives_its_trainer_sigkilled_and_then_a_reboot(chaos: Chaos) -> None:
-    """Preference tuning keeps every promise SFT keeps: a killed trainer resumes from its checkpoint, and so does
-    a reboot later in the same run; each step is in the history once, and the adapter loads."""
+@pytest.mark.parametrize(("method", "figure"), [("dpo", "rewards/accuracies"), ("grpo", "rewards/numeric/mean")])
+def test_a_preference_or_rl_run_survives_its_trainer_sigkilled_and_then_a_reboot(
+    chaos: Chaos, method: str, figure: str
+) -> None:
+    """DPO and GRPO keep every promise SFT keeps: a killed trainer resumes from its checkpoint, and so does a
+    reboot later in the same run; each step is in the history once, and the adapter loads."""
     chaos.start()
-    tid = chaos.submit(method="dpo", name="dpo through faults")
+    tid = chaos.submit(method=method, name=f"{method} through faults")
     chaos.wait_step(tid, EVERY + 2)
     chaos.kill(chaos.launch(tid)["trainer_pid"])
     chaos.hold(tid, 2 * EVERY)
@@ -508,7 +513,7 @@ def test_a_dpo_run_survives_its_trainer_sigkilled_and_then_a_reboot(chaos: Chaos
     assert chaos.studio is not None
     events = chaos.studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
     progress = [e for e in events if e["kind"] == "progress"]
-    assert all("rewards/accuracies" in e["metrics"] for e in progress), progress[-1]
+    assert all(figure in e["metrics"] for e in progress), progress[-1]
 
 
 def test_one_torchrun_rank_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:

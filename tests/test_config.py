@@ -29,13 +29,14 @@ def test_round_trip_keeps_the_nested_shape() -> None:
         "lora",
         "optim",
         "preference",
+        "grpo",
         "checkpoint",
         "logging",
         "evaluation",
         "resources",
         "resume",
     }
-    assert set(data) == {*sections, "preset", "method"}
+    assert set(data) == {*sections, "preset", "method", "rewards"}
     assert TrainingConfig.from_dict(data) == TrainingConfig()
 
 

@@ -34,7 +34,7 @@ def test_the_methods_pick_their_data_and_refuse_what_they_cannot_train_on() -> N
         TrainingConfig.from_dict({"method": "dpo", "data": {"format": "alpaca", "packing": True}})
     text = str(wrong.value)
     assert "method dpo trains on preference pairs (prompt/chosen/rejected), but this data holds instructions" in text
-    assert "use method sft for it" in text and "data.packing: method dpo compares whole replies" in text
+    assert "use method sft or grpo for it" in text and "data.packing: method dpo compares whole replies" in text
     with pytest.raises(ValidationError, match=r"method sft trains on .* use method dpo, orpo or kto for it"):
         TrainingConfig.from_dict({"data": {"format": "preference"}})
     with pytest.raises(ValidationError, match="method kto needs at least 2 per batch"):

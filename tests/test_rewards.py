@@ -295,16 +295,33 @@ def test_the_same_reward_twice_is_refused() -> None:
     ]
 
 
-def test_custom_reward_code_needs_the_flag_and_is_never_run(tmp_path) -> None:
+def test_custom_reward_code_needs_the_flag_and_runs_only_when_loaded(tmp_path) -> None:
     code = tmp_path / "reward.py"
     marker = tmp_path / "ran"
-    code.write_text(f"open({str(marker)!r}, 'w').close()\ndef score(**kw): return [1.0]\n")
+    code.write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef score(completions, **kw): return [1.0 for _ in completions]\n"
+    )
     spec = f"python:{code}:score"
     with pytest.raises(ValidationError, match="is custom reward code; start the studio with --allow-remote-code"):
         parse_rewards([spec])
-    with pytest.raises(ValidationError, match="custom reward functions are not supported yet; use one of exact"):
-        parse_rewards([spec], custom_allowed=True)
-    assert not marker.exists()
+    (custom,) = parse_rewards([spec], custom_allowed=True)
+    assert custom.__name__ == "score" and not marker.exists()  # parsed, never run
+    assert custom(prompts=["p", "q"], completions=["a", "b"]) == [1.0, 1.0]
+    assert marker.exists()
+    for bad, message in [
+        (f"python:{code}", "write a custom reward as python:PATH:FUNC"),
+        (f"python:{tmp_path / 'reward.txt'}:score", "is not a .py file"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            parse_rewards([bad], custom_allowed=True)
+    (missing,) = parse_rewards([f"python:{code}:nothing"], custom_allowed=True)
+    with pytest.raises(ValidationError, match=r"reward\.py defines no function nothing"):
+        missing.load()
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("def score(completions, **kw): return 'high'\n")
+    (liar,) = parse_rewards([f"python:{wrong}:score"], custom_allowed=True)
+    with pytest.raises(ValueError, match="reward score returned str, not a list of 1 scores"):
+        liar(prompts=["p"], completions=["a"])
 
 
 def test_answer_column_check() -> None:
@@ -367,9 +384,11 @@ def test_rewards_import_nothing_heavy() -> None:
         "collections",
         "dataclasses",
         "fractions",
+        "importlib",
         "json",
         "logging",
         "math",
+        "pathlib",
         "re",
         "typing",
         "regex",

@@ -68,6 +68,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         set_path(config, "resources.share_gpu", True)
     if args.no_auto_resume:
         set_path(config, "resume.auto", False)
+    if args.reward:
+        set_path(config, "rewards", list(args.reward))  # each as written: a pattern may hold a comma
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:

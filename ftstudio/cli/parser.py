@@ -36,8 +36,8 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
         "--method",
         "method",
         str,
-        "sft (default: instructions, conversations), pretrain (raw text, .txt files), or dpo, orpo, kto "
-        "(preference pairs; builtin:preferences unless --dataset)",
+        "sft (default: instructions, conversations), pretrain (raw text, .txt files), dpo, orpo, kto "
+        "(preference pairs; builtin:preferences unless --dataset), or grpo (prompts and --reward; builtin:math)",
     ),
     ("--beta", "preference.beta", float, "dpo, orpo, kto: how far from the starting model (default 0.1)"),
     ("--loss", "preference.loss", str, "dpo's variant: sigmoid (DPO, the default), ipo or simpo"),
@@ -45,6 +45,7 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
 assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)
 assert CLI_FLAGS["resources.share_gpu"] == "--share-gpu"  # switches, added beside SUBMIT_FLAGS
 assert CLI_FLAGS["resume.auto"] == "--no-auto-resume"
+assert CLI_FLAGS["rewards"] == "--reward"  # repeatable, added beside SUBMIT_FLAGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--share-gpu", action="store_true", help="share GPUs with other tasks that share (default: one task per GPU)"
+    )
+    sp.add_argument(
+        "--reward",
+        action="append",
+        metavar="NAME[:ARG]",
+        help="grpo: a reward function, repeatable: exact, numeric, regex:PATTERN, length:TOKENS, json, or "
+        "python:PATH:FUNC (your own; numeric unless given)",
     )
     sp.add_argument("--name", help="a name to recognise the task by")
     sp.add_argument("--config", help="a JSON file with the training config (flags override it)")

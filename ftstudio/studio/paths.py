@@ -52,7 +52,7 @@ def roots(home: Path, policy: Policy) -> list[Path]:
 
 def config_problems(config: TrainingConfig, *, home: Path, policy: Policy, trusted: bool) -> list[Problem]:
     """Every path in a config that this request may not read, each naming its field."""
-    from ftstudio.config import label, validation_fraction
+    from ftstudio.config import custom_reward, label, validation_fraction
 
     named: list[tuple[str, str]] = []
     data = config.data.path.strip()
@@ -67,6 +67,9 @@ def config_problems(config: TrainingConfig, *, home: Path, policy: Policy, trust
     model = config.model.name.strip()
     if _is_path(model, home):
         named.append((model, label("model.name")))
+    for spec in config.rewards:
+        if (custom := custom_reward(spec)) and custom[0]:
+            named.append((custom[0], label("rewards")))
     problems = [path_problem(v, f, home=home, policy=policy, trusted=trusted) for v, f in named]
     resume = config.checkpoint.resume_from.strip()
     if resume not in ("", "auto"):
@@ -101,6 +104,19 @@ def anchor(config: TrainingConfig, home: Path) -> None:
         config.data.validation = absolute(config.data.validation)
     config.evaluation.prompts = absolute(config.evaluation.prompts)
     config.model.name = absolute(config.model.name)
+    config.rewards = [_anchored_reward(spec) for spec in config.rewards]
+
+
+def _anchored_reward(spec: str) -> str:
+    """A custom reward's file made absolute, like the data: the trainer runs in the task directory."""
+    from ftstudio.config import custom_reward
+
+    custom = custom_reward(spec)
+    if not custom or not custom[0].strip() or "\0" in custom[0]:
+        return spec
+    expanded = os.path.expanduser(custom[0].strip())
+    path = expanded if os.path.isabs(expanded) else str(Path.cwd() / expanded)
+    return f"python:{path}:{custom[1]}"
 
 
 def _is_path(ref: str, home: Path) -> bool:

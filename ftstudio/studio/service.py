@@ -24,7 +24,7 @@ import psutil
 
 from ftstudio import __version__, checkpoints, taskfiles
 from ftstudio.chat.process import ChatReply, ChatRequest, ChatWorker, Machine
-from ftstudio.config import PRESETS, TrainingConfig, describe_fields
+from ftstudio.config import PRESETS, TrainingConfig, custom_reward, describe_fields
 from ftstudio.errors import Conflict, DamagedFile, NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
 from ftstudio.execution.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
@@ -149,6 +149,15 @@ class Service:
                     "running a model repository's code is off for requests to this studio; "
                     "its owner can allow it with `ftstudio studio start --allow-remote-code`, "
                     "or submit from the terminal with `ftstudio submit --set model.trust_remote_code=true`",
+                )
+            )
+        if any(custom_reward(spec) for spec in cfg.rewards) and not trusted and not self.policy.allow_remote_code:
+            raise ValidationError(
+                Problem(
+                    "rewards (--reward)",
+                    "custom reward functions run Python code, which is off for requests to this studio; "
+                    "its owner can allow it with `ftstudio studio start --allow-remote-code`, "
+                    "or submit from the terminal with `ftstudio submit --reward python:PATH:FUNC`",
                 )
             )
         # Which files this request may read is decided before anything is read, on the paths the trainer will use.

@@ -8,7 +8,8 @@ leaves half a model. The build is deterministic: same weights, same tokenizer.
 
 `builtin:sample` is `ftstudio/data/sample.jsonl` (see `ftstudio.training.samples`), instructions for SFT;
 `builtin:preferences` is `ftstudio/data/preferences.jsonl` (see `ftstudio.training.preference_samples`), preference
-pairs for dpo, orpo and kto.
+pairs for dpo, orpo and kto; `builtin:math` is `ftstudio/data/math.jsonl` (see `ftstudio.training.mathdata`),
+arithmetic prompts with their answers for grpo.
 
 `resolve_model` / `resolve_dataset` turn what a user wrote into something to load.
 """
@@ -25,12 +26,17 @@ from typing import Any
 
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.training.datafiles import DATASET_SUFFIXES
+from ftstudio.training.mathdata import MATH_PATH
 from ftstudio.training.preference_samples import PREFERENCES_PATH
 from ftstudio.training.samples import SAMPLE_PATH
 
 BUILTIN_MODELS = ("builtin:tiny",)
-# Each made here by a fixed recipe (samples.py, preference_samples.py), small, shipped in ftstudio/data.
-BUILTIN_DATA_FILES = {"builtin:sample": SAMPLE_PATH, "builtin:preferences": PREFERENCES_PATH}
+# Each made here by a fixed recipe (samples.py, preference_samples.py, mathdata.py), small, shipped in ftstudio/data.
+BUILTIN_DATA_FILES = {
+    "builtin:sample": SAMPLE_PATH,
+    "builtin:preferences": PREFERENCES_PATH,
+    "builtin:math": MATH_PATH,
+}
 BUILTIN_DATASETS = tuple(BUILTIN_DATA_FILES)
 
 # Bump when the recipe below changes: an older build on disk is then replaced.

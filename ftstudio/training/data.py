@@ -12,6 +12,7 @@ Shapes, detected from the columns:
     text       text                                                (plain language modelling)
     preference prompt (optional), chosen, rejected                 (DPO, ORPO, SimPO, KTO)
     unpaired   prompt, completion, label (true: a good completion) (KTO)
+    prompts    prompt, answer (optional)                           (GRPO; its rewards may score the answer)
 
 Preference pairs come in the shapes people publish them in: `prompt`, `chosen` and
 `rejected` as text; `chosen` and `rejected` as whole conversations that share every
@@ -58,7 +59,7 @@ from ftstudio.training.datafiles import (
 if TYPE_CHECKING:
     from ftstudio.config import TrainingConfig
 
-FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference", "unpaired")
+FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference", "unpaired", "prompts")
 # Bad rows are listed up to this many; the count covers all of them.
 MAX_LISTED_PROBLEMS = 20
 
@@ -83,6 +84,8 @@ class Example:
     """The reply, for the unpaired shape (`messages` is then the prompt)."""
     label: bool = False
     """For the unpaired shape: whether `completion` is a good one."""
+    answer: str = ""
+    """For the prompts shape: the reference answer, if the row has one (`messages` is then the prompt)."""
 
 
 @dataclass
@@ -284,6 +287,8 @@ def detect_format(row: dict[str, Any], where: str, *, prompts: bool = False) -> 
         return "alpaca"
     if "text" in row:
         return "text"
+    if "prompt" in row:
+        return "prompts"
     # Column names only (never values), and few of them: a CSV header is the file's first line.
     names = sorted(str(c)[:40] for c in row)
     cols = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "") if names else "none"
@@ -318,6 +323,8 @@ def to_example(row: dict[str, Any], shape: str, where: str, *, prompts: bool = F
         return _preference(row, where, prompts=prompts)
     if shape == "unpaired":
         return _unpaired(row, where, prompts=prompts)
+    if shape == "prompts":
+        return _prompt_row(row, where, prompts=prompts)
     key, role_key, content_key = (
         ("conversations", "from", "value") if shape == "sharegpt" else ("messages", "role", "content")
     )
@@ -453,6 +460,24 @@ def _unpaired(row: dict[str, Any], where: str, *, prompts: bool) -> Example:
         messages = [*prompt, {"role": "assistant", "content": completion}] if label else prompt
         return _conversation_checked(where, messages, prompts=True)
     return Example(where, prompt, completion=completion, label=label)
+
+
+def _prompt_row(row: dict[str, Any], where: str, *, prompts: bool) -> Example:
+    """One prompt (GRPO's data), with its reference answer when the row has one."""
+    if row.get("prompt") is None:
+        raise ValueError("`prompt` is missing; give each row a prompt (and an answer for exact or numeric)")
+    turns = _prompt_turns(row)
+    if turns[-1]["role"] == "assistant":
+        raise ValueError("`prompt` ends with an assistant turn: nothing left to answer")
+    value = row.get("answer")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+        value = format(value, "g") if isinstance(value, float) else str(value)  # a number column of a CSV
+    answer = _text({"answer": value}, "answer", optional=True)
+    if prompts:
+        return _conversation_checked(
+            where, [*turns, {"role": "assistant", "content": answer}] if answer.strip() else turns, prompts=True
+        )
+    return Example(where, turns, answer=answer)
 
 
 def _conversation_checked(where: str, messages: list[dict[str, str]], *, prompts: bool) -> Example:

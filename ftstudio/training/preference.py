@@ -40,7 +40,7 @@ from ftstudio.config import TrainingConfig
 from ftstudio.training.batches import IGNORE, render
 from ftstudio.training.data import Example
 from ftstudio.training.models import adapters_attached, lora_config
-from ftstudio.training.trainers import StudioTrainer
+from ftstudio.training.trainers import StudioTrainer, StudioTRLTrainer
 
 with warnings.catch_warnings():
     # SimPO and ORPO are in TRL's experimental package, which says so on import: the version is pinned and its
@@ -154,27 +154,22 @@ class Collator:
         return batch
 
 
-class _Studio(StudioTrainer):
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """TRL writes a README into the checkpoint folder at every save: the task's files say what was trained."""
-
-
-class StudioDPOTrainer(_Studio, DPOTrainer):
+class StudioDPOTrainer(StudioTRLTrainer, DPOTrainer):
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         return dataset  # tokenized already (pair_row)
 
 
-class StudioKTOTrainer(_Studio, KTOTrainer):
+class StudioKTOTrainer(StudioTRLTrainer, KTOTrainer):
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         return dataset  # tokenized already (unpaired_rows); the KL pairs come from Collator
 
 
-class StudioCPOTrainer(_Studio, CPOTrainer):
+class StudioCPOTrainer(StudioTRLTrainer, CPOTrainer):
     def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
         return feature  # tokenized already (_sequences)
 
 
-class StudioORPOTrainer(_Studio, ORPOTrainer):
+class StudioORPOTrainer(StudioTRLTrainer, ORPOTrainer):
     def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
         return feature
 

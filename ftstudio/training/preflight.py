@@ -49,8 +49,36 @@ def check(config: TrainingConfig, home: Path, *, max_row_bytes: int | None = Non
             config.evaluation.prompts, "auto", home, label("evaluation.prompts"), max_row_bytes, prompts=True
         )
     problems += _resume(config.checkpoint.resume_from)
+    if config.method == "grpo":
+        problems += _rewards(config, home)
     if problems:
         raise ValidationError(problems)
+
+
+def _rewards(config: TrainingConfig, home: Path) -> list[Problem]:
+    """The rewards parse (no custom reward's code is run here: only its file is looked for), and those that
+    compare with an answer have one: a `prompts` file needs its `answer` column; the other shapes give their
+    last assistant turn."""
+    from ftstudio.training.rewards import CustomReward, answer_problems, parse_rewards
+
+    try:
+        # Whether a request may name custom code is the studio's rule, decided before this (service.submit).
+        rewards = parse_rewards(config.rewards, custom_allowed=True)
+    except ValidationError as e:
+        return e.problems
+    problems = [
+        Problem(label("rewards"), f"reward {r.spec!r}: {r.path} is not a file; check the path")
+        for r in rewards
+        if isinstance(r, CustomReward) and not _exists(r.path)
+    ]
+    try:
+        info = inspect_dataset(resolve_dataset(config.data.path, home), 5, config.data.format)
+    except ValidationError:
+        return problems  # reported under data.path
+    if info.format == "prompts":
+        columns = {k for row in info.preview if isinstance(row, dict) for k in row}
+        problems += answer_problems(rewards, columns)
+    return problems
 
 
 def model_problems(ref: str) -> list[Problem]:

@@ -134,8 +134,13 @@ class RunStats:
 
 
 def _said(metrics: dict[str, float]) -> str:
-    """A method's figures for a log line: `  rewards/accuracies 0.75` reads as `  accuracies 0.750`."""
-    return "".join(f"  {k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in metrics.items())
+    """A method's figures for a log line, shortened: `rewards/accuracies` reads as `accuracies`, a GRPO reward's
+    `rewards/numeric/mean` as `numeric/mean`, `completions/mean_length` as `mean_length`."""
+    return "".join(f"  {_short(k)} {v:.3f}" for k, v in metrics.items())
+
+
+def _short(key: str) -> str:
+    return key.split("/", 1)[1] if key.startswith("rewards/") else key.rsplit("/", 1)[-1]
 
 
 class StudioCallback(TrainerCallback):

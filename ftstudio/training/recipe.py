@@ -29,7 +29,7 @@ import torch
 from transformers import TrainingArguments
 
 from ftstudio import checkpoints
-from ftstudio.config import PREFERENCE_METHODS, TrainingConfig
+from ftstudio.config import TRL_METHODS, TrainingConfig
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.pause import PauseRequest, Suspended
@@ -100,11 +100,24 @@ def run(
     model_ref = resolve_model(config.model.name, home)
     tokenizer = load_tokenizer(model_ref, config.model)
     batches.prepare_tokenizer(tokenizer)
-    preferring = config.method in PREFERENCE_METHODS
-    train_rows: list[Any]  # each method's own kind of row: batches.Row, or preference.py's dicts
+    # The methods built on TRL's trainers: they attach the adapter themselves, and take rows of their own kind.
+    on_trl = config.method in TRL_METHODS
+    train_rows: list[Any]  # each method's own kind of row: batches.Row, or preference.py's or grpo.py's dicts
     val_rows: list[Any]
-    if preferring:
-        from ftstudio.training import preference  # TRL, imported only for the methods built on it
+    lengths: list[int] | None = None  # None: the trainer's own order (grpo)
+    per_row = 1  # training sequences per row: a grpo prompt is sampled once per completion of its group
+    if config.method == "grpo":
+        from ftstudio.training import grpo  # TRL, imported only for the methods built on it
+
+        def prompt(ex: Example) -> list[Any]:
+            return [grpo.prompt_row(ex, tokenizer, config.data.max_length)]
+
+        train_rows = _tokenize_all(train_ex, prompt)
+        val_rows = _tokenize_all(val_ex, prompt, required=False)
+        n_examples = len(train_rows)
+        per_row = config.grpo.generations
+    elif on_trl:
+        from ftstudio.training import preference
 
         def rows(ex: Example) -> list[Any]:
             return preference.rows_for(config.method, ex, tokenizer, config.data.max_length)
@@ -135,7 +148,7 @@ def run(
         tidy_checkpoints(ckpt_dir, resume)
         evaluation.tidy(out_dir, (checkpoints.step_of(resume) or 0) if resume else None)
     o = config.optim
-    per_epoch = batches.steps_per_epoch(len(train_rows), o.batch_size, o.grad_accum, world)
+    per_epoch = batches.steps_per_epoch(len(train_rows) * per_row, o.batch_size, o.grad_accum, world)
     # The Trainer's own count: max_steps, or whole epochs rounded up.
     total_steps = o.max_steps if o.max_steps > 0 else math.ceil(per_epoch * (o.epochs if o.epochs > 0 else 1.0))
     pause = pause or PauseRequest()
@@ -165,7 +178,7 @@ def run(
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
-    if not preferring:  # the preference trainers attach the adapter themselves (see preference.py)
+    if not on_trl:
         model, report = attach_lora(model, config.lora, fused=config.model.quantization == "none")
 
     dtype = pick_dtype(config.model.dtype)
@@ -208,16 +221,26 @@ def run(
         torch_compile=config.model.compile,
         ddp_backend=("gloo" if not torch.cuda.is_available() else "nccl") if world > 1 else None,
     )
-    sampler = batches.EpochSampler(lengths, o.batch_size, o.seed, config.data.group_by_length)
+    sampler = (
+        batches.EpochSampler(lengths, o.batch_size, o.seed, config.data.group_by_length)
+        if lengths is not None
+        else None
+    )
     pause_callback = PauseCallback(pause)
     callback = StudioCallback(
         pause=pause_callback,
         events=events,
         every_steps=config.logging.every_steps,
-        guard=LossGuard(o.divergence_factor, o.divergence_patience),
+        # GRPO's loss hovers around 0 and changes sign with the advantages: "above N x its best" means nothing
+        # there, so its guard is off (a NaN loss still stops it).
+        guard=LossGuard(0.0 if config.method == "grpo" else o.divergence_factor, o.divergence_patience),
         keep=config.checkpoint.keep,
         steps_per_epoch=per_epoch,
-        metrics=preference.METRICS[config.method] if preferring else (),
+        metrics=grpo.metrics(config)
+        if config.method == "grpo"
+        else preference.METRICS[config.method]
+        if on_trl
+        else (),
         begin_fields={
             "method": config.method,
             "train_rows": len(train_rows),
@@ -238,8 +261,9 @@ def run(
         "fence": fence,
     }
     trainer: StudioTrainer
-    if preferring:
-        trainer = preference.build(config, model, tokenizer, arguments, train_rows, val_rows, **studio)
+    if on_trl:
+        build = grpo.build if config.method == "grpo" else preference.build
+        trainer = build(config, model, tokenizer, arguments, train_rows, val_rows, **studio)
         model = trainer.model
         report = adapter_report(model)
     else:

@@ -22,7 +22,11 @@ TRL names each reward by its `__name__` and logs `rewards/<__name__>/mean` and `
 `numeric`, `json`, `length_<TOKENS>` (`length_64`) and `regex_<N>`, N counting the regex rewards of the
 list from 1 in the order written (a pattern makes a poor label). The same spec twice is refused.
 
-Custom reward code (`python:PATH:FUNC`) is not run by this module; see `parse_rewards`.
+A custom reward is Python code: `python:PATH:FUNC`, the function FUNC of the file PATH (a `.py`), called the
+way TRL calls any reward and named FUNC on the charts. Parsing one reads nothing; the file runs only when the
+trainer loads it (`CustomReward.load`, before the first step). Whether a request may name one at all is the
+studio's rule, the same as for `model.trust_remote_code` (studio/service.py), and the file must lie under a
+path the studio may read (studio/paths.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, ClassVar
 
 import regex
@@ -50,7 +55,7 @@ USAGE = ("exact", "numeric", "regex:PATTERN", "length:TOKENS", "json")
 """The built-in rewards as a person writes them, for help texts and error messages."""
 
 CUSTOM_PREFIX = "python"
-"""`python:PATH:FUNC`, a reward function in a file: the seam for custom rewards, refused for now."""
+"""`python:PATH:FUNC`, a reward function in a file."""
 
 MAX_PATTERN_CHARS = 500
 """A pattern is typed on a command line; one longer than this is a mistake (a pasted file), and the length
@@ -191,6 +196,52 @@ class JsonReward(Reward):
         return 1.0
 
 
+class CustomReward(Reward):
+    """FUNC of the Python file PATH (`python:PATH:FUNC`). It gets what TRL passes (`prompts`, `completions`,
+    `completion_ids`, each dataset column) and returns a score per completion (a number, or None for none)."""
+
+    def __init__(self, spec: str, path: Path, func: str) -> None:
+        super().__init__(spec, func)
+        self.path = path
+        self.func = func
+        self._fn: Any = None
+
+    def load(self) -> None:
+        """Run the file and find FUNC: a file that fails, or lacks FUNC, is a ValidationError naming both."""
+        import importlib.util
+
+        where = f"reward {self.spec!r}"
+        if not self.path.is_file():
+            raise ValidationError(Problem(FIELD, f"{where}: {self.path} is not a file; check the path"))
+        module_spec = importlib.util.spec_from_file_location(f"ftstudio_reward_{self.func}", self.path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValidationError(Problem(FIELD, f"{where}: {self.path} cannot be loaded as Python; use a .py file"))
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            failed = f"{where}: running {self.path.name} failed: {type(e).__name__}: {e}"
+            raise ValidationError(Problem(FIELD, failed)) from e
+        fn = getattr(module, self.func, None)
+        if not callable(fn):
+            raise ValidationError(Problem(FIELD, f"{where}: {self.path.name} defines no function {self.func}"))
+        self._fn = fn
+
+    def __call__(self, **kwargs: Any) -> list[float | None]:
+        if self._fn is None:
+            self.load()
+        scores = self._fn(**kwargs)
+        count = len(kwargs.get("completions") or ())
+        if not isinstance(scores, list | tuple) or len(scores) != count:
+            raise ValueError(f"reward {self.func} returned {type(scores).__name__}, not a list of {count} scores")
+        out: list[float | None] = []
+        for score in scores:
+            if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)):
+                raise ValueError(f"reward {self.func} returned a {type(score).__name__}; return numbers (or None)")
+            out.append(None if score is None else float(score))
+        return out
+
+
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL | re.IGNORECASE)
 
 # A number as people write it: an optional sign, digits grouped by commas or not, an optional decimal part.
@@ -244,10 +295,8 @@ def _content_text(content: object) -> str:
 def parse_rewards(specs: Sequence[object], custom_allowed: bool = False) -> list[Reward]:
     """The rewards the specs name, in their order; every bad spec is reported at once in one ValidationError.
 
-    `custom_allowed` is whether the studio was started with --allow-remote-code. A custom reward
-    (`python:PATH:FUNC`) is refused either way for now, with a message that says which of the two applies;
-    no user code is ever loaded here. An empty list is returned as it is: whether a method needs a reward
-    is the config's to say."""
+    `custom_allowed`: whether a custom reward (`python:PATH:FUNC`) may be named at all; no user code is ever
+    loaded here. An empty list is returned as it is: whether a method needs a reward is the config's to say."""
     problems: list[Problem] = []
     rewards: list[Reward] = []
     seen: dict[str, str] = {}  # what a reward scores -> the spec that named it first
@@ -297,7 +346,14 @@ def _parse_one(spec: str, custom_allowed: bool, regex_number: int) -> Reward | P
             return Problem(
                 FIELD, f"{spec!r} is custom reward code; start the studio with --allow-remote-code to use it"
             )
-        return Problem(FIELD, f"{spec!r}: custom reward functions are not supported yet; use one of {known}")
+        path, _, func = arg.rpartition(":")
+        if not path.strip() or not func.isidentifier():
+            return Problem(
+                FIELD, f"{spec!r}: write a custom reward as python:PATH:FUNC, e.g. python:rewards.py:brevity"
+            )
+        if not path.endswith(".py"):
+            return Problem(FIELD, f"{spec!r}: {path} is not a .py file; a custom reward is a Python function")
+        return CustomReward(spec, Path(path).expanduser(), func)
     if name in ("exact", "numeric", "json"):
         if has_arg:
             return Problem(FIELD, f"{spec!r}: {name} takes no argument; write it as {name}")

@@ -30,7 +30,7 @@ class StudioTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        train_sampler: batches.EpochSampler,
+        train_sampler: batches.EpochSampler | None,
         dynamic_shapes: bool = False,
         checkpoint_cost: CheckpointCost | None = None,
         fence: Callable[[], None] | None = None,
@@ -63,7 +63,10 @@ class StudioTrainer(Trainer):
             plugin.dynamic = True
         return args
 
-    def _get_train_sampler(self, train_dataset: Any = None) -> batches.EpochSampler:
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        # None: the trainer's own order (GRPO's sampler repeats each prompt once per completion of its group).
+        if self._studio_sampler is None:
+            return super()._get_train_sampler(train_dataset)
         return self._studio_sampler
 
     def compute_loss(
@@ -75,3 +78,10 @@ class StudioTrainer(Trainer):
                 real = self.accelerator.gather(real.reshape(1)).sum()
             self.state.num_input_tokens_seen += int(real)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+class StudioTRLTrainer(StudioTrainer):
+    """StudioTrainer for TRL's trainers (`class StudioDPOTrainer(StudioTRLTrainer, DPOTrainer)`)."""
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """TRL writes a README into the checkpoint folder at every save: the task's files say what was trained."""

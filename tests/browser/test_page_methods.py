@@ -33,7 +33,12 @@ def test_a_dpo_fine_tune_from_the_form_charts_its_rewards(studio: LiveStudio, pa
         page.locator("#cfg-preference-desirable_weight").is_visible()
         and page.locator("#cfg-preference-loss").is_hidden()
     )
+    page.locator("#method").select_option("grpo")
+    assert page.locator("#cfg-rewards").input_value() == "numeric"
+    assert page.locator("#cfg-grpo-generations").is_visible() and beta.is_hidden()
+    assert page.locator("#dataset-name").input_value() == "builtin:math"
     page.locator("#method").select_option("dpo")
+    assert page.locator("#cfg-rewards").is_hidden()
 
     page.get_by_label("Name").fill("dpo from the page")
     page.locator("#cfg-optim-max_steps").fill("12")

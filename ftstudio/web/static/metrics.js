@@ -1,7 +1,9 @@
 // A method's own figures, beside the loss curve: what a preference run reports in its events' `metrics`
 // (training/preference.py METRICS). For DPO the implicit rewards of the chosen and the rejected replies, their
 // margin, and how often the chosen one wins; ORPO adds its SFT loss and odds ratio; KTO its drift from the
-// reference (kl). Training values are lines, evaluations dots. Hidden until a run reports any: SFT has none.
+// reference (kl); GRPO (training/grpo.py) the mean reward and its spread within groups, each reward's mean and
+// spread, the completions' length (right axis, in tokens) and, with a KL penalty, the drift. Training values are
+// lines, evaluations dots. Hidden until a run reports any: SFT has none.
 
 import { h, isNum, fmtInt } from "./dom.js";
 import { Plot, cssColor } from "./plot.js";
@@ -15,7 +17,19 @@ export const METRIC_WORDS = {
   kl: "KL from the reference",
   nll_loss: "SFT loss",
   log_odds_ratio: "log odds ratio",
+  reward: "reward (all rewards, mean)",
+  reward_std: "reward spread within groups",
+  "completions/mean_length": "completion length, tokens (right axis)",
 };
+// Figures counted in tokens, on the right axis, so they do not flatten the rewards.
+const RIGHT = new Set(["completions/mean_length"]);
+
+/** What a figure is called: a GRPO reward's `rewards/NAME/mean` reads as "NAME reward (mean)". */
+export function metricWord(key) {
+  if (METRIC_WORDS[key]) return METRIC_WORDS[key];
+  const m = /^rewards\/(.+)\/(mean|std)$/.exec(key);
+  return m ? `${m[1]} reward (${m[2] === "mean" ? "mean" : "spread"})` : key;
+}
 const COLOURS = 8; // --c-1 … --c-8, the compare view's palette
 
 export class MetricsChart {
@@ -62,12 +76,14 @@ export class MetricsChart {
       xLabel: "step",
       yLabel: "value",
       logToggle: false,
+      lrAxis: this.keys.some((k) => RIGHT.has(k)),
+      rightLabel: "tokens",
       fmtX: fmtInt,
       fmtY: (v) => (isNum(v) ? Number(v.toPrecision(4)).toString() : ""),
       series: () =>
         this.keys.flatMap((key, i) => [
-          { label: METRIC_WORDS[key] || key, scale: "loss", stroke: colour(i), width: 2, points: { show: false }, spanGaps: true },
-          { label: `${METRIC_WORDS[key] || key}, eval`, scale: "loss", stroke: colour(i), width: 1, dash: [6, 4], points: { show: true, size: 6, fill: colour(i) }, spanGaps: true },
+          { label: metricWord(key), scale: RIGHT.has(key) ? "lr" : "loss", stroke: colour(i), width: 2, points: { show: false }, spanGaps: true },
+          { label: `${metricWord(key)}, eval`, scale: RIGHT.has(key) ? "lr" : "loss", stroke: colour(i), width: 1, dash: [6, 4], points: { show: true, size: 6, fill: colour(i) }, spanGaps: true },
         ]),
     });
     this.box.replaceChildren(this.plot.tools, this.plot.el);
@@ -75,7 +91,7 @@ export class MetricsChart {
       ...this.keys.map((key, i) => {
         const swatch = h("span", { class: "swatch", "aria-hidden": "true" });
         swatch.style.background = colour(i); // through the CSSOM: the page's CSP allows no inline style attribute
-        return h("li", {}, swatch, METRIC_WORDS[key] || key);
+        return h("li", {}, swatch, metricWord(key));
       }),
     );
     this.el.hidden = false;
@@ -105,7 +121,7 @@ export class MetricsChart {
       .map((key) => {
         const t = last(this.train.get(key));
         const e = last(this.evals.get(key));
-        const word = METRIC_WORDS[key] || key;
+        const word = metricWord(key);
         const parts = [t ? `${Number(t[1].toPrecision(3))} at step ${fmtInt(t[0])}` : null, e ? `eval ${Number(e[1].toPrecision(3))} at step ${fmtInt(e[0])}` : null];
         return `${word} ${parts.filter(Boolean).join(", ")}`;
       })

@@ -16,10 +16,12 @@ const METHOD_WORDS = {
   dpo: "DPO (or IPO, SimPO): preference pairs, the chosen reply made likelier than the rejected one",
   orpo: "ORPO: preference pairs, SFT and preference in one loss, no reference model",
   kto: "KTO: replies labelled good or bad, paired or not",
+  grpo: "GRPO: prompts, each answered several times and scored by reward functions",
 };
 // The data each method starts from, unless the person picked other data: the built-in set of its shape.
-const METHOD_DATA = { dpo: "builtin:preferences", orpo: "builtin:preferences", kto: "builtin:preferences" };
+const METHOD_DATA = { dpo: "builtin:preferences", orpo: "builtin:preferences", kto: "builtin:preferences", grpo: "builtin:math" };
 const DEFAULT_DATA = "builtin:sample";
+const GRPO_REWARDS = "numeric"; // config.GRPO_REWARDS: what a grpo run scores when none are given
 
 const fieldId = (path) => `cfg-${path.replace(/[^a-zA-Z0-9_-]/g, "-")}`;
 
@@ -106,7 +108,7 @@ export function mountNew(root) {
       { class: "field" },
       h("label", { for: "method" }, "Method"),
       methodSelect,
-      h("p", { class: "help", id: "method-help" }, "What the run learns from its data. Continued pre-training packs raw text and needs no chat template; DPO, ORPO and KTO learn which of two replies is better (builtin:preferences is a small set to try)."),
+      h("p", { class: "help", id: "method-help" }, "What the run learns from its data. Continued pre-training packs raw text and needs no chat template; DPO, ORPO and KTO learn which of two replies is better (builtin:preferences is a small set to try); GRPO learns what its rewards score (builtin:math, with the numeric reward)."),
       mainErrors.method,
     ),
     h(
@@ -320,6 +322,12 @@ export function mountNew(root) {
     }
     for (const set of advanced.querySelectorAll("fieldset.section")) {
       set.hidden = [...set.querySelectorAll(".field")].every((el) => el.hidden);
+    }
+    // grpo's rewards start as the studio's default for it, shown, and sent only when changed.
+    const rewards = controls.get("rewards");
+    if (rewards && !rewards.dirty) {
+      rewards.baseline = method === "grpo" ? GRPO_REWARDS : "";
+      write(rewards, rewards.baseline);
     }
     if (!dataInput.dataset.touched) {
       dataInput.value = METHOD_DATA[method] || DEFAULT_DATA;

@@ -26,6 +26,7 @@ export class Plot {
    * @param {(v: number) => string} o.fmtX   the x value in the read-out
    * @param {(v: number) => string} o.fmtY   a loss value on its axis and in the read-out
    * @param {boolean} [o.lrAxis]     a right axis for the learning rate (scale "lr")
+   * @param {string} [o.rightLabel]  that right axis's label, when it holds something else (then plain numbers)
    * @param {string} [o.yLabel]      the left axis (default "loss")
    * @param {boolean} [o.logToggle]  offer the log scale (default true: losses; not for values that go negative)
    * @param {(u: object) => void} [o.onBuild] once uPlot is made (again, after a log switch or a theme change)
@@ -153,7 +154,9 @@ export class Plot {
       loss: this.log ? { distr: 3, log: 10 } : { range: lossRange },
     };
     if (o.lrAxis) {
-      axes.push({ ...axis, scale: "lr", side: 1, label: "learning rate", size: 64, grid: { show: false }, values: (_u, ticks) => ticks.map((t) => (t ? t.toExponential(1) : "0")) });
+      const plain = (t) => (t == null ? "" : String(Number(t.toPrecision(4))));
+      const exp = (t) => (t ? t.toExponential(1) : "0");
+      axes.push({ ...axis, scale: "lr", side: 1, label: o.rightLabel || "learning rate", size: 64, grid: { show: false }, values: (_u, ticks) => ticks.map(o.rightLabel ? plain : exp) });
       scales.lr = { range: (_u, _min, max) => [0, (isNum(max) && max > 0 ? max : 1) * 1.1] };
     }
     const opts = {
@@ -223,7 +226,7 @@ export class Plot {
     u.series.forEach((s, k) => {
       const v = u.data[k][i];
       if (k === 0 || !s.show || v == null) return;
-      const fmt = s.scale === "lr" ? (x) => x.toExponential(2) : this.o.fmtY;
+      const fmt = s.scale === "lr" && !this.o.rightLabel ? (x) => x.toExponential(2) : this.o.fmtY;
       rows.push(h("div", {}, h("span", { class: `swatch ${s.swatch || ""}`, "aria-hidden": "true" }), `${s.label} ${fmt(v)}`));
     });
     this.readout.replaceChildren(...rows);
