@@ -73,6 +73,9 @@ class LoraConfig:
     """Modules that get adapters: `all-linear`, or module names such as q_proj, v_proj."""
     modules_to_save: list[str] = field(default_factory=list, metadata=NAMES)
     """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
+    plus_ratio: float = bounded(0.0, 0, 1000)
+    """LoRA+: the adapter's B matrices learn this many times faster than its A matrices (16 in the LoRA+ paper;
+    often with a learning rate about half the usual). 0: off, one learning rate for both."""
 
 
 @dataclass
@@ -196,6 +199,11 @@ class ResumeConfig:
 
 @dataclass
 class TrainingConfig:
+    adapter: Literal["lora", "qlora", "dora", "rslora"] = "lora"
+    """What trains beside the frozen base: `lora` (low-rank adapters, the `lora` settings); `qlora`: LoRA on the
+    base loaded in 4-bit (a CUDA GPU and bitsandbytes; model.quantization 4bit unless set); `dora`: DoRA,
+    weight-decomposed LoRA, often better at low ranks, slower per step; `rslora`: rank-stabilised LoRA, scaled by
+    alpha / sqrt(rank), for high ranks. Each saves a peft adapter that chat, compare and export take as they are."""
     method: Literal["sft", "pretrain", "dpo", "orpo", "kto", "grpo"] = "sft"
     """`sft`: supervised fine-tuning on instructions or conversations, the loss on the answers only. `pretrain`:
     continued pre-training on raw text (a `text` column, or .txt files), no chat template, the loss on every
@@ -277,6 +285,11 @@ def _method_defaults(merged: dict[str, Any]) -> dict[str, Any]:
     raw text (`data.format` auto means text there) and packs it (short documents fill whole rows); the preference
     methods train on `builtin:preferences`, and dpo and orpo read pairs; SimPO starts from its own beta; grpo
     trains on `builtin:math` with the `numeric` reward and no validation split."""
+    if merged.get("adapter") == "qlora" and isinstance(merged.get("model", {}), dict):
+        # QLoRA is LoRA on a 4-bit base: the adapter choice says so, unless the quantization is set outright.
+        model = dict(merged.get("model") or {})
+        model.setdefault("quantization", "4bit")
+        merged = {**merged, "model": model}
     method = merged.get("method")
     preference = merged.get("preference")
     if method == "dpo" and isinstance(preference, dict) and preference.get("loss") == "simpo":
@@ -343,6 +356,7 @@ CLI_FLAGS: dict[str, str] = {
     "preference.beta": "--beta",
     "preference.loss": "--loss",
     "rewards": "--reward",
+    "adapter": "--adapter",
 }
 
 # The data shapes each method trains on (the single table: the config, the preflight and the page read it).
@@ -564,6 +578,10 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
         bad("model.name", "is empty; give a hub id (org/name), a local directory or builtin:tiny")
     if cfg.data.format != "auto" and (problem := format_problem(cfg.method, cfg.data.format)):
         bad("data.format", f"is {cfg.data.format}: {problem}")
+    if cfg.adapter == "qlora" and cfg.model.quantization == "none":
+        bad(
+            "model.quantization", "is none, but adapter qlora trains on a 4-bit base; set 4bit or 8bit, or adapter lora"
+        )
     if cfg.method in PREFERENCE_METHODS and cfg.data.packing:
         bad("data.packing", f"method {cfg.method} compares whole replies, which packing would cut apart; set it off")
     if cfg.method == "grpo":

@@ -36,7 +36,7 @@ def test_round_trip_keeps_the_nested_shape() -> None:
         "resources",
         "resume",
     }
-    assert set(data) == {*sections, "preset", "method", "rewards"}
+    assert set(data) == {*sections, "preset", "method", "rewards", "adapter"}
     assert TrainingConfig.from_dict(data) == TrainingConfig()
 
 

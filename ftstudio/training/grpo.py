@@ -97,6 +97,6 @@ def build(
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tokenizer,
-            peft_config=lora_config(config.lora, fused=config.model.quantization == "none"),
+            peft_config=lora_config(config.lora, config.model.quantization == "none", config.adapter),
             **{**studio, "train_sampler": None},
         )

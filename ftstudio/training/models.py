@@ -135,8 +135,9 @@ def load_model(ref: str | Path, cfg: ModelConfig) -> Any:
     return model
 
 
-def lora_config(cfg: LoraConfig, fused: bool = True) -> Any:
-    """The peft LoraConfig for `cfg`.
+def lora_config(cfg: LoraConfig, fused: bool = True, adapter: str = "lora") -> Any:
+    """The peft LoraConfig for `cfg`, of the kind `adapter` names (config.TrainingConfig.adapter): dora and rslora
+    are LoRA with peft's `use_dora` / `use_rslora`; qlora is LoRA (the 4-bit base is load_model's).
 
     `fused`: plain linear layers get `FusedLoraLinear` (lora_linear.py), the same adapter
     computed with fewer passes over the activations. Not for quantized models: bitsandbytes'
@@ -152,6 +153,8 @@ def lora_config(cfg: LoraConfig, fused: bool = True) -> Any:
         modules_to_save=list(cfg.modules_to_save) or None,
         task_type="CAUSAL_LM",
         bias="none",
+        use_dora=adapter == "dora",
+        use_rslora=adapter == "rslora",
     )
     if fused:
         from ftstudio.training.lora_linear import FusedLoraLinear
@@ -180,12 +183,12 @@ def adapters_attached() -> Iterator[None]:
         ) from None
 
 
-def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True) -> tuple[Any, AdapterReport]:
+def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True, adapter: str = "lora") -> tuple[Any, AdapterReport]:
     """Wrap the model with LoRA adapters (see `lora_config`) and say exactly what got them."""
     from peft import get_peft_model
 
     with adapters_attached():
-        peft_model = get_peft_model(model, lora_config(cfg, fused))
+        peft_model = get_peft_model(model, lora_config(cfg, fused, adapter))
     return peft_model, adapter_report(peft_model)
 
 

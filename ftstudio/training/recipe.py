@@ -179,7 +179,7 @@ def run(
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
     if not on_trl:
-        model, report = attach_lora(model, config.lora, fused=config.model.quantization == "none")
+        model, report = attach_lora(model, config.lora, config.model.quantization == "none", config.adapter)
 
     dtype = pick_dtype(config.model.dtype)
     has_eval = bool(val_rows)
@@ -259,6 +259,7 @@ def run(
         "train_sampler": sampler,
         "checkpoint_cost": callback.cost,
         "fence": fence,
+        "plus_ratio": config.lora.plus_ratio,
     }
     trainer: StudioTrainer
     if on_trl:
