@@ -25,7 +25,8 @@ def test_malformed_dataset_shows_the_line_and_creates_nothing(studio: LiveStudio
     assert re.search(r"bad\.jsonl.*line 3", error.inner_text()), error.inner_text()
     assert page.locator("#dataset-name").input_value() == "builtin:sample"
     assert studio.api("GET", "/api/tasks")["total"] == 0
-    assert [d["name"] for d in studio.api("GET", "/api/datasets")["datasets"]] == ["builtin:sample"]
+    listed = studio.api("GET", "/api/datasets")["datasets"]
+    assert all(d["builtin"] for d in listed)  # nothing uploaded: the built-in ones alone
 
     # A good file uploads and shows its detected format and first rows.
     good = b'{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Say bye", "output": "bye"}\n'

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .livestudio import LiveStudio
+from .livestudio import ARTIFACTS, LiveStudio
 
 pytestmark = pytest.mark.browser
 
@@ -62,3 +62,4 @@ def test_a_dpo_fine_tune_from_the_form_charts_its_rewards(studio: LiveStudio, pa
     caption = chart.locator("figcaption").inner_text()
     assert "accuracy (chosen reply wins)" in caption and "eval" in caption, caption
     assert int(chart.locator("div.chart").get_attribute("data-points") or 0) >= 12
+    chart.screenshot(path=str(ARTIFACTS / "task-view-dpo-metrics.png"))

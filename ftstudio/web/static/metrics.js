@@ -39,10 +39,16 @@ export class MetricsChart {
     this.evals = new Map();
     this.pending = false;
     this.plot = null;
-    this.caption = h("p", { class: "chart-caption muted", "aria-live": "off" });
+    this.caption = h("p", { class: "metrics-caption muted", "aria-live": "off" });
     this.legend = h("ul", { class: "legend" });
     this.box = h("div", {});
-    this.el = h("figure", { class: "chart-box", id: "method-metrics", hidden: true }, this.box, h("figcaption", {}, this.legend, this.caption));
+    this.el = h(
+      "figure",
+      { class: "metrics-box", id: "method-metrics", hidden: true },
+      h("h3", { class: "metrics-title" }, "What the method measures"),
+      this.box,
+      h("figcaption", {}, this.legend, this.caption),
+    );
   }
 
   destroy() {
@@ -88,11 +94,7 @@ export class MetricsChart {
     });
     this.box.replaceChildren(this.plot.tools, this.plot.el);
     this.legend.replaceChildren(
-      ...this.keys.map((key, i) => {
-        const swatch = h("span", { class: "swatch", "aria-hidden": "true" });
-        swatch.style.background = colour(i); // through the CSSOM: the page's CSP allows no inline style attribute
-        return h("li", {}, swatch, metricWord(key));
-      }),
+      ...this.keys.map((key, i) => h("li", {}, h("span", { class: `swatch c-${(i % COLOURS) + 1}`, "aria-hidden": "true" }), metricWord(key))),
     );
     this.el.hidden = false;
   }
