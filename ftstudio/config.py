@@ -41,6 +41,10 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     compile: bool = False
     """torch.compile the model: faster steps after a one-off compile (a minute or so); pays off on long runs."""
+    start_from: str = bounded("", max_len=4096)
+    """Go on from a trained adapter: a completed task's id (or its adapter folder), e.g. an SFT run before DPO
+    or GRPO. Its adapter is this run's starting point and trains further (its rank and kind, not the `lora`
+    settings); for dpo and kto the reference is that adapter as the run starts. Empty: a new adapter."""
 
 
 @dataclass
@@ -357,6 +361,7 @@ CLI_FLAGS: dict[str, str] = {
     "preference.loss": "--loss",
     "rewards": "--reward",
     "adapter": "--adapter",
+    "model.start_from": "--start-from",
 }
 
 # The data shapes each method trains on (the single table: the config, the preflight and the page read it).

@@ -42,6 +42,7 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--beta", "preference.beta", float, "dpo, orpo, kto: how far from the starting model (default 0.1)"),
     ("--loss", "preference.loss", str, "dpo's variant: sigmoid (DPO, the default), ipo or simpo"),
     ("--adapter", "adapter", str, "lora (default), qlora (4-bit base, CUDA), dora or rslora"),
+    ("--start-from", "model.start_from", str, "go on from a completed task's adapter (its id), e.g. SFT then DPO"),
 ]
 assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)
 assert CLI_FLAGS["resources.share_gpu"] == "--share-gpu"  # switches, added beside SUBMIT_FLAGS

@@ -67,6 +67,9 @@ def config_problems(config: TrainingConfig, *, home: Path, policy: Policy, trust
     model = config.model.name.strip()
     if _is_path(model, home):
         named.append((model, label("model.name")))
+    start = config.model.start_from.strip()
+    if start and _is_path(start, home):
+        named.append((start, label("model.start_from")))
     for spec in config.rewards:
         if (custom := custom_reward(spec)) and custom[0]:
             named.append((custom[0], label("rewards")))
@@ -104,6 +107,7 @@ def anchor(config: TrainingConfig, home: Path) -> None:
         config.data.validation = absolute(config.data.validation)
     config.evaluation.prompts = absolute(config.evaluation.prompts)
     config.model.name = absolute(config.model.name)
+    config.model.start_from = absolute(config.model.start_from)
     config.rewards = [_anchored_reward(spec) for spec in config.rewards]
 
 

@@ -24,7 +24,7 @@ import psutil
 
 from ftstudio import __version__, checkpoints, taskfiles
 from ftstudio.chat.process import ChatReply, ChatRequest, ChatWorker, Machine
-from ftstudio.config import PRESETS, TrainingConfig, custom_reward, describe_fields
+from ftstudio.config import PRESETS, TrainingConfig, custom_reward, describe_fields, label
 from ftstudio.errors import Conflict, DamagedFile, NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
 from ftstudio.execution.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
@@ -141,6 +141,7 @@ class Service:
     def submit(self, config: dict[str, Any], name: str | None = None, *, trusted: bool = False) -> Task:
         """Check, record and launch a task. `trusted`: the person at the terminal asked (the CLI), not a
         request over HTTP, whose reach is limited by the studio's `policy`."""
+        config = self._started_from(config)
         cfg = TrainingConfig.from_dict(config)
         if cfg.model.trust_remote_code and not trusted and not self.policy.allow_remote_code:
             raise ValidationError(
@@ -560,6 +561,35 @@ class Service:
             "gpus": gpu_usage(),
             "executor": self.executor_state(),
         }
+
+    def _started_from(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`model.start_from` naming a task: that task's adapter folder, which must be there (the task completed),
+        and the base model it was trained on unless the request names one (then it must be the same: preflight)."""
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(model, dict):
+            return config
+        ref = model.get("start_from")
+        if not isinstance(ref, str) or not ref.strip() or "/" in ref:
+            return config  # empty, or a folder: the config's and preflight's checks name what is wrong
+        try:
+            task = self.store.get(ref.strip())
+        except NotFound:
+            return config  # not a task: preflight says so
+        field = label("model.start_from")
+        adapter = task.dir.adapter
+        if task.status != S.COMPLETED or not (adapter / "adapter_config.json").is_file():
+            raise ValidationError(
+                Problem(field, f"task {task.id} is {task.status}; a run can go on only from a completed task's adapter")
+            )
+        try:
+            trained = read_json(adapter / "training_config.json") or {}
+        except ValueError:
+            trained = {}  # a damaged record: preflight reads the adapter again and names what is wrong
+        base = (trained.get("model") or {}).get("name") if isinstance(trained, dict) else None
+        resolved = {**model, "start_from": str(adapter)}
+        if isinstance(base, str) and base and "name" not in model:
+            resolved["name"] = base
+        return {**config, "model": resolved}
 
     @staticmethod
     def config_fields() -> list[dict[str, Any]]:

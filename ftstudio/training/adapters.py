@@ -24,7 +24,8 @@ def save_adapter(model: Any, tokenizer: Any, config: dict[str, Any], summary: di
     final = Path(task_dir) / ADAPTER_DIR
     tmp = Path(task_dir) / f".{ADAPTER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    # Only the run's own adapter: TRL keeps a frozen copy named "ref" beside it when a run goes on from one.
+    model.save_pretrained(tmp, **({"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}))
     tokenizer.save_pretrained(tmp)
     write_json_atomic(tmp / "training_config.json", config)
     write_json_atomic(tmp / "summary.json", summary)

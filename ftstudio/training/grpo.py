@@ -97,6 +97,9 @@ def build(
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tokenizer,
-            peft_config=lora_config(config.lora, config.model.quantization == "none", config.adapter),
+            # A model with an adapter already (model.start_from) trains that one; else TRL attaches a new one.
+            peft_config=None
+            if hasattr(model, "peft_config")
+            else lora_config(config.lora, config.model.quantization == "none", config.adapter),
             **{**studio, "train_sampler": None},
         )

@@ -192,6 +192,22 @@ def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True, adapter: str = 
     return peft_model, adapter_report(peft_model)
 
 
+def continue_adapter(model: Any, folder: Path, fused: bool = True) -> tuple[Any, AdapterReport]:
+    """The trained adapter in `folder` on the base, as this run's adapter to train further (model.start_from):
+    its own rank, targets and kind, with the fused layer where `lora_config` would use it."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel
+
+    saved = PeftLoraConfig.from_pretrained(str(folder))
+    if fused:
+        from ftstudio.training.lora_linear import FusedLoraLinear
+
+        saved._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    with adapters_attached():
+        peft_model = PeftModel.from_pretrained(model, str(folder), config=saved, is_trainable=True)
+    return peft_model, adapter_report(peft_model)
+
+
 def adapter_report(peft_model: Any) -> AdapterReport:
     """What got an adapter, and how many parameters train."""
     from peft.tuners.lora import LoraLayer

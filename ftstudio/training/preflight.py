@@ -49,10 +49,42 @@ def check(config: TrainingConfig, home: Path, *, max_row_bytes: int | None = Non
             config.evaluation.prompts, "auto", home, label("evaluation.prompts"), max_row_bytes, prompts=True
         )
     problems += _resume(config.checkpoint.resume_from)
+    if config.model.start_from.strip():
+        problems += _start_from(config)
     if config.method == "grpo":
         problems += _rewards(config, home)
     if problems:
         raise ValidationError(problems)
+
+
+def _start_from(config: TrainingConfig) -> list[Problem]:
+    """The adapter to go on from: a peft adapter folder, trained on this run's base model, not on a 4-bit one."""
+    import json
+
+    field = label("model.start_from")
+    folder = Path(config.model.start_from.strip()).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        return [
+            Problem(
+                field,
+                f"{config.model.start_from.strip()[:200]!r} is neither a completed task of this studio nor an adapter "
+                "folder (no adapter_config.json); give a completed task's id",
+            )
+        ]
+    try:
+        trained = json.loads((folder / "training_config.json").read_text())
+        base = str(trained["model"]["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # an adapter from elsewhere: its base is the person's to match
+    if base != config.model.name.strip():
+        return [
+            Problem(
+                field,
+                f"the adapter in {folder} was trained on {base[:200]}, not {config.model.name.strip()[:200]}; "
+                f"set model.name (--model) to {base[:200]}",
+            )
+        ]
+    return []
 
 
 def _rewards(config: TrainingConfig, home: Path) -> list[Problem]:

@@ -42,6 +42,7 @@ from ftstudio.training.datafiles import FIELD
 from ftstudio.training.models import (
     adapter_report,
     attach_lora,
+    continue_adapter,
     load_model,
     load_tokenizer,
     padding_mask_matters,
@@ -178,8 +179,14 @@ def run(
 
     set_seed(config.optim.seed)
     model = load_model(model_ref, config.model)
-    if not on_trl:
-        model, report = attach_lora(model, config.lora, config.model.quantization == "none", config.adapter)
+    fused = config.model.quantization == "none"
+    if config.model.start_from.strip():
+        # Going on from a trained adapter: it is the one that trains (the TRL trainers take it as it is, and
+        # keep a frozen copy of it as DPO's and KTO's reference).
+        model, report = continue_adapter(model, Path(config.model.start_from.strip()), fused)
+        status("loading_model", f"going on from the adapter in {config.model.start_from.strip()}")
+    elif not on_trl:  # the TRL trainers attach a new adapter themselves (see preference.py)
+        model, report = attach_lora(model, config.lora, fused, config.adapter)
 
     dtype = pick_dtype(config.model.dtype)
     has_eval = bool(val_rows)
@@ -243,6 +250,7 @@ def run(
         else (),
         begin_fields={
             "method": config.method,
+            "started_from": config.model.start_from.strip() or None,
             "train_rows": len(train_rows),
             "train_examples": n_examples,
             **split_info,
@@ -314,6 +322,7 @@ def run(
     summary = {
         "task_dir": str(out_dir),
         "base_model": {"name": config.model.name, "path": str(model_ref)},
+        "started_from": config.model.start_from.strip() or None,
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
         "final_loss": losses[-1] if losses else None,

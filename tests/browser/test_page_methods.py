@@ -63,3 +63,28 @@ def test_a_dpo_fine_tune_from_the_form_charts_its_rewards(studio: LiveStudio, pa
     assert "accuracy (chosen reply wins)" in caption and "eval" in caption, caption
     assert int(chart.locator("div.chart").get_attribute("data-points") or 0) >= 12
     chart.screenshot(path=str(ARTIFACTS / "task-view-dpo-metrics.png"))
+
+
+def test_start_from_this_adapter_takes_a_completed_sft_run_into_dpo(studio: LiveStudio, page: Any) -> None:
+    config = {"preset": "cpu-demo", "optim": {"max_steps": 4, "batch_size": 4}, "data": {"max_length": 64}}
+    sft = studio.api("POST", "/api/tasks", {"name": "sft first", "config": config})
+    page.goto(studio.page_url(f"#/tasks/{sft['id']}"))
+    page.locator('.badge[data-status="completed"]').wait_for(timeout=180_000)
+    page.locator("#start-from-here").click()
+    page.wait_for_url(re.compile(r"#/new\?from="))
+    notice = page.locator("#start-from")
+    notice.wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#start-from').textContent.includes('sft first')")
+    assert "LoRA settings below are not used" in notice.inner_text()
+    assert page.locator("#method").input_value() == "dpo"
+    assert page.locator("#dataset-name").input_value() == "builtin:preferences"
+    page.locator("#advanced > summary").click()
+    page.locator("#cfg-optim-max_steps").fill("4")
+    page.locator("#cfg-data-max_length").fill("64")
+    page.get_by_role("button", name="Start fine-tune").click()
+    page.wait_for_url(re.compile(r"#/tasks/[\w-]+$"))
+    task_id = page.url.rsplit("/", 1)[1]
+    assert task_id != sft["id"]
+    stored = studio.task(task_id)["config"]
+    assert stored["model"]["start_from"].endswith(f"{sft['id']}/adapter") and stored["method"] == "dpo"
+    page.locator('.badge[data-status="completed"]').wait_for(timeout=180_000)

@@ -26,7 +26,7 @@ function route() {
     view = mountCompare(main, params);
   } else if (path === "/new") {
     nav = "new";
-    view = mountNew(main);
+    view = mountNew(main, params);
   } else {
     view = mountList(main, params);
     document.title = "Fine-tunes · ftstudio";

@@ -2,7 +2,7 @@
 // TrainingConfig field under "Advanced". Validation is the API's own: a 422
 // comes back with problems naming the config path, shown next to each field.
 
-import { api, ApiError } from "./api.js";
+import { api, ApiError, taskUrl } from "./api.js";
 import { h, fmtInt, fmtBytes, isNum } from "./dom.js";
 
 export const MAX_UPLOAD_BYTES = 512 * 1024 * 1024;
@@ -25,7 +25,7 @@ const GRPO_REWARDS = "numeric"; // config.GRPO_REWARDS: what a grpo run scores w
 
 const fieldId = (path) => `cfg-${path.replace(/[^a-zA-Z0-9_-]/g, "-")}`;
 
-export function mountNew(root) {
+export function mountNew(root, params = new URLSearchParams()) {
   let destroyed = false;
   let fields = [];
   let presets = {};
@@ -33,6 +33,10 @@ export function mountNew(root) {
   const datasets = new Map();
 
   const summary = h("div", { class: "error-summary", role: "alert", tabindex: "-1", hidden: true });
+
+  // Going on from a completed task's adapter (#/new?from=ID): the studio resolves the id (model.start_from).
+  let startFrom = (params.get("from") || "").trim();
+  const startNotice = h("div", { class: "notice", id: "start-from", role: "status", hidden: !startFrom });
 
   // name
   const nameInput = h("input", { id: "task-name", name: "name", autocomplete: "off", placeholder: "optional, e.g. support-bot-v2" });
@@ -102,6 +106,7 @@ export function mountNew(root) {
     "form",
     { id: "new-form", novalidate: true, onsubmit: (e) => (e.preventDefault(), start()) },
     summary,
+    startNotice,
     h("div", { class: "field" }, h("label", { for: "task-name" }, "Name"), nameInput, mainErrors.name),
     h(
       "div",
@@ -182,6 +187,7 @@ export function mountNew(root) {
       if (methods.length) methodSelect.replaceChildren(...methods.map((m) => h("option", { value: m }, METHOD_WORDS[m] || m)));
       buildAdvanced();
       applyPreset();
+      if (startFrom) await showStartFrom();
       methodChanged();
     } else {
       advanced.replaceChildren(h("p", { class: "error-text" }, `Could not load the settings: ${f.reason.message}`));
@@ -312,6 +318,43 @@ export function mountNew(root) {
     );
   }
 
+  /** The task this one goes on from: its name and model, said in the notice; the model follows it, and a run
+   * that goes on from an SFT adapter is most often DPO. */
+  async function showStartFrom() {
+    let t = null;
+    try {
+      t = await api(taskUrl(startFrom));
+    } catch (err) {
+      startNotice.replaceChildren(`Task ${startFrom} was not found (${err.message}); this fine-tune starts a new adapter.`);
+      startFrom = "";
+      return;
+    }
+    if (destroyed) return;
+    const model = t?.config?.model?.name || t?.model || "";
+    if (model) {
+      modelInput.value = model;
+      modelInput.dataset.touched = "1";
+    }
+    if ((t?.config?.method || "sft") === "sft" && methodSelect.querySelector('option[value="dpo"]')) methodSelect.value = "dpo";
+    startNotice.replaceChildren(
+      h("strong", {}, "Going on from the adapter of "),
+      h("a", { href: `#/tasks/${encodeURIComponent(startFrom)}` }, t?.name || startFrom),
+      ` (${t?.config?.method || "sft"} on ${model || "its model"}): that adapter trains further, with its own rank and kind, so the LoRA settings below are not used. `,
+      h(
+        "button",
+        {
+          type: "button",
+          class: "secondary small-button",
+          onclick: () => {
+            startFrom = "";
+            startNotice.hidden = true;
+          },
+        },
+        "Start a new adapter instead",
+      ),
+    );
+  }
+
   /** Show only the settings the chosen method reads (a field's `methods`; none listed: every method), and a
    * section only while one of its settings shows. The data set follows the method while nobody picked one. */
   function methodChanged() {
@@ -413,6 +456,7 @@ export function mountNew(root) {
     const config = {};
     if (presetSelect.value) config.preset = presetSelect.value;
     if (methodSelect.value && methodSelect.value !== "sft") config.method = methodSelect.value;
+    if (startFrom) config.model = { ...(config.model || {}), start_from: startFrom };
     const set = (path, v) => {
       const parts = path.split(".");
       let o = config;

@@ -387,6 +387,8 @@ export function mountTask(root, taskId) {
           downloadLink(taskUrl(taskId, "/adapter.tar.gz"), `${taskId}-adapter.tar.gz`, "Download adapter (.tar.gz)", { class: "button", id: "download-adapter" }),
           ` ${files.length} files, ${fmtBytes(total)}`,
         ),
+        // A completed run is where the next one may begin: SFT, then DPO or GRPO on the same adapter.
+        h("p", {}, h("a", { class: "button secondary", id: "start-from-here", href: `#/new?from=${encodeURIComponent(taskId)}` }, "Start from this adapter"), h("span", { class: "muted" }, " a new fine-tune (DPO, GRPO, more SFT) that goes on from this one")),
         h(
           "ul",
           { class: "files" },
