@@ -123,6 +123,10 @@ class PreferenceConfig:
     """kto: the weight of good completions' loss; raise it when good ones are fewer."""
     undesirable_weight: float = bounded(1.0, 0, 100, min_excluded=True)
     """kto: the weight of bad completions' loss; raise it when bad ones are fewer."""
+    precompute_reference: bool = False
+    """dpo (sigmoid, ipo) and kto: score the data with the reference model once, before the first step, instead of
+    at every step: each step then does one forward pass less. It pays off over several epochs; every start (a
+    resume too) makes the pass again."""
 
 
 @dataclass
@@ -383,6 +387,7 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "preference.simpo_gamma": ("dpo",),
     "preference.desirable_weight": ("kto",),
     "preference.undesirable_weight": ("kto",),
+    "preference.precompute_reference": ("dpo", "kto"),
     "grpo.generations": ("grpo",),
     "grpo.max_completion_length": ("grpo",),
     "grpo.temperature": ("grpo",),

@@ -282,3 +282,33 @@ def test_dpo_raises_reward_accuracy_on_the_builtin_preferences_above_its_untrain
     assert accuracy[0] == 0.0 and margins[0] == 0.0
     assert accuracy[-1] >= 0.75 and margins[-1] > 0.1, (accuracy, margins)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_a_precomputed_reference_trains_the_same_and_resumes_the_same(tmp_path: Path) -> None:
+    """The reference scored once before training gives the losses scoring it at every step gives, and a run
+    resumed from a checkpoint scores it again the same (the adapter switched off is the same base)."""
+    import shutil
+
+    config = merged(
+        PREFERENCE_FAST,
+        {"method": "dpo", "optim": {"max_steps": 10, "learning_rate": 5e-4}, "checkpoint": {"every_steps": 5}},
+    )
+    _, plain = train(tmp_path / "plain", config, shared_home())
+    pre = merged(config, {"preference": {"precompute_reference": True}})
+    code, scored = train(tmp_path / "scored", pre, shared_home())
+    assert code == 0, scored[-1]
+
+    def losses(events: list[dict[str, Any]]) -> list[float]:
+        return [round(e["loss"], 4) for e in events if e["kind"] == "progress"]
+
+    assert losses(scored) == losses(plain)
+    # Interrupted after checkpoint-5: the next attempt scores the data again and ends where the others did.
+    task = tmp_path / "scored"
+    shutil.rmtree(task / "adapter")
+    shutil.rmtree(task / "checkpoints" / "checkpoint-10")
+    code, again = train(task, merged(pre, {"checkpoint": {"resume_from": "auto"}}), shared_home())
+    assert code == 0, again[-1]
+    resumed = [e for e in again if e["kind"] == "train_begin"][-1]
+    assert resumed["resumed_from_step"] == 5
+    assert losses(again)[-5:] == losses(plain)[-5:]

@@ -24,6 +24,7 @@ over the batch as ftstudio's sampler formed it.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -193,6 +194,16 @@ def build(
     # TRL's configs turn gradient checkpointing on unless told: here it follows model.gradient_checkpointing,
     # which load_model has already applied.
     shared = {**arguments, "activation_checkpointing": False, "max_length": config.data.max_length}
+    if p.precompute_reference:
+        # TRL's pass over the data draws progress bars; training.log gets the one line below instead.
+        import datasets
+
+        os.environ["TQDM_DISABLE"] = "1"
+        datasets.disable_progress_bars()
+        print(
+            f"scoring {len(train_rows) + len(val_rows)} rows with the reference model once (precompute_reference)",
+            flush=True,
+        )
     legacy = method == "orpo" or (method == "dpo" and p.loss == "simpo")
     if legacy:
         train_rows, val_rows = [_sequences(r) for r in train_rows], [_sequences(r) for r in val_rows]
@@ -200,7 +211,11 @@ def build(
     if method == "kto":
         cls = StudioKTOTrainer
         args: Any = KTOConfig(
-            **shared, beta=p.beta, desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight
+            **shared,
+            beta=p.beta,
+            desirable_weight=p.desirable_weight,
+            undesirable_weight=p.undesirable_weight,
+            precompute_ref_log_probs=p.precompute_reference,
         )
     elif method == "orpo":
         cls, args = StudioORPOTrainer, ORPOConfig(**shared, beta=p.beta)
@@ -209,7 +224,8 @@ def build(
         cls = StudioCPOTrainer
         args = CPOConfig(**shared, beta=p.beta, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=p.simpo_gamma)
     else:
-        cls, args = StudioDPOTrainer, DPOConfig(**shared, beta=p.beta, loss_type=[p.loss])
+        cls = StudioDPOTrainer
+        args = DPOConfig(**shared, beta=p.beta, loss_type=[p.loss], precompute_ref_log_probs=p.precompute_reference)
     with adapters_attached():
         trainer = cls(
             model=model,
