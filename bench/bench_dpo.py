@@ -272,8 +272,11 @@ def run_llamafactory(model_dir: Path, data: Path, steps: int, env: dict[str, str
     return result
 
 
-def run_ftstudio(model_dir: Path, data: Path, steps: int, env: dict[str, str], work: Path) -> dict[str, Any]:
-    """One ftstudio DPO run (`python -m ftstudio.train CONFIG --output DIR`); its figures."""
+def run_ftstudio(
+    model_dir: Path, data: Path, steps: int, env: dict[str, str], work: Path, preference: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One ftstudio DPO run (`python -m ftstudio.train CONFIG --output DIR`); its figures. `preference`: more
+    `preference.*` settings (bench_dpo_reference.py's precompute_reference)."""
     config = {
         "method": "dpo",
         "model": {"name": "builtin:tiny", "dtype": "float32", "gradient_checkpointing": False},
@@ -288,7 +291,7 @@ def run_ftstudio(model_dir: Path, data: Path, steps: int, env: dict[str, str], w
             "scheduler": "constant",
             "seed": HP["seed"],
         },
-        "preference": {"beta": HP["beta"], "loss": HP["loss"]},
+        "preference": {"beta": HP["beta"], "loss": HP["loss"], **(preference or {})},
         "checkpoint": {"every_steps": 10**6},
         "logging": {"every_steps": 1, "eval_on_start": False},
     }
