@@ -207,11 +207,13 @@ class ResumeConfig:
 
 @dataclass
 class TrainingConfig:
-    adapter: Literal["lora", "qlora", "dora", "rslora"] = "lora"
+    adapter: Literal["lora", "qlora", "dora", "rslora", "pissa"] = "lora"
     """What trains beside the frozen base: `lora` (low-rank adapters, the `lora` settings); `qlora`: LoRA on the
     base loaded in 4-bit (a CUDA GPU and bitsandbytes; model.quantization 4bit unless set); `dora`: DoRA,
     weight-decomposed LoRA, often better at low ranks, slower per step; `rslora`: rank-stabilised LoRA, scaled by
-    alpha / sqrt(rank), for high ranks. Each saves a peft adapter that chat, compare and export take as they are."""
+    alpha / sqrt(rank), for high ranks; `pissa`: LoRA started from the weights' principal singular vectors (PiSSA),
+    which learns faster early on, saved converted to a plain LoRA adapter of twice the rank on the original
+    base. Each saves a peft adapter that chat, compare and export take as they are."""
     method: Literal["sft", "pretrain", "dpo", "orpo", "kto", "grpo"] = "sft"
     """`sft`: supervised fine-tuning on instructions or conversations, the loss on the answers only. `pretrain`:
     continued pre-training on raw text (a `text` column, or .txt files), no chat template, the loss on every
@@ -588,6 +590,29 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
         bad("model.name", "is empty; give a hub id (org/name), a local directory or builtin:tiny")
     if cfg.data.format != "auto" and (problem := format_problem(cfg.method, cfg.data.format)):
         bad("data.format", f"is {cfg.data.format}: {problem}")
+    if cfg.adapter == "pissa":
+        # PiSSA moves the principal part of each weight into the adapter: with the adapter switched off the model is
+        # the residual, not the model the run started from, which is what a reference and "base" answers need.
+        why = (
+            "adapter pissa moves part of each base weight into the adapter, so the model with the adapter off is not "
+            "the starting model"
+        )
+        if cfg.model.quantization != "none":
+            bad("adapter", "pissa needs the base in full precision (model.quantization none); use qlora for 4-bit")
+        elif (cfg.method == "dpo" and cfg.preference.loss != "simpo") or cfg.method == "kto":
+            bad(
+                "adapter",
+                f"{why}, which {cfg.method}'s reference must be; use lora, or method orpo or dpo with loss simpo",
+            )
+        elif cfg.method == "grpo" and cfg.grpo.beta > 0:
+            bad("adapter", f"{why}, which grpo's KL penalty (grpo.beta) measures against; set it to 0 or use lora")
+        elif cfg.evaluation.prompts.strip():
+            bad(
+                "adapter",
+                f"{why}, which the held-out prompts' base answers come from; use lora, or no held-out prompts",
+            )
+        elif cfg.model.start_from.strip():
+            bad("adapter", "a run that goes on from an adapter (model.start_from) keeps that adapter's own kind")
     if cfg.adapter == "qlora" and cfg.model.quantization == "none":
         bad(
             "model.quantization", "is none, but adapter qlora trains on a 4-bit base; set 4bit or 8bit, or adapter lora"

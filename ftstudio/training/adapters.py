@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,28 @@ from ftstudio.home import home_dir, write_json_atomic
 ADAPTER_DIR = "adapter"
 
 
-def save_adapter(model: Any, tokenizer: Any, config: dict[str, Any], summary: dict[str, Any], task_dir: Path) -> Path:
-    """Write the final adapter; returns its directory."""
+def save_adapter(
+    model: Any,
+    tokenizer: Any,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    task_dir: Path,
+    convert_from: Path | None = None,
+) -> Path:
+    """Write the final adapter; returns its directory. `convert_from`: a PiSSA run's starting adapter
+    (models.keep_pissa_start): the adapter is saved as a plain LoRA adapter of twice the rank on the original base."""
     final = Path(task_dir) / ADAPTER_DIR
     tmp = Path(task_dir) / f".{ADAPTER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # Only the run's own adapter: TRL keeps a frozen copy named "ref" beside it when a run goes on from one.
-    model.save_pretrained(tmp, **({"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}))
+    options: dict[str, Any] = {"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}
+    if convert_from is not None:
+        options["path_initial_model_for_weight_conversion"] = str(convert_from)
+    with warnings.catch_warnings():
+        # peft loads the starting adapter beside the trained one to convert, and warns that PiSSA should be
+        # converted: which is what this does.
+        warnings.filterwarnings("ignore", message="PiSSA changes the base weights", category=UserWarning)
+        model.save_pretrained(tmp, **options)
     tokenizer.save_pretrained(tmp)
     write_json_atomic(tmp / "training_config.json", config)
     write_json_atomic(tmp / "summary.json", summary)

@@ -155,6 +155,8 @@ def lora_config(cfg: LoraConfig, fused: bool = True, adapter: str = "lora") -> A
         bias="none",
         use_dora=adapter == "dora",
         use_rslora=adapter == "rslora",
+        # The exact SVD: the same residual base on every start, so a resumed run's checkpoint fits it.
+        init_lora_weights="pissa" if adapter == "pissa" else True,
     )
     if fused:
         from ftstudio.training.lora_linear import FusedLoraLinear
@@ -190,6 +192,24 @@ def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True, adapter: str = 
     with adapters_attached():
         peft_model = get_peft_model(model, lora_config(cfg, fused, adapter))
     return peft_model, adapter_report(peft_model)
+
+
+PISSA_START = "pissa-start"
+"""The PiSSA adapter as it was before the first step (in the task directory): what the final save converts from."""
+
+
+def keep_pissa_start(peft_model: Any, task_dir: Path) -> Path:
+    """Save the freshly initialised PiSSA adapter (rank 0, before training; a resumed start writes the same one):
+    the final adapter is saved as its difference from this, a plain LoRA adapter on the original base."""
+    folder = Path(task_dir) / PISSA_START
+    config = peft_model.peft_config["default"]
+    kind = config.init_lora_weights
+    config.init_lora_weights = True  # saved as a plain adapter, as peft's conversion reads it
+    try:
+        peft_model.save_pretrained(folder, selected_adapters=["default"])
+    finally:
+        config.init_lora_weights = kind
+    return folder
 
 
 def continue_adapter(model: Any, folder: Path, fused: bool = True) -> tuple[Any, AdapterReport]:

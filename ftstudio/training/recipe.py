@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from ftstudio.training.models import (
     adapter_report,
     attach_lora,
     continue_adapter,
+    keep_pissa_start,
     load_model,
     load_tokenizer,
     padding_mask_matters,
@@ -291,6 +293,9 @@ def run(
             **studio,
         )
     callback.begin_fields |= report.fields()
+    pissa_start = None
+    if config.adapter == "pissa" and int(os.environ.get("RANK", "0")) == 0:
+        pissa_start = keep_pissa_start(trainer.model, out_dir)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; StudioCallback writes readable lines
@@ -348,7 +353,9 @@ def run(
     }
     adapter = out_dir / "adapter"
     if trainer.is_world_process_zero():
-        adapter = save_adapter(trainer.model, tokenizer, config.to_dict(), summary, out_dir)
+        adapter = save_adapter(trainer.model, tokenizer, config.to_dict(), summary, out_dir, convert_from=pissa_start)
+        if pissa_start is not None:
+            shutil.rmtree(pissa_start, ignore_errors=True)  # converted into the adapter: no longer needed
         if held_out is not None and held_out.prompts:
             status(
                 "answering_prompts", f"answering {len(held_out.prompts)} held-out prompts, fine-tuned and base model"
