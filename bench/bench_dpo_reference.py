@@ -44,7 +44,7 @@ def main() -> int:
     threads = str(args.threads)
     env = bench_env(home, product=args.product, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     steps = math.ceil(PAIRS / HP["batch_size"] * args.epochs)
-    variants = {"every step": {}, "precomputed": {"precompute_reference": True}}
+    variants = {"every step": {"precompute_reference": "off"}, "precomputed": {"precompute_reference": "on"}}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))

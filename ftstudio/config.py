@@ -123,10 +123,10 @@ class PreferenceConfig:
     """kto: the weight of good completions' loss; raise it when good ones are fewer."""
     undesirable_weight: float = bounded(1.0, 0, 100, min_excluded=True)
     """kto: the weight of bad completions' loss; raise it when bad ones are fewer."""
-    precompute_reference: bool = False
+    precompute_reference: Literal["auto", "on", "off"] = "auto"
     """dpo (sigmoid, ipo) and kto: score the data with the reference model once, before the first step, instead of
-    at every step: each step then does one forward pass less. It pays off over several epochs; every start (a
-    resume too) makes the pass again."""
+    at every step, so each step does one forward pass less; every start (a resume too) makes that pass again.
+    `auto`: when the run trains on at least one epoch of the data, where it is faster."""
 
 
 @dataclass

@@ -167,6 +167,19 @@ def test_the_builtin_preferences_match_their_recipe_and_every_pair_differs() -> 
     assert (info.format, info.usable_rows, info.skipped_rows) == ("preference", 300, 0)
 
 
+def test_the_reference_is_precomputed_when_asked_or_when_a_run_covers_an_epoch() -> None:
+    from ftstudio.training.preference import precompute_reference
+
+    def decided(epochs: float, **preference: Any) -> bool:
+        method = preference.pop("method", "dpo")
+        return precompute_reference(TrainingConfig.from_dict({"method": method, "preference": preference}), epochs)
+
+    assert decided(1.0) and decided(3.0) and not decided(0.4)  # auto: from one epoch on
+    assert decided(0.1, precompute_reference="on") and not decided(5.0, precompute_reference="off")
+    assert decided(2.0, method="kto") and not decided(2.0, method="orpo")  # orpo has no reference
+    assert not decided(2.0, loss="simpo", precompute_reference="on")  # nor has SimPO
+
+
 def test_pair_rows_are_the_prompt_then_each_reply_through_its_end_of_turn() -> None:
     from transformers import AutoTokenizer
 
@@ -295,7 +308,7 @@ def test_a_precomputed_reference_trains_the_same_and_resumes_the_same(tmp_path: 
         {"method": "dpo", "optim": {"max_steps": 10, "learning_rate": 5e-4}, "checkpoint": {"every_steps": 5}},
     )
     _, plain = train(tmp_path / "plain", config, shared_home())
-    pre = merged(config, {"preference": {"precompute_reference": True}})
+    pre = merged(config, {"preference": {"precompute_reference": "on"}})
     code, scored = train(tmp_path / "scored", pre, shared_home())
     assert code == 0, scored[-1]
 

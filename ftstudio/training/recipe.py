@@ -273,8 +273,11 @@ def run(
     }
     trainer: StudioTrainer
     if on_trl:
-        build = grpo.build if config.method == "grpo" else preference.build
-        trainer = build(config, model, tokenizer, arguments, train_rows, val_rows, **studio)
+        if config.method == "grpo":
+            trainer = grpo.build(config, model, tokenizer, arguments, train_rows, val_rows, **studio)
+        else:
+            epochs = total_steps / per_epoch if per_epoch else 0.0
+            trainer = preference.build(config, model, tokenizer, arguments, train_rows, val_rows, epochs, **studio)
         model = trainer.model
         report = adapter_report(model)
     else:
