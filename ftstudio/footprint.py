@@ -1,4 +1,5 @@
-"""How much host memory a task's Slurm job asks for when the task names none (`--memory`).
+"""How much memory a task needs: what its Slurm job asks for when the task names none (`--memory`), and the
+least its weights take while it trains, which the studio holds against this machine before a task is accepted.
 
 A job that asks for no `--mem` gets the partition's default, which on most clusters is the whole node's
 memory: one fine-tune then holds a node that several could share, and admins' policies reject such
@@ -14,6 +15,7 @@ The figures are for host memory (RSS), per process, and are measured in `bench/b
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,3 +112,38 @@ def job_memory(config: Mapping[str, Any], memory_bytes: int | None) -> Footprint
         processes * each,
         f"estimated from {shown} of weights, {processes} process(es); set --memory to ask for another amount",
     )
+
+
+DISK_BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
+"""Bytes per parameter of the weight files by the dtype config.json declares (2 when it says nothing)."""
+
+
+def training_weights(config: Mapping[str, Any], on_gpu: bool) -> tuple[int, str] | None:
+    """The least memory the model's weights take in training, on one device (a GPU, or the host without one), and
+    how it was reached; None when the weights are not on this machine to size (a hub id not cached). Activations,
+    the adapter's optimizer and the runtime come on top, so a run that needs more than this can never fit."""
+    model = config.get("model") or {}
+    name = str(model.get("name") or "builtin:tiny")
+    weights = weights_on_disk(name)
+    if not weights:
+        return None
+    path = Path(name).expanduser() if Path(name).expanduser().is_dir() else _cached_snapshot(name)
+    on_disk = 2
+    try:
+        declared = json.loads((path / "config.json").read_text()) if path is not None else {}
+        on_disk = DISK_BYTES_PER_PARAM.get(str(declared.get("torch_dtype") or declared.get("dtype")), 2)
+    except (OSError, ValueError, AttributeError):
+        pass
+    params = weights / on_disk
+    quantization = str(model.get("quantization") or "none")
+    dtype = str(model.get("dtype") or "auto")
+    if quantization == "4bit":
+        each, how = 0.5, "4-bit"
+    elif quantization == "8bit":
+        each, how = 1.0, "8-bit"
+    elif dtype == "float32" or (dtype == "auto" and not on_gpu):
+        each, how = 4.0, "float32"
+    else:
+        each, how = 2.0, "16-bit"
+    need = int(params * each)
+    return need, f"{params / 1e9:.1f}B parameters in {how}"

@@ -68,3 +68,28 @@ def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(method: str, tmp
     state = torch.load(tmp_path / "task" / "checkpoints" / "checkpoint-1" / "optimizer.pt", weights_only=False)
     rates = {round(group["lr"], 10) for group in state["param_groups"] if group["params"]}
     assert rates == {1e-4, 16e-4}, state["param_groups"]
+
+
+def test_a_model_whose_weights_alone_outgrow_the_machine_is_refused_at_submit(home: Path) -> None:
+    """A 200B-parameter bf16 model (its weight file sparse: 400 GB that take no disk) on this machine."""
+    import os
+
+    big = home / "models-here" / "huge"
+    big.mkdir(parents=True)
+    (big / "config.json").write_text(json.dumps({"model_type": "qwen2", "torch_dtype": "bfloat16"}))
+    with open(big / "model.safetensors", "wb") as f:
+        os.truncate(f.fileno(), 400 * 10**9)
+    with api_client(in_memory(home, in_server=True)) as client:
+        before = client.get("/api/tasks").json()["total"]
+        for over, needle in [
+            ({}, "(200.0B parameters in float32), more than this machine's memory"),
+            ({"resources": {"memory": "1G"}}, "more than the task's --memory (1.0 GiB)"),
+        ]:
+            r = client.post("/api/tasks", json={"config": {"preset": "cpu-demo", "model": {"name": str(big)}, **over}})
+            assert r.status_code == 422, r.text
+            detail = r.json()["detail"]
+            assert "huge needs at least 745.1 GiB for its weights alone in training" in detail, detail
+            assert needle in detail and "use adapter qlora (4-bit) on a GPU" in detail, detail
+        assert client.get("/api/tasks").json()["total"] == before
+        # builtin:tiny fits anywhere.
+        assert client.post("/api/tasks", json={"config": {"preset": "cpu-demo"}}).status_code == 201

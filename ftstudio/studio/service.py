@@ -28,7 +28,7 @@ from ftstudio.config import PRESETS, TrainingConfig, custom_reward, describe_fie
 from ftstudio.errors import Conflict, DamagedFile, NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
 from ftstudio.execution.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
-from ftstudio.resources import gpu_usage, machine_gpus, want_of
+from ftstudio.resources import gpu_usage, machine_gpus, parse_memory, want_of
 from ftstudio.storage import storage_error, writing
 from ftstudio.studio import lifecycle, paths, scheduler
 from ftstudio.studio.catalog import Catalog
@@ -241,6 +241,38 @@ class Service:
             raise ValidationError(
                 Problem("resources.gpus (--gpus)", f"asks for {want.gpus} GPU(s) but this machine has {have}; {fix}")
             )
+        self._check_fit(cfg, on_gpu=want.gpus > 0)
+
+    def _check_fit(self, cfg: TrainingConfig, *, on_gpu: bool) -> None:
+        """A model whose weights alone outgrow every device this machine could give the task is refused now (the
+        trainer would die of it minutes later, after the download and the load)."""
+        from ftstudio.footprint import GiB, training_weights
+
+        found = training_weights(cfg.to_dict(), on_gpu)
+        if found is None:
+            return
+        need, basis = found
+        if on_gpu:
+            sizes = [g["memory_total"] for g in gpu_usage() if g.get("memory_total")]
+            if not sizes:
+                return  # nvidia-smi says no size: nothing to hold the weights against
+            room, where = max(sizes), "its largest GPU"
+        else:
+            room, where = psutil.virtual_memory().total, "this machine's memory"
+            limit = parse_memory(cfg.resources.memory)
+            if limit and limit < room:
+                room, where = limit, "the task's --memory"
+        if need <= room:
+            return
+        fix = "use adapter qlora (4-bit) on a GPU, " if cfg.model.quantization == "none" else ""
+        raise ValidationError(
+            Problem(
+                label("model.name"),
+                f"{cfg.model.name[:200]} needs at least {need / GiB:,.1f} GiB for its weights alone in training "
+                f"({basis}), more than {where} ({room / GiB:,.1f} GiB); {fix}pick a smaller model, or train on a "
+                "machine with more memory",
+            )
+        )
 
     def _check_room(self) -> None:
         pending = len(self.store.with_status(S.QUEUED, S.PREPARING, S.TRAINING))
