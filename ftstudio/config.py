@@ -207,13 +207,17 @@ class ResumeConfig:
 
 @dataclass
 class TrainingConfig:
-    adapter: Literal["lora", "qlora", "dora", "rslora", "pissa"] = "lora"
+    adapter: Literal["lora", "qlora", "dora", "rslora", "pissa", "full", "freeze"] = "lora"
     """What trains beside the frozen base: `lora` (low-rank adapters, the `lora` settings); `qlora`: LoRA on the
     base loaded in 4-bit (a CUDA GPU and bitsandbytes; model.quantization 4bit unless set); `dora`: DoRA,
     weight-decomposed LoRA, often better at low ranks, slower per step; `rslora`: rank-stabilised LoRA, scaled by
     alpha / sqrt(rank), for high ranks; `pissa`: LoRA started from the weights' principal singular vectors (PiSSA),
     which learns faster early on, saved converted to a plain LoRA adapter of twice the rank on the original
-    base. Each saves a peft adapter that chat, compare and export take as they are."""
+    base. Each saves a peft adapter that chat, compare and export take as they are. `full`: every weight trains
+    (memory for the weights, their gradients and AdamW's two moments: about 16 bytes per parameter); `freeze`:
+    only the last `freeze_layers` transformer layers train, in full. Both save the whole model."""
+    freeze_layers: int = bounded(2, 1, 10_000)
+    """adapter freeze: how many of the last transformer layers train (the rest, and the embeddings, stay)."""
     method: Literal["sft", "pretrain", "dpo", "orpo", "kto", "grpo"] = "sft"
     """`sft`: supervised fine-tuning on instructions or conversations, the loss on the answers only. `pretrain`:
     continued pre-training on raw text (a `text` column, or .txt files), no chat template, the loss on every
@@ -380,6 +384,8 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "grpo": ("prompts", "alpaca", "sharegpt", "messages"),
 }
 PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+WHOLE_MODEL = ("full", "freeze")
+"""The adapter choices that train the model's own weights and save the whole model, not a peft adapter."""
 TRL_METHODS = (*PREFERENCE_METHODS, "grpo")
 # Settings only some methods read (every other setting applies to all): the page shows them for those alone.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -613,6 +619,11 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
             )
         elif cfg.model.start_from.strip():
             bad("adapter", "a run that goes on from an adapter (model.start_from) keeps that adapter's own kind")
+    if cfg.adapter in WHOLE_MODEL:
+        if cfg.model.quantization != "none":
+            bad("model.quantization", f"a 4- or 8-bit base cannot train in full (adapter {cfg.adapter}); use qlora")
+        elif cfg.model.start_from.strip():
+            bad("model.start_from", f"adapter {cfg.adapter} trains the model itself, not an adapter to go on from")
     if cfg.adapter == "qlora" and cfg.model.quantization == "none":
         bad(
             "model.quantization", "is none, but adapter qlora trains on a 4-bit base; set 4bit or 8bit, or adapter lora"

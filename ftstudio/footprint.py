@@ -119,7 +119,8 @@ DISK_BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def training_weights(config: Mapping[str, Any], on_gpu: bool) -> tuple[int, str] | None:
-    """The least memory the model's weights take in training, on one device (a GPU, or the host without one), and
+    """The least memory the model's weights take in training (adapter full: with their gradients and optimizer
+    state), on one device (a GPU, or the host without one), and
     how it was reached; None when the weights are not on this machine to size (a hub id not cached). Activations,
     the adapter's optimizer and the runtime come on top, so a run that needs more than this can never fit."""
     model = config.get("model") or {}
@@ -146,4 +147,7 @@ def training_weights(config: Mapping[str, Any], on_gpu: bool) -> tuple[int, str]
     else:
         each, how = 2.0, "16-bit"
     need = int(params * each)
+    if config.get("adapter") == "full":
+        # Every weight trains: its gradient and AdamW's two moments beside it, in the same dtype.
+        return need * 4, f"{params / 1e9:.1f}B parameters in {how}, with their gradients and AdamW's two moments"
     return need, f"{params / 1e9:.1f}B parameters in {how}"

@@ -30,9 +30,16 @@ DOWNLOADABLE = {
     "training_config.json": "adapter",
     "summary.json": "adapter",
     "adapter_config.json": "adapter",
+    "config.json": "adapter",
     "spec.json": ".",
     "training.log": ".",
 }
+
+
+def has_result(folder: Path) -> bool:
+    """Whether a task's adapter/ (or a checkpoint) holds a result: a peft adapter, or the whole model of a run that
+    trained its own weights (adapter full or freeze)."""
+    return (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
 
 
 def open_inside(top: Path, rel: Path) -> tuple[IO[bytes], int] | None:

@@ -36,7 +36,7 @@ def test_round_trip_keeps_the_nested_shape() -> None:
         "resources",
         "resume",
     }
-    assert set(data) == {*sections, "preset", "method", "rewards", "adapter"}
+    assert set(data) == {*sections, "preset", "method", "rewards", "adapter", "freeze_layers"}
     assert TrainingConfig.from_dict(data) == TrainingConfig()
 
 

@@ -40,6 +40,7 @@ import psutil
 from ftstudio.checkpoints import find_resume_checkpoint, is_complete
 from ftstudio.errors import Conflict, NotFound, Problem, ValidationError
 from ftstudio.home import TaskDir, write_json_atomic
+from ftstudio.taskfiles import has_result
 
 log = logging.getLogger("ftstudio.chat")
 
@@ -265,7 +266,7 @@ def weights_of(task_id: str, status: str, tdir: TaskDir, checkpoint: str = "") -
         if not (path.is_dir() and not path.is_symlink() and is_complete(path)):
             raise NotFound(f"task {task_id} has no complete {checkpoint}; pick one of its saved checkpoints")
         return path
-    if status == "completed" and (tdir.adapter / "adapter_config.json").is_file():
+    if status == "completed" and has_result(tdir.adapter):
         return tdir.adapter
     newest = find_resume_checkpoint(tdir.checkpoints)
     if newest is None:

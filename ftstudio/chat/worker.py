@@ -43,6 +43,10 @@ class Loaded:
     key: tuple[str, str, float]
     model: Any
     tokenizer: Any
+    whole: bool = False
+    """The weights are a whole model (adapter full or freeze): the base to compare with is a model of its own."""
+    base_model: Any = None
+    """That base, loaded the first time a comparison asks for it."""
 
 
 class Worker:
@@ -52,7 +56,8 @@ class Worker:
 
     def load(self, rid: int, base: str, weights: str, trust: bool) -> Loaded:
         path = Path(weights)
-        stamp = (path / "adapter_model.safetensors").stat().st_mtime
+        whole = not (path / "adapter_config.json").exists()
+        stamp = (path / ("config.json" if whole else "adapter_model.safetensors")).stat().st_mtime
         key = (base, weights, stamp)
         if self.loaded is not None and self.loaded.key == key:
             return self.loaded
@@ -65,14 +70,31 @@ class Worker:
 
         cuda = torch.cuda.is_available()
         dtype = "auto" if cuda else torch.float32
-        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust)
-        model = PeftModel.from_pretrained(base_model, str(path))
+        model: Any
+        if whole:  # trained in full: the folder is the model
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust)
+        else:
+            base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust)
+            model = PeftModel.from_pretrained(base_model, str(path))
         if cuda:
             model = model.to("cuda")
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
-        self.loaded = Loaded(key, model, tokenizer)
+        self.loaded = Loaded(key, model, tokenizer, whole=whole)
         return self.loaded
+
+    def base_of(self, loaded: Loaded, base: str, trust: bool) -> Any:
+        """The base model beside a whole fine-tuned one, for a comparison: a second model, loaded once."""
+        if loaded.base_model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            cuda = torch.cuda.is_available()
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                base, dtype="auto" if cuda else torch.float32, trust_remote_code=trust
+            )
+            loaded.base_model = (model.to("cuda") if cuda else model).eval()
+        return loaded.base_model
 
     def generate(self, req: dict[str, Any]) -> None:
         rid = int(req["id"])
@@ -94,6 +116,8 @@ class Worker:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         tokenizer, model = loaded.tokenizer, loaded.model
+        if who == "base" and loaded.whole:
+            model = self.base_of(loaded, req["base"], bool(req.get("trust_remote_code")))
         messages = list(req["messages"])
         if req.get("system"):
             messages.insert(0, {"role": "system", "content": req["system"]})
@@ -115,7 +139,7 @@ class Worker:
         seed = req.get("seed")
         if isinstance(seed, int):
             torch.manual_seed(seed)
-        adapter_off = model.disable_adapter() if who == "base" else contextlib.nullcontext()
+        adapter_off = model.disable_adapter() if who == "base" and not loaded.whole else contextlib.nullcontext()
         failure: list[BaseException] = []
 
         def run() -> None:

@@ -41,7 +41,7 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ),
     ("--beta", "preference.beta", float, "dpo, orpo, kto: how far from the starting model (default 0.1)"),
     ("--loss", "preference.loss", str, "dpo's variant: sigmoid (DPO, the default), ipo or simpo"),
-    ("--adapter", "adapter", str, "lora (default), qlora (4-bit base, CUDA), dora, rslora or pissa"),
+    ("--adapter", "adapter", str, "lora (default), qlora (4-bit base, CUDA), dora, rslora, pissa, full or freeze"),
     ("--start-from", "model.start_from", str, "go on from a completed task's adapter (its id), e.g. SFT then DPO"),
 ]
 assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)

@@ -264,11 +264,18 @@ class Service:
                 room, where = limit, "the task's --memory"
         if need <= room:
             return
-        fix = "use adapter qlora (4-bit) on a GPU, " if cfg.model.quantization == "none" else ""
+        fix = (
+            "use adapter lora or qlora (4-bit, on a GPU), "
+            if cfg.adapter == "full"
+            else "use adapter qlora (4-bit) on a GPU, "
+            if cfg.model.quantization == "none"
+            else ""
+        )
         raise ValidationError(
             Problem(
                 label("model.name"),
-                f"{cfg.model.name[:200]} needs at least {need / GiB:,.1f} GiB for its weights alone in training "
+                f"{cfg.model.name[:200]} needs at least {need / GiB:,.1f} GiB "
+                f"{'to train in full' if cfg.adapter == 'full' else 'for its weights alone in training'} "
                 f"({basis}), more than {where} ({room / GiB:,.1f} GiB); {fix}pick a smaller model, or train on a "
                 "machine with more memory",
             )
@@ -610,9 +617,12 @@ class Service:
         field = label("model.start_from")
         adapter = task.dir.adapter
         if task.status != S.COMPLETED or not (adapter / "adapter_config.json").is_file():
-            raise ValidationError(
-                Problem(field, f"task {task.id} is {task.status}; a run can go on only from a completed task's adapter")
+            why = (
+                f"task {task.id} trained the whole model, not an adapter; give its model folder as model.name instead"
+                if task.status == S.COMPLETED and taskfiles.has_result(adapter)
+                else f"task {task.id} is {task.status}; a run can go on only from a completed task's adapter"
             )
+            raise ValidationError(Problem(field, why))
         try:
             trained = read_json(adapter / "training_config.json") or {}
         except ValueError:
@@ -677,7 +687,7 @@ class Service:
             if not p.is_symlink() and checkpoints.is_complete(p)
         ]
         return {
-            "adapter": task.status == S.COMPLETED and (tdir.adapter / "adapter_config.json").is_file(),
+            "adapter": task.status == S.COMPLETED and taskfiles.has_result(tdir.adapter),
             "checkpoints": [{"name": p.name, "step": checkpoints.step_of(p)} for p in reversed(found)],
         }
 
@@ -690,7 +700,7 @@ class Service:
         """The adapter as a .tar.gz, streamed; NotFound before the first byte when there is none yet."""
         tdir = require_task_dir(self, task_id)
         files = taskfiles.adapter_files(tdir)
-        if not any(p.name == "adapter_config.json" for p, _ in files):
+        if not any(p.name in ("adapter_config.json", "config.json") for p, _ in files):
             raise NotFound(f"task {task_id} has no adapter yet; it is written when training completes")
         return taskfiles.adapter_tarball(files, f"{task_id}-adapter")
 
@@ -709,7 +719,7 @@ class Service:
 
         task = self.get(task_id)
         tdir = require_task_dir(self, task_id)
-        if task.status != S.COMPLETED or not (tdir.adapter / "adapter_config.json").is_file():
+        if task.status != S.COMPLETED or not taskfiles.has_result(tdir.adapter):
             raise NotFound(f"task {task_id} has no adapter yet; it is written when training completes")
         return handover(task.id, task.name, tdir.adapter, self.home.root)
 

@@ -1,6 +1,8 @@
 """The trained adapter: saving it, merging it into the base model, generating with it.
 
-`adapter/` holds `adapter_model.safetensors` and `adapter_config.json` (peft),
+`adapter/` holds `adapter_model.safetensors` and `adapter_config.json` (peft), or, for a run
+that trained the model's own weights (adapter full or freeze), the whole model (`config.json`
+and its weights, as transformers saves it; see `is_whole`),
 the tokenizer with the chat template used in training, `training_config.json`
 (the full TrainingConfig) and `summary.json`. It is written into a temporary
 directory and renamed into place, so `adapter/` is either complete or absent.
@@ -51,11 +53,16 @@ def save_adapter(
     return final
 
 
+def is_whole(folder: Path) -> bool:
+    """Whether a result folder holds a whole model (adapter full or freeze), not a peft adapter."""
+    return not (Path(folder) / "adapter_config.json").exists() and (Path(folder) / "config.json").exists()
+
+
 def adapter_dir(task_dir_or_adapter: Path) -> Path:
-    """Accept a task directory or the adapter directory itself."""
+    """Accept a task directory or the adapter directory itself (a whole model's folder too)."""
     path = Path(task_dir_or_adapter)
     for candidate in (path, path / ADAPTER_DIR):
-        if (candidate / "adapter_config.json").exists():
+        if (candidate / "adapter_config.json").exists() or is_whole(candidate):
             return candidate
     raise NotFound(f"no trained adapter in {path}: the task has not finished training (adapter/ is missing)")
 
@@ -83,8 +90,11 @@ def _load(task_dir_or_adapter: Path, home: Path | None) -> tuple[Any, Any]:
     adapter = adapter_dir(task_dir_or_adapter)
     config = json.loads((adapter / "training_config.json").read_text())
     trust = bool(config.get("model", {}).get("trust_remote_code", False))
-    base_ref = base_model_ref(adapter, home)
     dtype = torch.float32 if not torch.cuda.is_available() else "auto"
+    if is_whole(adapter):  # the model itself, trained in full: nothing to put on a base
+        whole: Any = AutoModelForCausalLM.from_pretrained(str(adapter), dtype=dtype, trust_remote_code=trust)
+        return whole, AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=trust)
+    base_ref = base_model_ref(adapter, home)
     base = AutoModelForCausalLM.from_pretrained(str(base_ref), dtype=dtype, trust_remote_code=trust)
     model = PeftModel.from_pretrained(base, str(adapter))
     tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=trust)
@@ -94,7 +104,7 @@ def _load(task_dir_or_adapter: Path, home: Path | None) -> tuple[Any, Any]:
 def merge(task_dir_or_adapter: Path, out_dir: Path, home: Path | None = None) -> Path:
     """Fold the adapter into the base weights and save a full model transformers loads without peft."""
     model, tokenizer = _load(Path(task_dir_or_adapter), home)
-    merged = model.merge_and_unload()
+    merged = model if is_whole(adapter_dir(Path(task_dir_or_adapter))) else model.merge_and_unload()
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,9 @@ chat template (as text rows are trained), with nothing expected.
 The trainer answers them on rank 0 when training ends, and after each scheduled
 checkpoint with `evaluation.at_checkpoints`: greedy decoding, the adapter first, then
 the base model from the same weights with the adapter switched off (peft's
-`disable_adapter`), so comparing costs no second model. Each stage is one file,
+`disable_adapter`), so comparing costs no second model. A model that trains its own
+weights (adapter full or freeze) has no adapter to switch off: it answers as the base
+before its first step, on every start (`answer_as_base`). Each stage is one file,
 written atomically, then a `samples` event:
 
     evals/final.json, evals/checkpoint-N.json
@@ -117,6 +119,8 @@ class HeldOut:
         self.fence = fence
         self.prompts: list[Prompt] = []
         self.ids: list[list[int]] = []
+        self.base_answers: list[str] | None = None
+        """The base model's answers, when they cannot come from switching an adapter off (see `answer_as_base`)."""
         for p in prompts:
             if p.messages:
                 try:
@@ -141,7 +145,10 @@ class HeldOut:
             return False
         started = time.monotonic()
         adapter = self._generate(model, base=False)
-        base = self._generate(model, base=True) if adapter is not None else None
+        if adapter is not None and self.base_answers is not None:
+            base: list[str] | None = self.base_answers
+        else:
+            base = self._generate(model, base=True) if adapter is not None else None
         if adapter is None or base is None:
             print(f"held-out prompts of {stage} left unanswered: a pause or shutdown was asked for", flush=True)
             return False
@@ -155,6 +162,14 @@ class HeldOut:
         write_stage(self.out_dir, stage, step, self.max_new_tokens, samples, seconds, self.events)
         print(f"answered {len(samples)} held-out prompts at {stage} in {seconds:.1f}s", flush=True)
         return True
+
+    def answer_as_base(self, model: Any) -> bool:
+        """A model that trains its own weights (adapter full or freeze) has no adapter to switch off: its answers
+        before the first step are the base's, kept for every stage. False when a pause cut them short."""
+        if not self.prompts:
+            return True
+        self.base_answers = self._generate(model, base=False)
+        return self.base_answers is not None
 
     def _generate(self, model: Any, *, base: bool) -> list[str] | None:
         """Greedy answers to every prompt, in batches; None when `stop` turned true on the way."""

@@ -3,8 +3,9 @@ commands that load the result in the tools people serve with (the task view's "U
 
 `--format adapter` copies the LoRA adapter as peft saved it (weights, `adapter_config.json`, the
 tokenizer with its chat template) with the training config and summary; `--format merged` folds the
-adapter into the base weights (safetensors a plain transformers loads). Both get a `README.md` model
-card written from the task: the base model, the data, the configuration and the final figures.
+adapter into the base weights (safetensors a plain transformers loads). A run that trained the model's
+own weights (adapter full or freeze) is a whole model already: it exports as `merged` only. Both get
+a `README.md` model card written from the task: the base model, the data, the configuration and the final figures.
 
 The folder is written beside its destination under a temporary name and renamed into place, so it is
 either complete or absent; a destination that exists is refused, never overwritten.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ftstudio.errors import UserError
-from ftstudio.training.adapters import adapter_dir, base_model_ref, merge
+from ftstudio.training.adapters import adapter_dir, base_model_ref, is_whole, merge
 
 FORMATS = ("adapter", "merged")
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -64,6 +65,8 @@ def handover(task_id: str, task_name: str, adapter: Path, home: Path) -> dict[st
     """Ready-to-copy ways to load the task's result: peft in Python, vLLM, an Ollama Modelfile, and the
     export commands. Paths are this machine's."""
     adapter = adapter_dir(adapter)
+    if is_whole(adapter):
+        return _whole_handover(task_id, task_name, adapter, home)
     base = base_name(adapter, home)
     name = lora_name(task_name, task_id)
     config = _read(adapter, "training_config.json")
@@ -114,6 +117,36 @@ def handover(task_id: str, task_name: str, adapter: Path, home: Path) -> dict[st
     }
 
 
+def _whole_handover(task_id: str, task_name: str, folder: Path, home: Path) -> dict[str, str]:
+    """The same ways in for a model trained in full (adapter full or freeze): the folder is the model."""
+    name = lora_name(task_name, task_id)
+    python = "\n".join(
+        [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})",
+            f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})",
+            'messages = [{"role": "user", "content": "Hello!"}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt',",
+            "                                       return_dict=True)",
+            "reply = model.generate(**inputs, max_new_tokens=128)",
+            "print(tokenizer.decode(reply[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+        ]
+    )
+    return {
+        "name": name,
+        "base": str(folder),
+        "adapter": str(folder),
+        "peft": python,
+        "vllm": shlex.join(["vllm", "serve", str(folder), "--served-model-name", name]),
+        "ollama_modelfile": f"FROM {folder}",
+        "ollama": f"ollama create {shlex.quote(name)} -f Modelfile && ollama run {shlex.quote(name)}",
+        "export_adapter": f"# trained in full: there is no adapter; export the model with\n"
+        f"{shlex.join(['ftstudio', 'export', task_id, '--format', 'merged'])}",
+        "export_merged": shlex.join(["ftstudio", "export", task_id, "--format", "merged"]),
+    }
+
+
 def _figure(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -135,9 +168,12 @@ def model_card(fmt: str, task_id: str, task_name: str, adapter: Path, base: str,
     summary = _read(adapter, "summary.json")
     data = config.get("data", {}) if isinstance(config.get("data"), dict) else {}
     lora = config.get("lora", {}) if isinstance(config.get("lora"), dict) else {}
+    kind = str(config.get("adapter") or "lora")
     what = (
         f"A LoRA adapter (rank {lora.get('rank', '?')}, alpha {lora.get('alpha', '?')}) for `{base}`"
         if fmt == "adapter"
+        else f"`{base}` fine-tuned in full ({kind})"
+        if kind in ("full", "freeze")
         else f"`{base}` with a LoRA adapter (rank {lora.get('rank', '?')}) merged into its weights"
     )
     front = [
@@ -197,6 +233,11 @@ def export(
     if fmt not in FORMATS:
         raise ExportError(f"--format must be adapter or merged, not {fmt[:40]!r}")
     adapter = adapter_dir(task_dir)
+    if fmt == "adapter" and is_whole(adapter):
+        raise ExportError(
+            f"task {task_id} trained the whole model (adapter full or freeze), so it has no adapter; "
+            "export it with --format merged"
+        )
     out = out.expanduser().absolute()
     if out.exists() or out.is_symlink():
         raise ExportError(f"{out} already exists; name a new folder with --out, or move that one away")

@@ -24,7 +24,7 @@ from datasets import Dataset
 from trl.trainer.grpo_config import GRPOConfig
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-from ftstudio.config import TrainingConfig
+from ftstudio.config import WHOLE_MODEL, TrainingConfig
 from ftstudio.training.batches import render
 from ftstudio.training.data import Example
 from ftstudio.training.models import adapters_attached, lora_config
@@ -98,8 +98,9 @@ def build(
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tokenizer,
             # A model with an adapter already (model.start_from) trains that one; else TRL attaches a new one.
+            # (and a model that trains in full, adapter full or freeze, gets none).
             peft_config=None
-            if hasattr(model, "peft_config")
+            if hasattr(model, "peft_config") or config.adapter in WHOLE_MODEL
             else lora_config(config.lora, config.model.quantization == "none", config.adapter),
             **{**studio, "train_sampler": None},
         )

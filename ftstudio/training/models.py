@@ -228,6 +228,50 @@ def continue_adapter(model: Any, folder: Path, fused: bool = True) -> tuple[Any,
     return peft_model, adapter_report(peft_model)
 
 
+def train_whole(model: Any, adapter: str, freeze_layers: int) -> AdapterReport:
+    """adapter full: every weight trains; freeze: only the last `freeze_layers` transformer layers do (found as
+    the model's list of `num_hidden_layers` blocks). What trains, said as for an adapter."""
+    if adapter == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trained = ["all"]
+        layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    else:
+        blocks = _decoder_layers(model)
+        if blocks is None:
+            raise ValidationError(
+                Problem(
+                    "adapter", "adapter freeze needs a model whose transformer layers it can find; use full or lora"
+                )
+            )
+        if freeze_layers > len(blocks):
+            raise ValidationError(
+                Problem(
+                    "freeze_layers", f"is {freeze_layers}, but the model has {len(blocks)} layers; give at most that"
+                )
+            )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in blocks[-freeze_layers:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        first = len(blocks) - freeze_layers
+        trained = [f"layers {first}-{len(blocks) - 1}" if freeze_layers > 1 else f"layer {first}"]
+        layers = freeze_layers
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return AdapterReport(target_modules=trained, adapted_layers=layers, trainable_params=trainable, total_params=total)
+
+
+def _decoder_layers(model: Any) -> Any:
+    """The model's transformer blocks: the ModuleList with one entry per hidden layer."""
+    count = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    for _name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and count and len(module) == count:
+            return module
+    return None
+
+
 def adapter_report(peft_model: Any) -> AdapterReport:
     """What got an adapter, and how many parameters train."""
     from peft.tuners.lora import LoraLayer

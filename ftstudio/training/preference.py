@@ -37,7 +37,7 @@ from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.kto_config import KTOConfig
 from trl.trainer.kto_trainer import KTOTrainer
 
-from ftstudio.config import TrainingConfig
+from ftstudio.config import WHOLE_MODEL, TrainingConfig
 from ftstudio.training.batches import IGNORE, render
 from ftstudio.training.data import Example
 from ftstudio.training.models import adapters_attached, lora_config
@@ -181,7 +181,13 @@ def precompute_reference(config: TrainingConfig, epochs: float) -> bool:
     3 epochs, and faster already at 1.33). Only the methods with a reference pass have one to save."""
     setting = config.preference.precompute_reference
     uses_reference = config.method == "kto" or (config.method == "dpo" and config.preference.loss != "simpo")
-    if not uses_reference or setting == "off":
+    if not uses_reference:
+        return False
+    if config.adapter in WHOLE_MODEL:
+        # No adapter to switch off: the reference is scored once, before the first step (and again, the same, on
+        # every start: the weights are the starting model's until the checkpoint loads), not a second model kept.
+        return True
+    if setting == "off":
         return False
     return setting == "on" or epochs >= 1.0
 
@@ -249,8 +255,9 @@ def build(
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tokenizer,
             # A model with an adapter already (model.start_from) trains that one; else TRL attaches a new one.
+            # (and a model that trains in full, adapter full or freeze, gets none).
             peft_config=None
-            if hasattr(model, "peft_config")
+            if hasattr(model, "peft_config") or config.adapter in WHOLE_MODEL
             else lora_config(config.lora, config.model.quantization == "none", config.adapter),
             **studio,
         )

@@ -30,7 +30,7 @@ import torch
 from transformers import TrainingArguments
 
 from ftstudio import checkpoints
-from ftstudio.config import TRL_METHODS, TrainingConfig
+from ftstudio.config import TRL_METHODS, WHOLE_MODEL, TrainingConfig
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.pause import PauseRequest, Suspended
@@ -49,6 +49,7 @@ from ftstudio.training.models import (
     load_tokenizer,
     padding_mask_matters,
     pick_dtype,
+    train_whole,
 )
 from ftstudio.training.progress import (
     LossGuard,
@@ -187,6 +188,8 @@ def run(
         # keep a frozen copy of it as DPO's and KTO's reference).
         model, report = continue_adapter(model, Path(config.model.start_from.strip()), fused)
         status("loading_model", f"going on from the adapter in {config.model.start_from.strip()}")
+    elif config.adapter in WHOLE_MODEL:
+        report = train_whole(model, config.adapter, config.freeze_layers)
     elif not on_trl:  # the TRL trainers attach a new adapter themselves (see preference.py)
         model, report = attach_lora(model, config.lora, fused, config.adapter)
 
@@ -279,7 +282,8 @@ def run(
             epochs = total_steps / per_epoch if per_epoch else 0.0
             trainer = preference.build(config, model, tokenizer, arguments, train_rows, val_rows, epochs, **studio)
         model = trainer.model
-        report = adapter_report(model)
+        if config.adapter not in WHOLE_MODEL:
+            report = adapter_report(model)
     else:
         trainer = StudioTrainer(
             model=model,
@@ -308,6 +312,11 @@ def run(
 
     if pause_callback.agreed(trainer.args):  # every rank reaches this point: the process group is up
         raise paused_before_training(pause_callback.shutdown)
+    if held_out is not None and config.adapter in WHOLE_MODEL and trainer.is_world_process_zero():
+        # Before the checkpoint loads (train() loads it): these weights are still the base's.
+        status("answering_prompts", f"answering {len(held_out.prompts)} held-out prompts with the base model first")
+        if not held_out.answer_as_base(trainer.model) and world == 1:
+            raise paused_before_training(pause.shutdown)
 
     # --- train ---
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
