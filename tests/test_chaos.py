@@ -491,29 +491,30 @@ def test_trainer_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:
     assert resumed % EVERY == 0 and resumed >= EVERY and 0 <= first["end_step"] - resumed <= EVERY, done["attempts"]
 
 
-@pytest.mark.parametrize(("method", "figure"), [("dpo", "rewards/accuracies"), ("grpo", "rewards/numeric/mean")])
-def test_a_preference_or_rl_run_survives_its_trainer_sigkilled_and_then_a_reboot(
-    chaos: Chaos, method: str, figure: str
-) -> None:
-    """DPO and GRPO keep every promise SFT keeps: a killed trainer resumes from its checkpoint, and so does a
-    reboot later in the same run; each step is in the history once, and the adapter loads."""
-    chaos.start()
-    tid = chaos.submit(method=method, name=f"{method} through faults")
-    chaos.wait_step(tid, EVERY + 2)
-    chaos.kill(chaos.launch(tid)["trainer_pid"])
-    chaos.hold(tid, 2 * EVERY)
+def test_a_dpo_and_a_grpo_run_survive_their_trainers_sigkilled_and_then_a_reboot(chaos: Chaos) -> None:
+    """DPO and GRPO keep every promise SFT keeps, side by side: a killed trainer resumes from its checkpoint,
+    and so does a reboot later in the same run; each step is in the history once, and the adapter loads."""
+    chaos.start("--slots", "2")
+    figures = {"dpo": "rewards/accuracies", "grpo": "rewards/numeric/mean"}
+    tids = {method: chaos.submit(method=method, name=f"{method} through faults") for method in figures}
+    for tid in tids.values():
+        chaos.wait_step(tid, EVERY + 2)
+        chaos.kill(chaos.launch(tid)["trainer_pid"])
+    for tid in tids.values():
+        chaos.hold(tid, 2 * EVERY)
     chaos.reboot()
     chaos.start()
-    done = chaos.verify()[tid]
-    first, second, third = done["attempts"]
-    resumed = second["resumed_from_step"]
-    assert resumed % EVERY == 0 and resumed >= EVERY and 0 <= first["end_step"] - resumed <= EVERY, done["attempts"]
-    assert "the machine restarted at step" in second["end_reason"], second
-    assert third["resumed_from_step"] == 2 * EVERY, done["attempts"]
+    done = chaos.verify()
     assert chaos.studio is not None
-    events = chaos.studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
-    progress = [e for e in events if e["kind"] == "progress"]
-    assert all(figure in e["metrics"] for e in progress), progress[-1]
+    for method, tid in tids.items():
+        first, second, third = done[tid]["attempts"]
+        resumed = second["resumed_from_step"]
+        assert resumed % EVERY == 0 and resumed >= EVERY and 0 <= first["end_step"] - resumed <= EVERY, first
+        assert "the machine restarted at step" in second["end_reason"], second
+        assert third["resumed_from_step"] == 2 * EVERY, done[tid]["attempts"]
+        events = chaos.studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
+        progress = [e for e in events if e["kind"] == "progress"]
+        assert all(figures[method] in e["metrics"] for e in progress), progress[-1]
 
 
 def test_one_torchrun_rank_sigkilled_resumes_from_its_checkpoint(chaos: Chaos) -> None:
