@@ -325,3 +325,36 @@ def test_a_precomputed_reference_trains_the_same_and_resumes_the_same(tmp_path: 
     resumed = [e for e in again if e["kind"] == "train_begin"][-1]
     assert resumed["resumed_from_step"] == 5
     assert losses(again)[-5:] == losses(plain)[-5:]
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_every_method_submitted_through_the_api_trains_to_an_adapter_with_its_figures(
+    home: Path, studio_factory: Any
+) -> None:
+    """Through a real studio, as a person submits them: each method and loss the studio offers (dpo and grpo
+    are also run through faults in test_chaos.py), each to a completed task whose adapter loads."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "corpus.txt").write_text("\n\n".join(f"The river {i} runs by the old stone bridge." for i in range(40)))
+    base = {"preset": "cpu-demo", "optim": {"max_steps": 4, "batch_size": 4}, "data": {"max_length": 64}}
+    asked: dict[str, tuple[dict[str, Any], str | None]] = {
+        "ipo": ({"method": "dpo", "preference": {"loss": "ipo"}}, "rewards/margins"),
+        "simpo": ({"method": "dpo", "preference": {"loss": "simpo"}}, "rewards/margins"),
+        "orpo": ({"method": "orpo"}, "log_odds_ratio"),
+        "kto": ({"method": "kto"}, "kl"),
+        "pretrain": ({"method": "pretrain", "data": {"path": str(home / "corpus.txt")}}, None),
+    }
+    studio = studio_factory().start("--slots", "2")
+    tids = {}
+    for name, (over, _) in asked.items():
+        r = studio.http.post("/api/tasks", json={"name": name, "config": merged(base, over)})
+        assert r.status_code == 201, r.text
+        tids[name] = r.json()["id"]
+    for name, tid in tids.items():
+        done = studio.wait_status(tid, "completed", "failed", "cancelled", timeout=300)
+        assert done["status"] == "completed" and done["step"] == 4, (name, done["error"])
+        assert_adapter_loads(home / "tasks" / tid / "adapter", home)
+        figure = asked[name][1]
+        if figure:
+            events = studio.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
+            assert all(figure in e["metrics"] for e in events if e["kind"] == "progress"), name

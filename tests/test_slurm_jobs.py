@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 from slurm_cluster import cancel_tasks, current_cluster, slurm_env
-from support import Studio, home_env, paced, progress_steps, run_cli, submit_tiny, wait_for
+from support import Studio, home_env, paced, progress_steps, run_cli, submit_tiny, tiny, wait_for
 
 from ftstudio.execution.procs import tagged
 from ftstudio.studio.store import Store
@@ -158,6 +158,26 @@ def test_a_real_fine_tune_of_builtin_tiny_completes_as_a_slurm_job_with_its_adap
     adapter = home / "tasks" / tid / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     job_completed(tid)
+
+
+def test_dpo_and_grpo_fine_tunes_complete_as_slurm_jobs_with_their_figures(real: Studio, home: Path) -> None:
+    """The preference and RL methods run on the cluster as SFT does: the same trainer, in a job of its own."""
+    figures = {"dpo": "rewards/accuracies", "grpo": "rewards/numeric/mean"}
+    tids = {}
+    for method in figures:
+        config = {**tiny(6, 3), "method": method}
+        if method == "grpo":
+            config["grpo"] = {"max_completion_length": 8}
+        r = real.http.post("/api/tasks", json={"name": f"{method} on slurm", "config": config})
+        assert r.status_code == 201, r.text
+        tids[method] = r.json()["id"]
+    for method, tid in tids.items():
+        done = real.wait_status(tid, "completed", "failed", "cancelled", timeout=300)
+        assert done["status"] == "completed" and done["step"] == 6, done["error"]
+        assert done["slurm"]["job_id"] and (home / "tasks" / tid / "adapter" / "adapter_config.json").is_file()
+        events = real.http.get(f"/api/tasks/{tid}/metrics").json()["events"]
+        assert all(figures[method] in e["metrics"] for e in events if e["kind"] == "progress"), method
+        job_completed(tid)
 
 
 def test_pause_checkpoints_and_ends_the_job_and_resume_submits_the_next_attempt(real: Studio) -> None:

@@ -88,3 +88,9 @@ def test_start_from_this_adapter_takes_a_completed_sft_run_into_dpo(studio: Live
     stored = studio.task(task_id)["config"]
     assert stored["model"]["start_from"].endswith(f"{sft['id']}/adapter") and stored["method"] == "dpo"
     page.locator('.badge[data-status="completed"]').wait_for(timeout=180_000)
+    # The SFT run and its DPO follow-up side by side: their curves, and what differs between them.
+    page.goto(studio.page_url(f"#/compare?tasks={sft['id']},{task_id}"))
+    method = page.locator('#compare-table tr[data-field="method"]')
+    method.wait_for()
+    assert method.locator("td").all_inner_texts() == ["sft", "dpo"]
+    assert page.locator('#compare-table tr[data-field="model.start_from"]').count() == 1
