@@ -17,17 +17,16 @@ pause, checkpoints, resume and events are ftstudio's, as for every method.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from datasets import Dataset
 from trl.trainer.grpo_config import GRPOConfig
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-from ftstudio.config import WHOLE_MODEL, TrainingConfig
+from ftstudio.config import TrainingConfig
 from ftstudio.training.batches import render
 from ftstudio.training.data import Example
-from ftstudio.training.models import adapters_attached, lora_config
+from ftstudio.training.models import adapters_attached, trl_peft_config
 from ftstudio.training.rewards import CustomReward, parse_rewards
 from ftstudio.training.trainers import StudioTrainer, StudioTRLTrainer
 
@@ -76,7 +75,6 @@ def build(
     for reward in rewards:
         if isinstance(reward, CustomReward):
             reward.load()  # its file runs now, so a broken one stops the run before the first step
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     args = GRPOConfig(
         **{
             **arguments,
@@ -89,6 +87,7 @@ def build(
         temperature=g.temperature,
         beta=g.beta,
     )
+    peft_config = trl_peft_config(config, model)  # before the context below, which would undo its filter
     with adapters_attached():
         return StudioGRPOTrainer(
             model=model,
@@ -97,10 +96,6 @@ def build(
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tokenizer,
-            # A model with an adapter already (model.start_from) trains that one; else TRL attaches a new one.
-            # (and a model that trains in full, adapter full or freeze, gets none).
-            peft_config=None
-            if hasattr(model, "peft_config") or config.adapter in WHOLE_MODEL
-            else lora_config(config.lora, config.model.quantization == "none", config.adapter),
+            peft_config=peft_config,
             **{**studio, "train_sampler": None},
         )

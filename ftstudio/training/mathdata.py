@@ -12,9 +12,10 @@ reward moves first, and the answers are within reach of a model that learns the 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from ftstudio.training.samples import write_rows
 
 MATH_PATH = Path(__file__).parents[1] / "data" / "math.jsonl"
 ROWS = 300
@@ -86,10 +87,7 @@ def generate(rows: int = ROWS, seed: int = SEED) -> list[dict[str, str]]:
 
 
 def write(path: Path = MATH_PATH) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in generate():
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_rows(path, generate())
 
 
 if __name__ == "__main__":

@@ -185,6 +185,19 @@ def adapters_attached() -> Iterator[None]:
         ) from None
 
 
+def trl_peft_config(config: Any, model: Any) -> Any:
+    """The LoRA config a TRL trainer attaches itself, or None: a model that has an adapter already
+    (model.start_from) trains that one, and one that trains its own weights (adapter full or freeze) gets none.
+    Also quiets a deprecation TRL triggers at every reference pass: noise the reader of training.log can do
+    nothing about."""
+    from ftstudio.config import WHOLE_MODEL
+
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if hasattr(model, "peft_config") or config.adapter in WHOLE_MODEL:
+        return None
+    return lora_config(config.lora, config.model.quantization == "none", config.adapter)
+
+
 def attach_lora(model: Any, cfg: LoraConfig, fused: bool = True, adapter: str = "lora") -> tuple[Any, AdapterReport]:
     """Wrap the model with LoRA adapters (see `lora_config`) and say exactly what got them."""
     from peft import get_peft_model

@@ -40,7 +40,7 @@ from trl.trainer.kto_trainer import KTOTrainer
 from ftstudio.config import WHOLE_MODEL, TrainingConfig
 from ftstudio.training.batches import IGNORE, render
 from ftstudio.training.data import Example
-from ftstudio.training.models import adapters_attached, lora_config
+from ftstudio.training.models import adapters_attached, trl_peft_config
 from ftstudio.training.trainers import StudioTrainer, StudioTRLTrainer
 
 with warnings.catch_warnings():
@@ -208,9 +208,6 @@ def build(
     p = config.preference
     precompute = precompute_reference(config, epochs)
     method = config.method
-    # TRL reads a property transformers now calls deprecated, at every reference pass: noise in training.log that
-    # the person reading it can do nothing about.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # TRL's configs turn gradient checkpointing on unless told: here it follows model.gradient_checkpointing,
     # which load_model has already applied.
     shared = {**arguments, "activation_checkpointing": False, "max_length": config.data.max_length}
@@ -247,6 +244,7 @@ def build(
     else:
         cls = StudioDPOTrainer
         args = DPOConfig(**shared, beta=p.beta, loss_type=[p.loss], precompute_ref_log_probs=precompute)
+    peft_config = trl_peft_config(config, model)  # before the context below, which would undo its filter
     with adapters_attached():
         trainer = cls(
             model=model,
@@ -254,11 +252,7 @@ def build(
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
             processing_class=tokenizer,
-            # A model with an adapter already (model.start_from) trains that one; else TRL attaches a new one.
-            # (and a model that trains in full, adapter full or freeze, gets none).
-            peft_config=None
-            if hasattr(model, "peft_config") or config.adapter in WHOLE_MODEL
-            else lora_config(config.lora, config.model.quantization == "none", config.adapter),
+            peft_config=peft_config,
             **studio,
         )
     trainer.data_collator = Collator(trainer.data_collator, kl=method == "kto")

@@ -14,11 +14,10 @@ above its untrained value (about a half) while a person watches.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from ftstudio.training.samples import CAPITALS, COLORS, FRENCH
+from ftstudio.training.samples import CAPITALS, COLORS, FRENCH, write_rows
 
 PREFERENCES_PATH = Path(__file__).parents[1] / "data" / "preferences.jsonl"
 ROWS = 300
@@ -83,10 +82,7 @@ def generate(rows: int = ROWS, seed: int = SEED) -> list[dict[str, str]]:
 
 
 def write(path: Path = PREFERENCES_PATH) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in generate():
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_rows(path, generate())
 
 
 if __name__ == "__main__":

@@ -118,11 +118,16 @@ def generate(rows: int = ROWS, seed: int = SEED) -> list[dict[str, str]]:
     return [_KINDS[i % len(_KINDS)](rng) for i in range(rows)]
 
 
-def write(path: Path = SAMPLE_PATH) -> None:
+def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    """A bundled data file, one JSON object a line (the built-in datasets' recipes all write this way)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row in generate():
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write(path: Path = SAMPLE_PATH) -> None:
+    write_rows(path, generate())
 
 
 if __name__ == "__main__":
