@@ -41,6 +41,12 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     compile: bool = False
     """torch.compile the model: faster steps after a one-off compile (a minute or so); pays off on long runs."""
+    kernels: Literal["none", "liger"] = "none"
+    """`liger`: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, and the output layer fused with the loss, so
+    the logits are never held whole): less GPU memory and faster steps. Needs a CUDA GPU and liger-kernel."""
+    offload_checkpoints: bool = False
+    """With gradient_checkpointing: keep the layer inputs it saves in host memory instead of on the GPU, for
+    longer sequences or larger batches at some speed. Needs a CUDA GPU."""
     start_from: str = bounded("", max_len=4096)
     """Go on from a trained adapter: a completed task's id (or its adapter folder), e.g. an SFT run before DPO
     or GRPO. Its adapter is this run's starting point and trains further (its rank and kind, not the `lora`
@@ -102,6 +108,14 @@ class OptimConfig:
     """Learning-rate schedule after warmup."""
     max_grad_norm: float = bounded(1.0, 0, 1000)
     """Gradient clipping norm (0 disables)."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """`adamw`: torch's AdamW. `adamw_8bit`: its two moments kept in 8 bits (bitsandbytes), a quarter of the memory,
+    which matters when many weights train (adapter full or freeze); `paged_adamw_8bit`: the same, its state paged
+    to host memory when the GPU runs short. Both need a CUDA GPU and bitsandbytes."""
+    auto_batch: bool = False
+    """Out of memory: split every batch into two halves trained one after the other (as gradient accumulation
+    does), again while it does not fit, and go on from the same step. The effective batch, the data order and the
+    loss curve stay the same. Not for kto and grpo, whose losses look across the whole batch."""
     seed: int = bounded(42, 0, 2**32 - 1)
     """Random seed for initialisation, data order and dropout."""
     divergence_factor: float = bounded(4.0, 0, 1000)
@@ -372,6 +386,9 @@ CLI_FLAGS: dict[str, str] = {
     "rewards": "--reward",
     "adapter": "--adapter",
     "model.start_from": "--start-from",
+    "model.kernels": "--kernels",
+    "optim.optimizer": "--optimizer",
+    "optim.auto_batch": "--auto-batch",
 }
 
 # The data shapes each method trains on (the single table: the config, the preflight and the page read it).
@@ -648,6 +665,21 @@ def _check(cfg: TrainingConfig) -> list[Problem]:
             )
     elif cfg.rewards:
         bad("rewards", f"only method grpo uses rewards, and this is method {cfg.method}; set method grpo or drop them")
+    if cfg.optim.auto_batch and cfg.method in ("kto", "grpo"):
+        bad(
+            "optim.auto_batch",
+            f"method {cfg.method} computes its loss across the whole batch, which splitting it would change; "
+            "set it off and lower optim.batch_size (raising grad_accum) if memory is short",
+        )
+    if cfg.optim.auto_batch and cfg.resources.processes * cfg.resources.nodes > 1:
+        bad(
+            "optim.auto_batch",
+            "splits batches in one training process only; with several, set it off and lower optim.batch_size",
+        )
+    if cfg.model.offload_checkpoints and not cfg.model.gradient_checkpointing:
+        bad(
+            "model.offload_checkpoints", "moves what gradient checkpointing saves; turn on model.gradient_checkpointing"
+        )
     if cfg.method == "kto" and cfg.optim.batch_size < 2:
         bad(
             "optim.batch_size",

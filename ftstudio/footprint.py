@@ -58,7 +58,7 @@ def weights_on_disk(model: str) -> int | None:
     path = Path(model).expanduser()
     if path.is_dir():
         return _weights_in(path)
-    snapshot = _cached_snapshot(model)
+    snapshot = cached_snapshot(model)
     return _weights_in(snapshot) if snapshot is not None else None
 
 
@@ -74,7 +74,7 @@ def _weights_in(folder: Path) -> int | None:
     return total if found else None
 
 
-def _cached_snapshot(repo_id: str) -> Path | None:
+def cached_snapshot(repo_id: str) -> Path | None:
     """The newest snapshot of a hub id in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub, or
     ~/.cache/huggingface/hub), read as a folder: the studio never downloads to estimate."""
     if repo_id.count("/") != 1 or any(part in ("", ".", "..") for part in repo_id.split("/")):
@@ -128,7 +128,7 @@ def training_weights(config: Mapping[str, Any], on_gpu: bool) -> tuple[int, str]
     weights = weights_on_disk(name)
     if not weights:
         return None
-    path = Path(name).expanduser() if Path(name).expanduser().is_dir() else _cached_snapshot(name)
+    path = Path(name).expanduser() if Path(name).expanduser().is_dir() else cached_snapshot(name)
     on_disk = 2
     try:
         declared = json.loads((path / "config.json").read_text()) if path is not None else {}

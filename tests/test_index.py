@@ -73,7 +73,7 @@ def test_a_backup_taken_while_tasks_train_is_consistent_and_a_stop_leaves_studio
         ids = []
         for n in range(4):
             r = studio.http.post(
-                "/api/tasks", json={"name": f"t{n} scripted steps=400 delay=0.02", "config": {"preset": "cpu-demo"}}
+                "/api/tasks", json={"name": f"t{n} scripted steps=4000 delay=0.02", "config": {"preset": "cpu-demo"}}
             )
             assert r.status_code == 201, r.text
             ids.append(r.json()["id"])
@@ -89,7 +89,7 @@ def test_a_backup_taken_while_tasks_train_is_consistent_and_a_stop_leaves_studio
         assert {t.id: t.config_dict for t in copy.page_of_tasks(limit=100)[0]} == {
             t: studio.task(t)["config"] for t in ids
         }
-        for tid in ids:
+        for tid in ids:  # 80 s of steps each: none can end on its own before this on a loaded machine
             studio.http.post(f"/api/tasks/{tid}/cancel").raise_for_status()
         for tid in ids:
             studio.wait_status(tid, "cancelled", timeout=60)

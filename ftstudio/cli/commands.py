@@ -70,12 +70,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
         set_path(config, "resume.auto", False)
     if args.reward:
         set_path(config, "rewards", list(args.reward))  # each as written: a pattern may hold a comma
+    if args.auto_batch:
+        set_path(config, "optim.auto_batch", True)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValidationError(f"--set: expected section.field=value, got {item!r}")
         set_path(config, key.strip(), _parse_value(value))
     service = open_service()
+    if args.dry_run:
+        checked = service.dry_run(config, trusted=True)
+        if args.json:
+            _print_json(checked)
+        else:
+            memory = checked["memory"]
+            print("the settings pass every check; nothing was submitted")
+            print(
+                f"memory: {memory['line']}"
+                if memory
+                else "memory: not estimated: the model's config.json is not on this machine to count from"
+            )
+        return 0 if checked["memory"] is None or checked["memory"]["fits"] else 1
     task = service.submit(config, args.name, trusted=True)
     if args.json:
         _print_json(service.task_json(task))

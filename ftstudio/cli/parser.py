@@ -43,11 +43,14 @@ SUBMIT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--loss", "preference.loss", str, "dpo's variant: sigmoid (DPO, the default), ipo or simpo"),
     ("--adapter", "adapter", str, "lora (default), qlora (4-bit base, CUDA), dora, rslora, pissa, full or freeze"),
     ("--start-from", "model.start_from", str, "go on from a completed task's adapter (its id), e.g. SFT then DPO"),
+    ("--kernels", "model.kernels", str, "none (default) or liger: fused GPU kernels, less memory (CUDA, liger-kernel)"),
+    ("--optimizer", "optim.optimizer", str, "adamw (default), adamw_8bit or paged_adamw_8bit (CUDA, bitsandbytes)"),
 ]
 assert all(CLI_FLAGS.get(path) == flag for flag, path, _, _ in SUBMIT_FLAGS)
 assert CLI_FLAGS["resources.share_gpu"] == "--share-gpu"  # switches, added beside SUBMIT_FLAGS
 assert CLI_FLAGS["resume.auto"] == "--no-auto-resume"
 assert CLI_FLAGS["rewards"] == "--reward"  # repeatable, added beside SUBMIT_FLAGS
+assert CLI_FLAGS["optim.auto_batch"] == "--auto-batch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:ARG]",
         help="grpo: a reward function, repeatable: exact, numeric, regex:PATTERN, length:TOKENS, json, or "
         "python:PATH:FUNC (your own; numeric unless given)",
+    )
+    sp.add_argument(
+        "--auto-batch",
+        action="store_true",
+        help="out of memory: split batches in halves (same effective batch and curve) instead of failing",
+    )
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything and print the memory estimate; submit nothing",
     )
     sp.add_argument("--name", help="a name to recognise the task by")
     sp.add_argument("--config", help="a JSON file with the training config (flags override it)")

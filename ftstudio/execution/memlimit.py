@@ -62,7 +62,10 @@ ORDER = (Mechanism.CGROUP, Mechanism.SYSTEMD, Mechanism.WATCHDOG)
 
 
 def exceeded_reason(limit: int) -> str:
-    return f"memory limit of {gib(limit)} exceeded; raise --memory, or lower optim.batch_size or data.max_length"
+    return (
+        f"memory limit of {gib(limit)} exceeded; raise --memory, or lower optim.batch_size or data.max_length, "
+        "or turn on optim.auto_batch"
+    )
 
 
 def limit_of(spec: dict[str, Any]) -> int | None:

@@ -57,7 +57,7 @@ from typing import Any
 
 import psutil
 
-from ftstudio import checkpoints, events
+from ftstudio import batchsplit, checkpoints, events
 from ftstudio.execution import memlimit
 from ftstudio.execution.facts import Cause, Outcome
 from ftstudio.execution.procs import TASK_ENV, boot_id
@@ -65,6 +65,7 @@ from ftstudio.fence import ATTEMPT_ENV, EXIT_STALE, named_attempt
 from ftstudio.home import TaskDir, keep_private, read_json, write_json_atomic
 from ftstudio.parent import die_with_parent
 from ftstudio.pause import EXIT_SUSPENDED, PAUSE_SIGNAL, catches_pause
+from ftstudio.resources import gib
 
 HEARTBEAT_S = 2.0
 WAIT_S = 0.1  # the longest the runner waits for the trainer before it looks at its signals' requests again
@@ -385,6 +386,32 @@ def outcome_of(
     }
 
 
+def split_after_kill(task: TaskDir, size: int, since: int) -> dict[str, Any]:
+    """With optim.auto_batch, a run killed at its memory limit is not failed: its batches are split in twice as
+    many parts (batchsplit.py) and it resumes from its newest checkpoint. Nothing to change (an empty dict) when
+    auto_batch is off, or a batch is already down to one row a part."""
+    config = (read_json(task.spec) or {}).get("config") or {}
+    optim = config.get("optim") or {}
+    batch = int(optim.get("batch_size") or 1)
+    parts = batchsplit.read_parts(task.path)
+    if not optim.get("auto_batch") or world_of(task) > 1 or batchsplit.rows_per_part(batch, parts) <= 1:
+        return {}
+    progress = last_of(task, since, "progress") or {}
+    step = progress.get("step") if isinstance(progress.get("step"), int) else None
+    batchsplit.write_parts(task.path, parts * 2, batch, step)
+    newest = checkpoints.find_resume_checkpoint(task.checkpoints)
+    then = f"it resumes from {newest.name}" if newest else "nothing was saved yet, so it starts from the beginning"
+    at = f" at step {step}" if step is not None else ""
+    return {
+        "outcome": Outcome.INTERRUPTED,
+        "reason": f"memory limit of {gib(size)} reached{at}; optim.auto_batch: from now on "
+        f"{batchsplit.split_line(batch, parts * 2)}; {then}",
+        "checkpoint": newest.name if newest else None,
+        # Not counted against resume.max_restarts: each split halves what a step holds, and they run out.
+        "cause": Cause.MACHINE,
+    }
+
+
 class Stop:
     """What the runner has been asked while the trainer runs."""
 
@@ -551,6 +578,7 @@ def run(task: TaskDir, module: str = "ftstudio.train", attempt: int = 1, resume:
     }
     if over_limit:  # the kill was the limit's, whatever the trainer managed to say before it
         record.update(outcome=Outcome.FAILED, reason=memlimit.exceeded_reason(limit.size or 0))
+        record.update(split_after_kill(task, limit.size or 0, events_start))
     if other_attempt(task, attempt) is not None:
         return _stand_down(task, attempt, trainer)
     write_json_atomic(task.exit, record)

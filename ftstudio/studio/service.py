@@ -138,9 +138,8 @@ class Service:
 
     # -- submit and launch ---------------------------------------------------
 
-    def submit(self, config: dict[str, Any], name: str | None = None, *, trusted: bool = False) -> Task:
-        """Check, record and launch a task. `trusted`: the person at the terminal asked (the CLI), not a
-        request over HTTP, whose reach is limited by the studio's `policy`."""
+    def _checked(self, config: dict[str, Any], trusted: bool) -> TrainingConfig:
+        """The config, once every check of a submit has passed (it raises the first refusal)."""
         config = self._started_from(config)
         cfg = TrainingConfig.from_dict(config)
         if cfg.model.trust_remote_code and not trusted and not self.policy.allow_remote_code:
@@ -170,6 +169,69 @@ class Service:
 
         preflight.check(cfg, self.home.root, max_row_bytes=None if trusted else self.policy.max_row_bytes)
         self._check_resources(cfg)
+        return cfg
+
+    def dry_run(self, config: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
+        """Every check `submit` makes, and the memory the run would need, without recording or starting anything
+        (`ftstudio submit --dry-run`, `POST /api/tasks/check`)."""
+        cfg = self._checked(config, trusted)
+        return {"config": cfg.to_dict(), "memory": self.memory_needed(cfg)}
+
+    def estimate_memory(self, config: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
+        """The memory estimate alone, for the New fine-tune form as its settings change: the config's own checks
+        and which paths it may read, but not the dataset's (that is `dry_run`'s, at submit)."""
+        cfg = TrainingConfig.from_dict(self._started_from(config))
+        paths.anchor(cfg, self.home.root)
+        refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
+        if refused:
+            raise ValidationError(refused)
+        return {"memory": self.memory_needed(cfg)}
+
+    def memory_needed(self, cfg: TrainingConfig) -> dict[str, Any] | None:
+        """The run's estimated peak memory against what this machine has for it (training/estimate.py); None
+        when the model's shape is not on this machine to count from."""
+        from ftstudio.training.estimate import amount, estimate, largest_batch, shape_for
+
+        shape = shape_for(cfg.model.name, self.home.root)
+        if shape is None:
+            return None
+        on_gpu = want_of(cfg.to_dict()["resources"], len(self.gpus)).gpus > 0
+        need = estimate(cfg, shape, on_gpu=on_gpu)
+        room, free, where = self._room(cfg, on_gpu)
+        fits = room is None or need.bytes <= room
+        line = need.line()
+        if free is not None:
+            line += f"; {where} {amount(free)} free"
+        suggest = None if fits or room is None else largest_batch(cfg, shape, room, on_gpu=on_gpu)
+        if not fits and suggest is not None:
+            accum = cfg.optim.grad_accum * cfg.optim.batch_size // suggest
+            line += (
+                f"; batch {suggest} fits (about {amount(estimate(cfg, shape, on_gpu=on_gpu, batch=suggest).bytes)}), "
+                f"with grad_accum {accum} for the same effective batch"
+            )
+        elif not fits:
+            line += f"; not even batch 1 fits in {amount(room or 0)}"
+        return {**need.to_dict(), "room": room, "free": free, "fits": fits, "suggest_batch": suggest, "line": line}
+
+    def _room(self, cfg: TrainingConfig, on_gpu: bool) -> tuple[int | None, int | None, str]:
+        """The most memory the run could ever have here (its --memory limit, or the device's size), what is
+        free now, and the words for where."""
+        if on_gpu:
+            gpus = [g for g in gpu_usage() if g.get("memory_total")]
+            if not gpus:
+                return None, None, "this GPU has"
+            best = max(gpus, key=lambda g: g["memory_total"] - (g.get("memory_used") or 0))
+            return best["memory_total"], best["memory_total"] - (best.get("memory_used") or 0), "this GPU has"
+        memory = psutil.virtual_memory()
+        limit = parse_memory(cfg.resources.memory)
+        if limit and limit < memory.total:
+            return limit, min(limit, memory.available), "its --memory limit leaves"
+        return memory.total, memory.available, "this machine has"
+
+    def submit(self, config: dict[str, Any], name: str | None = None, *, trusted: bool = False) -> Task:
+        """Check, record and launch a task. `trusted`: the person at the terminal asked (the CLI), not a
+        request over HTTP, whose reach is limited by the studio's `policy`."""
+        cfg = self._checked(config, trusted)
         # A name is text: control characters (terminal commands, bidi overrides) are dropped.
         name = " ".join(plain(name or "").split())[:200] or plain(f"{cfg.model.name} on {Path(cfg.data.path).name}")
         # Counted and recorded under one lock, so concurrent requests cannot all slip under the limit.
@@ -242,6 +304,7 @@ class Service:
                 Problem("resources.gpus (--gpus)", f"asks for {want.gpus} GPU(s) but this machine has {have}; {fix}")
             )
         self._check_fit(cfg, on_gpu=want.gpus > 0)
+        self._check_memory(cfg)
 
     def _check_fit(self, cfg: TrainingConfig, *, on_gpu: bool) -> None:
         """A model whose weights alone outgrow every device this machine could give the task is refused now (the
@@ -280,6 +343,22 @@ class Service:
                 "machine with more memory",
             )
         )
+
+    def _check_memory(self, cfg: TrainingConfig) -> None:
+        """A run whose estimated peak is well over the most memory it could ever have here is refused now, naming
+        the batch that fits, instead of dying of it minutes in. Within the estimate's error it is let through:
+        the estimate may be high, and optim.auto_batch shrinks a batch that turns out not to fit."""
+        from ftstudio.training.estimate import ERROR
+
+        found = self.memory_needed(cfg)
+        if found is None or found["room"] is None or found["bytes"] * (1 - ERROR) <= found["room"]:
+            return
+        if cfg.optim.auto_batch and found["suggest_batch"]:
+            return  # it starts at optim.batch_size and halves its batches until they fit
+        fixes = "lower optim.batch_size or data.max_length, turn on model.gradient_checkpointing or optim.auto_batch"
+        if cfg.resources.memory.strip():
+            fixes += ", or raise --memory"
+        raise ValidationError(Problem(label("optim.batch_size"), f"this run {found['line']}; {fixes}"))
 
     def _check_room(self) -> None:
         pending = len(self.store.with_status(S.QUEUED, S.PREPARING, S.TRAINING))

@@ -55,6 +55,8 @@ TINY_SHAPE: dict[str, Any] = {
     "initializer_range": 0.08,
 }
 
+TINY_VOCAB_MAX = 1024  # the tokenizer's trainer is asked for this many tokens; the sample text yields fewer
+
 # ChatML, as Qwen2 uses: every turn ends with <|im_end|>, which is also the eos token.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -128,7 +130,7 @@ def build_tokenizer() -> object:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024,
+        vocab_size=TINY_VOCAB_MAX,
         special_tokens=_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

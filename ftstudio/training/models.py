@@ -128,10 +128,14 @@ def load_model(ref: str | Path, cfg: ModelConfig) -> Any:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            gradient_checkpointing_kwargs={"use_reentrant": cfg.offload_checkpoints},  # see below
         )
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Offloading (model.offload_checkpoints) moves what autograd saves to host memory with saved-tensor
+        # hooks (trainers.py); the reentrant checkpoint saves each layer's input through those hooks, the other
+        # kind keeps it on the GPU for its recompute.
+        reentrant = cfg.offload_checkpoints
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     return model
 
 

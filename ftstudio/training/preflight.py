@@ -29,6 +29,7 @@ def check(config: TrainingConfig, home: Path, *, max_row_bytes: int | None = Non
     problems: list[Problem] = []
     problems += model_problems(config.model.name)
     problems += _quantization(config.model.quantization)
+    problems += gpu_feature_problems(config)
     if config.model.compile and not compiler():
         problems.append(
             Problem(
@@ -217,6 +218,34 @@ def _reporting(report_to: list[str]) -> list[Problem]:
                     f"pip install {package}, or leave {name} out of logging.report_to",
                 )
             )
+    return problems
+
+
+def gpu_feature_problems(config: TrainingConfig) -> list[Problem]:
+    """The speed and memory settings that run on a CUDA GPU only, each with what it needs, where this machine
+    lacks it: said at submit, not as a crash at the first step."""
+    wanted: list[tuple[str, str, str | None]] = []  # (field, what it is, the package it needs)
+    if config.model.kernels == "liger":
+        wanted.append(("model.kernels", "kernels liger (Triton kernels)", "liger_kernel"))
+    if config.optim.optimizer != "adamw":
+        wanted.append(("optim.optimizer", f"optimizer {config.optim.optimizer}", "bitsandbytes"))
+    if config.model.offload_checkpoints:
+        wanted.append(("model.offload_checkpoints", "offloading checkpoints to host memory", None))
+    if not wanted:
+        return []
+    import torch
+
+    problems = []
+    for path, what, module in wanted:
+        default = "none" if path == "model.kernels" else "adamw" if path == "optim.optimizer" else "false"
+        if module is not None and importlib.util.find_spec(module) is None:
+            package = module.replace("_", "-")
+            problems.append(
+                Problem(path, f"{what} needs the {package} package and a CUDA GPU; pip install {package} on a GPU "
+                        f"machine, or set {path}={default}")
+            )  # fmt: skip
+        elif not torch.cuda.is_available():
+            problems.append(Problem(path, f"{what} needs a CUDA GPU and none is visible; set {path}={default}"))
     return problems
 
 

@@ -34,7 +34,7 @@ from ftstudio.config import TRL_METHODS, WHOLE_MODEL, TrainingConfig
 from ftstudio.errors import Problem, ValidationError
 from ftstudio.events import EventWriter
 from ftstudio.pause import PauseRequest, Suspended
-from ftstudio.training import batches, evaluation, preflight
+from ftstudio.training import autobatch, batches, evaluation, preflight
 from ftstudio.training.adapters import save_adapter
 from ftstudio.training.allocator import keep_freed_memory
 from ftstudio.training.builtin import resolve_dataset, resolve_model
@@ -60,6 +60,9 @@ from ftstudio.training.progress import (
 )
 from ftstudio.training.resume import resolve_resume, tidy_checkpoints
 from ftstudio.training.trainers import StudioTrainer
+
+OPTIMIZERS = {"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+"""optim.optimizer's names for the Trainer's `optim` (bitsandbytes' AdamW); `adamw` leaves the Trainer's default."""
 
 
 def run(
@@ -231,8 +234,11 @@ def run(
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         torch_compile=config.model.compile,
+        use_liger_kernel=config.model.kernels == "liger",
         ddp_backend=("gloo" if not torch.cuda.is_available() else "nccl") if world > 1 else None,
     )
+    if config.optim.optimizer != "adamw":
+        arguments["optim"] = OPTIMIZERS[config.optim.optimizer]
     sampler = (
         batches.EpochSampler(lengths, o.batch_size, o.seed, config.data.group_by_length)
         if lengths is not None
@@ -267,12 +273,24 @@ def run(
         if held_out and ev.at_checkpoints
         else []
     )
+    split = None
+    if o.auto_batch:
+        parts = autobatch.read_parts(out_dir)
+        if parts > 1:
+            status("training", f"as an earlier attempt found: {autobatch.split_line(o.batch_size, parts)}")
+
+        def say(line: str) -> None:
+            status("training", line)
+
+        split = autobatch.BatchSplit(o.batch_size, parts, out_dir, say)
     studio: dict[str, Any] = {
         "callbacks": [pause_callback, callback, *extra, *(callbacks or [])],
+        "batch_split": split,
         "train_sampler": sampler,
         "checkpoint_cost": callback.cost,
         "fence": fence,
         "plus_ratio": config.lora.plus_ratio,
+        "offload": config.model.offload_checkpoints,
     }
     trainer: StudioTrainer
     if on_trl:

@@ -43,12 +43,12 @@ from ftstudio.home import home_dir, keep_private, write_json_atomic
 from ftstudio.pause import EXIT_SUSPENDED, PauseRequest, Suspended
 
 OOM_FIX = (
-    "out of GPU memory: lower optim.batch_size (--batch-size) or data.max_length, "
-    "turn on model.gradient_checkpointing, or use model.quantization=4bit"
+    "out of GPU memory: lower optim.batch_size (--batch-size) or data.max_length, turn on optim.auto_batch "
+    "(--auto-batch) or model.gradient_checkpointing, or use model.quantization=4bit"
 )
 CPU_OOM_FIX = (
     "out of memory{size}: lower optim.batch_size (--batch-size) or data.max_length, "
-    "or turn on model.gradient_checkpointing"
+    "or turn on optim.auto_batch (--auto-batch) or model.gradient_checkpointing"
 )
 
 

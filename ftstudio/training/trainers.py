@@ -16,6 +16,7 @@ from typing import Any
 from transformers import Trainer
 
 from ftstudio.training import batches
+from ftstudio.training.autobatch import BatchSplit
 from ftstudio.training.progress import CheckpointCost, checkpoint_disk_full, disk_full
 
 
@@ -35,6 +36,8 @@ class StudioTrainer(Trainer):
         checkpoint_cost: CheckpointCost | None = None,
         fence: Callable[[], None] | None = None,
         plus_ratio: float = 0.0,
+        batch_split: BatchSplit | None = None,
+        offload: bool = False,
         **kwargs: Any,
     ) -> None:
         self._studio_dynamic_shapes = dynamic_shapes  # read by _build_accelerator_args, from Trainer.__init__
@@ -43,6 +46,14 @@ class StudioTrainer(Trainer):
         self._studio_cost = checkpoint_cost
         self._studio_fence = fence
         self._studio_plus_ratio = plus_ratio
+        self._studio_split = batch_split
+        self._studio_offload = offload
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        # optim.auto_batch (autobatch.py); GRPO's inputs are its prompts, which it samples from in its own step.
+        if self._studio_split is None or not isinstance(inputs, dict):
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self._studio_split.step(self, model, inputs, num_items_in_batch, super().training_step)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self._studio_fence is not None:
@@ -99,6 +110,15 @@ class StudioTrainer(Trainer):
             if self.args.world_size > 1:
                 real = self.accelerator.gather(real.reshape(1)).sum()
             self.state.num_input_tokens_seen += int(real)
+        if self._studio_offload and model.training:
+            # model.offload_checkpoints: every tensor the forward saves for the backward (with gradient checkpointing,
+            # chiefly each layer's input) waits in pinned host memory, and comes back as the backward reaches it.
+            import torch
+
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 

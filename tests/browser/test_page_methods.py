@@ -94,3 +94,26 @@ def test_start_from_this_adapter_takes_a_completed_sft_run_into_dpo(studio: Live
     method.wait_for()
     assert method.locator("td").all_inner_texts() == ["sft", "dpo"]
     assert page.locator('#compare-table tr[data-field="model.start_from"]').count() == 1
+
+
+def test_the_form_counts_the_memory_a_run_needs_as_the_settings_change(studio: LiveStudio, page: Any) -> None:
+    page.goto(studio.page_url("#/new"))
+    box = page.locator("#memory-estimate")
+    page.wait_for_function("document.querySelector('#memory-estimate').textContent.includes('needs about')")
+    text = box.text_content() or ""
+    assert re.search(r"Memory: needs about [\d.,]+ MiB of memory at batch 8 and length 256; this machine has", text)
+    assert "warn" not in (box.get_attribute("class") or "")
+
+    page.locator("#advanced > summary").click()
+    page.locator("#cfg-optim-batch_size").fill("512")
+    page.locator("#cfg-data-max_length").fill("4096")
+    page.locator("#cfg-resources-memory").fill("2G")
+    page.wait_for_function("document.querySelector('#memory-estimate').textContent.includes('at batch 512')")
+    text = box.text_content() or ""
+    assert "at batch 512 and length 4096; its --memory limit leaves" in text, text
+    assert re.search(r"batch \d+ fits \(about [\d.,]+ [MG]iB\), with grad_accum \d+ for the same effective batch", text)
+    assert "warn" in (box.get_attribute("class") or "")
+    page.locator("#cfg-optim-learning_rate").fill("-1")
+    page.wait_for_function("document.querySelector('#memory-estimate').textContent.includes('until the settings')")
+    assert page.locator("#memory-estimate").text_content() == "No memory estimate until the settings are valid."
+    page.screenshot(path=str(ARTIFACTS / "new-memory-estimate.png"), full_page=True)

@@ -33,6 +33,19 @@ def create_task(body: TaskCreate, service: ServiceDep) -> dict[str, Any]:
     return service.task_json(service.submit(body.config, body.name))
 
 
+@router.post("/tasks/check")
+def check_task(body: TaskCreate, service: ServiceDep) -> dict[str, Any]:
+    """Every check a submit makes, and the run's memory estimate; records and starts nothing (a dry run)."""
+    return service.dry_run(body.config)
+
+
+@router.post("/tasks/estimate")
+def estimate_task(body: TaskCreate, service: ServiceDep) -> dict[str, Any]:
+    """The run's memory estimate against what this machine has, as the New fine-tune form's settings change;
+    `memory` is null when the model is not on this machine to count from."""
+    return service.estimate_memory(body.config)
+
+
 @router.get("/tasks")
 def list_tasks(
     service: ServiceDep,

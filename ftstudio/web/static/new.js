@@ -85,6 +85,8 @@ export function mountNew(root, params = new URLSearchParams()) {
     h("p", { class: "muted" }, "Every training setting, filled from the preset. Change any; only changed values are sent on top of the preset."),
     advanced,
   );
+  // The run's peak memory against this machine's, recounted as the settings change (POST /api/tasks/estimate).
+  const memoryBox = h("p", { id: "memory-estimate", class: "memory-estimate muted", role: "status", "aria-live": "polite" }, "Counting the memory this run needs…");
   const submit = h("button", { type: "submit", id: "start-button" }, "Start fine-tune");
   const submitNote = h("span", { class: "muted", "aria-live": "polite" });
 
@@ -152,6 +154,7 @@ export function mountNew(root, params = new URLSearchParams()) {
       mainErrors.preset,
     ),
     advancedBox,
+    memoryBox,
     h("div", { class: "actions" }, submit, submitNote),
   );
 
@@ -189,6 +192,7 @@ export function mountNew(root, params = new URLSearchParams()) {
       applyPreset();
       if (startFrom) await showStartFrom();
       methodChanged();
+      estimateSoon();
     } else {
       advanced.replaceChildren(h("p", { class: "error-text" }, `Could not load the settings: ${f.reason.message}`));
     }
@@ -512,6 +516,38 @@ export function mountNew(root, params = new URLSearchParams()) {
     summary.hidden = false;
     summary.focus();
   }
+
+  let estimateTimer = 0;
+  let estimateSeq = 0;
+  function estimateSoon() {
+    clearTimeout(estimateTimer);
+    estimateTimer = setTimeout(estimateMemory, 300);
+  }
+  async function estimateMemory() {
+    const seq = ++estimateSeq;
+    let text;
+    let tight = false;
+    try {
+      const r = await api("/api/tasks/estimate", { method: "POST", json: payload() });
+      const m = r.memory;
+      if (!m) text = "No memory estimate: the model's config.json is not on the studio's machine to count from.";
+      else {
+        text = `Memory: ${m.line}.`;
+        tight = !m.fits;
+        if (tight && !m.suggest_batch) text += " Lower data.max_length, or turn on model.gradient_checkpointing.";
+      }
+    } catch (err) {
+      if (!(err instanceof ApiError)) throw err;
+      text = "No memory estimate until the settings are valid.";
+    }
+    if (destroyed || seq !== estimateSeq) return; // a newer count is on its way
+    memoryBox.textContent = text;
+    memoryBox.classList.toggle("warn", tight);
+    memoryBox.classList.toggle("muted", !tight);
+  }
+  form.addEventListener("input", estimateSoon);
+  form.addEventListener("change", estimateSoon);
+  form.addEventListener("click", (e) => e.target.closest && e.target.closest(".chip") && estimateSoon());
 
   async function start() {
     clearErrors();
