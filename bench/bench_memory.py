@@ -32,15 +32,15 @@ from ftstudio.config import TrainingConfig  # noqa: E402
 from ftstudio.training.estimate import MiB, estimate, read_shape  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "small (~7M)": dict(
+    "small": dict(
         hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=8192, tie_word_embeddings=True,
     ),
-    "medium (~35M)": dict(
+    "medium": dict(
         hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
         vocab_size=32000, tie_word_embeddings=False,
     ),
-    "large (~85M)": dict(
+    "large": dict(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
         vocab_size=32000, tie_word_embeddings=True,
     ),
@@ -124,7 +124,7 @@ def main() -> None:
                 ratio = guess.bytes / peak
                 within = abs(ratio - 1) <= 0.15
                 print(
-                    f"{label:14s} {found.params / 1e6:5.1f}M params  batch {batch:2d} x {args.max_length}: "
+                    f"{label:7s} {found.params / 1e6:5.1f}M params  batch {batch:2d} x {args.max_length}: "
                     f"estimate {guess.bytes / MiB:7,.0f} MiB  peak RSS {peak / MiB:7,.0f} MiB  "
                     f"estimate/peak {ratio:.2f}  {'ok' if within else 'OUTSIDE 15%'}  ({wall:.0f} s)  "
                     + " ".join(f"{k}={v / MiB:,.0f}" for k, v in guess.parts.items()),

@@ -42,8 +42,11 @@ SLURM_FIXTURES = frozenset({"slurm", "slurm2", "slurm_now"})
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test for what it starts, from its fixtures: `browser`, `slurm`, and `process` for all of them;
     and keep together, on one pytest-xdist worker, the tests that must not run beside each other."""
+    no_gpu = gpu_missing() if any(item.get_closest_marker("gpu") for item in items) else None
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
+        if no_gpu and item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason=no_gpu))
         if used & BROWSER_FIXTURES:
             item.add_marker(pytest.mark.browser)
         if used & SLURM_FIXTURES:
@@ -55,6 +58,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
         if getattr(config.option, "loadgroup", False):  # a pytest-xdist worker under --dist loadgroup
             keep_grouped(item)
+
+
+def gpu_missing() -> str | None:
+    """Why the `gpu` tests cannot run here, or None when a CUDA GPU is there (scripts/gpu-check runs them)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU, and torch sees none here; scripts/gpu-check runs these on a GPU machine"
+    return None
 
 
 def keep_grouped(item: pytest.Item) -> None:

@@ -317,7 +317,7 @@ def run(
             dynamic_shapes=config.model.compile and not config.data.packing,
             **studio,
         )
-    callback.begin_fields |= report.fields()
+    callback.begin_fields |= report.fields() | where_it_trains(trainer.model, dtype)
     pissa_start = None
     if config.adapter == "pissa" and int(os.environ.get("RANK", "0")) == 0:
         pissa_start = keep_pissa_start(trainer.model, out_dir)
@@ -401,6 +401,15 @@ def run(
     # --- cleanup ---
     del trainer, model
     return adapter
+
+
+def where_it_trains(model: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """The device, dtype and attention kernel the run trains with, for its train_begin event: what a person checks
+    first when a run is slower than expected."""
+    device = next(model.parameters()).device
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return {"device": where, "dtype": str(dtype).removeprefix("torch."), "attention": attention}
 
 
 def _tokenize_all(examples: list[Example], rows: Callable[[Example], list[Any]], required: bool = True) -> list[Any]:
