@@ -99,7 +99,7 @@ def test_start_from_this_adapter_takes_a_completed_sft_run_into_dpo(studio: Live
 def test_the_form_counts_the_memory_a_run_needs_as_the_settings_change(studio: LiveStudio, page: Any) -> None:
     page.goto(studio.page_url("#/new"))
     box = page.locator("#memory-estimate")
-    page.wait_for_function("document.querySelector('#memory-estimate').textContent.includes('needs about')")
+    page.wait_for_function("document.querySelector('#memory-estimate')?.textContent.includes('needs about')")
     text = box.text_content() or ""
     assert re.search(r"Memory: needs about [\d.,]+ MiB of memory at batch 8 and length 256; this machine has", text)
     assert "warn" not in (box.get_attribute("class") or "")
@@ -108,12 +108,30 @@ def test_the_form_counts_the_memory_a_run_needs_as_the_settings_change(studio: L
     page.locator("#cfg-optim-batch_size").fill("512")
     page.locator("#cfg-data-max_length").fill("4096")
     page.locator("#cfg-resources-memory").fill("2G")
-    page.wait_for_function("document.querySelector('#memory-estimate').textContent.includes('at batch 512')")
+    page.wait_for_function("document.querySelector('#memory-estimate')?.textContent.includes('at batch 512')")
     text = box.text_content() or ""
     assert "at batch 512 and length 4096; its --memory limit leaves" in text, text
     assert re.search(r"batch \d+ fits \(about [\d.,]+ [MG]iB\), with grad_accum \d+ for the same effective batch", text)
     assert "warn" in (box.get_attribute("class") or "")
     page.locator("#cfg-optim-learning_rate").fill("-1")
-    page.wait_for_function("document.querySelector('#memory-estimate').textContent.includes('until the settings')")
+    page.wait_for_function("document.querySelector('#memory-estimate')?.textContent.includes('until the settings')")
     assert page.locator("#memory-estimate").text_content() == "No memory estimate until the settings are valid."
     page.screenshot(path=str(ARTIFACTS / "new-memory-estimate.png"), full_page=True)
+
+
+def test_grpo_rewards_are_one_a_line_so_a_pattern_keeps_its_commas(studio: LiveStudio, page: Any) -> None:
+    page.goto(studio.page_url("#/new"))
+    page.locator("#advanced > summary").click()
+    page.locator("#cfg-rewards").wait_for(state="attached")
+    page.locator("#method").select_option("grpo")
+    assert page.locator("#cfg-rewards").input_value() == "numeric"
+    page.locator("#cfg-rewards").fill("regex:^\\d{1,3}$\n  numeric  \n")
+    page.locator("#cfg-optim-max_steps").fill("1")
+    page.get_by_label("Name").fill("grpo rewards from the page")
+    page.get_by_role("button", name="Start fine-tune").click()
+    page.wait_for_url(re.compile(r"#/tasks/[\w-]+$"))
+    task_id = page.url.rsplit("/", 1)[1]
+    try:
+        assert studio.task(task_id)["config"]["rewards"] == ["regex:^\\d{1,3}$", "numeric"]
+    finally:
+        studio.http.post(f"/api/tasks/{task_id}/cancel")

@@ -388,6 +388,9 @@ export function mountNew(root, params = new URLSearchParams()) {
     let input;
     if (f.type === "bool") {
       input = h("input", { type: "checkbox", id, name: f.path });
+    } else if (f.path === "rewards") {
+      // One reward a line: a regex:PATTERN reward may hold commas, which a comma-separated field would cut.
+      input = h("textarea", { id, name: f.path, rows: 2, spellcheck: "false", placeholder: "one a line, e.g. numeric" });
     } else if (f.type === "choice") {
       input = h("select", { id, name: f.path }, (f.choices || []).map((c) => h("option", { value: String(c) }, String(c))));
     } else {
@@ -436,7 +439,7 @@ export function mountNew(root, params = new URLSearchParams()) {
 
   function show(value, f) {
     if (f.type === "bool") return value ? "true" : "false";
-    if (Array.isArray(value)) return value.join(", ");
+    if (Array.isArray(value)) return value.join(f.path === "rewards" ? "\n" : ", ");
     return value == null ? "" : String(value);
   }
   function read(entry) {
@@ -452,6 +455,7 @@ export function mountNew(root, params = new URLSearchParams()) {
     const text = read(entry);
     const t = entry.field.type;
     if (t === "bool") return text === "true";
+    if (entry.field.path === "rewards") return text.split("\n").map((r) => r.trim()).filter(Boolean);
     if ((t === "int" || t === "float") && text.trim() !== "" && Number.isFinite(Number(text))) return Number(text);
     return text;
   }
