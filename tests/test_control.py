@@ -109,6 +109,26 @@ def test_a_queued_task_can_be_held_and_released(home: Path) -> None:
     assert service.get(held).status == "completed"
 
 
+def test_a_cancel_that_loses_the_race_to_the_tasks_launch_stops_the_launched_task(home: Path) -> None:
+    """The queued task is claimed by the launcher between the cancel's read and its write (here: the slot the cancel
+    of the task before it frees, as when a person cancels a queue from the top): the cancel asks again, with the
+    task now preparing, and stops it. It was a 409 ("is preparing now, not queued"), and the task trained on."""
+    service = in_memory(home)
+    first = service.submit({"preset": "cpu-demo"}, "first").id
+    queued = service.submit({"preset": "cpu-demo"}, "queued").id
+    apply = service.store.apply
+
+    def claimed_meanwhile(task_id: str, move: Any, **fields: Any) -> Any:
+        if task_id == queued and move.dst == "cancelled" and service.store.get(queued).status == "queued":
+            service.cancel(first, wait=True)  # its slot goes to `queued` at once
+            assert service.store.get(queued).status == "preparing"
+        return apply(task_id, move, **fields)
+
+    service.store.apply = claimed_meanwhile  # type: ignore[method-assign]
+    service.cancel(queued, wait=True)
+    assert service.get(queued).status == "cancelled" and service.get(first).status == "cancelled"
+
+
 def test_retry_and_extend_are_new_attempts_of_the_same_task(home: Path) -> None:
     """Through the service over the in-memory executor (the real command and runner:
     test_a_retry_from_the_cli_continues_from_the_newest_checkpoint)."""

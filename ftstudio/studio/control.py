@@ -67,19 +67,29 @@ class Control:
         In the studio (`wait` unset) it returns at once with the task in its "cancelling" phase and the
         escalation runs in a thread: an HTTP worker must not block for the grace period. The CLI waits,
         since nobody else would finish the job once it exits."""
-        task = self.get(task_id)
-        answer = lifecycle.answer(task.status, Action.CANCEL, self.ask(task))
-        if answer.refused:
-            raise Conflict(f"task {task.id} {answer.refused}")
-        if answer.move is not None:  # no process to stop, or a frozen one: killed outright, then cancelled
+        for _ in range(5):
+            task = self.get(task_id)
+            answer = lifecycle.answer(task.status, Action.CANCEL, self.ask(task))
+            if answer.refused:
+                raise Conflict(f"task {task.id} {answer.refused}")
+            if answer.move is None:
+                break  # a process to stop: below
+            # No process to stop, or a frozen one: killed outright, then cancelled.
             if answer.move.stop_processes:
                 self.supervisor.executor_for(task).kill_all(task.id)
                 procs.wait_gone(task.id, 5.0)
-            with writing(self.home.root):
-                task = self.store.apply(task.id, answer.move)
+            try:
+                with writing(self.home.root):
+                    task = self.store.apply(task.id, answer.move)
+            except LostRace:
+                # It moved meanwhile: a queued task the launcher claimed for a slot just freed (by the cancel of
+                # the task before it, say). Ask again with its status now, which has a process to stop.
+                continue
             if answer.move.releases:
                 self.schedule()
             return task
+        else:
+            raise Conflict(f"task {task_id} kept changing state while it was being cancelled; cancel it again")
         # Recorded before the signal is sent, or the exit would read as an interruption: if the store
         # cannot be written, the task is left running and the person is told why. The file tells the runner
         # the SIGTERM is a person's cancel (stop now), not a shutdown (checkpoint first, resume later).
