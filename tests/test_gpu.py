@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from support import Studio, home_env, run_cli, wait_for
+from test_chat import chat
 from trainer_fixtures import read_events, shared_home
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.process]
@@ -251,21 +251,7 @@ def test_two_tasks_queue_for_one_gpu_a_pause_frees_its_memory_and_a_freeze_keeps
 def test_chat_answers_on_a_gpu_no_task_holds(studio: Studio, home: Path) -> None:
     tid = studio.http.post("/api/tasks", json={"config": config(optim={"max_steps": 6})}).json()["id"]
     assert studio.wait_status(tid, "completed", "failed", timeout=300)["status"] == "completed"
-    events = []
-    with httpx.stream(
-        "POST",
-        f"{studio.url}/api/tasks/{tid}/chat",
-        json={"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 8},
-        headers=studio.auth,
-        timeout=180,
-    ) as r:
-        assert r.status_code == 200
-        name = "message"
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
+    events = chat(studio, tid, {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 8})
     worker = next(d for n, d in events if n == "worker")
     assert worker["device"] == "GPU 0", worker
     assert [n for n, _ in events][-1] == "end"

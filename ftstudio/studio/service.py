@@ -138,8 +138,9 @@ class Service:
 
     # -- submit and launch ---------------------------------------------------
 
-    def _checked(self, config: dict[str, Any], trusted: bool) -> TrainingConfig:
-        """The config, once every check of a submit has passed (it raises the first refusal)."""
+    def _checked(self, config: dict[str, Any], trusted: bool) -> tuple[TrainingConfig, dict[str, Any] | None]:
+        """The config, once every check of a submit has passed (it raises the first refusal), and the memory
+        estimate the checks counted (None where they did not: a cluster, or a model not on this machine)."""
         config = self._started_from(config)
         cfg = TrainingConfig.from_dict(config)
         if cfg.model.trust_remote_code and not trusted and not self.policy.allow_remote_code:
@@ -168,14 +169,13 @@ class Service:
         from ftstudio.training import preflight  # the trainer's cheap checks: files exist, data parses
 
         preflight.check(cfg, self.home.root, max_row_bytes=None if trusted else self.policy.max_row_bytes)
-        self._check_resources(cfg)
-        return cfg
+        return cfg, self._check_resources(cfg)
 
     def dry_run(self, config: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
         """Every check `submit` makes, and the memory the run would need, without recording or starting anything
         (`ftstudio submit --dry-run`, `POST /api/tasks/check`)."""
-        cfg = self._checked(config, trusted)
-        return {"config": cfg.to_dict(), "memory": self.memory_needed(cfg)}
+        cfg, memory = self._checked(config, trusted)
+        return {"config": cfg.to_dict(), "memory": memory if memory is not None else self.memory_needed(cfg)}
 
     def estimate_memory(self, config: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
         """The memory estimate alone, for the New fine-tune form as its settings change: the config's own checks
@@ -231,7 +231,7 @@ class Service:
     def submit(self, config: dict[str, Any], name: str | None = None, *, trusted: bool = False) -> Task:
         """Check, record and launch a task. `trusted`: the person at the terminal asked (the CLI), not a
         request over HTTP, whose reach is limited by the studio's `policy`."""
-        cfg = self._checked(config, trusted)
+        cfg, _ = self._checked(config, trusted)
         # A name is text: control characters (terminal commands, bidi overrides) are dropped.
         name = " ".join(plain(name or "").split())[:200] or plain(f"{cfg.model.name} on {Path(cfg.data.path).name}")
         # Counted and recorded under one lock, so concurrent requests cannot all slip under the limit.
@@ -271,12 +271,12 @@ class Service:
         self.schedule()
         return self.store.get(task.id)
 
-    def _check_resources(self, cfg: TrainingConfig) -> None:
+    def _check_resources(self, cfg: TrainingConfig) -> dict[str, Any] | None:
         """A request this machine can never meet is refused now, not left waiting forever. (On a cluster,
         the scheduler knows what it has: sbatch refuses what it can never give; and a task waiting for the
         check of Slurm settings is headed there.)"""
         if self.executor.cluster or self.launcher.held() is not None:
-            return
+            return None
         if cfg.resources.nodes > 1:
             raise ValidationError(
                 Problem(
@@ -304,7 +304,7 @@ class Service:
                 Problem("resources.gpus (--gpus)", f"asks for {want.gpus} GPU(s) but this machine has {have}; {fix}")
             )
         self._check_fit(cfg, on_gpu=want.gpus > 0)
-        self._check_memory(cfg)
+        return self._check_memory(cfg)
 
     def _check_fit(self, cfg: TrainingConfig, *, on_gpu: bool) -> None:
         """A model whose weights alone outgrow every device this machine could give the task is refused now (the
@@ -344,7 +344,7 @@ class Service:
             )
         )
 
-    def _check_memory(self, cfg: TrainingConfig) -> None:
+    def _check_memory(self, cfg: TrainingConfig) -> dict[str, Any] | None:
         """A run whose estimated peak is well over the most memory it could ever have here is refused now, naming
         the batch that fits, instead of dying of it minutes in. Within the estimate's error it is let through:
         the estimate may be high, and optim.auto_batch shrinks a batch that turns out not to fit."""
@@ -352,9 +352,9 @@ class Service:
 
         found = self.memory_needed(cfg)
         if found is None or found["room"] is None or found["bytes"] * (1 - ERROR) <= found["room"]:
-            return
+            return found
         if cfg.optim.auto_batch and found["suggest_batch"]:
-            return  # it starts at optim.batch_size and halves its batches until they fit
+            return found  # it starts at optim.batch_size and halves its batches until they fit
         fixes = "lower optim.batch_size or data.max_length, turn on model.gradient_checkpointing or optim.auto_batch"
         if cfg.resources.memory.strip():
             fixes += ", or raise --memory"

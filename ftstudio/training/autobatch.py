@@ -21,7 +21,6 @@ there a run out of memory ends with the message, and the runner splits and resum
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,35 +101,28 @@ class BatchSplit:
             held = [p.grad for p in params]
             for p in params:
                 p.grad = None
-            failed = False
             try:
                 loss = self._parts(trainer, model, inputs, num_items_in_batch, inner)
             except Exception as e:
-                if not out_of_memory(e) or rows_per_part(self.batch_size, self.parts) <= 1:
-                    for p, h in zip(params, held, strict=True):
-                        p.grad = h
-                    raise
-                failed = True
-            if failed:
-                # Outside the except block: the exception's frames held the failed try's activations until now.
+                split_again = out_of_memory(e) and rows_per_part(self.batch_size, self.parts) > 1
                 for p, h in zip(params, held, strict=True):
-                    p.grad = h
-                self._free()
-                self.parts *= 2
-                step = int(trainer.state.global_step) + 1
-                if self.task_dir is not None and int(os.environ.get("RANK", "0")) == 0:
-                    write_parts(self.task_dir, self.parts, self.batch_size, step)
-                self.say(f"out of memory at step {step}: {split_line(self.batch_size, self.parts)}; going on")
-                continue
-            for p, h in zip(params, held, strict=True):
-                if h is not None:
-                    if p.grad is None:
-                        p.grad = h
-                    else:
-                        p.grad.add_(h)
-            if real is not None:
-                trainer.state.num_input_tokens_seen += int(real)
-            return loss
+                    p.grad = h  # what this try added is thrown away whole
+                if not split_again:
+                    raise
+            else:
+                for p, h in zip(params, held, strict=True):
+                    if h is not None:
+                        p.grad = h if p.grad is None else p.grad.add_(h)
+                if real is not None:
+                    trainer.state.num_input_tokens_seen += int(real)
+                return loss
+            # Outside the except block: the exception's frames held the failed try's activations until now.
+            self._free()
+            self.parts *= 2
+            step = int(trainer.state.global_step) + 1
+            if self.task_dir is not None:
+                write_parts(self.task_dir, self.parts, self.batch_size, step)
+            self.say(f"out of memory at step {step}: {split_line(self.batch_size, self.parts)}; going on")
 
     def _parts(
         self,
