@@ -140,3 +140,33 @@ def test_submit_dry_run_prints_the_estimate_and_submits_nothing(home: Path) -> N
     r = run_cli(home, "submit", "--preset", "cpu-demo", "--dry-run", "--lr", "-1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "optim.learning_rate" in r.stderr
     assert run_cli(home, "tasks", "--json").stdout.count('"id"') == 0
+
+
+@pytest.mark.parametrize(
+    ("over", "words"),
+    [
+        (
+            {"model": {"kernels": "liger"}},
+            "model.kernels: kernels liger (Triton kernels) needs the liger-kernel package",
+        ),
+        (
+            {"optim": {"optimizer": "paged_adamw_8bit"}},
+            "optim.optimizer: optimizer paged_adamw_8bit needs the bitsandbytes",
+        ),
+        (
+            {"model": {"gradient_checkpointing": True, "offload_checkpoints": True}},
+            "model.offload_checkpoints: offloading checkpoints to host memory needs a CUDA GPU",
+        ),
+    ],
+)
+def test_the_gpu_settings_are_refused_at_submit_without_a_cuda_gpu(
+    home: Path, over: dict[str, Any], words: str
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: tests/test_gpu.py runs these settings")
+    with api_client(in_memory(home, in_server=True)) as client:
+        r = client.post("/api/tasks", json={"config": {"preset": "cpu-demo", **over}})
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
+        assert client.get("/api/tasks").json()["total"] == 0
