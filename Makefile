@@ -11,7 +11,7 @@ SLURM_CLUSTER := scripts/slurm-dev-cluster
 # pytest-xdist workers for `make test` (tests/conftest.py keeps together what must not run side by side).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test check lint setup browser clean bench slurm-up slurm-down slurm2-up slurm2-down
+.PHONY: demo test check lint setup browser gguf clean bench slurm-up slurm-down slurm2-up slurm2-down
 
 $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,18 @@ $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# GGUF export (the ftstudio[gguf] extra): llama.cpp compiled once per machine (about 5 minutes on 2 cores; the
+# wheel is kept under ~/.cache/ftstudio), its converter unpacked into the venv. `make test` needs it; `make demo` does not.
+GGUF_STAMP := $(VENV)/.gguf-installed
+$(GGUF_STAMP): | $(STAMP)
+	@command -v g++ >/dev/null && command -v cmake >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++ cmake >/dev/null; }
+	$(BIN)/python -m ftstudio.training.gguf setup
+	touch $(GGUF_STAMP)
+
+gguf: $(GGUF_STAMP)
 
 # Debian's Chromium for the browser tests (never `playwright install`: it downloads a browser).
 browser:
@@ -51,7 +63,7 @@ check: lint
 # whatever pytest says; a cluster that was already up is used and left up, its login
 # node started if it was not. Where one cannot come up its tests skip, saying why; in
 # CI (CI=true) that fails the run.
-test: setup browser lint
+test: setup browser gguf lint
 	@stop=":"; \
 	if $(SLURM_CLUSTER) status >/dev/null 2>&1; then \
 	  echo "make test: using the Slurm cluster that is already up"; \

@@ -456,7 +456,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    print(open_service().export(args.task, args.format, Path(args.out) if args.out else None))
+    if args.quant and args.format != "gguf":
+        raise ValidationError(f"--quant is for --format gguf; --format {args.format} has no quantization")
+    out = Path(args.out) if args.out else None
+    print(open_service().export(args.task, args.format, out, quant=args.quant or "q4_k_m"))
     return 0
 
 

@@ -251,9 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("task", help="a completed task")
     sp.add_argument(
         "--format",
-        choices=["adapter", "merged"],
+        choices=["adapter", "merged", "gguf"],
         default="adapter",
-        help="adapter: the LoRA adapter (peft, vLLM); merged: base + adapter in one model (transformers, Ollama)",
+        help="adapter: the LoRA adapter (peft, vLLM); merged: base + adapter in one model (transformers); "
+        "gguf: one file for llama.cpp, Ollama and LM Studio, with a Modelfile (needs `make gguf` once)",
+    )
+    sp.add_argument(
+        "--quant",
+        choices=["f16", "q8_0", "q4_k_m"],
+        help="with --format gguf: f16 (as trained), q8_0 (half of that) or q4_k_m (a quarter; the default)",
     )
     sp.add_argument("--out", help="a new folder (default: ./NAME-FORMAT); an existing one is refused")
 

@@ -834,15 +834,55 @@ class Service:
         _, tdir = self._result_of(task_id, "merge and generate")
         return adapters.merge(tdir.adapter, out or tdir.path / "merged", home=self.home.root)
 
-    def export(self, task_id: str, fmt: str = "adapter", out: Path | None = None) -> Path:
+    def export(self, task_id: str, fmt: str = "adapter", out: Path | None = None, *, quant: str = "q4_k_m") -> Path:
         """The task's result as a folder that stands on its own, with a model card (`ftstudio export`): `out`,
-        which must not exist yet (default: ./NAME-FORMAT in the current folder, the CLI's)."""
+        which must not exist yet (default: ./NAME-FORMAT in the current folder, the CLI's; ./NAME-QUANT for gguf)."""
         from ftstudio.training import export
 
         task, tdir = self._result_of(task_id, "export")
-        out = out or Path.cwd() / f"{export.lora_name(task.name, task.id)}-{fmt}"
         wall = self.task_json(task).get("elapsed_s")  # every attempt's training time, not only the last one's
+        if fmt == "gguf":
+            from ftstudio.training.gguf import export_gguf
+
+            out = out or Path.cwd() / f"{export.lora_name(task.name, task.id)}-{quant}"
+            return export_gguf(task.id, task.name, tdir.path, out, quant, self.home.root, wall_s=wall)
+        out = out or Path.cwd() / f"{export.lora_name(task.name, task.id)}-{fmt}"
         return export.export(task.id, task.name, tdir.path, out, fmt, self.home.root, wall_s=wall)
+
+    # -- export jobs (the page and the API; studio/exports.py) ------------------
+
+    def start_export(self, task_id: str, quant: str) -> dict[str, Any]:
+        """A GGUF export of a completed task started as a job of its own; its record (queued)."""
+        from ftstudio.studio import exports
+
+        task, tdir = self._result_of(task_id, "export")
+        return exports.start(task, tdir.path, self.home.root, quant, self.task_json(task).get("elapsed_s"))
+
+    def exports(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's export jobs, with their progress line, and their files once completed."""
+        from ftstudio.studio import exports
+
+        self.get(task_id)
+        tdir = require_task_dir(self, task_id)
+        return exports.listing(task_id, tdir.path)
+
+    def cancel_export(self, task_id: str, job: str) -> dict[str, Any]:
+        from ftstudio.studio import exports
+
+        self.get(task_id)
+        return exports.cancel(task_id, require_task_dir(self, task_id).path, exports.valid_job(job))
+
+    def delete_export(self, task_id: str, job: str) -> None:
+        from ftstudio.studio import exports
+
+        self.get(task_id)
+        exports.delete(task_id, require_task_dir(self, task_id).path, exports.valid_job(job))
+
+    def open_export_file(self, task_id: str, job: str, name: str) -> tuple[IO[bytes], int]:
+        from ftstudio.studio import exports
+
+        self.get(task_id)
+        return exports.open_file(task_id, require_task_dir(self, task_id).path, exports.valid_job(job), name)
 
     def chat_weights(self, task_id: str, checkpoint: str = "") -> str:
         """What a chat with the task answers with: "adapter" or a checkpoint's name (the one asked for, else

@@ -98,8 +98,8 @@ def handover(task_id: str, task_name: str, adapter: Path, home: Path) -> dict[st
     )
     modelfile = "\n".join(
         [
-            "# Ollama takes safetensors adapters for Llama, Mistral and Gemma bases; for other bases export",
-            f"# the merged model (ftstudio export {task_id} --format merged) and use FROM <that folder>.",
+            "# Ollama takes safetensors adapters for Llama, Mistral and Gemma bases; for any base, export a GGUF",
+            f"# (ftstudio export {task_id} --format gguf): it comes with a Modelfile that needs no editing.",
             f"FROM {base}",
             f"ADAPTER {adapter}",
         ]
@@ -114,7 +114,23 @@ def handover(task_id: str, task_name: str, adapter: Path, home: Path) -> dict[st
         "ollama": f"ollama create {shlex.quote(name)} -f Modelfile && ollama run {shlex.quote(name)}",
         "export_adapter": shlex.join(["ftstudio", "export", task_id, "--format", "adapter"]),
         "export_merged": shlex.join(["ftstudio", "export", task_id, "--format", "merged"]),
+        "gguf": gguf_commands(task_id, name),
     }
+
+
+def gguf_commands(task_id: str, name: str, quant: str = "q4_k_m") -> str:
+    """How to write a GGUF of the task and run it with llama.cpp and Ollama."""
+    out = f"{name}-{quant}"
+    gguf = f"{out}/{name}-{quant}.gguf"
+    return "\n".join(
+        [
+            shlex.join(["ftstudio", "export", task_id, "--format", "gguf", "--quant", quant]),
+            "# (or Export GGUF below); then:",
+            shlex.join(["llama-cli", "-m", gguf, "-cnv"]),
+            shlex.join(["llama-server", "-m", gguf, "--port", "8080"]),
+            f"cd {shlex.quote(out)} && ollama create {shlex.quote(name)} -f Modelfile && ollama run {shlex.quote(name)}",
+        ]
+    )
 
 
 def _whole_handover(task_id: str, task_name: str, folder: Path, home: Path) -> dict[str, str]:
@@ -144,6 +160,7 @@ def _whole_handover(task_id: str, task_name: str, folder: Path, home: Path) -> d
         "export_adapter": f"# trained in full: there is no adapter; export the model with\n"
         f"{shlex.join(['ftstudio', 'export', task_id, '--format', 'merged'])}",
         "export_merged": shlex.join(["ftstudio", "export", task_id, "--format", "merged"]),
+        "gguf": gguf_commands(task_id, name),
     }
 
 

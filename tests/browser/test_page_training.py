@@ -3,6 +3,7 @@ watch it advance, restart the studio under it, and download the adapter."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import signal
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 from support import paced, wait_for
+
+from ftstudio.training.gguf import missing_tools
 
 from .livestudio import ARTIFACTS, LiveStudio, task_processes
 
@@ -127,7 +130,24 @@ def test_finetune_survives_a_studio_restart_and_the_adapter_downloads(studio: Li
     if copy.inner_text() == "Selected: press Ctrl+C":
         assert page.evaluate("window.getSelection().toString()") == vllm
 
+    assert "--format gguf --quant q4_k_m" in page.locator("#handover-gguf").inner_text()
+
+    # A GGUF export from the page: a job with a progress line, then its files with size and sha256.
+    page.locator("#gguf-quant").select_option("q8_0")
+    page.locator("#gguf-start").click()
+    if missing_tools():  # a machine without `make gguf`: the page says how to install it
+        page.wait_for_function("document.querySelector('#gguf-error')?.textContent.includes('make gguf')")
+    else:
+        page.locator('#export-gguf-q8_0[data-status="completed"]').wait_for(timeout=180_000)
+        link = page.locator("#export-gguf-q8_0 a.export-file").first
+        with page.expect_download() as dl:
+            link.click()
+        body = Path(dl.value.path()).read_bytes()
+        shown = page.locator("#export-gguf-q8_0 .sha256").inner_text()
+        assert dl.value.suggested_filename.endswith("-q8_0.gguf") and hashlib.sha256(body).hexdigest() in shown
+        assert body[:4] == b"GGUF"
+
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "task-view-completed.png"), full_page=True)
     assert not task_processes(studio.home, task_id)
-    assert time.monotonic() - started < 240
+    assert time.monotonic() - started < 300

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from ftstudio import taskfiles
 from ftstudio.chat.process import ChatReply
+from ftstudio.errors import ValidationError
 from ftstudio.web.api_input import SEQ_MAX
 from ftstudio.web.context import ServiceDep
 from ftstudio.web.eventstream import EventStream
@@ -99,5 +100,50 @@ def task_file(task_id: str, name: str, service: ServiceDep) -> StreamingResponse
     return StreamingResponse(
         taskfiles.chunks(f),
         media_type="text/plain; charset=utf-8" if name.endswith(".log") else "application/json",
+        headers={"Content-Disposition": f'attachment; filename="{name}"', "Content-Length": str(size)},
+    )
+
+
+EXPORT_EXAMPLE = {"format": "gguf", "quant": "q4_k_m"}
+
+
+@router.get("/tasks/{task_id}/exports")
+def task_exports(task_id: str, service: ServiceDep) -> dict[str, Any]:
+    """What was exported from the task (GGUF jobs): status, progress line, and the files with size and sha256."""
+    return {"exports": service.exports(task_id)}
+
+
+@router.post("/tasks/{task_id}/exports", status_code=202)
+def task_export_start(
+    task_id: str, service: ServiceDep, body: Annotated[dict[str, Any], Body(examples=[EXPORT_EXAMPLE])]
+) -> dict[str, Any]:
+    """Start a GGUF export of a completed task as a job of its own (one per quantization)."""
+    fmt, quant = body.get("format", "gguf"), body.get("quant", "q4_k_m")
+    unknown = sorted(set(body) - {"format", "quant"})
+    if unknown:
+        raise ValidationError(f"unknown field {unknown[0][:40]!r}; an export takes format and quant")
+    if fmt != "gguf" or not isinstance(quant, str):
+        raise ValidationError(
+            "format must be gguf (adapter and merged folders come from `ftstudio export`), and quant a string"
+        )
+    return service.start_export(task_id, quant)
+
+
+@router.post("/tasks/{task_id}/exports/{job}/cancel")
+def task_export_cancel(task_id: str, job: str, service: ServiceDep) -> dict[str, Any]:
+    return service.cancel_export(task_id, job)
+
+
+@router.delete("/tasks/{task_id}/exports/{job}", status_code=204)
+def task_export_delete(task_id: str, job: str, service: ServiceDep) -> None:
+    service.delete_export(task_id, job)
+
+
+@router.get("/tasks/{task_id}/exports/{job}/files/{name}")
+def task_export_file(task_id: str, job: str, name: str, service: ServiceDep) -> StreamingResponse:
+    f, size = service.open_export_file(task_id, job, name)
+    return StreamingResponse(
+        taskfiles.chunks(f),
+        media_type="text/plain; charset=utf-8" if name in ("Modelfile", "README.md") else "application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{name}"', "Content-Length": str(size)},
     )
