@@ -98,7 +98,7 @@ slurm2-up:
 slurm2-down:
 	$(SLURM_CLUSTER) down2
 
-bench: setup
+bench: setup gguf
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -22,7 +22,7 @@ from pathlib import Path
 from common import BENCH, PY, ROOT, TABLE_HEAD, Figure, command_line, load_average
 
 CORE = ["startup", "supervisor", "orchestration", "queue", "pause"]
-OPTIONAL = ["trainer", "step", "upload", "job_memory"]
+OPTIONAL = ["trainer", "step", "upload", "job_memory", "gguf"]
 
 
 def main() -> int:

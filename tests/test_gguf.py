@@ -341,3 +341,43 @@ def test_an_export_of_a_task_that_has_not_completed_is_refused(client: Any) -> N
     assert r.status_code == 422 and "needs a completed task" in str(r.json()["detail"]), r.text
     assert client.get(f"/api/tasks/{task_id}/exports").json()["exports"] == []
     time.sleep(0)
+
+
+def test_an_export_job_outlives_a_studio_restart_and_a_killed_one_says_so(task: Path, home: Path) -> None:
+    service = in_memory(home, in_server=True)
+    with api_client(service) as first:
+        first.service = service
+        task_id = completed_with_real_adapter(first, task)
+        home.mkdir(exist_ok=True)
+        lock = (home / "exports.lock").open("wb")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert first.post(f"/api/tasks/{task_id}/exports", json={"quant": "q8_0"}).status_code == 202
+        assert first.post(f"/api/tasks/{task_id}/exports", json={"quant": "f16"}).status_code == 202
+    # The studio is gone; a new one on the same home finds both jobs waiting, and they go on once the lock frees.
+    again = in_memory(home, in_server=True)
+    with api_client(again) as client:
+        jobs = {j["quant"]: j for j in client.get(f"/api/tasks/{task_id}/exports").json()["exports"]}
+        assert {j["status"] for j in jobs.values()} == {"queued"}
+        # The queue lists them beside training, oldest first.
+        listed = client.get("/api/queue").json()["exports"]
+        assert [(e["task"], e["quant"], e["status"]) for e in listed] == [
+            (task_id, "q8_0", "queued"),
+            (task_id, "f16", "queued"),
+        ]
+        pid = json.loads((again.get(task_id).dir.path / "exports" / "gguf-f16.process.json").read_text())["pid"]
+        refused = client.delete(f"/api/tasks/{task_id}")
+        assert refused.status_code == 409 and "cancel the export, then delete" in refused.json()["detail"]
+        os.killpg(pid, 9)  # a job killed outright (the OOM killer, a reboot) writes nothing itself
+        lock.close()
+
+        def ended() -> dict[str, Any] | None:
+            jobs = {j["quant"]: j for j in client.get(f"/api/tasks/{task_id}/exports").json()["exports"]}
+            return jobs if all(j["status"] in ("completed", "failed") for j in jobs.values()) else None
+
+        jobs = wait_for(ended, timeout=240, what="both jobs to end")
+        assert jobs["q8_0"]["status"] == "completed", jobs
+        assert jobs["f16"]["status"] == "failed" and jobs["f16"]["error"].startswith(
+            "the export's process ended without"
+        )
+        r = client.delete(f"/api/tasks/{task_id}")
+        assert r.status_code == 204, r.text

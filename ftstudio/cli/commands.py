@@ -160,7 +160,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return 0
     gpus = ", ".join(map(str, q["gpus"])) or "none"
     print(f"training slots {q['slots']} (for tasks without a GPU; studio start --slots N), GPUs {gpus}")
-    if not q["running"] and not q["waiting"] and not q["chats"]:
+    if not q["running"] and not q["waiting"] and not q["chats"] and not q["exports"]:
         print("nothing running or waiting")
         return 0
     for t in q["running"]:
@@ -168,6 +168,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
     for c in q["chats"]:
         who = f"chat with task {c['task']}" if c["task"] else "chat"
         print(f"  chat     pid {c['pid']:<18} {printable(c['device'])}: {who}")
+    for e in q["exports"]:
+        print(f"  export   {e['task']:<22} {e['quant']:<12} {e['status']}: {printable(e['progress'] or '')}")
     for t in q["waiting"]:
         prio = f" priority {t['priority']}" if t["priority"] else ""
         print(f"  #{t['position']:<7} {t['id']:<22} {printable(t['reason'])}{prio}")

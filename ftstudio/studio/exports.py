@@ -24,6 +24,9 @@ from ftstudio.training.exportjob import EXPORTS_DIR, FINAL, job_id, paths, read
 from ftstudio.training.gguf import MANIFEST, QUANTS, missing_tools
 
 MARKER = "ftstudio.training.exportjob"
+REGISTRY = "exports"
+"""Under the data home: one file per export job not yet seen ended (TASK.JOB, holding the task folder), so the
+queue lists them without reading every task's folder."""
 FILES = ("Modelfile", "README.md", MANIFEST)
 """What an export folder holds beside its .gguf, and may be downloaded."""
 
@@ -50,8 +53,12 @@ def view(task_id: str, task_dir: Path, job: str) -> dict[str, Any] | None:
     if record is None:
         return None
     if record.get("status") not in FINAL and not _alive(task_dir, job):
+        # Read again now that the process is known gone: it may have written how it ended since the first read.
+        record = read(task_dir, job) or record
         started = record.get("created", 0)
-        if time.time() - float(started or 0) > 10:  # a job just started may not have written its identity yet
+        # Without its identity yet, a job may be a moment old (start() writes it right after the spawn).
+        known = _identity_path(task_dir, job).exists()
+        if record.get("status") not in FINAL and (known or time.time() - float(started or 0) > 10):
             record.update(
                 status="failed",
                 ended=time.time(),
@@ -125,9 +132,31 @@ def start(task: Any, task_dir: Path, home: Path, quant: str, wall_s: float | Non
         write_json_atomic(_identity_path(task_dir, job), Identity.of(proc.pid).to_json())
     except Exception:  # it died at once: its record or the log says why
         pass
+    registry = home / REGISTRY
+    registry.mkdir(exist_ok=True)
+    (registry / f"{task.id}.{job}").write_text(str(task_dir))
     # Reap it when it ends, so a finished job leaves no zombie under a studio that runs for weeks.
     threading.Thread(target=proc.wait, name=f"export-{task.id}-{job}", daemon=True).start()
     return view(task.id, task_dir, job) or record
+
+
+def active(home: Path) -> list[dict[str, Any]]:
+    """The export jobs queued or running on this machine, oldest first, for the queue beside training."""
+    found = []
+    registry = home / REGISTRY
+    for entry in sorted(registry.iterdir()) if registry.is_dir() else []:
+        task_id, _, job = entry.name.partition(".")
+        try:
+            job_view = view(task_id, Path(entry.read_text().strip()), job)
+        except OSError:
+            job_view = None
+        if job_view is None or job_view["status"] in FINAL:
+            entry.unlink(missing_ok=True)
+            continue
+        found.append(
+            {"task": task_id, "job": job, **{k: job_view[k] for k in ("quant", "status", "progress", "created")}}
+        )
+    return sorted(found, key=lambda e: e["created"] or 0)
 
 
 def cancel(task_id: str, task_dir: Path, job: str) -> dict[str, Any]:

@@ -299,7 +299,18 @@ class Launcher:
 
         # The chat workers beside the queue: they hold no lease and give way when training needs their place.
         chats = running_chats(self.home.chats)
-        return {"slots": self.slots(), "gpus": list(self.gpus), "running": running, "waiting": waiting, "chats": chats}
+        from ftstudio.studio.exports import active
+
+        # Export jobs likewise: they hold no lease, take turns among themselves and run at a lower priority.
+        exports = active(self.home.root)
+        return {
+            "slots": self.slots(),
+            "gpus": list(self.gpus),
+            "running": running,
+            "waiting": waiting,
+            "chats": chats,
+            "exports": exports,
+        }
 
     def queue_place(self, task: Task, waits: dict[str, scheduler.Wait] | None) -> dict[str, Any] | None:
         if task.status != S.QUEUED:

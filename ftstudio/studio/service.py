@@ -476,6 +476,17 @@ class Service:
         return self.control.history(task_id)
 
     def delete(self, task_id: str) -> None:
+        from ftstudio.studio import exports
+
+        task = self.get(task_id)
+        if task.dir.path.is_dir():
+            running = [
+                j["quant"] for j in exports.listing(task_id, task.dir.path) if j["status"] in ("queued", "running")
+            ]
+            if running:
+                raise Conflict(
+                    f"task {task_id} is being exported ({', '.join(running)}); cancel the export, then delete"
+                )
         self.control.delete(task_id)
 
     # -- datasets and models (catalog.py) --------------------------------------

@@ -123,6 +123,17 @@ export class QueuePanel {
           h("span", { class: "muted" }, ` on ${c.device}`),
         ),
       ),
+      // So is an export job (GGUF): one at a time on the machine, at a lower priority than training.
+      ...(q.exports || []).map((e) =>
+        h(
+          "li",
+          { class: "queue-export", dataset: { task: e.task, job: e.job } },
+          h("span", { class: "lease" }, "export"),
+          " ",
+          link({ id: e.task, name: names.get(e.task) || `task ${e.task}` }),
+          h("span", { class: "muted" }, ` ${e.quant}, ${e.status}: ${e.progress || ""}`),
+        ),
+      ),
     );
     this.waiting.replaceChildren(
       ...(waiting.length
