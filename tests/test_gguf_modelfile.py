@@ -61,3 +61,26 @@ def test_a_system_prompt_goes_into_the_modelfile(tokenizer: Any) -> None:
 def test_the_gguf_extra_pins_the_release_the_converter_comes_from() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gguf"]
     assert f"llama-cpp-python=={LLAMA_CPP_PYTHON}" in extras
+
+
+def test_the_system_prompt_every_training_conversation_began_with_is_the_modelfiles(tmp_path: Path) -> None:
+    import json
+
+    from ftstudio.training.gguf import trained_system
+
+    def trained_on(rows: list[dict[str, Any]]) -> str | None:
+        data = tmp_path / "d.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / "training_config.json").write_text(json.dumps({"data": {"path": str(data)}}))
+        return trained_system(tmp_path, tmp_path / "home")
+
+    def row(system: str | None) -> dict[str, Any]:
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+        return {"messages": ([{"role": "system", "content": system}] if system else []) + turns}
+
+    assert trained_on([row("Be brief."), row("Be brief.")]) == "Be brief."
+    assert trained_on([row("Be brief."), row("Be kind.")]) is None
+    assert trained_on([row("Be brief."), row(None)]) is None
+    assert trained_on([{"instruction": "Add 1 and 2", "output": "3"}]) is None
+    (tmp_path / "training_config.json").write_text(json.dumps({"data": {"path": str(tmp_path / "gone.jsonl")}}))
+    assert trained_system(tmp_path, tmp_path / "home") is None

@@ -317,6 +317,21 @@ def _prompts(adapter: Path, tokenizer: Any, home: Path) -> list[list[int]]:
     return [tokenizer(render(tokenizer, [{"role": "user", "content": "Hello!"}], generation_prompt=True))["input_ids"]]
 
 
+def trained_system(adapter: Path, home: Path) -> str | None:
+    """The system prompt the model was trained with, when every conversation of its data began with the same one
+    (the Modelfile's SYSTEM, so Ollama sends it when a user sends none); else None."""
+    from ftstudio.training.evaluation import load_prompts
+
+    try:
+        ref = (json.loads((adapter / "training_config.json").read_text()).get("data") or {}).get("path")
+        prompts = load_prompts(str(ref), home, 100_000) if ref else []
+    except Exception:  # the data moved away since training: no SYSTEM line, nothing else lost
+        return None
+    systems = {p.messages[0]["content"] if p.messages and p.messages[0]["role"] == "system" else None for p in prompts}
+    only = systems.pop() if len(systems) == 1 else None
+    return only or None
+
+
 def agreement_words(quant: str, agreement: dict[str, Any]) -> str:
     share = agreement.get("top1_agreement")
     pct = f"{share * 100:.1f}%" if isinstance(share, float) else "-"
@@ -419,7 +434,7 @@ def export_gguf(
         _step(["agree", str(final), str(model_dir), str(prompts), str(result), str(AGREE_TOKENS)],
               log, "loading the GGUF to compare it", work)  # fmt: skip
         agreement = json.loads(result.read_text())
-        (tmp / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
+        (tmp / "Modelfile").write_text(modelfile(gguf_name, tokenizer, trained_system(adapter, home)))
         size = final.stat().st_size
         base_card = model_card("merged", task_id, task_name, adapter, base_name(adapter, home), wall_s)
         (tmp / CARD).write_text(_card(quant, gguf_name, name, size, agreement, base_card))
