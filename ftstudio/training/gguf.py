@@ -45,7 +45,7 @@ QUANTS = ("f16", "q8_0", "q4_k_m")
 QUANT_WORDS = {
     "f16": "16-bit floats: the weights as trained, half the size of float32",
     "q8_0": "8-bit (q8_0): about half the size of f16, answers all but identical",
-    "q4_k_m": "4-bit (q4_k_m): about a quarter of f16, the usual choice for a laptop",
+    "q4_k_m": "4-bit (q4_k_m): about a third of f16, the usual choice for a laptop",
 }
 LLAMA_CPP_PYTHON = "0.3.36"
 """The llama-cpp-python release whose source carries the converter and libllama (pyproject's `gguf` extra)."""
@@ -345,8 +345,10 @@ def agreement_words(quant: str, agreement: dict[str, Any]) -> str:
 
 def _card(quant: str, gguf_name: str, name: str, size: int, agreement: dict[str, Any], base_card: str) -> str:
     rest = base_card.split("\n---\n", 1)[-1].lstrip("\n")  # the training card, without its front matter
+    base = next((ln for ln in base_card.splitlines() if ln.startswith("base_model: ")), None)
     front = [
         "---",
+        *([base] if base else []),
         "library_name: gguf",
         "pipeline_tag: text-generation",
         "tags:",
@@ -373,7 +375,9 @@ def _card(quant: str, gguf_name: str, name: str, size: int, agreement: dict[str,
         "```",
         "",
     ]
-    return "\n".join(front) + rest.rstrip("\n") + "\n\n" + "\n".join(lines)
+    # The GGUF first (what a person downloading it wants to know), then how it was trained.
+    title, results, training = rest.partition("## Results")
+    return "\n".join(front) + title + "\n".join(lines) + "\n" + results + training
 
 
 def export_gguf(
@@ -412,22 +416,25 @@ def export_gguf(
         tmp.mkdir()
         from transformers import AutoTokenizer
 
-        if is_whole(adapter):
-            model_dir = adapter
-        else:
-            say("1/4 merging the adapter into the base model")
-            model_dir = merge(adapter, work / "merged", home=home)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        whole = is_whole(adapter)
         final = tmp / gguf_name
         first = final if quant in ("f16", "q8_0") else work / "model-f16.gguf"
-        say(f"2/4 writing GGUF ({'f16' if quant == 'q4_k_m' else quant}) with llama.cpp's converter")
+        steps = 2 + (not whole) + (first != final)
+        done = iter(range(1, steps + 1))
+        if whole:
+            model_dir = adapter
+        else:
+            say(f"{next(done)}/{steps} merging the adapter into the base model")
+            model_dir = merge(adapter, work / "merged", home=home)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        say(f"{next(done)}/{steps} writing GGUF ({'f16' if quant == 'q4_k_m' else quant}) with llama.cpp's converter")
         _step(["convert", str(tools_dir()), str(model_dir), str(first), "f16" if quant == "q4_k_m" else quant, name],
-              log, "writing the GGUF", first.parent if first != final else out.parent)  # fmt: skip
+              log, "writing the GGUF", out.parent if first == final else task_dir)  # fmt: skip
         if first != final:
-            say(f"3/4 quantizing to {quant} with llama.cpp's quantizer")
+            say(f"{next(done)}/{steps} quantizing to {quant} with llama.cpp's quantizer")
             _step(["quantize", str(first), str(final), quant], log, "quantizing", out.parent)
             first.unlink()
-        say(f"4/4 measuring agreement with the original on up to {AGREE_PROMPTS} held-out prompts")
+        say(f"{next(done)}/{steps} measuring agreement with the original on up to {AGREE_PROMPTS} held-out prompts")
         prompts = work / "prompts.json"
         prompts.write_text(json.dumps(_prompts(adapter, tokenizer, home)))
         result = work / "agreement.json"

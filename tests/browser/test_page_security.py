@@ -119,13 +119,22 @@ def attack_page(studio_url: str, task_id: str) -> str:
   <input name='{{"name": "pwned", "config": {{"preset": "cpu-demo"}}, "x": "' value='"}}'>
 </form>
 <script>
+  // Each form's frame has its answer (or an error page) once it loads somewhere this page cannot read.
+  const answered = (name) => new Promise((resolve) => {{
+    const frame = document.querySelector(`iframe[name=${{name}}]`);
+    frame.addEventListener("load", () => {{
+      try {{ frame.contentWindow.location.href; }} catch {{ resolve(); }}  // still about:blank: not yet
+    }});
+  }});
+  const forms = [answered("sink1"), answered("sink2")];
   document.getElementById("cancel").submit();
   document.getElementById("submit").submit();
   const fd = new FormData();
   fd.append("file", new Blob(['{{"text": "pwned"}}\\n']), "pwned.jsonl");
-  fetch("{studio_url}/api/datasets", {{method: "POST", mode: "no-cors", credentials: "include", body: fd}})
+  const fetches = fetch("{studio_url}/api/datasets", {{method: "POST", mode: "no-cors", credentials: "include", body: fd}})
     .finally(() => fetch("{studio_url}/api/tasks/{task_id}", {{method: "DELETE", mode: "no-cors", credentials: "include"}}))
-    .finally(() => {{ document.title = "done"; }});
+    .catch(() => null);
+  Promise.all([...forms, fetches]).then(() => {{ document.title = "done"; }});
 </script></body></html>"""
 
 
@@ -152,16 +161,16 @@ def test_another_origin_changes_nothing(browser: Any, scripted_studio: LiveStudi
         evil.on("response", lambda r: r.url.startswith(studio.url + "/api/") and answers.append(r.status))
         evil.on("requestfailed", lambda r: r.url.startswith(studio.url + "/api/") and cut.append(r.url))
         evil.goto(f"http://{attacker_host}:{site.port}/")
-        evil.wait_for_function("document.title === 'done'", timeout=20_000)
-        # Two forms and two fetches: each answered or cut off. The forms navigate hidden frames, which Chromium
-        # may take a long while to report on a loaded machine (twice over 20 s in a full run, never alone).
-        wait_for(lambda: len(answers) + len(cut) >= 4, timeout=90, what="the studio's answers to the forms")
+        # Done once both fetches have ended and both forms' frames have loaded their answer: the page itself knows
+        # (Chromium's report of a frame's response to Playwright once took over 90 s on a loaded machine).
+        evil.wait_for_function("document.title === 'done'", timeout=90_000)
+        wait_for(lambda: answers or cut, timeout=30, what="an answer the browser reported")
         time.sleep(0.5)
     finally:
         context.close()
         site.close()
 
-    assert answers and all(code in (401, 403, 415) for code in answers), answers
+    assert (answers or cut) and all(code in (401, 403, 415) for code in answers), (answers, cut)
     assert studio.task(task["id"])["status"] == "training"
     assert (studio.api("GET", "/api/tasks?limit=100")["total"], studio.api("GET", "/api/datasets")) == before
 

@@ -15,7 +15,7 @@ const BLOCKS = [
   ["gguf", "GGUF for llama.cpp, Ollama and LM Studio", (r) => r.gguf],
 ];
 const QUANTS = [
-  ["q4_k_m", "q4_k_m: a quarter of f16, the usual choice"],
+  ["q4_k_m", "q4_k_m: a third of f16, the usual choice"],
   ["q8_0", "q8_0: half of f16, all but identical answers"],
   ["f16", "f16: as trained"],
 ];
