@@ -457,6 +457,69 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_config(args: argparse.Namespace) -> dict[str, Any]:
+    """A config holding what `data inspect` was asked, checked as a submit's is."""
+    data: dict[str, Any] = {"path": args.path, "format": args.format, "validation": args.validation or "0"}
+    if args.max_length is not None:
+        data["max_length"] = args.max_length
+    config: dict[str, Any] = {"model": {"name": args.model}, "data": data, "method": args.method}
+    if args.eval_prompts:
+        config["evaluation"] = {"prompts": args.eval_prompts}
+    return config
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    report = open_service().inspect_data(data_config(args), trusted=True, view_rows=max(args.rows, 0))
+    if args.json:
+        _print_json(report)
+        return 0
+    for line in inspection_lines(report, args.rows):
+        print(line)
+    return 0
+
+
+def inspection_lines(r: dict[str, Any], rows: int) -> list[str]:
+    """The report as a person reads it in a terminal; trained tokens are marked [+like this+]."""
+    name = Path(r["path"]).name
+    t, d, lengths = r["truncation"], r["duplicates"], r["lengths"]
+    out = [
+        f"{name}: {r['format']}, {r['rows']:,} rows ({r['usable_rows']:,} usable, {r['skipped_rows']:,} skipped), "
+        f"for {r['method']} with {r['model']}'s tokenizer at max_length {r['max_length']:,}",
+    ]
+    out += [f"  skipped: {printable(p)}" for p in r["problems"][:3]]
+    for part in ("prompt", "response", "total"):
+        f = lengths[part]
+        out.append(
+            f"  {part + ' tokens':<16} median {f['median']:,}, 95th percentile {f['p95']:,}, longest {f['max']:,}"
+        )
+    out.append(
+        f"truncation: {t['rows']:,} rows exceed max_length, {t['whole_response_lost']:,} of them lose their whole "
+        f"response; {t['response_tokens_lost']:,} of {t['response_tokens']:,} response tokens lost "
+        f"({t['share_lost'] * 100:.1f}%)"
+    )
+    out.append(
+        f"duplicates: {d['exact']:,} exact, {d['near']:,} near (among the first {d['compared_for_near']:,} distinct rows)"
+    )
+    out += [f"  {printable(e['row'])} = {printable(e['same_as'])}" for e in d["exact_examples"][:3]]
+    out += [f"  {printable(e['row'])} ~ {printable(e['like'])}" for e in d["near_examples"][:3]]
+    for kind, leak in r["leakage"].items():
+        what = "held-out prompts" if kind == "held_out" else "validation rows"
+        out.append(f"leakage: {leak['leaked']:,} of {leak['rows']:,} {what} appear in the training rows")
+        out += [
+            f"  {printable(e['row'])} {'=' if e['exact'] else '~'} {printable(e['training_row'])}"
+            for e in leak["examples"][:3]
+        ]
+    out.append(f"cost: {r['cost']['tokens_per_epoch']:,} tokens per epoch")
+    out += [f"warning: {printable(w['message'])}" for w in r["warnings"]]
+    for row in r["view"][:rows]:
+        text = "".join(
+            f"[+{run['text']}+]" if run["trained"] else run["text"] for run in row["runs"] if not run.get("dropped")
+        )
+        cut = f" ... {row['dropped_tokens']} tokens cut by max_length" if row["dropped_tokens"] else ""
+        out.append(f"--- {printable(row['where'])} (trained tokens in [+ +]){cut}\n{printable_log(text)}")
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.quant and args.format != "gguf":
         raise ValidationError(f"--quant is for --format gguf; --format {args.format} has no quantization")

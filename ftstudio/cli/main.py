@@ -37,6 +37,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": commands.cmd_demo,
     "merge": commands.cmd_merge,
     "export": commands.cmd_export,
+    "data": commands.cmd_data,
     "chat": cmd_chat,
     "generate": commands.cmd_generate,
 }

@@ -259,9 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--quant",
         choices=["f16", "q8_0", "q4_k_m"],
-        help="with --format gguf: f16 (as trained), q8_0 (half of that) or q4_k_m (a quarter; the default)",
+        help="with --format gguf: f16 (as trained), q8_0 (half of that) or q4_k_m (a third; the default)",
     )
     sp.add_argument("--out", help="a new folder (default: ./NAME-FORMAT); an existing one is refused")
+
+    sp = add("data", "see what a model will learn from a dataset: the rows as trained, lengths, duplicates, leakage")
+    sp.add_argument("action", choices=["inspect"], help="inspect: the report (nothing is changed)")
+    sp.add_argument("path", help="a dataset file or folder, an uploaded dataset's name, or builtin:sample")
+    sp.add_argument("--model", default="builtin:tiny", help="whose tokenizer and chat template (default builtin:tiny)")
+    sp.add_argument("--max-length", type=int, help="data.max_length, as on submit (default: the config's, 1024)")
+    sp.add_argument("--method", default="sft", help="sft, pretrain, dpo, orpo, kto or grpo, as on submit")
+    sp.add_argument("--format", default="auto", help="the data shape, as on submit (default: detected)")
+    sp.add_argument("--eval-prompts", default="", help="held-out prompts to look for among the training rows")
+    sp.add_argument("--validation", default="", help="a validation file to look for among the training rows")
+    sp.add_argument("--rows", type=int, default=3, help="rows of the training view to print (default 3)")
+    sp.add_argument("--json", action="store_true", help="the whole report as JSON")
 
     sp = add("chat", "chat with a task's adapter (or a checkpoint) in the terminal, replies streamed")
     sp.add_argument("task", help="a task with an adapter, or a checkpoint (paused, interrupted, failed)")

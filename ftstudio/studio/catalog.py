@@ -90,15 +90,20 @@ class Catalog:
         os.unlink(received)
         return self.home.datasets / candidate
 
+    def known(self, name: str) -> str:
+        """`name`, when it is a bundled or uploaded dataset; NotFound otherwise."""
+        known = {d["name"] for d in self.datasets()}
+        if name not in known:
+            shown = name[:80] + ("…" if len(name) > 80 else "")
+            raise NotFound(f"no dataset {shown!r}; upload it first (known: {', '.join(sorted(known)[:20])})")
+        return name
+
     def dataset(self, name: str) -> dict[str, Any]:
         """Format, row count and the first rows of a bundled or uploaded dataset."""
         from ftstudio.training.builtin import BUILTIN_DATASETS, resolve_dataset
         from ftstudio.training.data import inspect_dataset
 
-        known = {d["name"] for d in self.datasets()}
-        if name not in known:
-            shown = name[:80] + ("…" if len(name) > 80 else "")
-            raise NotFound(f"no dataset {shown!r}; upload it first (known: {', '.join(sorted(known)[:20])})")
+        self.known(name)
         info = inspect_dataset(resolve_dataset(name, self.home.root), max_row_bytes=self.policy.max_row_bytes)
         return {
             "name": name,

@@ -10,6 +10,7 @@ person can act on; the edges map those to HTTP codes and exit codes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import psutil
 
 from ftstudio import __version__, checkpoints, taskfiles
 from ftstudio.chat.process import ChatReply, ChatRequest, ChatWorker, Machine
-from ftstudio.config import PRESETS, TrainingConfig, custom_reward, describe_fields, label
+from ftstudio.config import PRESETS, TrainingConfig, custom_reward, describe_fields, label, validation_fraction
 from ftstudio.errors import Conflict, DamagedFile, NotFound, Problem, StorageError, TooBusy, UserError, ValidationError
 from ftstudio.execution.executor import Executor, LocalExecutor
 from ftstudio.home import Home, TaskDir, read_json, write_json_atomic
@@ -176,6 +177,48 @@ class Service:
         (`ftstudio submit --dry-run`, `POST /api/tasks/check`)."""
         cfg, memory = self._checked(config, trusted)
         return {"config": cfg.to_dict(), "memory": memory if memory is not None else self.memory_needed(cfg)}
+
+    def inspect_data(self, config: dict[str, Any], *, trusted: bool = False, view_rows: int = 20) -> dict[str, Any]:
+        """What the model will learn from `config`'s data (`ftstudio data inspect`, GET /api/datasets/{name}/inspect):
+        its shape, the rows as the trainer sees them, lengths and truncation, duplicates, leakage and cost. Read
+        with the checks of a submit (the root rule, the data parses); kept per file content and settings."""
+        from ftstudio.training import inspector
+        from ftstudio.training.builtin import resolve_dataset, resolve_model
+        from ftstudio.training.models import load_tokenizer
+
+        cfg = TrainingConfig.from_dict(config)
+        paths.anchor(cfg, self.home.root)
+        refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
+        if refused:
+            raise ValidationError(refused)
+        data = resolve_dataset(cfg.data.path, self.home.root)
+        held_out = resolve_dataset(cfg.evaluation.prompts, self.home.root) if cfg.evaluation.prompts.strip() else None
+        value = cfg.data.validation.strip()
+        validation = None if validation_fraction(value) is not None else resolve_dataset(value, self.home.root)
+        settings = {
+            "model": cfg.model.name, "method": cfg.method, "max_length": cfg.data.max_length,
+            "format": cfg.data.format, "view_rows": view_rows, "version": inspector.VERSION,
+        }  # fmt: skip
+        key = inspector.cache_key(settings, [data, held_out, validation])
+        cached = self.home.root / "cache" / "inspect" / f"{key}.json"
+        try:
+            return dict(json.loads(cached.read_text()))
+        except (OSError, ValueError):
+            pass
+        try:
+            tokenizer = load_tokenizer(resolve_model(cfg.model.name, self.home.root), cfg.model)
+        except (OSError, ValueError) as e:
+            raise ValidationError(
+                Problem("model.name (--model)", f"cannot load the tokenizer of {cfg.model.name!r}: {str(e)[:200]}")
+            ) from None
+        report = inspector.inspect_data(
+            data, tokenizer, method=cfg.method, max_length=cfg.data.max_length, data_format=cfg.data.format,
+            held_out=held_out, validation=validation, view_rows=view_rows,
+        )  # fmt: skip
+        report["model"] = cfg.model.name
+        with contextlib.suppress(OSError):
+            write_json_atomic(cached, report)
+        return report
 
     def estimate_memory(self, config: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
         """The memory estimate alone, for the New fine-tune form as its settings change: the config's own checks
@@ -503,6 +546,10 @@ class Service:
 
     def dataset(self, name: str) -> dict[str, Any]:
         return self.catalog.dataset(name)
+
+    def dataset_name(self, name: str) -> str:
+        """`name`, when it is a bundled or uploaded dataset (the API reads no other); NotFound otherwise."""
+        return self.catalog.known(name)
 
     def datasets(self) -> list[dict[str, Any]]:
         return self.catalog.datasets()

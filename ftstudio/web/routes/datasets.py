@@ -3,9 +3,9 @@ and the datasets and models the studio knows."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from ftstudio.studio.incoming import too_large
@@ -60,6 +60,31 @@ def list_datasets(service: ServiceDep) -> dict[str, Any]:
 @router.get("/datasets/{name}")
 def show_dataset(name: str, service: ServiceDep) -> dict[str, Any]:
     return service.dataset(name)
+
+
+@router.get("/datasets/{name}/inspect")
+def inspect_dataset(
+    name: str,
+    service: ServiceDep,
+    model: Annotated[str, Query(max_length=500)] = "builtin:tiny",
+    max_length: Annotated[int | None, Query(ge=1, le=1 << 20)] = None,
+    method: Annotated[str, Query(max_length=20)] = "sft",
+    data_format: Annotated[str, Query(alias="format", max_length=20)] = "auto",
+    eval_prompts: Annotated[str, Query(max_length=500)] = "",
+    validation: Annotated[str, Query(max_length=500)] = "",
+    rows: Annotated[int, Query(ge=0, le=200)] = 20,
+) -> dict[str, Any]:
+    """What the model will learn from a bundled or uploaded dataset: its shape, the rows as the trainer sees them
+    (which tokens carry the loss), lengths and truncation at max_length, duplicates, held-out prompts and validation
+    rows found among the training rows, and tokens per epoch. Kept per file content and settings."""
+    service.dataset_name(name)
+    data: dict[str, Any] = {"path": name, "format": data_format, "validation": validation or "0"}
+    if max_length is not None:
+        data["max_length"] = max_length
+    config: dict[str, Any] = {"model": {"name": model}, "data": data, "method": method}
+    if eval_prompts:
+        config["evaluation"] = {"prompts": eval_prompts}
+    return service.inspect_data(config, view_rows=rows)
 
 
 @router.get("/models")
