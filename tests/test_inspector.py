@@ -224,3 +224,42 @@ def test_a_preference_pair_is_viewed_as_dpo_trains_it(tmp_path: Path, tokenizer:
     assert report["cost"]["tokens_per_epoch"] == 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(
         row["rejected_ids"]
     )
+
+
+def test_the_fixes_write_new_datasets_and_leave_the_original_alone(home: Path, tmp_path: Path) -> None:
+    service = in_memory(home, in_server=True)
+    with api_client(service) as client:
+
+        def upload(path: Path) -> str:
+            r = client.post("/api/datasets", files={"file": (path.name, path.read_bytes())})
+            assert r.status_code == 201, r.text
+            return str(r.json()["name"])
+
+        dups = upload(duplicates_file(tmp_path / "dups.jsonl"))
+        before = (home / "datasets" / dups).read_bytes()
+        r = client.post(f"/api/datasets/{dups}/derive", json={"drop": "duplicates"})
+        assert r.status_code == 201, r.text
+        assert (r.json()["name"], r.json()["kept"], r.json()["dropped"]) == ("dups-dedup.jsonl", 43, 7)
+        assert (home / "datasets" / dups).read_bytes() == before
+        again = client.get("/api/datasets/dups-dedup.jsonl/inspect").json()["duplicates"]
+        assert (again["exact"], again["near"]) == (0, 3)  # near duplicates are shown, and left for a person to judge
+
+        train, held = leakage_files(tmp_path)
+        train_name = upload(train)
+        held_name = str(home / "held.jsonl")  # held-out prompts have no answers: a file under the data home
+        Path(held_name).write_bytes(held.read_bytes())
+        r = client.post(f"/api/datasets/{train_name}/derive", json={"drop": "leaked", "eval_prompts": held_name})
+        assert r.status_code == 201 and (r.json()["kept"], r.json()["dropped"]) == (28, 2), r.text
+        fixed = r.json()["name"]
+        leak = client.get(f"/api/datasets/{fixed}/inspect", params={"eval_prompts": held_name}).json()["leakage"]
+        assert leak["held_out"]["leaked"] == 0
+
+        for body, status, words in [
+            ({"drop": "everything"}, 422, "drop must be duplicates or leaked"),
+            ({"drop": "leaked"}, 422, "name the held-out prompts"),
+            ({"drop": "duplicates", "path": "/etc/passwd"}, 422, "unknown field 'path'"),
+            ({"drop": "leaked", "eval_prompts": "/etc/shadow"}, 422, "/etc/shadow"),
+        ]:
+            bad = client.post(f"/api/datasets/{train_name}/derive", json=body)
+            assert bad.status_code == status and words in bad.text, bad.text
+        assert client.post("/api/datasets/nope.jsonl/derive", json={"drop": "duplicates"}).status_code == 404

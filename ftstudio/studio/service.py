@@ -220,6 +220,47 @@ class Service:
             write_json_atomic(cached, report)
         return report
 
+    def derive_dataset(self, name: str, drop: str, *, eval_prompts: str = "", validation: str = "") -> dict[str, Any]:
+        """A new uploaded dataset: `name` (bundled or uploaded) without its exact duplicates (`drop="duplicates"`) or
+        without the rows whose prompt is one of the held-out prompts or validation rows (`drop="leaked"`). The
+        original file is never changed. The inspector's fixes on the page."""
+        import tempfile
+
+        from ftstudio.training import inspector
+        from ftstudio.training.builtin import resolve_dataset
+
+        if drop not in ("duplicates", "leaked"):
+            raise ValidationError(Problem("drop", f"drop must be duplicates or leaked, not {str(drop)[:40]!r}"))
+        self.catalog.known(name)
+        config: dict[str, Any] = {"data": {"path": name, "validation": validation or "0"}}
+        if eval_prompts:
+            config["evaluation"] = {"prompts": eval_prompts}
+        cfg = TrainingConfig.from_dict(config)
+        paths.anchor(cfg, self.home.root)
+        refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=False)
+        if refused:
+            raise ValidationError(refused)
+        sources = [resolve_dataset(v, self.home.root) for v in (cfg.evaluation.prompts, validation) if v.strip()]
+        if drop == "leaked" and not sources:
+            raise ValidationError(
+                Problem("eval_prompts", "name the held-out prompts (or a validation file) to look for")
+            )
+        source = resolve_dataset(name, self.home.root)
+        stem = Path(name.removeprefix("builtin:")).stem
+        kept = dropped = 0
+        with tempfile.TemporaryFile("w+b", dir=self.home.datasets) as out:
+            for row, keep in inspector.kept_rows(source, drop, held_out=sources):
+                if keep:
+                    out.write(json.dumps(row, ensure_ascii=False).encode() + b"\n")
+                    kept += 1
+                else:
+                    dropped += 1
+            if not kept:
+                raise ValidationError(Problem("drop", f"every row of {name} would be dropped; nothing to train on"))
+            out.seek(0)
+            added = self.catalog.upload_dataset(f"{stem}-{'dedup' if drop == 'duplicates' else 'no-leaks'}.jsonl", out)
+        return {**added, "source": name, "dropped": dropped, "kept": kept}
+
     def estimate_memory(self, config: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
         """The memory estimate alone, for the New fine-tune form as its settings change: the config's own checks
         and which paths it may read, but not the dataset's (that is `dry_run`'s, at submit)."""

@@ -368,3 +368,38 @@ def _leaks(source: Path, prompts_seen: dict[int, str], lsh: Any, *, prompts: boo
             if len(examples) < SHOWN:
                 examples.append({"row": f"{source.name} {where}", "exact": bool(same), "training_row": match})
     return {"path": str(source), "rows": rows, "leaked": leaked, "examples": examples}
+
+
+def kept_rows(
+    path: Path, drop: str, *, data_format: str = "auto", held_out: list[Path] | None = None
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """Every row of `path` as it is in the file, with whether a fix keeps it: `drop="duplicates"` drops each row
+    that repeats an earlier one exactly; `drop="leaked"` drops each row whose prompt is, exactly or nearly, one
+    of the rows of `held_out` (held-out prompts, a validation file). A row the trainer cannot read is kept."""
+    from datasketch import MinHashLSH
+
+    seen: set[int] = set()
+    leaked: set[int] = set()
+    lsh = MinHashLSH(threshold=NEAR_THRESHOLD, num_perm=NUM_PERM)
+    for source in held_out or []:
+        for i, (_, _, example, _) in enumerate(_examples(source, None, prompts=True)):
+            if example is not None:
+                text = prompt_text(example)
+                leaked.add(_hash(_normal(text)))
+                lsh.insert(f"{source}:{i}", _minhash(text))
+    shape = None if data_format == "auto" else data_format
+    for where, row in read_rows(path):
+        if shape is None:
+            shape = detect_format(row, f"{path.name} {where}")
+        try:
+            example = to_example(row, shape, f"{path.name} {where}")
+        except ValueError:
+            yield row, True
+            continue
+        if drop == "duplicates":
+            key = _hash(_normal(content_key(example)))
+            yield row, key not in seen
+            seen.add(key)
+        else:
+            text = prompt_text(example)
+            yield row, not (_hash(_normal(text)) in leaked or lsh.query(_minhash(text)))

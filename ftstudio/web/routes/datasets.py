@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
+from ftstudio.errors import ValidationError
 from ftstudio.studio.incoming import too_large
 from ftstudio.studio.service import Service
 from ftstudio.web.context import ServiceDep
@@ -85,6 +86,27 @@ def inspect_dataset(
     if eval_prompts:
         config["evaluation"] = {"prompts": eval_prompts}
     return service.inspect_data(config, view_rows=rows)
+
+
+DERIVE_EXAMPLE = {"drop": "duplicates", "eval_prompts": "", "validation": ""}
+
+
+@router.post("/datasets/{name}/derive", status_code=201)
+def derive_dataset(
+    name: str, service: ServiceDep, body: Annotated[dict[str, Any], Body(examples=[DERIVE_EXAMPLE])]
+) -> dict[str, Any]:
+    """A new dataset from a bundled or uploaded one, without its exact duplicates (`drop: duplicates`) or without the
+    rows whose prompt is a held-out prompt or validation row (`drop: leaked`, with `eval_prompts` or `validation`).
+    The original is never changed."""
+    unknown = sorted(set(body) - set(DERIVE_EXAMPLE))
+    if unknown:
+        raise ValidationError(f"unknown field {unknown[0][:40]!r}; a derive takes drop, eval_prompts and validation")
+    values = {k: body.get(k, "") for k in DERIVE_EXAMPLE}
+    if not all(isinstance(v, str) and len(v) <= 500 for v in values.values()):
+        raise ValidationError("drop, eval_prompts and validation are strings of at most 500 characters")
+    return service.derive_dataset(
+        name, values["drop"], eval_prompts=values["eval_prompts"], validation=values["validation"]
+    )
 
 
 @router.get("/models")

@@ -4,6 +4,7 @@
 
 import { api, ApiError, taskUrl } from "./api.js";
 import { h, fmtInt, fmtBytes, isNum } from "./dom.js";
+import { inspectorPanel } from "./inspect.js";
 
 export const MAX_UPLOAD_BYTES = 512 * 1024 * 1024;
 const UPLOAD_TYPES = [".json", ".jsonl", ".csv", ".parquet", ".txt"];
@@ -71,6 +72,23 @@ export function mountNew(root, params = new URLSearchParams()) {
   const uploadStatus = h("p", { id: "upload-status", class: "muted", "aria-live": "polite" });
   const uploadError = h("p", { id: "upload-error", class: "error-text", role: "alert", hidden: true });
   const preview = h("div", { id: "dataset-preview", class: "preview" });
+  // The inspector's fixes change the form, never the chosen file: a new max_length, or a new dataset.
+  const inspector = inspectorPanel({
+    maxLength(n) {
+      const entry = controls.get("data.max_length");
+      if (!entry) return;
+      write(entry, String(n));
+      entry.dirty = read(entry) !== entry.baseline;
+      entry.input.dispatchEvent(new Event("input", { bubbles: true }));
+    },
+    useDataset(name, note) {
+      uploadStatus.textContent = note;
+      dataInput.value = name;
+      dataInput.dataset.touched = "1";
+      api("/api/datasets").then((d) => !destroyed && fillDatasets(d.datasets || []), () => {});
+      inspectSoon();
+    },
+  });
 
   const methodSelect = h("select", { id: "method", name: "method", onchange: () => methodChanged() }, h("option", { value: "sft" }, METHOD_WORDS.sft));
 
@@ -144,6 +162,7 @@ export function mountNew(root, params = new URLSearchParams()) {
       uploadStatus,
       uploadError,
       preview,
+      inspector.el,
     ),
     h(
       "div",
@@ -237,6 +256,7 @@ export function mountNew(root, params = new URLSearchParams()) {
         isNum(d.size) ? `, ${fmtBytes(d.size)}` : "",
       ),
     );
+    inspectSoon();
     // Then the same preview an upload shows: detected format, row count, first rows.
     const name = d.name;
     api(`/api/datasets/${encodeURIComponent(name)}`).then(
@@ -262,7 +282,7 @@ export function mountNew(root, params = new URLSearchParams()) {
       dataInput.value = r.name;
       dataInput.dataset.touched = "1";
       renderPreview(r);
-      api("/api/datasets").then((d) => !destroyed && fillDatasets(d.datasets || []), () => {});
+      api("/api/datasets").then((d) => !destroyed && (fillDatasets(d.datasets || []), inspectSoon()), () => {});
     } catch (err) {
       uploadFailed(err.message);
     } finally {
@@ -551,6 +571,28 @@ export function mountNew(root, params = new URLSearchParams()) {
   }
   form.addEventListener("input", estimateSoon);
   form.addEventListener("change", estimateSoon);
+
+  // The inspector follows the dataset and the settings that change what it reports.
+  let inspectTimer = 0;
+  function inspectSoon() {
+    clearTimeout(inspectTimer);
+    inspectTimer = setTimeout(() => {
+      const name = dataInput.value.trim();
+      if (destroyed || !datasets.has(name)) return; // only a bundled or uploaded dataset: the API reads no other
+      const field = (path) => (controls.has(path) ? read(controls.get(path)).trim() : "");
+      const validation = field("data.validation");
+      inspector.show(name, {
+        model: modelInput.value.trim(),
+        method: methodSelect.value || "sft",
+        max_length: field("data.max_length"),
+        format: field("data.format"),
+        eval_prompts: field("evaluation.prompts"),
+        validation: validation && !Number.isFinite(Number(validation)) ? validation : "",
+      });
+    }, 400);
+  }
+  form.addEventListener("input", inspectSoon);
+  form.addEventListener("change", inspectSoon);
   form.addEventListener("click", (e) => e.target.closest && e.target.closest(".chip") && estimateSoon());
 
   async function start() {
