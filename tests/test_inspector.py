@@ -144,7 +144,6 @@ def test_the_api_inspects_an_uploaded_dataset_and_keeps_the_report(home: Path, t
         r = client.get(f"/api/datasets/{name}/inspect", params={"max_length": 64})
         assert r.status_code == 200, r.text
         known_answers(r.json(), "truncation")
-        assert len(list((home / "cache" / "inspect").glob("*.json"))) == 1
         again = client.get(f"/api/datasets/{name}/inspect", params={"max_length": 64})
         assert again.json() == r.json()  # from the cache
         for params, status, words in [
@@ -263,3 +262,25 @@ def test_the_fixes_write_new_datasets_and_leave_the_original_alone(home: Path, t
             bad = client.post(f"/api/datasets/{train_name}/derive", json=body)
             assert bad.status_code == status and words in bad.text, bad.text
         assert client.post("/api/datasets/nope.jsonl/derive", json={"drop": "duplicates"}).status_code == 404
+
+
+def test_a_submit_records_the_datas_warnings_and_strict_refuses_it(home: Path, tmp_path: Path) -> None:
+    service = in_memory(home, in_server=True)
+    with api_client(service) as client:
+        path = truncation_file(tmp_path / "cut.jsonl")
+        name = client.post("/api/datasets", files={"file": (path.name, path.read_bytes())}).json()["name"]
+        config = {"preset": "cpu-demo", "data": {"path": name, "max_length": 64}}
+        r = client.post("/api/tasks", json={"config": config, "strict": True})
+        assert r.status_code == 422 and "--strict refuses it" in r.text and "max_length 64" in r.text, r.text
+        assert client.get("/api/tasks").json()["total"] == 0
+        r = client.post("/api/tasks", json={"config": config})
+        assert r.status_code == 201, r.text
+        (warning,) = r.json()["warnings"]
+        assert (
+            warning["kind"] == "truncation"
+            and "are never trained on (12 rows cut, 4 of them entirely)" in warning["message"]
+        )
+        assert client.get(f"/api/tasks/{r.json()['id']}").json()["warnings"] == [warning]
+        # Clean data: no warning, and strict lets it through.
+        r = client.post("/api/tasks", json={"config": {"preset": "cpu-demo"}, "strict": True})
+        assert r.status_code == 201 and r.json()["warnings"] == [], r.text

@@ -91,11 +91,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 else "memory: not estimated: the model's config.json is not on this machine to count from"
             )
         return 0 if checked["memory"] is None or checked["memory"]["fits"] else 1
-    task = service.submit(config, args.name, trusted=True)
+    task = service.submit(config, args.name, trusted=True, strict=args.strict)
+    view = service.task_json(task)
     if args.json:
-        _print_json(service.task_json(task))
+        _print_json(view)
     else:
         print(task.id)
+        for w in view["warnings"]:
+            print(f"warning: {printable(w['message'])} (`ftstudio data inspect` shows the rows; --strict refuses)",
+                  file=sys.stderr)  # fmt: skip
     if args.wait:
         return _wait(service, task.id, quiet=args.json)
     return 0

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="out of memory: split batches in halves (same effective batch and curve) instead of failing",
     )
     sp.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse the fine-tune when its data warns (over 5%% of the response tokens cut by max_length, "
+        "held-out prompts found in the training rows) instead of recording the warning with it",
+    )
+    sp.add_argument(
         "--dry-run",
         action="store_true",
         help="check everything and print the memory estimate; submit nothing",

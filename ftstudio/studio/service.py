@@ -50,6 +50,10 @@ if TYPE_CHECKING:
     from ftstudio.execution.slurm import SlurmSettings
 
 log = logging.getLogger("ftstudio")
+WARNINGS_FILE = "warnings.json"
+"""The data's warnings recorded at submit, in the task's folder (the task view shows them)."""
+INSPECT_AT_SUBMIT_BYTES = 64 << 20
+"""The largest dataset a submit inspects for its warnings (a file this size is read in seconds)."""
 
 S = TaskStatus
 
@@ -197,16 +201,21 @@ class Service:
         validation = None if validation_fraction(value) is not None else resolve_dataset(value, self.home.root)
         settings = {
             "model": cfg.model.name, "method": cfg.method, "max_length": cfg.data.max_length,
-            "format": cfg.data.format, "view_rows": view_rows, "version": inspector.VERSION,
+            "format": cfg.data.format, "view_rows": view_rows, "version": f"{inspector.VERSION} {__version__}",
         }  # fmt: skip
         key = inspector.cache_key(settings, [data, held_out, validation])
-        cached = self.home.root / "cache" / "inspect" / f"{key}.json"
+        cached = inspector.cache_dir() / f"{key}.json"
         try:
             return dict(json.loads(cached.read_text()))
         except (OSError, ValueError):
             pass
         try:
-            tokenizer = load_tokenizer(resolve_model(cfg.model.name, self.home.root), cfg.model)
+            if cfg.model.name.strip() == "builtin:tiny":
+                from ftstudio.training.builtin import build_tokenizer
+
+                tokenizer = build_tokenizer()  # what builtin:tiny saves, without building its weights
+            else:
+                tokenizer = load_tokenizer(resolve_model(cfg.model.name, self.home.root), cfg.model)
         except (OSError, ValueError) as e:
             raise ValidationError(
                 Problem("model.name (--model)", f"cannot load the tokenizer of {cfg.model.name!r}: {str(e)[:200]}")
@@ -218,6 +227,9 @@ class Service:
         report["model"] = cfg.model.name
         with contextlib.suppress(OSError):
             write_json_atomic(cached, report)
+            kept = sorted(cached.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
+            for old in kept[: -inspector.CACHE_KEEP]:  # the newest reports are kept, the rest dropped
+                old.unlink(missing_ok=True)
         return report
 
     def derive_dataset(self, name: str, drop: str, *, eval_prompts: str = "", validation: str = "") -> dict[str, Any]:
@@ -312,10 +324,18 @@ class Service:
             return limit, min(limit, memory.available), "its --memory limit leaves"
         return memory.total, memory.available, "this machine has"
 
-    def submit(self, config: dict[str, Any], name: str | None = None, *, trusted: bool = False) -> Task:
+    def submit(
+        self, config: dict[str, Any], name: str | None = None, *, trusted: bool = False, strict: bool = False
+    ) -> Task:
         """Check, record and launch a task. `trusted`: the person at the terminal asked (the CLI), not a
-        request over HTTP, whose reach is limited by the studio's `policy`."""
+        request over HTTP, whose reach is limited by the studio's `policy`. The data's warnings (truncation,
+        leaked held-out prompts: `data_warnings`) are recorded with the task, or with `strict` refuse it."""
         cfg, _ = self._checked(config, trusted)
+        warnings = self.data_warnings(cfg, trusted=trusted)
+        if strict and warnings:
+            raise ValidationError(
+                [Problem("data.path (--dataset)", f"{w['message']} (--strict refuses it)") for w in warnings]
+            )
         # A name is text: control characters (terminal commands, bidi overrides) are dropped.
         name = " ".join(plain(name or "").split())[:200] or plain(f"{cfg.model.name} on {Path(cfg.data.path).name}")
         # Counted and recorded under one lock, so concurrent requests cannot all slip under the limit.
@@ -346,6 +366,8 @@ class Service:
                     },
                 )
                 tdir.train_py.write_text(TRAIN_PY)
+                if warnings:
+                    write_json_atomic(tdir.path / WARNINGS_FILE, warnings)
         except (OSError, StorageError):
             # Leave nothing half-made behind: no record, no directory.
             shutil.rmtree(tdir.path, ignore_errors=True)
@@ -354,6 +376,26 @@ class Service:
         log.info("task %s submitted: %s", task.id, name)
         self.schedule()
         return self.store.get(task.id)
+
+    def data_warnings(self, cfg: TrainingConfig, *, trusted: bool) -> list[dict[str, Any]]:
+        """What the inspector warns of that a submit records: over 5 % of the response tokens lost to max_length,
+        held-out prompts or validation rows found among the training rows. Asked of the inspector's cache (the
+        form asked already); a dataset over INSPECT_AT_SUBMIT_BYTES or a model whose tokenizer is not on this
+        machine is not inspected here (`ftstudio data inspect` does it on request)."""
+        from ftstudio.training.builtin import resolve_dataset
+
+        try:
+            size = resolve_dataset(cfg.data.path, self.home.root).stat().st_size
+        except (OSError, UserError):
+            return []
+        if size > INSPECT_AT_SUBMIT_BYTES:
+            return []
+        try:
+            report = self.inspect_data(cfg.to_dict(), trusted=trusted)
+        except Exception as e:  # a warning's check never stands in a submit's way; the trainer has the last word
+            log.info("data not inspected at submit: %s", str(e)[:200])
+            return []
+        return [w for w in report["warnings"] if w["kind"] == "truncation" or w["kind"].startswith("leakage")]
 
     def _check_resources(self, cfg: TrainingConfig) -> dict[str, Any] | None:
         """A request this machine can never meet is refused now, not left waiting forever. (On a cluster,
@@ -720,6 +762,7 @@ class Service:
             memory_limit=self._memory_limit(task),
             attempts=attempts,
             queue=self.launcher.queue_place(task, waits),
+            warnings=read_json(task.dir.path / WARNINGS_FILE) or [],
         )
         if status == TaskStatus.INTERRUPTED:
             row["resumes"] = self.supervisor.resumes_at(task, attempts)

@@ -39,6 +39,8 @@ from ftstudio.training.data import Example, detect_format, read_rows, to_example
 
 IGNORE = -100
 VERSION = 1
+CACHE_KEEP = 200
+"""Reports kept in the cache, newest first."""
 """Part of the cache key: a report cached by an older inspector is computed again."""
 NEAR_ROWS = 50_000
 NEAR_THRESHOLD = 0.8
@@ -84,6 +86,14 @@ def sequences(method: str, example: Example, tokenizer: Any) -> list[Sequence]:
 
     t = tokenize(example, tokenizer, UNLIMITED)
     return [Sequence(t.input_ids, [label != IGNORE for label in t.labels])]
+
+
+def cache_dir() -> Path:
+    """Where reports are kept: one cache per machine user (XDG_CACHE_HOME), since a report depends only on the file
+    contents and the settings, not on a studio's data home."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftstudio" / "inspect"
 
 
 def cache_key(settings: dict[str, Any], files: list[Path | None]) -> str:

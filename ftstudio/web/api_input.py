@@ -46,6 +46,10 @@ class TaskCreate(BaseModel):
     config: dict[str, Any] = Field(
         default_factory=dict, description="TrainingConfig as nested JSON; see /api/config/fields"
     )
+    strict: bool = Field(
+        default=False,
+        description="Refuse the task when its data warns (truncation, leaked held-out prompts) instead of recording it",
+    )
 
 
 class TaskExtend(BaseModel):

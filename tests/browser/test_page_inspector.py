@@ -81,3 +81,15 @@ def test_the_inspector_shows_the_known_numbers_and_applies_its_fixes(
     page.locator("#inspect-leakage-held_out", has_text="0 of 5 held-out prompts").wait_for()
     assert json.loads((studio.home / "datasets" / "train.jsonl").read_text().splitlines()[0])
     assert studio.api("GET", "/api/tasks")["total"] == 0
+
+
+def test_the_task_view_shows_the_warnings_its_submit_recorded(studio: LiveStudio, page: Any, tmp_path: Path) -> None:
+    path = truncation_file(tmp_path / "cut.jsonl")
+    (studio.home / "cut.jsonl").write_bytes(path.read_bytes())
+    config = {"preset": "cpu-demo", "data": {"path": str(studio.home / "cut.jsonl"), "max_length": 64}}
+    task = studio.api("POST", "/api/tasks", {"name": "cut short", "config": {**config, "optim": {"max_steps": 2}}})
+    page.goto(studio.page_url(f"#/tasks/{task['id']}"))
+    shown = page.locator("#task-warnings li")
+    shown.first.wait_for()
+    assert shown.count() == 1 and "12 rows cut, 4 of them entirely" in shown.inner_text()
+    studio.api("POST", f"/api/tasks/{task['id']}/cancel")

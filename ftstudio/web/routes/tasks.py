@@ -30,7 +30,7 @@ STREAM_BATCH = 1000
 
 @router.post("/tasks", status_code=201)
 def create_task(body: TaskCreate, service: ServiceDep) -> dict[str, Any]:
-    return service.task_json(service.submit(body.config, body.name))
+    return service.task_json(service.submit(body.config, body.name, strict=body.strict))
 
 
 @router.post("/tasks/check")

@@ -32,6 +32,8 @@ export function mountTask(root, taskId) {
   const connection = h("span", { id: "connection", class: "connection muted", "aria-live": "polite" });
   const banner = h("div", { id: "restart-banner", class: "banner", role: "status", hidden: true });
   const failure = h("div", { id: "task-error", class: "failure", role: "alert", hidden: true });
+  // The data's warnings recorded at submit (truncation, leaked held-out prompts): the run went ahead with them.
+  const dataWarnings = h("ul", { id: "task-warnings", class: "inspect-warnings", hidden: true });
   // Where a queued task stands, or what a paused one holds: one line, kept current by the stream.
   const notice = h("div", { id: "task-notice", class: "notice", role: "status", hidden: true });
   const actionMsg = h("p", { class: "error-text", role: "alert", hidden: true });
@@ -78,6 +80,7 @@ export function mountTask(root, taskId) {
       banner,
       notice,
       failure,
+      dataWarnings,
       h("div", { class: "progress-row" }, bar),
       stats,
       h("div", { class: "actions-row" }, actions, actionNote),
@@ -238,6 +241,12 @@ export function mountTask(root, taskId) {
     } else {
       failure.hidden = true;
     }
+
+    const warned = Array.isArray(t.warnings) ? t.warnings : [];
+    if (warned.length && !dataWarnings.childElementCount) {
+      dataWarnings.replaceChildren(...warned.map((w) => h("li", { class: "warn", dataset: { kind: w.kind } }, `Data: ${w.message}`)));
+    }
+    dataWarnings.hidden = !warned.length;
 
     showNotice(t);
     // "Try it" whenever something can answer (the adapter of a completed task, a checkpoint another
