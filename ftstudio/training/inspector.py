@@ -220,11 +220,12 @@ def inspect_data(
     prompt_len, response_len, total_len = array("I"), array("I"), array("I")
     problems: list[str] = []
     view: list[dict[str, Any]] = []
-    seen: dict[int, str] = {}
-    prompts_seen: dict[int, str] = {}
-    exact: list[dict[str, str]] = []
+    # Per row, a few numbers only (about 30 bytes): a million rows are tens of MB, whatever their text.
+    keys, prompt_keys, places = array("Q"), array("Q"), array("I")
+    window: set[int] = set()  # the keys among the rows compared for near duplicates (exact ones are not near)
+    unit = "line"
     near: list[dict[str, Any]] = []
-    exact_count = near_count = rows = usable = skipped = 0
+    near_count = rows = usable = skipped = 0
     truncated = whole_lost = lost_tokens = response_tokens = tokens_per_epoch = 0
     lsh = MinHashLSH(threshold=NEAR_THRESHOLD, num_perm=NUM_PERM)
     prompt_lsh = MinHashLSH(threshold=NEAR_THRESHOLD, num_perm=NUM_PERM)
@@ -265,18 +266,15 @@ def inspect_data(
                 whole_lost += 1
         if len(view) < view_rows:
             view.append({"where": f"{path.name} {where}", **_view(tokenizer, longest, max_length)})
-        # Duplicates: the same content exactly, else nearly (among the first NEAR_ROWS rows).
+        # Duplicates: the same content exactly (counted at the end), else nearly (among the first NEAR_ROWS rows).
         label = f"{path.name} {where}"
+        unit, _, number = where.partition(" ")
         key = _hash(_normal(content_key(example)))
-        prompt_key = _hash(_normal(prompt_text(example)))
-        prompts_seen.setdefault(prompt_key, label)
-        if key in seen:
-            exact_count += 1
-            if len(exact) < SHOWN:
-                exact.append({"row": label, "same_as": seen[key]})
-            continue
-        seen[key] = label
-        if compared < NEAR_ROWS:
+        keys.append(key)
+        prompt_keys.append(_hash(_normal(prompt_text(example))))
+        places.append(int(number) if number.isdigit() else len(places) + 1)
+        if compared < NEAR_ROWS and key not in window:
+            window.add(key)
             compared += 1
             m = _minhash(content_text(example))
             matches = lsh.query(m)
@@ -286,6 +284,12 @@ def inspect_data(
                     near.append({"row": label, "like": sorted(matches)[0]})
             lsh.insert(label, m)
             prompt_lsh.insert(label, _minhash(prompt_text(example)))
+
+    def where_of(i: int) -> str:
+        return f"{path.name} {unit} {places[i]}"
+
+    exact_count, exact = _exact_duplicates(keys, where_of)
+    prompts_seen = _first_of(prompt_keys, where_of)
     leakage = {
         name: _leaks(source, prompts_seen, prompt_lsh, prompts=name == "held_out")
         for name, source in (("held_out", held_out), ("validation", validation))
@@ -362,7 +366,35 @@ def _suggest(total_len: array[int]) -> int:
     return max(64, -(-p95 // 64) * 64)
 
 
-def _leaks(source: Path, prompts_seen: dict[int, str], lsh: Any, *, prompts: bool) -> dict[str, Any]:
+def _exact_duplicates(keys: array[int], where_of: Any) -> tuple[int, list[dict[str, str]]]:
+    """How many rows repeat an earlier one, and the first few with the row each repeats."""
+    import numpy as np
+
+    if not keys:
+        return 0, []
+    values = np.frombuffer(keys, dtype=np.uint64)
+    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    original = first[inverse]
+    repeats = np.nonzero(original != np.arange(len(values)))[0]
+    shown = [{"row": where_of(int(i)), "same_as": where_of(int(original[i]))} for i in repeats[:SHOWN]]
+    return len(repeats), shown
+
+
+def _first_of(keys: array[int], where_of: Any) -> Any:
+    """A lookup from a key to the row it first appeared in (None for a key no row has)."""
+    import numpy as np
+
+    values = np.frombuffer(keys, dtype=np.uint64) if keys else np.zeros(0, dtype=np.uint64)
+    unique, first = np.unique(values, return_index=True)
+
+    def lookup(key: int) -> str | None:
+        i = int(np.searchsorted(unique, np.uint64(key)))
+        return where_of(int(first[i])) if i < len(unique) and int(unique[i]) == key else None
+
+    return lookup
+
+
+def _leaks(source: Path, prompts_seen: Any, lsh: Any, *, prompts: bool) -> dict[str, Any]:
     """How many rows of `source` (held-out prompts or validation rows) have their prompt among the training rows'."""
     leaked = rows = 0
     examples: list[dict[str, Any]] = []
@@ -371,7 +403,7 @@ def _leaks(source: Path, prompts_seen: dict[int, str], lsh: Any, *, prompts: boo
             continue
         rows += 1
         text = prompt_text(example)
-        same = prompts_seen.get(_hash(_normal(text)))
+        same = prompts_seen(_hash(_normal(text)))
         match = same or next(iter(sorted(lsh.query(_minhash(text)))), None)
         if match:
             leaked += 1
