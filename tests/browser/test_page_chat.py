@@ -50,7 +50,11 @@ def test_chat_streams_the_fine_tunes_answer_and_compares_it_with_the_base_model(
     answer = page.locator('#chat-log .chat-text[data-who="adapter"]').inner_text()
     errors = page.locator("#chat-log .error-text").all_inner_texts()
     assert answer.strip() and not errors, errors
-    assert len({n for n in lengths if n > 0}) >= 2, lengths  # it grew in steps, not in one piece
+    # It came as tokens, each shown as it arrived (a text node each), not in one piece. Whether the browser got
+    # them in one network read or several is the machine's timing: with a short answer on a loaded machine, all
+    # of it once came in one read, so the lengths the page went through are not the test.
+    pieces = page.evaluate("document.querySelector('#chat-log .chat-text[data-who=\"adapter\"]').childNodes.length")
+    assert pieces >= 2 or len({n for n in lengths if n > 0}) >= 2, (pieces, lengths)
     assert page.locator("#chat-log .chat-user").inner_text().endswith("Reverse the word: stone")
     # The task list's queue panel shows the loaded chat beside the tasks, linked to what it answers for.
     other = page.context.new_page()
