@@ -4,7 +4,7 @@ one the baseline in the same run: memory that stays near the baseline's at ten t
 
     PYTHONPATH=$PWD python bench/bench_inspect.py [--rows 100000,1000000] [--json-out F]
 
-Rows are 5 to 30 random words (bench_trainer.WORDS) of instruction and 5 to 60 of output (about 120 bytes of JSON a row);
+Rows are 5 to 30 random words (bench_trainer.WORDS) of instruction and 5 to 60 of output (about 250 bytes of JSON a row);
 builtin:tiny's tokenizer, max_length 256. The peak is the kernel's high-water mark for the process (wait4).
 """
 
