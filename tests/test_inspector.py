@@ -284,3 +284,30 @@ def test_a_submit_records_the_datas_warnings_and_strict_refuses_it(home: Path, t
         # Clean data: no warning, and strict lets it through.
         r = client.post("/api/tasks", json={"config": {"preset": "cpu-demo"}, "strict": True})
         assert r.status_code == 201 and r.json()["warnings"] == [], r.text
+
+
+def test_kto_and_grpo_rows_are_viewed_as_their_trainers_build_them(tmp_path: Path, tokenizer: Any) -> None:
+    from ftstudio.training.batches import prepare_tokenizer, render
+    from ftstudio.training.data import load_examples
+    from ftstudio.training.grpo import prompt_row
+    from ftstudio.training.preference import unpaired_rows
+
+    prepare_tokenizer(tokenizer)
+    unpaired = write(
+        tmp_path / "kto.jsonl", [{"prompt": "Say yes", "completion": "Yes, gladly and at once.", "label": True}]
+    )
+    report = inspect_data(unpaired, tokenizer, method="kto", max_length=512)
+    (example,) = load_examples(unpaired)[1]
+    (row,) = unpaired_rows(example, tokenizer, 512)
+    (view,) = report["view"]
+    assert view["ids"] == row["prompt_ids"] + row["completion_ids"]
+    assert view["trained"] == [False] * len(row["prompt_ids"]) + [True] * len(row["completion_ids"])
+
+    prompts = write(tmp_path / "math.jsonl", [{"prompt": "What is 2 plus 2?", "answer": "4"}])
+    report = inspect_data(prompts, tokenizer, method="grpo", max_length=512)
+    (example,) = load_examples(prompts)[1]
+    messages = prompt_row(example, tokenizer, 512)["prompt"]
+    ids = tokenizer(render(tokenizer, messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
+    (view,) = report["view"]
+    assert view["ids"] == ids and not any(view["trained"])  # grpo trains on completions it samples itself
+    assert report["lengths"]["response"]["max"] == 0 and report["truncation"]["rows"] == 0
