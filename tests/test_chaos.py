@@ -155,9 +155,11 @@ class Watch:
         runners: Counter[str] = Counter()
         trainers: Counter[str] = Counter()  # per task and rank: torchrun's agent is not a trainer, its ranks are
         found: dict[int, tuple[str, str, int]] = {}  # pid -> (kind, key, parent pid)
-        for proc in psutil.process_iter(["cmdline", "ppid"]):
+        # Each asked of the process: process_iter's `info` is shared between threads (procs.tagged runs beside).
+        for proc in psutil.process_iter():
             try:
-                cmd = proc.info["cmdline"] or []
+                cmd = proc.cmdline()
+                ppid = proc.ppid()
                 kind = runners if "ftstudio.runner" in cmd else trainers if is_trainer(cmd) else None
                 if kind is None or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
@@ -167,7 +169,7 @@ class Watch:
                 continue
             if tid in self.tasks:
                 key = tid if kind is runners else f"{tid} rank {env.get('RANK', '0')}"
-                found[proc.pid] = ("runners" if kind is runners else "trainers", key, proc.info["ppid"])
+                found[proc.pid] = ("runners" if kind is runners else "trainers", key, ppid)
         for what, key, parent in found.values():
             # A child of a runner (or trainer) of the same task that still looks like its parent is the parent's
             # own fork, between fork and exec (the runner starts its trainer with a preexec_fn) or a worker of

@@ -85,9 +85,11 @@ def tagged(task_id: str, attempt: int | None = None) -> list[psutil.Process]:
     a freeze, which a studio run as root could otherwise do to it."""
     found = []
     me = os.getuid()
-    for proc in psutil.process_iter(["pid", "uids"]):
+    # Asked of each process, not through process_iter's `info`: psutil shares its Process objects between
+    # threads, and a process_iter with other attributes in another thread replaces their `info` (a KeyError).
+    for proc in psutil.process_iter():
         try:
-            if proc.info["uids"] is None or proc.info["uids"].real != me or proc.status() == psutil.STATUS_ZOMBIE:
+            if proc.uids().real != me or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             env = proc.environ()
             if env.get(TASK_ENV) == task_id and (attempt is None or env.get(ATTEMPT_ENV) == str(attempt)):
