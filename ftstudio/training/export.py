@@ -17,6 +17,8 @@ import json
 import re
 import shlex
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +245,29 @@ def model_card(fmt: str, task_id: str, task_name: str, adapter: Path, base: str,
     return "\n".join(lines)
 
 
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A new export folder, whole or absent: the block writes into the temporary folder it is given (beside `out`,
+    so the rename cannot cross disks), which becomes `out` when the block ends and is removed when it fails.
+    A destination that exists is refused, never overwritten."""
+    if out.exists() or out.is_symlink():
+        raise ExportError(f"{out} already exists; name a new folder with --out, or move that one away")
+    if not out.parent.is_dir():
+        raise ExportError(f"the folder {out.parent} does not exist; create it, or name another with --out")
+    tmp = out.with_name(f".{out.name}.export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an export stopped by a crash left
+    try:
+        tmp.mkdir()
+        yield tmp
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"could not write the export to {out}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export(
     task_id: str, task_name: str, task_dir: Path, out: Path, fmt: str, home: Path, wall_s: float | None = None
 ) -> Path:
@@ -256,20 +281,13 @@ def export(
             "export it with --format merged"
         )
     out = out.expanduser().absolute()
-    if out.exists() or out.is_symlink():
-        raise ExportError(f"{out} already exists; name a new folder with --out, or move that one away")
-    if not out.parent.is_dir():
-        raise ExportError(f"the folder {out.parent} does not exist; create it, or name another with --out")
-    tmp = out.with_name(f".{out.name}.export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     base = base_name(adapter, home)
-    try:
+    with staged(out) as tmp:
         if fmt == "merged":
             merge(adapter, tmp, home=home)
             for name in ("training_config.json", "summary.json"):
                 shutil.copy2(adapter / name, tmp / name)
         else:
-            tmp.mkdir()
             for item in adapter.iterdir():
                 if item.name == CARD:  # peft's blank template: ours replaces it
                     continue
@@ -280,11 +298,4 @@ def export(
             config["base_model_name_or_path"] = base
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / CARD).write_text(model_card(fmt, task_id, task_name, adapter, base, wall_s))
-        tmp.rename(out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"could not write the export to {out}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ftstudio.training.adapters import adapter_dir, is_whole, merge
-from ftstudio.training.export import CARD, ExportError, base_name, lora_name, model_card
+from ftstudio.training.export import CARD, ExportError, base_name, lora_name, model_card, staged
 from ftstudio.training.ggufwork import DISK_FULL, PREFIX, PROBLEM
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
@@ -399,70 +399,59 @@ def export_gguf(
         raise ExportError(problem)
     adapter = adapter_dir(task_dir)
     out = out.expanduser().absolute()
-    if out.exists() or out.is_symlink():
-        raise ExportError(f"{out} already exists; name a new folder with --out, or move that one away")
-    if not out.parent.is_dir():
-        raise ExportError(f"the folder {out.parent} does not exist; create it, or name another with --out")
     name = lora_name(task_name, task_id)
     gguf_name = f"{name}-{quant}.gguf"
-    tmp = out.with_name(f".{out.name}.export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # what an export stopped by a crash left
     # Kept after a failure, for the lines the one-line error leaves out (an export job writes its own there too).
     log = task_dir / "exports" / f"gguf-{quant}.log"
     log.parent.mkdir(exist_ok=True)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=".gguf-work-", dir=task_dir))  # the merged model: large, so on this disk
     try:
-        tmp.mkdir()
-        from transformers import AutoTokenizer
+        with staged(out) as tmp:
+            from transformers import AutoTokenizer
 
-        whole = is_whole(adapter)
-        final = tmp / gguf_name
-        first = final if quant in ("f16", "q8_0") else work / "model-f16.gguf"
-        steps = 2 + (not whole) + (first != final)
-        done = iter(range(1, steps + 1))
-        if whole:
-            model_dir = adapter
-        else:
-            say(f"{next(done)}/{steps} merging the adapter into the base model")
-            model_dir = merge(adapter, work / "merged", home=home)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        say(f"{next(done)}/{steps} writing GGUF ({'f16' if quant == 'q4_k_m' else quant}) with llama.cpp's converter")
-        _step(["convert", str(tools_dir()), str(model_dir), str(first), "f16" if quant == "q4_k_m" else quant, name],
-              log, "writing the GGUF", out.parent if first == final else task_dir)  # fmt: skip
-        if first != final:
-            say(f"{next(done)}/{steps} quantizing to {quant} with llama.cpp's quantizer")
-            _step(["quantize", str(first), str(final), quant], log, "quantizing", out.parent)
-            first.unlink()
-        say(f"{next(done)}/{steps} measuring agreement with the original on up to {AGREE_PROMPTS} held-out prompts")
-        prompts = work / "prompts.json"
-        prompts.write_text(json.dumps(_prompts(adapter, tokenizer, home)))
-        result = work / "agreement.json"
-        _step(["agree", str(final), str(model_dir), str(prompts), str(result), str(AGREE_TOKENS)],
-              log, "loading the GGUF to compare it", work)  # fmt: skip
-        agreement = json.loads(result.read_text())
-        (tmp / "Modelfile").write_text(modelfile(gguf_name, tokenizer, trained_system(adapter, home)))
-        size = final.stat().st_size
-        base_card = model_card("merged", task_id, task_name, adapter, base_name(adapter, home), wall_s)
-        (tmp / CARD).write_text(_card(quant, gguf_name, name, size, agreement, base_card))
-        manifest = {
-            "format": "gguf",
-            "quant": quant,
-            "task": task_id,
-            "file": gguf_name,
-            "bytes": size,
-            "sha256": _sha256(final),
-            "seconds": round(time.monotonic() - started, 1),
-            "agreement": {k: v for k, v in agreement.items() if k != "rows"},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.rename(out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"could not write the export to {out}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            whole = is_whole(adapter)
+            final = tmp / gguf_name
+            first = final if quant in ("f16", "q8_0") else work / "model-f16.gguf"
+            steps = 2 + (not whole) + (first != final)
+            done = iter(range(1, steps + 1))
+            if whole:
+                model_dir = adapter
+            else:
+                say(f"{next(done)}/{steps} merging the adapter into the base model")
+                model_dir = merge(adapter, work / "merged", home=home)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            say(
+                f"{next(done)}/{steps} writing GGUF ({'f16' if quant == 'q4_k_m' else quant}) with llama.cpp's converter"
+            )
+            _step(["convert", str(tools_dir()), str(model_dir), str(first), "f16" if quant == "q4_k_m" else quant, name],
+                  log, "writing the GGUF", out.parent if first == final else task_dir)  # fmt: skip
+            if first != final:
+                say(f"{next(done)}/{steps} quantizing to {quant} with llama.cpp's quantizer")
+                _step(["quantize", str(first), str(final), quant], log, "quantizing", out.parent)
+                first.unlink()
+            say(f"{next(done)}/{steps} measuring agreement with the original on up to {AGREE_PROMPTS} held-out prompts")
+            prompts = work / "prompts.json"
+            prompts.write_text(json.dumps(_prompts(adapter, tokenizer, home)))
+            result = work / "agreement.json"
+            _step(["agree", str(final), str(model_dir), str(prompts), str(result), str(AGREE_TOKENS)],
+                  log, "loading the GGUF to compare it", work)  # fmt: skip
+            agreement = json.loads(result.read_text())
+            (tmp / "Modelfile").write_text(modelfile(gguf_name, tokenizer, trained_system(adapter, home)))
+            size = final.stat().st_size
+            base_card = model_card("merged", task_id, task_name, adapter, base_name(adapter, home), wall_s)
+            (tmp / CARD).write_text(_card(quant, gguf_name, name, size, agreement, base_card))
+            manifest = {
+                "format": "gguf",
+                "quant": quant,
+                "task": task_id,
+                "file": gguf_name,
+                "bytes": size,
+                "sha256": _sha256(final),
+                "seconds": round(time.monotonic() - started, 1),
+                "agreement": {k: v for k, v in agreement.items() if k != "rows"},
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     say(f"wrote {out / gguf_name} ({size / 2**20:.1f} MiB) in {time.monotonic() - started:.0f} s")
