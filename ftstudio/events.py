@@ -8,14 +8,16 @@ The studio never parses free-form log text for status.
 Kinds (every event has `kind` and `ts`, unix seconds):
 
     status       phase ("loading_model", "loading_data", "saving", ...), message
-    train_begin  total_steps, total_epochs, trainable_params, resumed_from_step
+    train_begin  total_steps, total_epochs, steps_per_epoch, trainable_params, resumed_from_step
     progress     step, total_steps, epoch, total_epochs, loss, lr, grad_norm,
-                 tokens_per_s, tokens (real tokens seen so far), eta_s
+                 tokens_per_s, tokens (real tokens seen so far), eta_s, step_s (mean seconds per optimizer step
+                 since the last progress event, the steps alone)
     eval         step, epoch, eval_loss
     checkpoint   step, path
     samples      stage ("final" or "checkpoint-N"), step, count, seconds: the held-out prompts of that
                  stage are answered, in evals/<stage>.json (see ftstudio.evaluation)
-    train_end    summary fields (steps, final_loss, best_loss, tokens, tokens_per_s, wall_s)
+    train_end    summary fields (steps, final_loss, best_loss, tokens, tokens_per_s, wall_s, step_s: this
+                 attempt's mean seconds per optimizer step)
     suspended    step, total_steps, checkpoint ("checkpoint-N", or null when no step was taken):
                  training stopped for a pause; the next start resumes from that checkpoint
     error        message (one line, for a person), error_type

@@ -53,13 +53,30 @@ def _progress(task: dict[str, Any]) -> str:
     return f"step {step}  loss {loss}  eta {_fmt_duration(task.get('eta_s'))}"
 
 
+def read_config(path: str | None) -> dict[str, Any]:
+    """--config FILE: the training config's JSON, or an empty one."""
+    if not path:
+        return {}
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValidationError(f"--config: cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValidationError(f'--config: {path} holds no JSON object; write the config as {{"model": ...}}')
+    return config
+
+
+def apply_sets(config: dict[str, Any], items: list[str] | None) -> None:
+    """--set section.field=value, each in turn."""
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"--set: expected section.field=value, got {item!r}")
+        set_path(config, key.strip(), _parse_value(value))
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    config: dict[str, Any] = {}
-    if args.config:
-        try:
-            config = json.loads(Path(args.config).read_text())
-        except (OSError, ValueError) as e:
-            raise ValidationError(f"--config: cannot read {args.config}: {e}") from None
+    config = read_config(args.config)
     for flag, path, _typ, _help in SUBMIT_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -72,11 +89,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         set_path(config, "rewards", list(args.reward))  # each as written: a pattern may hold a comma
     if args.auto_batch:
         set_path(config, "optim.auto_batch", True)
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValidationError(f"--set: expected section.field=value, got {item!r}")
-        set_path(config, key.strip(), _parse_value(value))
+    apply_sets(config, args.set)
     service = open_service()
     if args.dry_run:
         checked = service.dry_run(config, trusted=True)
@@ -97,6 +110,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _print_json(view)
     else:
         print(task.id)
+        if view.get("time_estimate"):
+            print(f"estimate: {printable(view['time_estimate']['line'])}", file=sys.stderr)
         for w in view["warnings"]:
             print(f"warning: {printable(w['message'])} (`ftstudio data inspect` shows the rows; --strict refuses)",
                   file=sys.stderr)  # fmt: skip
@@ -219,6 +234,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             f" never counted), {causes.count('run')} by the run itself ({view.get('restarts') or 0} of"
             f" {budget} automatic restarts used)"
         )
+    timing = view.get("time_estimate")
+    if timing and timing.get("line"):
+        print(f"{'estimate':<10} {printable(timing['line'])}")
+        if timing.get("line_measured"):
+            print(f"{'':<10} {printable(timing['line_measured'])}")
     return 0
 
 
@@ -462,24 +482,62 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def data_config(args: argparse.Namespace) -> dict[str, Any]:
-    """A config holding what `data inspect` was asked, checked as a submit's is."""
-    data: dict[str, Any] = {"path": args.path, "format": args.format, "validation": args.validation or "0"}
-    if args.max_length is not None:
-        data["max_length"] = args.max_length
-    config: dict[str, Any] = {"model": {"name": args.model}, "data": data, "method": args.method}
-    if args.eval_prompts:
-        config["evaluation"] = {"prompts": args.eval_prompts}
+    """A config holding what `data inspect` was asked: --config and --set, then the flags, as on submit."""
+    config = read_config(args.config)
+    apply_sets(config, args.set)
+    set_path(config, "data.path", args.path)
+    for value, path in (
+        (args.model, "model.name"),
+        (args.method, "method"),
+        (args.format, "data.format"),
+        (args.max_length, "data.max_length"),
+        (args.validation or None, "data.validation"),
+        (args.eval_prompts or None, "evaluation.prompts"),
+    ):
+        if value is not None:
+            set_path(config, path, value)
     return config
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    report = open_service().inspect_data(data_config(args), trusted=True, view_rows=max(args.rows, 0))
+    service = open_service()
+    config = data_config(args)
+    report = service.inspect_data(config, trusted=True, view_rows=max(args.rows, 0))
+    if args.estimate and not args.json:
+        for line in inspection_lines(report, args.rows):
+            print(line)
+        model = report["model"]
+        print(f"timing a few training steps of {printable(model)} here ...", flush=True)
+    try:
+        timing = service.time_estimate(config, trusted=True, start=args.estimate, wait=args.estimate)
+    except UserError as e:
+        if args.estimate:
+            raise
+        timing = {"state": "unsupported", "message": f"no time estimate: {e}"}
     if args.json:
-        _print_json(report)
+        _print_json({**report, "time_estimate": timing})
         return 0
-    for line in inspection_lines(report, args.rows):
-        print(line)
-    return 0
+    if not args.estimate:
+        for line in inspection_lines(report, args.rows):
+            print(line)
+    print(timing_line(timing, report["model"]))
+    return 0 if timing["state"] != "failed" or not args.estimate else 1
+
+
+def timing_line(timing: dict[str, Any], model: str) -> str:
+    state = timing["state"]
+    if state == "done":
+        return printable(timing["line"])
+    if state == "failed":
+        return f"time per epoch: {printable(timing['message'])}"
+    if state == "running":
+        return "time per epoch: being measured (another command or the page asked); ask again in a minute"
+    if state == "unsupported":
+        return f"time per epoch: {printable(timing['message'])}"
+    return (
+        f"time per epoch: not measured for these settings; add --estimate to time "
+        f"{timing.get('steps', 'a few')} training steps of {printable(model)} here"
+    )
 
 
 def inspection_lines(r: dict[str, Any], rows: int) -> list[str]:

@@ -272,13 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("data", "see what a model will learn from a dataset: the rows as trained, lengths, duplicates, leakage")
     sp.add_argument("action", choices=["inspect"], help="inspect: the report (nothing is changed)")
     sp.add_argument("path", help="a dataset file or folder, an uploaded dataset's name, or builtin:sample")
-    sp.add_argument("--model", default="builtin:tiny", help="whose tokenizer and chat template (default builtin:tiny)")
-    sp.add_argument("--max-length", type=int, help="data.max_length, as on submit (default: the config's, 1024)")
-    sp.add_argument("--method", default="sft", help="sft, pretrain, dpo, orpo, kto or grpo, as on submit")
-    sp.add_argument("--format", default="auto", help="the data shape, as on submit (default: detected)")
+    sp.add_argument("--model", help="whose tokenizer and chat template, as on submit (default builtin:tiny)")
+    sp.add_argument("--max-length", type=int, help="data.max_length, as on submit (default: the config's)")
+    sp.add_argument("--method", help="sft, pretrain, dpo, orpo, kto or grpo, as on submit (default sft)")
+    sp.add_argument("--format", help="the data shape, as on submit (default: detected)")
     sp.add_argument("--eval-prompts", default="", help="held-out prompts to look for among the training rows")
     sp.add_argument("--validation", default="", help="a validation file to look for among the training rows")
     sp.add_argument("--rows", type=int, default=3, help="rows of the training view to print (default 3)")
+    sp.add_argument("--config", help="a JSON file with the training config, as on submit (the flags override it)")
+    sp.add_argument(
+        "--set", action="append", metavar="FIELD=VALUE", help="any config field, e.g. --set optim.batch_size=8"
+    )
+    sp.add_argument(
+        "--estimate",
+        action="store_true",
+        help="time a few training steps of the model at these settings here, for the time per epoch "
+        "(kept per model and settings; a submit with the same settings records it)",
+    )
     sp.add_argument("--json", action="store_true", help="the whole report as JSON")
 
     sp = add("chat", "chat with a task's adapter (or a checkpoint) in the terminal, replies streamed")

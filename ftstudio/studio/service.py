@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -34,6 +35,7 @@ from ftstudio.storage import storage_error, writing
 from ftstudio.studio import lifecycle, paths, scheduler
 from ftstudio.studio.catalog import Catalog
 from ftstudio.studio.control import CANCEL_GRACE_S, Control
+from ftstudio.studio.estimates import ESTIMATE_FILE, Estimates, against_run, recorded
 from ftstudio.studio.incoming import Incoming
 from ftstudio.studio.launcher import DEFAULT_SLOTS as DEFAULT_SLOTS
 from ftstudio.studio.launcher import Launcher
@@ -136,6 +138,7 @@ class Service:
             self.home, self.store, self.supervisor, in_server=in_server, get=self.get, schedule=self.launcher.schedule
         )
         self.catalog = Catalog(self.home, self.store, self.policy)
+        self.estimates = Estimates(self.gpus)
         if in_server:
             # psutil measures CPU use since its previous call: a first call answers 0 %, so make it now and
             # the page's first look at the system panel shows the load since the studio started.
@@ -187,7 +190,7 @@ class Service:
         its shape, the rows as the trainer sees them, lengths and truncation, duplicates, leakage and cost. Read
         with the checks of a submit (the root rule, the data parses); kept per file content and settings."""
         from ftstudio.training import inspector
-        from ftstudio.training.builtin import resolve_dataset, resolve_model
+        from ftstudio.training.builtin import resolve_model
         from ftstudio.training.models import load_tokenizer
 
         cfg = TrainingConfig.from_dict(config)
@@ -195,10 +198,7 @@ class Service:
         refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
         if refused:
             raise ValidationError(refused)
-        data = resolve_dataset(cfg.data.path, self.home.root)
-        held_out = resolve_dataset(cfg.evaluation.prompts, self.home.root) if cfg.evaluation.prompts.strip() else None
-        value = cfg.data.validation.strip()
-        validation = None if validation_fraction(value) is not None else resolve_dataset(value, self.home.root)
+        data, held_out, validation = self._data_files(cfg)
         settings = {
             "model": cfg.model.name, "method": cfg.method, "max_length": cfg.data.max_length,
             "format": cfg.data.format, "view_rows": view_rows, "version": f"{inspector.VERSION} {__version__}",
@@ -231,6 +231,47 @@ class Service:
             for old in kept[: -inspector.CACHE_KEEP]:  # the newest reports are kept, the rest dropped
                 old.unlink(missing_ok=True)
         return report
+
+    def _data_files(self, cfg: TrainingConfig) -> tuple[Path, Path | None, Path | None]:
+        """The files a config's data comes from: the training data, the held-out prompts, the validation file."""
+        from ftstudio.training.builtin import resolve_dataset
+
+        data = resolve_dataset(cfg.data.path, self.home.root)
+        held_out = resolve_dataset(cfg.evaluation.prompts, self.home.root) if cfg.evaluation.prompts.strip() else None
+        value = cfg.data.validation.strip()
+        validation = None if validation_fraction(value) is not None else resolve_dataset(value, self.home.root)
+        return data, held_out, validation
+
+    def time_estimate(
+        self, config: dict[str, Any], *, trusted: bool = False, start: bool = False, wait: bool = False
+    ) -> dict[str, Any]:
+        """How long an epoch of `config` takes on this machine (training/calibration.py): the kept measurement, or
+        with `start` a new one begun (the page then asks `time_estimate_of` its key), or with `wait` as well
+        measured before this returns (the CLI). A measurement is checked as a submit is first: a run that would
+        be refused is not timed; asking for a kept one checks only which files the request may read."""
+        if start:
+            cfg, _ = self._checked(config, trusted)
+        else:
+            cfg = TrainingConfig.from_dict(self._started_from(config))
+            paths.anchor(cfg, self.home.root)
+            refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
+            if refused:
+                raise ValidationError(refused)
+        why = self.estimates.unsupported(cfg, self.executor.name)
+        if why is not None:
+            return {"state": "unsupported", "message": f"no time estimate: {why}"}
+        data, _, validation = self._data_files(cfg)
+        key = self.estimates.key(cfg, [data, validation])
+        if not start:
+            return self.estimates.state(key)
+        busy = len(self.store.with_status(S.TRAINING))
+        return self.estimates.start(key, cfg, self.home.root, busy, wait=wait)
+
+    def time_estimate_of(self, key: str) -> dict[str, Any]:
+        """A measurement by its key (what `time_estimate` answered), for the page to follow one it started."""
+        if not re.fullmatch(r"[0-9a-f]{32}", key):
+            raise NotFound(f"no time estimate {key[:40]!r}; ask POST /api/tasks/timing with the settings")
+        return self.estimates.state(key)
 
     def derive_dataset(self, name: str, drop: str, *, eval_prompts: str = "", validation: str = "") -> dict[str, Any]:
         """A new uploaded dataset: `name` (bundled or uploaded) without its exact duplicates (`drop="duplicates"`) or
@@ -332,6 +373,7 @@ class Service:
         leaked held-out prompts: `data_warnings`) are recorded with the task, or with `strict` refuse it."""
         cfg, _ = self._checked(config, trusted)
         warnings = self.data_warnings(cfg, trusted=trusted)
+        estimate = self._kept_estimate(cfg)
         if strict and warnings:
             raise ValidationError(
                 [Problem("data.path (--dataset)", f"{w['message']} (--strict refuses it)") for w in warnings]
@@ -368,6 +410,8 @@ class Service:
                 tdir.train_py.write_text(TRAIN_PY)
                 if warnings:
                     write_json_atomic(tdir.path / WARNINGS_FILE, warnings)
+                if estimate is not None:
+                    write_json_atomic(tdir.path / ESTIMATE_FILE, estimate)
         except (OSError, StorageError):
             # Leave nothing half-made behind: no record, no directory.
             shutil.rmtree(tdir.path, ignore_errors=True)
@@ -376,6 +420,19 @@ class Service:
         log.info("task %s submitted: %s", task.id, name)
         self.schedule()
         return self.store.get(task.id)
+
+    def _kept_estimate(self, cfg: TrainingConfig) -> dict[str, Any] | None:
+        """The time estimate measured for these settings already (the form or `data inspect --estimate` asked for
+        it), to record with the task; a submit never waits for one."""
+        try:
+            if self.estimates.unsupported(cfg, self.executor.name) is not None:
+                return None
+            data, _, validation = self._data_files(cfg)
+            found = self.estimates.state(self.estimates.key(cfg, [data, validation]))
+        except Exception as e:  # an estimate never stands in a submit's way
+            log.info("no time estimate recorded at submit: %s", str(e)[:200])
+            return None
+        return found if found["state"] == "done" else None
 
     def data_warnings(self, cfg: TrainingConfig, *, trusted: bool) -> list[dict[str, Any]]:
         """What the inspector warns of that a submit records: over 5 % of the response tokens lost to max_length,
@@ -764,6 +821,11 @@ class Service:
             queue=self.launcher.queue_place(task, waits),
             warnings=read_json(task.dir.path / WARNINGS_FILE) or [],
         )
+        estimate = recorded(task.dir.path)
+        if estimate is not None:
+            # The finished run's own figures, from its summary (a small file; its events can be many).
+            summary = read_json(task.dir.path / "adapter" / "summary.json") if status == S.COMPLETED else None
+            row["time_estimate"] = against_run(estimate, summary if isinstance(summary, dict) else None)
         if status == TaskStatus.INTERRUPTED:
             row["resumes"] = self.supervisor.resumes_at(task, attempts)
         if row.get("job_id"):

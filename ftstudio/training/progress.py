@@ -127,6 +127,15 @@ class RunStats:
     tokens: int = 0
     step: int = 0
     epoch: float = 0.0
+    step_seconds: float = 0.0
+    """Seconds of this attempt's optimizer steps, each from the previous step's end to its own, leaving out the
+    steps with an evaluation or a checkpoint between them. What the time estimate (calibration.py) predicts, so
+    the two compare like for like."""
+    steps_timed: int = 0
+
+    def step_s(self) -> float | None:
+        """Mean seconds per optimizer step in this attempt."""
+        return self.step_seconds / self.steps_timed if self.steps_timed else None
 
     def tokens_per_s(self) -> float:
         elapsed = time.monotonic() - self.started
@@ -172,6 +181,9 @@ class StudioCallback(TrainerCallback):
         self._window: list[float] = []
         self._metric_window: dict[str, list[float]] = {}
         self._last_emit = (time.monotonic(), 0)
+        self._last_step_end: float | None = None
+        self._interrupted = False
+        self._window_seconds = (0.0, 0)
 
     def say(self, line: str) -> None:
         if self.events is not None:
@@ -201,6 +213,23 @@ class StudioCallback(TrainerCallback):
             f"training {self.total_steps} steps over {self.total_epochs:g} epochs, "
             f"{self.begin_fields.get('trainable_params', 0):,} trainable parameters{resumed}"
         )
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        # A step's time is from the previous step's end to its own: the batch's loading, forward, backward, the
+        # optimizer and the step's log line, as a person waits for them. An interval with an evaluation or a
+        # checkpoint in it is left out (`_interrupted`): those are counted on their own.
+        now = time.monotonic()
+        if self._last_step_end is not None and not self._interrupted:
+            seconds = now - self._last_step_end
+            self.stats.step_seconds += seconds
+            self.stats.steps_timed += 1
+            total, count = self._window_seconds
+            self._window_seconds = (total + seconds, count + 1)
+        self._last_step_end = now
+        self._interrupted = False
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._interrupted = True
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         logs: dict[str, float] = kw.get("logs") or {}
@@ -242,7 +271,11 @@ class StudioCallback(TrainerCallback):
         # The method's own figures (preference.METRICS), averaged over the same steps as the loss.
         measured = {k: round(sum(v) / len(v), 6) for k, v in self._metric_window.items() if v}
         self._metric_window = {}
-        extra = {"metrics": measured} if measured else {}
+        fields: dict[str, Any] = {"metrics": measured} if measured else {}
+        seconds, timed = self._window_seconds
+        self._window_seconds = (0.0, 0)
+        if timed:
+            fields["step_s"] = round(seconds / timed, 4)  # mean seconds per step since the last progress event
         lr = float(logs.get("learning_rate", 0.0))
         self.emit(
             "progress",
@@ -256,7 +289,7 @@ class StudioCallback(TrainerCallback):
             tokens_per_s=round(tokens_per_s, 1),
             tokens=s.tokens,
             eta_s=None if eta is None else round(eta, 1),
-            **extra,
+            **fields,
         )
         eta_text = f"{eta:.0f}s" if eta is not None else "?"
         self.say(
@@ -265,6 +298,7 @@ class StudioCallback(TrainerCallback):
         )
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._interrupted = True
         if args.world_size > 1:
             # Each rank writes its own RNG state; the marker must not go down before the slowest rank's.
             import torch.distributed as dist

@@ -73,9 +73,11 @@ def run(
     callbacks: list[Any] | None = None,
     pause: PauseRequest | None = None,
     fence: Callable[[], None] | None = None,
+    evaluate: bool = True,
 ) -> Path:
     """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks;
-    `fence`: called before every checkpoint (fence.py).
+    `fence`: called before every checkpoint (fence.py); `evaluate=False`: no evaluation at all, for the time
+    estimate's steps (calibration.py).
 
     Raises `Suspended` when `pause` was requested: training stopped without an adapter."""
     keep_freed_memory()
@@ -197,7 +199,7 @@ def run(
         model, report = attach_lora(model, config.lora, fused, config.adapter)
 
     dtype = pick_dtype(config.model.dtype)
-    has_eval = bool(val_rows)
+    has_eval = bool(val_rows) and evaluate
     eval_strategy = "no" if not has_eval else ("steps" if config.logging.eval_every_steps else "epoch")
     if "tensorboard" in config.logging.report_to:
         # Beside the task's other files, where a person finds them (`tensorboard --logdir <task>/tensorboard`),
@@ -264,6 +266,7 @@ def run(
             "started_from": config.model.start_from.strip() or None,
             "train_rows": len(train_rows),
             "train_examples": n_examples,
+            "steps_per_epoch": per_epoch,
             **split_info,
             "packing": config.data.packing,
         },
@@ -367,6 +370,10 @@ def run(
         "best_eval_loss": min(e for _, e in evals) if evals else None,
         "tokens": state.num_input_tokens_seen,
         "tokens_per_s": round(stats.tokens_per_s(), 1),
+        # Mean seconds per optimizer step of this attempt, steps alone (calibration.py's measure).
+        "step_s": None if stats.step_s() is None else round(stats.step_s() or 0.0, 4),
+        "steps_timed": stats.steps_timed,
+        "steps_per_epoch": per_epoch,
         "wall_s": round(wall, 2),  # this attempt
         "resumed_from_step": stats.first_step,
         # This attempt's checkpoints: how many, the seconds they held training up, the bytes they wrote.

@@ -44,7 +44,8 @@ class LiveStudio(Studio):
     """The core tests' studio subprocess, plus `api()`: one JSON call, raising on an HTTP error."""
 
     def __init__(self, home: Path, port: int) -> None:
-        super().__init__(home, home_env(home), port)
+        # A cache of its own: the inspector's reports and the time estimates kept by earlier runs are not this test's.
+        super().__init__(home, home_env(home, XDG_CACHE_HOME=str(home.parent / "cache")), port)
 
     def page_url(self, fragment: str = "") -> str:
         """The login URL, as `ftstudio studio url` prints it (a code for this run of the studio), landing on

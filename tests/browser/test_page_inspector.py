@@ -93,3 +93,20 @@ def test_the_task_view_shows_the_warnings_its_submit_recorded(studio: LiveStudio
     shown.first.wait_for()
     assert shown.count() == 1 and "12 rows cut, 4 of them entirely" in shown.inner_text()
     studio.api("POST", f"/api/tasks/{task['id']}/cancel")
+
+
+def test_the_form_times_the_run_and_its_page_says_how_far_off_it_was(studio: LiveStudio, page: Any) -> None:
+    page.goto(studio.page_url("#/new"))
+    said = page.locator("#time-estimate-text")
+    said.filter(has_text="not measured for these settings yet").wait_for()
+    page.locator("#time-estimate-measure").click()
+    said.filter(has_text="Time per epoch about").wait_for(timeout=180_000)
+    assert "8 timed on cpu" in said.inner_text()
+    page.locator("#start-button").click()
+    page.locator("#task-title").wait_for()
+    shown = page.locator("#task-time-estimate")
+    shown.filter(has_text="Estimated time per epoch about").wait_for()
+    task = page.url.rsplit("/", 1)[-1]
+    shown.filter(has_text="the estimate's middle was").wait_for(timeout=300_000)
+    view = studio.api("GET", f"/api/tasks/{task}")
+    assert view["status"] == "completed" and view["time_estimate"]["measured"]["epoch_s"] > 0

@@ -46,6 +46,31 @@ def estimate_task(body: TaskCreate, service: ServiceDep) -> dict[str, Any]:
     return service.estimate_memory(body.config)
 
 
+@router.post("/tasks/timing")
+def task_timing(body: TaskCreate, service: ServiceDep) -> dict[str, Any]:
+    """The run's time per epoch on this machine, as measured for these settings (`state` done, with the range),
+    or why not yet: `none` (not measured), `running`, `failed` (with `message`), `unsupported` (with `message`).
+    Checked as a submit is."""
+    return service.time_estimate(body.config)
+
+
+@router.get("/tasks/timing/{key}")
+def timing_of(key: str, service: ServiceDep) -> dict[str, Any]:
+    """A measurement by the `key` that POST /api/tasks/timing/measure answered: what the page asks while it runs."""
+    return service.time_estimate_of(key)
+
+
+@router.post("/tasks/timing/measure")
+def measure_timing(body: TaskCreate, service: ServiceDep, response: Response) -> dict[str, Any]:
+    """Time a few real training steps of the run here (training/calibration.py), unless they are timed already:
+    202 while they run (ask GET /api/tasks/timing/{key} until `state` is done or failed), 200 when kept; 409
+    while another measurement runs on this machine."""
+    found = service.time_estimate(body.config, start=True)
+    if found["state"] == "running":
+        response.status_code = 202
+    return found
+
+
 @router.get("/tasks")
 def list_tasks(
     service: ServiceDep,

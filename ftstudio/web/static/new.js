@@ -5,6 +5,7 @@
 import { api, ApiError, taskUrl } from "./api.js";
 import { h, fmtInt, fmtBytes, isNum } from "./dom.js";
 import { inspectorPanel } from "./inspect.js";
+import { timingBox } from "./timing.js";
 
 export const MAX_UPLOAD_BYTES = 512 * 1024 * 1024;
 const UPLOAD_TYPES = [".json", ".jsonl", ".csv", ".parquet", ".txt"];
@@ -105,6 +106,8 @@ export function mountNew(root, params = new URLSearchParams()) {
   );
   // The run's peak memory against this machine's, recounted as the settings change (POST /api/tasks/estimate).
   const memoryBox = h("p", { id: "memory-estimate", class: "memory-estimate muted", role: "status", "aria-live": "polite" }, "Counting the memory this run needs…");
+  // The time per epoch, as timed for these settings on the studio's machine (timing.js).
+  const timing = timingBox(() => payload(), () => destroyed);
   const submit = h("button", { type: "submit", id: "start-button" }, "Start fine-tune");
   const submitNote = h("span", { class: "muted", "aria-live": "polite" });
 
@@ -174,6 +177,7 @@ export function mountNew(root, params = new URLSearchParams()) {
     ),
     advancedBox,
     memoryBox,
+    timing.el,
     h("div", { class: "actions" }, submit, submitNote),
   );
 
@@ -545,7 +549,7 @@ export function mountNew(root, params = new URLSearchParams()) {
   let estimateSeq = 0;
   function estimateSoon() {
     clearTimeout(estimateTimer);
-    estimateTimer = setTimeout(estimateMemory, 300);
+    estimateTimer = setTimeout(() => (estimateMemory(), timing.refresh()), 300);
   }
   async function estimateMemory() {
     const seq = ++estimateSeq;

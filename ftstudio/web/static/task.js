@@ -34,6 +34,8 @@ export function mountTask(root, taskId) {
   const failure = h("div", { id: "task-error", class: "failure", role: "alert", hidden: true });
   // The data's warnings recorded at submit (truncation, leaked held-out prompts): the run went ahead with them.
   const dataWarnings = h("ul", { id: "task-warnings", class: "inspect-warnings", hidden: true });
+  // The time per epoch estimated at submit and, once the run ends, what it measured (the estimate's error).
+  const timeEstimate = h("p", { id: "task-time-estimate", class: "time-estimate muted", hidden: true });
   // Where a queued task stands, or what a paused one holds: one line, kept current by the stream.
   const notice = h("div", { id: "task-notice", class: "notice", role: "status", hidden: true });
   const actionMsg = h("p", { class: "error-text", role: "alert", hidden: true });
@@ -81,6 +83,7 @@ export function mountTask(root, taskId) {
       notice,
       failure,
       dataWarnings,
+      timeEstimate,
       h("div", { class: "progress-row" }, bar),
       stats,
       h("div", { class: "actions-row" }, actions, actionNote),
@@ -247,6 +250,13 @@ export function mountTask(root, taskId) {
       dataWarnings.replaceChildren(...warned.map((w) => h("li", { class: "warn", dataset: { kind: w.kind } }, `Data: ${w.message}`)));
     }
     dataWarnings.hidden = !warned.length;
+
+    const timed = t.time_estimate;
+    if (timed && timed.line) {
+      const said = `Estimated ${timed.line}${timed.line_measured ? `; ${timed.line_measured}` : ""}.`;
+      if (timeEstimate.textContent !== said) timeEstimate.textContent = said;
+    }
+    timeEstimate.hidden = !(timed && timed.line);
 
     showNotice(t);
     // "Try it" whenever something can answer (the adapter of a completed task, a checkpoint another
