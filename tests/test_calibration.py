@@ -216,8 +216,7 @@ def test_the_cli_times_it_and_the_finished_run_says_how_far_off_it_was(home: Pat
     r = cli("data", "inspect", "builtin:sample", "--rows", "0", "--estimate", *settings)
     assert r.returncode == 0, r.stderr
     assert "time per epoch about" in r.stdout and "8 timed on cpu" in r.stdout, r.stdout
-    r = cli("data", "inspect", "builtin:sample", "--json", *settings)
-    timed = json.loads(r.stdout)["time_estimate"]
+    timed = json.loads(cli("data", "inspect", "builtin:sample", "--json", *settings).stdout)["time_estimate"]
     assert timed["state"] == "done" and timed["steps_per_epoch"] == 45  # 360 training rows, batches of 2, 4 a step
     r = cli("submit", "--dataset", "builtin:sample", *settings, "--wait")
     assert r.returncode == 0, r.stdout + r.stderr

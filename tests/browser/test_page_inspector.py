@@ -102,6 +102,12 @@ def test_the_form_times_the_run_and_its_page_says_how_far_off_it_was(studio: Liv
     page.locator("#time-estimate-measure").click()
     said.filter(has_text="Time per epoch about").wait_for(timeout=180_000)
     assert "8 timed on cpu" in said.inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#time-estimate").screenshot(path=str(ARTIFACTS / "new-time-estimate.png"))
+    # How long the run is does not change a step: the measurement still holds for a shorter run.
+    advanced(page, "optim.max_steps").fill("20")
+    page.wait_for_timeout(1000)  # the form asks again 0.3 s after a change
+    said.filter(has_text="Time per epoch about").wait_for()
     page.locator("#start-button").click()
     page.locator("#task-title").wait_for()
     shown = page.locator("#task-time-estimate")
