@@ -3,6 +3,7 @@ language (exactly, or not at all), the stop tokens, the Modelfile, and the one p
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from ftstudio.training.builtin import ensure_tiny
-from ftstudio.training.gguf import LLAMA_CPP_PYTHON, modelfile, ollama_template, stop_tokens
+from ftstudio.training.gguf import LLAMA_CPP_PYTHON, WORK_PREFIX, modelfile, ollama_template, stop_tokens, tidy_work
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +85,15 @@ def test_the_system_prompt_every_training_conversation_began_with_is_the_modelfi
     assert trained_on([{"instruction": "Add 1 and 2", "output": "3"}]) is None
     (tmp_path / "training_config.json").write_text(json.dumps({"data": {"path": str(tmp_path / "gone.jsonl")}}))
     assert trained_system(tmp_path, tmp_path / "home") is None
+
+
+def test_a_killed_exports_work_folder_is_removed_by_the_next_and_a_running_ones_kept(tmp_path: Path) -> None:
+    """A work folder holds a merged model (gigabytes): one whose export was killed goes when the next export starts."""
+    live = tmp_path / f"{WORK_PREFIX}{os.getppid()}-abc"  # the process that runs pytest: alive
+    dead = tmp_path / f"{WORK_PREFIX}{2**22 + 11}-def"
+    older = tmp_path / f"{WORK_PREFIX}k2j_x9"  # named before folders carried their process
+    for folder in (live, dead, older):
+        (folder / "merged").mkdir(parents=True)
+        (folder / "merged" / "model.safetensors").write_bytes(b"0" * 64)
+    tidy_work(tmp_path)
+    assert live.is_dir() and not dead.exists() and not older.exists()

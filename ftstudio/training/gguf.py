@@ -380,6 +380,21 @@ def _card(quant: str, gguf_name: str, name: str, size: int, agreement: dict[str,
     return "\n".join(front) + title + "\n".join(lines) + "\n" + results + training
 
 
+WORK_PREFIX = ".gguf-work-"
+
+
+def tidy_work(task_dir: Path) -> None:
+    """Remove the work folders of exports that were killed mid-way (a merged model each: gigabytes of a task's
+    disk); a folder whose process still runs is another export's, and stays."""
+    import psutil
+
+    for old in task_dir.glob(f"{WORK_PREFIX}*"):
+        pid = old.name.removeprefix(WORK_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and psutil.pid_exists(int(pid)):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_gguf(
     task_id: str,
     task_name: str,
@@ -405,7 +420,9 @@ def export_gguf(
     log = task_dir / "exports" / f"gguf-{quant}.log"
     log.parent.mkdir(exist_ok=True)
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix=".gguf-work-", dir=task_dir))  # the merged model: large, so on this disk
+    tidy_work(task_dir)
+    # The merged model: large, so on this disk. Named for this process, so a later export knows it from a dead one's.
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=task_dir))
     try:
         with staged(out) as tmp:
             from transformers import AutoTokenizer
