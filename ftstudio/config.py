@@ -825,3 +825,20 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
         data.setdefault(section, {})[name] = value
     else:
         data[section] = value
+
+
+def precompute_reference(config: TrainingConfig, epochs: float) -> bool:
+    """Whether to score the reference once before training: asked for, or (`auto`) when the run covers at least one
+    epoch, so the pass replaces at least as many reference passes as it makes (docs/benchmarks.md: 1.20x over
+    3 epochs, and faster already at 1.33). Only the methods with a reference pass have one to save."""
+    setting = config.preference.precompute_reference
+    uses_reference = config.method == "kto" or (config.method == "dpo" and config.preference.loss != "simpo")
+    if not uses_reference:
+        return False
+    if config.adapter in WHOLE_MODEL:
+        # No adapter to switch off: the reference is scored once, before the first step (and again, the same, on
+        # every start: the weights are the starting model's until the checkpoint loads), not a second model kept.
+        return True
+    if setting == "off":
+        return False
+    return setting == "on" or epochs >= 1.0

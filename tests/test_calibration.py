@@ -4,6 +4,7 @@ settings records the estimate, the real run ends and its page says how far off t
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -18,17 +19,18 @@ from support import api_client, in_memory
 
 from ftstudio.config import TrainingConfig
 from ftstudio.errors import Conflict
-from ftstudio.studio.estimates import Estimates, against_run
+from ftstudio.studio.estimates import Estimates, against_run, stopped_by
 from ftstudio.training import calibration
 from ftstudio.training.calibration import (
     BASE_ERROR,
     CONFIDENCE_T,
     WARMUP,
     compare,
+    figures,
     interval,
     line,
     measured,
-    result,
+    measurement,
     timing_settings,
     words,
 )
@@ -70,17 +72,21 @@ def test_the_warm_up_steps_are_not_counted() -> None:
 
 def test_a_run_that_scores_its_reference_ahead_is_timed_without_the_steps_reference_passes() -> None:
     begin = {"steps_per_epoch": 100, "device": "cpu"}
-    steps = {3: 1.0, 4: 1.2, 5: 1.1}
-    reference = {3: 0.25, 4: 0.3, 5: 0.35}
+    raw = measurement({3: 1.0, 4: 1.2, 5: 1.1}, begin, {3: 0.25, 4: 0.3, 5: 0.35}, 9.0, "m")
     dpo = TrainingConfig.from_dict({"method": "dpo", "optim": {"epochs": 2}})
-    found = result(steps, begin, dpo, 9.0, reference)
+    found = figures(raw, dpo)
     assert found["step_s"] == pytest.approx(0.8) and found["reference_pass_s"] == pytest.approx(30.0)
     assert found["total_steps"] == 200 and "plus 30 s scoring the reference before the first step" in line(found)
-    # Under an epoch (auto: no scoring ahead), SimPO (no reference) and sft: the steps as timed.
-    for config in ({"method": "dpo", "optim": {"max_steps": 50}}, {"method": "dpo", "preference": {"loss": "simpo"}},
+    # The same measurement for a run under an epoch (auto: no scoring ahead), SimPO (no reference) and sft: the
+    # steps as timed. Which it is depends on the asking settings' length, which the key leaves out.
+    for config in ({"method": "dpo", "optim": {"epochs": 0.5}}, {"method": "dpo", "preference": {"loss": "simpo"}},
                    {"method": "sft"}):  # fmt: skip
-        found = result(steps, begin, TrainingConfig.from_dict(config), 9.0, reference)
+        found = figures(raw, TrainingConfig.from_dict(config))
         assert found["step_s"] == pytest.approx(1.1) and "reference_pass_s" not in found, config
+    whole = TrainingConfig.from_dict({"method": "dpo", "adapter": "full"})
+    assert "scores its reference over all the data first" in str(Estimates.unsupported(whole, "local"))
+    assert Estimates.unsupported(dpo, "local") is None
+    assert "Slurm" in str(Estimates.unsupported(dpo, "slurm"))
 
 
 def test_the_measurement_is_kept_per_setting_that_changes_a_step() -> None:
@@ -126,34 +132,82 @@ def test_the_studios_side_says_none_running_done_and_failed(tmp_path: Path) -> N
     cache.mkdir()
     estimates = Estimates((), cache)
     key = "a" * 32
-    assert estimates.state(key)["state"] == "none"
+    cfg = TrainingConfig()
+    assert estimates.state(key, cfg)["state"] == "none"
     # A marker whose process is gone (the studio that started it stopped) is stale, not running.
     (cache / f"{key}.running").write_text(json.dumps({"pid": 2**22 + 7, "started": 1}))
-    assert estimates.state(key)["state"] == "none"
+    assert estimates.state(key, cfg)["state"] == "none"
     (cache / f"{key}.json").write_text(json.dumps({"state": "failed", "message": "out of memory"}))
-    assert estimates.state(key) == {"state": "failed", "message": "out of memory", "key": key}
-    done = {"state": "done", "low_s": 8.5, "epoch_s": 10.0, "high_s": 11.5, "steps_per_epoch": 20, "step_s": 0.5,
-            "steps_timed": 8, "device": "cpu", "busy": 1}  # fmt: skip
-    (cache / f"{key}.json").write_text(json.dumps(done))
-    line = estimates.state(key)["line"]
-    assert line.startswith("time per epoch about 8 s - 12 s (middle 10 s, 20 steps of 0.5 s, 8 timed on cpu)")
-    assert "measured while 1 other fine-tune(s) trained here" in line
+    assert estimates.state(key, cfg) == {"state": "failed", "message": "out of memory", "key": key}
+    raw = measurement({s: 0.5 for s in range(3, 11)}, {"steps_per_epoch": 20, "device": "cpu"}, {}, 9.0, "m")
+    (cache / f"{key}.json").write_text(json.dumps({**raw, "busy": 1}))
+    line_ = estimates.state(key, cfg)["line"]
+    assert line_.startswith("time per epoch about 8 s - 12 s (middle 10 s, 20 steps of 0.5 s, 8 timed on cpu)")
+    assert "measured while 1 other fine-tune(s) trained here" in line_
+    # Asked by its key alone, it is read for the settings that asked for it; without them, measured again.
+    assert estimates.state(key)["state"] == "none"
+    (cache / f"{key}.spec.json").write_text(json.dumps({"config": cfg.to_dict(), "home": str(tmp_path)}))
+    assert estimates.state(key)["line"] == line_
+
+
+def test_what_killed_measurements_left_is_tidied(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead, live = cache / f"{'d' * 32}.work-{2**22 + 9}", cache / f"{'e' * 32}.work-{os.getpid()}"
+    for folder in (dead, live):
+        folder.mkdir()
+    (cache / f"{'d' * 32}.running").write_text(json.dumps({"pid": 2**22 + 9, "started": 1}))
+    Estimates((), cache)._prune()
+    assert not dead.exists() and live.is_dir() and not (cache / f"{'d' * 32}.running").exists()
+    assert stopped_by(-9, cache / "k.log").startswith("the time estimate's steps were killed by SIGKILL (a SIGKILL")
+    assert "exit 1" in stopped_by(1, cache / "k.log")
+
+
+def test_a_step_with_an_evaluation_or_a_checkpoint_before_it_is_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from ftstudio.training import progress
+
+    callback = progress.StudioCallback(None, 1, progress.LossGuard(0.0, 1), 2, 10, {})
+    clock = iter([0.0, 1.0, 5.0, 6.0, 7.5])
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: next(clock)))  # this module's clock only
+    args, state, control = object(), object(), object()
+    callback.on_step_end(args, state, control)  # step 1 (at 0): nothing before it to time from
+    callback.on_step_end(args, state, control)  # step 2: 1 s
+    callback.on_evaluate(args, state, control)
+    callback.on_step_end(args, state, control)  # step 3: 4 s, an evaluation among them: left out
+    callback.on_step_end(args, state, control)  # step 4: 1 s
+    callback.on_step_end(args, state, control)  # step 5: 1.5 s
+    assert callback.stats.steps_timed == 3 and callback.stats.step_s() == pytest.approx(3.5 / 3)
 
 
 @pytest.mark.process
 def test_one_measurement_at_a_time(tmp_path: Path) -> None:
-    """A second measurement while one runs is refused (they would slow each other): a live process named as a
-    calibration holds the machine."""
+    """A second measurement while one runs is refused (they would slow each other): the measuring process holds a
+    lock for as long as it lives, whoever started it; and a running measurement is told by its live process."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ftstudio.training.calibration"])
+    key = "b" * 32
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "ftstudio.training.calibration", f"{key}.spec.json"]
+    )
+    lock = (cache / "measuring.lock").open("wb")
     try:
-        (cache / f"{'b' * 32}.running").write_text(json.dumps({"pid": holder.pid, "started": time.time()}))
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (cache / f"{key}.running").write_text(json.dumps({"pid": holder.pid, "started": time.time()}))
         estimates = Estimates((), cache)
-        assert estimates.state("b" * 32)["state"] == "running"
+        assert estimates.state(key)["state"] == "running"
+        cfg = TrainingConfig.from_dict(
+            {"data": {"path": "builtin:sample"}, "optim": {"batch_size": 8, "grad_accum": 1}}
+        )
         with pytest.raises(Conflict, match="another time estimate is being measured"):
-            estimates.start("c" * 32, TrainingConfig(), tmp_path, 0)
+            estimates.start("c" * 32, cfg, {}, tmp_path / "home", 0)
+        # The CLI waits its turn instead: once the other ends, it measures.
+        threading.Timer(2.0, lock.close).start()
+        found = estimates.start("c" * 32, cfg, {"CUDA_VISIBLE_DEVICES": ""}, tmp_path / "home", 0, wait=True)
+        assert found["state"] == "done" and found["steps_per_epoch"] == 45, found
     finally:
+        lock.close()
         holder.kill()
         holder.wait()
 

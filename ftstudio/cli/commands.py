@@ -514,14 +514,15 @@ def cmd_data(args: argparse.Namespace) -> int:
         if args.estimate:
             raise
         timing = {"state": "unsupported", "message": f"no time estimate: {e}"}
+    code = 1 if args.estimate and timing["state"] != "done" else 0
     if args.json:
         _print_json({**report, "time_estimate": timing})
-        return 0
+        return code
     if not args.estimate:
         for line in inspection_lines(report, args.rows):
             print(line)
     print(timing_line(timing, report["model"]))
-    return 0 if timing["state"] != "failed" or not args.estimate else 1
+    return code
 
 
 def timing_line(timing: dict[str, Any], model: str) -> str:

@@ -4,19 +4,27 @@ service is composed of (service.py); the measurement itself is training/calibrat
 A measurement is a few real training steps in a process of its own. Its files, one set per model and settings
 (`calibration.key`), in the calibration cache:
 
-    KEY.json        the figures, or {"state": "failed", "message"}: written whole by the process
-    KEY.running     {"pid", "started"} while the process runs (a marker whose process is gone is stale)
-    KEY.spec.json   what it was asked: the config and the data home
-    KEY.log         the trainer's lines, for whoever digs into a failure
+    KEY.json          the raw figures (calibration.measurement), or {"state": "failed", "message"}: written
+                      whole by the process; what they mean for a run is worked out for the settings that ask
+    KEY.running       {"pid", "started"} while the process runs (a marker whose process is gone is stale)
+    KEY.spec.json     what it was asked: the config and the data home
+    KEY.log           the trainer's lines, for whoever digs into a failure
+    KEY.work-PID/     the process's scratch folder, removed when it ends (or, if it was killed, later)
+    measuring.lock    held (flock) by the measuring process from its start to its end, whoever started it
 
-One measurement runs at a time on the machine: two would slow each other and both be wrong.
+One measurement runs at a time on the machine, across the studio and every CLI: two would slow each other and
+both be wrong. The lock is taken before the process starts and handed to it, so no second one can slip in
+between, and the kernel lets it go when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -26,121 +34,157 @@ from typing import Any
 
 import psutil
 
-from ftstudio.config import TrainingConfig
+from ftstudio.config import WHOLE_MODEL, TrainingConfig
 from ftstudio.errors import Conflict
 from ftstudio.home import read_json, write_json_atomic
-from ftstudio.resources import cuda_env, gpu_usage, want_of
+from ftstudio.resources import cuda_env, gpu_usage, parse_gpu_ids, want_of
 from ftstudio.training import calibration
 
 log = logging.getLogger("ftstudio")
 
 ESTIMATE_FILE = "estimate.json"
 """The time estimate recorded at submit, in the task's folder, for the task view to hold the run against."""
+LIMIT_S = 3600
+"""A measurement that takes longer is stopped: it holds the machine's one measuring turn, and a model that needs
+an hour for 10 steps here is better timed by its first real steps."""
+LOCK = "measuring.lock"
 
 
 class Estimates:
     def __init__(self, gpus: tuple[int, ...], cache: Path | None = None) -> None:
         self.gpus = gpus
         self.cache = cache or calibration.cache_dir()
-        self._lock = threading.Lock()
 
     def where(self, cfg: TrainingConfig) -> tuple[str | None, dict[str, str]]:
         """The device the run would train on, by name (None: the CPU), and the environment that gives the
-        measurement that device: the GPU with the most free memory, or none at all."""
+        measurement that device: the GPU the run names (resources.gpu_ids), else the one with the most free memory."""
         if want_of(cfg.to_dict()["resources"], len(self.gpus)).gpus <= 0:
             return None, cuda_env(())
         gpus = gpu_usage()
+        named: tuple[int, ...] = ()
+        with contextlib.suppress(ValueError):  # the submit check says what is wrong with it
+            named = parse_gpu_ids(cfg.resources.gpu_ids) if cfg.resources.gpu_ids.strip() else ()
+        if named:
+            gpus = [g for g in gpus if g["index"] in named] or gpus
         if not gpus:
             return None, cuda_env(())
         best = max(gpus, key=lambda g: (g.get("memory_total") or 0) - (g.get("memory_used") or 0))
         return str(best.get("name") or f"GPU {best['index']}"), cuda_env((int(best["index"]),))
 
-    def unsupported(self, cfg: TrainingConfig, executor: str) -> str | None:
+    @staticmethod
+    def unsupported(cfg: TrainingConfig, executor: str) -> str | None:
         """Why this run cannot be timed here, or None."""
         if executor == "slurm":
             return "tasks run on the Slurm cluster, whose nodes this studio cannot time"
         if cfg.resources.processes > 1 or cfg.resources.nodes > 1:
             return "the estimate times one training process; this run has several"
+        if cfg.method in ("dpo", "kto") and cfg.adapter in WHOLE_MODEL:
+            return (
+                f"a {cfg.adapter} {cfg.method} run scores its reference over all the data first, more than a few steps"
+            )
         return None
 
-    def key(self, cfg: TrainingConfig, files: list[Path | None]) -> str:
-        device, _ = self.where(cfg)
-        return calibration.key(cfg, files, device)
-
-    def state(self, key: str) -> dict[str, Any]:
-        """The measurement of `key`: done (with its figures and line), failed (with why), running, or none."""
+    def state(self, key: str, cfg: TrainingConfig | None = None) -> dict[str, Any]:
+        """The measurement of `key` for the settings `cfg` (None: those that asked for it): done (the estimate and
+        its line), failed (with why), running, or none."""
         running = self._running(key)
         if running is not None:
             return {"state": "running", "key": key, "started": running.get("started")}
         found = read_json(self.cache / f"{key}.json")
         if not isinstance(found, dict) or found.get("state") not in ("done", "failed"):
             return {"state": "none", "key": key, "steps": calibration.WARMUP + calibration.MEASURED}
-        if found["state"] == "done":
-            found["line"] = calibration.line(found)
-        return {**found, "key": key}
+        if found["state"] == "failed":
+            return {"state": "failed", "message": str(found.get("message")), "key": key}
+        if cfg is None:
+            asked = read_json(self.cache / f"{key}.spec.json")
+            if not isinstance(asked, dict) or not isinstance(asked.get("config"), dict):
+                return {"state": "none", "key": key, "steps": calibration.WARMUP + calibration.MEASURED}
+            cfg = TrainingConfig.from_dict(asked["config"])
+        try:
+            shown = calibration.figures(found, cfg)
+        except (KeyError, TypeError, ValueError):  # a file of an older ftstudio, or damaged: measure again
+            return {"state": "none", "key": key, "steps": calibration.WARMUP + calibration.MEASURED}
+        return {**shown, "line": calibration.line(shown), "key": key}
 
-    def start(self, key: str, cfg: TrainingConfig, home: Path, busy: int, *, wait: bool = False) -> dict[str, Any]:
-        """Measure `key` unless it is measured or being measured; `wait`: until it ends (the CLI). A failed
-        measurement is tried again."""
-        with self._lock:
-            now = self.state(key)
-            if now["state"] in ("done", "running"):
-                if not wait or now["state"] == "done":
-                    return now
-            else:
-                other = self._any_running()
-                if other is not None:
-                    raise Conflict(
-                        "another time estimate is being measured on this machine; two at once would slow each "
-                        "other and both be wrong: wait for it (a minute or so) and ask again"
-                    )
-                thread = self._launch(key, cfg, home, busy)
-                if not wait:
-                    return {"state": "running", "key": key, "started": time.time()}
-        if now["state"] == "running":
-            while self._running(key) is not None:
-                time.sleep(0.5)
-        else:
-            thread.join()
-        return self.state(key)
+    def start(
+        self, key: str, cfg: TrainingConfig, device: dict[str, str], home: Path, busy: int, *, wait: bool = False
+    ) -> dict[str, Any]:
+        """Measure `key` on `device` (the environment `where` gave) unless it is measured or being measured. A
+        failed measurement is tried again. `wait`: until it is done or failed (the CLI), waiting its turn behind
+        another measurement instead of being refused."""
+        while True:
+            now = self.state(key, cfg)
+            if now["state"] == "done" or (now["state"] == "running" and not wait):
+                return now
+            if now["state"] != "running":
+                try:
+                    thread = self._launch(key, cfg, device, home, busy)
+                except Conflict:
+                    if not wait:
+                        raise
+                else:
+                    if not wait:
+                        return {"state": "running", "key": key, "started": time.time()}
+                    thread.join()
+                    return self.state(key, cfg)
+            time.sleep(1.0)  # its own measurement by another, or another's turn: wait, then look again
 
-    def _launch(self, key: str, cfg: TrainingConfig, home: Path, busy: int) -> threading.Thread:
+    def _launch(self, key: str, cfg: TrainingConfig, device: dict[str, str], home: Path, busy: int) -> threading.Thread:
         self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._prune()
+        lock = os.open(self.cache / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise Conflict(
+                "another time estimate is being measured on this machine; two at once would slow each other and "
+                "both be wrong: wait for it (a minute or so for a small model) and ask again"
+            ) from None
         spec = self.cache / f"{key}.spec.json"
-        write_json_atomic(spec, {"config": cfg.to_dict(), "home": str(home), "busy": busy})
         out = self.cache / f"{key}.json"
-        out.unlink(missing_ok=True)
-        _, env = self.where(cfg)
+        logfile = self.cache / f"{key}.log"
         started = threading.Event()
 
         def measure() -> None:
             # Started and waited for by this thread alone: the process dies with the thread that started it
             # (die_with_parent's PR_SET_PDEATHSIG follows the thread), and a request's worker thread can end first.
             try:
-                with (self.cache / f"{key}.log").open("wb") as logfile:
-                    # Not niced: the steps are timed as the real run would take them.
+                write_json_atomic(spec, {"config": cfg.to_dict(), "home": str(home), "busy": busy})
+                out.unlink(missing_ok=True)
+                with logfile.open("wb") as output:
+                    # Not niced: the steps are timed as the real run would take them. The lock goes with it.
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "ftstudio.training.calibration", str(spec), str(out)],
                         stdin=subprocess.DEVNULL,
-                        stdout=logfile,
+                        stdout=output,
                         stderr=subprocess.STDOUT,
-                        env={**os.environ, **env},
+                        env={**os.environ, **device},
                         start_new_session=True,
+                        pass_fds=(lock,),
                     )
                 write_json_atomic(self.cache / f"{key}.running", {"pid": proc.pid, "started": time.time()})
             except OSError as e:
                 write_json_atomic(out, {"state": "failed", "message": f"the time estimate could not start: {e}"})
                 return
             finally:
+                os.close(lock)  # the process holds it now (or nobody does)
                 started.set()
-            log.info("time estimate %s: timing %s on %s (pid %d)", key[:12], cfg.model.name, cfg.data.path, proc.pid)
-            code = proc.wait()
-            if code != 0 and not out.exists():  # killed: nothing said why
-                write_json_atomic(
-                    out, {"state": "failed", "message": f"the time estimate's steps stopped (exit {code})"}
-                )
+            log.info("time estimate %s: timing %s (pid %d)", key[:12], cfg.model.name, proc.pid)
+            try:
+                code = proc.wait(timeout=LIMIT_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                write_json_atomic(out, {"state": "failed", "message": (
+                    f"the time estimate's steps took over {LIMIT_S // 60} minutes and were stopped: this model is "
+                    f"slow to train here; start the run and read its first steps' pace (log: {logfile})"
+                )})  # fmt: skip
+                code = 0
+            if code != 0 and not out.exists():  # ended without a word: killed
+                write_json_atomic(out, {"state": "failed", "message": stopped_by(code, logfile)})
             (self.cache / f"{key}.running").unlink(missing_ok=True)
-            self._prune()
 
         thread = threading.Thread(target=measure, name=f"estimate-{key[:8]}", daemon=True)
         thread.start()
@@ -151,26 +195,18 @@ class Estimates:
         marker = read_json(self.cache / f"{key}.running")
         if not isinstance(marker, dict):
             return None
-        try:
-            proc = psutil.Process(int(marker.get("pid", 0)))
-            if proc.is_running() and "ftstudio.training.calibration" in " ".join(proc.cmdline()):
-                return marker
-        except (psutil.Error, ValueError):
-            pass
-        return None  # its process is gone (a studio that stopped took it along)
-
-    def _any_running(self) -> str | None:
-        if not self.cache.is_dir():
-            return None
-        for marker in self.cache.glob("*.running"):
-            key = marker.name.removesuffix(".running")
-            if self._running(key) is not None:
-                return key
-        return None
+        return marker if alive(marker.get("pid"), key) else None
 
     def _prune(self) -> None:
-        """Keep the newest measurements; drop the rest with their files."""
+        """Keep the newest measurements; drop the rest with their files, and what killed ones left behind."""
         with contextlib.suppress(OSError):
+            for work in self.cache.glob("*.work-*"):
+                pid = work.name.rsplit("-", 1)[-1]
+                if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+                    shutil.rmtree(work, ignore_errors=True)
+            for marker in self.cache.glob("*.running"):
+                if self._running(marker.name.removesuffix(".running")) is None:
+                    marker.unlink(missing_ok=True)
             done = sorted(
                 (p for p in self.cache.glob("*.json") if not p.name.endswith(".spec.json")),
                 key=lambda p: p.stat().st_mtime,
@@ -179,6 +215,25 @@ class Estimates:
                 stem = old.name.removesuffix(".json")
                 for suffix in (".json", ".spec.json", ".log"):
                     (self.cache / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
+def alive(pid: Any, key: str) -> bool:
+    """Whether `pid` is the measuring process of `key` (a reused pid runs something else)."""
+    try:
+        proc = psutil.Process(int(pid))
+        command = " ".join(proc.cmdline())
+    except (psutil.Error, ValueError, TypeError):
+        return False
+    return proc.is_running() and "ftstudio.training.calibration" in command and key in command
+
+
+def stopped_by(code: int, logfile: Path) -> str:
+    """The one line for a measuring process that ended without writing why."""
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        why = " (a SIGKILL: often the machine ran out of memory)" if -code == signal.SIGKILL else ""
+        return f"the time estimate's steps were killed by {name}{why}; its log: {logfile}"
+    return f"the time estimate's steps stopped (exit {code}); its log: {logfile}"
 
 
 def recorded(task_dir: Path) -> dict[str, Any] | None:

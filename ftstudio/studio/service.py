@@ -260,12 +260,19 @@ class Service:
         why = self.estimates.unsupported(cfg, self.executor.name)
         if why is not None:
             return {"state": "unsupported", "message": f"no time estimate: {why}"}
-        data, _, validation = self._data_files(cfg)
-        key = self.estimates.key(cfg, [data, validation])
+        key, device = self._timing_key(cfg)
         if not start:
-            return self.estimates.state(key)
+            return self.estimates.state(key, cfg)
         busy = len(self.store.with_status(S.TRAINING))
-        return self.estimates.start(key, cfg, self.home.root, busy, wait=wait)
+        return self.estimates.start(key, cfg, device, self.home.root, busy, wait=wait)
+
+    def _timing_key(self, cfg: TrainingConfig) -> tuple[str, dict[str, str]]:
+        """The key a measurement of `cfg` is kept by, and the environment that gives it its device (picked once)."""
+        from ftstudio.training import calibration
+
+        data, _, validation = self._data_files(cfg)
+        name, env = self.estimates.where(cfg)
+        return calibration.key(cfg, [data, validation], name), env
 
     def time_estimate_of(self, key: str) -> dict[str, Any]:
         """A measurement by its key (what `time_estimate` answered), for the page to follow one it started."""
@@ -427,8 +434,7 @@ class Service:
         try:
             if self.estimates.unsupported(cfg, self.executor.name) is not None:
                 return None
-            data, _, validation = self._data_files(cfg)
-            found = self.estimates.state(self.estimates.key(cfg, [data, validation]))
+            found = self.estimates.state(self._timing_key(cfg)[0], cfg)
         except Exception as e:  # an estimate never stands in a submit's way
             log.info("no time estimate recorded at submit: %s", str(e)[:200])
             return None

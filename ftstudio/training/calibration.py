@@ -95,10 +95,10 @@ def key(config: TrainingConfig, files: list[Path | None], on_gpu: str | None) ->
 
 
 def calibration_config(config: TrainingConfig) -> TrainingConfig:
-    """The run to time: the same model, data and settings, WARMUP + MEASURED steps, nothing saved on the way."""
+    """The run to time: the same model, data and settings, WARMUP + MEASURED steps (`recipe.run(timing_only=True)`
+    saves and evaluates nothing)."""
     run = TrainingConfig.from_dict(config.to_dict())
     run.optim.max_steps = WARMUP + MEASURED
-    run.checkpoint.every_steps = 1_000_000_000
     run.checkpoint.resume_from = ""
     run.evaluation.prompts = ""
     run.evaluation.at_checkpoints = False
@@ -199,49 +199,54 @@ class ReferenceClock:
         model.register_forward_hook(ended)
 
 
-def result(
-    steps: dict[int, float],
-    begin: dict[str, Any],
-    config: TrainingConfig,
-    seconds: float,
-    reference: dict[int, float] | None = None,
+def measurement(
+    steps: dict[int, float], begin: dict[str, Any], reference: dict[int, float], seconds: float, model: str
 ) -> dict[str, Any]:
-    """What is kept and shown: the figures per epoch and for the whole run as configured. `reference`: each step's
-    seconds in reference passes, taken out when the real run scores the reference once before training."""
+    """What the process keeps: the raw figures, so that what they mean for a run (`figures`) is worked out for the
+    settings that ask, whose run length decides whether the reference is scored ahead."""
     per_epoch = int(begin.get("steps_per_epoch") or 0)
-    if per_epoch <= 0:
-        raise ValueError("the calibration run did not say its steps per epoch")
-    o = config.optim
-    total_steps = o.max_steps if o.max_steps > 0 else math.ceil(per_epoch * (o.epochs if o.epochs > 0 else 1.0))
-    extra: dict[str, Any] = {}
-    step_seconds = list(steps.values())
-    if reference and precomputes(config, total_steps / per_epoch):
-        passes = [reference.get(step, 0.0) for step in steps]
-        step_seconds = [max(s - r, 0.0) for s, r in zip(step_seconds, passes, strict=True)]
-        # Once before the first step (and again on every start): the same forward, over every row.
-        extra["reference_pass_s"] = round(statistics.fmean(passes) * per_epoch, 3)
-    found = interval(step_seconds, per_epoch)
+    if per_epoch <= 0 or not steps:
+        raise ValueError("the timed steps did not report their seconds and the steps per epoch")
     return {
-        **extra,
         "state": "done",
-        "model": config.model.name,
+        "model": model,
         "device": begin.get("device"),
-        "steps_timed": len(step_seconds),
-        "step_s": round(statistics.fmean(step_seconds), 5),
-        "step_seconds": [round(s, 5) for s in step_seconds],
         "steps_per_epoch": per_epoch,
-        "total_steps": total_steps,
-        **{k: round(v, 3) for k, v in found.items()},
+        "steps": {str(k): round(v, 6) for k, v in steps.items()},
+        "reference": {str(k): round(reference.get(k, 0.0), 6) for k in steps},
         "calibration_s": round(seconds, 1),
         "measured_at": time.time(),
     }
 
 
+def figures(raw: dict[str, Any], config: TrainingConfig) -> dict[str, Any]:
+    """The estimate for `config` from a kept measurement: seconds per step and per epoch with the range, the steps of
+    the whole run, and the reference pass said apart when the run scores the reference before its first step."""
+    per_epoch = int(raw["steps_per_epoch"])
+    o = config.optim
+    total_steps = o.max_steps if o.max_steps > 0 else math.ceil(per_epoch * (o.epochs if o.epochs > 0 else 1.0))
+    step_seconds = [float(v) for v in raw["steps"].values()]
+    extra: dict[str, Any] = {}
+    if precomputes(config, total_steps / per_epoch):
+        passes = [float(v) for v in (raw.get("reference") or {}).values()] or [0.0] * len(step_seconds)
+        step_seconds = [max(s - r, 0.0) for s, r in zip(step_seconds, passes, strict=True)]
+        # Once before the first step (and again on every start): the same forward, over every row.
+        extra["reference_pass_s"] = round(statistics.fmean(passes) * per_epoch, 3)
+    found = interval(step_seconds, per_epoch)
+    kept = ("state", "model", "device", "steps_per_epoch", "calibration_s", "measured_at", "busy")
+    return {
+        **{k: raw[k] for k in kept if k in raw},
+        **extra,
+        "steps_timed": len(step_seconds),
+        "step_s": round(statistics.fmean(step_seconds), 5),
+        "total_steps": total_steps,
+        **{k: round(v, 3) for k, v in found.items()},
+    }
+
+
 def precomputes(config: TrainingConfig, epochs: float) -> bool:
-    """Whether the real run scores the reference once before training (dpo and kto; preference.py decides)."""
-    if config.method not in ("dpo", "kto"):
-        return False
-    from ftstudio.training.preference import precompute_reference
+    """Whether the real run scores the reference once before training (dpo and kto; config.precompute_reference)."""
+    from ftstudio.config import precompute_reference
 
     return precompute_reference(config, epochs)
 
@@ -257,7 +262,8 @@ def words(seconds: float) -> str:
 
 
 def line(found: dict[str, Any]) -> str:
-    """The estimate in one line: "time per epoch about 3 min 10 s - 4 min 05 s (3 min 38 s; 8 steps timed on cpu)"."""
+    """The estimate in one line: "time per epoch about 3 min 05 s - 4 min 11 s (middle 3 min 38 s, 120 steps of 1.82 s,
+    8 timed on cpu)"."""
     text = (
         f"time per epoch about {words(found['low_s'])} - {words(found['high_s'])} (middle {words(found['epoch_s'])}, "
         f"{found['steps_per_epoch']:,} steps of {found['step_s']:.3g} s, {found['steps_timed']} timed on "
@@ -286,7 +292,7 @@ def run_calibration(spec: Path, out: Path) -> int:
     data = json.loads(spec.read_text())
     config = TrainingConfig.from_dict(data["config"])
     home = Path(data["home"])
-    scratch = out.parent / f"{out.stem}.work"
+    scratch = out.parent / f"{out.stem}.work-{os.getpid()}"  # the studio removes one whose process is gone
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         from ftstudio.events import EventWriter, read_from
@@ -296,11 +302,11 @@ def run_calibration(spec: Path, out: Path) -> int:
         events = EventWriter(scratch / "events.jsonl")
         clock = ReferenceClock()
         try:
-            run(calibration_config(config), scratch, home, events, callbacks=[clock.callback()], evaluate=False)
+            run(calibration_config(config), scratch, home, events, callbacks=[clock.callback()], timing_only=True)
         finally:
             events.close()
         steps, begin = measured(read_from(scratch / "events.jsonl", 0).events)
-        found = result(steps, begin, config, time.monotonic() - started, clock.per_step)
+        found = measurement(steps, begin, clock.per_step, time.monotonic() - started, config.model.name)
         found["busy"] = int(data.get("busy", 0))
         write_json_atomic(out, found)
         return 0
@@ -309,7 +315,10 @@ def run_calibration(spec: Path, out: Path) -> int:
 
         first = (str(e).strip().splitlines() or [""])[0][:300]
         message = out_of_memory_message(e) or f"{type(e).__name__}: {first}"
-        write_json_atomic(out, {"state": "failed", "message": f"the time estimate's steps failed: {message}"})
+        write_json_atomic(
+            out,
+            {"state": "failed", "message": f"the time estimate's steps failed: {message} (its log: {out.stem}.log)"},
+        )
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -111,10 +111,27 @@ def cache_key(settings: dict[str, Any], files: list[Path | None]) -> str:
             continue
         if not path.is_file():
             continue  # reading it says what is wrong with it
+        h.update(file_digest(path))
+    return h.hexdigest()[:32]
+
+
+_DIGESTS: dict[tuple[str, int, int, int], bytes] = {}
+
+
+def file_digest(path: Path) -> bytes:
+    """The sha256 of a file's content, remembered by its path, inode, size and modification time: the form asks the
+    inspector and the time estimate about the same file again and again, and a large one takes seconds to read."""
+    st = path.stat()
+    seen = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if seen not in _DIGESTS:
+        h = hashlib.sha256()
         with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-    return h.hexdigest()[:32]
+        if len(_DIGESTS) > 256:
+            _DIGESTS.clear()
+        _DIGESTS[seen] = h.digest()
+    return _DIGESTS[seen]
 
 
 def content_key(example: Example) -> str:

@@ -37,7 +37,7 @@ from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.kto_config import KTOConfig
 from trl.trainer.kto_trainer import KTOTrainer
 
-from ftstudio.config import WHOLE_MODEL, TrainingConfig
+from ftstudio.config import TrainingConfig, precompute_reference
 from ftstudio.training.batches import IGNORE, render
 from ftstudio.training.data import Example
 from ftstudio.training.models import adapters_attached, trl_peft_config
@@ -173,23 +173,6 @@ class StudioCPOTrainer(StudioTRLTrainer, CPOTrainer):
 class StudioORPOTrainer(StudioTRLTrainer, ORPOTrainer):
     def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
         return feature
-
-
-def precompute_reference(config: TrainingConfig, epochs: float) -> bool:
-    """Whether to score the reference once before training: asked for, or (`auto`) when the run covers at least one
-    epoch, so the pass replaces at least as many reference passes as it makes (docs/benchmarks.md: 1.20x over
-    3 epochs, and faster already at 1.33). Only the methods with a reference pass have one to save."""
-    setting = config.preference.precompute_reference
-    uses_reference = config.method == "kto" or (config.method == "dpo" and config.preference.loss != "simpo")
-    if not uses_reference:
-        return False
-    if config.adapter in WHOLE_MODEL:
-        # No adapter to switch off: the reference is scored once, before the first step (and again, the same, on
-        # every start: the weights are the starting model's until the checkpoint loads), not a second model kept.
-        return True
-    if setting == "off":
-        return False
-    return setting == "on" or epochs >= 1.0
 
 
 def build(

@@ -73,11 +73,11 @@ def run(
     callbacks: list[Any] | None = None,
     pause: PauseRequest | None = None,
     fence: Callable[[], None] | None = None,
-    evaluate: bool = True,
+    timing_only: bool = False,
 ) -> Path:
     """Train one adapter into out_dir; returns the adapter directory. `callbacks`: extra TrainerCallbacks;
-    `fence`: called before every checkpoint (fence.py); `evaluate=False`: no evaluation at all, for the time
-    estimate's steps (calibration.py).
+    `fence`: called before every checkpoint (fence.py); `timing_only`: the time estimate's steps (calibration.py),
+    with no evaluation, checkpoint or adapter saved.
 
     Raises `Suspended` when `pause` was requested: training stopped without an adapter."""
     keep_freed_memory()
@@ -199,7 +199,7 @@ def run(
         model, report = attach_lora(model, config.lora, fused, config.adapter)
 
     dtype = pick_dtype(config.model.dtype)
-    has_eval = bool(val_rows) and evaluate
+    has_eval = bool(val_rows) and not timing_only
     eval_strategy = "no" if not has_eval else ("steps" if config.logging.eval_every_steps else "epoch")
     if "tensorboard" in config.logging.report_to:
         # Beside the task's other files, where a person finds them (`tensorboard --logdir <task>/tensorboard`),
@@ -227,7 +227,7 @@ def run(
         eval_strategy=eval_strategy,
         eval_steps=config.logging.eval_every_steps or None,
         eval_on_start=has_eval and config.logging.eval_on_start and resume is None,
-        save_strategy="steps",
+        save_strategy="no" if timing_only else "steps",
         save_steps=config.checkpoint.every_steps,
         save_total_limit=None,  # ftstudio prunes, only after the newer checkpoint is marked complete
         report_to=list(config.logging.report_to) or "none",
@@ -348,6 +348,8 @@ def run(
         raise Suspended(stopped, state.max_steps, f"checkpoint-{stopped}", shutdown=pause_callback.shutdown)
     if has_eval and (not callback.stats.eval_losses or callback.stats.eval_losses[-1][0] != state.global_step):
         trainer.evaluate()
+    if timing_only:
+        return out_dir / "adapter"  # not written: the steps were all the time estimate wanted
 
     # --- save ---
     status("saving", "saving the adapter")

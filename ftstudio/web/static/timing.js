@@ -38,7 +38,7 @@ export function timingBox(payload, gone) {
     }
   }
 
-  async function ask(url, init) {
+  async function ask(url, init, { measuring = false } = {}) {
     const mine = ++seq;
     clearTimeout(timer);
     let found;
@@ -47,8 +47,16 @@ export function timingBox(payload, gone) {
     } catch (err) {
       if (!(err instanceof ApiError)) throw err;
       if (mine !== seq || gone()) return;
-      button.hidden = true;
-      text.textContent = err.status === 409 ? `Time per epoch: ${err.message}` : "No time estimate until the settings are valid.";
+      if (measuring) {
+        // Refused to start (another measurement runs: 409; or the run itself would be refused): say why, and
+        // leave the button to try again.
+        text.textContent = `Time per epoch: ${err.message}`;
+        button.textContent = "Try again";
+        button.hidden = false;
+      } else {
+        button.hidden = true;
+        text.textContent = "No time estimate until the settings are valid.";
+      }
       return;
     }
     if (mine !== seq || gone()) return; // the settings changed meanwhile: a newer answer is on its way
@@ -65,6 +73,6 @@ export function timingBox(payload, gone) {
   function measure() {
     button.hidden = true;
     text.textContent = "Time per epoch: starting a few training steps here…";
-    return ask("/api/tasks/timing/measure", { method: "POST", json: payload() });
+    return ask("/api/tasks/timing/measure", { method: "POST", json: payload() }, { measuring: true });
   }
 }
