@@ -17,7 +17,8 @@ checkpoints and held-out answers come on top, and the steps they interrupt are l
 A measurement is kept per model and settings (every setting that changes a step, not the schedule's length,
 learning rate, logging or checkpoints), the data's content and this machine: `~/.cache/ftstudio/calibrate/`.
 It runs as a process of its own, `python -m ftstudio.training.calibration SPEC RESULT`, which writes RESULT
-(the figures, or the error that stopped it) whole or not at all.
+(the raw figures, `measurement`, or the error that stopped it) whole or not at all; `figures` says what they
+mean for the settings that ask.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ WARMUP = 2
 MEASURED = 8
 BASE_ERROR = 0.20
 """The narrowest half-width of the range, as a share of the estimate. bench/bench_estimate.py's real runs, three
-models and settings run twice, missed the estimate's middle by up to 17 % (docs/benchmarks.md): the same
+models and settings run three times, missed the estimate's middle by up to 17 % (docs/benchmarks.md): the same
 settings' real runs themselves differ by that much from one run to the next on a shared machine."""
 CONFIDENCE_T = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833}
 """Student's t at 95 % one-sided (a 90 % two-sided interval), by degrees of freedom; 1.645 beyond."""
