@@ -124,7 +124,8 @@ def test_a_finished_run_is_held_against_its_estimate() -> None:
     assert shown["line_measured"] == "measured 1 min 35 s per epoch; the estimate's middle was 5% high"
     assert "line_measured" not in against_run(estimate, None)
     assert "line_measured" not in against_run(estimate, {"step_s": "fast", "steps_per_epoch": 50})
-    assert words(42) == "42 s" and words(200) == "3 min 20 s" and words(7500) == "2 h 05 min"
+    assert words(1.58) == "1.6 s" and words(9.97) == "10 s" and words(42) == "42 s"
+    assert words(200) == "3 min 20 s" and words(7500) == "2 h 05 min"
 
 
 def test_the_studios_side_says_none_running_done_and_failed(tmp_path: Path) -> None:
@@ -142,7 +143,7 @@ def test_the_studios_side_says_none_running_done_and_failed(tmp_path: Path) -> N
     raw = measurement({s: 0.5 for s in range(3, 11)}, {"steps_per_epoch": 20, "device": "cpu"}, {}, 9.0, "m")
     (cache / f"{key}.json").write_text(json.dumps({**raw, "busy": 1}))
     line_ = estimates.state(key, cfg)["line"]
-    assert line_.startswith("time per epoch about 8 s - 12 s (middle 10 s, 20 steps of 0.5 s, 8 timed on cpu)")
+    assert line_.startswith("time per epoch about 8.0 s - 12 s (middle 10 s, 20 steps of 0.5 s, 8 timed on cpu)")
     assert "measured while 1 other fine-tune(s) trained here" in line_
     # Asked by its key alone, it is read for the settings that asked for it; without them, measured again.
     assert estimates.state(key)["state"] == "none"

@@ -254,10 +254,12 @@ def precomputes(config: TrainingConfig, epochs: float) -> bool:
 
 
 def words(seconds: float) -> str:
-    """A duration as a person reads it: 45 s, 3 min 20 s, 2 h 05 min."""
+    """A duration as a person reads it: 1.6 s, 45 s, 3 min 20 s, 2 h 05 min."""
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
     s = round(seconds)
     if s < 60:
-        return f"{max(s, 1)} s" if seconds >= 0.5 else f"{seconds:.1f} s"
+        return f"{s} s"
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"

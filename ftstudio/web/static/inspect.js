@@ -39,7 +39,11 @@ function histogram(series, binWidth, cut, label) {
   );
   if (cut != null) {
     const x = Math.min(width, (cut / (binWidth * bins)) * width);
-    chart.append(svg("line", { x1: x, x2: x, y1: 0, y2: height, class: "cut" }), svg("text", { x: Math.max(0, x - 4), y: height + 12, "text-anchor": "end", class: "cut-label" }, `max_length ${fmtInt(cut)}`));
+    // At the top, beside the line (left of it, or right where it stands near the start): the axis labels below
+    // would run into it.
+    const left = x > width / 3;
+    const place = { x: left ? x - 4 : x + 4, y: 10, "text-anchor": left ? "end" : "start", class: "cut-label" };
+    chart.append(svg("line", { x1: x, x2: x, y1: 0, y2: height, class: "cut" }), svg("text", place, `max_length ${fmtInt(cut)}`));
   }
   return chart;
 }
