@@ -236,6 +236,14 @@ def test_the_api_measures_then_keeps_and_a_submit_records_it(
         # Kept: asked again, and measured again, it answers at once with the same figures.
         assert client.post("/api/tasks/timing", json={"config": config}).json() == found
         assert client.post("/api/tasks/timing/measure", json={"config": config}).status_code == 200
+        # Unless asked to measure anew.
+        r = client.post("/api/tasks/timing/measure", params={"again": "true"}, json={"config": config})
+        assert r.status_code == 202 and r.json()["key"] == key, r.text
+        while (anew := client.get(f"/api/tasks/timing/{key}").json())["state"] == "running":
+            assert time.monotonic() < deadline + 180, "the measurement did not end"
+            time.sleep(0.5)
+        assert anew["state"] == "done" and anew["measured_at"] > found["measured_at"], anew
+        found = anew
         # Other settings that change a step are another measurement; the learning rate is not.
         other = {**config, "optim": {"batch_size": 4}}
         assert client.post("/api/tasks/timing", json={"config": other}).json()["state"] == "none"
@@ -271,7 +279,9 @@ def test_the_cli_times_it_and_the_finished_run_says_how_far_off_it_was(home: Pat
     r = cli("data", "inspect", "builtin:sample", "--rows", "0", "--estimate", *settings)
     assert r.returncode == 0, r.stderr
     assert "time per epoch about" in r.stdout and "8 timed on cpu" in r.stdout, r.stdout
-    timed = json.loads(cli("data", "inspect", "builtin:sample", "--json", *settings).stdout)["time_estimate"]
+    timed = json.loads(cli("data", "inspect", "builtin:sample", "--json", "--measure-again", *settings).stdout)[
+        "time_estimate"
+    ]
     assert timed["state"] == "done" and timed["steps_per_epoch"] == 45  # 360 training rows, batches of 2, 4 a step
     r = cli("submit", "--dataset", "builtin:sample", *settings, "--wait")
     assert r.returncode == 0, r.stdout + r.stderr

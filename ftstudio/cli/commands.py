@@ -503,13 +503,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     service = open_service()
     config = data_config(args)
     report = service.inspect_data(config, trusted=True, view_rows=max(args.rows, 0))
+    if args.measure_again:
+        args.estimate = True
     if args.estimate and not args.json:
         for line in inspection_lines(report, args.rows):
             print(line)
         model = report["model"]
         print(f"timing a few training steps of {printable(model)} here ...", flush=True)
     try:
-        timing = service.time_estimate(config, trusted=True, start=args.estimate, wait=args.estimate)
+        timing = service.time_estimate(
+            config, trusted=True, start=args.estimate, wait=args.estimate, again=args.measure_again
+        )
     except UserError as e:
         if args.estimate:
             raise

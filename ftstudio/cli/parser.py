@@ -289,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="time a few training steps of the model at these settings here, for the time per epoch "
         "(kept per model and settings; a submit with the same settings records it)",
     )
+    sp.add_argument(
+        "--measure-again",
+        action="store_true",
+        help="like --estimate, but time the steps anew even when these settings were measured already "
+        "(say, while other fine-tunes slowed the machine)",
+    )
     sp.add_argument("--json", action="store_true", help="the whole report as JSON")
 
     sp = add("chat", "chat with a task's adapter (or a checkpoint) in the terminal, replies streamed")

@@ -107,13 +107,24 @@ class Estimates:
         return {**shown, "line": calibration.line(shown), "key": key}
 
     def start(
-        self, key: str, cfg: TrainingConfig, device: dict[str, str], home: Path, busy: int, *, wait: bool = False
+        self,
+        key: str,
+        cfg: TrainingConfig,
+        device: dict[str, str],
+        home: Path,
+        busy: int,
+        *,
+        wait: bool = False,
+        again: bool = False,
     ) -> dict[str, Any]:
         """Measure `key` on `device` (the environment `where` gave) unless it is measured or being measured. A
-        failed measurement is tried again. `wait`: until it is done or failed (the CLI), waiting its turn behind
-        another measurement instead of being refused."""
+        failed measurement is tried again; `again`: a kept one too (it was taken while the machine was busy, say).
+        `wait`: until it is done or failed (the CLI), waiting its turn behind another measurement instead of being
+        refused."""
         while True:
             now = self.state(key, cfg)
+            if again and now["state"] == "done":
+                now = {"state": "none", "key": key}
             if now["state"] == "done" or (now["state"] == "running" and not wait):
                 return now
             if now["state"] != "running":

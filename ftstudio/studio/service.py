@@ -243,12 +243,19 @@ class Service:
         return data, held_out, validation
 
     def time_estimate(
-        self, config: dict[str, Any], *, trusted: bool = False, start: bool = False, wait: bool = False
+        self,
+        config: dict[str, Any],
+        *,
+        trusted: bool = False,
+        start: bool = False,
+        wait: bool = False,
+        again: bool = False,
     ) -> dict[str, Any]:
         """How long an epoch of `config` takes on this machine (training/calibration.py): the kept measurement, or
         with `start` a new one begun (the page then asks `time_estimate_of` its key), or with `wait` as well
-        measured before this returns (the CLI). A measurement is checked as a submit is first: a run that would
-        be refused is not timed; asking for a kept one checks only which files the request may read."""
+        measured before this returns (the CLI); `again`: measured anew even when kept. A measurement is checked as
+        a submit is first: a run that would be refused is not timed; asking for a kept one checks only which
+        files the request may read."""
         if start:
             cfg, _ = self._checked(config, trusted)
         else:
@@ -264,7 +271,7 @@ class Service:
         if not start:
             return self.estimates.state(key, cfg)
         busy = len(self.store.with_status(S.TRAINING))
-        return self.estimates.start(key, cfg, device, self.home.root, busy, wait=wait)
+        return self.estimates.start(key, cfg, device, self.home.root, busy, wait=wait, again=again)
 
     def _timing_key(self, cfg: TrainingConfig) -> tuple[str, dict[str, str]]:
         """The key a measurement of `cfg` is kept by, and the environment that gives it its device (picked once)."""

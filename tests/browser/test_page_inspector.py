@@ -102,6 +102,7 @@ def test_the_form_times_the_run_and_its_page_says_how_far_off_it_was(studio: Liv
     page.locator("#time-estimate-measure").click()
     said.filter(has_text="Time per epoch about").wait_for(timeout=180_000)
     assert "8 timed on cpu" in said.inner_text()
+    assert page.locator("#time-estimate-measure").inner_text() == "Measure again"
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator("#time-estimate").screenshot(path=str(ARTIFACTS / "new-time-estimate.png"))
     # How long the run is does not change a step: the measurement still holds for a shorter run.

@@ -61,11 +61,16 @@ def timing_of(key: str, service: ServiceDep) -> dict[str, Any]:
 
 
 @router.post("/tasks/timing/measure")
-def measure_timing(body: TaskCreate, service: ServiceDep, response: Response) -> dict[str, Any]:
+def measure_timing(
+    body: TaskCreate,
+    service: ServiceDep,
+    response: Response,
+    again: bool = Query(False, description="measure anew even when these settings were measured already"),
+) -> dict[str, Any]:
     """Time a few real training steps of the run here (training/calibration.py), unless they are timed already:
     202 while they run (ask GET /api/tasks/timing/{key} until `state` is done or failed), 200 when kept; 409
     while another measurement runs on this machine."""
-    found = service.time_estimate(body.config, start=True)
+    found = service.time_estimate(body.config, start=True, again=again)
     if found["state"] == "running":
         response.status_code = 202
     return found

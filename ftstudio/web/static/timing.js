@@ -1,6 +1,7 @@
 // The time per epoch on the New fine-tune form: the measurement kept for the form's settings
 // (POST /api/tasks/timing), or a button that times a few real training steps here
-// (POST /api/tasks/timing/measure), followed until it ends (GET /api/tasks/timing/{key}).
+// (POST /api/tasks/timing/measure; ?again=true to measure a kept one anew), followed until it ends
+// (GET /api/tasks/timing/{key}).
 // A fine-tune started with settings that were timed records the estimate, and its page later
 // shows how the run compared.
 
@@ -16,12 +17,16 @@ export function timingBox(payload, gone) {
   const el = h("p", { id: "time-estimate", class: "time-estimate muted", role: "status", "aria-live": "polite" }, text, " ", button);
   let seq = 0;
   let timer = 0;
+  let kept = false; // a measurement is shown: the button measures anew
 
   function say(found) {
     button.hidden = true;
+    kept = found.state === "done";
     el.classList.remove("warn");
     if (found.state === "done") {
       text.textContent = `${found.line.charAt(0).toUpperCase()}${found.line.slice(1)}.`;
+      button.textContent = "Measure again";
+      button.hidden = false;
     } else if (found.state === "running") {
       text.textContent = "Time per epoch: timing a few training steps here…";
     } else if (found.state === "failed") {
@@ -73,6 +78,7 @@ export function timingBox(payload, gone) {
   function measure() {
     button.hidden = true;
     text.textContent = "Time per epoch: starting a few training steps here…";
-    return ask("/api/tasks/timing/measure", { method: "POST", json: payload() }, { measuring: true });
+    const url = kept ? "/api/tasks/timing/measure?again=true" : "/api/tasks/timing/measure";
+    return ask(url, { method: "POST", json: payload() }, { measuring: true });
   }
 }
