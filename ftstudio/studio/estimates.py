@@ -10,11 +10,13 @@ A measurement is a few real training steps in a process of its own. Its files, o
     KEY.spec.json     what it was asked: the config and the data home
     KEY.log           the trainer's lines, for whoever digs into a failure
     KEY.work-PID/     the process's scratch folder, removed when it ends (or, if it was killed, later)
-    measuring.lock    held (flock) by the measuring process from its start to its end, whoever started it
+    measuring.lock    held (flock) by the studio or CLI that started a measurement, from before its process
+                      starts until that process has ended
 
 One measurement runs at a time on the machine, across the studio and every CLI: two would slow each other and
-both be wrong. The lock is taken before the process starts and handed to it, so no second one can slip in
-between, and the kernel lets it go when the process ends, however it ends.
+both be wrong. The starter holds the lock, not the measuring process: a process of the trainer's may fork
+helpers that outlive it, and a lock handed down would stay held by them. A starter that dies lets it go (the
+kernel does), and its measuring process dies with it (die_with_parent).
 """
 
 from __future__ import annotations
@@ -157,14 +159,14 @@ class Estimates:
         logfile = self.cache / f"{key}.log"
         started = threading.Event()
 
-        def measure() -> None:
+        def run() -> None:
             # Started and waited for by this thread alone: the process dies with the thread that started it
             # (die_with_parent's PR_SET_PDEATHSIG follows the thread), and a request's worker thread can end first.
             try:
                 write_json_atomic(spec, {"config": cfg.to_dict(), "home": str(home), "busy": busy})
                 out.unlink(missing_ok=True)
                 with logfile.open("wb") as output:
-                    # Not niced: the steps are timed as the real run would take them. The lock goes with it.
+                    # Not niced: the steps are timed as the real run would take them.
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "ftstudio.training.calibration", str(spec), str(out)],
                         stdin=subprocess.DEVNULL,
@@ -172,14 +174,12 @@ class Estimates:
                         stderr=subprocess.STDOUT,
                         env={**os.environ, **device},
                         start_new_session=True,
-                        pass_fds=(lock,),
                     )
                 write_json_atomic(self.cache / f"{key}.running", {"pid": proc.pid, "started": time.time()})
             except OSError as e:
                 write_json_atomic(out, {"state": "failed", "message": f"the time estimate could not start: {e}"})
                 return
             finally:
-                os.close(lock)  # the process holds it now (or nobody does)
                 started.set()
             log.info("time estimate %s: timing %s (pid %d)", key[:12], cfg.model.name, proc.pid)
             try:
@@ -195,7 +195,16 @@ class Estimates:
                 code = 0
             if code != 0 and not out.exists():  # ended without a word: killed
                 write_json_atomic(out, {"state": "failed", "message": stopped_by(code, logfile)})
-            (self.cache / f"{key}.running").unlink(missing_ok=True)
+
+        def measure() -> None:
+            try:
+                run()
+            finally:
+                # The measurement is over, however it went: the lock first, then the marker, so whoever sees it
+                # over finds the machine free for the next.
+                os.close(lock)
+                (self.cache / f"{key}.running").unlink(missing_ok=True)
+                started.set()
 
         thread = threading.Thread(target=measure, name=f"estimate-{key[:8]}", daemon=True)
         thread.start()

@@ -256,14 +256,7 @@ class Service:
         measured before this returns (the CLI); `again`: measured anew even when kept. A measurement is checked as
         a submit is first: a run that would be refused is not timed; asking for a kept one checks only which
         files the request may read."""
-        if start:
-            cfg, _ = self._checked(config, trusted)
-        else:
-            cfg = TrainingConfig.from_dict(self._started_from(config))
-            paths.anchor(cfg, self.home.root)
-            refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
-            if refused:
-                raise ValidationError(refused)
+        cfg = self._checked(config, trusted)[0] if start else self._readable(config, trusted)
         why = self.estimates.unsupported(cfg, self.executor.name)
         if why is not None:
             return {"state": "unsupported", "message": f"no time estimate: {why}"}
@@ -331,12 +324,17 @@ class Service:
     def estimate_memory(self, config: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
         """The memory estimate alone, for the New fine-tune form as its settings change: the config's own checks
         and which paths it may read, but not the dataset's (that is `dry_run`'s, at submit)."""
+        return {"memory": self.memory_needed(self._readable(config, trusted))}
+
+    def _readable(self, config: dict[str, Any], trusted: bool) -> TrainingConfig:
+        """The config with its own checks passed and the paths it names ones this request may read; the dataset
+        itself is not read (the form asks this as its settings change)."""
         cfg = TrainingConfig.from_dict(self._started_from(config))
         paths.anchor(cfg, self.home.root)
         refused = paths.config_problems(cfg, home=self.home.root, policy=self.policy, trusted=trusted)
         if refused:
             raise ValidationError(refused)
-        return {"memory": self.memory_needed(cfg)}
+        return cfg
 
     def memory_needed(self, cfg: TrainingConfig) -> dict[str, Any] | None:
         """The run's estimated peak memory against what this machine has for it (training/estimate.py); None
